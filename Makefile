@@ -1,0 +1,37 @@
+# `make run` starts the service on embedded defaults; `make test` runs lint and the test suite.
+# Both create .venv and install what they need on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= config/hl7bridge.example.toml
+
+.PHONY: run test lint format bench fixtures-send clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/hl7bridge serve --config $(CONFIG)
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(BIN)/.installed
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
+
+fixtures-send: $(BIN)/.installed
+	$(BIN)/hl7bridge send --to 127.0.0.1:2575 fixtures/siu
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,343 @@
+"""The command line: serve, check-config, check, send, log. Errors are one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, load
+
+EXIT_USAGE = 2
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+PHI_KEYS = ("patient_ids", "names", "telecoms", "birth_date", "patient_phone", "patient_email")
+
+
+class CliError(Exception):
+    """A user error: printed as ``hl7bridge: <message>``, exit status 2."""
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION.match(text.strip().lower())
+    if not m:
+        raise CliError(f"{text!r} is not a duration; use e.g. 90s, 30m, 12h, 7d or 2w")
+    return float(m[1]) * _UNITS[m[2]]
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get("HL7BRIDGE_CONFIG")
+    cfg = load(path)
+    return cfg.with_overrides(getattr(args, "listen", None), getattr(args, "database", None))
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    logging.basicConfig(
+        level=getattr(logging, cfg.service.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from twisted.internet import reactor
+
+    from .service import Service, StartupError
+
+    service = Service(cfg, reactor)
+    outcome: dict[str, Any] = {}
+
+    def started(_: object) -> None:
+        print(f"hl7bridge {__version__}: MLLP listening on {', '.join(service.addresses())}; "
+              f"log in {_safe_url(cfg.service.database)}", flush=True)  # fmt: skip
+        reactor.addSystemEventTrigger("before", "shutdown", service.stop)
+
+    def failed(failure: Any) -> None:
+        outcome["error"] = failure.value
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: service.start().addCallbacks(started, failed))
+    reactor.run()
+    error = outcome.get("error")
+    if error is not None:
+        if isinstance(error, StartupError):
+            raise CliError(str(error))
+        raise CliError(f"start-up failed: {error.__class__.__name__}: {error}")
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# --- check-config / check -------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    print(f"{cfg.source}: OK")
+    print(f"  database: {_safe_url(cfg.service.database)}")
+    for listener in cfg.listeners:
+        print(f"  listener {listener.name}: {listener.endpoint} (ack_mode={listener.ack_mode}, "
+              f"time_zone={listener.time_zone}, validation={listener.validation})")  # fmt: skip
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .diagnose import explain
+
+    cfg = _config(args)
+    listener = cfg.listeners[0]
+    worst = 0
+    for path in _expand(args.files):
+        report, ok = explain(path.read_bytes(), listener, cfg.service)
+        print(f"== {path}")
+        print(report)
+        worst = max(worst, 0 if ok else 1)
+    return worst
+
+
+# --- send -----------------------------------------------------------------------------------------
+
+
+def _expand(items: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".hl7", ".er7", ".txt")))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise CliError(f"{item}: no such file or directory")
+    if not out:
+        raise CliError("no message files found (give .hl7 files or folders holding them)")
+    return out
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from twisted.internet import task
+
+    from .sender import client_endpoint_string, send_all
+
+    try:
+        endpoint = client_endpoint_string(args.to, args.endpoint, args.connect_timeout)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    files = _expand(args.files)
+    messages = [(str(p), p.read_bytes()) for p in files]
+    result: dict[str, Any] = {}
+
+    def report(reply: Any) -> None:
+        print(f"{reply.code:3} {reply.name}: {reply.text}", flush=True)
+
+    def main(reactor: Any) -> Any:
+        d = send_all(reactor, endpoint, messages, args.read_timeout, report)
+
+        def keep(replies: Any) -> None:
+            result["replies"] = replies
+
+        def fail(failure: Any) -> None:
+            result["error"] = failure.value
+
+        return d.addCallbacks(keep, fail)
+
+    try:
+        task.react(main)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    if "error" in result:
+        raise CliError(f"cannot send to {endpoint}: {_first_line(result['error'])}")
+    replies = result.get("replies", [])
+    good = sum(1 for r in replies if r.code in ("AA", "CA"))
+    print(f"{good} of {len(messages)} message(s) accepted", file=sys.stderr)
+    return 0 if good == len(messages) else 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+# --- log ------------------------------------------------------------------------------------------
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from .store import StoreError, open_engine
+
+    cfg = _config(args)
+    try:
+        return open_engine(cfg.service.database, cfg.service.sqlite_synchronous)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def cmd_log_list(args: argparse.Namespace) -> int:
+    from .store import list_messages
+
+    since = time.time() - parse_duration(args.since) if args.since else None
+    rows = list_messages(_engine(args), args.status, since, args.event, args.limit)
+    if args.json:
+        for r in rows:
+            r["received_at"] = _when(r["received_at"])
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    header = ("ID", "RECEIVED", "LISTENER", "PEER", "SENDER", "CONTROL ID", "EVENT", "VER", "ACK", "STATUS", "DETAIL")
+    table = [header]
+    for r in rows:
+        kind = f"{r['message_type'] or '?'}^{r['event'] or ''}".rstrip("^")
+        detail = ""
+        if r["duplicate_of"]:
+            detail = f"duplicate of {r['duplicate_of']}"
+        elif r["error"]:
+            detail = f"{r['error_location'] + ': ' if r['error_location'] else ''}{r['error']}"
+        elif r["action"]:
+            detail = r["action"]
+        table.append((
+            str(r["id"]), _when(r["received_at"]), r["listener"], r["peer"],
+            f"{r['sending_application'] or ''}/{r['sending_facility'] or ''}", r["control_id"] or "",
+            kind, r["version"] or "", r["ack_code"] or "-", r["status"], detail[:80],
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    if len(rows) == 0:
+        print("(no messages match)", file=sys.stderr)
+    return 0
+
+
+def mask(value: Any) -> Any:
+    if isinstance(value, str):
+        return value[:1] + "***" if value else value
+    if isinstance(value, list):
+        return [mask(v) for v in value]
+    if isinstance(value, dict):
+        return {k: (mask(v) if k not in ("type_code", "use", "equipment", "source", "name_type") else v)
+                for k, v in value.items()}  # fmt: skip
+    return value
+
+
+def cmd_log_show(args: argparse.Namespace) -> int:
+    from .store import get_message
+
+    row = get_message(_engine(args), args.id)
+    if row is None:
+        raise CliError(f"no message with id {args.id} (see 'hl7bridge log list')")
+    summary = json.loads(row["summary"]) if row["summary"] else None
+    if summary and not args.phi:
+        for key in PHI_KEYS:
+            if key in summary:
+                summary[key] = mask(summary[key])
+    charset = row["charset"] or "utf-8"
+    raw, ack = row.pop("raw"), row.pop("ack_raw")
+    row["received_at"] = _when(row["received_at"])
+    row["summary"] = summary
+    row["ack"] = ack.decode(charset, errors="replace").replace("\r", "\n").strip() if ack else None
+    if args.raw:
+        row["raw"] = raw.decode(charset, errors="replace") if raw is not None else None
+    if args.json:
+        print(json.dumps(row, indent=2, ensure_ascii=False))
+        return 0
+    for key in ("id", "received_at", "listener", "peer", "sending_application", "sending_facility", "control_id",
+                "message_type", "event", "version", "charset", "status", "action", "appointment_key", "ack_code",
+                "ack_text", "error_location", "error", "duplicate_of"):  # fmt: skip
+        if row.get(key) not in (None, ""):
+            print(f"{key:20} {row[key]}")
+    if summary:
+        print("summary" + ("" if args.phi else " (PHI masked; --phi shows it)") + ":")
+        for key, value in summary.items():
+            if value not in (None, "", [], ()):
+                print(f"  {key:22} {json.dumps(value, ensure_ascii=False)}")
+    if row["ack"]:
+        print("ack sent:")
+        for line in row["ack"].splitlines():
+            print(f"  {line}")
+    if args.raw:
+        print("raw message:")
+        for line in (row["raw"] or "(purged)").replace("\r\n", "\n").replace("\r", "\n").splitlines():
+            print(f"  {line}")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hl7bridge", description="HL7 v2 SIU over MLLP to MedChat journeys")
+    parser.add_argument("--version", action="version", version=f"hl7bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", metavar="PATH", help="TOML settings (default: $HL7BRIDGE_CONFIG or built-in)")
+        p.add_argument("--database", metavar="URL", help="SQLAlchemy URL of the message log (overrides the file)")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the MLLP listener(s)"))
+    serve.add_argument("--listen", metavar="ENDPOINT", action="append",
+                       help="endpoint string, e.g. tcp:2575:interface=127.0.0.1 (repeatable; overrides the file)")  # fmt: skip
+    serve.set_defaults(func=cmd_serve)
+
+    check_config = with_config(sub.add_parser("check-config", help="validate the settings and exit"))
+    check_config.set_defaults(func=cmd_check_config)
+
+    check = with_config(sub.add_parser("check", help="explain a message field by field and how it would be answered"))
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.set_defaults(func=cmd_check)
+
+    send = sub.add_parser("send", help="send message files over MLLP and print each ACK")
+    target = send.add_mutually_exclusive_group()
+    target.add_argument("--to", metavar="HOST:PORT", help="default 127.0.0.1:2575")
+    target.add_argument("--endpoint", metavar="STR",
+                        help="Twisted client endpoint, e.g. tls:host=h:port=2575:trustRoots=ca_dir")  # fmt: skip
+    send.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
+    send.add_argument("--read-timeout", type=float, default=30.0, metavar="S")
+    send.add_argument("files", nargs="+", metavar="FILE|DIR")
+    send.set_defaults(func=cmd_send)
+
+    log = sub.add_parser("log", help="look into the message log")
+    log_sub = log.add_subparsers(dest="log_command", required=True)
+    lst = with_config(log_sub.add_parser("list", help="recent messages, newest first"))
+    lst.add_argument("--status", choices=("accepted", "rejected", "ignored", "duplicate"))
+    lst.add_argument("--since", metavar="DURATION", help="e.g. 30m, 12h, 7d")
+    lst.add_argument("--event", metavar="S12")
+    lst.add_argument("--limit", type=int, default=50)
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_log_list)
+    show = with_config(log_sub.add_parser("show", help="one message in full"))
+    show.add_argument("id", type=int)
+    show.add_argument("--raw", action="store_true", help="include the raw message (PHI)")
+    show.add_argument("--phi", action="store_true", help="show patient data unmasked")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_log_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"hl7bridge: config error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except CliError as exc:
+        print(f"hl7bridge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

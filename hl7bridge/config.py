@@ -1,0 +1,297 @@
+"""Settings: TOML in, validated dataclasses out; every error names the key and what is expected."""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path as FsPath
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from . import charsets, hl7schema
+from .er7 import Path
+from .siu import DEFAULT_START_SOURCES, Feed
+
+DEFAULT_ENDPOINT = "tcp:2575:interface=127.0.0.1"
+DEFAULT_DATABASE = "sqlite:///var/hl7bridge.db"
+
+
+class ConfigError(ValueError):
+    """One or more settings are wrong; ``str()`` lists each with the key and what is expected."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    endpoint: str = DEFAULT_ENDPOINT
+    max_message_bytes: int = 1024 * 1024
+    idle_timeout: float = 3600.0
+    frame_timeout: float = 30.0
+    max_connections: int = 200
+    max_in_flight: int = 1000
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    lenient_framing: bool = True
+    ack_mode: str = "stored"
+    time_zone: str = "UTC"
+    start_sources: tuple[tuple[str, ...], ...] = DEFAULT_START_SOURCES
+    charset_fallback: tuple[str, ...] = ("utf-8",)
+    validation: str = "fast"
+
+    def feed(self) -> Feed:
+        return Feed(ZoneInfo(self.time_zone), self.start_sources)
+
+    def allows(self, host: str) -> bool:
+        if not self.allow:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.allow)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    database: str = DEFAULT_DATABASE
+    sqlite_synchronous: str = "FULL"
+    application: str = "HL7BRIDGE"
+    facility: str = ""
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    listeners: tuple[ListenerConfig, ...] = (ListenerConfig("main"),)
+    source: str = "(built-in defaults)"
+
+    def with_overrides(self, listen: list[str] | None = None, database: str | None = None) -> Config:
+        """Operator overrides from the command line (validated like the file)."""
+        cfg = self
+        if database:
+            cfg = replace(cfg, service=replace(cfg.service, database=database))
+        if listen:
+            base = cfg.listeners[0] if cfg.listeners else ListenerConfig("main")
+            problems: list[str] = []
+            listeners = []
+            for i, endpoint in enumerate(listen):
+                name = base.name if i == 0 else f"{base.name}-{i + 1}"
+                _check_endpoint(endpoint, f"--listen {endpoint}", problems)
+                listeners.append(replace(base, name=name, endpoint=endpoint))
+            if problems:
+                raise ConfigError(problems)
+            cfg = replace(cfg, listeners=tuple(listeners))
+        return cfg
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+Check = Callable[[Any, str, list[str]], Any]
+
+
+def _int(minimum: int, maximum: int | None = None) -> Check:
+    def check(value: Any, key: str, problems: list[str]) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+        elif value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            problems.append(f"{key}: expected an integer {bound}, got {value}")
+        return value
+
+    return check
+
+
+def _seconds(value: Any, key: str, problems: list[str]) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        problems.append(f"{key}: expected a number of seconds >= 0 (0 = no limit), got {value!r}")
+        return 0.0
+    return float(value)
+
+
+def _bool(value: Any, key: str, problems: list[str]) -> Any:
+    if not isinstance(value, bool):
+        problems.append(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _str(value: Any, key: str, problems: list[str]) -> Any:
+    if not isinstance(value, str):
+        problems.append(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _choice(*choices: str) -> Check:
+    def check(value: Any, key: str, problems: list[str]) -> Any:
+        if value not in choices:
+            problems.append(f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+def _zone(value: Any, key: str, problems: list[str]) -> Any:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        problems.append(f"{key}: expected an IANA time zone such as 'America/Chicago' or 'UTC', got {value!r}")
+    return value
+
+
+def _cidrs(value: Any, key: str, problems: list[str]) -> Any:
+    if not isinstance(value, list):
+        problems.append(f"{key}: expected a list of CIDR networks such as ['10.0.0.0/8'], got {value!r}")
+        return ()
+    out = []
+    for item in value:
+        try:
+            out.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            problems.append(f"{key}: {item!r} is not an IP network (expected e.g. '10.1.2.0/24' or '::1/128')")
+    return tuple(out)
+
+
+def _charsets(value: Any, key: str, problems: list[str]) -> Any:
+    if not isinstance(value, list) or not value:
+        problems.append(f"{key}: expected a non-empty list of character sets such as ['utf-8'], got {value!r}")
+        return ("utf-8",)
+    for item in value:
+        if not isinstance(item, str) or charsets.codec_for(item) is None:
+            problems.append(f"{key}: {item!r} is not a known character set (e.g. 'utf-8', 'iso-8859-1', '8859/1')")
+    return tuple(value)
+
+
+def _start_sources(value: Any, key: str, problems: list[str]) -> Any:
+    if not isinstance(value, list) or not value:
+        problems.append(f"{key}: expected a non-empty list such as ['TQ1-7', 'SCH-11.4', 'AIS-4|AIL-6'], got {value!r}")
+        return DEFAULT_START_SOURCES
+    groups = []
+    for item in value:
+        if not isinstance(item, str):
+            problems.append(f"{key}: {item!r} is not a string")
+            continue
+        group = tuple(p.strip() for p in item.split("|"))
+        for text in group:
+            try:
+                path = Path.parse(text)
+            except ValueError as exc:
+                problems.append(f"{key}: {exc}")
+                continue
+            reason = hl7schema.check_path(path)
+            if reason:
+                problems.append(f"{key}: {text}: {reason}")
+                continue
+            kinds = {hl7schema.element(v, path).datatype for v in hl7schema.SUPPORTED_VERSIONS
+                     if hl7schema.element(v, path) is not None}  # fmt: skip
+            if not kinds & hl7schema.TIMESTAMP_TYPES:
+                problems.append(
+                    f"{key}: {text} is not a date/time field (its datatype is {'/'.join(sorted(k or '?' for k in kinds))})"
+                )
+        groups.append(group)
+    return tuple(groups)
+
+
+def _endpoint(value: Any, key: str, problems: list[str]) -> Any:
+    if not isinstance(value, str):
+        problems.append(f"{key}: expected a Twisted endpoint string such as 'tcp:2575:interface=127.0.0.1'")
+        return value
+    _check_endpoint(value, key, problems)
+    return value
+
+
+def _check_endpoint(value: str, key: str, problems: list[str]) -> None:
+    from twisted.internet import endpoints, reactor
+
+    kind = value.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "ssl", "systemd", "unix"):
+        problems.append(
+            f"{key}: endpoint {value!r} must start with tcp:, tcp6:, ssl:, systemd: or unix: "
+            "(e.g. 'tcp:2575:interface=127.0.0.1' or 'ssl:2575:privateKey=key.pem:certKey=cert.pem')"
+        )
+        return
+    try:
+        endpoints.serverFromString(reactor, value)
+    except Exception as exc:  # noqa: BLE001 - Twisted raises many kinds; all mean a bad string
+        problems.append(f"{key}: endpoint {value!r} is not usable: {exc}")
+
+
+SERVICE_KEYS: dict[str, Check] = {
+    "database": _str,
+    "sqlite_synchronous": _choice("FULL", "NORMAL", "EXTRA"),
+    "application": _str,
+    "facility": _str,
+    "log_level": _choice("debug", "info", "warning", "error"),
+}
+
+LISTENER_KEYS: dict[str, Check] = {
+    "endpoint": _endpoint,
+    "max_message_bytes": _int(1024, 64 * 1024 * 1024),
+    "idle_timeout": _seconds,
+    "frame_timeout": _seconds,
+    "max_connections": _int(1, 100_000),
+    "max_in_flight": _int(1, 100_000),
+    "allow": _cidrs,
+    "lenient_framing": _bool,
+    "ack_mode": _choice("stored"),
+    "time_zone": _zone,
+    "start_sources": _start_sources,
+    "charset_fallback": _charsets,
+    "validation": _choice("fast", "strict"),
+}
+
+
+def _section(data: Any, prefix: str, keys: dict[str, Check], problems: list[str]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        problems.append(f"{prefix}: expected a table")
+        return {}
+    out = {}
+    for key, value in data.items():
+        check = keys.get(key)
+        if check is None:
+            problems.append(f"{prefix}.{key}: unknown setting (known: {', '.join(keys)})")
+            continue
+        out[key] = check(value, f"{prefix}.{key}", problems)
+    return out
+
+
+def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
+    problems: list[str] = []
+    for key in data:
+        if key not in ("service", "listeners"):
+            problems.append(f"{key}: unknown section (known: service, listeners)")
+    service = ServiceConfig(**_section(data.get("service", {}), "service", SERVICE_KEYS, problems))
+    listeners_data = data.get("listeners", {"main": {}})
+    listeners = []
+    if not isinstance(listeners_data, dict) or not listeners_data:
+        problems.append("listeners: expected at least one [listeners.NAME] table")
+    else:
+        for name, body in listeners_data.items():
+            values = _section(body, f"listeners.{name}", LISTENER_KEYS, problems)
+            listeners.append(ListenerConfig(name=name, **values))
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    return Config(service, tuple(listeners), source)
+
+
+def load(path: str | FsPath | None) -> Config:
+    if path is None:
+        return Config()
+    p = FsPath(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: no such configuration file (give --config PATH)"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read it: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: not valid TOML: {exc}"]) from None
+    return parse(data, str(p))

@@ -1,0 +1,183 @@
+"""The MLLP server: connection policy (allowlist, limit, timeouts) and ACKs written in arrival order."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from twisted.internet import defer, endpoints, interfaces, protocol
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .config import ListenerConfig
+from .mllp import MLLPReceiver, frame
+from .pipeline import Pipeline
+
+log = logging.getLogger("hl7bridge.listener")
+
+
+@dataclass
+class ListenerStats:
+    connections: int = 0
+    accepted_connections: int = 0
+    refused_connections: int = 0
+    frames: int = 0
+    oversized: int = 0
+    junk_bytes: int = 0
+    timeouts: int = 0
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class MLLPConnection(MLLPReceiver):
+    """One sender's connection. Answers go out in the order the frames came in."""
+
+    factory: MLLPFactory
+
+    def __init__(self) -> None:
+        self._slots: deque[list] = deque()
+        self._idle_call = None
+        self._frame_call = None
+        self._paused = False
+        self._read_closed = False
+        self.peer = "?"
+
+    # -- connection lifecycle ----------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        cfg = self.factory.config
+        self.MAX_LENGTH = cfg.max_message_bytes
+        self.lenient = cfg.lenient_framing
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '')}".rstrip(":")
+        self.factory.stats.connections += 1
+        self.factory.open.add(self)
+        self._reset_idle()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.factory.open.discard(self)
+        self.factory.stats.connections -= 1
+        for call in (self._idle_call, self._frame_call):
+            if call is not None and call.active():
+                call.cancel()
+
+    def readConnectionLost(self) -> None:
+        """The sender half-closed: answer what is pending, then close."""
+        self._read_closed = True
+        self._close_if_done()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    # -- timeouts ----------------------------------------------------------------------------------
+    def _reset_idle(self) -> None:
+        timeout = self.factory.config.idle_timeout
+        if not timeout:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(timeout)
+        else:
+            self._idle_call = self.factory.clock.callLater(timeout, self._timed_out, "idle")
+
+    def _timed_out(self, why: str) -> None:
+        if why == "idle" and self._slots:
+            self._reset_idle()
+            return
+        self.factory.stats.timeouts += 1
+        log.info("closing connection from %s: %s timeout", self.peer, why)
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._reset_idle()
+        super().dataReceived(data)
+
+    def frameStarted(self) -> None:
+        timeout = self.factory.config.frame_timeout
+        if timeout:
+            if self._frame_call is not None and self._frame_call.active():
+                self._frame_call.reset(timeout)
+            else:
+                self._frame_call = self.factory.clock.callLater(timeout, self._timed_out, "frame")
+
+    def _frame_done(self) -> None:
+        if self._frame_call is not None and self._frame_call.active():
+            self._frame_call.cancel()
+        self.factory.stats.frames += 1
+
+    # -- frames ------------------------------------------------------------------------------------
+    def frameReceived(self, payload: bytes) -> None:
+        self._frame_done()
+        self._enqueue(self.factory.pipeline.handle(payload, self.peer))
+
+    def frameTooLong(self, head: bytes) -> None:
+        self._frame_done()
+        self.factory.stats.oversized += 1
+        log.warning("frame from %s exceeds %d bytes; answered AR", self.peer, self.MAX_LENGTH)
+        self._enqueue(self.factory.pipeline.too_long(head, self.MAX_LENGTH, self.peer))
+
+    def junkDiscarded(self, count: int) -> None:
+        self.factory.stats.junk_bytes += count
+
+    def _enqueue(self, answer: defer.Deferred[bytes | None]) -> None:
+        slot: list = [False, None]
+        self._slots.append(slot)
+
+        def done(result: bytes | None) -> None:
+            slot[0], slot[1] = True, result
+            self._flush()
+
+        def failed(failure: Failure) -> None:
+            log.error("internal error while handling a frame from %s: %s", self.peer, failure.getErrorMessage())
+            log.debug("%s", failure.getTraceback())
+            slot[0] = True
+            self._flush()
+
+        answer.addCallbacks(done, failed)
+        if len(self._slots) >= self.factory.config.max_in_flight and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _flush(self) -> None:
+        slots = self._slots
+        while slots and slots[0][0]:
+            payload = slots.popleft()[1]
+            if payload is not None and self.transport is not None:
+                self.transport.write(frame(payload))
+        if self._paused and len(slots) < self.factory.config.max_in_flight // 2 + 1:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self._read_closed and not self._slots:
+            self.transport.loseConnection()
+
+
+class MLLPFactory(protocol.Factory):
+    protocol = MLLPConnection
+
+    def __init__(self, config: ListenerConfig, pipeline: Pipeline, clock: IReactorTime) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.clock = clock
+        self.stats = ListenerStats()
+        self.open: set[MLLPConnection] = set()
+
+    def buildProtocol(self, addr: IAddress) -> MLLPConnection | None:
+        host = getattr(addr, "host", None)
+        if host is not None and not self.config.allows(host):
+            self.stats.refused_connections += 1
+            log.warning("refused connection from %s on %s: not in the allowlist", host, self.config.name)
+            return None
+        if len(self.open) >= self.config.max_connections:
+            self.stats.refused_connections += 1
+            log.warning("refused connection on %s: %d connections open (limit)", self.config.name, len(self.open))
+            return None
+        self.stats.accepted_connections += 1
+        return super().buildProtocol(addr)
+
+
+def listen(reactor: object, factory: MLLPFactory) -> defer.Deferred:
+    """Bind the listener's endpoint string; the Deferred fires with the IListeningPort."""
+    endpoint = endpoints.serverFromString(reactor, factory.config.endpoint)
+    return endpoint.listen(factory)

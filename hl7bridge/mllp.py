@@ -1,0 +1,186 @@
+"""MLLP framing (``0x0B payload 0x1C 0x0D``), knowing nothing of HL7.
+
+Modelled on Twisted's ``IntNStringReceiver``: a buffer, a ``MAX_LENGTH`` and
+one callback per complete frame. A frame over ``MAX_LENGTH`` is not buffered
+whole: its head is kept (for the MSH an answer needs) and the rest discarded.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterator
+
+from twisted.internet import protocol
+
+START_BLOCK = b"\x0b"
+END_BLOCK = b"\x1c"
+CARRIAGE_RETURN = b"\x0d"
+HEAD_BYTES = 8192
+
+
+def frame(payload: bytes) -> bytes:
+    return START_BLOCK + payload + END_BLOCK + CARRIAGE_RETURN
+
+
+class MLLPReceiver(protocol.Protocol):
+    """Splits a byte stream into MLLP frames.
+
+    Subclasses implement ``frameReceived`` and may implement ``frameTooLong``,
+    ``frameStarted`` and ``junkDiscarded``.
+    """
+
+    MAX_LENGTH = 1024 * 1024
+    #: Accept ``0x1C`` without the ``0x0D`` that should follow it.
+    lenient = True
+
+    _buffer: bytearray
+    _inside = False
+    _oversized = False
+    _scan_from = 0
+    _expect_cr = False
+    junk_bytes = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if not hasattr(self, "_buffer"):
+            self._buffer = bytearray()
+        view = data
+        while view:
+            if self._expect_cr:
+                self._expect_cr = False
+                if view[:1] == CARRIAGE_RETURN:
+                    view = view[1:]
+                    continue
+            if not self._inside:
+                start = view.find(START_BLOCK)
+                if start < 0:
+                    self._junk(len(view))
+                    return
+                if start:
+                    self._junk(start)
+                view = view[start + 1 :]
+                self._inside = True
+                self._oversized = False
+                self._scan_from = 0
+                self._buffer.clear()
+                self.frameStarted()
+                continue
+            end = view.find(END_BLOCK)
+            restart = view.find(START_BLOCK)
+            if 0 <= restart < (end if end >= 0 else len(view)):
+                # A new start block before the end: the sender abandoned the frame.
+                self._junk(len(self._buffer) + restart + 1)
+                self._inside = False
+                view = view[restart:]
+                continue
+            if end < 0:
+                self._append(view)
+                return
+            self._append(view[:end])
+            view = view[end + 1 :]
+            self._inside = False
+            if view[:1] == CARRIAGE_RETURN:
+                view = view[1:]
+            elif not view:
+                self._expect_cr = True
+            elif not self.lenient:
+                self._junk(len(self._buffer) + 1)
+                self._buffer.clear()
+                continue
+            payload = bytes(self._buffer)
+            self._buffer.clear()
+            if self._oversized:
+                self._oversized = False
+                self.frameTooLong(payload)
+            else:
+                self.frameReceived(payload)
+            if self.transport is None or getattr(self.transport, "disconnecting", False):
+                return
+
+    def _append(self, chunk: bytes) -> None:
+        if self._oversized:
+            return
+        buf = self._buffer
+        if len(buf) + len(chunk) > self.MAX_LENGTH:
+            buf += chunk[: max(0, HEAD_BYTES - len(buf))]
+            del buf[HEAD_BYTES:]
+            self._oversized = True
+            return
+        buf += chunk
+
+    def _junk(self, count: int) -> None:
+        self.junk_bytes += count
+        self.junkDiscarded(count)
+
+    @property
+    def in_frame(self) -> bool:
+        return self._inside
+
+    def frameStarted(self) -> None:
+        """A start block arrived (used for the frame timeout)."""
+
+    def frameReceived(self, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def frameTooLong(self, head: bytes) -> None:
+        """A frame exceeded MAX_LENGTH; ``head`` holds its first bytes."""
+
+    def junkDiscarded(self, count: int) -> None:
+        """``count`` bytes outside any frame were dropped."""
+
+
+class BlockingClient:
+    """A plain-socket MLLP client, one message in flight: for tests, benchmarks and scripts."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl_context is not None:
+            sock = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)
+        self.sock = sock
+        self._buffer = bytearray()
+
+    def send(self, payload: bytes) -> None:
+        self.sock.sendall(frame(payload))
+
+    def receive(self) -> bytes:
+        """The next frame's payload; raises ``ConnectionError`` if the peer closes first."""
+        return next(self.frames())
+
+    def frames(self) -> Iterator[bytes]:
+        while True:
+            start = self._buffer.find(START_BLOCK)
+            end = self._buffer.find(END_BLOCK, start + 1) if start >= 0 else -1
+            if start >= 0 and end >= 0:
+                payload = bytes(self._buffer[start + 1 : end])
+                cut = end + 2 if self._buffer[end + 1 : end + 2] == CARRIAGE_RETURN else end + 1
+                del self._buffer[:cut]
+                yield payload
+                continue
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the peer closed the connection before a complete frame")
+            self._buffer += chunk
+
+    def request(self, payload: bytes) -> bytes:
+        self.send(payload)
+        return self.receive()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

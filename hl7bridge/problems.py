@@ -1,0 +1,64 @@
+"""Why a message is refused: the HL7 location, the table 0357 code, and words for a person."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# HL7 table 0357, message error condition codes.
+SEGMENT_SEQUENCE_ERROR = 100
+REQUIRED_FIELD_MISSING = 101
+DATA_TYPE_ERROR = 102
+TABLE_VALUE_NOT_FOUND = 103
+UNSUPPORTED_MESSAGE_TYPE = 200
+UNSUPPORTED_EVENT_CODE = 201
+UNSUPPORTED_PROCESSING_ID = 202
+UNSUPPORTED_VERSION_ID = 203
+UNKNOWN_KEY_IDENTIFIER = 204
+DUPLICATE_KEY_IDENTIFIER = 205
+APPLICATION_RECORD_LOCKED = 206
+APPLICATION_INTERNAL_ERROR = 207
+
+CODE_TEXT = {
+    0: "Message accepted",
+    100: "Segment sequence error",
+    101: "Required field missing",
+    102: "Data type error",
+    103: "Table value not found",
+    200: "Unsupported message type",
+    201: "Unsupported event code",
+    202: "Unsupported processing id",
+    203: "Unsupported version id",
+    204: "Unknown key identifier",
+    205: "Duplicate key identifier",
+    206: "Application record locked",
+    207: "Application internal error",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One reason to answer AE/AR. ``location`` is ``SEG``, ``SEG-n`` or ``SEG-n.c``."""
+
+    location: str
+    code: int
+    text: str
+    severity: str = "E"
+
+    @property
+    def segment(self) -> str:
+        return self.location.split("-", 1)[0]
+
+    @property
+    def field(self) -> int | None:
+        _, _, rest = self.location.partition("-")
+        head = rest.split(".", 1)[0].split("(", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    @property
+    def component(self) -> int | None:
+        _, _, rest = self.location.partition("-")
+        parts = rest.split(".")
+        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+
+    def describe(self) -> str:
+        return f"{self.location}: {self.text}"

@@ -1,0 +1,100 @@
+"""``hl7bridge send``: an MLLP client over any Twisted client endpoint (TCP or TLS)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from twisted.internet import defer, endpoints
+
+from .mllp import MLLPReceiver, frame
+
+_MSA = re.compile(r"(?:^|[\r\n])MSA(.)([^\r\n]*)")
+
+
+@dataclass(frozen=True)
+class Reply:
+    name: str
+    code: str
+    text: str
+    payload: bytes | None
+
+
+class _Client(MLLPReceiver):
+    MAX_LENGTH = 16 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.waiting: defer.Deferred[bytes] | None = None
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def frameReceived(self, payload: bytes) -> None:
+        if self.waiting is not None:
+            d, self.waiting = self.waiting, None
+            d.callback(payload)
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self.waiting is not None:
+            d, self.waiting = self.waiting, None
+            d.errback(ConnectionError("the server closed the connection before answering"))
+        self.closed.callback(None)
+
+
+def parse_ack(payload: bytes) -> tuple[str, str]:
+    """(MSA-1, MSA-3) of an acknowledgment; a batch answer reports its first non-AA code."""
+    text = payload.decode("utf-8", errors="replace")
+    codes = []
+    for sep, rest in _MSA.findall(text):
+        parts = rest.split(sep)
+        codes.append((parts[0] if parts else "", parts[2] if len(parts) > 2 else ""))
+    if not codes:
+        return "??", "no MSA segment in the answer"
+    bad = [c for c in codes if c[0] not in ("AA", "CA")]
+    if len(codes) > 1:
+        code, text = bad[0] if bad else codes[0]
+        return code, f"batch of {len(codes)}: " + ", ".join(c for c, _ in codes) + (f" ({text})" if bad else "")
+    return codes[0]
+
+
+def client_endpoint_string(to: str | None, endpoint: str | None, connect_timeout: float) -> str:
+    if endpoint:
+        return endpoint
+    host, _, port = (to or "127.0.0.1:2575").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--to {to!r}: expected HOST:PORT, e.g. 127.0.0.1:2575")
+    host = host.strip("[]")
+    return f"tcp:host={host}:port={port}:timeout={int(max(1, connect_timeout))}"
+
+
+@defer.inlineCallbacks
+def send_all(
+    reactor: object,
+    endpoint_string: str,
+    messages: Iterable[tuple[str, bytes]],
+    read_timeout: float,
+    report: Callable[[Reply], None],
+):
+    """Send each message in turn on one connection, waiting for its answer."""
+    endpoint = endpoints.clientFromString(reactor, endpoint_string)
+    client = yield endpoints.connectProtocol(endpoint, _Client())
+    replies = []
+    try:
+        for name, payload in messages:
+            d: defer.Deferred[bytes] = defer.Deferred()
+            client.waiting = d
+            client.transport.write(frame(payload))
+            d.addTimeout(read_timeout, reactor)
+            try:
+                answer = yield d
+            except defer.TimeoutError:
+                reply = Reply(name, "--", f"no answer within {read_timeout:g} s", None)
+                report(reply)
+                replies.append(reply)
+                break
+            code, text = parse_ack(answer)
+            reply = Reply(name, code, text, answer)
+            report(reply)
+            replies.append(reply)
+    finally:
+        client.transport.loseConnection()
+    return replies

@@ -1,0 +1,44 @@
+"""Strict validation with hl7apy: the full object tree and its checks, run off the reactor thread."""
+
+from __future__ import annotations
+
+import re
+
+from .problems import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, SEGMENT_SEQUENCE_ERROR, Problem
+
+_CHILD = re.compile(r"\b([A-Z][A-Z0-9]{2})_(\d+)(?:_(\d+))?\b")
+_SEGMENT = re.compile(r"\b([A-Z][A-Z0-9]{2})\b")
+
+
+def validate(text: str) -> Problem | None:
+    """The first problem hl7apy's strict validation finds, or None when the message passes."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.exceptions import HL7apyException
+    from hl7apy.parser import parse_message
+
+    try:
+        message = parse_message(text.replace("\r\n", "\r").replace("\n", "\r"), VALIDATION_LEVEL.STRICT)
+        message.validate()
+    except HL7apyException as exc:
+        return to_problem(str(exc))
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        return Problem("MSH", DATA_TYPE_ERROR, f"strict validation could not read the message: {exc}")
+    return None
+
+
+def to_problem(text: str) -> Problem:
+    """Turn hl7apy's error text into an HL7 location and table 0357 code."""
+    match = _CHILD.search(text)
+    if match:
+        location = f"{match[1]}-{match[2]}" + (f".{match[3]}" if match[3] else "")
+    else:
+        seg = _SEGMENT.search(text)
+        location = seg[1] if seg else "MSH"
+    lowered = text.lower()
+    if "missing required" in lowered:
+        code = REQUIRED_FIELD_MISSING
+    elif "not valid" in lowered and "child" in lowered:
+        code = SEGMENT_SEQUENCE_ERROR
+    else:
+        code = DATA_TYPE_ERROR
+    return Problem(location, code, f"strict validation: {text}")
