@@ -272,20 +272,18 @@ def read_event(msg: Er7Message, header: Header, feed: Feed) -> AppointmentEvent:
         status=status,
         message=msg,
     )
-    if action == "ignore":
-        if sch:
-            _read_schedule(event, sch)
-        return event
-    if sch is None:
-        raise MessageRejected(Problem("SCH", REQUIRED_FIELD_MISSING, "the SCH segment is missing"))
-    _read_schedule(event, sch)
-    if not event.appointment_id:
-        raise MessageRejected(
-            Problem("SCH-1", REQUIRED_FIELD_MISSING, "no appointment id: SCH-1 and SCH-2 are both empty")
-        )
+    if sch is not None:
+        _read_schedule(event, sch)
     _read_patient(event, msg)
     _read_resources(event, msg)
     needs_details = action in ("book", "reschedule", "modify")
+    if action != "ignore":
+        if sch is None:
+            raise MessageRejected(Problem("SCH", REQUIRED_FIELD_MISSING, "the SCH segment is missing"))
+        if not event.appointment_id:
+            raise MessageRejected(
+                Problem("SCH-1", REQUIRED_FIELD_MISSING, "no appointment id: SCH-1 and SCH-2 are both empty")
+            )
     if needs_details and not msg.has("PID"):
         raise MessageRejected(Problem("PID", REQUIRED_FIELD_MISSING, "the PID segment (patient) is missing"))
     if needs_details and not event.patient_ids:

@@ -1,0 +1,148 @@
+"""Shared test fixtures: the real service in a subprocess, on loopback, with a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hl7bridge.mllp import BlockingClient
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+MANIFEST: dict = json.loads((FIXTURES / "manifest.json").read_text(encoding="utf-8"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningService:
+    """A ``hl7bridge serve`` subprocess and where to reach it."""
+
+    process: subprocess.Popen
+    port: int
+    database: Path
+    config: Path | None
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.database}"
+
+    def client(self, timeout: float = 10.0) -> BlockingClient:
+        return BlockingClient("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, payload: bytes) -> bytes:
+        with self.client() as c:
+            return c.request(payload)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "hl7bridge", *args]
+        if args and args[0] == "log":
+            cmd += ["--database", self.url]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=self.workdir)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{cmd} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def log(self, *args: str) -> list[dict]:
+        return json.loads(self.cli("log", "list", "--json", "--limit", "100000", *args).stdout)
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.stderr.read() if self.process.stderr else ""
+
+
+def start_service(
+    workdir: Path,
+    config_text: str | None = None,
+    listen: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+    port: int | None = None,
+) -> RunningService:
+    port = port or free_port()
+    database = workdir / "var" / "log.db"
+    cmd = [sys.executable, "-m", "hl7bridge", "serve", "--database", f"sqlite:///{database}"]
+    config = None
+    if config_text is not None:
+        config = workdir / "hl7bridge.toml"
+        config.write_text(config_text, encoding="utf-8")
+        cmd += ["--config", str(config)]
+    for endpoint in listen if listen is not None else [f"tcp:{port}:interface=127.0.0.1"]:
+        cmd += ["--listen", endpoint]
+    process = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=workdir,
+        env={**os.environ, **(env or {})},
+        pass_fds=pass_fds,
+    )
+    line = process.stdout.readline()
+    if "listening" not in line:
+        process.wait(timeout=10)
+        raise AssertionError(f"service did not start: {line}{process.stderr.read()}")
+    return RunningService(process, port, database, config, workdir)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+    """One service per test module (default settings, UTC feed zone)."""
+    running = start_service(tmp_path_factory.mktemp("svc"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def fresh_service(tmp_path: Path) -> Iterator[RunningService]:
+    running = start_service(tmp_path)
+    yield running
+    running.stop()
+
+
+def fixture_bytes(relative: str) -> bytes:
+    return (FIXTURES / relative).read_bytes()
+
+
+def segments(payload: bytes, charset: str = "utf-8") -> dict[str, list[str]]:
+    """ACK segments by name, split on the field separator."""
+    text = payload.decode(charset, errors="replace")
+    out: dict[str, list[str]] = {}
+    for line in filter(None, text.replace("\n", "\r").split("\r")):
+        sep = line[3] if len(line) > 3 else "|"
+        fields = line.split(sep)
+        if fields[0] in ("MSH", "BHS", "FHS"):
+            fields.insert(1, sep)
+        out.setdefault(fields[0], fields)
+    return out
+
+
+def unique_control(payload: bytes, control_id: str) -> bytes:
+    """The same message under another MSH-10."""
+    text = payload.decode("latin-1")
+    head, sep, rest = text.partition("\r")
+    sep_char = head[3]
+    fields = head.split(sep_char)
+    fields[9] = control_id
+    return (sep_char.join(fields) + sep + rest).encode("latin-1")
