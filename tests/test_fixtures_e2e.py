@@ -96,7 +96,11 @@ def test_log_holds_every_acked_message(service: RunningService) -> None:
         if MANIFEST[relative]["ack"] in ("AA", "CA"):
             service.request(fixture_bytes(relative))
     rows = service.log()
-    logged = {(r["sending_application"], r["sending_facility"], r["control_id"]) for r in rows if r["ack_code"] in ("AA", "CA")}
+    logged = {
+        (r["sending_application"], r["sending_facility"], r["control_id"])
+        for r in rows
+        if r["ack_code"] in ("AA", "CA")
+    }
     for relative in SINGLE:
         e = MANIFEST[relative]
         if e["ack"] in ("AA", "CA"):
