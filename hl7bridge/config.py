@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 class ListenerConfig:
     name: str
     endpoint: str = DEFAULT_ENDPOINT
+    tls_client_ca: str = ""
     max_message_bytes: int = 1024 * 1024
     idle_timeout: float = 3600.0
     frame_timeout: float = 30.0
@@ -222,6 +223,21 @@ def _check_endpoint(value: str, key: str, problems: list[str]) -> None:
         problems.append(f"{key}: endpoint {value!r} is not usable: {exc}")
 
 
+def _check_client_ca(values: dict[str, Any], prefix: str, problems: list[str]) -> None:
+    path = values.get("tls_client_ca")
+    if not path or not isinstance(path, str):
+        return
+    if not str(values.get("endpoint", DEFAULT_ENDPOINT)).startswith("ssl:"):
+        problems.append(f"{prefix}.tls_client_ca: client certificates need an ssl: endpoint")
+        return
+    from .listener import load_certificates
+
+    try:
+        load_certificates(path)
+    except (OSError, ValueError) as exc:
+        problems.append(f"{prefix}.tls_client_ca: expected a PEM file of CA certificates: {exc}")
+
+
 SERVICE_KEYS: dict[str, Check] = {
     "database": _str,
     "sqlite_synchronous": _choice("FULL", "NORMAL", "EXTRA"),
@@ -232,6 +248,7 @@ SERVICE_KEYS: dict[str, Check] = {
 
 LISTENER_KEYS: dict[str, Check] = {
     "endpoint": _endpoint,
+    "tls_client_ca": _str,
     "max_message_bytes": _int(1024, 64 * 1024 * 1024),
     "idle_timeout": _seconds,
     "frame_timeout": _seconds,
@@ -274,6 +291,7 @@ def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
     else:
         for name, body in listeners_data.items():
             values = _section(body, f"listeners.{name}", LISTENER_KEYS, problems)
+            _check_client_ca(values, f"listeners.{name}", problems)
             listeners.append(ListenerConfig(name=name, **values))
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
 _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
@@ -20,6 +21,7 @@ _PATH = re.compile(
     r"(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?$"
 )
 
+_HEADER_SEGMENTS = frozenset({"MSH", "FHS", "BHS"})
 #: Escape sequences for formatted text that carry no characters of their own.
 _FORMATTING = {"H": "", "N": "", ".br": "\n", ".sp": "\n", ".fi": "", ".nf": ""}
 
@@ -79,6 +81,12 @@ class Encoding:
 
 
 DEFAULT_ENCODING = Encoding()
+_VALID_NAMES: set[str] = set()
+
+
+@lru_cache(maxsize=64)
+def _encoding(field_sep: str, msh2: str) -> Encoding:
+    return Encoding.from_header(field_sep, msh2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +101,7 @@ class Path:
     subcomponent: int | None = None
 
     @classmethod
+    @lru_cache(maxsize=1024)
     def parse(cls, text: str) -> Path:
         m = _PATH.match(text.strip())
         if not m:
@@ -124,19 +133,28 @@ class Path:
 
 
 class Segment:
-    """One segment; ``fields[n]`` is field n as raw (still escaped) text."""
+    """One segment; ``fields[n]`` is field n as raw (still escaped) text, split on first use."""
 
-    __slots__ = ("encoding", "fields", "name")
+    __slots__ = ("_fields", "encoding", "name", "text")
 
     def __init__(self, text: str, encoding: Encoding) -> None:
+        self.text = text
+        self.name = text[:3]
         self.encoding = encoding
-        if text.startswith(("MSH", "FHS", "BHS")):
-            # MSH-1 is the field separator itself, so field n is split part n-1.
-            rest = text[4:].split(encoding.field)
-            self.fields = [text[:3], encoding.field, *rest]
-        else:
-            self.fields = text.split(encoding.field)
-        self.name = self.fields[0]
+        self._fields: list[str] | None = None
+
+    @property
+    def fields(self) -> list[str]:
+        fields = self._fields
+        if fields is None:
+            text, sep = self.text, self.encoding.field
+            if self.name in _HEADER_SEGMENTS:
+                # MSH-1 is the field separator itself, so field n is split part n-1.
+                fields = [self.name, sep, *text[4:].split(sep)]
+            else:
+                fields = text.split(sep)
+            self._fields = fields
+        return fields
 
     def __repr__(self) -> str:
         return f"<Segment {self.name} ({len(self.fields) - 1} fields)>"
@@ -147,7 +165,7 @@ class Segment:
 
     def repetitions(self, number: int) -> list[str]:
         raw = self.field(number)
-        if self.name in ("MSH", "FHS", "BHS") and number <= 2:
+        if number <= 2 and self.name in _HEADER_SEGMENTS:
             return [raw]
         return raw.split(self.encoding.repetition) if raw else []
 
@@ -159,13 +177,24 @@ class Segment:
         subcomponent: int | None = None,
     ) -> str:
         """Raw text at a position; empty when absent."""
-        reps = self.repetitions(field)
-        if repetition > len(reps):
+        fields = self.fields
+        if field >= len(fields):
             return ""
-        value = reps[repetition - 1]
-        if component is None or (self.name in ("MSH", "FHS", "BHS") and field <= 2):
-            return value if component in (None, 1) else ""
+        value = fields[field]
+        if not value:
+            return ""
+        if field <= 2 and self.name in _HEADER_SEGMENTS:
+            return value if repetition == 1 and component in (None, 1) else ""
         enc = self.encoding
+        if enc.repetition in value:
+            reps = value.split(enc.repetition)
+            if repetition > len(reps):
+                return ""
+            value = reps[repetition - 1]
+        elif repetition != 1:
+            return ""
+        if component is None:
+            return value
         return component_of(value, enc, component, subcomponent)
 
     def get(
@@ -256,22 +285,29 @@ class Er7Message:
 
     @classmethod
     def parse(cls, text: str, charset: str = "utf-8") -> Er7Message:
-        lines = [s for s in SEGMENT_SPLIT.split(text) if s.strip()]
+        parts = text.split("\r") if "\n" not in text else SEGMENT_SPLIT.split(text)
+        lines = [s for s in parts if s and not s.isspace()]
         if not lines or not lines[0].startswith("MSH") or len(lines[0]) < 8:
             raise Er7Error("the message does not begin with an MSH segment", "MSH", 100)
         head = lines[0]
         enc_end = head.find(head[3], 4)
-        msh2 = head[4:enc_end] if enc_end > 0 else head[4:]
-        encoding = Encoding.from_header(head[3], msh2)
+        encoding = _encoding(head[3], head[4:enc_end] if enc_end > 0 else head[4:])
         segments = []
+        valid = _VALID_NAMES
         for position, line in enumerate(lines, 1):
             segment = Segment(line, encoding)
-            if not _SEGMENT_NAME.match(segment.name):
-                raise Er7Error(
-                    f"segment {position} has no valid segment ID ({segment.name[:8]!r})",
-                    segment.name[:3] if position > 1 else "MSH",
-                    100,
-                )
+            name = segment.name
+            if name not in valid:
+                if (len(line) > 3 and line[3] != encoding.field) or not _SEGMENT_NAME.match(name):
+                    raise Er7Error(
+                        f"segment {position} has no valid segment ID ({line[:8]!r})",
+                        name if position > 1 else "MSH",
+                        100,
+                    )
+                if len(valid) < 4096:
+                    valid.add(name)
+            elif len(line) > 3 and line[3] != encoding.field:
+                raise Er7Error(f"segment {position} has no valid segment ID ({line[:8]!r})", name, 100)
             segments.append(segment)
         return cls(segments, encoding, charset)
 
@@ -324,7 +360,7 @@ class Er7Message:
             idx = seen[seg.name] = seen.get(seg.name, 0) + 1
             for fno in range(1, len(seg.fields)):
                 for rno, rep in enumerate(seg.repetitions(fno), 1):
-                    if seg.name in ("MSH", "FHS", "BHS") and fno <= 2:
+                    if fno <= 2 and seg.name in _HEADER_SEGMENTS:
                         yield seg.name, idx, fno, rno, 1, 1, rep
                         continue
                     for cno, comp in enumerate(rep.split(enc.component), 1):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from types import ModuleType
 
 from .er7 import Path
@@ -68,6 +68,7 @@ def components(version: str, datatype: str) -> tuple[Element, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=4096)
 def element(version: str, path: Path) -> Element | None:
     """The element a path designates, following datatypes down to the subcomponent."""
     if path.field is None:
@@ -109,6 +110,7 @@ def check_path(path: Path, versions: tuple[str, ...] = SUPPORTED_VERSIONS) -> st
     return f"{path} does not exist: {path.segment}-{path.field} is {datatype}, which has no such component"
 
 
+@lru_cache(maxsize=1024)
 def timestamp_component(version: str, path: Path) -> Path:
     """Where the DTM value of a timestamp path lives.
 

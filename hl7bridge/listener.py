@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 from dataclasses import dataclass
 
-from twisted.internet import defer, endpoints, interfaces, protocol
+from twisted.internet import defer, endpoints, interfaces, protocol, ssl
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -153,6 +154,13 @@ class MLLPConnection(MLLPReceiver):
             self.transport.loseConnection()
 
 
+class _Refused(protocol.Protocol):
+    """Closes at once. Returning None from buildProtocol is not enough under TLS wrapping."""
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
+
+
 class MLLPFactory(protocol.Factory):
     protocol = MLLPConnection
 
@@ -163,21 +171,55 @@ class MLLPFactory(protocol.Factory):
         self.stats = ListenerStats()
         self.open: set[MLLPConnection] = set()
 
-    def buildProtocol(self, addr: IAddress) -> MLLPConnection | None:
+    def buildProtocol(self, addr: IAddress) -> protocol.Protocol:
         host = getattr(addr, "host", None)
         if host is not None and not self.config.allows(host):
             self.stats.refused_connections += 1
             log.warning("refused connection from %s on %s: not in the allowlist", host, self.config.name)
-            return None
+            return _Refused()
         if len(self.open) >= self.config.max_connections:
             self.stats.refused_connections += 1
             log.warning("refused connection on %s: %d connections open (limit)", self.config.name, len(self.open))
-            return None
+            return _Refused()
         self.stats.accepted_connections += 1
         return super().buildProtocol(addr)
 
 
+def server_endpoint(reactor: object, description: str, client_ca: str = "") -> interfaces.IStreamServerEndpoint:
+    """The endpoint for a description; ``client_ca`` turns an ``ssl:`` one into mutual TLS.
+
+    Twisted's ``ssl:`` strings cannot ask for client certificates, so the parsed
+    options are rebuilt with verification against the given CA bundle.
+    """
+    if not client_ca:
+        return endpoints.serverFromString(reactor, description)
+    if not description.startswith("ssl:"):
+        raise ValueError("tls_client_ca needs an ssl: endpoint")
+    kind, args, kwargs = endpoints._parseServer(description, None)
+    port, _factory, options = args
+    authorities = load_certificates(client_ca)
+    verified = ssl.CertificateOptions(
+        privateKey=options.privateKey,
+        certificate=options.certificate,
+        extraCertChain=options.extraCertChain,
+        dhParameters=getattr(options, "dhParameters", None),
+        verify=True,
+        caCerts=authorities,
+        requireCertificate=True,
+    )
+    return endpoints.SSL4ServerEndpoint(reactor, port, verified, **kwargs)
+
+
+def load_certificates(path: str) -> list:
+    """Every certificate in a PEM bundle, as pyOpenSSL X509 objects."""
+    with open(path, "rb") as handle:
+        blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", handle.read(), re.DOTALL)
+    if not blocks:
+        raise ValueError(f"{path} holds no PEM certificate")
+    return [ssl.Certificate.loadPEM(block).original for block in blocks]
+
+
 def listen(reactor: object, factory: MLLPFactory) -> defer.Deferred:
-    """Bind the listener's endpoint string; the Deferred fires with the IListeningPort."""
-    endpoint = endpoints.serverFromString(reactor, factory.config.endpoint)
+    """Bind the listener's endpoint; the Deferred fires with the IListeningPort."""
+    endpoint = server_endpoint(reactor, factory.config.endpoint, factory.config.tls_client_ca)
     return endpoint.listen(factory)

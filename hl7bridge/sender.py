@@ -7,6 +7,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from twisted.internet import defer, endpoints
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 
 from .mllp import MLLPReceiver, frame
 
@@ -33,11 +36,23 @@ class _Client(MLLPReceiver):
             d, self.waiting = self.waiting, None
             d.callback(payload)
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.waiting is not None:
             d, self.waiting = self.waiting, None
-            d.errback(ConnectionError("the server closed the connection before answering"))
+            why = "the server closed the connection before answering"
+            if not reason.check(ConnectionDone):
+                why = f"the connection failed before an answer: {_describe_failure(reason)}"
+            d.errback(ConnectionError(why))
         self.closed.callback(None)
+
+
+def _describe_failure(reason: Failure) -> str:
+    """TLS errors arrive as lists of OpenSSL tuples; name the certificate problem plainly."""
+    text = reason.getErrorMessage()
+    if "certificate" in text.lower():
+        match = re.search(r"'([^']*certificate[^']*)'", text, re.IGNORECASE)
+        return f"TLS certificate problem: {match.group(1) if match else text}"
+    return text
 
 
 def parse_ack(payload: bytes) -> tuple[str, str]:

@@ -8,12 +8,12 @@ a patient, a cancellation only the appointment id.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
 from typing import Any
 
 from . import hl7schema
-from .er7 import Er7Message, Path, Segment, component_of
+from .er7 import Er7Message, Path, Segment
 from .problems import (
     DATA_TYPE_ERROR,
     REQUIRED_FIELD_MISSING,
@@ -215,14 +215,41 @@ class AppointmentEvent:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description for the message log (contains PHI)."""
-        data = asdict(self)
-        data.pop("message", None)
-        data["start"] = self.start.isoformat() if self.start else None
-        data["birth_date"] = self.birth_date.isoformat() if self.birth_date else None
-        data["appointment_key"] = self.appointment_key
-        data["patient_phone"] = self.patient_phone
-        data["patient_email"] = self.patient_email
-        return data
+        return {
+            "event": self.event,
+            "control_id": self.control_id,
+            "version": self.version,
+            "sending_application": self.sending_application,
+            "sending_facility": self.sending_facility,
+            "action": self.action,
+            "placer_appointment_id": self.placer_appointment_id,
+            "filler_appointment_id": self.filler_appointment_id,
+            "appointment_key": self.appointment_key,
+            "start": self.start.isoformat() if self.start else None,
+            "start_source": self.start_source,
+            "duration_minutes": self.duration_minutes,
+            "status": self.status,
+            "reason": self.reason,
+            "appointment_type": self.appointment_type,
+            "patient_ids": [
+                {"value": p.value, "type_code": p.type_code, "authority": p.authority} for p in self.patient_ids
+            ],
+            "names": [
+                {"family": n.family, "given": n.given, "middle": n.middle, "name_type": n.name_type} for n in self.names
+            ],
+            "telecoms": [
+                {"number": t.number, "use": t.use, "equipment": t.equipment, "email": t.email, "source": t.source}
+                for t in self.telecoms
+            ],
+            "birth_date": self.birth_date.isoformat() if self.birth_date else None,
+            "patient_phone": self.patient_phone,
+            "patient_email": self.patient_email,
+            "provider_id": self.provider_id,
+            "provider_name": self.provider_name,
+            "location": self.location,
+            "location_facility": self.location_facility,
+            "department": self.department,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,37 +362,32 @@ def _read_patient(event: AppointmentEvent, msg: Er7Message) -> None:
     if pid is None:
         return
     enc = msg.encoding
+    unescape = msg.unescape
+
+    def parts(rep: str, *positions: int) -> list[str]:
+        comps = rep.split(enc.component)
+        return [unescape(comps[p - 1]).strip() if p <= len(comps) else "" for p in positions]
+
     ids = []
     for rep in pid.repetitions(3):
-        value = msg.unescape(component_of(rep, enc, 1)).strip()
+        value, type_code, authority = parts(rep, 1, 5, 4)
         if value:
-            ids.append(
-                PatientId(
-                    value,
-                    msg.unescape(component_of(rep, enc, 5)).strip(),
-                    msg.unescape(component_of(rep, enc, 4, 1)).strip(),
-                )
-            )
+            ids.append(PatientId(value, type_code, authority.split(enc.subcomponent, 1)[0]))
     event.patient_ids = tuple(ids)
     names = []
     for rep in pid.repetitions(5):
-        family = msg.unescape(component_of(rep, enc, 1, 1)).strip()
-        given = msg.unescape(component_of(rep, enc, 2)).strip()
+        family, given, middle, name_type = parts(rep, 1, 2, 3, 7)
+        family = family.split(enc.subcomponent, 1)[0]
         if family or given:
-            names.append(
-                PersonName(
-                    family,
-                    given,
-                    msg.unescape(component_of(rep, enc, 3)).strip(),
-                    component_of(rep, enc, 7).strip(),
-                )
-            )
+            names.append(PersonName(family, given, middle, name_type))
     event.names = tuple(names)
     telecoms = []
     for number in (13, 14, 40):
         for rep in pid.repetitions(number):
-            telecoms.append(_telecom(msg, rep, f"PID-{number}"))
-    event.telecoms = tuple(t for t in telecoms if t.number or t.email)
+            telecom = _telecom(parts(rep, 1, 2, 3, 4, 5, 6, 7, 8), f"PID-{number}")
+            if telecom.number or telecom.email:
+                telecoms.append(telecom)
+    event.telecoms = tuple(telecoms)
     birth = pid.get(7, 1, 1).strip()
     if birth:
         try:
@@ -374,19 +396,14 @@ def _read_patient(event: AppointmentEvent, msg: Er7Message) -> None:
             event.birth_date = None
 
 
-def _telecom(msg: Er7Message, rep: str, source: str) -> Telecom:
-    enc = msg.encoding
-
-    def part(n: int) -> str:
-        return msg.unescape(component_of(rep, enc, n)).strip()
-
-    use, equipment = part(2).upper(), part(3).upper()
-    email = part(4)
-    number = part(1)
+def _telecom(parts: list[str], source: str) -> Telecom:
+    """An XTN (formatted number, use, equipment, e-mail, country, area, local, extension)."""
+    number, use, equipment, email, country, area, local, extension = parts
+    use, equipment = use.upper(), equipment.upper()
     if not number:
-        number = "".join(p for p in (part(5), part(6), part(7)) if p)
-        if number and part(8):
-            number += " x" + part(8)
+        number = "".join(p for p in (country, area, local) if p)
+        if number and extension:
+            number += " x" + extension
     if "@" in number and not email:
         email, number = number, ""
     if use == "NET" or equipment in ("INTERNET", "X.400"):
