@@ -195,7 +195,7 @@ def server_endpoint(reactor: object, description: str, client_ca: str = "") -> i
         return endpoints.serverFromString(reactor, description)
     if not description.startswith("ssl:"):
         raise ValueError("tls_client_ca needs an ssl: endpoint")
-    kind, args, kwargs = endpoints._parseServer(description, None)
+    _kind, args, kwargs = endpoints._parseServer(description, None)
     port, _factory, options = args
     authorities = load_certificates(client_ca)
     verified = ssl.CertificateOptions(

@@ -87,7 +87,7 @@ def test_batch_split_and_acknowledged(service: RunningService, relative: str) ->
     msas = [x.split("|") for x in lines if x.startswith("MSA")]
     assert [m[1] for m in msas] == [e["ack"] for e in expected]
     assert [m[2] for m in msas] == [e["control_id"] for e in expected]
-    bts = [x for x in lines if x.startswith("BTS")][0]
+    bts = next(x for x in lines if x.startswith("BTS"))
     assert bts.split("|")[1] == str(len(expected))
 
 
