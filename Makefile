@@ -7,6 +7,8 @@ CONFIG ?= config/hl7bridge.example.toml
 
 .PHONY: run test lint format bench fixtures-send clean
 
+include tests/interop/interop.mk
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -16,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/hl7bridge serve --config $(CONFIG)
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed interop-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -34,4 +36,4 @@ fixtures-send: $(BIN)/.installed
 	$(BIN)/hl7bridge send --to 127.0.0.1:2575 fixtures/siu
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache tests/interop/node_modules
