@@ -217,6 +217,12 @@ def _check_endpoint(value: str, key: str, problems: list[str]) -> None:
             "(e.g. 'tcp:2575:interface=127.0.0.1' or 'ssl:2575:privateKey=key.pem:certKey=cert.pem')"
         )
         return
+    if kind == "systemd":
+        # The sockets exist only once systemd passes them; check the syntax, not the descriptors.
+        options = dict(part.partition("=")[::2] for part in value.split(":")[1:])
+        if options.get("domain") not in ("INET", "INET6", "UNIX") or not options.get("index", "").isdigit():
+            problems.append(f"{key}: expected e.g. 'systemd:domain=INET:index=0', got {value!r}")
+        return
     try:
         endpoints.serverFromString(reactor, value)
     except Exception as exc:  # noqa: BLE001 - Twisted raises many kinds; all mean a bad string

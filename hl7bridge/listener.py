@@ -101,9 +101,15 @@ class MLLPConnection(MLLPReceiver):
                 self._frame_call = self.factory.clock.callLater(timeout, self._timed_out, "frame")
 
     def _frame_done(self) -> None:
+        self._stop_frame_timer()
+        self.factory.stats.frames += 1
+
+    def _stop_frame_timer(self) -> None:
         if self._frame_call is not None and self._frame_call.active():
             self._frame_call.cancel()
-        self.factory.stats.frames += 1
+
+    def frameDropped(self) -> None:
+        self._stop_frame_timer()
 
     # -- frames ------------------------------------------------------------------------------------
     def frameReceived(self, payload: bytes) -> None:

@@ -37,7 +37,7 @@ class MLLPReceiver(protocol.Protocol):
     _buffer: bytearray
     _inside = False
     _oversized = False
-    _scan_from = 0
+    _held = False
     _expect_cr = False
     junk_bytes = 0
 
@@ -46,6 +46,16 @@ class MLLPReceiver(protocol.Protocol):
             self._buffer = bytearray()
         view = data
         while view:
+            if self._held:
+                # Strict mode: the frame ended a read; its fate depends on the byte after 0x1C.
+                self._held = False
+                if view[:1] == CARRIAGE_RETURN:
+                    view = view[1:]
+                    if not self._deliver():
+                        return
+                else:
+                    self._drop()
+                continue
             if self._expect_cr:
                 self._expect_cr = False
                 if view[:1] == CARRIAGE_RETURN:
@@ -61,7 +71,6 @@ class MLLPReceiver(protocol.Protocol):
                 view = view[start + 1 :]
                 self._inside = True
                 self._oversized = False
-                self._scan_from = 0
                 self._buffer.clear()
                 self.frameStarted()
                 continue
@@ -71,6 +80,8 @@ class MLLPReceiver(protocol.Protocol):
                 # A new start block before the end: the sender abandoned the frame.
                 self._junk(len(self._buffer) + restart + 1)
                 self._inside = False
+                self._buffer.clear()
+                self.frameDropped()
                 view = view[restart:]
                 continue
             if end < 0:
@@ -82,20 +93,33 @@ class MLLPReceiver(protocol.Protocol):
             if view[:1] == CARRIAGE_RETURN:
                 view = view[1:]
             elif not view:
+                if not self.lenient:
+                    self._held = True
+                    return
                 self._expect_cr = True
             elif not self.lenient:
-                self._junk(len(self._buffer) + 1)
-                self._buffer.clear()
+                self._drop()
                 continue
-            payload = bytes(self._buffer)
-            self._buffer.clear()
-            if self._oversized:
-                self._oversized = False
-                self.frameTooLong(payload)
-            else:
-                self.frameReceived(payload)
-            if self.transport is None or getattr(self.transport, "disconnecting", False):
+            if not self._deliver():
                 return
+
+    def _deliver(self) -> bool:
+        """Hand over the buffered frame; False once the connection is closing."""
+        payload = bytes(self._buffer)
+        self._buffer.clear()
+        if self._oversized:
+            self._oversized = False
+            self.frameTooLong(payload)
+        else:
+            self.frameReceived(payload)
+        return not (self.transport is None or getattr(self.transport, "disconnecting", False))
+
+    def _drop(self) -> None:
+        """Strict mode: a frame whose 0x1C is not followed by 0x0D is discarded."""
+        self._junk(len(self._buffer) + 1)
+        self._buffer.clear()
+        self._oversized = False
+        self.frameDropped()
 
     def _append(self, chunk: bytes) -> None:
         if self._oversized:
@@ -121,6 +145,9 @@ class MLLPReceiver(protocol.Protocol):
 
     def frameReceived(self, payload: bytes) -> None:
         raise NotImplementedError
+
+    def frameDropped(self) -> None:
+        """A started frame was abandoned (restarted, or refused by strict framing)."""
 
     def frameTooLong(self, head: bytes) -> None:
         """A frame exceeded MAX_LENGTH; ``head`` holds its first bytes."""

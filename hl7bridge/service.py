@@ -102,6 +102,6 @@ def _why(exc: BaseException) -> str:
     text = str(exc)
     if "Address already in use" in text or ("98" in text and "Couldn't listen" in text):
         return "the port is already in use (another hl7bridge or program holds it; use --listen to pick another)"
-    if isinstance(exc, KeyError) or "LISTEN_FDS" in text:
+    if isinstance(exc, (KeyError, IndexError)) or "LISTEN_FDS" in text:
         return "no socket was passed by systemd (start it through hl7bridge.socket, or use a tcp: endpoint)"
     return text.strip().splitlines()[0] if text.strip() else exc.__class__.__name__
