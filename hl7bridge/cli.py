@@ -36,7 +36,8 @@ def parse_duration(text: str) -> float:
 def _config(args: argparse.Namespace) -> Config:
     path = args.config or os.environ.get("HL7BRIDGE_CONFIG")
     cfg = load(path)
-    return cfg.with_overrides(getattr(args, "listen", None), getattr(args, "database", None))
+    return cfg.with_overrides(getattr(args, "listen", None), getattr(args, "database", None),
+                              getattr(args, "api_url", None))  # fmt: skip
 
 
 # --- serve ---------------------------------------------------------------------------------------
@@ -53,12 +54,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .service import Service, StartupError
 
-    service = Service(cfg, reactor)
+    if args.sandbox and args.api_url:
+        raise CliError("--sandbox and --api-url exclude each other (the sandbox is the API then)")
+    service = Service(cfg, reactor, with_sandbox=args.sandbox, sandbox_listen=args.sandbox_listen)
     outcome: dict[str, Any] = {}
 
     def started(_: object) -> None:
-        print(f"hl7bridge {__version__}: MLLP listening on {', '.join(service.addresses())}; "
-              f"log in {_safe_url(cfg.service.database)}", flush=True)  # fmt: skip
+        line = (f"hl7bridge {__version__}: MLLP listening on {', '.join(service.addresses())}; "
+                f"log in {_safe_url(cfg.service.database)}")  # fmt: skip
+        if service.sandbox is not None:
+            line += f"; sandbox Journeys API on {service.sandbox.url} (see {service.sandbox.url}/_sandbox/instances)"
+        elif service.dispatcher is not None:
+            line += f"; dispatching to {service.config.api.base_url}"
+        print(line, flush=True)
         reactor.addSystemEventTrigger("before", "shutdown", service.stop)
 
     def failed(failure: Any) -> None:
@@ -79,6 +87,38 @@ def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dataclasses import replace
+
+    from twisted.internet import reactor
+
+    from .sandbox import Sandbox, SandboxState
+
+    sandbox_cfg = cfg.sandbox
+    if not sandbox_cfg.tokens:
+        raise CliError("the sandbox needs [[sandbox.tokens]] in the configuration (see the example config)")
+    state = SandboxState(sandbox_cfg.org_id or cfg.api.org_id, dict(sandbox_cfg.tokens),
+                         {j.chat_bot_id: j for j in sandbox_cfg.journeys}, replace(sandbox_cfg.faults))  # fmt: skip
+    sandbox = Sandbox(reactor, args.sandbox_listen or sandbox_cfg.listen, state)
+    outcome: dict[str, Any] = {}
+
+    def started(_: object) -> None:
+        print(f"hl7bridge sandbox: Journeys API for org {state.org_id} on {sandbox.url} "
+              f"(journeys: {', '.join(state.journeys) or 'none'}; see {sandbox.url}/_sandbox/calls)", flush=True)  # fmt: skip
+
+    def failed(failure: Any) -> None:
+        outcome["error"] = failure.value
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: sandbox.start().addCallbacks(started, failed))
+    reactor.run()
+    if "error" in outcome:
+        raise CliError(f"the sandbox cannot listen on {sandbox.listen_description}: {_first_line(outcome['error'])}")
+    return 0
 
 
 # --- check-config / check -------------------------------------------------------------------------
@@ -291,7 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = with_config(sub.add_parser("serve", help="run the MLLP listener(s)"))
     serve.add_argument("--listen", metavar="ENDPOINT", action="append",
                        help="endpoint string, e.g. tcp:2575:interface=127.0.0.1 (repeatable; overrides the file)")  # fmt: skip
+    serve.add_argument("--sandbox", action="store_true",
+                       help="start the built-in Journeys API sandbox and dispatch to it")  # fmt: skip
+    serve.add_argument("--sandbox-listen", metavar="ENDPOINT", help="where the sandbox listens (default tcp:8080)")
+    serve.add_argument("--api-url", metavar="URL", help="dispatch to this Journeys API base URL instead")
     serve.set_defaults(func=cmd_serve)
+
+    sandbox = with_config(sub.add_parser("sandbox", help="run the Journeys API sandbox on its own"))
+    sandbox.add_argument("--listen", dest="sandbox_listen", metavar="ENDPOINT", help="default tcp:8080")
+    sandbox.set_defaults(func=cmd_sandbox)
 
     check_config = with_config(sub.add_parser("check-config", help="validate the settings and exit"))
     check_config.set_defaults(func=cmd_check_config)

@@ -11,7 +11,17 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import charsets, hl7schema
+from .dispatch_config import (
+    ApiConfig,
+    DispatchConfig,
+    SandboxConfig,
+    parse_api,
+    parse_dispatch,
+    parse_routes,
+    parse_sandbox,
+)
 from .er7 import Path
+from .routing import Route
 from .siu import DEFAULT_START_SOURCES, Feed
 
 DEFAULT_ENDPOINT = "tcp:2575:interface=127.0.0.1"
@@ -39,6 +49,7 @@ class ListenerConfig:
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     lenient_framing: bool = True
     ack_mode: str = "stored"
+    dispatch_timeout: float = 20.0
     time_zone: str = "UTC"
     start_sources: tuple[tuple[str, ...], ...] = DEFAULT_START_SOURCES
     charset_fallback: tuple[str, ...] = ("utf-8",)
@@ -72,13 +83,23 @@ class ServiceConfig:
 class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig("main"),)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    routes: tuple[Route, ...] = ()
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     source: str = "(built-in defaults)"
 
-    def with_overrides(self, listen: list[str] | None = None, database: str | None = None) -> Config:
+    def with_overrides(
+        self, listen: list[str] | None = None, database: str | None = None, api_url: str | None = None
+    ) -> Config:
         """Operator overrides from the command line (validated like the file)."""
         cfg = self
         if database:
             cfg = replace(cfg, service=replace(cfg.service, database=database))
+        if api_url:
+            if not api_url.startswith(("http://", "https://")):
+                raise ConfigError([f"--api-url {api_url}: expected an http(s) URL such as http://127.0.0.1:8080"])
+            cfg = replace(cfg, api=replace(cfg.api, base_url=api_url))
         if listen:
             base = cfg.listeners[0] if cfg.listeners else ListenerConfig("main")
             problems: list[str] = []
@@ -262,7 +283,8 @@ LISTENER_KEYS: dict[str, Check] = {
     "max_in_flight": _int(1, 100_000),
     "allow": _cidrs,
     "lenient_framing": _bool,
-    "ack_mode": _choice("stored"),
+    "ack_mode": _choice("stored", "dispatched"),
+    "dispatch_timeout": _seconds,
     "time_zone": _zone,
     "start_sources": _start_sources,
     "charset_fallback": _charsets,
@@ -286,9 +308,10 @@ def _section(data: Any, prefix: str, keys: dict[str, Check], problems: list[str]
 
 def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
     problems: list[str] = []
+    sections = ("service", "listeners", "api", "dispatch", "routes", "sandbox")
     for key in data:
-        if key not in ("service", "listeners"):
-            problems.append(f"{key}: unknown section (known: service, listeners)")
+        if key not in sections:
+            problems.append(f"{key}: unknown section (known: {', '.join(sections)})")
     service = ServiceConfig(**_section(data.get("service", {}), "service", SERVICE_KEYS, problems))
     listeners_data = data.get("listeners", {"main": {}})
     listeners = []
@@ -299,9 +322,18 @@ def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
             values = _section(body, f"listeners.{name}", LISTENER_KEYS, problems)
             _check_client_ca(values, f"listeners.{name}", problems)
             listeners.append(ListenerConfig(name=name, **values))
+    api = parse_api(data.get("api", {}), problems)
+    dispatch = parse_dispatch(data.get("dispatch", {}), problems)
+    routes = parse_routes(data.get("routes"), {lst.name for lst in listeners}, problems)
+    sandbox = parse_sandbox(data.get("sandbox"), problems)
+    if routes and not api.org_id:
+        problems.append("api.org_id: required when routes are configured (your MedChat organization id)")
+    for listener in listeners:
+        if listener.ack_mode == "dispatched" and not routes:
+            problems.append(f"listeners.{listener.name}.ack_mode: 'dispatched' needs at least one [[routes]] table")
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
-    return Config(service, tuple(listeners), source)
+    return Config(service, tuple(listeners), api, dispatch, routes, sandbox, source)
 
 
 def load(path: str | FsPath | None) -> Config:

@@ -7,13 +7,17 @@ the ACK only once the store has committed it.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import charsets
 from .ack import Ack, AckBuilder, Outcome, ack_code, now_stamp
 from .er7 import DEFAULT_ENCODING, SEGMENT_SPLIT, Encoding, Er7Error, Er7Message
 from .problems import APPLICATION_INTERNAL_ERROR, REQUIRED_FIELD_MISSING, Problem
+from .routing import Router
 from .siu import AppointmentEvent, Feed, Header, MessageRejected, read_event
+from .store import command_values
 
 STATUS_ACCEPTED = "accepted"
 STATUS_REJECTED = "rejected"
@@ -36,6 +40,8 @@ class Received:
     ack: Ack | None = None
     note: str | None = None
     text: str = ""
+    route: str | None = None
+    commands: list[dict] = field(default_factory=list)
 
     @property
     def dedupe_key(self) -> tuple[str, str, str] | None:
@@ -61,12 +67,15 @@ class Received:
             "version": h.version if h else None,
             "appointment_key": event.appointment_key if event else None,
             "action": event.action if event else None,
+            "route": self.route,
+            "note": self.note,
+            "replay_of": None,
             "summary": json.dumps(event.summary(), ensure_ascii=False) if event else None,
             "ack_code": self.ack.code if self.ack else None,
             "ack_text": self.ack.text if self.ack else None,
             "ack_raw": self.ack.payload if self.ack else None,
             "status": self.status,
-            "error": self.problem.text if self.problem else self.note,
+            "error": self.problem.text if self.problem else None,
             "error_location": self.problem.location if self.problem else None,
             "duplicate_of": None,
         }
@@ -82,10 +91,23 @@ class Frame:
 
 
 class Intake:
-    def __init__(self, feed: Feed, acks: AckBuilder, charset_fallback: tuple[str, ...] = ("utf-8",)) -> None:
+    def __init__(
+        self,
+        feed: Feed,
+        acks: AckBuilder,
+        charset_fallback: tuple[str, ...] = ("utf-8",),
+        router: Router | None = None,
+        listener: str = "main",
+        sync: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.feed = feed
         self.acks = acks
         self.charset_fallback = charset_fallback
+        self.router = router
+        self.listener = listener
+        self.sync = sync
+        self.clock = clock
 
     def read_frame(self, raw: bytes) -> Frame:
         decoded = charsets.decode(raw, self.charset_fallback)
@@ -113,10 +135,35 @@ class Intake:
             event = read_event(msg, header, self.feed)
         except MessageRejected as exc:
             return self._judged(raw, charset, header, msg.encoding, Outcome.ERROR, exc.problem, note, text)
+        if self.router is not None:
+            return self._routed(raw, charset, header, msg, event, note, text)
         received = self._judged(raw, charset, header, msg.encoding, Outcome.ACCEPT, None, note, text)
         received.event = event
         if event.action == "ignore":
             received.status = STATUS_IGNORED
+        return received
+
+    def _routed(
+        self, raw: bytes, charset: str, header: Header, msg: Er7Message, event: AppointmentEvent,
+        note: str | None, text: str,
+    ) -> Received:  # fmt: skip
+        """Route and map: the commands are stored with the message, in the same transaction."""
+        now = self.clock()
+        plan = self.router.plan(event, self.listener, self.feed.time_zone, now)
+        notes = "; ".join(n for n in (note, plan.note) if n) or None
+        if plan.problem is not None and not plan.accept_anyway:
+            received = self._judged(raw, charset, header, msg.encoding, Outcome.ERROR, plan.problem, notes, text)
+            received.event, received.route = event, plan.route
+            return received
+        received = self._judged(raw, charset, header, msg.encoding, Outcome.ACCEPT, None, notes, text)
+        received.event, received.route = event, plan.route
+        if plan.problem is not None:
+            # content_errors = "accept": AA to the sender, kept as rejected for operators to fix and replay.
+            received.status = STATUS_REJECTED
+            received.problem = plan.problem
+        elif plan.status == "ignored":
+            received.status = STATUS_IGNORED
+        received.commands = [command_values(c, now, sync=self.sync) for c in plan.commands]
         return received
 
     def _judged(

@@ -5,15 +5,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from twisted.internet import defer, threads
 
-from . import strict
+from . import store, strict
 from .ack import Outcome
 from .intake import Frame, Intake, Received
-from .store import Writer, WriteRequest, WriteResult
+from .problems import APPLICATION_INTERNAL_ERROR, Problem
+from .store import CommandUpdate, Job, Writer, WriteRequest, WriteResult
 
 log = logging.getLogger("hl7bridge.pipeline")
+
+
+class Verdicts(Protocol):
+    """Where ``ack_mode = "dispatched"`` learns the API's verdict (the dispatcher)."""
+
+    def wait_for(self, command_id: int, callback: Callable[[CommandUpdate], None]) -> None: ...
+
+    def forget(self, command_id: int) -> None: ...
 
 
 class Pipeline:
@@ -26,12 +36,18 @@ class Pipeline:
         listener: str,
         strict_validation: bool = False,
         clock: Callable[[], float] = time.time,
+        verdicts: Verdicts | None = None,
+        reactor: Any = None,
+        dispatch_timeout: float = 20.0,
     ) -> None:
         self.intake = intake
         self.writer = writer
         self.listener = listener
         self.strict_validation = strict_validation
         self.clock = clock
+        self.verdicts = verdicts
+        self.reactor = reactor
+        self.dispatch_timeout = dispatch_timeout
 
     def handle(self, payload: bytes, peer: str) -> defer.Deferred[bytes | None]:
         """The bytes to send back for one frame (None: send nothing)."""
@@ -64,7 +80,7 @@ class Pipeline:
     def _store(self, received: Received, peer: str, received_at: float) -> defer.Deferred[bytes | None]:
         d: defer.Deferred[WriteResult] = defer.Deferred()
         row = received.row(self.listener, peer, received_at)
-        self.writer.submit(WriteRequest(row, received.dedupe_key, d.callback))
+        self.writer.submit(WriteRequest(row, received.dedupe_key, d.callback, received.commands))
         return d.addCallback(self._released, received)
 
     def _released(self, result: WriteResult, received: Received) -> bytes | None:
@@ -76,4 +92,43 @@ class Pipeline:
         if result.duplicate_of is not None:
             log.info("message %s is a duplicate of %s; original ACK resent", result.message_id, result.duplicate_of)
             return result.original_ack
+        if self.verdicts is not None and result.command_ids:
+            return self._await_verdicts(result, received)
         return received.ack.payload
+
+    def _await_verdicts(self, result: WriteResult, received: Received) -> defer.Deferred[bytes | None]:
+        """ack_mode = "dispatched": AA once the API accepted, AE with its messages otherwise."""
+        waits = []
+        for command_id in result.command_ids:
+            d: defer.Deferred[CommandUpdate] = defer.Deferred()
+            self.verdicts.wait_for(command_id, lambda update, d=d: self.reactor.callFromThread(_fire, d, update))
+            d.addTimeout(self.dispatch_timeout, self.reactor, onTimeoutCancel=self._timed_out(command_id))
+            waits.append(d)
+        gathered = defer.gatherResults(waits, consumeErrors=True)
+        return gathered.addCallback(self._verdict, result, received)
+
+    def _timed_out(self, command_id: int) -> Callable[[Any, float], CommandUpdate]:
+        def on_timeout(_result: Any, timeout: float) -> CommandUpdate:
+            self.verdicts.forget(command_id)
+            return CommandUpdate(command_id, "failed", f"the Journeys API gave no verdict within {timeout:g} s")
+
+        return on_timeout
+
+    def _verdict(self, updates: list[CommandUpdate], result: WriteResult, received: Received) -> bytes | None:
+        failed = [u for u in updates if u.status not in ("done", "annihilated")]
+        if not failed:
+            return received.ack.payload
+        text = "; ".join(u.outcome for u in failed)
+        problem = Problem("MSH", APPLICATION_INTERNAL_ERROR, f"not delivered to the Journeys API: {text}")
+        ack = self.intake.answer(received, Outcome.ERROR, problem)
+        if ack is None:
+            return None
+        message_id = result.message_id
+        self.writer.submit_job(Job(lambda conn: store.record_ack(conn, message_id, ack, "rejected", problem.text),
+                                   lambda _r, _e: None))  # fmt: skip
+        return ack.payload
+
+
+def _fire(d: defer.Deferred, value: Any) -> None:
+    if not d.called:
+        d.callback(value)

@@ -7,13 +7,14 @@ in one transaction (one fsync for many messages) and hands results back.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -36,6 +37,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
+
+from .routing import Command
 
 SCHEMA_VERSION = 1
 log = logging.getLogger("hl7bridge.store")
@@ -66,6 +69,9 @@ messages = Table(
     Column("version", String(16)),
     Column("appointment_key", String(400)),
     Column("action", String(16)),
+    Column("route", String(64)),
+    Column("note", Text, doc="why the message was ignored, or how it was handled"),
+    Column("replay_of", Integer),
     Column("summary", Text, doc="JSON of the parsed AppointmentEvent (PHI)"),
     Column("ack_code", String(2)),
     Column("ack_text", Text),
@@ -80,6 +86,67 @@ messages = Table(
     Index("ix_messages_event_received", "event", "received_at"),
     Index("ix_messages_appointment", "appointment_key"),
 )
+
+
+commands = Table(
+    "commands",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", Integer, nullable=False),
+    Column("appointment_key", String(400), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("route", String(64), nullable=False),
+    Column("chat_bot_id", String(128), nullable=False),
+    Column("time_zone", String(64), nullable=False),
+    Column("flow_id", String(128)),
+    Column("parameters", Text, nullable=False, doc="JSON (PHI)"),
+    Column("identifiers", Text, nullable=False, doc="JSON"),
+    Column("start_at", Float),
+    Column("status", String(12), nullable=False, doc="pending in_flight done dead annihilated failed"),
+    Column("step", String(16), nullable=False, default=""),
+    Column("outcome", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("sync", Integer, nullable=False, default=0, doc="1: ack_mode dispatched, never retried in background"),
+    Column("replay_of", Integer),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_commands_status_due", "status", "next_attempt_at"),
+    Index("ix_commands_appointment", "appointment_key", "id"),
+    Index("ix_commands_message", "message_id"),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("command_id", Integer, nullable=False),
+    Column("call_id", String(36), nullable=False, doc="shared by the commands of one bulk call"),
+    Column("at", Float, nullable=False),
+    Column("operation", String(16), nullable=False),
+    Column("request_summary", Text, nullable=False),
+    Column("status_code", Integer),
+    Column("verdict", String(12), nullable=False),
+    Column("response_body", Text),
+    Column("error", Text),
+    Column("duration_ms", Float, nullable=False),
+    Index("ix_attempts_command", "command_id"),
+    Index("ix_attempts_at", "at"),
+)
+
+appointments = Table(
+    "appointments",
+    metadata,
+    Column("appointment_key", String(400), primary_key=True),
+    Column("route", String(64), nullable=False),
+    Column("chat_bot_id", String(128), nullable=False),
+    Column("state", String(12), nullable=False, doc="active cancelled annihilated"),
+    Column("parameters", Text, doc="JSON of what was last triggered (PHI)"),
+    Column("updated_at", Float, nullable=False),
+    Column("last_command_id", Integer),
+)
+
+OPEN_STATUSES = ("pending", "in_flight")
 
 
 class StoreError(RuntimeError):
@@ -149,6 +216,15 @@ class WriteRequest:
     row: dict[str, Any]
     dedupe_key: tuple[str, str, str] | None
     on_done: Callable[[WriteResult], None]
+    commands: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Job:
+    """Any other write (dispatcher results, replays): runs in the writer thread, in its own savepoint."""
+
+    work: Callable[[Any], Any]
+    on_done: Callable[[Any, BaseException | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +234,7 @@ class WriteResult:
     original_ack: bytes | None = None
     original_ack_code: str | None = None
     error: str | None = None
+    command_ids: tuple[int, ...] = ()
 
 
 _STOP = object()
@@ -182,6 +259,8 @@ class Writer:
         self.failures = 0
         self.last_error: str | None = None
         self._insert = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
+        self._insert_commands = commands.insert().returning(commands.c.id, sort_by_parameter_order=True)
+        self.on_commands: Callable[[], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -198,6 +277,9 @@ class Writer:
     @property
     def healthy(self) -> bool:
         return self.last_error is None
+
+    def submit_job(self, job: Job) -> None:
+        self._queue.put(job)
 
     def _run(self) -> None:
         q = self._queue
@@ -216,10 +298,39 @@ class Writer:
                     stop = True
                     break
                 group.append(nxt)
-            results = self._write(group)
-            self.call_back(_deliver, group, results)
+            requests = [g for g in group if isinstance(g, WriteRequest)]
+            jobs = [g for g in group if isinstance(g, Job)]
+            if requests:
+                results = self._write(requests)
+                self.call_back(_deliver, requests, results)
+                if self.on_commands is not None and any(r.command_ids for r in results):
+                    self.on_commands()
+            if jobs:
+                self._run_jobs(jobs)
             if stop:
                 return
+
+    def _run_jobs(self, jobs: list[Job]) -> None:
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            with self.engine.begin() as conn:
+                for job in jobs:
+                    try:
+                        with conn.begin_nested():
+                            outcomes.append((job.work(conn), None))
+                    except Exception as exc:  # noqa: BLE001 - reported to the job's owner
+                        outcomes.append((None, exc))
+            self.commits += 1
+        except Exception as exc:  # noqa: BLE001 - the commit itself failed: every job failed
+            self.failures += 1
+            self.last_error = f"{exc.__class__.__name__}: {_first_line(exc)}"
+            log.error("database write failed for %d job(s): %s", len(jobs), self.last_error)
+            outcomes = [(None, exc)] * len(jobs)
+        for job, (result, error) in zip(jobs, outcomes, strict=True):
+            try:
+                job.on_done(result, error)
+            except Exception:
+                log.exception("job result delivery failed")
 
     def _write(self, group: list[WriteRequest]) -> list[WriteResult]:
         try:
@@ -252,6 +363,18 @@ class Writer:
                     else:
                         orig_id, ack_raw, ack_code = original
                     results.append(WriteResult(ids[position], orig_id, ack_raw, ack_code))
+                command_rows = []
+                owners = []
+                for position, request in enumerate(group):
+                    if request.commands and dup_of[position] is None:
+                        for command in request.commands:
+                            command_rows.append(dict(command, message_id=ids[position]))
+                            owners.append(position)
+                if command_rows:
+                    command_ids: dict[int, list[int]] = {}
+                    for owner, row in zip(owners, conn.execute(self._insert_commands, command_rows), strict=True):
+                        command_ids.setdefault(owner, []).append(row.id)
+                    results = [replace(r, command_ids=tuple(command_ids.get(i, ()))) for i, r in enumerate(results)]
                 dup_updates = [
                     {"i": res.message_id, "d": res.duplicate_of, "a": res.original_ack, "c": res.original_ack_code}
                     for res in results
@@ -325,6 +448,9 @@ LIST_COLUMNS = (
     messages.c.event,
     messages.c.version,
     messages.c.action,
+    messages.c.route,
+    messages.c.note,
+    messages.c.replay_of,
     messages.c.ack_code,
     messages.c.status,
     messages.c.error_location,
@@ -365,3 +491,195 @@ def count_messages(engine: Engine) -> dict[str, int]:
 
 def now() -> float:
     return time.time()
+
+
+# ---- the outbox ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommandRow:
+    id: int
+    message_id: int
+    appointment_key: str
+    kind: str
+    route: str
+    chat_bot_id: str
+    time_zone: str
+    flow_id: str | None
+    parameters: dict[str, str]
+    identifiers: dict[str, str]
+    start_at: float | None
+    status: str
+    step: str
+    attempts: int
+    sync: bool
+    created_at: float
+
+
+@dataclass(frozen=True)
+class AppointmentRow:
+    appointment_key: str
+    state: str
+    parameters: dict[str, str] | None
+    last_command_id: int | None
+
+
+@dataclass
+class CommandUpdate:
+    """What the dispatcher decided for one command; applied in one writer transaction."""
+
+    command_id: int
+    status: str
+    outcome: str = ""
+    step: str | None = None
+    next_attempt_at: float | None = None
+    count_attempt: bool = False
+    remember: tuple[str, str, str, str, dict[str, str] | None] | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def command_values(command: Command, now: float, sync: bool = False) -> dict[str, Any]:
+    """A ``commands`` row for a routed command (the writer fills in message_id)."""
+    return {
+        "appointment_key": command.appointment_key,
+        "kind": command.kind,
+        "route": command.route,
+        "chat_bot_id": command.chat_bot_id,
+        "time_zone": command.time_zone,
+        "flow_id": command.flow_id,
+        "parameters": json.dumps(command.parameters, ensure_ascii=False, sort_keys=True),
+        "identifiers": json.dumps(command.identifiers, ensure_ascii=False, sort_keys=True),
+        "start_at": command.start_at,
+        "status": "pending",
+        "step": "",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "sync": 1 if sync else 0,
+        "replay_of": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _command(row: Any) -> CommandRow:
+    m = row._mapping
+    return CommandRow(
+        m["id"], m["message_id"], m["appointment_key"], m["kind"], m["route"], m["chat_bot_id"], m["time_zone"],
+        m["flow_id"], json.loads(m["parameters"]), json.loads(m["identifiers"]), m["start_at"], m["status"],
+        m["step"] or "", m["attempts"], bool(m["sync"]), m["created_at"],
+    )  # fmt: skip
+
+
+def due_heads(conn: Any, now: float, limit: int, busy: set[str]) -> list[CommandRow]:
+    """The first open command of each appointment, when it is due, oldest first."""
+    c2 = commands.alias("c2")
+    first_open = (
+        select(func.min(c2.c.id))
+        .where(c2.c.appointment_key == commands.c.appointment_key)
+        .where(c2.c.status.in_(OPEN_STATUSES))
+        .scalar_subquery()
+    )
+    stmt = (
+        select(commands)
+        .where(commands.c.status.in_(OPEN_STATUSES))
+        .where(commands.c.next_attempt_at <= now)
+        .where(commands.c.id == first_open)
+        .order_by(commands.c.id)
+        .limit(limit + len(busy))
+    )
+    rows = [_command(r) for r in conn.execute(stmt)]
+    return [r for r in rows if r.appointment_key not in busy][:limit]
+
+
+def next_due(conn: Any) -> float | None:
+    stmt = select(func.min(commands.c.next_attempt_at)).where(commands.c.status.in_(OPEN_STATUSES))
+    return conn.execute(stmt).scalar()
+
+
+def later_cancel(conn: Any, appointment_key: str, after_id: int) -> int | None:
+    stmt = (
+        select(func.min(commands.c.id))
+        .where(commands.c.appointment_key == appointment_key)
+        .where(commands.c.id > after_id)
+        .where(commands.c.status.in_(OPEN_STATUSES))
+        .where(commands.c.kind == "cancel")
+    )
+    return conn.execute(stmt).scalar()
+
+
+def appointment(conn: Any, key: str) -> AppointmentRow | None:
+    row = conn.execute(select(appointments).where(appointments.c.appointment_key == key)).first()
+    if row is None:
+        return None
+    m = row._mapping
+    params = json.loads(m["parameters"]) if m["parameters"] else None
+    return AppointmentRow(m["appointment_key"], m["state"], params, m["last_command_id"])
+
+
+def mark_in_flight(conn: Any, ids: list[int], now: float) -> None:
+    conn.execute(commands.update().where(commands.c.id.in_(ids)).values(status="in_flight", updated_at=now))
+
+
+def apply_updates(conn: Any, updates: list[CommandUpdate], now: float) -> None:
+    """Record outcomes, attempts and appointment memory for a set of commands."""
+    for u in updates:
+        values: dict[str, Any] = {"status": u.status, "updated_at": now}
+        if u.outcome:
+            values["outcome"] = u.outcome
+        if u.step is not None:
+            values["step"] = u.step
+        if u.next_attempt_at is not None:
+            values["next_attempt_at"] = u.next_attempt_at
+        if u.count_attempt:
+            values["attempts"] = commands.c.attempts + 1
+        conn.execute(commands.update().where(commands.c.id == u.command_id).values(**values))
+        if u.attempts:
+            conn.execute(attempts.insert(), [dict(a, command_id=u.command_id) for a in u.attempts])
+        if u.remember is not None:
+            key, route, bot, state, params = u.remember
+            row = {
+                "route": route,
+                "chat_bot_id": bot,
+                "state": state,
+                "updated_at": now,
+                "last_command_id": u.command_id,
+            }
+            if params is not None:
+                row["parameters"] = json.dumps(params, ensure_ascii=False, sort_keys=True)
+            done = conn.execute(appointments.update().where(appointments.c.appointment_key == key).values(**row))
+            if done.rowcount == 0:
+                conn.execute(appointments.insert().values(appointment_key=key, **row))
+
+
+def record_ack(conn: Any, message_id: int, ack: Any, status: str, error: str) -> None:
+    """The ACK finally sent for a message (ack_mode = "dispatched" decides it after the commit)."""
+    conn.execute(
+        messages.update()
+        .where(messages.c.id == message_id)
+        .values(ack_code=ack.code, ack_text=ack.text, ack_raw=ack.payload, status=status, error=error)
+    )
+
+
+def outbox_depth(conn: Any, now: float) -> tuple[int, float | None]:
+    """Open commands and the age of the oldest, in seconds."""
+    row = conn.execute(
+        select(func.count(), func.min(commands.c.created_at)).where(commands.c.status.in_(OPEN_STATUSES))
+    ).first()
+    count, oldest = row if row else (0, None)
+    return int(count or 0), (now - oldest) if oldest else None
+
+
+def commands_for_messages(engine: Engine, message_ids: list[int]) -> list[dict[str, Any]]:
+    if not message_ids:
+        return []
+    with engine.connect() as conn:
+        rows = conn.execute(select(commands).where(commands.c.message_id.in_(message_ids)).order_by(commands.c.id))
+        return [dict(r._mapping) for r in rows]
+
+
+def attempts_for_commands(engine: Engine, command_ids: list[int]) -> list[dict[str, Any]]:
+    if not command_ids:
+        return []
+    with engine.connect() as conn:
+        rows = conn.execute(select(attempts).where(attempts.c.command_id.in_(command_ids)).order_by(attempts.c.id))
+        return [dict(r._mapping) for r in rows]

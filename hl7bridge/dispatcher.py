@@ -1,0 +1,430 @@
+"""The dispatcher: takes due commands from the outbox and turns them into Journeys API calls.
+
+It runs in its own thread; HTTP calls run in a small pool; every result is
+committed through the store's writer. Per appointment, only the oldest open
+command is eligible, so commands run in arrival order. Triggers for the same
+(chatBotId, flowId, timeZone) are coalesced into one bulk call; a 400 is
+bisected so only the offending instances are dead-lettered.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from . import store
+from .journeys import ACTIVE_STATUSES, ApiResult, JourneysClient, Verdict
+from .routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
+from .store import CommandRow, CommandUpdate, Job, Writer
+
+log = logging.getLogger("hl7bridge.dispatcher")
+FINAL = frozenset({"done", "dead", "annihilated", "failed"})
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    batch_size: int = 100
+    batch_window: float = 0.2
+    workers: int = 4
+    retry_initial: float = 2.0
+    retry_max: float = 300.0
+    probe_interval: float = 15.0
+    poll_interval: float = 1.0
+
+
+@dataclass
+class Bucket:
+    first_at: float
+    commands: list[CommandRow] = field(default_factory=list)
+
+
+@dataclass
+class DispatchStats:
+    api_calls: int = 0
+    triggered: int = 0
+    cancelled: int = 0
+    dead: int = 0
+    retries: int = 0
+    annihilated: int = 0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        engine: Engine,
+        writer: Writer,
+        client: JourneysClient,
+        settings: DispatchSettings = DispatchSettings(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.writer = writer
+        self.client = client
+        self.settings = settings
+        self.clock = clock
+        self.stats = DispatchStats()
+        self.paused_reason: str | None = None
+        self._probe_at = 0.0
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._busy: set[str] = set()
+        self._buckets: dict[tuple[str, str | None, str], Bucket] = {}
+        self._waiters: dict[int, Callable[[CommandUpdate], None]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="hl7bridge-api")
+        self._running: set[Future] = set()
+        self._thread = threading.Thread(target=self._loop, name="hl7bridge-dispatcher", daemon=True)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, deadline: float = 10.0) -> None:
+        """Stop taking work, let calls under way finish (up to ``deadline`` s); the rest stays queued."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(deadline)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_reason is not None
+
+    def wait_for(self, command_id: int, callback: Callable[[CommandUpdate], None]) -> None:
+        """Call back (in a dispatcher thread) once the command reaches a final state."""
+        with self._lock:
+            self._waiters[command_id] = callback
+        self.wake()
+
+    def forget(self, command_id: int) -> None:
+        with self._lock:
+            self._waiters.pop(command_id, None)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                timeout = self._tick()
+            except Exception:
+                log.exception("dispatcher cycle failed; retrying shortly")
+                timeout = self.settings.poll_interval
+            self._wake.wait(timeout)
+            self._wake.clear()
+        # Commands still gathering in a bucket were never sent: they stay pending in the log.
+        with self._lock:
+            for bucket in self._buckets.values():
+                for cmd in bucket.commands:
+                    self._busy.discard(cmd.appointment_key)
+        self._buckets.clear()
+
+    def _tick(self) -> float:
+        now = self.clock()
+        if self.paused and now < self._probe_at:
+            return self._probe_at - now
+        with self._lock:
+            busy = set(self._busy)
+        limit = 1 if self.paused else self.settings.batch_size * 4
+        with self.engine.connect() as conn:
+            heads = store.due_heads(conn, now, limit, busy)
+            plans = [(cmd, store.appointment(conn, cmd.appointment_key),
+                      store.later_cancel(conn, cmd.appointment_key, cmd.id)) for cmd in heads]  # fmt: skip
+            next_due = store.next_due(conn)
+        if self.paused and heads:
+            self._probe_at = now + self.settings.probe_interval
+        quick: list[CommandUpdate] = []
+        settled: list[CommandRow] = []
+        for cmd, appt, cancel_id in plans:
+            with self._lock:
+                self._busy.add(cmd.appointment_key)
+            update = self._decide(cmd, appt, cancel_id, now)
+            if update is not None:
+                quick.append(update)
+                settled.append(cmd)
+        if quick:
+            self._apply(quick)
+            self._release(settled)
+        timeout = self._flush_buckets()
+        if next_due is not None and next_due > now:
+            timeout = min(timeout, next_due - now)
+        return max(0.01, min(timeout, self.settings.poll_interval))
+
+    def _decide(self, cmd: CommandRow, appt: store.AppointmentRow | None, cancel_id: int | None,
+                now: float) -> CommandUpdate | None:  # fmt: skip
+        """Settle what needs no API call at once; queue the rest. Returns an immediate update or None."""
+        active = appt is not None and appt.state == "active"
+        if cmd.kind == CANCEL:
+            if appt is not None and appt.state == "annihilated":
+                return self._final(cmd, "annihilated", "its trigger was never sent; nothing to cancel",
+                                   remember=(cmd, "annihilated", None))  # fmt: skip
+            if appt is not None and appt.state == "cancelled":
+                return self._final(cmd, "done", "already cancelled")
+            self._submit(self._run_cancel, cmd)
+            return None
+        creates = cmd.kind in (BOOK, RESCHEDULE, MODIFY) or (cmd.kind == SUBFLOW and cmd.start_at is not None)
+        if creates and cmd.start_at is not None and cmd.start_at <= now:
+            return self._final(cmd, "dead", "the appointment started before it could be sent")
+        if cancel_id is not None and cmd.kind in (BOOK, RESCHEDULE, MODIFY):
+            state = "annihilated" if not active else "active"
+            return self._final(cmd, "annihilated", f"cancelled by command {cancel_id} before it was sent",
+                               remember=(cmd, state, None) if not active else None)  # fmt: skip
+        if active and appt.parameters == cmd.parameters and cmd.kind in (BOOK, RESCHEDULE, MODIFY, SUBFLOW):
+            reason = "already triggered with these parameters" if cmd.kind == BOOK else "no change"
+            return self._final(cmd, "done", reason)
+        if (cmd.kind in (RESCHEDULE, MODIFY) and cmd.step != "cancelled") or (cmd.kind == BOOK and active):
+            self._submit(self._run_cancel, cmd)
+            return None
+        self._bucket(cmd, now)
+        return None
+
+    def _final(self, cmd: CommandRow, status: str, outcome: str,
+               remember: tuple[CommandRow, str, dict | None] | None = None) -> CommandUpdate:  # fmt: skip
+        if status == "annihilated":
+            self.stats.annihilated += 1
+        if status == "dead":
+            self.stats.dead += 1
+        memo = None
+        if remember is not None:
+            c, state, params = remember
+            memo = (c.appointment_key, c.route, c.chat_bot_id, state, params)
+        return CommandUpdate(cmd.id, status, outcome, remember=memo)
+
+    # -- triggers ----------------------------------------------------------------------------------
+    def _bucket(self, cmd: CommandRow, now: float) -> None:
+        key = (cmd.chat_bot_id, cmd.flow_id, cmd.time_zone)
+        bucket = self._buckets.setdefault(key, Bucket(now))
+        bucket.commands.append(cmd)
+
+    def _flush_buckets(self) -> float:
+        now = self.clock()
+        wait = self.settings.poll_interval
+        for key in list(self._buckets):
+            bucket = self._buckets[key]
+            due = bucket.first_at + self.settings.batch_window
+            urgent = any(c.sync for c in bucket.commands) or self.paused
+            while len(bucket.commands) >= self.settings.batch_size:
+                chunk, bucket.commands = (bucket.commands[: self.settings.batch_size],
+                                          bucket.commands[self.settings.batch_size :])  # fmt: skip
+                self._submit(self._run_trigger, chunk)
+            if bucket.commands and (urgent or now >= due):
+                self._submit(self._run_trigger, bucket.commands)
+                del self._buckets[key]
+            elif not bucket.commands:
+                del self._buckets[key]
+            else:
+                wait = min(wait, due - now)
+        return max(wait, 0.0)
+
+    def _submit(self, fn: Callable[[Any], None], arg: Any) -> None:
+        if self._stopping.is_set():
+            self._release(arg if isinstance(arg, list) else [arg])
+            return
+        future = self._pool.submit(self._guarded, fn, arg)
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
+
+    def _guarded(self, fn: Callable[[Any], None], arg: Any) -> None:
+        cmds = arg if isinstance(arg, list) else [arg]
+        try:
+            fn(arg)
+        except Exception:
+            log.exception("dispatch of command(s) %s failed unexpectedly", [c.id for c in cmds])
+            self._apply([self._retry(c, None, "internal error; retrying") for c in cmds])
+        finally:
+            self._release(cmds)
+            self.wake()
+
+    def _run_trigger(self, cmds: list[CommandRow]) -> None:
+        now = self.clock()
+        self._commit(Job(lambda conn: store.mark_in_flight(conn, [c.id for c in cmds], now), _ignore))
+        to_send = []
+        settled: list[CommandUpdate] = []
+        for cmd in cmds:
+            if cmd.status == "in_flight":
+                found = self._already_there(cmd)
+                if found is not None:
+                    settled.append(found)
+                    continue
+            to_send.append(cmd)
+        if settled:
+            self._apply(settled)
+        if to_send:
+            self._apply(self._send(to_send))
+
+    def _already_there(self, cmd: CommandRow) -> CommandUpdate | None:
+        """After a crash mid-call: an instance with these parameters means the call went through."""
+        result = self._call(self.client.search, cmd.chat_bot_id, cmd.identifiers)
+        if not result.ok or not isinstance(result.data, list):
+            return None
+        for instance in result.data:
+            if instance.get("status") in ACTIVE_STATUSES and instance.get("parameters") == cmd.parameters:
+                update = self._done_trigger(cmd, "found after restart; not sent again")
+                update.attempts.append(_attempt(result, str(uuid.uuid4())))
+                return update
+        return None
+
+    def _send(self, cmds: list[CommandRow]) -> list[CommandUpdate]:
+        first = cmds[0]
+        result = self._call(self.client.trigger, first.chat_bot_id, first.flow_id, first.time_zone,
+                            [c.parameters for c in cmds])  # fmt: skip
+        call_id = str(uuid.uuid4())
+        attempt = _attempt(result, call_id)
+        if result.verdict is Verdict.REJECTED and result.status == 400 and len(cmds) > 1:
+            middle = len(cmds) // 2
+            updates = self._send(cmds[:middle]) + self._send(cmds[middle:])
+            bisected = dict(attempt, request_summary=attempt["request_summary"] + " [400: bisected]")
+            for u in updates:
+                u.attempts.insert(0, dict(bisected))
+            return updates
+        updates = []
+        for cmd in cmds:
+            if result.ok:
+                what = "triggered" if cmd.kind != SUBFLOW else f"subflow {cmd.flow_id} triggered"
+                update = self._done_trigger(cmd, what)
+                self.stats.triggered += 1
+            else:
+                update = self._failure(cmd, result)
+            update.attempts.append(dict(attempt))
+            updates.append(update)
+        return updates
+
+    def _done_trigger(self, cmd: CommandRow, outcome: str) -> CommandUpdate:
+        remember = (cmd.appointment_key, cmd.route, cmd.chat_bot_id, "active", cmd.parameters)
+        if cmd.kind == SUBFLOW:
+            remember = None
+        return CommandUpdate(cmd.id, "done", outcome, count_attempt=True, remember=remember)
+
+    # -- cancels ---------------------------------------------------------------------------------
+    def _run_cancel(self, cmd: CommandRow) -> None:
+        """Search by the instance identifiers, cancel every active instance."""
+        call_id = str(uuid.uuid4())
+        found = self._call(self.client.search, cmd.chat_bot_id, cmd.identifiers)
+        attempts = [_attempt(found, call_id)]
+        if not found.ok:
+            update = self._failure(cmd, found)
+            update.attempts = attempts
+            self._apply([update])
+            return
+        instances = found.data if isinstance(found.data, list) else []
+        targets = [i for i in instances if i.get("status") in ACTIVE_STATUSES and i.get("id")]
+        cancelled = 0
+        for instance in targets:
+            result = self._call(self.client.cancel, cmd.chat_bot_id, str(instance["id"]))
+            attempts.append(_attempt(result, call_id))
+            if not result.ok:
+                update = self._failure(cmd, result)
+                update.attempts = attempts
+                self._apply([update])
+                return
+            cancelled += 1
+        self.stats.cancelled += cancelled
+        what = f"cancelled {cancelled} instance(s)" if cancelled else "nothing active to cancel"
+        if cmd.kind == CANCEL:
+            remember = (cmd.appointment_key, cmd.route, cmd.chat_bot_id, "cancelled", None)
+            update = CommandUpdate(cmd.id, "done", what, count_attempt=True, remember=remember, attempts=attempts)
+        else:
+            # The first half of a re-trigger: the trigger follows on the next cycle.
+            remember = (cmd.appointment_key, cmd.route, cmd.chat_bot_id, "cancelled", None)
+            update = CommandUpdate(cmd.id, "pending", what, step="cancelled", next_attempt_at=self.clock(),
+                                   remember=remember, attempts=attempts)  # fmt: skip
+        self._apply([update])
+
+    def _call(self, operation: Callable[..., ApiResult], *args: Any) -> ApiResult:
+        """One API call; a refused token pauses dispatching, any other answer from the API resumes it."""
+        result = operation(*args)
+        self.stats.api_calls += 1
+        if result.verdict is Verdict.AUTH:
+            if not self.paused:
+                log.error("the Journeys API refused the token (%s); dispatching paused", result.status or "no token")
+            reason = "; ".join(result.messages) or f"HTTP {result.status}"
+            self.paused_reason = f"the API refused the token ({result.status or 'no token'}): {reason}"
+            self._probe_at = self.clock() + self.settings.probe_interval
+        elif result.status is not None and self.paused:
+            log.info("the Journeys API accepts the token again; dispatching resumed")
+            self.paused_reason = None
+        return result
+
+    # -- failures ----------------------------------------------------------------------------------
+    def _failure(self, cmd: CommandRow, result: ApiResult) -> CommandUpdate:
+        messages = "; ".join(result.messages) or result.error or f"HTTP {result.status}"
+        if result.verdict is Verdict.REJECTED:
+            self.stats.dead += 1
+            return CommandUpdate(cmd.id, "dead", f"rejected by the API ({result.status}): {messages}",
+                                 count_attempt=True)  # fmt: skip
+        if result.verdict is Verdict.AUTH:
+            if cmd.sync:
+                return CommandUpdate(cmd.id, "failed", f"API refused the token: {messages}", count_attempt=True)
+            return CommandUpdate(cmd.id, "pending", f"paused: {messages}", next_attempt_at=self.clock())
+        return self._retry(cmd, result, messages)
+
+    def _retry(self, cmd: CommandRow, result: ApiResult | None, messages: str) -> CommandUpdate:
+        if cmd.sync:
+            return CommandUpdate(cmd.id, "failed", f"API unavailable: {messages}", count_attempt=True)
+        self.stats.retries += 1
+        base = min(self.settings.retry_max, self.settings.retry_initial * 2 ** min(cmd.attempts, 20))
+        delay = base * random.uniform(0.5, 1.0)
+        if result is not None and result.retry_after is not None:
+            delay = max(delay, result.retry_after)
+        return CommandUpdate(cmd.id, "pending", f"retrying in {delay:.1f} s: {messages}",
+                             next_attempt_at=self.clock() + delay, count_attempt=True)  # fmt: skip
+
+    # -- recording -----------------------------------------------------------------------------
+    def _apply(self, updates: list[CommandUpdate]) -> None:
+        if not updates:
+            return
+        now = self.clock()
+        self._commit(Job(lambda conn: store.apply_updates(conn, updates, now), _ignore))
+        with self._lock:
+            waiters = [(self._waiters.pop(u.command_id, None), u) for u in updates if u.status in FINAL]
+        for waiter, update in waiters:
+            if waiter is not None:
+                waiter(update)
+
+    def _commit(self, job: Job) -> None:
+        """Run a write through the single writer and wait for it to be committed."""
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def finished(_result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                failure.append(error)
+            done.set()
+
+        self.writer.submit_job(Job(job.work, finished))
+        done.wait()
+        if failure:
+            raise failure[0]
+
+    def _release(self, cmds: list[CommandRow]) -> None:
+        with self._lock:
+            for cmd in cmds:
+                self._busy.discard(cmd.appointment_key)
+
+
+def _attempt(result: ApiResult, call_id: str) -> dict[str, Any]:
+    return {
+        "call_id": call_id,
+        "at": time.time(),
+        "operation": result.operation,
+        "request_summary": result.request_summary,
+        "status_code": result.status,
+        "verdict": result.verdict.value,
+        "response_body": result.response_body[:4000],
+        "error": result.error or None,
+        "duration_ms": round(result.duration_ms, 2),
+    }
+
+
+def _ignore(_result: Any, _error: BaseException | None) -> None:
+    return None
