@@ -274,9 +274,10 @@ def mask(value: Any) -> Any:
 
 
 def cmd_log_show(args: argparse.Namespace) -> int:
-    from .store import get_message
+    from .store import attempts_for_commands, commands_for_messages, get_message
 
-    row = get_message(_engine(args), args.id)
+    engine = _engine(args)
+    row = get_message(engine, args.id)
     if row is None:
         raise CliError(f"no message with id {args.id} (see 'hl7bridge log list')")
     summary = json.loads(row["summary"]) if row["summary"] else None
@@ -292,11 +293,16 @@ def cmd_log_show(args: argparse.Namespace) -> int:
     if args.raw:
         row["raw"] = raw.decode(charset, errors="replace") if raw is not None else None
     if args.json:
-        print(json.dumps(row, indent=2, ensure_ascii=False))
+        commands = commands_for_messages(engine, [row["id"]])
+        for c in commands:
+            c["parameters"] = json.loads(c["parameters"]) if args.phi else "(PHI; --phi shows it)"
+        row["commands"] = commands
+        row["attempts"] = attempts_for_commands(engine, [c["id"] for c in commands])
+        print(json.dumps(row, indent=2, ensure_ascii=False, default=str))
         return 0
     for key in ("id", "received_at", "listener", "peer", "sending_application", "sending_facility", "control_id",
                 "message_type", "event", "version", "charset", "status", "action", "appointment_key", "ack_code",
-                "ack_text", "error_location", "error", "duplicate_of"):  # fmt: skip
+                "ack_text", "route", "note", "replay_of", "error_location", "error", "duplicate_of"):  # fmt: skip
         if row.get(key) not in (None, ""):
             print(f"{key:20} {row[key]}")
     if summary:
@@ -304,6 +310,19 @@ def cmd_log_show(args: argparse.Namespace) -> int:
         for key, value in summary.items():
             if value not in (None, "", [], ()):
                 print(f"  {key:22} {json.dumps(value, ensure_ascii=False)}")
+    commands = commands_for_messages(engine, [row["id"]])
+    attempts = attempts_for_commands(engine, [c["id"] for c in commands])
+    if commands:
+        print("commands:")
+        for c in commands:
+            print(f"  #{c['id']} {c['kind']} via route {c['route']} (chatBotId {c['chat_bot_id']}"
+                  f"{', flowId ' + c['flow_id'] if c['flow_id'] else ''}): {c['status']}"
+                  f"{' - ' + c['outcome'] if c['outcome'] else ''} [attempts {c['attempts']}]")  # fmt: skip
+            if args.phi:
+                print(f"      parameters {c['parameters']}")
+            for a in (a for a in attempts if a["command_id"] == c["id"]):
+                print(f"      {_when(a['at'])} {a['request_summary']} -> {a['status_code'] or '-'} {a['verdict']}"
+                      f" in {a['duration_ms']:.0f} ms{' ' + a['error'] if a['error'] else ''}")  # fmt: skip
     if row["ack"]:
         print("ack sent:")
         for line in row["ack"].splitlines():
@@ -313,6 +332,49 @@ def cmd_log_show(args: argparse.Namespace) -> int:
         for line in (row["raw"] or "(purged)").replace("\r\n", "\n").replace("\r", "\n").splitlines():
             print(f"  {line}")
     return 0
+
+
+# --- replay -------------------------------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import Replayer
+    from .store import messages_for_replay
+
+    if not args.ids and not args.status:
+        raise CliError("name message ids, or choose with --status dead|rejected|failed [--since 2h] [--event S12]")
+    if args.ids and (args.status or args.since or args.event):
+        raise CliError("give message ids or a selection (--status/--since/--event), not both")
+    cfg = _config(args)
+    engine = _engine(args)
+    since = time.time() - parse_duration(args.since) if args.since else None
+    originals = messages_for_replay(engine, args.ids or None, args.status, since, args.event)
+    if args.ids:
+        missing = sorted(set(args.ids) - {m["id"] for m in originals})
+        if missing:
+            raise CliError(f"no message with id {', '.join(map(str, missing))} (see 'hl7bridge log list')")
+    if not originals:
+        print("nothing to replay: no message matches", file=sys.stderr)
+        return 0
+    replayer = Replayer(engine, cfg)
+    total, queued, problems = len(originals), 0, 0
+    for number, original in enumerate(originals, 1):
+        result = replayer.replay(original, args.dry_run)
+        prefix = f"[{number}/{total}] message {original['id']} ({original['event'] or '?'} {original['control_id']})"
+        if result.problem:
+            problems += 1
+            print(f"{prefix}: {result.problem}")
+        elif args.dry_run:
+            print(f"{prefix}: would make:")
+            for call in result.calls:
+                print(f"    {call}")
+        else:
+            queued += result.commands
+            print(f"{prefix}: replayed as message {result.new_message_id} ({result.commands} command(s) queued)")
+    if not args.dry_run:
+        print(f"{queued} command(s) queued from {total - problems} message(s); the running service dispatches them "
+              "(follow with 'hl7bridge log show ID')", file=sys.stderr)  # fmt: skip
+    return 1 if problems and problems == total else 0
 
 
 # --- parser ---------------------------------------------------------------------------------------
@@ -357,6 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--read-timeout", type=float, default=30.0, metavar="S")
     send.add_argument("files", nargs="+", metavar="FILE|DIR")
     send.set_defaults(func=cmd_send)
+
+    replay = with_config(sub.add_parser("replay", help="run logged messages again through mapping and dispatch"))
+    replay.add_argument("ids", nargs="*", type=int, metavar="ID")
+    replay.add_argument("--status", choices=("dead", "rejected", "failed"),
+                        help="messages that were rejected, or whose commands were dead-lettered or failed")  # fmt: skip
+    replay.add_argument("--since", metavar="DURATION", help="only messages received within, e.g. 2h")
+    replay.add_argument("--event", metavar="S12")
+    replay.add_argument("--dry-run", action="store_true", help="print the exact API calls instead")
+    replay.set_defaults(func=cmd_replay)
 
     log = sub.add_parser("log", help="look into the message log")
     log_sub = log.add_subparsers(dest="log_command", required=True)

@@ -117,39 +117,46 @@ class JourneysClient:
     def _journey_url(self, chat_bot_id: str, suffix: str) -> str:
         return f"{self.base_url}/chatbotapi/external/orgs/{self.org_id}/journeys/{chat_bot_id}/instances{suffix}"
 
+    def trigger_request(
+        self, chat_bot_id: str, flow_id: str | None, time_zone: str, instances: list[dict[str, str]]
+    ) -> tuple[str, str, dict[str, Any]]:
+        body = {"flowId": flow_id, "timeZone": time_zone, "instances": [{"parameters": p} for p in instances]}
+        return "POST", self._journey_url(chat_bot_id, "/bulk"), body
+
+    def search_request(self, chat_bot_id: str, parameters: dict[str, str]) -> tuple[str, str, dict[str, Any]]:
+        specifications = [
+            {
+                "type": "JourneyParameterSpecification",
+                "parameterName": name,
+                "operator": "equals",
+                "rightOperand": value,
+            }
+            for name, value in parameters.items()
+        ]
+        body = {
+            "filterSpecification": {"type": "AndSpecification", "specifications": specifications},
+            "includeParameters": True,
+        }
+        return "POST", self._journey_url(chat_bot_id, "/search"), body
+
+    def cancel_request(self, chat_bot_id: str, instance_id: str) -> tuple[str, str, None]:
+        path = self.cancel_path.format(orgId=self.org_id, chatBotId=chat_bot_id, instanceId=instance_id)
+        return "DELETE", self.base_url + path, None
+
     def trigger(
         self, chat_bot_id: str, flow_id: str | None, time_zone: str, instances: list[dict[str, str]]
     ) -> ApiResult:
-        body = {
-            "flowId": flow_id,
-            "timeZone": time_zone,
-            "instances": [{"parameters": p} for p in instances],
-        }
+        method, url, body = self.trigger_request(chat_bot_id, flow_id, time_zone, instances)
         summary = f"POST bulk chatBotId={chat_bot_id} flowId={flow_id} timeZone={time_zone} instances={len(instances)}"
-        return self._call("trigger", "POST", self._journey_url(chat_bot_id, "/bulk"), summary, body)
+        return self._call("trigger", method, url, summary, body)
 
     def search(self, chat_bot_id: str, parameters: dict[str, str]) -> ApiResult:
-        body = {
-            "filterSpecification": {
-                "type": "AndSpecification",
-                "specifications": [
-                    {
-                        "type": "JourneyParameterSpecification",
-                        "parameterName": name,
-                        "operator": "equals",
-                        "rightOperand": value,
-                    }
-                    for name, value in parameters.items()
-                ],
-            },
-            "includeParameters": True,
-        }
-        summary = f"POST search chatBotId={chat_bot_id} by {','.join(parameters)}"
-        return self._call("search", "POST", self._journey_url(chat_bot_id, "/search"), summary, body)
+        method, url, body = self.search_request(chat_bot_id, parameters)
+        return self._call("search", method, url, f"POST search chatBotId={chat_bot_id} by {','.join(parameters)}", body)
 
     def cancel(self, chat_bot_id: str, instance_id: str) -> ApiResult:
-        path = self.cancel_path.format(orgId=self.org_id, chatBotId=chat_bot_id, instanceId=instance_id)
-        result = self._call("cancel", "DELETE", self.base_url + path, f"DELETE instance {instance_id}", None)
+        method, url, _ = self.cancel_request(chat_bot_id, instance_id)
+        result = self._call("cancel", method, url, f"DELETE instance {instance_id}", None)
         if result.status == 404:
             # Already gone: the goal of a cancel is reached.
             return ApiResult(result.operation, Verdict.SUCCESS, 404, result.request_summary, result.response_body,

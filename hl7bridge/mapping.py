@@ -40,7 +40,7 @@ NAMED_VALUES: dict[str, str] = {
     "provider_name": "AIP-3",
     "location": "AIL-3",
     "location_facility": "AIL-3",
-    "department": "AIL-4",
+    "department": "AIL-5",
     "sending_application": "MSH-3",
     "sending_facility": "MSH-4",
     "control_id": "MSH-10",

@@ -210,6 +210,8 @@ class SandboxResource(resource.Resource):
             for name, value in params.items():
                 if not isinstance(value, str):
                     errors.append(f"instances[{index}]: parameter '{name}' must be a string")
+                elif not value.strip():
+                    errors.append(f"instances[{index}]: parameter '{name}' is empty")
                 elif name in journey.datetime_parameters and not _valid_datetime(value):
                     errors.append(f"instances[{index}]: parameter '{name}' is not a datetime (yyyy-MM-dd HH:mm:ss)")
         if errors:

@@ -427,7 +427,7 @@ def _read_resources(event: AppointmentEvent, msg: Er7Message) -> None:
     if ail:
         event.location = (ail.get(3, 1, 1) or ail.get(3, 1, 9)).strip()
         event.location_facility = ail.get(3, 1, 4, 1).strip()
-        event.department = ail.get(4, 1, 1).strip()
+        event.department = ail.get(5, 1, 1).strip()
     if pv1 and not event.location:
         event.location = pv1.get(3, 1, 1).strip()
         event.location_facility = pv1.get(3, 1, 4, 1).strip()

@@ -683,3 +683,52 @@ def attempts_for_commands(engine: Engine, command_ids: list[int]) -> list[dict[s
     with engine.connect() as conn:
         rows = conn.execute(select(attempts).where(attempts.c.command_id.in_(command_ids)).order_by(attempts.c.id))
         return [dict(r._mapping) for r in rows]
+
+
+def messages_for_replay(
+    engine: Engine,
+    ids: list[int] | None = None,
+    status: str | None = None,
+    since: float | None = None,
+    event: str | None = None,
+) -> list[dict[str, Any]]:
+    """Messages to replay: by id, or by their own status (rejected) or their commands' (dead, failed)."""
+    stmt = select(messages).order_by(messages.c.id)
+    if ids:
+        stmt = stmt.where(messages.c.id.in_(ids))
+    if status == "rejected":
+        stmt = stmt.where(messages.c.status == "rejected")
+    elif status in ("dead", "failed"):
+        owners = select(commands.c.message_id).where(commands.c.status == status)
+        stmt = stmt.where(messages.c.id.in_(owners))
+    if since is not None:
+        stmt = stmt.where(messages.c.received_at >= since)
+    if event:
+        stmt = stmt.where(messages.c.event == event.upper())
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+def record_replay(
+    engine: Engine, original: dict[str, Any], row: dict[str, Any], command_rows: list[dict[str, Any]]
+) -> int:
+    """Log a replay as a new message (``replay_of`` the original) with its commands, in one transaction."""
+    now = time.time()
+    with engine.begin() as conn:
+        new_id = conn.execute(
+            messages.insert().returning(messages.c.id), [dict(row, replay_of=original["id"])]
+        ).scalar()
+        if command_rows:
+            conn.execute(commands.insert(), [dict(c, message_id=new_id) for c in command_rows])
+        conn.execute(
+            commands.update()
+            .where(commands.c.message_id == original["id"])
+            .where(commands.c.status.in_(("dead", "failed")))
+            .values(status="replayed", outcome=f"replayed as message {new_id}", updated_at=now)
+        )
+    return int(new_id)
+
+
+def appointment_state(engine: Engine, key: str) -> AppointmentRow | None:
+    with engine.connect() as conn:
+        return appointment(conn, key)

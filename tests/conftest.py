@@ -8,11 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 from hl7bridge.mllp import BlockingClient
 
@@ -78,6 +80,7 @@ def start_service(
     env: dict[str, str] | None = None,
     pass_fds: tuple[int, ...] = (),
     port: int | None = None,
+    extra: list[str] | None = None,
 ) -> RunningService:
     port = port or free_port()
     database = workdir / "var" / "log.db"
@@ -89,6 +92,7 @@ def start_service(
         cmd += ["--config", str(config)]
     for endpoint in listen if listen is not None else [f"tcp:{port}:interface=127.0.0.1"]:
         cmd += ["--listen", endpoint]
+    cmd += extra or []
     process = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -145,3 +149,68 @@ def unique_control(payload: bytes, control_id: str) -> bytes:
     fields = head.split(sep_char)
     fields[9] = control_id
     return (sep_char.join(fields) + sep + rest).encode("latin-1")
+
+
+@dataclass
+class RunningSandbox:
+    """A ``hl7bridge sandbox`` subprocess: the Journeys API emulator, reached over real HTTP."""
+
+    process: subprocess.Popen
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str) -> object:
+        return requests.get(self.url + path, timeout=10).json()
+
+    def post(self, path: str, body: object) -> object:
+        return requests.post(self.url + path, json=body, timeout=10).json()
+
+    def instances(self, **criteria: str) -> list[dict]:
+        found = self.get("/_sandbox/instances")
+        return [i for i in found if all(i["parameters"].get(k) == v for k, v in criteria.items())]
+
+    def calls(self, kind: str | None = None) -> list[dict]:
+        calls = self.get("/_sandbox/calls")
+        if kind is None:
+            return calls
+        return [c for c in calls if c["path"].endswith("/" + kind) or (kind == "execution" and c["method"] == "DELETE")]
+
+    def faults(self, **faults: object) -> object:
+        return self.post("/_sandbox/faults", faults)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def start_sandbox(workdir: Path, config_text: str, port: int | None = None) -> RunningSandbox:
+    port = port or free_port()
+    config = workdir / "sandbox.toml"
+    config.write_text(config_text, encoding="utf-8")
+    cmd = [sys.executable, "-m", "hl7bridge", "sandbox", "--config", str(config),
+           "--listen", f"tcp:{port}:interface=127.0.0.1"]  # fmt: skip
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir)
+    line = process.stdout.readline()
+    if "sandbox" not in line:
+        process.wait(timeout=10)
+        raise AssertionError(f"sandbox did not start: {line}{process.stderr.read()}")
+    return RunningSandbox(process, port)
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, message: str = "condition"):
+    """Poll until ``predicate()`` is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)

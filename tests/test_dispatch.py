@@ -1,0 +1,224 @@
+"""Messages become journeys: the real service, the sandbox as a real HTTP server, a real SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import RunningSandbox, RunningService, segments, start_sandbox, start_service, wait_until
+from .dispatch_support import SANDBOX_TOML, future, service_toml, siu
+
+TOKEN = {"TEST_API_TOKEN": "test-token"}
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSandbox]:
+    running = start_sandbox(tmp_path_factory.mktemp("sandbox"), SANDBOX_TOML)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory: pytest.TempPathFactory, sandbox: RunningSandbox) -> Iterator[RunningService]:
+    running = start_service(tmp_path_factory.mktemp("bridge"), service_toml(sandbox.url), env=TOKEN)
+    yield running
+    running.stop()
+
+
+def ack(service: RunningService, payload: bytes) -> list[str]:
+    return segments(service.request(payload))["MSA"]
+
+
+def commands_of(service: RunningService, control_id: str) -> list[dict]:
+    """The commands derived from a message, read straight from the service's SQLite file."""
+    with sqlite3.connect(service.database) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute(
+            "SELECT c.* FROM commands c JOIN messages m ON m.id = c.message_id WHERE m.control_id = ? ORDER BY c.id",
+            (control_id,),
+        )
+        return [dict(r) for r in rows]
+
+
+def message_row(service: RunningService, control_id: str) -> dict:
+    with sqlite3.connect(service.database) as conn:
+        conn.row_factory = sqlite3.Row
+        return dict(
+            conn.execute("SELECT * FROM messages WHERE control_id = ? ORDER BY id DESC", (control_id,)).fetchone()
+        )
+
+
+def settled(service: RunningService, control_id: str) -> list[dict]:
+    """Wait until every command of the message reached a final state."""
+
+    def check() -> list[dict] | None:
+        cmds = commands_of(service, control_id)
+        return cmds if cmds and all(c["status"] not in ("pending", "in_flight") for c in cmds) else None
+
+    return wait_until(check, message=f"commands of {control_id} to settle")
+
+
+def test_new_appointment_starts_a_journey(bridge: RunningService, sandbox: RunningSandbox) -> None:
+    start = future(days=20, hour=9, minute=30)
+    assert ack(bridge, siu("S12", "NEW-1", "A-NEW-1", start, phone="(555) 010-1234"))[1] == "AA"
+    found = wait_until(lambda: sandbox.instances(appointmentId="A-NEW-1"), message="the instance")
+    assert len(found) == 1
+    params = found[0]["parameters"]
+    assert params == {
+        "patientId": "MRN100",
+        "patientName": "ALICE TESTPATIENT",
+        "appointmentId": "A-NEW-1",
+        "appointmentDateTime": f"{start[:4]}-{start[4:6]}-{start[6:8]} 09:30:00",
+        "phoneNumber": "5550101234",
+    }
+    assert found[0]["status"] == "InProgress"
+    assert settled(bridge, "NEW-1")[0]["outcome"] == "triggered"
+
+
+def test_resent_booking_does_not_start_a_second_journey(bridge: RunningService, sandbox: RunningSandbox) -> None:
+    start = future(days=21)
+    ack(bridge, siu("S12", "RESEND-1", "A-RESEND", start))
+    settled(bridge, "RESEND-1")
+    ack(bridge, siu("S12", "RESEND-2", "A-RESEND", start))
+    assert settled(bridge, "RESEND-2")[0]["outcome"] == "already triggered with these parameters"
+    assert len(sandbox.instances(appointmentId="A-RESEND")) == 1
+
+
+def test_reschedule_cancels_and_triggers_anew(bridge: RunningService, sandbox: RunningSandbox) -> None:
+    ack(bridge, siu("S12", "MOVE-1", "A-MOVE", future(days=22, hour=9)))
+    settled(bridge, "MOVE-1")
+    ack(bridge, siu("S13", "MOVE-2", "A-MOVE", future(days=23, hour=14)))
+    settled(bridge, "MOVE-2")
+    found = sandbox.instances(appointmentId="A-MOVE")
+    assert sorted(i["status"] for i in found) == ["Cancelled", "InProgress"]
+    active = next(i for i in found if i["status"] == "InProgress")
+    assert active["parameters"]["appointmentDateTime"].endswith("14:30:00")
+
+
+def test_modification_only_retriggers_when_parameters_change(bridge: RunningService, sandbox: RunningSandbox) -> None:
+    start = future(days=24)
+    ack(bridge, siu("S12", "MOD-1", "A-MOD", start))
+    settled(bridge, "MOD-1")
+    ack(bridge, siu("S14", "MOD-2", "A-MOD", start, appointment_type="OTHER"))
+    assert settled(bridge, "MOD-2")[0]["outcome"] == "no change"
+    assert len(sandbox.instances(appointmentId="A-MOD")) == 1
+    ack(bridge, siu("S14", "MOD-3", "A-MOD", start, given="ALICIA"))
+    settled(bridge, "MOD-3")
+    found = sandbox.instances(appointmentId="A-MOD")
+    assert sorted(i["status"] for i in found) == ["Cancelled", "InProgress"]
+    assert next(i for i in found if i["status"] == "InProgress")["parameters"]["patientName"] == "ALICIA TESTPATIENT"
+
+
+@pytest.mark.parametrize(
+    ("event", "status"),
+    [("S15", ""), ("S16", ""), ("S17", ""), ("S26", ""), ("S14", "Cancelled"), ("S14", "Complete")],
+)
+def test_cancellations_stop_the_journey(
+    bridge: RunningService, sandbox: RunningSandbox, event: str, status: str
+) -> None:
+    appointment = f"A-STOP-{event}-{status or 'none'}"
+    start = future(days=25)
+    ack(bridge, siu("S12", f"{appointment}-1", appointment, start))
+    settled(bridge, f"{appointment}-1")
+    assert ack(bridge, siu(event, f"{appointment}-2", appointment, None, status=status))[1] == "AA"
+    outcome = settled(bridge, f"{appointment}-2")[0]
+    assert outcome["kind"] == "cancel" and outcome["outcome"] == "cancelled 1 instance(s)"
+    assert [i["status"] for i in sandbox.instances(appointmentId=appointment)] == ["Cancelled"]
+
+
+def test_cancelling_an_unknown_appointment_is_not_an_error(bridge: RunningService) -> None:
+    assert ack(bridge, siu("S15", "UNKNOWN-1", "A-NEVER-SEEN", None))[1] == "AA"
+    assert settled(bridge, "UNKNOWN-1")[0]["outcome"] == "nothing active to cancel"
+
+
+def test_slot_events_are_ignored(bridge: RunningService, sandbox: RunningSandbox) -> None:
+    assert ack(bridge, siu("S23", "SLOT-1", "A-SLOT", future()))[1] == "AA"
+    row = message_row(bridge, "SLOT-1")
+    assert row["status"] == "ignored"
+    assert commands_of(bridge, "SLOT-1") == []
+
+
+def test_missing_required_parameter_is_ae_naming_the_field(bridge: RunningService) -> None:
+    msa = ack(bridge, siu("S12", "NOSTART-MAP", "A-X", future(), family="", given=""))
+    assert msa[1] == "AE"
+    err = segments(bridge.request(siu("S12", "NOSTART-MAP2", "A-X", future(), family="", given="")))["ERR"]
+    assert err[2].split("^")[:3] == ["PID", "1", "5"]
+    assert "patientName" in err[8]
+
+
+def test_started_appointment_is_not_triggered(bridge: RunningService, sandbox: RunningSandbox) -> None:
+    assert ack(bridge, siu("S12", "PAST-1", "A-PAST", future(days=-1)))[1] == "AA"
+    row = message_row(bridge, "PAST-1")
+    assert row["status"] == "ignored" and "already started" in row["note"]
+    assert sandbox.instances(appointmentId="A-PAST") == []
+
+
+def test_bulk_calls_are_coalesced(bridge: RunningService, sandbox: RunningSandbox) -> None:
+    before = len(sandbox.calls("bulk"))
+    with bridge.client() as client:
+        payload = b"".join(
+            b"\x0b" + siu("S12", f"BULK-{i}", f"A-BULK-{i}", future(days=40)) + b"\x1c\x0d" for i in range(60)
+        )
+        client.sock.sendall(payload)
+        answers = [segments(client.receive())["MSA"][1] for _ in range(60)]
+    assert answers == ["AA"] * 60
+    wait_until(lambda: len([i for i in sandbox.get("/_sandbox/instances")
+                            if i["parameters"]["appointmentId"].startswith("A-BULK-")]) == 60)  # fmt: skip
+    assert len(sandbox.calls("bulk")) - before <= 3
+
+
+def test_a_bad_instance_is_bisected_out_of_the_batch(bridge: RunningService, sandbox: RunningSandbox) -> None:
+    with bridge.client() as client:
+        for i in range(8):
+            phone = None if i == 5 else "555-0199"
+            client.send(siu("S12", f"BIS-{i}", f"A-BIS-{i}", future(days=41), phone=phone))
+        assert [segments(client.receive())["MSA"][1] for _ in range(8)] == ["AA"] * 8
+    outcomes = {i: settled(bridge, f"BIS-{i}")[0] for i in range(8)}
+    assert outcomes[5]["status"] == "dead"
+    assert "phoneNumber" in outcomes[5]["outcome"] and "is empty" in outcomes[5]["outcome"]
+    assert all(outcomes[i]["status"] == "done" for i in range(8) if i != 5)
+    assert (
+        len([i for i in sandbox.get("/_sandbox/instances") if i["parameters"]["appointmentId"].startswith("A-BIS-")])
+        == 7
+    )
+
+
+def test_routes_choose_the_journey(tmp_path: Path, sandbox: RunningSandbox) -> None:
+    dental = """
+[[routes]]
+name = "dental"
+chat_bot_id = "dental"
+time_zone = "America/New_York"
+instance_identifiers = ["appointmentId"]
+[routes.match]
+department = ["DENTAL"]
+[routes.parameters.patientId]
+source = "patient_id"
+[routes.parameters.appointmentId]
+source = "appointment_id"
+[routes.parameters.appointmentDateTime]
+source = "start"
+type = "datetime"
+[routes.parameters.clinic]
+constant = "Smile Clinic"
+"""
+    route_extra = '[routes.exclude]\nsending_facility = ["OTHER"]\n'
+    config = service_toml(sandbox.url, extra_routes=dental, route_extra=route_extra,
+                          dispatch_extra='unrouted = "reject"')  # fmt: skip
+    service = start_service(tmp_path, config, env=TOKEN)
+    try:
+        start = future(days=30, hour=9, minute=0)
+        ack(service, siu("S12", "ROUTE-D", "A-ROUTE-D", start, department="DENTAL"))
+        ack(service, siu("S12", "ROUTE-R", "A-ROUTE-R", start))
+        dental_found = wait_until(lambda: sandbox.instances(appointmentId="A-ROUTE-D"))
+        assert dental_found[0]["chatBotId"] == "dental"
+        assert dental_found[0]["parameters"]["clinic"] == "Smile Clinic"
+        assert dental_found[0]["parameters"]["appointmentDateTime"].endswith("10:00:00")  # Chicago 09:00 in New York
+        assert wait_until(lambda: sandbox.instances(appointmentId="A-ROUTE-R"))[0]["chatBotId"] == "reminders"
+        msa = ack(service, siu("S12", "ROUTE-NONE", "A-ROUTE-N", start, facility="OTHER"))
+        assert msa[1] == "AE" and "no route" in msa[3]
+    finally:
+        service.stop()
