@@ -43,8 +43,15 @@ class DispatchSettings:
 
 @dataclass
 class Bucket:
+    """Triggers gathering for one bulk call. It leaves once full, once no trigger has joined for one
+    window, or two windows after its first trigger, whichever comes first."""
+
     first_at: float
+    last_at: float
     commands: list[CommandRow] = field(default_factory=list)
+
+    def due(self, window: float) -> float:
+        return min(self.last_at + window, self.first_at + 2 * window)
 
 
 @dataclass
@@ -138,9 +145,14 @@ class Dispatcher:
         limit = 1 if self.paused else self.settings.batch_size * 4
         with self.engine.connect() as conn:
             heads = store.due_heads(conn, now, limit, busy)
-            plans = [(cmd, store.appointment(conn, cmd.appointment_key),
-                      store.later_cancel(conn, cmd.appointment_key, cmd.id)) for cmd in heads]  # fmt: skip
+            keys = [cmd.appointment_key for cmd in heads]
+            memory = store.appointments_for(conn, keys)
+            cancels = store.open_cancels(conn, keys)
             next_due = store.next_due(conn)
+        plans = []
+        for cmd in heads:
+            cancel_id = cancels.get(cmd.appointment_key)
+            plans.append((cmd, memory.get(cmd.appointment_key), cancel_id if cancel_id != cmd.id else None))
         if self.paused and heads:
             self._probe_at = now + self.settings.probe_interval
         quick: list[CommandUpdate] = []
@@ -203,20 +215,24 @@ class Dispatcher:
     # -- triggers ----------------------------------------------------------------------------------
     def _bucket(self, cmd: CommandRow, now: float) -> None:
         key = (cmd.chat_bot_id, cmd.flow_id, cmd.time_zone)
-        bucket = self._buckets.setdefault(key, Bucket(now))
+        bucket = self._buckets.setdefault(key, Bucket(now, now))
         bucket.commands.append(cmd)
+        bucket.last_at = now
 
     def _flush_buckets(self) -> float:
         now = self.clock()
         wait = self.settings.poll_interval
         for key in list(self._buckets):
             bucket = self._buckets[key]
-            due = bucket.first_at + self.settings.batch_window
+            due = bucket.due(self.settings.batch_window)
             urgent = any(c.sync for c in bucket.commands) or self.paused
             while len(bucket.commands) >= self.settings.batch_size:
                 chunk, bucket.commands = (bucket.commands[: self.settings.batch_size],
                                           bucket.commands[self.settings.batch_size :])  # fmt: skip
                 self._submit(self._run_trigger, chunk)
+                # What is left starts a window of its own, so a burst leaves in full batches.
+                bucket.first_at = bucket.last_at = now
+                due = bucket.due(self.settings.batch_window)
             if bucket.commands and (urgent or now >= due):
                 self._submit(self._run_trigger, bucket.commands)
                 del self._buckets[key]

@@ -596,15 +596,30 @@ def next_due(conn: Any) -> float | None:
     return conn.execute(stmt).scalar()
 
 
-def later_cancel(conn: Any, appointment_key: str, after_id: int) -> int | None:
-    stmt = (
-        select(func.min(commands.c.id))
-        .where(commands.c.appointment_key == appointment_key)
-        .where(commands.c.id > after_id)
-        .where(commands.c.status.in_(OPEN_STATUSES))
-        .where(commands.c.kind == "cancel")
-    )
-    return conn.execute(stmt).scalar()
+def open_cancels(conn: Any, keys: list[str]) -> dict[str, int]:
+    """The first open cancel command of each appointment (for annihilating unsent triggers)."""
+    found: dict[str, int] = {}
+    for start in range(0, len(keys), 500):
+        stmt = (
+            select(commands.c.appointment_key, func.min(commands.c.id))
+            .where(commands.c.appointment_key.in_(keys[start : start + 500]))
+            .where(commands.c.status.in_(OPEN_STATUSES))
+            .where(commands.c.kind == "cancel")
+            .group_by(commands.c.appointment_key)
+        )
+        found.update({key: cid for key, cid in conn.execute(stmt)})
+    return found
+
+
+def appointments_for(conn: Any, keys: list[str]) -> dict[str, AppointmentRow]:
+    found: dict[str, AppointmentRow] = {}
+    for start in range(0, len(keys), 500):
+        stmt = select(appointments).where(appointments.c.appointment_key.in_(keys[start : start + 500]))
+        for row in conn.execute(stmt):
+            m = row._mapping
+            params = json.loads(m["parameters"]) if m["parameters"] else None
+            found[m["appointment_key"]] = AppointmentRow(m["appointment_key"], m["state"], params, m["last_command_id"])
+    return found
 
 
 def appointment(conn: Any, key: str) -> AppointmentRow | None:
