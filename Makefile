@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/hl7bridge serve --config $(CONFIG)
+	$(BIN)/hl7bridge serve --config $(CONFIG) --sandbox
 
 test: $(BIN)/.installed interop-deps
 	$(BIN)/ruff check .
@@ -31,6 +31,7 @@ format: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
+	$(BIN)/python bench/dispatch.py --out docs/performance.md
 
 fixtures-send: $(BIN)/.installed
 	$(BIN)/hl7bridge send --to 127.0.0.1:2575 fixtures/siu
