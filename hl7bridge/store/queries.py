@@ -1,0 +1,136 @@
+"""Queries for operators (log, show, replay, stats)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import (
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+
+from .outbox import AppointmentRow, appointment
+from .schema import attempts, commands, messages
+
+LIST_COLUMNS = (
+    messages.c.id,
+    messages.c.received_at,
+    messages.c.listener,
+    messages.c.peer,
+    messages.c.sending_application,
+    messages.c.sending_facility,
+    messages.c.control_id,
+    messages.c.message_type,
+    messages.c.event,
+    messages.c.version,
+    messages.c.action,
+    messages.c.route,
+    messages.c.note,
+    messages.c.replay_of,
+    messages.c.ack_code,
+    messages.c.status,
+    messages.c.error_location,
+    messages.c.error,
+    messages.c.duplicate_of,
+)
+
+
+def list_messages(
+    engine: Engine,
+    status: str | None = None,
+    since: float | None = None,
+    event: str | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    stmt = select(*LIST_COLUMNS).order_by(messages.c.id.desc()).limit(limit)
+    if status:
+        stmt = stmt.where(messages.c.status == status)
+    if since is not None:
+        stmt = stmt.where(messages.c.received_at >= since)
+    if event:
+        stmt = stmt.where(messages.c.event == event.upper())
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+def get_message(engine: Engine, message_id: int) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
+    return dict(row._mapping) if row else None
+
+
+def count_messages(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(messages.c.status, func.count()).group_by(messages.c.status))
+        return {status: count for status, count in rows}
+
+
+def now() -> float:
+    return time.time()
+
+
+def commands_for_messages(engine: Engine, message_ids: list[int]) -> list[dict[str, Any]]:
+    if not message_ids:
+        return []
+    with engine.connect() as conn:
+        rows = conn.execute(select(commands).where(commands.c.message_id.in_(message_ids)).order_by(commands.c.id))
+        return [dict(r._mapping) for r in rows]
+
+
+def attempts_for_commands(engine: Engine, command_ids: list[int]) -> list[dict[str, Any]]:
+    if not command_ids:
+        return []
+    with engine.connect() as conn:
+        rows = conn.execute(select(attempts).where(attempts.c.command_id.in_(command_ids)).order_by(attempts.c.id))
+        return [dict(r._mapping) for r in rows]
+
+
+def messages_for_replay(
+    engine: Engine,
+    ids: list[int] | None = None,
+    status: str | None = None,
+    since: float | None = None,
+    event: str | None = None,
+) -> list[dict[str, Any]]:
+    """Messages to replay: by id, or by their own status (rejected) or their commands' (dead, failed)."""
+    stmt = select(messages).order_by(messages.c.id)
+    if ids:
+        stmt = stmt.where(messages.c.id.in_(ids))
+    if status == "rejected":
+        stmt = stmt.where(messages.c.status == "rejected")
+    elif status in ("dead", "failed"):
+        owners = select(commands.c.message_id).where(commands.c.status == status)
+        stmt = stmt.where(messages.c.id.in_(owners))
+    if since is not None:
+        stmt = stmt.where(messages.c.received_at >= since)
+    if event:
+        stmt = stmt.where(messages.c.event == event.upper())
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+def record_replay(
+    engine: Engine, original: dict[str, Any], row: dict[str, Any], command_rows: list[dict[str, Any]]
+) -> int:
+    """Log a replay as a new message (``replay_of`` the original) with its commands, in one transaction."""
+    now = time.time()
+    with engine.begin() as conn:
+        new_id = conn.execute(
+            messages.insert().returning(messages.c.id), [dict(row, replay_of=original["id"])]
+        ).scalar()
+        if command_rows:
+            conn.execute(commands.insert(), [dict(c, message_id=new_id) for c in command_rows])
+        conn.execute(
+            commands.update()
+            .where(commands.c.message_id == original["id"])
+            .where(commands.c.status.in_(("dead", "failed")))
+            .values(status="replayed", outcome=f"replayed as message {new_id}", updated_at=now)
+        )
+    return int(new_id)
+
+
+def appointment_state(engine: Engine, key: str) -> AppointmentRow | None:
+    with engine.connect() as conn:
+        return appointment(conn, key)

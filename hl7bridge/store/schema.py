@@ -1,0 +1,193 @@
+"""SQLAlchemy schema of the message log, opening the database, and upgrading older files in place."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path as FsPath
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+SCHEMA_VERSION = 1
+log = logging.getLogger("hl7bridge.store")
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("received_at", Float, nullable=False, doc="epoch seconds"),
+    Column("listener", String(64), nullable=False),
+    Column("peer", String(64), nullable=False),
+    Column("raw", LargeBinary, nullable=True, doc="NULL once purged by retention"),
+    Column("charset", String(32)),
+    Column("sending_application", String(180)),
+    Column("sending_facility", String(180)),
+    Column("control_id", String(199)),
+    Column("message_type", String(8)),
+    Column("event", String(8)),
+    Column("version", String(16)),
+    Column("appointment_key", String(400)),
+    Column("action", String(16)),
+    Column("route", String(64)),
+    Column("note", Text, doc="why the message was ignored, or how it was handled"),
+    Column("replay_of", Integer),
+    Column("summary", Text, doc="JSON of the parsed AppointmentEvent (PHI)"),
+    Column("ack_code", String(2)),
+    Column("ack_text", Text),
+    Column("ack_raw", LargeBinary),
+    Column("status", String(12), nullable=False),
+    Column("error", Text),
+    Column("error_location", String(32)),
+    Column("duplicate_of", Integer),
+    Index("ix_messages_sender_control", "sending_application", "sending_facility", "control_id"),
+    Index("ix_messages_received_at", "received_at"),
+    Index("ix_messages_status_received", "status", "received_at"),
+    Index("ix_messages_event_received", "event", "received_at"),
+    Index("ix_messages_appointment", "appointment_key"),
+)
+
+
+commands = Table(
+    "commands",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", Integer, nullable=False),
+    Column("appointment_key", String(400), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("route", String(64), nullable=False),
+    Column("chat_bot_id", String(128), nullable=False),
+    Column("time_zone", String(64), nullable=False),
+    Column("flow_id", String(128)),
+    Column("parameters", Text, nullable=False, doc="JSON (PHI)"),
+    Column("identifiers", Text, nullable=False, doc="JSON"),
+    Column("start_at", Float),
+    Column("status", String(12), nullable=False, doc="pending in_flight done dead annihilated failed"),
+    Column("step", String(16), nullable=False, default=""),
+    Column("outcome", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("sync", Integer, nullable=False, default=0, doc="1: ack_mode dispatched, never retried in background"),
+    Column("replay_of", Integer),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_commands_status_due", "status", "next_attempt_at"),
+    Index("ix_commands_appointment", "appointment_key", "id"),
+    Index("ix_commands_message", "message_id"),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("command_id", Integer, nullable=False),
+    Column("call_id", String(36), nullable=False, doc="shared by the commands of one bulk call"),
+    Column("at", Float, nullable=False),
+    Column("operation", String(16), nullable=False),
+    Column("request_summary", Text, nullable=False),
+    Column("status_code", Integer),
+    Column("verdict", String(12), nullable=False),
+    Column("response_body", Text),
+    Column("error", Text),
+    Column("duration_ms", Float, nullable=False),
+    Index("ix_attempts_command", "command_id"),
+    Index("ix_attempts_at", "at"),
+)
+
+appointments = Table(
+    "appointments",
+    metadata,
+    Column("appointment_key", String(400), primary_key=True),
+    Column("route", String(64), nullable=False),
+    Column("chat_bot_id", String(128), nullable=False),
+    Column("state", String(12), nullable=False, doc="active cancelled annihilated"),
+    Column("parameters", Text, doc="JSON of what was last triggered (PHI)"),
+    Column("updated_at", Float, nullable=False),
+    Column("last_command_id", Integer),
+)
+
+OPEN_STATUSES = ("pending", "in_flight")
+
+
+class StoreError(RuntimeError):
+    """The database cannot be opened or used; the message says what to fix."""
+
+
+def open_engine(url: str, synchronous: str = "FULL") -> Engine:
+    """An engine for the log; SQLite files are created 0600 and run in WAL mode."""
+    parsed = make_url(url)
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    if is_sqlite and parsed.database and parsed.database != ":memory:":
+        _prepare_sqlite_file(FsPath(parsed.database))
+    engine = create_engine(url, future=True)
+    if is_sqlite:
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    try:
+        metadata.create_all(engine)
+        with engine.begin() as conn:
+            found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+            if found is None:
+                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(found) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database {url} was written by a newer hl7bridge (schema {found}, this release "
+                    f"knows {SCHEMA_VERSION}); upgrade hl7bridge or point --database at another file"
+                )
+    except SQLAlchemyError as exc:
+        raise StoreError(
+            f"cannot open the database {_safe(url)}: {exc.__class__.__name__}: {_first_line(exc)}"
+        ) from None
+    return engine
+
+
+def _prepare_sqlite_file(path: FsPath) -> None:
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot create the database file {path}: {exc.strerror}") from None
+
+
+def _safe(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
