@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from datetime import datetime
@@ -45,11 +46,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    logging.basicConfig(
-        level=getattr(logging, cfg.service.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from . import logs
+
+    logs.configure(cfg.service.log_level, cfg.service.log_format, cfg.service.log_phi)
     from twisted.internet import reactor
 
     from .service import Service, StartupError
@@ -67,6 +66,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         elif service.dispatcher is not None:
             line += f"; dispatching to {service.config.api.base_url}"
         print(line, flush=True)
+        signal.signal(signal.SIGHUP, lambda _sig, _frame: reactor.callFromThread(reload))
+
+    def reload() -> None:
+        """SIGHUP: reread the file; a bad new config is refused and the running one kept."""
+        try:
+            fresh = _config(args)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                logging.getLogger("hl7bridge.service").error("reload refused, keeping the running config: %s", problem)
+            return
+        pending = service.reload(fresh)
+        note = f"; needs a restart to change: {', '.join(pending)}" if pending else ""
+        logging.getLogger("hl7bridge.service").info("configuration reloaded (routes and mappings)%s", note)
         reactor.addSystemEventTrigger("before", "shutdown", service.stop)
 
     def failed(failure: Any) -> None:
@@ -334,6 +346,63 @@ def cmd_log_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- stats / purge --------------------------------------------------------------------------------
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .store import stats
+
+    since = time.time() - parse_duration(args.since) if args.since else None
+    data = stats(_engine(args), since)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    print(
+        f"messages{' in the last ' + args.since if args.since else ''}: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(data["messages"].items())) or "none")
+    )
+    if data["last_message_at"]:
+        print(f"last message received: {_when(data['last_message_at'])}")
+    for row in data["messages_by_event"]:
+        print(f"  {row['event']:6} {row['ack']:3} {row['count']}")
+    print("commands: " + (", ".join(f"{k} {v}" for k, v in sorted(data["commands"].items())) or "none"))
+    oldest = data["outbox"]["oldest_age_s"]
+    print(f"outbox: {data['outbox']['depth']} waiting" + (f", the oldest for {oldest:.0f} s" if oldest else ""))
+    print(f"dead letters: {data['dead_letters']}")
+    if data["api_calls"]:
+        print("API calls:")
+        for row in data["api_calls"]:
+            print(
+                f"  {row['operation']:8} {row['status']!s:6} {row['count']:7}  avg {row['avg_ms']:.0f} ms, max {row['max_ms']:.0f} ms"
+            )
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from .store import due_for_purge, purge
+
+    cfg = _config(args)
+    age = args.older_than or (f"{cfg.service.retention_days}d" if cfg.service.retention_days else None)
+    if not age:
+        raise CliError("say how old: --older-than 30d (or set service.retention_days)")
+    cutoff = time.time() - parse_duration(age)
+    engine = _engine(args)
+    if args.dry_run:
+        with engine.connect() as conn:
+            due = due_for_purge(conn, cutoff)
+        print(
+            f"would clear patient data older than {age}: {due.messages} message(s), {due.commands} command(s), "
+            f"{due.attempts} attempt response(s), {due.appointments} appointment memory(ies)"
+        )
+        return 0
+    done = purge(engine, cutoff)
+    print(
+        f"cleared patient data older than {age}: {done.messages} message(s), {done.commands} command(s), "
+        f"{done.attempts} attempt response(s), {done.appointments} appointment memory(ies); outcomes kept"
+    )
+    return 0
+
+
 # --- replay -------------------------------------------------------------------------------------
 
 
@@ -420,6 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("files", nargs="+", metavar="FILE|DIR")
     send.set_defaults(func=cmd_send)
 
+    stats_p = with_config(sub.add_parser("stats", help="counts, outbox and API calls, from the database"))
+    stats_p.add_argument("--since", metavar="DURATION", help="e.g. 24h (default: everything)")
+    stats_p.add_argument("--json", action="store_true")
+    stats_p.set_defaults(func=cmd_stats)
+
+    purge_p = with_config(sub.add_parser("purge", help="clear patient data older than a duration (retention)"))
+    purge_p.add_argument("--older-than", metavar="DURATION", help="e.g. 30d (default: service.retention_days)")
+    purge_p.add_argument("--dry-run", action="store_true", help="only count what would be cleared")
+    purge_p.set_defaults(func=cmd_purge)
+
     replay = with_config(sub.add_parser("replay", help="run logged messages again through mapping and dispatch"))
     replay.add_argument("ids", nargs="*", type=int, metavar="ID")
     replay.add_argument("--status", choices=("dead", "rejected", "failed"),
@@ -460,3 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); not an error worth a traceback.
+        sys.stderr.close()
+        return 0

@@ -77,6 +77,16 @@ class ServiceConfig:
     application: str = "HL7BRIDGE"
     facility: str = ""
     log_level: str = "info"
+    log_format: str = "text"
+    log_phi: bool = False
+    retention_days: int = 0
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    listen: str = ""
+    outbox_stuck_after: float = 900.0
+    heartbeat_interval: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ class Config:
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     routes: tuple[Route, ...] = ()
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     source: str = "(built-in defaults)"
 
     def with_overrides(
@@ -271,6 +282,15 @@ SERVICE_KEYS: dict[str, Check] = {
     "application": _str,
     "facility": _str,
     "log_level": _choice("debug", "info", "warning", "error"),
+    "log_format": _choice("text", "json"),
+    "log_phi": _bool,
+    "retention_days": _int(0, 36500),
+}
+
+HEALTH_KEYS: dict[str, Check] = {
+    "listen": _str,
+    "outbox_stuck_after": _seconds,
+    "heartbeat_interval": _seconds,
 }
 
 LISTENER_KEYS: dict[str, Check] = {
@@ -308,7 +328,7 @@ def _section(data: Any, prefix: str, keys: dict[str, Check], problems: list[str]
 
 def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
     problems: list[str] = []
-    sections = ("service", "listeners", "api", "dispatch", "routes", "sandbox")
+    sections = ("service", "listeners", "api", "dispatch", "routes", "sandbox", "health")
     for key in data:
         if key not in sections:
             problems.append(f"{key}: unknown section (known: {', '.join(sections)})")
@@ -326,6 +346,11 @@ def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
     dispatch = parse_dispatch(data.get("dispatch", {}), problems)
     routes = parse_routes(data.get("routes"), {lst.name for lst in listeners}, problems)
     sandbox = parse_sandbox(data.get("sandbox"), problems)
+    health = HealthConfig(**_section(data.get("health", {}), "health", HEALTH_KEYS, problems))
+    if health.listen:
+        _check_endpoint(health.listen, "health.listen", problems)
+    if health.heartbeat_interval <= 0:
+        problems.append("health.heartbeat_interval: expected a number of seconds > 0")
     if routes and not api.org_id:
         problems.append("api.org_id: required when routes are configured (your MedChat organization id)")
     for listener in listeners:
@@ -333,7 +358,7 @@ def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
             problems.append(f"listeners.{listener.name}.ack_mode: 'dispatched' needs at least one [[routes]] table")
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
-    return Config(service, tuple(listeners), api, dispatch, routes, sandbox, source)
+    return Config(service, tuple(listeners), api, dispatch, routes, sandbox, health, source)
 
 
 def load(path: str | FsPath | None) -> Config:

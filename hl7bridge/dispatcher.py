@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 
 from . import store
 from .journeys import ACTIVE_STATUSES, ApiResult, JourneysClient, Verdict
+from .metrics import NullObserver, Observer
 from .routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
 from .store import CommandRow, CommandUpdate, Job, Writer
 
@@ -72,6 +73,7 @@ class Dispatcher:
         client: JourneysClient,
         settings: DispatchSettings = DispatchSettings(),
         clock: Callable[[], float] = time.time,
+        observer: Observer | None = None,
     ) -> None:
         self.engine = engine
         self.writer = writer
@@ -79,6 +81,7 @@ class Dispatcher:
         self.settings = settings
         self.clock = clock
         self.stats = DispatchStats()
+        self.observer = observer or NullObserver()
         self.paused_reason: str | None = None
         self._probe_at = 0.0
         self._wake = threading.Event()
@@ -360,6 +363,7 @@ class Dispatcher:
         """One API call; a refused token pauses dispatching, any other answer from the API resumes it."""
         result = operation(*args)
         self.stats.api_calls += 1
+        self.observer.api_call(result.operation, result.status, result.duration_ms / 1000.0)
         if result.verdict is Verdict.AUTH:
             if not self.paused:
                 log.error("the Journeys API refused the token (%s); dispatching paused", result.status or "no token")
@@ -388,6 +392,7 @@ class Dispatcher:
         if cmd.sync:
             return CommandUpdate(cmd.id, "failed", f"API unavailable: {messages}", count_attempt=True)
         self.stats.retries += 1
+        self.observer.retry()
         base = min(self.settings.retry_max, self.settings.retry_initial * 2 ** min(cmd.attempts, 20))
         delay = base * random.uniform(0.5, 1.0)
         if result is not None and result.retry_after is not None:
@@ -399,6 +404,11 @@ class Dispatcher:
     def _apply(self, updates: list[CommandUpdate]) -> None:
         if not updates:
             return
+        for update in updates:
+            if update.status == "dead":
+                self.observer.dead_letter()
+                log.warning("command dead-lettered (the reason is in 'hl7bridge log show')",
+                            extra={"command_id": update.command_id})  # fmt: skip
         now = self.clock()
         self._commit(Job(lambda conn: store.apply_updates(conn, updates, now), _ignore))
         with self._lock:

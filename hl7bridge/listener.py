@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .config import ListenerConfig
+from .metrics import NullObserver, Observer
 from .mllp import MLLPReceiver, frame
 from .pipeline import Pipeline
 
@@ -126,7 +127,7 @@ class MLLPConnection(MLLPReceiver):
         self.factory.stats.junk_bytes += count
 
     def _enqueue(self, answer: defer.Deferred[bytes | None]) -> None:
-        slot: list = [False, None]
+        slot: list = [False, None, self.factory.clock.seconds()]
         self._slots.append(slot)
 
         def done(result: bytes | None) -> None:
@@ -147,9 +148,10 @@ class MLLPConnection(MLLPReceiver):
     def _flush(self) -> None:
         slots = self._slots
         while slots and slots[0][0]:
-            payload = slots.popleft()[1]
+            _ready, payload, started = slots.popleft()
             if payload is not None and self.transport is not None:
                 self.transport.write(frame(payload))
+                self.factory.observer.ack_latency(self.factory.config.name, self.factory.clock.seconds() - started)
         if self._paused and len(slots) < self.factory.config.max_in_flight // 2 + 1:
             self._paused = False
             self.transport.resumeProducing()
@@ -170,10 +172,13 @@ class _Refused(protocol.Protocol):
 class MLLPFactory(protocol.Factory):
     protocol = MLLPConnection
 
-    def __init__(self, config: ListenerConfig, pipeline: Pipeline, clock: IReactorTime) -> None:
+    def __init__(
+        self, config: ListenerConfig, pipeline: Pipeline, clock: IReactorTime, observer: Observer | None = None
+    ) -> None:
         self.config = config
         self.pipeline = pipeline
         self.clock = clock
+        self.observer = observer or NullObserver()
         self.stats = ListenerStats()
         self.open: set[MLLPConnection] = set()
 

@@ -12,6 +12,7 @@ from twisted.internet import defer, threads
 from . import store, strict
 from .ack import Outcome
 from .intake import Frame, Intake, Received
+from .metrics import NullObserver, Observer
 from .problems import APPLICATION_INTERNAL_ERROR, Problem
 from .store import CommandUpdate, Job, Writer, WriteRequest, WriteResult
 
@@ -39,6 +40,7 @@ class Pipeline:
         verdicts: Verdicts | None = None,
         reactor: Any = None,
         dispatch_timeout: float = 20.0,
+        observer: Observer | None = None,
     ) -> None:
         self.intake = intake
         self.writer = writer
@@ -48,6 +50,7 @@ class Pipeline:
         self.verdicts = verdicts
         self.reactor = reactor
         self.dispatch_timeout = dispatch_timeout
+        self.observer = observer or NullObserver()
 
     def handle(self, payload: bytes, peer: str) -> defer.Deferred[bytes | None]:
         """The bytes to send back for one frame (None: send nothing)."""
@@ -81,7 +84,27 @@ class Pipeline:
         d: defer.Deferred[WriteResult] = defer.Deferred()
         row = received.row(self.listener, peer, received_at)
         self.writer.submit(WriteRequest(row, received.dedupe_key, d.callback, received.commands))
-        return d.addCallback(self._released, received)
+        d.addCallback(self._released, received)
+        return d.addCallback(self._report, received, peer)
+
+    def _report(self, answer: bytes | None, received: Received, peer: str) -> bytes | None:
+        """One metric and one log line per message; the line names ids, never patient data."""
+        header = received.header
+        code = _msa_code(answer)
+        duplicate = (
+            received.status == "accepted"
+            and answer is not None
+            and received.ack is not None
+            and (answer != received.ack.payload and code == received.ack.code)
+        )
+        self.observer.message(self.listener, header.event if header else "", code, duplicate)
+        level = logging.DEBUG if code in ("AA", "CA") or code == "" else logging.INFO
+        if log.isEnabledFor(level):
+            kind = f"{header.message_type}^{header.event}" if header else "unreadable"
+            why = f": {received.problem.describe()}" if received.problem else ""
+            log.log(level, "%s from %s answered %s (%s)%s", kind, peer, code or "nothing", received.status, why,
+                    extra={"control_id": header.control_id if header else None, "listener": self.listener})  # fmt: skip
+        return answer
 
     def _released(self, result: WriteResult, received: Received) -> bytes | None:
         if received.ack is None:
@@ -90,7 +113,9 @@ class Pipeline:
             ack = self.intake.failed_to_store(received, "the message log could not be written")
             return ack.payload if ack else None
         if result.duplicate_of is not None:
-            log.info("message %s is a duplicate of %s; original ACK resent", result.message_id, result.duplicate_of)
+            received.status = "duplicate"
+            log.info("duplicate of message %s; original ACK resent", result.duplicate_of,
+                     extra={"message_id": result.message_id, "control_id": received.header.control_id})  # fmt: skip
             return result.original_ack
         if self.verdicts is not None and result.command_ids:
             return self._await_verdicts(result, received)
@@ -127,6 +152,14 @@ class Pipeline:
         self.writer.submit_job(Job(lambda conn: store.record_ack(conn, message_id, ack, "rejected", problem.text),
                                    lambda _r, _e: None))  # fmt: skip
         return ack.payload
+
+
+def _msa_code(answer: bytes | None) -> str:
+    """MSA-1 of an answer we built ('' for none); for a batch answer, the first one."""
+    if not answer:
+        return ""
+    at = answer.find(b"MSA")
+    return answer[at + 4 : at + 6].decode("ascii", "replace") if at >= 0 else ""
 
 
 def _fire(d: defer.Deferred, value: Any) -> None:

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, endpoints, task, threads
 from twisted.internet.interfaces import IListeningPort
+from twisted.web import server
 
 from . import hl7schema
 from .ack import AckBuilder
 from .config import Config
 from .dispatch_config import router
 from .dispatcher import Dispatcher, DispatchSettings
+from .health import HealthResource, HealthState, Probes
 from .intake import Intake
 from .journeys import JourneysClient, TokenSource
 from .listener import MLLPFactory, listen
+from .metrics import Metrics
 from .pipeline import Pipeline
 from .sandbox import Sandbox, SandboxState
-from .store import StoreError, Writer, open_engine
+from .store import Job, PurgeCounts, StoreError, Writer, compact, open_engine, purge_step
 
 log = logging.getLogger("hl7bridge.service")
 
@@ -40,6 +44,12 @@ class Service:
     writer: Writer | None = None
     dispatcher: Dispatcher | None = None
     sandbox: Sandbox | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    health: HealthState | None = None
+    stopping: bool = False
+    _loops: list[task.LoopingCall] = field(default_factory=list)
+    _health_port: IListeningPort | None = None
+    _probes: Probes | None = None
 
     @defer.inlineCallbacks
     def start(self):
@@ -70,8 +80,10 @@ class Service:
                 verdicts=self.dispatcher if sync else None,
                 reactor=self.reactor,
                 dispatch_timeout=listener.dispatch_timeout,
+                observer=self.metrics,
             )
-            factory = MLLPFactory(listener, pipeline, self.reactor)
+            factory = MLLPFactory(listener, pipeline, self.reactor, self.metrics)
+            self.metrics.track_connections(listener.name, lambda f=factory: len(f.open))
             try:
                 port = yield listen(self.reactor, factory)
             except Exception as exc:  # noqa: BLE001 - CannotListenError, KeyError for systemd fds, ...
@@ -82,6 +94,125 @@ class Service:
             self.factories.append(factory)
             self.ports.append(port)
             log.info("listener %s listening on %s", listener.name, _describe(port))
+        yield self._start_health()
+        self._start_retention()
+
+    def _listeners_up(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "shutting down"
+        if len(self.ports) != len(self.config.listeners):
+            return False, f"{len(self.ports)} of {len(self.config.listeners)} listener(s) bound"
+        return True, ", ".join(f"{f.config.name} on {_describe(p)} ({len(f.open)} connection(s))"
+                               for f, p in zip(self.factories, self.ports, strict=False))  # fmt: skip
+
+    @defer.inlineCallbacks
+    def _start_health(self):
+        cfg = self.config.health
+        self.health = HealthState(
+            self._listeners_up,
+            lambda: self.dispatcher.paused_reason if self.dispatcher is not None else None,
+            cfg.outbox_stuck_after,
+            cfg.heartbeat_interval,
+        )
+        self._probes = Probes(self.reactor, self.health, self.writer, self.engine, self.metrics)
+        self._probes.start()
+        if not cfg.listen:
+            return
+        site = server.Site(HealthResource(self.health, self.metrics))
+        site.noisy = False
+        try:
+            self._health_port = yield endpoints.serverFromString(self.reactor, cfg.listen).listen(site)
+        except Exception as exc:  # noqa: BLE001 - port in use and the like
+            yield self.stop()
+            raise StartupError(f"the health listener cannot listen on {cfg.listen}: {_why(exc)}") from None
+        log.info("health and metrics on http://%s/healthz and /metrics", _describe(self._health_port))
+
+    def _start_retention(self) -> None:
+        days = self.config.service.retention_days
+        if not days:
+            return
+        loop = task.LoopingCall(self.purge_now, days * 86400.0)
+        loop.clock = self.reactor
+        loop.start(86400.0, now=True)
+        self._loops.append(loop)
+
+    def purge_now(self, older_than: float) -> defer.Deferred:
+        """One retention pass, in slices through the writer so ingest is never held for long."""
+        cutoff = time.time() - older_than
+        total = PurgeCounts()
+        done: defer.Deferred = defer.Deferred()
+
+        def step_done(result: PurgeCounts | None, error: BaseException | None) -> None:
+            self.reactor.callFromThread(after_step, result, error)
+
+        def after_step(result: PurgeCounts | None, error: BaseException | None) -> None:
+            if error is not None or result is None or self.writer is None:
+                log.error("retention purge failed: %s", error)
+                done.callback(total)
+                return
+            total.__iadd__(result)
+            if result.total:
+                self.writer.submit_job(Job(lambda conn: purge_step(conn, cutoff), step_done))
+                return
+            threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), compact, self.engine)
+            log.info("retention: cleared patient data of %d message(s), %d command(s), %d attempt(s)",
+                     total.messages, total.commands, total.attempts)  # fmt: skip
+            done.callback(total)
+
+        if self.writer is None:
+            return defer.succeed(total)
+        self.writer.submit_job(Job(lambda conn: purge_step(conn, cutoff), step_done))
+        return done
+
+    def reload(self, config: Config) -> list[str]:
+        """SIGHUP: new routes and mappings take effect for the next message; connections stay open.
+
+        Returns what could not be applied without a restart."""
+        needs_restart = []
+        if [lst.endpoint for lst in config.listeners] != [lst.endpoint for lst in self.config.listeners]:
+            needs_restart.append("listeners")
+        if config.service.database != self.config.service.database:
+            needs_restart.append("service.database")
+        if bool(config.routes) != bool(self.config.routes):
+            needs_restart.append("routes (adding the first route or removing the last)")
+        routes = router(config.routes, config.dispatch)
+        for factory in self.factories:
+            factory.pipeline.intake.router = routes
+        self.config = replace(self.config, routes=config.routes, dispatch=config.dispatch)
+        return needs_restart
+
+    def addresses(self) -> list[str]:
+        return [_describe(p) for p in self.ports]
+
+    @defer.inlineCallbacks
+    def stop(self, grace: float = 10.0):
+        """Stop accepting, answer what was received (up to ``grace`` s), let API calls finish, flush the log."""
+        self.stopping = True
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        for port in self.ports:
+            yield port.stopListening()
+        self.ports = []
+        waited = 0.0
+        while any(c._slots for f in self.factories for c in f.open) and waited < grace:
+            yield _sleep(self.reactor, 0.05)
+            waited += 0.05
+        for factory in self.factories:
+            for conn in list(factory.open):
+                conn.transport.loseConnection()
+        if self.dispatcher is not None:
+            dispatcher, self.dispatcher = self.dispatcher, None
+            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), dispatcher.stop, grace)
+        if self._probes is not None:
+            self._probes.stop()
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), writer.stop)
+        if self._health_port is not None:
+            yield self._health_port.stopListening()
+        if self.sandbox is not None:
+            yield self.sandbox.stop()
 
     @defer.inlineCallbacks
     def _start_sandbox(self):
@@ -115,35 +246,10 @@ class Service:
             retry_max=dispatch.retry_max,
             probe_interval=dispatch.auth_probe_interval,
         )
-        self.dispatcher = Dispatcher(self.engine, self.writer, client, settings)
+        self.dispatcher = Dispatcher(self.engine, self.writer, client, settings, observer=self.metrics)
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
         log.info("dispatching to %s (org %s)", api.base_url, api.org_id)
-
-    def addresses(self) -> list[str]:
-        return [_describe(p) for p in self.ports]
-
-    @defer.inlineCallbacks
-    def stop(self, grace: float = 10.0):
-        """Stop accepting, answer what was received (up to ``grace`` s), let API calls finish, flush the log."""
-        for port in self.ports:
-            yield port.stopListening()
-        self.ports = []
-        waited = 0.0
-        while any(c._slots for f in self.factories for c in f.open) and waited < grace:
-            yield _sleep(self.reactor, 0.05)
-            waited += 0.05
-        for factory in self.factories:
-            for conn in list(factory.open):
-                conn.transport.loseConnection()
-        if self.dispatcher is not None:
-            dispatcher, self.dispatcher = self.dispatcher, None
-            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), dispatcher.stop, grace)
-        if self.writer is not None:
-            writer, self.writer = self.writer, None
-            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), writer.stop)
-        if self.sandbox is not None:
-            yield self.sandbox.stop()
 
 
 @dataclass(frozen=True)

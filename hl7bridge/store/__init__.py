@@ -30,7 +30,9 @@ from .queries import (
     list_messages,
     messages_for_replay,
     record_replay,
+    stats,
 )
+from .retention import PurgeCounts, compact, due_for_purge, purge, purge_step
 from .schema import (
     OPEN_STATUSES,
     SCHEMA_VERSION,
@@ -38,6 +40,7 @@ from .schema import (
     appointments,
     attempts,
     commands,
+    heartbeat,
     messages,
     meta,
     metadata,
@@ -53,6 +56,7 @@ __all__ = [
     "CommandRow",
     "CommandUpdate",
     "Job",
+    "PurgeCounts",
     "StoreError",
     "WriteRequest",
     "WriteResult",
@@ -67,9 +71,12 @@ __all__ = [
     "command_values",
     "commands",
     "commands_for_messages",
+    "compact",
     "count_messages",
+    "due_for_purge",
     "due_heads",
     "get_message",
+    "heartbeat",
     "list_messages",
     "mark_in_flight",
     "messages",
@@ -80,6 +87,9 @@ __all__ = [
     "open_cancels",
     "open_engine",
     "outbox_depth",
+    "purge",
+    "purge_step",
     "record_ack",
     "record_replay",
+    "stats",
 ]

@@ -134,3 +134,68 @@ def record_replay(
 def appointment_state(engine: Engine, key: str) -> AppointmentRow | None:
     with engine.connect() as conn:
         return appointment(conn, key)
+
+
+def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
+    """The picture /metrics gives, from the database: for operators without Prometheus."""
+    now = time.time()
+
+    def window(stmt: Any, column: Any) -> Any:
+        return stmt.where(column >= since) if since is not None else stmt
+
+    with engine.connect() as conn:
+        by_status = dict(
+            conn.execute(
+                window(select(messages.c.status, func.count()), messages.c.received_at).group_by(messages.c.status)
+            ).all()
+        )
+        by_event = [
+            {"event": e or "-", "ack": a or "-", "count": c}
+            for e, a, c in conn.execute(
+                window(select(messages.c.event, messages.c.ack_code, func.count()), messages.c.received_at)
+                .group_by(messages.c.event, messages.c.ack_code)
+                .order_by(messages.c.event, messages.c.ack_code)
+            )
+        ]
+        last = conn.execute(select(func.max(messages.c.received_at))).scalar()
+        command_status = dict(
+            conn.execute(
+                window(select(commands.c.status, func.count()), commands.c.created_at).group_by(commands.c.status)
+            ).all()
+        )
+        depth, oldest = conn.execute(
+            select(func.count(), func.min(commands.c.created_at)).where(commands.c.status.in_(("pending", "in_flight")))
+        ).first()
+        calls = [
+            {
+                "operation": op,
+                "status": status if status is not None else "error",
+                "count": count,
+                "avg_ms": round(avg or 0.0, 1),
+                "max_ms": round(top or 0.0, 1),
+            }
+            for op, status, count, avg, top in conn.execute(
+                window(
+                    select(
+                        attempts.c.operation,
+                        attempts.c.status_code,
+                        func.count(),
+                        func.avg(attempts.c.duration_ms),
+                        func.max(attempts.c.duration_ms),
+                    ),
+                    attempts.c.at,
+                )
+                .group_by(attempts.c.operation, attempts.c.status_code)
+                .order_by(attempts.c.operation, attempts.c.status_code)
+            )
+        ]
+    return {
+        "since": since,
+        "messages": by_status,
+        "messages_by_event": by_event,
+        "last_message_at": last,
+        "commands": command_status,
+        "outbox": {"depth": int(depth or 0), "oldest_age_s": round(now - oldest, 1) if oldest else None},
+        "dead_letters": int(command_status.get("dead", 0)),
+        "api_calls": calls,
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -19,12 +20,13 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     select,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 log = logging.getLogger("hl7bridge.store")
 
 metadata = MetaData()
@@ -64,6 +66,7 @@ messages = Table(
     Column("error", Text),
     Column("error_location", String(32)),
     Column("duplicate_of", Integer),
+    Column("purged_at", Float, doc="when retention removed the raw message and parsed summary"),
     Index("ix_messages_sender_control", "sending_application", "sending_facility", "control_id"),
     Index("ix_messages_received_at", "received_at"),
     Index("ix_messages_status_received", "status", "received_at"),
@@ -98,6 +101,7 @@ commands = Table(
     Index("ix_commands_status_due", "status", "next_attempt_at"),
     Index("ix_commands_appointment", "appointment_key", "id"),
     Index("ix_commands_message", "message_id"),
+    Index("ix_commands_status_updated", "status", "updated_at"),
 )
 
 attempts = Table(
@@ -156,21 +160,52 @@ def open_engine(url: str, synchronous: str = "FULL") -> Engine:
             cur.close()
 
     try:
-        metadata.create_all(engine)
         with engine.begin() as conn:
-            found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
-            if found is None:
+            found = _schema_version(conn)
+            if found is None and is_sqlite:
+                # Must precede the first table: lets retention hand freed pages back to the file system.
+                conn.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
+        if found is not None and found > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database {_safe(url)} was written by a newer hl7bridge (schema {found}, this release "
+                f"knows {SCHEMA_VERSION}); upgrade hl7bridge or point --database at another file"
+            )
+        if found is not None and found < SCHEMA_VERSION:
+            _upgrade(engine, found)
+        metadata.create_all(engine)
+        if found is None:
+            with engine.begin() as conn:
                 conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(found) > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the database {url} was written by a newer hl7bridge (schema {found}, this release "
-                    f"knows {SCHEMA_VERSION}); upgrade hl7bridge or point --database at another file"
-                )
     except SQLAlchemyError as exc:
         raise StoreError(
             f"cannot open the database {_safe(url)}: {exc.__class__.__name__}: {_first_line(exc)}"
         ) from None
     return engine
+
+
+def _schema_version(conn: Any) -> int | None:
+    if "meta" not in inspect(conn).get_table_names():
+        return None
+    found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+    return int(found) if found is not None else None
+
+
+def _v2_retention(conn: Any) -> None:
+    conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN purged_at FLOAT")
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_commands_status_updated ON commands (status, updated_at)")
+
+
+#: In-place upgrades: version -> the step that brings a database from version-1 to it.
+MIGRATIONS: dict[int, Callable[[Any], None]] = {2: _v2_retention}
+
+
+def _upgrade(engine: Engine, found: int) -> None:
+    """Apply each step in its own transaction, recording the version reached after each."""
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        with engine.begin() as conn:
+            MIGRATIONS[version](conn)
+            conn.execute(meta.update().where(meta.c.key == "schema_version").values(value=str(version)))
+        log.info("upgraded the message log to schema version %d", version)
 
 
 def _prepare_sqlite_file(path: FsPath) -> None:
@@ -191,3 +226,10 @@ def _safe(url: str) -> str:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+
+
+def heartbeat(conn: Any, now: float) -> None:
+    """A tiny write that proves the database takes commits (the health check's probe)."""
+    done = conn.execute(meta.update().where(meta.c.key == "heartbeat").values(value=repr(now)))
+    if done.rowcount == 0:
+        conn.execute(meta.insert().values(key="heartbeat", value=repr(now)))

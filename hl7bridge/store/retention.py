@@ -1,0 +1,118 @@
+"""Retention: patient data older than N days leaves the log; outcomes and counts stay.
+
+Raw messages, parsed summaries, journey parameters and API response bodies
+(search answers carry parameters) are cleared in small transactions, so the
+writer is never held for long. SQLite then checkpoints its WAL and hands freed
+pages back with an incremental vacuum, so the file does not grow without bound.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.engine import Engine
+
+from .schema import OPEN_STATUSES, appointments, attempts, commands, messages
+
+
+@dataclass
+class PurgeCounts:
+    messages: int = 0
+    commands: int = 0
+    attempts: int = 0
+    appointments: int = 0
+
+    def __iadd__(self, other: PurgeCounts) -> PurgeCounts:
+        self.messages += other.messages
+        self.commands += other.commands
+        self.attempts += other.attempts
+        self.appointments += other.appointments
+        return self
+
+    @property
+    def total(self) -> int:
+        return self.messages + self.commands + self.attempts + self.appointments
+
+
+def due_for_purge(conn: Any, cutoff: float) -> PurgeCounts:
+    """What a purge with this cutoff would clear (for --dry-run)."""
+    count = PurgeCounts()
+    count.messages = conn.execute(
+        select(func.count()).where(messages.c.received_at < cutoff).where(messages.c.purged_at.is_(None))
+    ).scalar()
+    old = select(messages.c.id).where(messages.c.received_at < cutoff).where(messages.c.purged_at.is_(None))
+    finished = commands.c.status.not_in(OPEN_STATUSES)
+    count.commands = conn.execute(select(func.count()).where(commands.c.message_id.in_(old)).where(finished)).scalar()
+    count.attempts = conn.execute(
+        select(func.count()).where(attempts.c.at < cutoff).where(attempts.c.response_body.is_not(None))
+    ).scalar()
+    count.appointments = conn.execute(
+        select(func.count()).where(appointments.c.updated_at < cutoff).where(appointments.c.parameters.is_not(None))
+    ).scalar()
+    return count
+
+
+def purge_step(conn: Any, cutoff: float, limit: int = 500) -> PurgeCounts:
+    """Clear one slice of old patient data; call until it returns a total of 0."""
+    now = time.time()
+    count = PurgeCounts()
+    ids = [
+        row[0]
+        for row in conn.execute(
+            select(messages.c.id)
+            .where(messages.c.received_at < cutoff)
+            .where(messages.c.purged_at.is_(None))
+            .order_by(messages.c.id)
+            .limit(limit)
+        )
+    ]
+    if ids:
+        count.messages = conn.execute(
+            update(messages).where(messages.c.id.in_(ids)).values(raw=None, summary=None, purged_at=now)
+        ).rowcount
+        count.commands = conn.execute(
+            update(commands)
+            .where(commands.c.message_id.in_(ids))
+            .where(commands.c.status.not_in(OPEN_STATUSES))
+            .values(parameters="{}", identifiers="{}")
+        ).rowcount
+    old_attempts = select(attempts.c.id).where(attempts.c.at < cutoff).where(attempts.c.response_body.is_not(None))
+    count.attempts = conn.execute(
+        update(attempts).where(attempts.c.id.in_(old_attempts.limit(limit))).values(response_body=None)
+    ).rowcount
+    old_memory = (
+        select(appointments.c.appointment_key)
+        .where(appointments.c.updated_at < cutoff)
+        .where(appointments.c.parameters.is_not(None))
+        .limit(limit)
+    )
+    count.appointments = conn.execute(
+        update(appointments).where(appointments.c.appointment_key.in_(old_memory)).values(parameters=None)
+    ).rowcount
+    return count
+
+
+def purge(engine: Engine, cutoff: float, limit: int = 500) -> PurgeCounts:
+    """Purge everything older than ``cutoff`` in slices, then give space back (SQLite)."""
+    total = PurgeCounts()
+    while True:
+        with engine.begin() as conn:
+            step = purge_step(conn, cutoff, limit)
+        total += step
+        if step.total == 0:
+            break
+    compact(engine)
+    return total
+
+
+def compact(engine: Engine) -> None:
+    """Checkpoint the WAL into the main file and release free pages (no-op for other databases)."""
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.exec_driver_sql("PRAGMA incremental_vacuum")
+        conn.commit()
