@@ -91,13 +91,7 @@ class Pipeline:
         """One metric and one log line per message; the line names ids, never patient data."""
         header = received.header
         code = _msa_code(answer)
-        duplicate = (
-            received.status == "accepted"
-            and answer is not None
-            and received.ack is not None
-            and (answer != received.ack.payload and code == received.ack.code)
-        )
-        self.observer.message(self.listener, header.event if header else "", code, duplicate)
+        self.observer.message(self.listener, header.event if header else "", code, received.status == "duplicate")
         level = logging.DEBUG if code in ("AA", "CA") or code == "" else logging.INFO
         if log.isEnabledFor(level):
             kind = f"{header.message_type}^{header.event}" if header else "unreadable"

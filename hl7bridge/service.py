@@ -195,7 +195,8 @@ class Service:
             yield port.stopListening()
         self.ports = []
         waited = 0.0
-        while any(c._slots for f in self.factories for c in f.open) and waited < grace:
+        # A short pause first: bytes already on their way in count as received.
+        while waited < grace and (waited < 0.25 or any(c._slots for f in self.factories for c in f.open)):
             yield _sleep(self.reactor, 0.05)
             waited += 0.05
         for factory in self.factories:

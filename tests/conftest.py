@@ -52,7 +52,7 @@ class RunningService:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "hl7bridge", *args]
-        if args and args[0] == "log":
+        if args and args[0] in ("log", "purge", "stats", "replay"):
             cmd += ["--database", self.url]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=self.workdir)
         if check and result.returncode != 0:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path as FsPath
 from typing import Any
@@ -162,9 +164,6 @@ def open_engine(url: str, synchronous: str = "FULL") -> Engine:
     try:
         with engine.begin() as conn:
             found = _schema_version(conn)
-            if found is None and is_sqlite:
-                # Must precede the first table: lets retention hand freed pages back to the file system.
-                conn.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
         if found is not None and found > SCHEMA_VERSION:
             raise StoreError(
                 f"the database {_safe(url)} was written by a newer hl7bridge (schema {found}, this release "
@@ -214,6 +213,12 @@ def _prepare_sqlite_file(path: FsPath) -> None:
             path.parent.mkdir(mode=0o700, parents=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
+        if os.stat(path).st_size == 0:
+            # auto_vacuum can only be chosen before the first page is written (and before WAL mode):
+            # it lets retention hand freed pages back to the file system.
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                conn.execute("VACUUM")
         if os.stat(path).st_mode & 0o077:
             os.chmod(path, 0o600)
     except OSError as exc:
