@@ -20,7 +20,6 @@ from hl7bridge.store import SCHEMA_VERSION, StoreError, open_engine
 from .conftest import (
     ROOT,
     RunningSandbox,
-    RunningService,
     free_port,
     segments,
     start_sandbox,
@@ -63,7 +62,7 @@ def test_healthy_service_and_metrics(tmp_path: Path, sandbox: RunningSandbox) ->
     port = free_port()
     service = start_service(tmp_path, service_toml(sandbox.url) + health_toml(port), env=TOKEN)
     try:
-        status, body = wait_until(lambda: (lambda r: r if r[0] == 200 else None)(healthz(port)))
+        _status, body = wait_until(lambda: (lambda r: r if r[0] == 200 else None)(healthz(port)))
         assert body["status"] == "ok" and set(body["checks"]) == {"listeners", "database", "dispatch", "outbox"}
         ack = segments(service.request(siu("S12", "M-1", "A-M-1", future())))["MSA"]
         assert ack[1] == "AA"
@@ -85,7 +84,7 @@ def test_health_reports_paused_dispatch_and_recovers(tmp_path: Path, sandbox: Ru
     try:
         sandbox.post("/_sandbox/tokens", {"revoke": ["test-token"]})
         service.request(siu("S12", "P-1", "A-P-1", future()))
-        status, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(healthz(port)))
+        _status, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(healthz(port)))
         assert body["failing"] == ["dispatch"] and "401" in body["checks"]["dispatch"]["detail"]
         assert metric(port, "hl7bridge_dispatch_paused") == 1
         sandbox.post(
@@ -104,7 +103,7 @@ def test_health_reports_a_stuck_outbox(tmp_path: Path, sandbox: RunningSandbox) 
     try:
         sandbox.faults(outage={"mode": "503", "seconds": 30})
         service.request(siu("S12", "STUCK-1", "A-STUCK", future()))
-        status, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(healthz(port)), timeout=20)
+        _status, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(healthz(port)), timeout=20)
         assert body["failing"] == ["outbox"] and "waiting" in body["checks"]["outbox"]["detail"]
         assert metric(port, "hl7bridge_outbox_depth") >= 1
         assert metric(port, "hl7bridge_api_retries_total") >= 1
@@ -121,7 +120,7 @@ def test_health_reports_an_unwritable_database(tmp_path: Path) -> None:
         blocker = sqlite3.connect(service.database, timeout=1)
         blocker.execute("BEGIN IMMEDIATE")
         try:
-            status, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(healthz(port)), timeout=30)
+            _status, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(healthz(port)), timeout=30)
             assert "database" in body["failing"]
             ack = segments(service.request(siu("S15", "LOCKED-1", "A-L", None)))["MSA"]
             assert ack[1] == "AR", "a message that cannot be committed is never answered AA"
