@@ -51,11 +51,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(cfg.service.log_level, cfg.service.log_format, cfg.service.log_phi)
     from twisted.internet import reactor
 
+    from . import systemd as sd
     from .service import Service, StartupError
 
     if args.sandbox and args.api_url:
         raise CliError("--sandbox and --api-url exclude each other (the sandbox is the API then)")
     service = Service(cfg, reactor, with_sandbox=args.sandbox, sandbox_listen=args.sandbox_listen)
+    watchdog = sd.Watchdog(reactor, lambda: not service.watchdog_problems(),
+                           describe=lambda: "; ".join(service.watchdog_problems()))  # fmt: skip
     outcome: dict[str, Any] = {}
 
     def started(_: object) -> None:
@@ -66,7 +69,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         elif service.dispatcher is not None:
             line += f"; dispatching to {service.config.api.base_url}"
         print(line, flush=True)
+
+        def before_shutdown() -> None:
+            watchdog.stop()
+            sd.stopping("Stopping: answering what was received, flushing the log")
+
+        # Triggers run in the order added: stop the keep-alives first, then drain the service.
+        reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
+        reactor.addSystemEventTrigger("before", "shutdown", service.stop)
         signal.signal(signal.SIGHUP, lambda _sig, _frame: reactor.callFromThread(reload))
+        sd.ready(line)
+        watchdog.start()
 
     def reload() -> None:
         """SIGHUP: reread the file; a bad new config is refused and the running one kept."""
@@ -75,11 +88,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             for problem in exc.problems:
                 logging.getLogger("hl7bridge.service").error("reload refused, keeping the running config: %s", problem)
+            sd.status(f"Reload refused: {exc.problems[0]}; running configuration kept")
             return
         pending = service.reload(fresh)
         note = f"; needs a restart to change: {', '.join(pending)}" if pending else ""
         logging.getLogger("hl7bridge.service").info("configuration reloaded (routes and mappings)%s", note)
-        reactor.addSystemEventTrigger("before", "shutdown", service.stop)
+        sd.status("Configuration reloaded" + note)
 
     def failed(failure: Any) -> None:
         outcome["error"] = failure.value
@@ -511,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     log = sub.add_parser("log", help="look into the message log")
     log_sub = log.add_subparsers(dest="log_command", required=True)
     lst = with_config(log_sub.add_parser("list", help="recent messages, newest first"))
-    lst.add_argument("--status", choices=("accepted", "rejected", "ignored", "duplicate"))
+    lst.add_argument("--status", choices=("accepted", "rejected", "ignored", "duplicate", "pending"))
     lst.add_argument("--since", metavar="DURATION", help="e.g. 30m, 12h, 7d")
     lst.add_argument("--event", metavar="S12")
     lst.add_argument("--limit", type=int, default=50)

@@ -191,9 +191,12 @@ class Dispatcher:
         if creates and cmd.start_at is not None and cmd.start_at <= now:
             return self._final(cmd, "dead", "the appointment started before it could be sent")
         if cancel_id is not None and cmd.kind in (BOOK, RESCHEDULE, MODIFY):
-            state = "annihilated" if not active else "active"
-            return self._final(cmd, "annihilated", f"cancelled by command {cancel_id} before it was sent",
-                               remember=(cmd, state, None) if not active else None)  # fmt: skip
+            if not cmd.uncertain and cmd.status == "pending" and not active:
+                # Never sent: the trigger and its cancel annihilate, with no API call at all.
+                return self._final(cmd, "annihilated", f"cancelled by command {cancel_id} before it was sent",
+                                   remember=(cmd, "annihilated", None))  # fmt: skip
+            # An earlier attempt may have reached the API (timeout, 5xx): the cancel must still search.
+            return self._final(cmd, "annihilated", f"superseded by cancel command {cancel_id}; not sent again")
         if active and appt.parameters == cmd.parameters and cmd.kind in (BOOK, RESCHEDULE, MODIFY, SUBFLOW):
             reason = "already triggered with these parameters" if cmd.kind == BOOK else "no change"
             return self._final(cmd, "done", reason)
@@ -270,7 +273,8 @@ class Dispatcher:
         to_send = []
         settled: list[CommandUpdate] = []
         for cmd in cmds:
-            if cmd.status == "in_flight":
+            if cmd.kind != SUBFLOW and (cmd.status == "in_flight" or cmd.uncertain):
+                # An earlier call may have reached the API (a crash mid-call, a timeout, a 5xx).
                 found = self._already_there(cmd)
                 if found is not None:
                     settled.append(found)
@@ -282,14 +286,21 @@ class Dispatcher:
             self._apply(self._send(to_send))
 
     def _already_there(self, cmd: CommandRow) -> CommandUpdate | None:
-        """After a crash mid-call: an instance with these parameters means the call went through."""
+        """Whether an earlier call went through: an active instance with these parameters says so.
+
+        Returns the command's update when there is nothing to send: found, or the search itself failed
+        (then it is retried later rather than risking a second journey)."""
         result = self._call(self.client.search, cmd.chat_bot_id, cmd.identifiers)
+        attempt = _attempt(result, str(uuid.uuid4()))
         if not result.ok or not isinstance(result.data, list):
-            return None
+            update = self._failure(cmd, result)
+            update.attempts.append(attempt)
+            return update
         for instance in result.data:
             if instance.get("status") in ACTIVE_STATUSES and instance.get("parameters") == cmd.parameters:
-                update = self._done_trigger(cmd, "found after restart; not sent again")
-                update.attempts.append(_attempt(result, str(uuid.uuid4())))
+                what = "found after restart" if cmd.status == "in_flight" else "an earlier attempt went through"
+                update = self._done_trigger(cmd, f"{what}; not sent again")
+                update.attempts.append(attempt)
                 return update
         return None
 
@@ -320,7 +331,8 @@ class Dispatcher:
 
     def _done_trigger(self, cmd: CommandRow, outcome: str) -> CommandUpdate:
         remember = (cmd.appointment_key, cmd.route, cmd.chat_bot_id, "active", cmd.parameters)
-        if cmd.kind == SUBFLOW:
+        if cmd.kind == SUBFLOW and set(cmd.parameters) <= set(cmd.identifiers):
+            # A no-show subflow carries only the identifiers: the instance's parameters are unchanged.
             remember = None
         return CommandUpdate(cmd.id, "done", outcome, count_attempt=True, remember=remember)
 
@@ -397,8 +409,11 @@ class Dispatcher:
         delay = base * random.uniform(0.5, 1.0)
         if result is not None and result.retry_after is not None:
             delay = max(delay, result.retry_after)
+        # A refused connection, 408, 429 or 503 changed nothing; a timeout after sending might have.
+        uncertain = cmd.uncertain or result is None or result.maybe_processed
         return CommandUpdate(cmd.id, "pending", f"retrying in {delay:.1f} s: {messages}",
-                             next_attempt_at=self.clock() + delay, count_attempt=True)  # fmt: skip
+                             next_attempt_at=self.clock() + delay, count_attempt=True,
+                             uncertain=uncertain)  # fmt: skip
 
     # -- recording -----------------------------------------------------------------------------
     def _apply(self, updates: list[CommandUpdate]) -> None:

@@ -23,6 +23,7 @@ STATUS_ACCEPTED = "accepted"
 STATUS_REJECTED = "rejected"
 STATUS_IGNORED = "ignored"
 STATUS_DUPLICATE = "duplicate"
+STATUS_PENDING = "pending"
 
 
 @dataclass(slots=True)
@@ -164,6 +165,9 @@ class Intake:
         elif plan.status == "ignored":
             received.status = STATUS_IGNORED
         received.commands = [command_values(c, now, sync=self.sync) for c in plan.commands]
+        if self.sync and received.commands:
+            # ack_mode "dispatched": not accepted until the API says so (a resend meanwhile is processed anew).
+            received.status = STATUS_PENDING
         return received
 
     def _judged(

@@ -44,10 +44,18 @@ class ApiResult:
     retry_after: float | None = None
     data: Any = None
     error: str = ""
+    reached: bool = True
 
     @property
     def ok(self) -> bool:
         return self.verdict is Verdict.SUCCESS
+
+    @property
+    def maybe_processed(self) -> bool:
+        """Whether a failed call may still have done its work (no answer after sending, or 500/502/504)."""
+        if self.status is None:
+            return self.reached
+        return self.status in (500, 502, 504)
 
 
 class TokenError(RuntimeError):
@@ -177,10 +185,13 @@ class JourneysClient:
                 headers={"Authorization": f"Bearer {token}"},
                 timeout=(self.connect_timeout, self.read_timeout),
             )
+        except requests.ConnectTimeout as exc:
+            return self._failed(operation, summary, started, f"connect timeout: {_short(exc)}", reached=False)
         except requests.Timeout as exc:
             return self._failed(operation, summary, started, f"timeout: {exc.__class__.__name__}")
         except requests.ConnectionError as exc:
-            return self._failed(operation, summary, started, f"connection error: {_short(exc)}")
+            refused = "NewConnectionError" in repr(exc) or "refused" in str(exc).lower()
+            return self._failed(operation, summary, started, f"connection error: {_short(exc)}", reached=not refused)
         except requests.RequestException as exc:
             return self._failed(operation, summary, started, f"request error: {_short(exc)}")
         duration = (time.monotonic() - started) * 1000
@@ -204,9 +215,10 @@ class JourneysClient:
         return ApiResult(operation, verdict, status, summary, text, duration, messages,
                          _retry_after(response.headers.get("Retry-After")), data)  # fmt: skip
 
-    def _failed(self, operation: str, summary: str, started: float, error: str) -> ApiResult:
+    def _failed(self, operation: str, summary: str, started: float, error: str, reached: bool = True) -> ApiResult:
         duration = (time.monotonic() - started) * 1000
-        return ApiResult(operation, Verdict.RETRYABLE, None, summary, "", duration, (error,), error=error)
+        return ApiResult(operation, Verdict.RETRYABLE, None, summary, "", duration, (error,), error=error,
+                         reached=reached)  # fmt: skip
 
 
 def _messages(data: Any, text: str) -> tuple[str, ...]:

@@ -135,14 +135,19 @@ class Pipeline:
 
     def _verdict(self, updates: list[CommandUpdate], result: WriteResult, received: Received) -> bytes | None:
         failed = [u for u in updates if u.status not in ("done", "annihilated")]
+        message_id = result.message_id
         if not failed:
-            return received.ack.payload
+            ack = received.ack
+            received.status = "accepted"
+            self.writer.submit_job(Job(lambda conn: store.record_ack(conn, message_id, ack, "accepted", None),
+                                       lambda _r, _e: None))  # fmt: skip
+            return ack.payload
         text = "; ".join(u.outcome for u in failed)
         problem = Problem("MSH", APPLICATION_INTERNAL_ERROR, f"not delivered to the Journeys API: {text}")
         ack = self.intake.answer(received, Outcome.ERROR, problem)
+        received.status = "rejected"
         if ack is None:
             return None
-        message_id = result.message_id
         self.writer.submit_job(Job(lambda conn: store.record_ack(conn, message_id, ack, "rejected", problem.text),
                                    lambda _r, _e: None))  # fmt: skip
         return ack.payload

@@ -126,9 +126,7 @@ class Router:
         if event.status and event.status.upper() in {s.upper() for s in route.skip_statuses}:
             return Plan(route=route.name, status="ignored", note=f"status {event.status} is skipped by the route")
         start_at = event.start.timestamp() if event.start else None
-        creating = event.action in ("book", "reschedule", "modify") or (
-            event.action == "noshow" and route.noshow == "subflow"
-        )
+        creating = event.action in ("book", "reschedule", "modify")
         if creating and route.skip_started and start_at is not None and start_at <= now:
             return Plan(route=route.name, status="ignored", note="the appointment has already started")
         if event.action == "noshow" and route.noshow == "ignore":
@@ -146,9 +144,9 @@ class Router:
             return Plan(route=route.name, status="rejected", note=str(exc), problem=problem,
                         accept_anyway=route.content_errors == "accept")  # fmt: skip
 
-        def command(kind: str, flow_id: str | None, params: dict[str, str]) -> Command:
+        def command(kind: str, flow_id: str | None, params: dict[str, str], starts: float | None = start_at) -> Command:
             return Command(kind, route.name, route.chat_bot_id, route.time_zone, flow_id, params, identifiers,
-                           event.appointment_key, start_at)  # fmt: skip
+                           event.appointment_key, starts)  # fmt: skip
 
         action = event.action
         if action == "book":
@@ -159,7 +157,8 @@ class Router:
             else:
                 commands = [command(RESCHEDULE if action == "reschedule" else MODIFY, route.flow_id, parameters)]
         elif action == "noshow" and route.noshow == "subflow" and route.noshow_flow_id:
-            commands = [command(SUBFLOW, route.noshow_flow_id, dict(identifiers))]
+            # A no-show is reported after the start by nature: never "too late" for its subflow.
+            commands = [command(SUBFLOW, route.noshow_flow_id, dict(identifiers), starts=None)]
         else:  # cancel, noshow (cancel), end (quiet cancel)
             commands = [command(CANCEL, None, dict(identifiers))]
         return Plan(commands=commands, route=route.name, note=f"{action} via route {route.name}")

@@ -96,6 +96,11 @@ class SandboxResource(resource.Resource):
         delay = faults.latency_ms / 1000.0
         if faults.slow_every and state.requests_seen % faults.slow_every == 0:
             delay += faults.slow_seconds
+        if outage == "refuse":
+            # The port is closed for new connections; kept-alive ones are cut as well.
+            self._log(request, path, None, None, "outage: connection refused")
+            request.channel.transport.abortConnection()
+            return server.NOT_DONE_YET
         if outage == "timeout":
             self._log(request, path, None, None, "outage: no answer")
             return server.NOT_DONE_YET

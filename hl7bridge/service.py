@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.web import server
 
 from . import hl7schema
+from . import systemd as sd
 from .ack import AckBuilder
 from .config import Config
 from .dispatch_config import router
@@ -57,6 +58,12 @@ class Service:
         os.umask(0o077)
         hl7schema.warm()
         cfg = self.config
+        tls = [lst.name for lst in cfg.listeners if lst.endpoint.split(":", 1)[0] == "ssl"]
+        if tls and not sd.write_execute_memory_allowed():
+            raise StartupError(
+                f"listener {tls[0]!r} uses TLS, which needs writable+executable memory (pyOpenSSL's cffi "
+                "callbacks); under systemd install systemd/hl7bridge-tls.conf (MemoryDenyWriteExecute=no)"
+            )
         try:
             self.engine = open_engine(cfg.service.database, cfg.service.sqlite_synchronous)
         except StoreError as exc:
@@ -183,6 +190,14 @@ class Service:
 
     def addresses(self) -> list[str]:
         return [_describe(p) for p in self.ports]
+
+    def watchdog_problems(self) -> list[str]:
+        """What a restart could fix: the listeners or the database. (A paused API cannot be, and a
+        restart would close the MLLP port the engines send to.)"""
+        if self.health is None:
+            return []
+        checks = self.health.checks(time.time())
+        return [f"{n}: {c.detail}" for n, c in checks.items() if n in ("listeners", "database") and not c.ok]
 
     @defer.inlineCallbacks
     def stop(self, grace: float = 10.0):

@@ -33,6 +33,7 @@ class CommandRow:
     attempts: int
     sync: bool
     created_at: float
+    uncertain: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class CommandUpdate:
     count_attempt: bool = False
     remember: tuple[str, str, str, str, dict[str, str] | None] | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    uncertain: bool | None = None
 
 
 def command_values(command: Command, now: float, sync: bool = False) -> dict[str, Any]:
@@ -74,6 +76,7 @@ def command_values(command: Command, now: float, sync: bool = False) -> dict[str
         "attempts": 0,
         "next_attempt_at": now,
         "sync": 1 if sync else 0,
+        "uncertain": 0,
         "replay_of": None,
         "created_at": now,
         "updated_at": now,
@@ -85,7 +88,7 @@ def _command(row: Any) -> CommandRow:
     return CommandRow(
         m["id"], m["message_id"], m["appointment_key"], m["kind"], m["route"], m["chat_bot_id"], m["time_zone"],
         m["flow_id"], json.loads(m["parameters"]), json.loads(m["identifiers"]), m["start_at"], m["status"],
-        m["step"] or "", m["attempts"], bool(m["sync"]), m["created_at"],
+        m["step"] or "", m["attempts"], bool(m["sync"]), m["created_at"], bool(m["uncertain"]),
     )  # fmt: skip
 
 
@@ -166,7 +169,18 @@ def apply_updates(conn: Any, updates: list[CommandUpdate], now: float) -> None:
             values["next_attempt_at"] = u.next_attempt_at
         if u.count_attempt:
             values["attempts"] = commands.c.attempts + 1
+        if u.uncertain is not None:
+            values["uncertain"] = 1 if u.uncertain else 0
         conn.execute(commands.update().where(commands.c.id == u.command_id).values(**values))
+        if u.status in ("done", "annihilated", "dead", "failed"):
+            # ack_mode "dispatched" after a restart: nobody awaits the verdict, the log still records it.
+            owner = select(commands.c.message_id).where(commands.c.id == u.command_id).scalar_subquery()
+            conn.execute(
+                messages.update()
+                .where(messages.c.id == owner)
+                .where(messages.c.status == "pending")
+                .values(status="accepted" if u.status in ("done", "annihilated") else "rejected")
+            )
         if u.attempts:
             conn.execute(attempts.insert(), [dict(a, command_id=u.command_id) for a in u.attempts])
         if u.remember is not None:
@@ -185,7 +199,7 @@ def apply_updates(conn: Any, updates: list[CommandUpdate], now: float) -> None:
                 conn.execute(appointments.insert().values(appointment_key=key, **row))
 
 
-def record_ack(conn: Any, message_id: int, ack: Any, status: str, error: str) -> None:
+def record_ack(conn: Any, message_id: int, ack: Any, status: str, error: str | None) -> None:
     """The ACK finally sent for a message (ack_mode = "dispatched" decides it after the commit)."""
     conn.execute(
         messages.update()

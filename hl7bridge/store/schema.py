@@ -97,6 +97,7 @@ commands = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", Float, nullable=False),
     Column("sync", Integer, nullable=False, default=0, doc="1: ack_mode dispatched, never retried in background"),
+    Column("uncertain", Integer, nullable=False, default=0, doc="1: the last attempt may have reached the API"),
     Column("replay_of", Integer),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
@@ -191,6 +192,7 @@ def _schema_version(conn: Any) -> int | None:
 
 def _v2_retention(conn: Any) -> None:
     conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN purged_at FLOAT")
+    conn.exec_driver_sql("ALTER TABLE commands ADD COLUMN uncertain INTEGER NOT NULL DEFAULT 0")
     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_commands_status_updated ON commands (status, updated_at)")
 
 
