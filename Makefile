@@ -8,6 +8,7 @@ CONFIG ?= config/hl7bridge.example.toml
 .PHONY: run test lint format bench fixtures-send clean
 
 include tests/interop/interop.mk
+-include tests/reliability/reliability.mk
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
