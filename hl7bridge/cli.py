@@ -440,12 +440,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("nothing to replay: no message matches", file=sys.stderr)
         return 0
     replayer = Replayer(engine, cfg)
-    total, queued, problems = len(originals), 0, 0
+    total, queued, problems, skipped = len(originals), 0, 0, 0
     for number, original in enumerate(originals, 1):
         result = replayer.replay(original, args.dry_run)
         prefix = f"[{number}/{total}] message {original['id']} ({original['event'] or '?'} {original['control_id']})"
         if result.problem:
-            problems += 1
+            skipped += 1 if result.skipped else 0
+            problems += 0 if result.skipped else 1
             print(f"{prefix}: {result.problem}")
         elif args.dry_run:
             print(f"{prefix}: would make:")
@@ -455,9 +456,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
             queued += result.commands
             print(f"{prefix}: replayed as message {result.new_message_id} ({result.commands} command(s) queued)")
     if not args.dry_run:
-        print(f"{queued} command(s) queued from {total - problems} message(s); the running service dispatches them "
+        print(f"{queued} command(s) queued from {total - problems - skipped} message(s); the running service dispatches them "
               "(follow with 'hl7bridge log show ID')", file=sys.stderr)  # fmt: skip
-    return 1 if problems and problems == total else 0
+    return 1 if problems and problems == total - skipped else 0
 
 
 # --- parser ---------------------------------------------------------------------------------------

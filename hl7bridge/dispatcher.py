@@ -272,37 +272,45 @@ class Dispatcher:
         self._commit(Job(lambda conn: store.mark_in_flight(conn, [c.id for c in cmds], now), _ignore))
         to_send = []
         settled: list[CommandUpdate] = []
+        checks: dict[int, dict] = {}
         for cmd in cmds:
             if cmd.kind != SUBFLOW and (cmd.status == "in_flight" or cmd.uncertain):
                 # An earlier call may have reached the API (a crash mid-call, a timeout, a 5xx).
-                found = self._already_there(cmd)
+                found, attempt = self._already_there(cmd)
                 if found is not None:
                     settled.append(found)
                     continue
+                checks[cmd.id] = attempt
             to_send.append(cmd)
         if settled:
             self._apply(settled)
         if to_send:
-            self._apply(self._send(to_send))
+            updates = self._send(to_send)
+            for update in updates:
+                if update.command_id in checks:
+                    update.attempts.insert(0, checks[update.command_id])
+            self._apply(updates)
 
-    def _already_there(self, cmd: CommandRow) -> CommandUpdate | None:
+    def _already_there(self, cmd: CommandRow) -> tuple[CommandUpdate | None, dict]:
         """Whether an earlier call went through: an active instance with these parameters says so.
 
-        Returns the command's update when there is nothing to send: found, or the search itself failed
-        (then it is retried later rather than risking a second journey)."""
+        Returns the command's update when there is nothing to send (found, or the search itself failed:
+        then it is retried later, still uncertain, rather than risking a second journey), and the
+        search's attempt for the log."""
         result = self._call(self.client.search, cmd.chat_bot_id, cmd.identifiers)
         attempt = _attempt(result, str(uuid.uuid4()))
         if not result.ok or not isinstance(result.data, list):
             update = self._failure(cmd, result)
+            update.uncertain = True
             update.attempts.append(attempt)
-            return update
+            return update, attempt
         for instance in result.data:
             if instance.get("status") in ACTIVE_STATUSES and instance.get("parameters") == cmd.parameters:
                 what = "found after restart" if cmd.status == "in_flight" else "an earlier attempt went through"
                 update = self._done_trigger(cmd, f"{what}; not sent again")
                 update.attempts.append(attempt)
-                return update
-        return None
+                return update, attempt
+        return None, attempt
 
     def _send(self, cmds: list[CommandRow]) -> list[CommandUpdate]:
         first = cmds[0]

@@ -107,7 +107,11 @@ def evaluate(specs: tuple[ParameterSpec, ...], ctx: Context) -> dict[str, str]:
     for spec in specs:
         value = _value(spec, ctx)
         if not value and spec.default:
-            value = spec.default
+            value = (
+                _convert(spec.default, spec, ctx, "default")
+                if spec.type in ("text", "phone", "digits")
+                else spec.default
+            )
         if not value and spec.required:
             tried = ", ".join(spec.sources) or spec.template or "(constant)"
             raise MappingError(spec.name, spec.location, f"required, but empty (looked in {tried})")

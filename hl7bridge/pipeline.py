@@ -133,24 +133,30 @@ class Pipeline:
 
         return on_timeout
 
-    def _verdict(self, updates: list[CommandUpdate], result: WriteResult, received: Received) -> bytes | None:
+    def _verdict(
+        self, updates: list[CommandUpdate], result: WriteResult, received: Received
+    ) -> defer.Deferred[bytes | None]:
+        """The ACK actually sent is committed to the log before it leaves (a resend then gets the same)."""
         failed = [u for u in updates if u.status not in ("done", "annihilated")]
-        message_id = result.message_id
         if not failed:
-            ack = received.ack
-            received.status = "accepted"
-            self.writer.submit_job(Job(lambda conn: store.record_ack(conn, message_id, ack, "accepted", None),
-                                       lambda _r, _e: None))  # fmt: skip
-            return ack.payload
-        text = "; ".join(u.outcome for u in failed)
-        problem = Problem("MSH", APPLICATION_INTERNAL_ERROR, f"not delivered to the Journeys API: {text}")
-        ack = self.intake.answer(received, Outcome.ERROR, problem)
-        received.status = "rejected"
+            ack, status, error = received.ack, "accepted", None
+        else:
+            text = "; ".join(u.outcome for u in failed)
+            problem = Problem("MSH", APPLICATION_INTERNAL_ERROR, f"not delivered to the Journeys API: {text}")
+            ack, status, error = self.intake.answer(received, Outcome.ERROR, problem), "rejected", problem.text
+        received.status = status
         if ack is None:
-            return None
-        self.writer.submit_job(Job(lambda conn: store.record_ack(conn, message_id, ack, "rejected", problem.text),
-                                   lambda _r, _e: None))  # fmt: skip
-        return ack.payload
+            return defer.succeed(None)
+        message_id = result.message_id
+        recorded: defer.Deferred[bytes | None] = defer.Deferred()
+
+        def committed(_result: Any, failure: BaseException | None) -> None:
+            if failure is not None:
+                log.error("could not record the ACK of message %s: %s", message_id, failure)
+            self.reactor.callFromThread(_fire, recorded, ack.payload)
+
+        self.writer.submit_job(Job(lambda conn: store.record_ack(conn, message_id, ack, status, error), committed))
+        return recorded
 
 
 def _msa_code(answer: bytes | None) -> str:

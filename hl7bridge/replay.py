@@ -32,6 +32,7 @@ class ReplayResult:
     commands: int = 0
     calls: list[str] = field(default_factory=list)
     problem: str = ""
+    skipped: bool = False
 
 
 class Replayer:
@@ -54,6 +55,12 @@ class Replayer:
             return result
         if self.router is None:
             result.problem = "no [[routes]] are configured; there is nothing to dispatch"
+            return result
+        newer = store.later_message(self.engine, original["appointment_key"] or "", original["id"])
+        if newer is not None:
+            # Replaying an old booking after a cancel (or an old time after a reschedule) would undo it.
+            result.problem = f"superseded by message {newer} for the same appointment; not replayed"
+            result.skipped = True
             return result
         listener = self._listener(original["listener"])
         intake = Intake(listener.feed(), self.acks, listener.charset_fallback, self.router, listener.name)

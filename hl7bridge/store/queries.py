@@ -199,3 +199,18 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
         "dead_letters": int(command_status.get("dead", 0)),
         "api_calls": calls,
     }
+
+
+def later_message(engine: Engine, appointment_key: str, after_id: int) -> int | None:
+    """The newest message for the same appointment that came after ``after_id`` (replays of it aside)."""
+    if not appointment_key:
+        return None
+    stmt = (
+        select(func.max(messages.c.id))
+        .where(messages.c.appointment_key == appointment_key)
+        .where(messages.c.id > after_id)
+        .where(messages.c.status.in_(("accepted", "pending", "ignored")))
+        .where((messages.c.replay_of.is_(None)) | (messages.c.replay_of != after_id))
+    )
+    with engine.connect() as conn:
+        return conn.execute(stmt).scalar()

@@ -1,0 +1,263 @@
+"""`hl7bridge replay`: logged messages run again once the configuration is fixed.
+
+The messages are received by a real service whose route cannot map them; then a service with the fixed
+configuration runs on the same SQLite file while `python -m hl7bridge replay` queues the replays, and
+the sandbox (its own process, over HTTP) shows what was triggered.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import RunningSandbox, RunningService, segments, start_sandbox, start_service, wait_until
+from .dispatch_support import SANDBOX_TOML, future, service_toml, siu
+
+TOKEN = {"TEST_API_TOKEN": "test-token"}
+OPEN = ("pending", "in_flight")
+START = future(days=30, hour=11, minute=15)
+
+
+def fixed_toml(api_url: str) -> str:
+    """The accepting route, now with defaults for the patient's name and phone."""
+    config = service_toml(api_url, route_extra='content_errors = "accept"\n')
+    name = 'template = "{PID-5.2} {PID-5.1}"\nrequired = true\n'
+    phone = 'type = "phone"\n'
+    assert config.count(name) == 1 and config.count(phone) == 1
+    config = config.replace(name, name + 'default = "Valued Patient"\n')
+    return config.replace(phone, phone + 'default = "5550000"\n')
+
+
+@dataclass
+class Setting:
+    workdir: Path
+    service: RunningService  # running with the fixed configuration
+    fixed_config: Path
+    noname_id: int
+    nophone_id: int
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSandbox]:
+    running = start_sandbox(tmp_path_factory.mktemp("sandbox"), SANDBOX_TOML)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory: pytest.TempPathFactory, sandbox: RunningSandbox) -> Iterator[Setting]:
+    workdir = tmp_path_factory.mktemp("replay")
+    broken = start_service(workdir, service_toml(sandbox.url, route_extra='content_errors = "accept"\n'), env=TOKEN)
+    try:
+        # No patient name: a content error, answered AA and kept as rejected.
+        noname = segments(broken.request(siu("S12", "RP-NONAME", "A-RP-NONAME", START, family="", given="")))
+        assert noname["MSA"][1] == "AA"
+        row = message_row(broken, "RP-NONAME")
+        assert row["status"] == "rejected" and "patientName" in row["error"]
+        assert commands_of(broken, "RP-NONAME") == []
+        # No phone: mapped (the phone is optional) but refused by the API, so dead-lettered.
+        assert segments(broken.request(siu("S12", "RP-NOPHONE", "A-RP-NOPHONE", START, phone=None)))["MSA"][1] == "AA"
+        (dead,) = settled(broken, "RP-NOPHONE")
+        assert dead["status"] == "dead" and "phoneNumber" in dead["outcome"]
+        # Another booking dead-lettered the same way, and then cancelled by the sender.
+        assert segments(broken.request(siu("S12", "RP-STALE-1", "A-RP-STALE", START, phone=None)))["MSA"][1] == "AA"
+        assert settled(broken, "RP-STALE-1")[0]["status"] == "dead"
+        assert segments(broken.request(siu("S15", "RP-STALE-2", "A-RP-STALE", None)))["MSA"][1] == "AA"
+        assert settled(broken, "RP-STALE-2")[0]["outcome"] == "nothing active to cancel"
+    finally:
+        broken.stop()
+    (workdir / "broken.toml").write_text(service_toml(sandbox.url, route_extra='content_errors = "accept"\n'),
+                                         encoding="utf-8")  # fmt: skip
+    fixed_config = workdir / "fixed.toml"
+    fixed_config.write_text(fixed_toml(sandbox.url), encoding="utf-8")
+    service = start_service(workdir, fixed_toml(sandbox.url), env=TOKEN)
+    yield Setting(workdir, service, fixed_config, row["id"], message_row(service, "RP-NOPHONE")["id"])
+    service.stop()
+
+
+# ---- helpers (small copies of those in test_dispatch.py) -------------------------------------------
+
+
+def query(service: RunningService, sql: str, *args: object) -> list[dict]:
+    with sqlite3.connect(service.database) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute(sql, args)]
+
+
+def commands_of(service: RunningService, control_id: str) -> list[dict]:
+    return query(
+        service,
+        "SELECT c.* FROM commands c JOIN messages m ON m.id = c.message_id WHERE m.control_id = ? ORDER BY c.id",
+        control_id,
+    )
+
+
+def commands_of_message(service: RunningService, message_id: int) -> list[dict]:
+    return query(service, "SELECT * FROM commands WHERE message_id = ? ORDER BY id", message_id)
+
+
+def message_row(service: RunningService, control_id: str) -> dict:
+    return query(service, "SELECT * FROM messages WHERE control_id = ? ORDER BY id", control_id)[0]
+
+
+def settled(service: RunningService, control_id: str) -> list[dict]:
+    def check() -> list[dict] | None:
+        cmds = commands_of(service, control_id)
+        return cmds if cmds and all(c["status"] not in OPEN for c in cmds) else None
+
+    return wait_until(check, message=f"commands of {control_id} to settle")
+
+
+def settled_message(service: RunningService, message_id: int) -> list[dict]:
+    def check() -> list[dict] | None:
+        cmds = commands_of_message(service, message_id)
+        return cmds if cmds and all(c["status"] not in OPEN for c in cmds) else None
+
+    return wait_until(check, message=f"commands of message {message_id} to settle")
+
+
+def replay(setting: Setting, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "hl7bridge", "replay", *args]
+    cmd += ["--config", str(config or setting.fixed_config), "--database", setting.service.url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=setting.workdir)
+
+
+def replays_of(service: RunningService, original_id: int) -> list[dict]:
+    return query(service, "SELECT * FROM messages WHERE replay_of = ? ORDER BY id", original_id)
+
+
+def expected_parameters(appointment: str, name: str = "ALICE TESTPATIENT", phone: str = "5550101") -> dict:
+    return {
+        "patientId": "MRN100",
+        "patientName": name,
+        "appointmentId": appointment,
+        "appointmentDateTime": f"{START[:4]}-{START[4:6]}-{START[6:8]} 11:15:00",
+        "phoneNumber": phone,
+    }
+
+
+def bulk_line(sandbox: RunningSandbox, out: str) -> tuple[str, dict]:
+    """The one dry-run line naming the bulk endpoint: (the text before the body, the JSON body)."""
+    prefix = f"POST {sandbox.url}/chatbotapi/external/orgs/test-org/journeys/reminders/instances/bulk "
+    (line,) = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("POST ") and "/bulk" in ln]
+    assert line.startswith(prefix), line
+    return prefix, json.loads(line[len(prefix) :])
+
+
+# ---- the tests ---------------------------------------------------------------------------------------
+
+
+def test_rejected_message_is_replayed_once_the_config_is_fixed(setting: Setting, sandbox: RunningSandbox) -> None:
+    service, original = setting.service, setting.noname_id
+    messages_before = len(query(service, "SELECT id FROM messages"))
+
+    # Dry run: the exact call, and nothing written or sent.
+    dry = replay(setting, "--status", "rejected", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"[1/1] message {original} (S12 RP-NONAME): would make:" in dry.stdout
+    _, body = bulk_line(sandbox, dry.stdout)
+    assert body == {
+        "flowId": None,
+        "timeZone": "America/Chicago",
+        "instances": [{"parameters": expected_parameters("A-RP-NONAME", name="Valued Patient")}],
+    }
+    assert "search" not in dry.stdout and "DELETE" not in dry.stdout
+    assert len(query(service, "SELECT id FROM messages")) == messages_before
+    assert sandbox.instances(appointmentId="A-RP-NONAME") == []
+
+    # The real replay: the running service (fixed configuration) dispatches it.
+    done = replay(setting, "--status", "rejected")
+    assert done.returncode == 0, done.stderr
+    (new,) = replays_of(service, original)
+    assert f"message {original} (S12 RP-NONAME): replayed as message {new['id']} (1 command(s) queued)" in done.stdout
+    assert new["status"] == "accepted" and new["control_id"] == "RP-NONAME" and new["peer"] == "replay"
+    found = wait_until(lambda: sandbox.instances(appointmentId="A-RP-NONAME"), message="the replayed journey")
+    assert found[0]["parameters"] == expected_parameters("A-RP-NONAME", name="Valued Patient")
+    (cmd,) = settled_message(service, new["id"])
+    assert cmd["status"] == "done" and cmd["outcome"] == "triggered"
+    assert message_row(service, "RP-NONAME")["status"] == "rejected"  # the original stays as it was logged
+
+    # Now the bridge remembers the journey: a dry run shows no call, a second replay triggers nothing.
+    dry_again = replay(setting, str(original), "--dry-run")
+    assert dry_again.returncode == 0, dry_again.stderr
+    assert "no call: already triggered with these parameters" in dry_again.stdout
+    again = replay(setting, str(original))
+    assert again.returncode == 0, again.stderr
+    first, second = replays_of(service, original)
+    assert first["id"] == new["id"]
+    (cmd,) = settled_message(service, second["id"])
+    assert cmd["status"] == "done" and cmd["outcome"] == "already triggered with these parameters"
+    assert len(sandbox.instances(appointmentId="A-RP-NONAME")) == 1
+    assert len([c for c in sandbox.calls("bulk")
+                if any(i["parameters"]["appointmentId"] == "A-RP-NONAME" for i in c["body"]["instances"])]) == 1  # fmt: skip
+
+
+def test_dead_lettered_message_is_replayed_by_id(setting: Setting, sandbox: RunningSandbox) -> None:
+    service, original = setting.service, setting.nophone_id
+    (dead,) = commands_of_message(service, original)
+    assert dead["status"] == "dead"
+
+    dry = replay(setting, str(original), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    _, body = bulk_line(sandbox, dry.stdout)
+    assert body["instances"] == [{"parameters": expected_parameters("A-RP-NOPHONE", phone="5550000")}]
+
+    done = replay(setting, str(original))
+    assert done.returncode == 0, done.stderr
+    (new,) = replays_of(service, original)
+    found = wait_until(lambda: sandbox.instances(appointmentId="A-RP-NOPHONE"), message="the replayed journey")
+    assert len(found) == 1 and found[0]["parameters"]["phoneNumber"] == "5550000"
+    (cmd,) = settled_message(service, new["id"])
+    assert cmd["status"] == "done" and cmd["outcome"] == "triggered"
+    (old,) = commands_of_message(service, original)
+    assert old["status"] == "replayed" and old["outcome"] == f"replayed as message {new['id']}"
+    # It is no longer dead: a selection of the dead leaves it out.
+    dead_now = replay(setting, "--status", "dead", "--dry-run")
+    assert dead_now.returncode == 0, dead_now.stderr
+    assert f"message {original} " not in dead_now.stdout
+
+
+def test_replay_needs_a_selection(setting: Setting) -> None:
+    result = replay(setting)
+    assert result.returncode == 2
+    assert "name message ids, or choose with --status" in result.stderr
+    assert result.stdout == ""
+
+
+def test_replay_of_an_unknown_id(setting: Setting) -> None:
+    result = replay(setting, "999999")
+    assert result.returncode == 2
+    assert "no message with id 999999" in result.stderr
+    assert replays_of(setting.service, 999999) == []
+
+
+def test_replay_under_the_unfixed_config_changes_nothing(setting: Setting) -> None:
+    service = setting.service
+    before = query(service, "SELECT id FROM messages")
+    result = replay(setting, str(setting.noname_id), config=setting.workdir / "broken.toml")
+    assert result.returncode == 1  # every message selected had a problem
+    assert f"message {setting.noname_id} (S12 RP-NONAME): still not dispatchable" in result.stdout
+    assert "patientName" in result.stdout
+    assert query(service, "SELECT id FROM messages") == before
+
+
+def test_replayed_booking_of_a_since_cancelled_appointment_starts_no_journey(
+    setting: Setting, sandbox: RunningSandbox
+) -> None:
+    service = setting.service
+    original = message_row(service, "RP-STALE-1")["id"]
+    dry = replay(setting, str(original), "--dry-run")
+    assert dry.returncode in (0, 1), dry.stderr
+    done = replay(setting, str(original))
+    assert done.returncode in (0, 1), done.stderr
+    for new in replays_of(service, original):
+        settled_message(service, new["id"])
+    running = [i for i in sandbox.instances(appointmentId="A-RP-STALE") if i["status"] == "InProgress"]
+    assert running == [], (dry.stdout, done.stdout)
