@@ -12,13 +12,16 @@ from typing import Any
 from sqlalchemy import (
     bindparam,
     select,
-    tuple_,
 )
 from sqlalchemy.engine import Engine
 
 from .schema import _first_line, commands, messages
 
 log = logging.getLogger("hl7bridge.store")
+_ORIGINAL_SQL = (
+    "SELECT id, ack_raw, ack_code FROM messages WHERE sending_application = ? AND sending_facility = ? "
+    "AND control_id = ? AND status = 'accepted' ORDER BY id LIMIT 1"
+)
 
 
 @dataclass(slots=True)
@@ -71,6 +74,20 @@ class Writer:
         self.failures = 0
         self.last_error: str | None = None
         self._insert = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
+        self._insert_columns = [c.name for c in messages.columns if c.name != "id"]
+        self._insert_sql = (
+            f"INSERT INTO messages ({', '.join(self._insert_columns)}) "
+            f"VALUES ({', '.join('?' for _ in self._insert_columns)})"
+        )
+        self._original = (
+            select(messages.c.id, messages.c.ack_raw, messages.c.ack_code)
+            .where(messages.c.sending_application == bindparam("app"))
+            .where(messages.c.sending_facility == bindparam("fac"))
+            .where(messages.c.control_id == bindparam("ctrl"))
+            .where(messages.c.status == "accepted")
+            .order_by(messages.c.id)
+            .limit(1)
+        )
         self._insert_commands = commands.insert().returning(commands.c.id, sort_by_parameter_order=True)
         self.on_commands: Callable[[], None] | None = None
 
@@ -163,7 +180,7 @@ class Writer:
                         seen_in_group[key] = position
                     rows.append(row)
                     dup_of.append(original)
-                ids = [r.id for r in conn.execute(self._insert, rows)]
+                ids = self._insert_messages(conn, rows)
                 results = []
                 for position, original in enumerate(dup_of):
                     if original is None:
@@ -209,32 +226,43 @@ class Writer:
             log.error("database write failed for %d message(s): %s", len(group), self.last_error)
             return [WriteResult(None, error=self.last_error)] * len(group)
 
+    def _insert_messages(self, conn: Any, rows: list[dict[str, Any]]) -> list[int]:
+        """Insert the group's rows and return their ids, in order.
+
+        On SQLite the hot path goes to the driver: one ``executemany``. The transaction holds the
+        write lock, so the new rowids are consecutive and end at ``last_insert_rowid()``."""
+        if conn.dialect.name != "sqlite":
+            return [r.id for r in conn.execute(self._insert, rows)]
+        cursor = conn.connection.driver_connection.cursor()
+        try:
+            cursor.executemany(self._insert_sql, [tuple(row.get(c) for c in self._insert_columns) for row in rows])
+            last = cursor.execute("SELECT last_insert_rowid()").fetchone()[0]
+        finally:
+            cursor.close()
+        return list(range(last - len(rows) + 1, last + 1))
+
     def _originals(self, conn: Any, keys: Sequence[tuple[str, str, str]]) -> dict:
-        if not keys:
-            return {}
+        """The first accepted message per (MSH-3, MSH-4, MSH-10), one indexed lookup per key.
+
+        (A single ``(a, b, c) IN (VALUES ...)`` query makes SQLite scan by status instead of
+        using the sender/control-id index, which costs time in proportion to the log's size.)"""
         found: dict[tuple[str, str, str], tuple[int, bytes, str]] = {}
-        unique = list(dict.fromkeys(keys))
-        for start in range(0, len(unique), 300):
-            chunk = unique[start : start + 300]
-            stmt = (
-                select(
-                    messages.c.sending_application,
-                    messages.c.sending_facility,
-                    messages.c.control_id,
-                    messages.c.id,
-                    messages.c.ack_raw,
-                    messages.c.ack_code,
-                )
-                .where(
-                    tuple_(messages.c.sending_application, messages.c.sending_facility, messages.c.control_id).in_(
-                        chunk
-                    )
-                )
-                .where(messages.c.status == "accepted")
-                .order_by(messages.c.id)
-            )
-            for app, fac, ctrl, mid, ack_raw, ack_code in conn.execute(stmt):
-                found.setdefault((app, fac, ctrl), (mid, ack_raw, ack_code))
+        if not keys:
+            return found
+        if conn.dialect.name == "sqlite":
+            cursor = conn.connection.driver_connection.cursor()
+            try:
+                for key in dict.fromkeys(keys):
+                    row = cursor.execute(_ORIGINAL_SQL, key).fetchone()
+                    if row is not None:
+                        found[key] = (row[0], row[1], row[2])
+            finally:
+                cursor.close()
+            return found
+        for key in dict.fromkeys(keys):
+            row = conn.execute(self._original, {"app": key[0], "fac": key[1], "ctrl": key[2]}).first()
+            if row is not None:
+                found[key] = (row[0], row[1], row[2])
         return found
 
 
