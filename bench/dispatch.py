@@ -165,7 +165,9 @@ def main() -> int:
     config = service_toml(sandbox_url).replace("batch_window_ms = 100", "batch_window_ms = 200")
     config = config.replace("retry_initial = 0.2", "retry_initial = 1.0")
     (work / "bridge.toml").write_text(config)
-    sandbox = spawn(["sandbox", "--config", "sandbox.toml", "--listen", f"tcp:{sandbox_port}:interface=127.0.0.1"], work)
+    sandbox = spawn(
+        ["sandbox", "--config", "sandbox.toml", "--listen", f"tcp:{sandbox_port}:interface=127.0.0.1"], work
+    )
     service = spawn(["serve", "--config", "bridge.toml", "--listen", f"tcp:{port}:interface=127.0.0.1"], work,
                     {"TEST_API_TOKEN": "test-token"})  # fmt: skip
     try:

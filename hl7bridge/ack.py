@@ -131,5 +131,13 @@ def _err(problem: Problem, enc: Encoding, version: tuple[int, ...]) -> str:
     return f.join(["ERR", "", erl, cwe, problem.severity, "", "", "", enc.escape_text(problem.text)])
 
 
+_stamp_cache: tuple[int, str] = (0, "")
+
+
 def now_stamp() -> str:
-    return datetime.now().astimezone().strftime("%Y%m%d%H%M%S%z")
+    """MSH-7 of our messages: local time with offset, formatted once per second."""
+    global _stamp_cache
+    second = int(time.time())
+    if _stamp_cache[0] != second:
+        _stamp_cache = (second, datetime.fromtimestamp(second).astimezone().strftime("%Y%m%d%H%M%S%z"))
+    return _stamp_cache[1]
