@@ -89,12 +89,23 @@ def send_all(
     read_timeout: float,
     report: Callable[[Reply], None],
 ):
-    """Send each message in turn on one connection, waiting for its answer."""
+    """Send each message in turn, waiting for its answer (an ACK being sent is never answered).
+
+    After a read timeout the connection is replaced, so a late answer cannot be taken for the
+    next message's."""
     endpoint = endpoints.clientFromString(reactor, endpoint_string)
-    client = yield endpoints.connectProtocol(endpoint, _Client())
+    client = None
     replies = []
     try:
         for name, payload in messages:
+            if client is None:
+                client = yield endpoints.connectProtocol(endpoint, _Client())
+            if _is_ack(payload):
+                client.transport.write(frame(payload))
+                reply = Reply(name, "--", "an acknowledgment; receivers never answer one", None)
+                report(reply)
+                replies.append(reply)
+                continue
             d: defer.Deferred[bytes] = defer.Deferred()
             client.waiting = d
             client.transport.write(frame(payload))
@@ -105,11 +116,28 @@ def send_all(
                 reply = Reply(name, "--", f"no answer within {read_timeout:g} s", None)
                 report(reply)
                 replies.append(reply)
-                break
+                client.waiting = None
+                client.transport.loseConnection()
+                client = None
+                continue
             code, text = parse_ack(answer)
             reply = Reply(name, code, text, answer)
             report(reply)
             replies.append(reply)
     finally:
-        client.transport.loseConnection()
+        if client is not None:
+            client.transport.loseConnection()
     return replies
+
+
+def _is_ack(payload: bytes) -> bool:
+    """MSH-9.1 is ACK: what an engine would never expect an answer to."""
+    head = payload.lstrip()[:300]
+    if not head.startswith(b"MSH") or len(head) < 8:
+        return False
+    sep = head[3:4]
+    fields = head.split(b"\r", 1)[0].split(b"\n", 1)[0].split(sep)
+    if len(fields) < 9:
+        return False
+    comp = fields[1][:1] or b"^"
+    return fields[8].split(comp, 1)[0].strip().upper() == b"ACK"

@@ -123,6 +123,15 @@ def test_send_cli_reports_each_ack(service: RunningService, tmp_path: Path) -> N
     result = service.cli("send", "--to", f"127.0.0.1:{service.port}", str(good), str(bad), check=False)
     assert result.returncode == 1
     assert "AE " in result.stdout
+    incoming_ack = tmp_path / "ack.hl7"
+    incoming_ack.write_bytes(fixture_bytes("malformed/ack_s12_v251.hl7"))
+    again = tmp_path / "again.hl7"
+    again.write_bytes(unique_control(fixture_bytes(S12), "SEND-2"))
+    result = service.cli("send", "--to", f"127.0.0.1:{service.port}", "--read-timeout", "5", str(incoming_ack),
+                         str(again), check=False)  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("--") and "never answer" in lines[0], "an ACK is sent without waiting for an answer"
+    assert lines[1].startswith("AA ")
     refused = service.cli("send", "--to", "127.0.0.1:1", str(good), "--connect-timeout", "2", check=False)
     assert refused.returncode == 2 and "cannot send" in refused.stderr and "Traceback" not in refused.stderr
 
