@@ -43,13 +43,15 @@ def ack_code(outcome: Outcome, header: Header | None) -> str | None:
 
 
 def _wanted(condition: str, outcome: Outcome) -> bool:
-    if condition == "AL":
-        return True
+    """Table 0155. A value outside it (a garbled or shifted MSH) is answered like AL: silence would
+    make the sender wait and resend forever."""
+    if condition in ("NE", ""):
+        return False
     if condition == "ER":
         return outcome is not Outcome.ACCEPT
     if condition == "SU":
         return outcome is Outcome.ACCEPT
-    return False
+    return True
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

@@ -168,8 +168,10 @@ class Dispatcher:
                 quick.append(update)
                 settled.append(cmd)
         if quick:
-            self._apply(quick)
-            self._release(settled)
+            try:
+                self._apply(quick)
+            finally:
+                self._release(settled)
         timeout = self._flush_buckets()
         if next_due is not None and next_due > now:
             timeout = min(timeout, next_due - now)
@@ -191,12 +193,16 @@ class Dispatcher:
         if creates and cmd.start_at is not None and cmd.start_at <= now:
             return self._final(cmd, "dead", "the appointment started before it could be sent")
         if cancel_id is not None and cmd.kind in (BOOK, RESCHEDULE, MODIFY):
-            if not cmd.uncertain and cmd.status == "pending" and not active:
-                # Never sent: the trigger and its cancel annihilate, with no API call at all.
+            quiet = appt is None or appt.state in ("cancelled", "annihilated")
+            if not cmd.uncertain and cmd.status == "pending" and quiet:
+                # Never sent and nothing running: the trigger and its cancel annihilate, with no API call.
+                state = appt.state if appt is not None else "annihilated"
                 return self._final(cmd, "annihilated", f"cancelled by command {cancel_id} before it was sent",
-                                   remember=(cmd, "annihilated", None))  # fmt: skip
-            # An earlier attempt may have reached the API (timeout, 5xx): the cancel must still search.
-            return self._final(cmd, "annihilated", f"superseded by cancel command {cancel_id}; not sent again")
+                                   remember=(cmd, state, None))  # fmt: skip
+            # A journey may be running (an earlier trigger, or this one's uncertain attempt): the cancel searches.
+            maybe = cmd.uncertain or cmd.status == "in_flight"
+            return self._final(cmd, "annihilated", f"superseded by cancel command {cancel_id}; not sent again",
+                               remember=(cmd, "uncertain", None) if maybe else None)  # fmt: skip
         if active and appt.parameters == cmd.parameters and cmd.kind in (BOOK, RESCHEDULE, MODIFY, SUBFLOW):
             reason = "already triggered with these parameters" if cmd.kind == BOOK else "no change"
             return self._final(cmd, "done", reason)

@@ -127,17 +127,24 @@ class Writer:
                     stop = True
                     break
                 group.append(nxt)
-            requests = [g for g in group if isinstance(g, WriteRequest)]
-            jobs = [g for g in group if isinstance(g, Job)]
-            if requests:
-                results = self._write(requests)
-                self.call_back(_deliver, requests, results)
-                if self.on_commands is not None and any(r.command_ids for r in results):
-                    self.on_commands()
-            if jobs:
-                self._run_jobs(jobs)
+            try:
+                self._handle(group)
+            except Exception:
+                # The writer must outlive anything: a dead writer answers nothing, not even AR.
+                log.exception("the writer failed on a group; carrying on")
             if stop:
                 return
+
+    def _handle(self, group: list[Any]) -> None:
+        requests = [g for g in group if isinstance(g, WriteRequest)]
+        jobs = [g for g in group if isinstance(g, Job)]
+        if requests:
+            results = self._write(requests)
+            self.call_back(_deliver, requests, results)
+            if self.on_commands is not None and any(r.command_ids for r in results):
+                self.on_commands()
+        if jobs:
+            self._run_jobs(jobs)
 
     def _run_jobs(self, jobs: list[Job]) -> None:
         outcomes: list[tuple[Any, BaseException | None]] = []
@@ -146,9 +153,11 @@ class Writer:
                 for job in jobs:
                     try:
                         with conn.begin_nested():
-                            outcomes.append((job.work(conn), None))
+                            result = job.work(conn)
                     except Exception as exc:  # noqa: BLE001 - reported to the job's owner
                         outcomes.append((None, exc))
+                        continue
+                    outcomes.append((result, None))
             self.commits += 1
         except Exception as exc:  # noqa: BLE001 - the commit itself failed: every job failed
             self.failures += 1
