@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path as FsPath
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from . import charsets, hl7schema
+from .checks import Check
+from .checks import boolean as _bool
+from .checks import choice as _choice
+from .checks import integer as _int
+from .checks import seconds as _seconds
+from .checks import string as _str
+from .checks import table as _section
+from .checks import zone as _zone
 from .dispatch_config import (
     ApiConfig,
     DispatchConfig,
@@ -126,56 +133,6 @@ class Config:
 
 
 # --- validation ---------------------------------------------------------------------------------
-
-Check = Callable[[Any, str, list[str]], Any]
-
-
-def _int(minimum: int, maximum: int | None = None) -> Check:
-    def check(value: Any, key: str, problems: list[str]) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{key}: expected an integer, got {value!r}")
-        elif value < minimum or (maximum is not None and value > maximum):
-            bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
-            problems.append(f"{key}: expected an integer {bound}, got {value}")
-        return value
-
-    return check
-
-
-def _seconds(value: Any, key: str, problems: list[str]) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        problems.append(f"{key}: expected a number of seconds >= 0 (0 = no limit), got {value!r}")
-        return 0.0
-    return float(value)
-
-
-def _bool(value: Any, key: str, problems: list[str]) -> Any:
-    if not isinstance(value, bool):
-        problems.append(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
-def _str(value: Any, key: str, problems: list[str]) -> Any:
-    if not isinstance(value, str):
-        problems.append(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def _choice(*choices: str) -> Check:
-    def check(value: Any, key: str, problems: list[str]) -> Any:
-        if value not in choices:
-            problems.append(f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-        return value
-
-    return check
-
-
-def _zone(value: Any, key: str, problems: list[str]) -> Any:
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
-        problems.append(f"{key}: expected an IANA time zone such as 'America/Chicago' or 'UTC', got {value!r}")
-    return value
 
 
 def _cidrs(value: Any, key: str, problems: list[str]) -> Any:
@@ -310,20 +267,6 @@ LISTENER_KEYS: dict[str, Check] = {
     "charset_fallback": _charsets,
     "validation": _choice("fast", "strict"),
 }
-
-
-def _section(data: Any, prefix: str, keys: dict[str, Check], problems: list[str]) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        problems.append(f"{prefix}: expected a table")
-        return {}
-    out = {}
-    for key, value in data.items():
-        check = keys.get(key)
-        if check is None:
-            problems.append(f"{prefix}.{key}: unknown setting (known: {', '.join(keys)})")
-            continue
-        out[key] = check(value, f"{prefix}.{key}", problems)
-    return out
 
 
 def parse(data: dict[str, Any], source: str = "(inline)") -> Config:

@@ -7,19 +7,24 @@ what is expected; HL7 paths are checked against hl7apy's tables.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import hl7schema
+from .checks import Check
+from .checks import boolean as _bool
+from .checks import choice as _choice
+from .checks import nonempty as _nonempty
+from .checks import number as _number
+from .checks import string as _str
+from .checks import strings as _strings
+from .checks import table as _table
+from .checks import zone as _zone
 from .er7 import Path
 from .journeys import DEFAULT_CANCEL_PATH, TokenSource
 from .mapping import NAMED_VALUES, TYPES, Condition, ParameterSpec, is_named
 from .routing import Criteria, Route, Router
 from .sandbox import Faults, Journey
-
-Check = Callable[[Any, str, list[str]], Any]
 
 
 @dataclass(frozen=True)
@@ -60,63 +65,6 @@ class SandboxConfig:
 # --- checks --------------------------------------------------------------------------------------
 
 
-def _str(value: Any, key: str, problems: list[str]) -> Any:
-    if not isinstance(value, str):
-        problems.append(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def _nonempty(value: Any, key: str, problems: list[str]) -> Any:
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"{key}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _number(minimum: float, maximum: float | None = None, integer: bool = False) -> Check:
-    def check(value: Any, key: str, problems: list[str]) -> Any:
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            problems.append(f"{key}: expected {'an integer' if integer else 'a number'}, got {value!r}")
-        elif value < minimum or (maximum is not None and value > maximum):
-            bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
-            problems.append(f"{key}: expected {'an integer' if integer else 'a number'} {bound}, got {value}")
-        return value
-
-    return check
-
-
-def _choice(*choices: str) -> Check:
-    def check(value: Any, key: str, problems: list[str]) -> Any:
-        if value not in choices:
-            problems.append(f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-        return value
-
-    return check
-
-
-def _bool(value: Any, key: str, problems: list[str]) -> Any:
-    if not isinstance(value, bool):
-        problems.append(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
-def _zone(value: Any, key: str, problems: list[str]) -> Any:
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
-        problems.append(f"{key}: expected an IANA time zone such as 'America/Chicago', got {value!r}")
-    return value
-
-
-def _strings(value: Any, key: str, problems: list[str]) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        problems.append(f"{key}: expected a string or a list of strings, got {value!r}")
-        return ()
-    return tuple(value)
-
-
 def _url(value: Any, key: str, problems: list[str]) -> Any:
     if not isinstance(value, str) or not value.startswith(("http://", "https://")):
         problems.append(f"{key}: expected an http(s) URL such as 'https://medchatapp.com', got {value!r}")
@@ -132,20 +80,6 @@ def _cancel_path(value: Any, key: str, problems: list[str]) -> Any:
     except (KeyError, IndexError, ValueError):
         problems.append(f"{key}: only {{orgId}}, {{chatBotId}} and {{instanceId}} may appear in braces")
     return value
-
-
-def _table(data: Any, prefix: str, keys: dict[str, Check], problems: list[str]) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        problems.append(f"{prefix}: expected a table")
-        return {}
-    out = {}
-    for key, value in data.items():
-        check = keys.get(key)
-        if check is None:
-            problems.append(f"{prefix}.{key}: unknown setting (known: {', '.join(keys)})")
-            continue
-        out[key] = check(value, f"{prefix}.{key}", problems)
-    return out
 
 
 API_KEYS: dict[str, Check] = {
