@@ -78,6 +78,8 @@ def declared_charset(raw: bytes) -> str | None:
         if 0 <= pos < end:
             end = pos
     header = raw[start:end].decode("latin-1")
+    if len(header) < 8:
+        return None
     sep = header[3]
     fields = header[4:].split(sep)
     # fields[0] is MSH-2, so MSH-n is fields[n-2].
