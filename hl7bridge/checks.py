@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -97,3 +97,9 @@ def table(data: Any, prefix: str, keys: dict[str, Check], problems: list[str]) -
             continue
         out[key] = check(value, f"{prefix}.{key}", problems)
     return out
+
+
+def unknown_settings(data: dict[str, Any], known: Collection[str], prefix: str, problems: list[str]) -> None:
+    """Name every key that is not a known setting, so that a misspelt one is reported instead of ignored."""
+    for extra in sorted(set(data) - set(known)):
+        problems.append(f"{prefix}.{extra}: unknown setting (known: {', '.join(sorted(known))})")

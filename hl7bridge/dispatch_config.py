@@ -19,6 +19,7 @@ from .checks import number as _number
 from .checks import string as _str
 from .checks import strings as _strings
 from .checks import table as _table
+from .checks import unknown_settings as _unknown
 from .checks import zone as _zone
 from .er7 import Path
 from .journeys import DEFAULT_CANCEL_PATH, TokenSource
@@ -137,9 +138,7 @@ def _parameter(name: str, data: Any, key: str, problems: list[str]) -> Parameter
     if not isinstance(data, dict):
         problems.append(f"{key}: expected a table (source/where/template/constant/type/required/default)")
         return None
-    known = {"source", "where", "template", "constant", "type", "required", "default"}
-    for extra in sorted(set(data) - known):
-        problems.append(f"{key}.{extra}: unknown setting (known: {', '.join(sorted(known))})")
+    _unknown(data, ("source", "where", "template", "constant", "type", "required", "default"), key, problems)
     sources = _strings(data.get("source", []), f"{key}.source", problems)
     for text in sources:
         _source(text, f"{key}.source", problems)
@@ -227,8 +226,7 @@ def parse_routes(data: Any, listeners: set[str], problems: list[str]) -> tuple[R
         if name in names:
             problems.append(f"{key}.name: the name is used by another route")
         names.add(name)
-        for extra in sorted(set(body) - ROUTE_KEYS):
-            problems.append(f"{key}.{extra}: unknown setting (known: {', '.join(sorted(ROUTE_KEYS))})")
+        _unknown(body, ROUTE_KEYS, key, problems)
         _nonempty(body.get("chat_bot_id"), f"{key}.chat_bot_id", problems)
         _zone(body.get("time_zone", "UTC"), f"{key}.time_zone", problems)
         params_data = body.get("parameters")
@@ -290,6 +288,8 @@ def router(routes: tuple[Route, ...], dispatch: DispatchConfig) -> Router | None
 
 # --- sandbox -----------------------------------------------------------------------------------
 
+JOURNEY_KEYS = ("chat_bot_id", "name", "parameters", "datetime_parameters", "instance_identifiers", "subflows")
+
 
 def parse_sandbox(data: Any, problems: list[str]) -> SandboxConfig:
     if data is None:
@@ -297,9 +297,7 @@ def parse_sandbox(data: Any, problems: list[str]) -> SandboxConfig:
     if not isinstance(data, dict):
         problems.append("sandbox: expected a table")
         return SandboxConfig()
-    known = {"listen", "org_id", "tokens", "journeys", "faults"}
-    for extra in sorted(set(data) - known):
-        problems.append(f"sandbox.{extra}: unknown setting (known: {', '.join(sorted(known))})")
+    _unknown(data, ("listen", "org_id", "tokens", "journeys", "faults"), "sandbox", problems)
     tokens: dict[str, frozenset[str]] = {}
     for index, item in enumerate(data.get("tokens", [])):
         if not isinstance(item, dict) or not isinstance(item.get("token"), str) or not item["token"]:
@@ -312,9 +310,7 @@ def parse_sandbox(data: Any, problems: list[str]) -> SandboxConfig:
         if not isinstance(item, dict):
             problems.append(f"{key}: expected a table")
             continue
-        jknown = {"chat_bot_id", "name", "parameters", "datetime_parameters", "instance_identifiers", "subflows"}
-        for extra in sorted(set(item) - jknown):
-            problems.append(f"{key}.{extra}: unknown setting (known: {', '.join(sorted(jknown))})")
+        _unknown(item, JOURNEY_KEYS, key, problems)
         _nonempty(item.get("chat_bot_id"), f"{key}.chat_bot_id", problems)
         params = _strings(item.get("parameters", []), f"{key}.parameters", problems)
         dts = _strings(item.get("datetime_parameters", []), f"{key}.datetime_parameters", problems)

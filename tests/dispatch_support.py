@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+
+import pytest
+
+from .conftest import RunningSandbox, RunningService, segments, start_sandbox, wait_until
+
+TOKEN = {"TEST_API_TOKEN": "test-token"}
+OPEN = ("pending", "in_flight")
 
 SANDBOX_TOML = """
 [api]
@@ -130,3 +139,79 @@ def siu(
     if department:
         segments.append(f"AIL|1||ROOM1^^^{facility}||{department}")
     return ("\r".join(segments) + "\r").encode()
+
+
+def iso(hl7: str) -> str:
+    """An HL7 timestamp as the API's parameters spell it (``YYYY-MM-DD hh:mm:ss``)."""
+    return f"{hl7[:4]}-{hl7[4:6]}-{hl7[6:8]} {hl7[8:10]}:{hl7[10:12]}:{hl7[12:14]}"
+
+
+# ---- the service and the sandbox, as the dispatch tests see them ---------------------------------------
+
+
+def sandbox_for_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSandbox]:
+    """The body of a module-scoped sandbox fixture: one sandbox process per test module, stopped after it."""
+    running = start_sandbox(tmp_path_factory.mktemp("sandbox"), SANDBOX_TOML)
+    yield running
+    running.stop()
+
+
+def ack(service: RunningService, payload: bytes) -> list[str]:
+    """The MSA segment of the service's answer, the field most tests check."""
+    return segments(service.request(payload))["MSA"]
+
+
+def query(service: RunningService, sql: str, *args: object) -> list[dict]:
+    """Rows of the service's SQLite file as dicts, read straight from the file rather than through the service."""
+    with sqlite3.connect(service.database) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute(sql, args)]
+
+
+def commands_of(service: RunningService, control_id: str) -> list[dict]:
+    """The commands derived from a message, read straight from the service's SQLite file."""
+    return query(
+        service,
+        "SELECT c.* FROM commands c JOIN messages m ON m.id = c.message_id WHERE m.control_id = ? ORDER BY c.id",
+        control_id,
+    )
+
+
+def commands_of_message(service: RunningService, message_id: int) -> list[dict]:
+    """The commands of one logged message, for when its control id is shared (replays log it again)."""
+    return query(service, "SELECT * FROM commands WHERE message_id = ? ORDER BY id", message_id)
+
+
+def attempts_of(service: RunningService, command_id: int) -> list[dict]:
+    """The API calls logged for a command, in order: what the dispatcher really sent."""
+    return query(service, "SELECT * FROM attempts WHERE command_id = ? ORDER BY id", command_id)
+
+
+def message_rows(service: RunningService, control_id: str) -> list[dict]:
+    """Every message logged under a control id, oldest first: resends and replays log it again."""
+    return query(service, "SELECT * FROM messages WHERE control_id = ? ORDER BY id", control_id)
+
+
+def message_row(service: RunningService, control_id: str) -> dict:
+    """The latest message logged under a control id, the one a resend was answered from."""
+    return message_rows(service, control_id)[-1]
+
+
+def settled_commands(fetch: Callable[[], list[dict]], what: str, timeout: float = 15.0) -> list[dict]:
+    """Wait until every command that ``fetch`` reads reached a final state, since dispatch is asynchronous."""
+
+    def check() -> list[dict] | None:
+        cmds = fetch()
+        return cmds if cmds and all(c["status"] not in OPEN for c in cmds) else None
+
+    return wait_until(check, timeout=timeout, message=f"commands of {what} to settle")
+
+
+def settled(service: RunningService, control_id: str, timeout: float = 15.0) -> list[dict]:
+    """Wait until every command of the message reached a final state."""
+    return settled_commands(lambda: commands_of(service, control_id), control_id, timeout)
+
+
+def settled_message(service: RunningService, message_id: int) -> list[dict]:
+    """Wait until every command of one logged message reached a final state."""
+    return settled_commands(lambda: commands_of_message(service, message_id), f"message {message_id}")

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import RunningSandbox, RunningService, segments, start_sandbox, start_service, wait_until
-from .dispatch_support import SANDBOX_TOML, future, service_toml, siu
-
-TOKEN = {"TEST_API_TOKEN": "test-token"}
+from .conftest import RunningSandbox, RunningService, segments, start_service, wait_until
+from .dispatch_support import (
+    TOKEN,
+    ack,
+    commands_of,
+    future,
+    message_row,
+    sandbox_for_module,
+    service_toml,
+    settled,
+    siu,
+)
 
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSandbox]:
-    running = start_sandbox(tmp_path_factory.mktemp("sandbox"), SANDBOX_TOML)
-    yield running
-    running.stop()
+    yield from sandbox_for_module(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -26,39 +31,6 @@ def bridge(tmp_path_factory: pytest.TempPathFactory, sandbox: RunningSandbox) ->
     running = start_service(tmp_path_factory.mktemp("bridge"), service_toml(sandbox.url), env=TOKEN)
     yield running
     running.stop()
-
-
-def ack(service: RunningService, payload: bytes) -> list[str]:
-    return segments(service.request(payload))["MSA"]
-
-
-def commands_of(service: RunningService, control_id: str) -> list[dict]:
-    """The commands derived from a message, read straight from the service's SQLite file."""
-    with sqlite3.connect(service.database) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute(
-            "SELECT c.* FROM commands c JOIN messages m ON m.id = c.message_id WHERE m.control_id = ? ORDER BY c.id",
-            (control_id,),
-        )
-        return [dict(r) for r in rows]
-
-
-def message_row(service: RunningService, control_id: str) -> dict:
-    with sqlite3.connect(service.database) as conn:
-        conn.row_factory = sqlite3.Row
-        return dict(
-            conn.execute("SELECT * FROM messages WHERE control_id = ? ORDER BY id DESC", (control_id,)).fetchone()
-        )
-
-
-def settled(service: RunningService, control_id: str) -> list[dict]:
-    """Wait until every command of the message reached a final state."""
-
-    def check() -> list[dict] | None:
-        cmds = commands_of(service, control_id)
-        return cmds if cmds and all(c["status"] not in ("pending", "in_flight") for c in cmds) else None
-
-    return wait_until(check, message=f"commands of {control_id} to settle")
 
 
 def test_new_appointment_starts_a_journey(bridge: RunningService, sandbox: RunningSandbox) -> None:

@@ -8,7 +8,6 @@ straight from the service's SQLite file.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from itertools import pairwise
@@ -18,21 +17,26 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 
-from .conftest import RunningSandbox, RunningService, segments, start_sandbox, start_service, wait_until
-from .dispatch_support import SANDBOX_TOML, future, service_toml, siu
-
-TOKEN = {"TEST_API_TOKEN": "test-token"}
-OPEN = ("pending", "in_flight")
-
-
-# ---- helpers (small copies of those in test_dispatch.py) -------------------------------------------
+from .conftest import RunningSandbox, RunningService, segments, start_service, wait_until
+from .dispatch_support import (
+    OPEN,
+    TOKEN,
+    ack,
+    attempts_of,
+    commands_of,
+    future,
+    iso,
+    query,
+    sandbox_for_module,
+    service_toml,
+    settled,
+    siu,
+)
 
 
 @pytest.fixture(scope="module")
 def shared_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSandbox]:
-    running = start_sandbox(tmp_path_factory.mktemp("sandbox"), SANDBOX_TOML)
-    yield running
-    running.stop()
+    yield from sandbox_for_module(tmp_path_factory)
 
 
 @pytest.fixture
@@ -84,39 +88,6 @@ def quick_bridge(shared_quick_bridge: RunningService, sandbox: RunningSandbox) -
     return shared_quick_bridge
 
 
-def ack(service: RunningService, payload: bytes) -> list[str]:
-    return segments(service.request(payload))["MSA"]
-
-
-def query(service: RunningService, sql: str, *args: object) -> list[dict]:
-    with sqlite3.connect(service.database) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute(sql, args)]
-
-
-def commands_of(service: RunningService, control_id: str) -> list[dict]:
-    """The commands derived from a message, read straight from the service's SQLite file."""
-    return query(
-        service,
-        "SELECT c.* FROM commands c JOIN messages m ON m.id = c.message_id WHERE m.control_id = ? ORDER BY c.id",
-        control_id,
-    )
-
-
-def attempts_of(service: RunningService, command_id: int) -> list[dict]:
-    return query(service, "SELECT * FROM attempts WHERE command_id = ? ORDER BY id", command_id)
-
-
-def settled(service: RunningService, control_id: str, timeout: float = 15.0) -> list[dict]:
-    """Wait until every command of the message reached a final state."""
-
-    def check() -> list[dict] | None:
-        cmds = commands_of(service, control_id)
-        return cmds if cmds and all(c["status"] not in OPEN for c in cmds) else None
-
-    return wait_until(check, timeout=timeout, message=f"commands of {control_id} to settle")
-
-
 def active(sandbox: RunningSandbox, appointment: str) -> list[dict]:
     return [i for i in sandbox.instances(appointmentId=appointment) if i["status"] == "InProgress"]
 
@@ -149,10 +120,6 @@ def reachable(sandbox: RunningSandbox) -> bool:
 def chicago_in(seconds: float) -> str:
     """An HL7 timestamp ``seconds`` from now, in the feed's zone (America/Chicago)."""
     return (datetime.now(ZoneInfo("America/Chicago")) + timedelta(seconds=seconds)).strftime("%Y%m%d%H%M%S")
-
-
-def iso(hl7: str) -> str:
-    return f"{hl7[:4]}-{hl7[4:6]}-{hl7[6:8]} {hl7[8:10]}:{hl7[10:12]}:{hl7[12:14]}"
 
 
 # ---- transient failures are retried ----------------------------------------------------------------

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from .conftest import RunningSandbox, RunningService, segments, start_sandbox, start_service, wait_until
-from .dispatch_support import SANDBOX_TOML, future, service_toml, siu
+from .conftest import RunningSandbox, RunningService, segments, start_service, wait_until
+from .dispatch_support import (
+    TOKEN,
+    ack,
+    attempts_of,
+    commands_of,
+    future,
+    iso,
+    message_row,
+    message_rows,
+    sandbox_for_module,
+    service_toml,
+    settled,
+    siu,
+)
 
-TOKEN = {"TEST_API_TOKEN": "test-token"}
-OPEN = ("pending", "in_flight")
 CHICAGO = ZoneInfo("America/Chicago")  # the feed's zone in service_toml
 DISPATCHED = 'ack_mode = "dispatched"\ndispatch_timeout = 5'
 OVERRIDES = """on_reschedule = "subflow"
@@ -27,9 +37,7 @@ content_errors = "accept"
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSandbox]:
-    running = start_sandbox(tmp_path_factory.mktemp("sandbox"), SANDBOX_TOML)
-    yield running
-    running.stop()
+    yield from sandbox_for_module(tmp_path_factory)
 
 
 @pytest.fixture
@@ -56,59 +64,11 @@ def overrides(tmp_path_factory: pytest.TempPathFactory, sandbox: RunningSandbox)
     running.stop()
 
 
-# ---- helpers (small copies of those in test_dispatch.py) -------------------------------------------
-
-
-def ack(service: RunningService, payload: bytes) -> list[str]:
-    return segments(service.request(payload))["MSA"]
-
-
-def commands_of(service: RunningService, control_id: str) -> list[dict]:
-    """The commands derived from a message, read straight from the service's SQLite file."""
-    with sqlite3.connect(service.database) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute(
-            "SELECT c.* FROM commands c JOIN messages m ON m.id = c.message_id WHERE m.control_id = ? ORDER BY c.id",
-            (control_id,),
-        )
-        return [dict(r) for r in rows]
-
-
-def attempts_of(service: RunningService, command_id: int) -> list[dict]:
-    with sqlite3.connect(service.database) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute("SELECT * FROM attempts WHERE command_id = ? ORDER BY id", (command_id,))]
-
-
-def message_rows(service: RunningService, control_id: str) -> list[dict]:
-    with sqlite3.connect(service.database) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute("SELECT * FROM messages WHERE control_id = ? ORDER BY id", (control_id,))]
-
-
-def message_row(service: RunningService, control_id: str) -> dict:
-    return message_rows(service, control_id)[-1]
-
-
-def settled(service: RunningService, control_id: str) -> list[dict]:
-    """Wait until every command of the message reached a final state."""
-
-    def check() -> list[dict] | None:
-        cmds = commands_of(service, control_id)
-        return cmds if cmds and all(c["status"] not in OPEN for c in cmds) else None
-
-    return wait_until(check, message=f"commands of {control_id} to settle")
-
-
 def bulk_calls_for(sandbox: RunningSandbox, appointment: str) -> list[dict]:
     return [
         c for c in sandbox.calls("bulk")
         if any(i["parameters"].get("appointmentId") == appointment for i in (c["body"] or {}).get("instances", []))
     ]  # fmt: skip
-
-
-def iso(hl7: str) -> str:
-    return f"{hl7[:4]}-{hl7[4:6]}-{hl7[6:8]} {hl7[8:10]}:{hl7[10:12]}:{hl7[12:14]}"
 
 
 # ---- ack_mode = "dispatched" ----------------------------------------------------------------------

@@ -8,7 +8,6 @@ the sandbox (its own process, over HTTP) shows what was triggered.
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,11 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RunningSandbox, RunningService, segments, start_sandbox, start_service, wait_until
-from .dispatch_support import SANDBOX_TOML, future, service_toml, siu
+from .conftest import RunningSandbox, RunningService, segments, start_service, wait_until
+from .dispatch_support import (
+    TOKEN,
+    commands_of,
+    commands_of_message,
+    future,
+    message_rows,
+    query,
+    sandbox_for_module,
+    service_toml,
+    settled,
+    settled_message,
+    siu,
+)
 
-TOKEN = {"TEST_API_TOKEN": "test-token"}
-OPEN = ("pending", "in_flight")
 START = future(days=30, hour=11, minute=15)
 
 
@@ -46,9 +55,7 @@ class Setting:
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSandbox]:
-    running = start_sandbox(tmp_path_factory.mktemp("sandbox"), SANDBOX_TOML)
-    yield running
-    running.stop()
+    yield from sandbox_for_module(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -82,45 +89,9 @@ def setting(tmp_path_factory: pytest.TempPathFactory, sandbox: RunningSandbox) -
     service.stop()
 
 
-# ---- helpers (small copies of those in test_dispatch.py) -------------------------------------------
-
-
-def query(service: RunningService, sql: str, *args: object) -> list[dict]:
-    with sqlite3.connect(service.database) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute(sql, args)]
-
-
-def commands_of(service: RunningService, control_id: str) -> list[dict]:
-    return query(
-        service,
-        "SELECT c.* FROM commands c JOIN messages m ON m.id = c.message_id WHERE m.control_id = ? ORDER BY c.id",
-        control_id,
-    )
-
-
-def commands_of_message(service: RunningService, message_id: int) -> list[dict]:
-    return query(service, "SELECT * FROM commands WHERE message_id = ? ORDER BY id", message_id)
-
-
 def message_row(service: RunningService, control_id: str) -> dict:
-    return query(service, "SELECT * FROM messages WHERE control_id = ? ORDER BY id", control_id)[0]
-
-
-def settled(service: RunningService, control_id: str) -> list[dict]:
-    def check() -> list[dict] | None:
-        cmds = commands_of(service, control_id)
-        return cmds if cmds and all(c["status"] not in OPEN for c in cmds) else None
-
-    return wait_until(check, message=f"commands of {control_id} to settle")
-
-
-def settled_message(service: RunningService, message_id: int) -> list[dict]:
-    def check() -> list[dict] | None:
-        cmds = commands_of_message(service, message_id)
-        return cmds if cmds and all(c["status"] not in OPEN for c in cmds) else None
-
-    return wait_until(check, message=f"commands of message {message_id} to settle")
+    """The first message logged under a control id: the original, which its replays do not change."""
+    return message_rows(service, control_id)[0]
 
 
 def replay(setting: Setting, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ Every loop here is bounded in count and in time; only loopback addresses are use
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -21,19 +22,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import pytest
 import requests
 
 from hl7bridge.mllp import BlockingClient
 from tests.conftest import RunningSandbox, RunningService, free_port, segments, start_sandbox, start_service
-from tests.dispatch_support import SANDBOX_TOML, service_toml, siu
+from tests.dispatch_support import SANDBOX_TOML, TOKEN, iso, service_toml, siu
 
 LONG = os.environ.get("HL7BRIDGE_RELIABILITY", "short").strip().lower() == "long"
 MODE = "long" if LONG else "short"
-TOKEN = {"TEST_API_TOKEN": "test-token"}
 SCOPES = ["create.journey_instances", "read.journey_instances"]
-OPEN = ("pending", "in_flight")
 
 
 def pick(short: Any, long: Any) -> Any:
@@ -255,6 +255,38 @@ def sandbox_reachable(sandbox: RunningSandbox) -> bool:
     return True
 
 
+def bridge_for(sandbox: RunningSandbox, workdir: Path, **config: Any) -> Bridge:
+    """A bridge (not started) configured for ``sandbox``, with a health listener on a port of its own."""
+    health_port = free_port()
+    return Bridge(workdir, bridge_config(sandbox.url, health_port, **config), health_port=health_port)
+
+
+@contextlib.contextmanager
+def scenario_processes(
+    tmp_path_factory: pytest.TempPathFactory, **config: Any
+) -> Iterator[tuple[Bridge, RunningSandbox]]:
+    """A sandbox and a bridge for it, which the scenario starts when it is ready; both stopped however it ends."""
+    sandbox = sandbox_process(tmp_path_factory.mktemp("sandbox"))
+    bridge = bridge_for(sandbox, tmp_path_factory.mktemp("bridge"), **config)
+    try:
+        yield bridge, sandbox
+    finally:
+        bridge.stop()
+        sandbox.stop()
+
+
+@contextlib.contextmanager
+def bridge_running(sandbox: RunningSandbox, workdir: Path, **config: Any) -> Iterator[Bridge]:
+    """A started bridge for ``sandbox`` in the new folder ``workdir``, stopped however the block ends."""
+    bridge = bridge_for(sandbox, workdir, **config)
+    workdir.mkdir()
+    bridge.start()
+    try:
+        yield bridge
+    finally:
+        bridge.stop()
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll until ``predicate()`` is truthy (bounded by ``timeout`` seconds); its value."""
     deadline = time.monotonic() + timeout
@@ -357,10 +389,6 @@ PLANS = (
     ("S12", "S13", "S13"),
     ("S12", "S12"),  # the same booking again under a new control id: starts nothing new
 )
-
-
-def iso(hl7: str) -> str:
-    return f"{hl7[:4]}-{hl7[4:6]}-{hl7[6:8]} {hl7[8:10]}:{hl7[10:12]}:{hl7[12:14]}"
 
 
 @dataclass
@@ -519,6 +547,27 @@ def run_engine(engine: Engine, stream: Stream, ledger: Ledger, stop: threading.E
         engine.close()
 
 
+class Load(NamedTuple):
+    """What the sender threads share: the ledger of what was answered AA, the event that stops them, their errors."""
+
+    ledger: Ledger
+    stop: threading.Event
+    errors: list[str]
+
+
+@contextlib.contextmanager
+def sending(engines: list[Engine], streams: list[Stream], deadline: float, rate: float | None,
+            first_acks: int = 20, before_join: Callable[[], None] | None = None) -> Iterator[Load]:  # fmt: skip
+    """One sender thread per engine and stream for the block, which begins once ``first_acks`` messages were
+    answered AA, so that the service is known to be up and busy."""
+    load = Load(Ledger(), threading.Event(), [])
+    senders = [functools.partial(run_engine, e, s, load.ledger, load.stop, deadline, rate, load.errors)
+               for e, s in zip(engines, streams, strict=True)]  # fmt: skip
+    with threads_running(senders, before_join):
+        wait_for(lambda: len(load.ledger) >= first_acks, 30, "the first acknowledgments")
+        yield load
+
+
 # ---- checks -----------------------------------------------------------------------------------------
 
 
@@ -623,6 +672,31 @@ def mb(kib: int | None) -> float | None:
     return round(kib / 1024, 1) if kib is not None else None
 
 
+def answer_codes(engines: list[Engine]) -> dict[str, int]:
+    """How often each ACK code was received over all senders, for the figures."""
+    return dict(sum((e.codes() for e in engines), start=Counter()))
+
+
+def wrong_answers(engines: list[Engine]) -> list[dict[str, Any]]:
+    """Every wrong answer of every sender, as the figures record them."""
+    return [a.__dict__ for e in engines for a in e.wrong]
+
+
+def loss_figures(log: dict[str, Any], journeys: dict[str, Any]) -> dict[str, int]:
+    """The table's first columns: the messages acknowledged, and what of them was lost or doubled on the way."""
+    return {
+        "messages": log["acked_messages"],
+        "lost": log["lost_from_log"] + journeys["journey_missing"] + journeys["cancels_lost"]
+                + journeys["wrong_parameters"],
+        "duplicated": log["logged_twice"] + journeys["triggered_twice"] + journeys["phantom_journeys"],
+    }  # fmt: skip
+
+
+def resource_figures(before: tuple[int | None, int | None], after: tuple[int | None, int | None]) -> dict[str, Any]:
+    """The table's memory and descriptor columns, from two (RSS in KiB, open descriptors) pictures."""
+    return {"rss_before_kb": before[0], "rss_after_kb": after[0], "fds_before": before[1], "fds_after": after[1]}
+
+
 # ---- results ----------------------------------------------------------------------------------------
 
 RESULTS: list[dict[str, Any]] = []
@@ -643,6 +717,15 @@ def write_results(figures: dict[str, Any]) -> Path:
     RESULTS.append(dict(figures, results_file=str(path)))
     print(f"\n[{figures['scenario']}] results in {path}\n{json.dumps(figures, indent=2, default=str)}")
     return path
+
+
+def finish_scenario(figures: dict[str, Any], bridge: Bridge, began: float, exit_key: str = "exit_status",
+                    grace: float = 20) -> dict[str, Any]:  # fmt: skip
+    """Stop the service, add how it exited and how long the scenario took, and write the figures out."""
+    figures[exit_key] = bridge.stop(grace)
+    figures["duration_s"] = round(time.monotonic() - began, 1)
+    write_results(figures)
+    return figures
 
 
 @contextlib.contextmanager

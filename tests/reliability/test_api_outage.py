@@ -9,10 +9,8 @@ came late).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -21,29 +19,31 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningSandbox, free_port, segments
+from tests.conftest import RunningSandbox, segments
 from tests.dispatch_support import future, siu
 
 from .support import (
     Bridge,
     Engine,
-    Ledger,
     Stream,
-    bridge_config,
+    answer_codes,
+    bridge_running,
     command_statuses,
     delivered_order,
+    finish_scenario,
     is_subsequence,
     journey_check,
     knob,
     log_check,
+    loss_figures,
     percentile,
     pick,
-    run_engine,
-    sandbox_process,
+    resource_figures,
     sandbox_reachable,
-    threads_running,
+    scenario_processes,
+    sending,
     wait_for,
-    write_results,
+    wrong_answers,
 )
 
 PHASE = knob("outage_phase_seconds", 3, 90)  # each of refuse, 503, timeout
@@ -61,22 +61,14 @@ def gaps(times: list[float]) -> list[float]:
 @pytest.fixture(scope="module")
 def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     began = time.monotonic()
-    sandbox = sandbox_process(tmp_path_factory.mktemp("sandbox"))
-    health_port = free_port()
-    config = bridge_config(sandbox.url, health_port, retry_initial=0.25, retry_max=RETRY_MAX)
-    bridge = Bridge(tmp_path_factory.mktemp("bridge"), config, health_port=health_port)
-    try:
+    with scenario_processes(tmp_path_factory, retry_initial=0.25, retry_max=RETRY_MAX) as (bridge, sandbox):
         bridge.start()
-        ledger, stop, errors = Ledger(), threading.Event(), []
         engines = [Engine(bridge.port, timeout=10) for _ in range(SENDERS)]
         streams = [Stream(f"OUT{i}", seed=SEED * 10 + i) for i in range(SENDERS)]
         deadline = time.monotonic() + 3 * PHASE + pick(120, 600)
         phases: list[dict] = []
-        senders = [functools.partial(run_engine, e, s, ledger, stop, deadline, RATE, errors)
-                   for e, s in zip(engines, streams, strict=True)]  # fmt: skip
-        with threads_running(senders):
-            wait_for(lambda: len(ledger) >= 10, 30, "the first acknowledgments")
-            rss_before, fds_before = bridge.rss_kb(), bridge.fds()
+        with sending(engines, streams, deadline, RATE, first_acks=10) as (ledger, stop, errors):
+            before = (bridge.rss_kb(), bridge.fds())
             for mode in ("refuse", "503", "timeout"):
                 acked = len(ledger)
                 started = time.time()
@@ -89,7 +81,7 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             stop.set()
         assert not errors, errors
         drain_s = bridge.wait_drained(RETRY_MAX * 2 + 60)
-        rss_after, fds_after = bridge.rss_kb(), bridge.fds()
+        after = (bridge.rss_kb(), bridge.fds())
         instances = sandbox.get("/_sandbox/instances")
         calls = sandbox.get("/_sandbox/calls")
         log = log_check(bridge, ledger.controls)
@@ -112,22 +104,16 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         retried = {cid: gaps([r[0] for r in rows]) for cid, rows in attempts.items() if len(rows) >= 4}
         growing = {cid: g for cid, g in retried.items() if g[-1] >= 2 * g[0]}
         latencies = [(a.answered_at - a.sent_at) * 1000 for e in engines for a in e.answers]
-        wrong = [a.__dict__ for e in engines for a in e.wrong]
+        wrong = wrong_answers(engines)
         figures = {
             "scenario": "api_outage",
             "injected": f"Journeys API: connection refused {PHASE:g} s, then 503 {PHASE:g} s, then no answer "
                         f"{PHASE:g} s, while {SENDERS} senders send {RATE * SENDERS:g} msg/s",
-            "messages": log["acked_messages"],
-            "lost": log["lost_from_log"] + journeys["journey_missing"] + journeys["cancels_lost"]
-                    + journeys["wrong_parameters"],
-            "duplicated": log["logged_twice"] + journeys["triggered_twice"] + journeys["phantom_journeys"],
+            **loss_figures(log, journeys),
             "wrong_acks": len(wrong),
-            "rss_before_kb": rss_before,
-            "rss_after_kb": rss_after,
-            "fds_before": fds_before,
-            "fds_after": fds_after,
+            **resource_figures(before, after),
             "phases": phases,
-            "answers": dict(sum((e.codes() for e in engines), start=Counter())),
+            "answers": answer_codes(engines),
             "ack_latency_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
                                "max": max(latencies, default=None)},
             "faults_met_by_dispatch": dict(seen),
@@ -143,13 +129,7 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             "journeys": journeys,
             "wrong_examples": wrong[:10],
         }  # fmt: skip
-        figures["exit_status"] = bridge.stop()
-        figures["duration_s"] = round(time.monotonic() - began, 1)
-        write_results(figures)
-        yield figures
-    finally:
-        bridge.stop()
-        sandbox.stop()
+        yield finish_scenario(figures, bridge, began)
 
 
 def test_every_kind_of_outage_reached_the_dispatcher(outage: dict[str, Any]) -> None:
@@ -191,12 +171,8 @@ def test_backoff_is_visible_in_the_attempts_log(outage: dict[str, Any]) -> None:
 @pytest.fixture
 def slow_api(tmp_path: Path, sandbox: RunningSandbox) -> Iterator[tuple[Bridge, RunningSandbox]]:
     """The service with read_timeout 2 s; the sandbox answers after 2.5 s (having already acted)."""
-    health_port = free_port()
-    bridge = Bridge(tmp_path / "bridge", bridge_config(sandbox.url, health_port), health_port=health_port)
-    bridge.workdir.mkdir()
-    bridge.start()
-    yield bridge, sandbox
-    bridge.stop()
+    with bridge_running(sandbox, tmp_path / "bridge") as bridge:
+        yield bridge, sandbox
 
 
 def ack(bridge: Bridge, payload: bytes) -> str:

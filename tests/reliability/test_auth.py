@@ -7,8 +7,6 @@ valid again everything is delivered: every appointment in its expected state, no
 
 from __future__ import annotations
 
-import functools
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,25 +15,23 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
-
 from .support import (
     SCOPES,
-    Bridge,
     Engine,
-    Ledger,
     Stream,
-    bridge_config,
+    answer_codes,
     command_statuses,
+    finish_scenario,
     journey_check,
     knob,
     log_check,
+    loss_figures,
     pick,
-    run_engine,
-    sandbox_process,
-    threads_running,
+    resource_figures,
+    scenario_processes,
+    sending,
     wait_for,
-    write_results,
+    wrong_answers,
 )
 
 PAUSE = knob("auth_pause_seconds", 4, 120)
@@ -53,23 +49,15 @@ def call_time(call: dict) -> float:
 @pytest.fixture(scope="module")
 def auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     began = time.monotonic()
-    sandbox = sandbox_process(tmp_path_factory.mktemp("sandbox"))
-    health_port = free_port()
-    bridge = Bridge(tmp_path_factory.mktemp("bridge"), bridge_config(sandbox.url, health_port),
-                    health_port=health_port)  # fmt: skip
-    assert f"auth_probe_interval = {PROBE_INTERVAL}" in bridge.config
-    try:
+    with scenario_processes(tmp_path_factory) as (bridge, sandbox):
+        assert f"auth_probe_interval = {PROBE_INTERVAL}" in bridge.config
         bridge.start()
-        ledger, stop, errors = Ledger(), threading.Event(), []
         engines = [Engine(bridge.port) for _ in range(SENDERS)]
         streams = [Stream(f"AU{i}", seed=SEED * 7 + i) for i in range(SENDERS)]
         deadline = time.monotonic() + PAUSE + pick(120, 600)
-        senders = [functools.partial(run_engine, e, s, ledger, stop, deadline, RATE, errors)
-                   for e, s in zip(engines, streams, strict=True)]  # fmt: skip
         dead_seen, open_max, health_seen = 0, 0, Counter()
-        with threads_running(senders):
-            wait_for(lambda: len(ledger) >= 20, 30, "the first acknowledgments")
-            rss_before, fds_before = bridge.rss_kb(), bridge.fds()
+        with sending(engines, streams, deadline, RATE) as (ledger, stop, errors):
+            before = (bridge.rss_kb(), bridge.fds())
             sandbox.post("/_sandbox/tokens", {"revoke": ["test-token"]})
             revoked_at = time.time()  # calls logged before this may have been taken with the token still valid
             _status, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(bridge.healthz()), 20,
@@ -91,7 +79,7 @@ def auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             stop.set()
         assert not errors, errors
         drain_s = bridge.wait_drained(60)
-        rss_after, fds_after = bridge.rss_kb(), bridge.fds()
+        after = (bridge.rss_kb(), bridge.fds())
         instances = sandbox.get("/_sandbox/instances")
         calls = sandbox.get("/_sandbox/calls")
         during = [c for c in calls if revoked_at <= call_time(c) <= restored_at]
@@ -100,19 +88,13 @@ def auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         paused_commands = bridge.query(
             "SELECT DISTINCT c.id, c.status FROM commands c JOIN attempts a ON a.command_id = c.id "
             "WHERE a.verdict = 'auth'")  # fmt: skip
-        wrong = [a.__dict__ for e in engines for a in e.wrong]
+        wrong = wrong_answers(engines)
         figures = {
             "scenario": "auth_failure",
             "injected": f"token revoked for {PAUSE:g} s mid-stream ({SENDERS * RATE:g} msg/s), then added back",
-            "messages": log["acked_messages"],
-            "lost": log["lost_from_log"] + journeys["journey_missing"] + journeys["cancels_lost"]
-                    + journeys["wrong_parameters"],
-            "duplicated": log["logged_twice"] + journeys["triggered_twice"] + journeys["phantom_journeys"],
+            **loss_figures(log, journeys),
             "wrong_acks": len(wrong),
-            "rss_before_kb": rss_before,
-            "rss_after_kb": rss_after,
-            "fds_before": fds_before,
-            "fds_after": fds_after,
+            **resource_figures(before, after),
             "paused_health": paused_health,
             "health_codes_during_pause": dict(health_seen),
             "acked_during_pause": acked_during_pause,
@@ -122,19 +104,13 @@ def auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "commands_refused_then": dict(Counter(s for _i, s in paused_commands)),
             "resumed_after_s": resumed_s,
             "drain_s": drain_s,
-            "answers": dict(sum((e.codes() for e in engines), start=Counter())),
+            "answers": answer_codes(engines),
             "command_statuses": command_statuses(bridge),
             "log": log,
             "journeys": journeys,
             "wrong_examples": wrong[:10],
         }  # fmt: skip
-        figures["exit_status"] = bridge.stop()
-        figures["duration_s"] = round(time.monotonic() - began, 1)
-        write_results(figures)
-        yield figures
-    finally:
-        bridge.stop()
-        sandbox.stop()
+        yield finish_scenario(figures, bridge, began)
 
 
 def test_health_names_the_paused_dispatch(auth: dict[str, Any]) -> None:

@@ -8,9 +8,7 @@ every message ever answered AA is in the log; every appointment ends in the righ
 
 from __future__ import annotations
 
-import functools
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,25 +16,23 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
-
 from .support import (
     PLANS,
-    Bridge,
     Engine,
-    Ledger,
     Stream,
-    bridge_config,
+    answer_codes,
     command_statuses,
+    finish_scenario,
     journey_check,
     knob,
     log_check,
+    loss_figures,
     pick,
-    run_engine,
-    sandbox_process,
-    threads_running,
+    resource_figures,
+    scenario_processes,
+    sending,
     wait_for,
-    write_results,
+    wrong_answers,
 )
 
 CYCLES = int(knob("crash_cycles", 5, 20))
@@ -51,26 +47,17 @@ pytestmark = pytest.mark.timeout(pick(300, 2400))  # the module fixture runs the
 def crash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     began = time.monotonic()
     rng = random.Random(SEED)
-    sandbox = sandbox_process(tmp_path_factory.mktemp("sandbox"))
-    bridge: Bridge | None = None
-    try:
+    with scenario_processes(tmp_path_factory) as (bridge, sandbox):
         # Calls take a moment, so that kills land while calls are under way (the sandbox acts at once and
         # answers 30 ms later).
         sandbox.faults(latency_ms=30)
-        health_port = free_port()
-        bridge = Bridge(tmp_path_factory.mktemp("bridge"), bridge_config(sandbox.url, health_port),
-                        health_port=health_port)  # fmt: skip
         bridge.start()
-        ledger, stop, errors = Ledger(), threading.Event(), []
         engines = [Engine(bridge.port) for _ in range(SENDERS)]
         streams = [Stream(f"CR{i}", seed=SEED * 100 + i, plans=CRASH_PLANS) for i in range(SENDERS)]
         deadline = time.monotonic() + pick(200, 1700)
         kills: list[dict] = []
-        senders = [functools.partial(run_engine, e, s, ledger, stop, deadline, None, errors)
-                   for e, s in zip(engines, streams, strict=True)]  # fmt: skip
-        with threads_running(senders):
-            wait_for(lambda: len(ledger) >= 20, 30, "the first acknowledgments")
-            rss_before, fds_before = bridge.rss_kb(), bridge.fds()
+        with sending(engines, streams, deadline, None) as (ledger, stop, errors):
+            before = (bridge.rss_kb(), bridge.fds())
             for cycle in range(CYCLES):
                 time.sleep(rng.uniform(0.2, 2.5))
                 acked = len(ledger)
@@ -84,7 +71,7 @@ def crash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             stop.set()
         assert not errors, errors
         drain_s = bridge.wait_drained(pick(90, 300))
-        rss_after, fds_after = bridge.rss_kb(), bridge.fds()
+        after = (bridge.rss_kb(), bridge.fds())
         instances = sandbox.get("/_sandbox/instances")
         calls = sandbox.get("/_sandbox/calls")
         log = log_check(bridge, ledger.controls)
@@ -92,25 +79,19 @@ def crash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         outcomes = Counter()
         for outcome, count in bridge.query("SELECT outcome, count(*) FROM commands GROUP BY outcome"):
             outcomes[(outcome or "").split(" command ")[0].split(" by command ")[0]] += count
-        wrong = [a.__dict__ for e in engines for a in e.wrong]
+        wrong = wrong_answers(engines)
         figures = {
             "scenario": "crash",
             "injected": f"SIGKILL x{CYCLES} at random moments (0.2-2.5 s apart) under load from {SENDERS} "
                         "connections; senders resend what was not answered AA",
-            "messages": log["acked_messages"],
-            "lost": log["lost_from_log"] + journeys["journey_missing"] + journeys["cancels_lost"]
-                    + journeys["wrong_parameters"],
-            "duplicated": log["logged_twice"] + journeys["triggered_twice"] + journeys["phantom_journeys"],
+            **loss_figures(log, journeys),
             "wrong_acks": len(wrong),
-            "rss_before_kb": rss_before,
-            "rss_after_kb": rss_after,
-            "fds_before": fds_before,
-            "fds_after": fds_after,
+            **resource_figures(before, after),
             "kills": len(kills),
             "kill_log": kills,
             "sends_including_resends": sum(e.sends for e in engines),
             "connection_errors": sum(e.connection_errors for e in engines),
-            "answers": dict(sum((e.codes() for e in engines), start=Counter())),
+            "answers": answer_codes(engines),
             "wrong_examples": wrong[:10],
             "drain_s": drain_s,
             "command_statuses": command_statuses(bridge),
@@ -119,14 +100,7 @@ def crash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "log": log,
             "journeys": journeys,
         }  # fmt: skip
-        figures["final_exit_status"] = bridge.stop()
-        figures["duration_s"] = round(time.monotonic() - began, 1)
-        write_results(figures)
-        yield figures
-    finally:
-        if bridge is not None:
-            bridge.stop()
-        sandbox.stop()
+        yield finish_scenario(figures, bridge, began, exit_key="final_exit_status")
 
 
 def test_the_service_was_killed_under_load(crash: dict[str, Any]) -> None:

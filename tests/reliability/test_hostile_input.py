@@ -28,23 +28,23 @@ from typing import Any
 import pytest
 
 from hl7bridge.mllp import BlockingClient
-from tests.conftest import RunningSandbox, free_port, segments
+from tests.conftest import RunningSandbox, segments
 from tests.dispatch_support import siu
 
 from .hostile import AA, NAK, Hostile, Item, framed, may_stay_silent, trips_short_header_bug
 from .support import (
     Bridge,
     Outgoing,
-    bridge_config,
+    bridge_running,
     descriptor_problems,
+    finish_scenario,
     knob,
     mb,
     pick,
     raw_socket,
-    sandbox_process,
+    scenario_processes,
     threads_running,
     wait_for,
-    write_results,
 )
 
 FRAMES = int(knob("hostile_frames", 10_000, 100_000))  # malformed items, at least
@@ -322,11 +322,7 @@ def framing_rules(bridge: Bridge, gen: Hostile) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     began = time.monotonic()
-    sandbox = sandbox_process(tmp_path_factory.mktemp("sandbox"))
-    health_port = free_port()
-    config = bridge_config(sandbox.url, health_port, listener_extra=LISTENER, log_level="warning")
-    bridge = Bridge(tmp_path_factory.mktemp("bridge"), config, health_port=health_port)
-    try:
+    with scenario_processes(tmp_path_factory, listener_extra=LISTENER, log_level="warning") as (bridge, sandbox):
         bridge.start()
         tally = Tally()
         # Warm-up, so that "before" is taken once the service has met every kind of input.
@@ -402,13 +398,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             "tracebacks_in_log": logs.count("Traceback"),
             "log_excerpt": logs[logs.find("Traceback") - 200 :][:3000] if "Traceback" in logs else "",
         }  # fmt: skip
-        figures["exit_status"] = bridge.stop()
-        figures["duration_s"] = round(time.monotonic() - began, 1)
-        write_results(figures)
-        yield figures
-    finally:
-        bridge.stop()
-        sandbox.stop()
+        yield finish_scenario(figures, bridge, began)
 
 
 def test_enough_malformed_input_was_sent(hostile: dict[str, Any]) -> None:
@@ -472,11 +462,7 @@ def test_the_next_valid_message_is_processed(hostile: dict[str, Any]) -> None:
 
 
 def test_a_header_cut_short_is_answered_and_the_connection_kept(tmp_path: Path, sandbox: RunningSandbox) -> None:
-    health_port = free_port()
-    bridge = Bridge(tmp_path / "bridge", bridge_config(sandbox.url, health_port), health_port=health_port)
-    bridge.workdir.mkdir()
-    bridge.start()
-    try:
+    with bridge_running(sandbox, tmp_path / "bridge") as bridge:
         gen = Hostile(SEED, "HB", START, MAX_BYTES)
         before, before_control = gen.valid()
         after, after_control = gen.valid()
@@ -488,18 +474,12 @@ def test_a_header_cut_short_is_answered_and_the_connection_kept(tmp_path: Path, 
             assert answers[0] == ("AA", before_control)
             assert answers[1][0] == "AR"
             assert answers[2] == ("AA", after_control)
-    finally:
-        bridge.stop()
 
 
 def test_a_garbled_ack_type_still_gets_an_answer(tmp_path: Path, sandbox: RunningSandbox) -> None:
     """Found by this suite: MSH-15/16 values outside table 0155 (a shifted or garbled MSH) silenced the answer
     (fixed in 7e9294e: answered like AL)."""
-    health_port = free_port()
-    bridge = Bridge(tmp_path / "bridge", bridge_config(sandbox.url, health_port), health_port=health_port)
-    bridge.workdir.mkdir()
-    bridge.start()
-    try:
+    with bridge_running(sandbox, tmp_path / "bridge") as bridge:
         gen = Hostile(SEED, "HG", START, MAX_BYTES)
         valid, _control = gen.valid()
         head, rest = valid.split(b"\r", 1)
@@ -515,5 +495,3 @@ def test_a_garbled_ack_type_still_gets_an_answer(tmp_path: Path, sandbox: Runnin
             assert answers[0][0] in {"CA", "CE", "CR", "AA", "AE", "AR"} and answers[1] == ("AA", after_control), (
                 answers
             )
-    finally:
-        bridge.stop()

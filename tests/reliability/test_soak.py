@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
 from tests.dispatch_support import siu
 
 from .support import (
@@ -34,20 +33,23 @@ from .support import (
     Ledger,
     Outgoing,
     Stream,
-    bridge_config,
+    answer_codes,
     command_statuses,
     descriptor_problems,
+    finish_scenario,
     journey_check,
     knob,
     log_check,
+    loss_figures,
     mb,
     percentile,
     pick,
-    sandbox_process,
+    resource_figures,
     sandbox_reachable,
+    scenario_processes,
     threads_running,
     wait_for,
-    write_results,
+    wrong_answers,
 )
 
 SECONDS = knob("soak_seconds", 60, 3600)
@@ -172,12 +174,7 @@ def outages(sandbox: Any, stop: threading.Event, log: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     began = time.monotonic()
-    sandbox = sandbox_process(tmp_path_factory.mktemp("sandbox"))
-    health_port = free_port()
-    bridge = Bridge(tmp_path_factory.mktemp("bridge"),
-                    bridge_config(sandbox.url, health_port, retry_initial=0.5, retry_max=RETRY_MAX),
-                    health_port=health_port)  # fmt: skip
-    try:
+    with scenario_processes(tmp_path_factory, retry_initial=0.5, retry_max=RETRY_MAX) as (bridge, sandbox):
         bridge.start()
         ledger, stop, errors = Ledger(), threading.Event(), []
         base = datetime.now() + timedelta(days=1)
@@ -207,13 +204,13 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         with threads_running(background), threads_running(senders):
             warm = min(10.0, SECONDS * 0.1)
             time.sleep(warm)
-            rss_before, fds_before = bridge.rss_kb(), bridge.fds()
+            before = (bridge.rss_kb(), bridge.fds())
             fd_kinds_before = bridge.fd_kinds()
             acked_at_warm = sum(len(x) for x in latencies)
             end = load_began + SECONDS
             while time.monotonic() < end and not errors and bridge.alive():
                 time.sleep(min(1.0, max(0.0, end - time.monotonic())))
-            rss_after, fds_after = bridge.rss_kb(), bridge.fds()
+            after = (bridge.rss_kb(), bridge.fds())
             fd_kinds_after = bridge.fd_kinds()
             load_s = time.monotonic() - load_began
             stop.set()
@@ -237,15 +234,9 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "injected": f"{RATE:g} msg/s offered over {CONNECTIONS} connections for {SECONDS:g} s; API outage of "
                         f"{OUTAGE_SECONDS:g} s every {OUTAGE_PERIOD:g} s (503, refused, no answer in turn); "
                         f"'hl7bridge replay' of finished appointments every {REPLAY_PERIOD:g} s",
-            "messages": log["acked_messages"],
-            "lost": log["lost_from_log"] + journeys["journey_missing"] + journeys["cancels_lost"]
-                    + journeys["wrong_parameters"],
-            "duplicated": log["logged_twice"] + journeys["triggered_twice"] + journeys["phantom_journeys"],
+            **loss_figures(log, journeys),
             "wrong_acks": sum(len(e.wrong) for e in engines),
-            "rss_before_kb": rss_before,
-            "rss_after_kb": rss_after,
-            "fds_before": fds_before,
-            "fds_after": fds_after,
+            **resource_figures(before, after),
             "fd_kinds_before": fd_kinds_before,
             "fd_kinds_after": fd_kinds_after,
             "load_seconds": round(load_s, 1),
@@ -256,7 +247,7 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                                             "max": round(max(every) * 1000, 2)},
             "ack_latency_ms_from_send": {q: round(percentile(svc, p) * 1000, 2) for q, p in
                                          (("p50", 50), ("p99", 99))} | {"max": round(max(svc) * 1000, 2)},
-            "answers": dict(sum((e.codes() for e in engines), start=Counter())),
+            "answers": answer_codes(engines),
             "outages": outage_log,
             "replay_runs": replays,
             "replayed_commands": dict(replay_outcomes),
@@ -265,15 +256,9 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "samples": samples,
             "log": {k: v for k, v in log.items() if not k.endswith("examples")},
             "journeys": journeys,
-            "wrong_examples": [a.__dict__ for e in engines for a in e.wrong][:10],
+            "wrong_examples": wrong_answers(engines)[:10],
         }  # fmt: skip
-        figures["exit_status"] = bridge.stop()
-        figures["duration_s"] = round(time.monotonic() - began, 1)
-        write_results(figures)
-        yield figures
-    finally:
-        bridge.stop()
-        sandbox.stop()
+        yield finish_scenario(figures, bridge, began)
 
 
 def test_the_load_ran_at_about_the_offered_rate(soak: dict[str, Any]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import os
 import sqlite3
 import subprocess
@@ -33,18 +32,23 @@ from .support import (
     Ledger,
     Outgoing,
     Stream,
+    answer_codes,
     bridge_config,
+    bridge_running,
     command_statuses,
+    finish_scenario,
     health_toml,
     journey_check,
     knob,
     log_check,
+    loss_figures,
     pick,
-    run_engine,
+    resource_figures,
     sandbox_process,
-    threads_running,
+    scenario_processes,
+    sending,
     wait_for,
-    write_results,
+    wrong_answers,
 )
 
 # The writer retries a locked database for busy_timeout (5 s) per group commit: 12 s makes the second group fail too.
@@ -72,21 +76,15 @@ def storage_figures(name: str, injected: str, bridge: Bridge, sandbox: RunningSa
     journeys = (journey_check(ledger, sandbox.get("/_sandbox/instances"), sandbox.get("/_sandbox/calls"))
                 if sandbox is not None else {k: 0 for k in ("journey_missing", "cancels_lost", "wrong_parameters",
                                                              "triggered_twice", "phantom_journeys")})  # fmt: skip
-    wrong = [a.__dict__ for e in engines for a in e.wrong]
+    wrong = wrong_answers(engines)
     ar_waits = [a.answered_at - a.sent_at for e in engines for a in e.answers if a.code == "AR"]
     return {
         "scenario": name,
         "injected": injected,
-        "messages": log["acked_messages"],
-        "lost": log["lost_from_log"] + journeys["journey_missing"] + journeys["cancels_lost"]
-                + journeys["wrong_parameters"],
-        "duplicated": log["logged_twice"] + journeys["triggered_twice"] + journeys["phantom_journeys"],
+        **loss_figures(log, journeys),
         "wrong_acks": len(wrong) + extra.get("aa_while_unwritable", 0),
-        "rss_before_kb": before[0],
-        "rss_after_kb": after[0],
-        "fds_before": before[1],
-        "fds_after": after[1],
-        "answers": dict(sum((e.codes() for e in engines), start=Counter())),
+        **resource_figures(before, after),
+        "answers": answer_codes(engines),
         "ar_answer_seconds_max": round(max(ar_waits, default=0.0), 2),
         "command_statuses": command_statuses(bridge),
         "log": log,
@@ -102,21 +100,13 @@ def storage_figures(name: str, injected: str, bridge: Bridge, sandbox: RunningSa
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     began = time.monotonic()
-    sandbox = sandbox_process(tmp_path_factory.mktemp("sandbox"))
-    health_port = free_port()
-    bridge = Bridge(tmp_path_factory.mktemp("bridge"), bridge_config(sandbox.url, health_port, heartbeat=1.0),
-                    health_port=health_port)  # fmt: skip
-    try:
+    with scenario_processes(tmp_path_factory, heartbeat=1.0) as (bridge, sandbox):
         bridge.start()
-        ledger, stop, errors = Ledger(), threading.Event(), []
         engines = [Engine(bridge.port, timeout=60) for _ in range(2)]
         streams = [Stream(f"LK{i}", seed=SEED * 3 + i, plans=BOOKINGS_ONLY) for i in range(2)]
         deadline = time.monotonic() + LOCK_SECONDS + 120
-        senders = [functools.partial(run_engine, e, s, ledger, stop, deadline, RATE, errors)
-                   for e, s in zip(engines, streams, strict=True)]  # fmt: skip
         health_during: Counter = Counter()
-        with threads_running(senders):
-            wait_for(lambda: len(ledger) >= 20, 30, "the first acknowledgments")
+        with sending(engines, streams, deadline, RATE) as (ledger, stop, errors):
             before = (bridge.rss_kb(), bridge.fds())
             blocker = sqlite3.connect(bridge.database, timeout=30, isolation_level=None)
             blocker.execute("BEGIN EXCLUSIVE")
@@ -150,13 +140,7 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
              "aa_after_release": sum(1 for e in engines for a in e.answers
                                      if a.code == "AA" and a.sent_at > released_at),
              "drain_s": drain_s, "log_errors": bridge.logs().count("database is locked")})  # fmt: skip
-        figures["exit_status"] = bridge.stop()
-        figures["duration_s"] = round(time.monotonic() - began, 1)
-        write_results(figures)
-        yield figures
-    finally:
-        bridge.stop()
-        sandbox.stop()
+        yield finish_scenario(figures, bridge, began)
 
 
 def test_locked_database_is_answered_ar_never_aa(locked: dict[str, Any]) -> None:
@@ -186,14 +170,9 @@ def test_nothing_acknowledged_is_lost_after_the_lock(locked: dict[str, Any]) -> 
 def test_a_decision_made_while_the_database_is_locked_is_not_stuck(tmp_path: Path, sandbox: RunningSandbox) -> None:
     """Found by this suite: a decision settled without an API call whose write failed left its appointment marked
     busy for good (fixed in 7e9294e)."""
-    health_port = free_port()
     # Heartbeats every 30 s: the writer tries each queued job for busy_timeout (5 s) in turn, so no other job
     # should stand before the dispatcher's.
-    config = bridge_config(sandbox.url, health_port, retry_initial=2.0, retry_max=2.0, heartbeat=30)
-    bridge = Bridge(tmp_path / "bridge", config, health_port=health_port)
-    bridge.workdir.mkdir()
-    bridge.start()
-    try:
+    with bridge_running(sandbox, tmp_path / "bridge", retry_initial=2.0, retry_max=2.0, heartbeat=30) as bridge:
         sandbox.faults(outage={"mode": "503", "seconds": 60})
         start = (time.strftime("%Y%m%d", time.localtime(time.time() + 40 * 86400))) + "093000"
 
@@ -215,8 +194,6 @@ def test_a_decision_made_while_the_database_is_locked_is_not_stuck(tmp_path: Pat
         wait_for(lambda: bridge.healthz()[0] == 200, 30, "/healthz to recover")
         assert ack(siu("S12", "LOCKQ-3", "A-LOCKQ-OTHER", start)) == "AA"
         bridge.wait_drained(8)  # a second at most when nothing is stuck
-    finally:
-        bridge.stop()
 
 
 # ---- disk full ---------------------------------------------------------------------------------------
@@ -294,14 +271,11 @@ def run_disk_full(tmp_path_factory: pytest.TempPathFactory, *, dispatch: bool) -
     abort = threading.Event()
     try:
         bridge.start()
-        ledger, stop, errors = Ledger(), threading.Event(), []
         engine = Engine(bridge.port, timeout=5, pause=0.1, abort=abort)
         stream = PaddedStream("DF", seed=SEED * 5, plans=BOOKINGS_ONLY)
         deadline = time.monotonic() + FULL_SECONDS + 180
         health_during: Counter = Counter()
-        sender = functools.partial(run_engine, engine, stream, ledger, stop, deadline, 20, errors)
-        with threads_running([sender], before_join=abort.set):
-            wait_for(lambda: len(ledger) >= 20, 30, "the first acknowledgments")
+        with sending([engine], [stream], deadline, 20, before_join=abort.set) as (ledger, stop, errors):
             before = (bridge.rss_kb(), bridge.fds())
             filled = fill(filler)
             full_at = time.time()
@@ -354,10 +328,7 @@ def run_disk_full(tmp_path_factory: pytest.TempPathFactory, *, dispatch: bool) -
              "drained": drained, "drain_s": drain_s,
              "writer_thread_died": "Exception in thread hl7bridge-writer" in logs,
              "log_excerpt": logs[logs.find("Exception in thread"):][:1500] if "Exception in thread" in logs else ""})  # fmt: skip
-        figures["exit_status"] = bridge.stop(grace=20 if recovered else 3)
-        figures["duration_s"] = round(time.monotonic() - began, 1)
-        write_results(figures)
-        return figures
+        return finish_scenario(figures, bridge, began, grace=20 if recovered else 3)
     finally:
         abort.set()
         bridge.stop()
