@@ -1,0 +1,33 @@
+"""The installed package is the whole package: a wheel built from the repository holds every module.
+
+(Found on a real systemd host: ``packages = ["hl7bridge"]`` left ``hl7bridge.store`` out of the wheel, so
+``pip install /path/to/hl7bridge`` gave a service that could not start. Editable installs hid it.)
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_wheel_holds_every_module_of_the_package(tmp_path: Path) -> None:
+    # A clean copy: a build/ folder left in the work tree would hide a module missing from the package list.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "hl7bridge", source / "hl7bridge", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(tmp_path), str(source)],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("hl7bridge-*.whl")
+    packed = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("hl7bridge/")}
+    expected = {path.relative_to(ROOT).as_posix() for path in (ROOT / "hl7bridge").rglob("*.py")}
+    assert expected, "no modules found in the source tree"
+    assert expected - packed == set(), f"missing from the wheel: {sorted(expected - packed)}"
