@@ -205,7 +205,8 @@ class Segment:
         subcomponent: int | None = None,
     ) -> str:
         """Decoded text at a position (escape sequences resolved)."""
-        return unescape(self.raw(field, repetition, component, subcomponent), self.encoding)
+        value = self.raw(field, repetition, component, subcomponent)
+        return unescape(value, self.encoding) if self.encoding.escape in value else value
 
 
 def component_of(value: str, enc: Encoding, component: int, subcomponent: int | None = None) -> str:

@@ -92,14 +92,14 @@ class MLLPConnection(MLLPReceiver):
     def dataReceived(self, data: bytes) -> None:
         self._reset_idle()
         super().dataReceived(data)
+        if self.in_frame:
+            self._start_frame_timer()
 
-    def frameStarted(self) -> None:
+    def _start_frame_timer(self) -> None:
+        """Timed from the read that left a frame unfinished: a frame that arrives whole costs no timer."""
         timeout = self.factory.config.frame_timeout
-        if timeout:
-            if self._frame_call is not None and self._frame_call.active():
-                self._frame_call.reset(timeout)
-            else:
-                self._frame_call = self.factory.clock.callLater(timeout, self._timed_out, "frame")
+        if timeout and (self._frame_call is None or not self._frame_call.active()):
+            self._frame_call = self.factory.clock.callLater(timeout, self._timed_out, "frame")
 
     def _frame_done(self) -> None:
         self._stop_frame_timer()

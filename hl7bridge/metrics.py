@@ -66,14 +66,24 @@ class Metrics:
         self.dead_letters = Counter("hl7bridge_dead_letters", "Commands dead-lettered", registry=r)
         self.paused = Gauge("hl7bridge_dispatch_paused", "1 while the API refuses the token", registry=r)
         self.healthy = Gauge("hl7bridge_healthy", "1 when every health check passes", registry=r)
+        # labels() locks and hashes on every call; the per-message series are looked up once.
+        self._message_counters: dict[tuple[str, str, str], Counter] = {}
+        self._ack_histograms: dict[str, Histogram] = {}
 
     def message(self, listener: str, event: str, ack: str, duplicate: bool) -> None:
-        self.messages.labels(listener, event or "none", ack or "none").inc()
+        key = (listener, event, ack)
+        counter = self._message_counters.get(key)
+        if counter is None:
+            counter = self._message_counters[key] = self.messages.labels(listener, event or "none", ack or "none")
+        counter.inc()
         if duplicate:
             self.duplicates.labels(listener).inc()
 
     def ack_latency(self, listener: str, seconds: float) -> None:
-        self.ack_seconds.labels(listener).observe(seconds)
+        histogram = self._ack_histograms.get(listener)
+        if histogram is None:
+            histogram = self._ack_histograms[listener] = self.ack_seconds.labels(listener)
+        histogram.observe(seconds)
 
     def api_call(self, operation: str, status: int | None, seconds: float) -> None:
         self.api_calls.labels(operation, str(status) if status is not None else "error").inc()

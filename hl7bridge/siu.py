@@ -8,8 +8,9 @@ a patient, a cancellation only the appointment id.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, tzinfo
+from functools import lru_cache
 from typing import Any
 
 from . import hl7schema
@@ -366,7 +367,10 @@ def _read_patient(event: AppointmentEvent, msg: Er7Message) -> None:
 
     def parts(rep: str, *positions: int) -> list[str]:
         comps = rep.split(enc.component)
-        return [unescape(comps[p - 1]).strip() if p <= len(comps) else "" for p in positions]
+        if enc.escape in rep:
+            comps = [unescape(c) for c in comps]
+        count = len(comps)
+        return [comps[p - 1].strip() if p <= count else "" for p in positions]
 
     ids = []
     for rep in pid.repetitions(3):
@@ -416,12 +420,12 @@ def _read_resources(event: AppointmentEvent, msg: Er7Message) -> None:
     aip = msg.segment("AIP")
     if aip:
         event.provider_id = aip.get(3, 1, 1).strip()
-        event.provider_name = " ".join(p for p in (aip.get(3, 1, 3).strip(), aip.get(3, 1, 2).strip()) if p)
+        event.provider_name = _joined(aip.get(3, 1, 3), aip.get(3, 1, 2))
     else:
         pv1 = msg.segment("PV1")
         if pv1:
             event.provider_id = pv1.get(7, 1, 1).strip()
-            event.provider_name = " ".join(p for p in (pv1.get(7, 1, 3).strip(), pv1.get(7, 1, 2).strip()) if p)
+            event.provider_name = _joined(pv1.get(7, 1, 3), pv1.get(7, 1, 2))
     ail = msg.segment("AIL")
     pv1 = msg.segment("PV1")
     if ail:
@@ -447,6 +451,12 @@ def _read_resources(event: AppointmentEvent, msg: Er7Message) -> None:
                 break
 
 
+def _joined(first: str, second: str) -> str:
+    """'Given Family' from two name parts, either of which may be empty."""
+    first, second = first.strip(), second.strip()
+    return f"{first} {second}" if first and second else first or second
+
+
 def _path_in_version(path: str, version: str) -> bool:
     return hl7schema.element(version, Path.parse(path)) is not None
 
@@ -460,29 +470,33 @@ def _read_start(
     msg: Er7Message, version: str, sources: tuple[tuple[str, ...], ...], zone: tzinfo
 ) -> tuple[datetime | None, str]:
     """The first source group that holds a value decides; within a group the earliest wins."""
-    for group in sources:
+    for group in _start_plan(version, sources):
         found: list[tuple[datetime, str]] = []
-        for text in group:
-            path = Path.parse(text)
-            if hl7schema.element(version, path) is None:
-                continue
-            target = hl7schema.timestamp_component(version, path)
-            for index, _segment in enumerate(msg.all(path.segment), 1):
-                located = Path(
-                    target.segment,
-                    index,
-                    target.field,
-                    target.repetition,
-                    target.component,
-                    target.subcomponent,
-                )
-                value = msg.get(located).strip()
+        for text, target in group:
+            for index, segment in enumerate(msg.all(target.segment), 1):
+                raw = segment.raw(target.field, target.repetition or 1, target.component, target.subcomponent)
+                value = msg.unescape(raw).strip()
                 if not value:
                     continue
                 try:
-                    found.append((parse_dtm(value, zone), text if index == 1 else str(located)))
+                    found.append(
+                        (parse_dtm(value, zone), text if index == 1 else str(replace(target, segment_index=index)))
+                    )
                 except TimestampError as exc:
                     raise MessageRejected(Problem(_field_only(text), DATA_TYPE_ERROR, str(exc))) from None
         if found:
             return min(found, key=lambda item: item[0])
     return None, ""
+
+
+@lru_cache(maxsize=256)
+def _start_plan(version: str, sources: tuple[tuple[str, ...], ...]) -> tuple[tuple[tuple[str, Path], ...], ...]:
+    """Per version, the start sources that exist in it and the timestamp component each one reads."""
+    return tuple(
+        tuple(
+            (text, hl7schema.timestamp_component(version, Path.parse(text)))
+            for text in group
+            if hl7schema.element(version, Path.parse(text)) is not None
+        )
+        for group in sources
+    )

@@ -6,7 +6,8 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
@@ -18,10 +19,6 @@ from sqlalchemy.engine import Engine
 from .schema import _first_line, commands, messages
 
 log = logging.getLogger("hl7bridge.store")
-_ORIGINAL_SQL = (
-    "SELECT id, ack_raw, ack_code FROM messages WHERE sending_application = ? AND sending_facility = ? "
-    "AND control_id = ? AND status = 'accepted' ORDER BY id LIMIT 1"
-)
 
 
 @dataclass(slots=True)
@@ -53,6 +50,9 @@ class WriteResult:
 
 
 _STOP = object()
+#: Messages between checkpoints (about 5 WAL pages each): small enough that one takes a few milliseconds.
+CHECKPOINT_ROWS = 200
+CHECKPOINT_HARD_ROWS = 2000
 
 
 class Writer:
@@ -74,11 +74,10 @@ class Writer:
         self.failures = 0
         self.last_error: str | None = None
         self._insert = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
-        self._insert_columns = [c.name for c in messages.columns if c.name != "id"]
-        self._insert_sql = (
-            f"INSERT INTO messages ({', '.join(self._insert_columns)}) "
-            f"VALUES ({', '.join('?' for _ in self._insert_columns)})"
-        )
+        self._insert_columns = _MESSAGE_COLUMNS
+        self._command_columns = _COMMAND_COLUMNS
+        self._raw: Any = None
+        self._rows_since_checkpoint = 0
         self._original = (
             select(messages.c.id, messages.c.ack_raw, messages.c.ack_code)
             .where(messages.c.sending_application == bindparam("app"))
@@ -111,6 +110,14 @@ class Writer:
         self._queue.put(job)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self._raw is not None:
+                self._raw.close()
+                self._raw = None
+
+    def _loop(self) -> None:
         q = self._queue
         while True:
             item = q.get()
@@ -129,11 +136,26 @@ class Writer:
                 group.append(nxt)
             try:
                 self._handle(group)
+                self._checkpoint_if_due(idle=q.empty())
             except Exception:
                 # The writer must outlive anything: a dead writer answers nothing, not even AR.
                 log.exception("the writer failed on a group; carrying on")
             if stop:
                 return
+
+    def _checkpoint_if_due(self, idle: bool) -> None:
+        """Copy the WAL into the database here, after the group's answers have gone back.
+
+        SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, so the ACKs
+        of that group wait for it. Here it runs between groups: when the writer is idle, or at the
+        latest after ``CHECKPOINT_HARD_ROWS``, so the WAL stays small under steady load too."""
+        if self._raw is None:
+            return
+        due = self._rows_since_checkpoint
+        if due < CHECKPOINT_ROWS or (not idle and due < CHECKPOINT_HARD_ROWS):
+            return
+        self._rows_since_checkpoint = 0
+        self._raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def _handle(self, group: list[Any]) -> None:
         requests = [g for g in group if isinstance(g, WriteRequest)]
@@ -172,59 +194,11 @@ class Writer:
 
     def _write(self, group: list[WriteRequest]) -> list[WriteResult]:
         try:
-            with self.engine.begin() as conn:
-                originals = self._originals(conn, [r.dedupe_key for r in group if r.dedupe_key])
-                rows = []
-                dup_of: list[tuple[int, bytes, str] | None] = []
-                seen_in_group: dict[tuple[str, str, str], int] = {}
-                for position, request in enumerate(group):
-                    key = request.dedupe_key
-                    original = originals.get(key) if key else None
-                    if key and original is None and key in seen_in_group:
-                        original = ("group", seen_in_group[key])
-                    row = request.row
-                    if original is not None:
-                        row = dict(row, status="duplicate")
-                    elif key:
-                        seen_in_group[key] = position
-                    rows.append(row)
-                    dup_of.append(original)
-                ids = self._insert_messages(conn, rows)
-                results = []
-                for position, original in enumerate(dup_of):
-                    if original is None:
-                        results.append(WriteResult(ids[position]))
-                        continue
-                    if original[0] == "group":
-                        first = original[1]
-                        orig_id, ack_raw, ack_code = ids[first], rows[first]["ack_raw"], rows[first]["ack_code"]
-                    else:
-                        orig_id, ack_raw, ack_code = original
-                    results.append(WriteResult(ids[position], orig_id, ack_raw, ack_code))
-                command_rows = []
-                owners = []
-                for position, request in enumerate(group):
-                    if request.commands and dup_of[position] is None:
-                        for command in request.commands:
-                            command_rows.append(dict(command, message_id=ids[position]))
-                            owners.append(position)
-                if command_rows:
-                    command_ids: dict[int, list[int]] = {}
-                    for owner, row in zip(owners, conn.execute(self._insert_commands, command_rows), strict=True):
-                        command_ids.setdefault(owner, []).append(row.id)
-                    results = [replace(r, command_ids=tuple(command_ids.get(i, ()))) for i, r in enumerate(results)]
-                dup_updates = [
-                    {"i": res.message_id, "d": res.duplicate_of, "a": res.original_ack, "c": res.original_ack_code}
-                    for res in results
-                    if res.duplicate_of is not None
-                ]
-                if dup_updates:
-                    conn.execute(
-                        messages.update()
-                        .where(messages.c.id == bindparam("i"))
-                        .values(duplicate_of=bindparam("d"), ack_raw=bindparam("a"), ack_code=bindparam("c")),
-                        dup_updates,
-                    )
+            if self._sqlite_file():
+                results = self._write_sqlite(group)
+            else:
+                with self.engine.begin() as conn:
+                    results = self._write_generic(conn, group)
             self.commits += 1
             self.rows += len(group)
             self.last_error = None
@@ -235,44 +209,208 @@ class Writer:
             log.error("database write failed for %d message(s): %s", len(group), self.last_error)
             return [WriteResult(None, error=self.last_error)] * len(group)
 
-    def _insert_messages(self, conn: Any, rows: list[dict[str, Any]]) -> list[int]:
-        """Insert the group's rows and return their ids, in order.
+    def _sqlite_file(self) -> bool:
+        url = self.engine.url
+        return url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
 
-        On SQLite the hot path goes to the driver: one ``executemany``. The transaction holds the
-        write lock, so the new rowids are consecutive and end at ``last_insert_rowid()``."""
-        if conn.dialect.name != "sqlite":
-            return [r.id for r in conn.execute(self._insert, rows)]
-        cursor = conn.connection.driver_connection.cursor()
+    def _write_sqlite(self, group: list[WriteRequest]) -> list[WriteResult]:
+        """The hot path: one lookup, then one multi-row INSERT that commits by itself.
+
+        Few statements matter more than fast ones: each ``sqlite3`` call releases the GIL and must win
+        it back from the reactor thread. The lookup may run outside the transaction because this thread
+        is the only one that writes accepted messages. Only a group with commands, in-group repeats, or
+        more rows than one statement takes needs BEGIN and COMMIT around its statements."""
+        con = self._connection()
+        self._rows_since_checkpoint += len(group)
+        keys = list(dict.fromkeys(r.dedupe_key for r in group if r.dedupe_key))
+        plan = _Plan(group, _sqlite_originals(con, keys))
+        if not plan.needs_transaction():
+            return plan.results(_insert_rows(con, "messages", self._insert_columns, plan.rows), [])
+        con.execute("BEGIN IMMEDIATE")
         try:
-            cursor.executemany(self._insert_sql, [tuple(row.get(c) for c in self._insert_columns) for row in rows])
-            last = cursor.execute("SELECT last_insert_rowid()").fetchone()[0]
-        finally:
-            cursor.close()
-        return list(range(last - len(rows) + 1, last + 1))
+            ids = _insert_rows(con, "messages", self._insert_columns, plan.rows)
+            command_ids = _insert_rows(con, "commands", self._command_columns, plan.command_rows(ids))
+            in_group = plan.in_group_duplicates(ids)
+            if in_group:
+                con.executemany(_DUPLICATE_SQL, in_group)
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        return plan.results(ids, command_ids)
 
-    def _originals(self, conn: Any, keys: Sequence[tuple[str, str, str]]) -> dict:
-        """The first accepted message per (MSH-3, MSH-4, MSH-10), one indexed lookup per key.
+    def _connection(self) -> Any:
+        """The writer's own DBAPI connection, in autocommit mode so that it controls BEGIN and COMMIT."""
+        if self._raw is None:
+            pooled = self.engine.raw_connection()
+            raw = pooled.driver_connection
+            pooled.detach()
+            raw.isolation_level = None
+            raw.execute("PRAGMA wal_autocheckpoint=0")
+            self._raw = raw
+        return self._raw
 
-        (A single ``(a, b, c) IN (VALUES ...)`` query makes SQLite scan by status instead of
-        using the sender/control-id index, which costs time in proportion to the log's size.)"""
-        found: dict[tuple[str, str, str], tuple[int, bytes, str]] = {}
-        if not keys:
-            return found
-        if conn.dialect.name == "sqlite":
-            cursor = conn.connection.driver_connection.cursor()
-            try:
-                for key in dict.fromkeys(keys):
-                    row = cursor.execute(_ORIGINAL_SQL, key).fetchone()
-                    if row is not None:
-                        found[key] = (row[0], row[1], row[2])
-            finally:
-                cursor.close()
-            return found
-        for key in dict.fromkeys(keys):
+    def _write_generic(self, conn: Any, group: list[WriteRequest]) -> list[WriteResult]:
+        """Any other database, through SQLAlchemy Core."""
+        keys = list(dict.fromkeys(r.dedupe_key for r in group if r.dedupe_key))
+        plan = _Plan(group, self._generic_originals(conn, keys))
+        ids = [r.id for r in conn.execute(self._insert, plan.rows)]
+        command_rows = [dict(zip(self._command_columns, values, strict=True)) for values in plan.command_rows(ids)]
+        command_ids = [r.id for r in conn.execute(self._insert_commands, command_rows)] if command_rows else []
+        in_group = plan.in_group_duplicates(ids)
+        if in_group:
+            conn.execute(
+                messages.update()
+                .where(messages.c.id == bindparam("i"))
+                .values(duplicate_of=bindparam("d"), ack_raw=bindparam("a"), ack_code=bindparam("c")),
+                [{"d": d, "a": a, "c": c, "i": i} for d, a, c, i in in_group],
+            )
+        return plan.results(ids, command_ids)
+
+    def _generic_originals(self, conn: Any, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str, str], Any]:
+        found = {}
+        for key in keys:
             row = conn.execute(self._original, {"app": key[0], "fac": key[1], "ctrl": key[2]}).first()
             if row is not None:
                 found[key] = (row[0], row[1], row[2])
         return found
+
+
+class _Plan:
+    """Which rows of a group are duplicates, of what, and the rows to insert, before touching the database."""
+
+    def __init__(self, group: list[WriteRequest], originals: dict[tuple[str, str, str], Any]) -> None:
+        self.group = group
+        self.owners: list[int] = []
+        self.rows: list[dict[str, Any]] = []
+        self.duplicate_of: list[tuple[int, bytes, str] | int | None] = []
+        first_in_group: dict[tuple[str, str, str], int] = {}
+        for position, request in enumerate(group):
+            key, row = request.dedupe_key, request.row
+            original: tuple[int, bytes, str] | int | None = None
+            if key:
+                original = originals.get(key)
+                if original is not None:
+                    row = dict(row, status="duplicate", duplicate_of=original[0], ack_raw=original[1],
+                               ack_code=original[2])  # fmt: skip
+                elif key in first_in_group:
+                    original = first_in_group[key]
+                    row = dict(row, status="duplicate")
+                else:
+                    first_in_group[key] = position
+            self.rows.append(row)
+            self.duplicate_of.append(original)
+
+    def needs_transaction(self) -> bool:
+        return (
+            any(r.commands for r in self.group)
+            or any(isinstance(d, int) for d in self.duplicate_of)
+            or len(_sizes(len(self.rows))) > 1
+        )
+
+    def in_group_duplicates(self, ids: list[int]) -> list[tuple[int, bytes, str, int]]:
+        """(original id, its ACK, its code, duplicate id) for repeats of a message in the same group."""
+        out = []
+        for position, original in enumerate(self.duplicate_of):
+            if isinstance(original, int):
+                first = self.rows[original]
+                out.append((ids[original], first["ack_raw"], first["ack_code"], ids[position]))
+        return out
+
+    def command_rows(self, ids: list[int]) -> list[tuple[Any, ...]]:
+        """The commands of the messages that are not duplicates, in column order, with their message ids."""
+        self.owners = []
+        out = []
+        for position, request in enumerate(self.group):
+            if request.commands and self.duplicate_of[position] is None:
+                for command in request.commands:
+                    out.append(tuple(ids[position] if c == "message_id" else command.get(c) for c in _COMMAND_COLUMNS))
+                    self.owners.append(position)
+        return out
+
+    def results(self, ids: list[int], command_ids: list[int]) -> list[WriteResult]:
+        owned: dict[int, list[int]] = {}
+        for owner, command_id in zip(self.owners, command_ids, strict=True):
+            owned.setdefault(owner, []).append(command_id)
+        results = []
+        for position, original in enumerate(self.duplicate_of):
+            if original is None:
+                results.append(WriteResult(ids[position], command_ids=tuple(owned.get(position, ()))))
+            elif isinstance(original, int):
+                first = self.rows[original]
+                results.append(WriteResult(ids[position], ids[original], first["ack_raw"], first["ack_code"]))
+            else:
+                results.append(WriteResult(ids[position], original[0], original[1], original[2]))
+        return results
+
+
+_COMMAND_COLUMNS = tuple(c.name for c in commands.columns if c.name != "id")
+_MESSAGE_COLUMNS = tuple(c.name for c in messages.columns if c.name != "id")
+_DUPLICATE_SQL = "UPDATE messages SET duplicate_of = ?, ack_raw = ?, ack_code = ? WHERE id = ?"
+#: Rows per multi-row statement at most; groups up to ``_ANY_SIZE`` rows take one statement of their own
+#: size, larger ones powers of two. sqlite3 keeps its last 128 compiled statements, and one compiled for
+#: every group size seen would hold tens of megabytes.
+_MAX_ROWS = 64
+_ANY_SIZE = 16
+
+
+def _sizes(count: int) -> list[int]:
+    """The statement sizes for ``count`` rows, largest first (12 -> 12; 37 -> 32, 5)."""
+    sizes = []
+    while count > _ANY_SIZE:
+        size = min(_MAX_ROWS, 1 << (count.bit_length() - 1))
+        sizes.append(size)
+        count -= size
+    return [*sizes, count] if count else sizes
+
+
+@lru_cache(maxsize=64)
+def _insert_sql(table: str, columns: tuple[str, ...], rows: int) -> str:
+    placeholders = "(" + ", ".join("?" for _ in columns) + ")"
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([placeholders] * rows)
+
+
+@lru_cache(maxsize=16)
+def _originals_sql(keys: int) -> str:
+    return (
+        "WITH k(a, f, c) AS (VALUES " + ", ".join(["(?, ?, ?)"] * keys) + ") "
+        "SELECT k.a, k.f, k.c, m.id, m.ack_raw, m.ack_code FROM k CROSS JOIN messages AS m "
+        "INDEXED BY ix_messages_sender_control ON m.sending_application = k.a AND m.sending_facility = k.f "
+        "AND m.control_id = k.c WHERE m.status = 'accepted' ORDER BY m.id DESC"
+    )
+
+
+def _insert_rows(con: Any, table: str, columns: tuple[str, ...], rows: list[Any]) -> list[int]:
+    """Insert rows (dicts or tuples in column order) with multi-row INSERTs; their ids, in order.
+
+    The transaction holds the write lock and the tables have no AUTOINCREMENT gaps to fear: the rowids
+    of one statement are consecutive and end at ``lastrowid``."""
+    if rows and isinstance(rows[0], dict):
+        rows = [tuple(row.get(c) for c in columns) for row in rows]
+    ids: list[int] = []
+    start = 0
+    for size in _sizes(len(rows)):
+        chunk = rows[start : start + size]
+        start += size
+        last = con.execute(_insert_sql(table, columns, size), [v for row in chunk for v in row]).lastrowid
+        ids.extend(range(last - size + 1, last + 1))
+    return ids
+
+
+def _sqlite_originals(con: Any, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], Any]:
+    """The first accepted message per (MSH-3, MSH-4, MSH-10), in as few statements as the sizes allow.
+
+    The keys are joined against the sender/control-id index explicitly: left to itself, SQLite plans a
+    row-value ``IN`` as a scan by status, which costs time in proportion to the log's size."""
+    found: dict[tuple[str, str, str], Any] = {}
+    start = 0
+    for size in _sizes(len(keys)):
+        chunk = keys[start : start + size]
+        start += size
+        for a, f, c, message_id, ack_raw, ack_code in con.execute(_originals_sql(size), [v for k in chunk for v in k]):
+            found[(a, f, c)] = (message_id, ack_raw, ack_code)
+    return found
 
 
 def _deliver(group: list[WriteRequest], results: list[WriteResult]) -> None:
