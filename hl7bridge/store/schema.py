@@ -30,6 +30,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 SCHEMA_VERSION = 3
+#: How long a connection waits for another one's write lock before it gives up.
+BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
 
 metadata = MetaData()
@@ -168,7 +170,7 @@ def open_engine(url: str, synchronous: str = "FULL") -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute("PRAGMA busy_timeout=5000")
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 

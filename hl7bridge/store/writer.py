@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -16,7 +17,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 
-from .schema import _first_line, commands, messages
+from .schema import BUSY_TIMEOUT_MS, _first_line, commands, messages
 
 log = logging.getLogger("hl7bridge.store")
 
@@ -50,6 +51,11 @@ class WriteResult:
 
 
 _STOP = object()
+#: How long a write waits for another connection's lock once a write has already failed on it: while the
+#: lock lasts, every group is answered AR/AE within a quarter second instead of each waiting out the full
+#: ``BUSY_TIMEOUT_MS`` behind the one before.
+LOCK_WAIT_MS = BUSY_TIMEOUT_MS
+LOCKED_WAIT_MS = 250
 #: Messages between checkpoints (about 5 WAL pages each): small enough that one takes a few milliseconds.
 CHECKPOINT_ROWS = 200
 CHECKPOINT_HARD_ROWS = 2000
@@ -78,6 +84,8 @@ class Writer:
         self._command_columns = _COMMAND_COLUMNS
         self._raw: Any = None
         self._rows_since_checkpoint = 0
+        self._locked = False
+        self._lock_wait_ms = LOCK_WAIT_MS
         self._original = (
             select(messages.c.id, messages.c.ack_raw, messages.c.ack_code)
             .where(messages.c.sending_application == bindparam("app"))
@@ -171,13 +179,20 @@ class Writer:
     def _run_jobs(self, jobs: list[Job]) -> None:
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
-            with self.engine.begin() as conn:
+            with self.engine.begin() as conn, self._lock_wait(conn):
+                locked: BaseException | None = None
                 for job in jobs:
+                    if locked is not None:
+                        outcomes.append((None, locked))
+                        continue
                     try:
                         with conn.begin_nested():
                             result = job.work(conn)
                     except Exception as exc:  # noqa: BLE001 - reported to the job's owner
                         outcomes.append((None, exc))
+                        if _is_locked(exc):
+                            # The next jobs would wait out the same lock one after the other.
+                            locked, self._locked = exc, True
                         continue
                     outcomes.append((result, None))
             self.commits += 1
@@ -202,10 +217,12 @@ class Writer:
             self.commits += 1
             self.rows += len(group)
             self.last_error = None
+            self._locked = False
             return results
         except Exception as exc:  # noqa: BLE001 - any failure must turn into a NAK, never a lost message
             self.failures += 1
             self.last_error = f"{exc.__class__.__name__}: {_first_line(exc)}"
+            self._locked = _is_locked(exc)
             log.error("database write failed for %d message(s): %s", len(group), self.last_error)
             return [WriteResult(None, error=self.last_error)] * len(group)
 
@@ -221,6 +238,7 @@ class Writer:
         is the only one that writes accepted messages. Only a group with commands, in-group repeats, or
         more rows than one statement takes needs BEGIN and COMMIT around its statements."""
         con = self._connection()
+        self._set_lock_wait(con, LOCKED_WAIT_MS if self._locked else LOCK_WAIT_MS)
         self._rows_since_checkpoint += len(group)
         keys = list(dict.fromkeys(r.dedupe_key for r in group if r.dedupe_key))
         plan = _Plan(group, _sqlite_originals(con, keys))
@@ -239,6 +257,23 @@ class Writer:
                 con.execute("ROLLBACK")
             raise
         return plan.results(ids, command_ids)
+
+    def _set_lock_wait(self, con: Any, milliseconds: int) -> None:
+        if self._lock_wait_ms != milliseconds:
+            con.execute(f"PRAGMA busy_timeout={milliseconds}")
+            self._lock_wait_ms = milliseconds
+
+    @contextlib.contextmanager
+    def _lock_wait(self, conn: Any) -> Iterator[None]:
+        """While the database is known to be locked, jobs wait briefly for it too (then the pool's default)."""
+        if not (self._locked and conn.dialect.name == "sqlite"):
+            yield
+            return
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={LOCKED_WAIT_MS}")
+        try:
+            yield
+        finally:
+            conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={LOCK_WAIT_MS}")
 
     def _connection(self) -> Any:
         """The writer's own DBAPI connection, in autocommit mode so that it controls BEGIN and COMMIT."""
@@ -411,6 +446,10 @@ def _sqlite_originals(con: Any, keys: list[tuple[str, str, str]]) -> dict[tuple[
         for a, f, c, message_id, ack_raw, ack_code in con.execute(_originals_sql(size), [v for k in chunk for v in k]):
             found[(a, f, c)] = (message_id, ack_raw, ack_code)
     return found
+
+
+def _is_locked(exc: BaseException) -> bool:
+    return "database is locked" in str(exc)
 
 
 def _deliver(group: list[WriteRequest], results: list[WriteResult]) -> None:

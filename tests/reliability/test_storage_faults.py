@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from hl7bridge.store.schema import BUSY_TIMEOUT_MS
 from tests.conftest import RunningSandbox, free_port, segments
 from tests.dispatch_support import siu
 
@@ -149,6 +150,12 @@ def test_locked_database_is_answered_ar_never_aa(locked: dict[str, Any]) -> None
     assert set(during) <= {"AR", "AA"}, during  # AA only once committed, after the release
     assert locked["aa_while_unwritable"] == 0
     assert locked["wrong_acks"] == 0, locked["wrong_examples"]
+
+
+def test_senders_are_not_kept_waiting_for_their_ar(locked: dict[str, Any]) -> None:
+    """Once a write has failed on the lock, the next ones give up quickly instead of queueing up behind each
+    other for the whole busy_timeout (a 60 s lock used to keep senders waiting 35 s for an AR)."""
+    assert locked["ar_answer_seconds_max"] < 2 * BUSY_TIMEOUT_MS / 1000, locked["ar_answer_seconds_max"]
 
 
 def test_health_names_the_database_while_locked(locked: dict[str, Any]) -> None:
