@@ -136,7 +136,7 @@ fi
 # settings, which hold the [sandbox] tables and the demo token the bridge presents.
 section "Journeys sandbox (separate process)"
 step "systemd-run --unit=journeys-sandbox $BIN/hl7bridge sandbox --config $SRC/config/hl7bridge.example.toml --listen tcp:8080:interface=127.0.0.1"
-wait_for 60 'port_open 8080' || result FAIL sandbox "did not listen on 8080"
+wait_for 180 'port_open 8080' || result FAIL sandbox "did not listen on 8080 within 180 s"
 
 step "install -m 0644 $SRC/systemd/hl7bridge.service /etc/systemd/system/"
 step 'systemctl daemon-reload && systemctl enable --now hl7bridge'

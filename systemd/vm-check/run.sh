@@ -114,7 +114,7 @@ if [ -z "$accel" ]; then
     if [ -w /dev/kvm ]; then
         (timeout 30 qemu-system-x86_64 -accel kvm -M q35 -cpu host -m 512 -display none -monitor none \
             -no-reboot -serial "file:$WORK/kvm-probe.log" -kernel "$WORK/vmlinuz" \
-            -append "console=ttyS0 panic=-1"; true) >/dev/null 2>&1 # "; true": the subshell reports the abort
+            -append "console=ttyS0 panic=-1" || true) >/dev/null 2>&1 # "|| true": qemu may abort (set -e)
         grep -q 'Kernel panic' "$WORK/kvm-probe.log" 2>/dev/null && accel=kvm
     fi
 fi
