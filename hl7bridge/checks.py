@@ -10,15 +10,7 @@ Check = Callable[[Any, str, list[str]], Any]
 
 
 def integer(minimum: int, maximum: int | None = None) -> Check:
-    def check(value: Any, key: str, problems: list[str]) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{key}: expected an integer, got {value!r}")
-        elif value < minimum or (maximum is not None and value > maximum):
-            bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
-            problems.append(f"{key}: expected an integer {bound}, got {value}")
-        return value
-
-    return check
+    return number(minimum, maximum, integer=True)
 
 
 def seconds(value: Any, key: str, problems: list[str]) -> Any:

@@ -80,8 +80,6 @@ class Writer:
         self.failures = 0
         self.last_error: str | None = None
         self._insert = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
-        self._insert_columns = _MESSAGE_COLUMNS
-        self._command_columns = _COMMAND_COLUMNS
         self._raw: Any = None
         self._rows_since_checkpoint = 0
         self._locked = False
@@ -243,11 +241,11 @@ class Writer:
         keys = list(dict.fromkeys(r.dedupe_key for r in group if r.dedupe_key))
         plan = _Plan(group, _sqlite_originals(con, keys))
         if not plan.needs_transaction():
-            return plan.results(_insert_rows(con, "messages", self._insert_columns, plan.rows), [])
+            return plan.results(_insert_rows(con, "messages", _MESSAGE_COLUMNS, plan.rows), [])
         con.execute("BEGIN IMMEDIATE")
         try:
-            ids = _insert_rows(con, "messages", self._insert_columns, plan.rows)
-            command_ids = _insert_rows(con, "commands", self._command_columns, plan.command_rows(ids))
+            ids = _insert_rows(con, "messages", _MESSAGE_COLUMNS, plan.rows)
+            command_ids = _insert_rows(con, "commands", _COMMAND_COLUMNS, plan.command_rows(ids))
             in_group = plan.in_group_duplicates(ids)
             if in_group:
                 con.executemany(_DUPLICATE_SQL, in_group)
@@ -291,7 +289,7 @@ class Writer:
         keys = list(dict.fromkeys(r.dedupe_key for r in group if r.dedupe_key))
         plan = _Plan(group, self._generic_originals(conn, keys))
         ids = [r.id for r in conn.execute(self._insert, plan.rows)]
-        command_rows = [dict(zip(self._command_columns, values, strict=True)) for values in plan.command_rows(ids)]
+        command_rows = [dict(zip(_COMMAND_COLUMNS, values, strict=True)) for values in plan.command_rows(ids)]
         command_ids = [r.id for r in conn.execute(self._insert_commands, command_rows)] if command_rows else []
         in_group = plan.in_group_duplicates(ids)
         if in_group:
