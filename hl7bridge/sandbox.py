@@ -68,11 +68,37 @@ class SandboxState:
     calls: list[dict[str, Any]] = field(default_factory=list)
     requests_seen: int = 0
     max_calls: int = 100_000
+    _by_parameter: dict[tuple[str, str, str], list[str]] = field(default_factory=dict, repr=False)
 
     def record(self, entry: dict[str, Any]) -> None:
         self.calls.append(entry)
         if len(self.calls) > self.max_calls:
             del self.calls[: len(self.calls) - self.max_calls]
+
+    def add(self, instance: dict[str, Any]) -> None:
+        """Keep an instance, indexed by its parameter values: a long soak holds hundreds of thousands, and
+        a search that scanned them all made the sandbox, not the bridge, the limit."""
+        self.instances[instance["id"]] = instance
+        bot = instance["chatBotId"]
+        for name, value in instance["parameters"].items():
+            self._by_parameter.setdefault((bot, name, value), []).append(instance["id"])
+
+    def matching(self, bot: str, criteria: dict[str, str]) -> list[dict[str, Any]]:
+        """Instances of ``bot`` whose parameters equal every criterion, oldest first."""
+        if criteria:
+            postings = [self._by_parameter.get((bot, k, v), ()) for k, v in criteria.items()]
+            candidates = (self.instances[i] for i in min(postings, key=len))
+        else:
+            candidates = iter(self.instances.values())
+        return [
+            i for i in candidates
+            if i["chatBotId"] == bot and all(i["parameters"].get(k) == v for k, v in criteria.items())
+        ]  # fmt: skip
+
+    def clear(self) -> None:
+        self.instances.clear()
+        self._by_parameter.clear()
+        self.calls.clear()
 
 
 class SandboxResource(resource.Resource):
@@ -224,7 +250,7 @@ class SandboxResource(resource.Resource):
         if flow_id is not None:
             for index, instance in enumerate(instances):
                 ids = {k: instance["parameters"][k] for k in journey.instance_identifiers}
-                targets = [i for i in self._matching(bot, ids) if i["status"] == "InProgress"]
+                targets = [i for i in self.state.matching(bot, ids) if i["status"] == "InProgress"]
                 if not targets:
                     errors.append(f"instances[{index}]: no active instance matches {ids}")
                 for target in targets:
@@ -234,7 +260,7 @@ class SandboxResource(resource.Resource):
         batch = str(uuid.uuid4())
         for instance in instances:
             iid = str(uuid.uuid4())
-            self.state.instances[iid] = {
+            self.state.add({
                 "id": iid,
                 "chatBotId": bot,
                 "journeyBotName": journey.name,
@@ -245,14 +271,8 @@ class SandboxResource(resource.Resource):
                 "timeZone": zone,
                 "lastStepExecuted": {"eventDateTime": _now(), "flowName": "Flow 1", "stepId": 1},
                 "parameters": dict(instance["parameters"]),
-            }
+            })  # fmt: skip
         return 204, None
-
-    def _matching(self, bot: str, criteria: dict[str, str]) -> list[dict[str, Any]]:
-        return [
-            i for i in self.state.instances.values()
-            if i["chatBotId"] == bot and all(i["parameters"].get(k) == v for k, v in criteria.items())
-        ]  # fmt: skip
 
     def _search(self, journey: Journey | None, bot: str, body: bytes) -> tuple[int, Any]:
         if journey is None:
@@ -271,7 +291,7 @@ class SandboxResource(resource.Resource):
             return 400, ["The search body must hold filterSpecification with AndSpecification specifications"]
         include = bool(data.get("includeParameters"))
         found = []
-        for instance in self._matching(bot, criteria):
+        for instance in self.state.matching(bot, criteria):
             item = {k: v for k, v in instance.items() if k not in ("chatBotId", "timeZone", "subflows")}
             if not include:
                 item.pop("parameters")
@@ -297,8 +317,7 @@ class SandboxResource(resource.Resource):
         if path == "/_sandbox/instances" and method == "GET":
             return json.dumps(list(state.instances.values())).encode()
         if path == "/_sandbox/reset" and method == "POST":
-            state.instances.clear()
-            state.calls.clear()
+            state.clear()
             state.faults = Faults()
             return b"{}"
         if path == "/_sandbox/faults" and method in ("POST", "PUT"):
