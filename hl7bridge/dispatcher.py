@@ -40,6 +40,8 @@ class DispatchSettings:
     retry_max: float = 300.0
     probe_interval: float = 15.0
     poll_interval: float = 1.0
+    #: Ticks are at least this far apart: wakes within it are served together.
+    tick_gap: float = 0.02
 
 
 @dataclass
@@ -124,14 +126,21 @@ class Dispatcher:
 
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
+        last = -self.settings.tick_gap
         while not self._stopping.is_set():
+            # Wakes come with every committed command and every finished call; ticking on each one made
+            # the outbox queries the dispatcher's main cost and took the GIL from the listener.
+            gap = last + self.settings.tick_gap - time.monotonic()
+            if gap > 0 and self._stopping.wait(gap):
+                break
+            last = time.monotonic()
+            self._wake.clear()
             try:
                 timeout = self._tick()
             except Exception:
                 log.exception("dispatcher cycle failed; retrying shortly")
                 timeout = self.settings.poll_interval
             self._wake.wait(timeout)
-            self._wake.clear()
         # Commands still gathering in a bucket were never sent: they stay pending in the log.
         with self._lock:
             for bucket in self._buckets.values():

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
+    bindparam,
     func,
     select,
 )
@@ -92,52 +93,60 @@ def _command(row: Any) -> CommandRow:
     )  # fmt: skip
 
 
-def due_heads(conn: Any, now: float, limit: int, busy: set[str]) -> list[CommandRow]:
-    """The first open command of each appointment, when it is due, oldest first."""
-    c2 = commands.alias("c2")
-    first_open = (
-        select(func.min(c2.c.id))
-        .where(c2.c.appointment_key == commands.c.appointment_key)
-        .where(c2.c.status.in_(OPEN_STATUSES))
+# The dispatcher runs these on every tick and the writer runs the updates for every API result. Building a
+# statement costs more Python than running it (SQLAlchemy derives a cache key from each new construct), and
+# that Python holds the GIL the listener needs, so each is built once, with bound parameters.
+_C2 = commands.alias("c2")
+_DUE_HEADS = (
+    select(commands)
+    .where(commands.c.status.in_(OPEN_STATUSES))
+    .where(commands.c.next_attempt_at <= bindparam("now"))
+    .where(
+        commands.c.id
+        == select(func.min(_C2.c.id))
+        .where(_C2.c.appointment_key == commands.c.appointment_key)
+        .where(_C2.c.status.in_(OPEN_STATUSES))
         .scalar_subquery()
     )
-    stmt = (
-        select(commands)
-        .where(commands.c.status.in_(OPEN_STATUSES))
-        .where(commands.c.next_attempt_at <= now)
-        .where(commands.c.id == first_open)
-        .order_by(commands.c.id)
-        .limit(limit + len(busy))
-    )
-    rows = [_command(r) for r in conn.execute(stmt)]
+    .order_by(commands.c.id)
+    .limit(bindparam("limit"))
+)
+_NEXT_DUE = select(func.min(commands.c.next_attempt_at)).where(commands.c.status.in_(OPEN_STATUSES))
+_OPEN_CANCELS = (
+    select(commands.c.appointment_key, func.min(commands.c.id))
+    .where(commands.c.appointment_key.in_(bindparam("keys", expanding=True)))
+    .where(commands.c.status.in_(OPEN_STATUSES))
+    .where(commands.c.kind == "cancel")
+    .group_by(commands.c.appointment_key)
+)
+_APPOINTMENTS = select(appointments).where(appointments.c.appointment_key.in_(bindparam("keys", expanding=True)))
+_KEYS_PER_QUERY = 500
+
+
+def due_heads(conn: Any, now: float, limit: int, busy: set[str]) -> list[CommandRow]:
+    """The first open command of each appointment, when it is due, oldest first."""
+    rows = [_command(r) for r in conn.execute(_DUE_HEADS, {"now": now, "limit": limit + len(busy)})]
     return [r for r in rows if r.appointment_key not in busy][:limit]
 
 
 def next_due(conn: Any) -> float | None:
-    stmt = select(func.min(commands.c.next_attempt_at)).where(commands.c.status.in_(OPEN_STATUSES))
-    return conn.execute(stmt).scalar()
+    return conn.execute(_NEXT_DUE).scalar()
 
 
 def open_cancels(conn: Any, keys: list[str]) -> dict[str, int]:
     """The first open cancel command of each appointment (for annihilating unsent triggers)."""
     found: dict[str, int] = {}
-    for start in range(0, len(keys), 500):
-        stmt = (
-            select(commands.c.appointment_key, func.min(commands.c.id))
-            .where(commands.c.appointment_key.in_(keys[start : start + 500]))
-            .where(commands.c.status.in_(OPEN_STATUSES))
-            .where(commands.c.kind == "cancel")
-            .group_by(commands.c.appointment_key)
+    for start in range(0, len(keys), _KEYS_PER_QUERY):
+        found.update(
+            {key: cid for key, cid in conn.execute(_OPEN_CANCELS, {"keys": keys[start : start + _KEYS_PER_QUERY]})}
         )
-        found.update({key: cid for key, cid in conn.execute(stmt)})
     return found
 
 
 def appointments_for(conn: Any, keys: list[str]) -> dict[str, AppointmentRow]:
     found: dict[str, AppointmentRow] = {}
-    for start in range(0, len(keys), 500):
-        stmt = select(appointments).where(appointments.c.appointment_key.in_(keys[start : start + 500]))
-        for row in conn.execute(stmt):
+    for start in range(0, len(keys), _KEYS_PER_QUERY):
+        for row in conn.execute(_APPOINTMENTS, {"keys": keys[start : start + _KEYS_PER_QUERY]}):
             m = row._mapping
             params = json.loads(m["parameters"]) if m["parameters"] else None
             found[m["appointment_key"]] = AppointmentRow(m["appointment_key"], m["state"], params, m["last_command_id"])
@@ -153,50 +162,86 @@ def appointment(conn: Any, key: str) -> AppointmentRow | None:
     return AppointmentRow(m["appointment_key"], m["state"], params, m["last_command_id"])
 
 
+_MARK_IN_FLIGHT = (
+    commands.update()
+    .where(commands.c.id.in_(bindparam("ids", expanding=True)))
+    .values(status="in_flight", updated_at=bindparam("now"))
+)
+
+
 def mark_in_flight(conn: Any, ids: list[int], now: float) -> None:
-    conn.execute(commands.update().where(commands.c.id.in_(ids)).values(status="in_flight", updated_at=now))
+    conn.execute(_MARK_IN_FLIGHT, {"ids": ids, "now": now})
+
+
+_UPDATE_COMMAND = (
+    commands.update()
+    .where(commands.c.id == bindparam("u_id"))
+    .values(
+        status=bindparam("u_status"),
+        updated_at=bindparam("u_now"),
+        outcome=func.coalesce(bindparam("u_outcome"), commands.c.outcome),
+        step=func.coalesce(bindparam("u_step"), commands.c.step),
+        next_attempt_at=func.coalesce(bindparam("u_next"), commands.c.next_attempt_at),
+        attempts=commands.c.attempts + bindparam("u_counted"),
+        uncertain=func.coalesce(bindparam("u_uncertain"), commands.c.uncertain),
+    )
+)
+#: ack_mode "dispatched" after a restart: nobody awaits the verdict, the log still records it.
+_SETTLE_MESSAGE = (
+    messages.update()
+    .where(messages.c.id == select(commands.c.message_id).where(commands.c.id == bindparam("u_id")).scalar_subquery())
+    .where(messages.c.status == "pending")
+    .values(status=bindparam("u_message_status"))
+)
+_MEMORY_COLUMNS = ("route", "chat_bot_id", "state", "updated_at", "last_command_id")
+_REMEMBER = {
+    with_parameters: appointments.update()
+    .where(appointments.c.appointment_key == bindparam("a_key"))
+    .values(
+        {name: bindparam(f"a_{name}") for name in (*_MEMORY_COLUMNS, *(("parameters",) if with_parameters else ()))}
+    )
+    for with_parameters in (False, True)
+}
+_FIRST_MEMORY = {
+    with_parameters: appointments.insert().values(
+        {"appointment_key": bindparam("a_key")}
+        | {name: bindparam(f"a_{name}") for name in (*_MEMORY_COLUMNS, *(("parameters",) if with_parameters else ()))}
+    )
+    for with_parameters in (False, True)
+}
+_FINAL = ("done", "annihilated", "dead", "failed")
 
 
 def apply_updates(conn: Any, updates: list[CommandUpdate], now: float) -> None:
-    """Record outcomes, attempts and appointment memory for a set of commands."""
+    """Record outcomes, attempts and appointment memory for a set of commands.
+
+    One statement per kind of change, each run for all the updates at once, in the updates' order."""
+    conn.execute(_UPDATE_COMMAND, [
+        {"u_id": u.command_id, "u_status": u.status, "u_now": now, "u_outcome": u.outcome or None, "u_step": u.step,
+         "u_next": u.next_attempt_at, "u_counted": 1 if u.count_attempt else 0,
+         "u_uncertain": None if u.uncertain is None else int(u.uncertain)}
+        for u in updates
+    ])  # fmt: skip
+    settled = [{"u_id": u.command_id, "u_message_status": "accepted" if u.status in ("done", "annihilated") else
+                "rejected"} for u in updates if u.status in _FINAL]  # fmt: skip
+    if settled:
+        conn.execute(_SETTLE_MESSAGE, settled)
+    tried = [dict(a, command_id=u.command_id) for u in updates for a in u.attempts]
+    if tried:
+        conn.execute(attempts.insert(), tried)
     for u in updates:
-        values: dict[str, Any] = {"status": u.status, "updated_at": now}
-        if u.outcome:
-            values["outcome"] = u.outcome
-        if u.step is not None:
-            values["step"] = u.step
-        if u.next_attempt_at is not None:
-            values["next_attempt_at"] = u.next_attempt_at
-        if u.count_attempt:
-            values["attempts"] = commands.c.attempts + 1
-        if u.uncertain is not None:
-            values["uncertain"] = 1 if u.uncertain else 0
-        conn.execute(commands.update().where(commands.c.id == u.command_id).values(**values))
-        if u.status in ("done", "annihilated", "dead", "failed"):
-            # ack_mode "dispatched" after a restart: nobody awaits the verdict, the log still records it.
-            owner = select(commands.c.message_id).where(commands.c.id == u.command_id).scalar_subquery()
-            conn.execute(
-                messages.update()
-                .where(messages.c.id == owner)
-                .where(messages.c.status == "pending")
-                .values(status="accepted" if u.status in ("done", "annihilated") else "rejected")
-            )
-        if u.attempts:
-            conn.execute(attempts.insert(), [dict(a, command_id=u.command_id) for a in u.attempts])
         if u.remember is not None:
-            key, route, bot, state, params = u.remember
-            row = {
-                "route": route,
-                "chat_bot_id": bot,
-                "state": state,
-                "updated_at": now,
-                "last_command_id": u.command_id,
-            }
-            if params is not None:
-                row["parameters"] = json.dumps(params, ensure_ascii=False, sort_keys=True)
-            done = conn.execute(appointments.update().where(appointments.c.appointment_key == key).values(**row))
-            if done.rowcount == 0:
-                conn.execute(appointments.insert().values(appointment_key=key, **row))
+            _remember(conn, u.command_id, u.remember, now)
+
+
+def _remember(conn: Any, command_id: int, memo: tuple[str, str, str, str, dict[str, str] | None], now: float) -> None:
+    key, route, bot, state, params = memo
+    row: dict[str, Any] = dict(zip(_MEMORY_COLUMNS, (route, bot, state, now, command_id), strict=True))
+    if params is not None:
+        row["parameters"] = json.dumps(params, ensure_ascii=False, sort_keys=True)
+    bound = {f"a_{name}": value for name, value in row.items()} | {"a_key": key}
+    if conn.execute(_REMEMBER[params is not None], bound).rowcount == 0:
+        conn.execute(_FIRST_MEMORY[params is not None], bound)
 
 
 def record_ack(conn: Any, message_id: int, ack: Any, status: str, error: str | None) -> None:

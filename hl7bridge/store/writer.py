@@ -175,6 +175,9 @@ class Writer:
             self._run_jobs(jobs)
 
     def _run_jobs(self, jobs: list[Job]) -> None:
+        # Each job runs in a savepoint of its own, except a lone job: its transaction is its savepoint
+        # (SAVEPOINT and RELEASE were a fifth of the writer's time with the GIL under dispatch).
+        nested = len(jobs) > 1
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
             with self.engine.begin() as conn, self._lock_wait(conn):
@@ -184,10 +187,15 @@ class Writer:
                         outcomes.append((None, locked))
                         continue
                     try:
-                        with conn.begin_nested():
+                        if nested:
+                            with conn.begin_nested():
+                                result = job.work(conn)
+                        else:
                             result = job.work(conn)
                     except Exception as exc:  # noqa: BLE001 - reported to the job's owner
                         outcomes.append((None, exc))
+                        if not nested:
+                            conn.rollback()  # nothing of a failed job is committed
                         if _is_locked(exc):
                             # The next jobs would wait out the same lock one after the other.
                             locked, self._locked = exc, True

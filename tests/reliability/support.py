@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -229,6 +230,17 @@ class Bridge:
         except requests.RequestException as exc:
             return 0, {"error": str(exc)}
         return response.status_code, response.json()
+
+    def ack_histogram(self) -> dict[str, int]:
+        """The service's own ACK latency (frame complete to ACK written): cumulative counts per bucket bound."""
+        assert self.health_port is not None
+        text = requests.get(f"http://127.0.0.1:{self.health_port}/metrics", timeout=10).text
+        found: dict[str, int] = {}
+        for line in text.splitlines():
+            m = re.match(r'hl7bridge_ack_latency_seconds_bucket\{.*le="([^"]+)".*\} ([0-9.e+]+)$', line)
+            if m:
+                found[m[1]] = found.get(m[1], 0) + int(float(m[2]))
+        return found
 
     def open_commands(self) -> int:
         return self.query("SELECT count(*) FROM commands WHERE status IN ('pending', 'in_flight')")[0][0]

@@ -462,6 +462,8 @@ def test_the_next_valid_message_is_processed(hostile: dict[str, Any]) -> None:
 
 
 def test_a_header_cut_short_is_answered_and_the_connection_kept(tmp_path: Path, sandbox: RunningSandbox) -> None:
+    """Found by this suite: "MSH" followed by a line break raised IndexError in charsets.declared_charset, and the
+    connection was dropped with the answers still owed on it (fixed in 0f8d2ee)."""
     with bridge_running(sandbox, tmp_path / "bridge") as bridge:
         gen = Hostile(SEED, "HB", START, MAX_BYTES)
         before, before_control = gen.valid()

@@ -107,7 +107,8 @@ class SoakStream(Stream):
 
 
 def open_loop(engine: Engine, stream: SoakStream, ledger: Ledger, stop: threading.Event, rate: float,
-              latencies: list[float], service: list[float], last: dict[str, str], errors: list[str]) -> None:  # fmt: skip
+              latencies: list[float], service: list[float], dues: list[float], last: dict[str, str],
+              errors: list[str]) -> None:  # fmt: skip
     """Messages due at a fixed rate; latency from when each was due (queueing behind a slow one counts)."""
     interval = 1.0 / rate
     due = time.monotonic() + random.Random(id(stream)).uniform(0, interval)
@@ -119,6 +120,7 @@ def open_loop(engine: Engine, stream: SoakStream, ledger: Ledger, stop: threadin
             outgoing = stream.next()
             answer = engine.deliver(outgoing.control, outgoing.payload, time.monotonic() + 120)
             latencies.append(time.monotonic() - due)
+            dues.append(due)
             service.append(answer.answered_at - answer.sent_at)
             if answer.code == "AA":
                 if outgoing.event == "S23":
@@ -131,6 +133,34 @@ def open_loop(engine: Engine, stream: SoakStream, ledger: Ledger, stop: threadin
         errors.append(f"{exc.__class__.__name__}: {exc}")
     finally:
         engine.close()
+
+
+def latency_over_time(dues: list[list[float]], latencies: list[list[float]], began: float) -> dict[str, Any]:
+    """When the slow answers happened: per minute of the run, and the ten worst seconds (ms, from due)."""
+    by_second: dict[int, list[float]] = {}
+    for due_list, latency_list in zip(dues, latencies, strict=True):
+        for due, latency in zip(due_list, latency_list, strict=True):
+            by_second.setdefault(int(due - began), []).append(latency * 1000)
+    by_minute: dict[int, list[float]] = {}
+    for second, values in by_second.items():
+        by_minute.setdefault(second // 60, []).extend(values)
+    worst = sorted(by_second.items(), key=lambda item: -max(item[1]))[:10]
+    return {
+        "ack_latency_ms_by_minute": [[m, round(percentile(v, 50), 1), round(percentile(v, 99), 1), round(max(v), 1)]
+                                     for m, v in sorted(by_minute.items())],
+        "worst_seconds": [[t, round(max(v), 1), len(v)] for t, v in sorted(worst)],
+        "seconds_with_an_answer_over_100ms": sum(1 for v in by_second.values() if max(v) > 100),
+        "seconds_measured": len(by_second),
+    }  # fmt: skip
+
+
+def histogram_figures(cumulative: dict[str, int]) -> dict[str, Any]:
+    """The service's ACK latency histogram (frame complete to ACK written), as shares under each bound."""
+    total = cumulative.get("+Inf", 0)
+    if not total:
+        return {"messages": 0}
+    shares = {f"le_{bound}s": round(count / total, 5) for bound, count in cumulative.items() if bound != "+Inf"}
+    return {"messages": total, **shares}
 
 
 def replayer(bridge: Bridge, streams: list[SoakStream], last: dict[str, str], stop: threading.Event,
@@ -184,6 +214,7 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         engines = [Engine(bridge.port, timeout=30) for _ in range(CONNECTIONS)]
         latencies: list[list[float]] = [[] for _ in range(CONNECTIONS)]
         service: list[list[float]] = [[] for _ in range(CONNECTIONS)]
+        dues: list[list[float]] = [[] for _ in range(CONNECTIONS)]
         last: dict[str, str] = {}
         samples: list[dict] = []
         replays: list[dict] = []
@@ -196,8 +227,8 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 samples.append({"t": round(time.monotonic() - t0), "rss_kb": bridge.rss_kb(), "fds": bridge.fds(),
                                 "acked": sum(len(x) for x in latencies), "outbox": bridge.open_commands()})  # fmt: skip
 
-        senders = [functools.partial(open_loop, e, s, ledger, stop, RATE / CONNECTIONS, lat, svc, last, errors)
-                   for e, s, lat, svc in zip(engines, streams, latencies, service, strict=True)]  # fmt: skip
+        senders = [functools.partial(open_loop, e, s, ledger, stop, RATE / CONNECTIONS, lat, svc, due, last, errors)
+                   for e, s, lat, svc, due in zip(engines, streams, latencies, service, dues, strict=True)]  # fmt: skip
         background = [sampler, functools.partial(outages, sandbox, background_stop, outage_log),
                       functools.partial(replayer, bridge, streams, last, background_stop, replays)]  # fmt: skip
         load_began = time.monotonic()
@@ -216,6 +247,7 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             stop.set()
             background_stop.set()
         assert not errors, errors
+        service_histogram = bridge.ack_histogram()
         wait_for(lambda: sandbox_reachable(sandbox), OUTAGE_SECONDS + 30, "the sandbox after the last outage")
         sandbox.faults(outage={"mode": "503", "seconds": 0})
         drain_s = bridge.wait_drained(RETRY_MAX * 4 + OUTAGE_SECONDS + 120)
@@ -247,6 +279,8 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                                             "max": round(max(every) * 1000, 2)},
             "ack_latency_ms_from_send": {q: round(percentile(svc, p) * 1000, 2) for q, p in
                                          (("p50", 50), ("p99", 99))} | {"max": round(max(svc) * 1000, 2)},
+            "ack_latency_in_the_service": histogram_figures(service_histogram),
+            **latency_over_time(dues, latencies, load_began),
             "answers": answer_codes(engines),
             "outages": outage_log,
             "replay_runs": replays,

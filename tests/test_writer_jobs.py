@@ -1,0 +1,71 @@
+"""Jobs through the single writer: a failed job leaves nothing behind, alone or among others.
+
+A lone job runs without a savepoint (its transaction is its boundary), a batch gives each job its own
+savepoint; both must keep a failed job's partial writes out of the log. Real writer, real SQLite file.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from hl7bridge.store import Job, Writer, open_engine
+from hl7bridge.store.schema import appointments
+
+
+def remember(key: str, fail: bool = False):
+    def work(conn: Any) -> str:
+        conn.execute(appointments.insert().values(appointment_key=key, route="r", chat_bot_id="b", state="active",
+                                                  updated_at=0.0))  # fmt: skip
+        if fail:
+            raise ValueError(f"{key} failed after its insert")
+        return key
+
+    return work
+
+
+def run(tmp_path: Path, jobs: list[tuple[str, bool]]) -> tuple[list[tuple[Any, str | None]], set[str]]:
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    writer = Writer(engine, lambda fn, *args: fn(*args))
+    outcomes: list[tuple[Any, str | None]] = [None] * len(jobs)  # type: ignore[list-item]
+    done = threading.Semaphore(0)
+
+    def collect(index: int):
+        def on_done(result: Any, error: BaseException | None) -> None:
+            outcomes[index] = (result, str(error) if error else None)
+            done.release()
+
+        return on_done
+
+    for index, (key, fail) in enumerate(jobs):
+        writer.submit_job(Job(remember(key, fail), collect(index)))  # queued before the thread starts: one batch
+    writer.start()
+    for _ in jobs:
+        assert done.acquire(timeout=10)
+    writer.stop()
+    with engine.connect() as conn:
+        keys = {k for (k,) in conn.execute(select(appointments.c.appointment_key))}
+        assert conn.execute(select(func.count()).select_from(appointments)).scalar() == len(keys)
+    engine.dispose()
+    return outcomes, keys
+
+
+def test_a_lone_failed_job_commits_nothing(tmp_path: Path) -> None:
+    outcomes, keys = run(tmp_path, [("A-1", True)])
+    assert outcomes == [(None, "A-1 failed after its insert")]
+    assert keys == set()
+
+
+def test_a_lone_job_commits(tmp_path: Path) -> None:
+    outcomes, keys = run(tmp_path, [("A-1", False)])
+    assert outcomes == [("A-1", None)]
+    assert keys == {"A-1"}
+
+
+def test_in_a_batch_only_the_failed_job_is_undone(tmp_path: Path) -> None:
+    outcomes, keys = run(tmp_path, [("A-1", False), ("A-2", True), ("A-3", False)])
+    assert outcomes == [("A-1", None), (None, "A-2 failed after its insert"), ("A-3", None)]
+    assert keys == {"A-1", "A-3"}
