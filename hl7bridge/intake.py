@@ -209,6 +209,18 @@ class Intake:
         return self._judged(head, decoded.charset, header, DEFAULT_ENCODING, Outcome.REJECT, problem,
                             "only the first bytes were kept", decoded.text)  # fmt: skip
 
+    def failed_to_read(self, raw: bytes, error: BaseException) -> Received:
+        """AR for a frame the reader itself failed on (a bug, not bad input): answered and logged, not dropped
+        with the connection and the answers still owed on it."""
+        text = raw.decode("latin-1")
+        try:
+            header = _salvage_header(text)
+        except Exception:  # noqa: BLE001 - the answer goes out with an empty MSA-2 instead
+            header = None
+        problem = Problem("MSH", APPLICATION_INTERNAL_ERROR,
+                          f"internal error while reading the message ({error.__class__.__name__}); please report it")  # fmt: skip
+        return self._judged(raw, "iso-8859-1", header, DEFAULT_ENCODING, Outcome.REJECT, problem, None, text)
+
     def strict_failed(self, received: Received, problem: Problem) -> None:
         received.outcome = Outcome.ERROR
         received.status = STATUS_REJECTED

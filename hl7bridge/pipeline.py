@@ -54,7 +54,13 @@ class Pipeline:
 
     def handle(self, payload: bytes, peer: str) -> defer.Deferred[bytes | None]:
         """The bytes to send back for one frame (None: send nothing)."""
-        frame = self.intake.read_frame(payload)
+        try:
+            frame = self.intake.read_frame(payload)
+        except Exception as exc:  # a reader bug must cost one AR, not the connection
+            log.error("internal error while reading a frame from %s: %s (answered AR, logged)", peer,
+                      exc.__class__.__name__)  # fmt: skip
+            log.debug("reader failure", exc_info=True)
+            frame = Frame([self.intake.failed_to_read(payload, exc)])
         return self._answer(frame, peer)
 
     def too_long(self, head: bytes, limit: int, peer: str) -> defer.Deferred[bytes | None]:
