@@ -28,7 +28,6 @@ from .routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
 from .store import CommandRow, CommandUpdate, Job, Writer
 
 log = logging.getLogger("hl7bridge.dispatcher")
-FINAL = frozenset({"done", "dead", "annihilated", "failed"})
 
 
 @dataclass(frozen=True)
@@ -450,7 +449,7 @@ class Dispatcher:
         now = self.clock()
         self._commit(Job(lambda conn: store.apply_updates(conn, updates, now), _ignore))
         with self._lock:
-            waiters = [(self._waiters.pop(u.command_id, None), u) for u in updates if u.status in FINAL]
+            waiters = [(self._waiters.pop(u.command_id, None), u) for u in updates if u.status in store.FINAL_STATUSES]
         for waiter, update in waiters:
             if waiter is not None:
                 waiter(update)

@@ -213,10 +213,7 @@ class Intake:
         """AR for a frame the reader itself failed on (a bug, not bad input): answered and logged, not dropped
         with the connection and the answers still owed on it."""
         text = raw.decode("latin-1")
-        try:
-            header = _salvage_header(text)
-        except Exception:  # noqa: BLE001 - the answer goes out with an empty MSA-2 instead
-            header = None
+        header = _salvage_header(text)
         problem = Problem("MSH", APPLICATION_INTERNAL_ERROR,
                           f"internal error while reading the message ({error.__class__.__name__}); please report it")  # fmt: skip
         return self._judged(raw, "iso-8859-1", header, DEFAULT_ENCODING, Outcome.REJECT, problem, None, text)

@@ -89,7 +89,7 @@ class SandboxState:
             postings = [self._by_parameter.get((bot, k, v), ()) for k, v in criteria.items()]
             candidates = (self.instances[i] for i in min(postings, key=len))
         else:
-            candidates = iter(self.instances.values())
+            candidates = self.instances.values()
         return [
             i for i in candidates
             if i["chatBotId"] == bot and all(i["parameters"].get(k) == v for k, v in criteria.items())

@@ -6,6 +6,7 @@ updates, ``queries`` serves operators, ``retention`` purges old patient data.
 """
 
 from .outbox import (
+    FINAL_STATUSES,
     AppointmentRow,
     CommandRow,
     CommandUpdate,
@@ -50,6 +51,7 @@ from .schema import (
 from .writer import Job, Writer, WriteRequest, WriteResult
 
 __all__ = [
+    "FINAL_STATUSES",
     "LIST_COLUMNS",
     "OPEN_STATUSES",
     "SCHEMA_VERSION",

@@ -194,22 +194,27 @@ _SETTLE_MESSAGE = (
     .values(status=bindparam("u_message_status"))
 )
 _MEMORY_COLUMNS = ("route", "chat_bot_id", "state", "updated_at", "last_command_id")
+
+
+def _memory_binds(with_parameters: bool) -> dict[str, Any]:
+    names = (*_MEMORY_COLUMNS, "parameters") if with_parameters else _MEMORY_COLUMNS
+    return {name: bindparam(f"a_{name}") for name in names}
+
+
 _REMEMBER = {
     with_parameters: appointments.update()
     .where(appointments.c.appointment_key == bindparam("a_key"))
-    .values(
-        {name: bindparam(f"a_{name}") for name in (*_MEMORY_COLUMNS, *(("parameters",) if with_parameters else ()))}
-    )
+    .values(_memory_binds(with_parameters))
     for with_parameters in (False, True)
 }
 _FIRST_MEMORY = {
     with_parameters: appointments.insert().values(
-        {"appointment_key": bindparam("a_key")}
-        | {name: bindparam(f"a_{name}") for name in (*_MEMORY_COLUMNS, *(("parameters",) if with_parameters else ()))}
+        {"appointment_key": bindparam("a_key")} | _memory_binds(with_parameters)
     )
     for with_parameters in (False, True)
 }
-_FINAL = ("done", "annihilated", "dead", "failed")
+#: Statuses a command never leaves.
+FINAL_STATUSES = frozenset({"done", "annihilated", "dead", "failed"})
 
 
 def apply_updates(conn: Any, updates: list[CommandUpdate], now: float) -> None:
@@ -223,7 +228,7 @@ def apply_updates(conn: Any, updates: list[CommandUpdate], now: float) -> None:
         for u in updates
     ])  # fmt: skip
     settled = [{"u_id": u.command_id, "u_message_status": "accepted" if u.status in ("done", "annihilated") else
-                "rejected"} for u in updates if u.status in _FINAL]  # fmt: skip
+                "rejected"} for u in updates if u.status in FINAL_STATUSES]  # fmt: skip
     if settled:
         conn.execute(_SETTLE_MESSAGE, settled)
     tried = [dict(a, command_id=u.command_id) for u in updates for a in u.attempts]

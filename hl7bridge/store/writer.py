@@ -187,10 +187,7 @@ class Writer:
                         outcomes.append((None, locked))
                         continue
                     try:
-                        if nested:
-                            with conn.begin_nested():
-                                result = job.work(conn)
-                        else:
+                        with conn.begin_nested() if nested else contextlib.nullcontext():
                             result = job.work(conn)
                     except Exception as exc:  # noqa: BLE001 - reported to the job's owner
                         outcomes.append((None, exc))

@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import random
-import re
 import signal
 import socket
 import sqlite3
@@ -27,6 +26,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from hl7bridge.mllp import BlockingClient
 from tests.conftest import RunningSandbox, RunningService, free_port, segments, start_sandbox, start_service
@@ -236,10 +236,11 @@ class Bridge:
         assert self.health_port is not None
         text = requests.get(f"http://127.0.0.1:{self.health_port}/metrics", timeout=10).text
         found: dict[str, int] = {}
-        for line in text.splitlines():
-            m = re.match(r'hl7bridge_ack_latency_seconds_bucket\{.*le="([^"]+)".*\} ([0-9.e+]+)$', line)
-            if m:
-                found[m[1]] = found.get(m[1], 0) + int(float(m[2]))
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "hl7bridge_ack_latency_seconds_bucket":
+                    bound = sample.labels["le"]
+                    found[bound] = found.get(bound, 0) + int(sample.value)
         return found
 
     def open_commands(self) -> int:
