@@ -52,6 +52,7 @@ class DispatchConfig:
     retry_max: float = 300.0
     auth_probe_interval: float = 15.0
     unrouted: str = "ignore"
+    run_in: str = "process"
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ DISPATCH_KEYS: dict[str, Check] = {
     "retry_max": _number(0.1, 86_400),
     "auth_probe_interval": _number(0.1, 3600),
     "unrouted": _choice("ignore", "reject"),
+    "run_in": _choice("process", "thread"),
 }
 
 CRITERIA_KEYS = ("sending_application", "sending_facility", "location", "department", "appointment_type", "provider")

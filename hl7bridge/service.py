@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from sqlalchemy import make_url
 from twisted.internet import defer, endpoints, task, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.web import server
@@ -16,7 +17,9 @@ from . import hl7schema
 from . import systemd as sd
 from .ack import AckBuilder
 from .config import Config
+from .dispatch_child import ChildSpec, FixedToken
 from .dispatch_config import router
+from .dispatch_process import DispatcherProcess
 from .dispatcher import Dispatcher, DispatchSettings
 from .health import HealthResource, HealthState, Probes
 from .intake import Intake
@@ -43,7 +46,7 @@ class Service:
     factories: list[MLLPFactory] = field(default_factory=list)
     ports: list[IListeningPort] = field(default_factory=list)
     writer: Writer | None = None
-    dispatcher: Dispatcher | None = None
+    dispatcher: Dispatcher | DispatcherProcess | None = None
     sandbox: Sandbox | None = None
     metrics: Metrics = field(default_factory=Metrics)
     health: HealthState | None = None
@@ -219,7 +222,10 @@ class Service:
                 conn.transport.loseConnection()
         if self.dispatcher is not None:
             dispatcher, self.dispatcher = self.dispatcher, None
-            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), dispatcher.stop, grace)
+            if isinstance(dispatcher, DispatcherProcess):
+                yield dispatcher.stop(grace)
+            else:
+                yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), dispatcher.stop, grace)
         if self._probes is not None:
             self._probes.stop()
         if self.writer is not None:
@@ -248,12 +254,10 @@ class Service:
         log.info("sandbox Journeys API listening on %s", self.sandbox.url)
 
     def _start_dispatcher(self) -> None:
-        api, dispatch = self.config.api, self.config.dispatch
-        tokens = api.tokens()
+        api, dispatch, service = self.config.api, self.config.dispatch, self.config.service
+        tokens: TokenSource | FixedToken = api.tokens()
         if self.sandbox is not None and not _token_available(tokens):
-            tokens = _FixedToken(next(iter(self.sandbox.state.tokens)))
-        client = JourneysClient(api.base_url, api.org_id, tokens, api.cancel_path, api.connect_timeout,
-                                api.read_timeout)  # fmt: skip
+            tokens = FixedToken(next(iter(self.sandbox.state.tokens)))
         settings = DispatchSettings(
             batch_size=dispatch.batch_size,
             batch_window=dispatch.batch_window_ms / 1000.0,
@@ -262,23 +266,39 @@ class Service:
             retry_max=dispatch.retry_max,
             probe_interval=dispatch.auth_probe_interval,
         )
-        self.dispatcher = Dispatcher(self.engine, self.writer, client, settings, observer=self.metrics)
+        if dispatch.run_in == "process" and _shareable(service.database):
+            spec = ChildSpec(
+                database=service.database,
+                synchronous=service.sqlite_synchronous,
+                base_url=api.base_url,
+                org_id=api.org_id,
+                cancel_path=api.cancel_path,
+                connect_timeout=api.connect_timeout,
+                read_timeout=api.read_timeout,
+                settings=asdict(settings),
+                log_level=service.log_level,
+                log_format=service.log_format,
+                log_phi=service.log_phi,
+                token=tokens.token if isinstance(tokens, FixedToken) else "",
+                token_source=asdict(tokens) if isinstance(tokens, TokenSource) else None,
+            )
+            self.dispatcher = DispatcherProcess(self.reactor, spec, self.metrics)
+        else:
+            client = JourneysClient(api.base_url, api.org_id, tokens, api.cancel_path, api.connect_timeout,
+                                    api.read_timeout)  # fmt: skip
+            self.dispatcher = Dispatcher(self.engine, self.writer, client, settings, observer=self.metrics)
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
         log.info("dispatching to %s (org %s)", api.base_url, api.org_id)
 
 
-@dataclass(frozen=True)
-class _FixedToken:
-    """The in-process sandbox's own token, when no other is configured."""
-
-    token: str
-
-    def read(self) -> str:
-        return self.token
+def _shareable(database: str) -> bool:
+    """Whether another process can open the same log (not an in-memory SQLite database)."""
+    url = make_url(database)
+    return not (url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"))
 
 
-def _token_available(tokens: TokenSource) -> bool:
+def _token_available(tokens: TokenSource | FixedToken) -> bool:
     try:
         tokens.read()
     except Exception:  # noqa: BLE001 - any failure means "not available"

@@ -1,0 +1,231 @@
+"""The dispatcher's own process (``python -m hl7bridge.dispatch_child``, started by the service).
+
+Why a process: the listener answers within milliseconds only when no other thread of its process
+holds the GIL, and dispatching (outbox queries, JSON, ``requests``, result writes) held it for tens of
+milliseconds at a time under load. The dispatcher already talks to the rest only through the log, so
+here it runs unchanged, with a writer connection of its own; SQLite serialises the two writers.
+
+The channel is two pipes of lines. On stdin the parent sends the ``ChildSpec`` (first line, JSON; the
+token never appears on a command line), then ``w`` (commands were committed), ``f ID`` (say when
+command ID is final) and ``s GRACE`` (stop). On fd 3 this process sends JSON lines: ``ready``,
+``paused``, ``final``, ``metric`` and ``stopped``. End of stdin means the service is gone: this process exits at
+once, so that a restarted service never finds an old dispatcher still sending.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import select as io_select
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import bindparam, make_url, select
+
+from . import logs
+from .dispatcher import Dispatcher, DispatchSettings
+from .journeys import JourneysClient, TokenSource
+from .metrics import NullObserver
+from .store import FINAL_STATUSES, CommandUpdate, StoreError, Writer, open_engine
+from .store.schema import commands
+
+log = logging.getLogger("hl7bridge.dispatcher")
+
+EVENTS_FD = 3
+#: How often the pause state is compared with what the parent was last told.
+PAUSE_POLL = 0.2
+_STATUS = select(commands.c.status, commands.c.outcome).where(commands.c.id == bindparam("id"))
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """Everything the child needs, decided by the parent (CLI overrides, the sandbox's URL and token)."""
+
+    database: str
+    synchronous: str
+    base_url: str
+    org_id: str
+    cancel_path: str
+    connect_timeout: float
+    read_timeout: float
+    settings: dict[str, float]
+    log_level: str = "info"
+    log_format: str = "text"
+    log_phi: bool = False
+    #: A token given by value (the in-process sandbox's); otherwise ``token_source`` is read as configured.
+    token: str = ""
+    token_source: dict[str, str] | None = None
+
+    def to_line(self) -> bytes:
+        return json.dumps(asdict(self)).encode() + b"\n"
+
+    @classmethod
+    def from_line(cls, line: bytes) -> ChildSpec:
+        return cls(**json.loads(line))
+
+
+@dataclass(frozen=True)
+class FixedToken:
+    """A token given by value: the in-process sandbox's own, when no other is configured."""
+
+    token: str
+
+    def read(self) -> str:
+        return self.token
+
+
+class EventPipe(NullObserver):
+    """fd 3 towards the parent; also the dispatcher's metrics observer, so its counts reach /metrics."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, event: dict[str, Any]) -> None:
+        data = json.dumps(event).encode() + b"\n"
+        with self._lock:
+            try:
+                while data:
+                    data = data[os.write(self.fd, data) :]
+            except OSError:
+                _parent_gone()
+
+    def api_call(self, operation: str, status: int | None, seconds: float) -> None:
+        self.send({"metric": "api_call", "args": [operation, status, seconds]})
+
+    def retry(self) -> None:
+        self.send({"metric": "retry", "args": []})
+
+    def dead_letter(self) -> None:
+        self.send({"metric": "dead_letter", "args": []})
+
+
+def hold_dispatch_lock(database: str) -> int | None:
+    """One dispatcher per log file: an exclusive ``flock`` on the database file, kept until exit.
+
+    SQLite's own locks are POSIX record locks, which ``flock`` does not touch; the descriptor is never
+    closed before exit (closing any descriptor of the file would drop this process's POSIX locks)."""
+    url = make_url(database)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    fd = os.open(url.database, os.O_RDONLY | os.O_CLOEXEC)
+    parent, waited = os.getppid(), 0.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if os.getppid() != parent:
+                _parent_gone()
+            if waited == 1.0:
+                log.warning("another dispatcher is working on this log; waiting for it to stop")
+            time.sleep(0.1)
+            waited = round(waited + 0.1, 1)
+
+
+class Child:
+    """Reads the parent's lines and answers them; the dispatcher does the work in its own threads."""
+
+    def __init__(self, spec: ChildSpec, events: EventPipe) -> None:
+        self.spec = spec
+        self.events = events
+        self.engine = open_engine(spec.database, spec.synchronous)
+        self.writer = Writer(self.engine, lambda fn, *args: fn(*args))
+        tokens = FixedToken(spec.token) if spec.token else TokenSource(**(spec.token_source or {}))
+        client = JourneysClient(spec.base_url, spec.org_id, tokens, spec.cancel_path, spec.connect_timeout,
+                                spec.read_timeout)  # fmt: skip
+        self.dispatcher = Dispatcher(self.engine, self.writer, client, DispatchSettings(**spec.settings),
+                                     observer=events)  # fmt: skip
+        self._told_paused: str | None = None
+
+    def run(self, stdin: int) -> int:
+        self.writer.start()
+        self.dispatcher.start()
+        self.events.send({"ready": True})
+        buffer = b""
+        parent = os.getppid()
+        while True:
+            ready, _, _ = io_select.select([stdin], [], [], PAUSE_POLL)
+            self._tell_pause()
+            if not ready:
+                if os.getppid() != parent:
+                    _parent_gone()
+                continue
+            chunk = os.read(stdin, 65536)
+            if not chunk:
+                _parent_gone()
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                if line.startswith(b"s"):
+                    self.stop(float(line[1:] or 10.0))
+                    return 0
+                self.handle(line)
+
+    def handle(self, line: bytes) -> None:
+        if line == b"w":
+            self.dispatcher.wake()
+        elif line.startswith(b"f "):
+            self.wait_for(int(line[2:]))
+
+    def wait_for(self, command_id: int) -> None:
+        """Answer when the command is final, including when it became final before the parent asked."""
+        self.dispatcher.wait_for(command_id, self._final)
+        with self.engine.connect() as conn:
+            row = conn.execute(_STATUS, {"id": command_id}).first()
+        if row is not None and row.status in FINAL_STATUSES:
+            self.dispatcher.forget(command_id)
+            self._final(CommandUpdate(command_id, row.status, row.outcome or ""))
+
+    def _final(self, update: CommandUpdate) -> None:
+        self.events.send({"final": {"command_id": update.command_id, "status": update.status,
+                                    "outcome": update.outcome}})  # fmt: skip
+
+    def _tell_pause(self) -> None:
+        reason = self.dispatcher.paused_reason
+        if reason != self._told_paused:
+            self._told_paused = reason
+            self.events.send({"paused": reason})
+
+    def stop(self, grace: float) -> None:
+        self.dispatcher.stop(grace)
+        self.writer.stop()
+        self.events.send({"stopped": True})
+
+
+def _parent_gone() -> None:
+    """The service is gone (SIGKILL, crash): stop now, mid-call if need be, as the service itself did."""
+    logging.getLogger("hl7bridge.dispatcher").warning("the service process is gone; the dispatcher stops")
+    os._exit(1)
+
+
+def main() -> int:
+    # The service coordinates shutdown; a terminal's Ctrl-C or systemd's SIGTERM reaches the whole group.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(0, 1)
+        if not chunk:
+            return 1
+        line += chunk
+    spec = ChildSpec.from_line(line)
+    logs.configure(spec.log_level, spec.log_format, spec.log_phi)
+    events = EventPipe(EVENTS_FD)
+    try:
+        hold_dispatch_lock(spec.database)
+        child = Child(spec, events)
+    except (StoreError, OSError) as exc:
+        log.error("the dispatcher cannot start: %s", exc)
+        return 2
+    return child.run(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

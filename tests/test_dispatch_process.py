@@ -1,0 +1,131 @@
+"""The dispatcher as a child process: it lives and dies with the service, restarts after a crash, is
+alone on its log, and its metrics and pause state reach the service's /metrics and /healthz."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from hl7bridge.dispatch_child import ChildSpec
+from hl7bridge.journeys import DEFAULT_CANCEL_PATH
+
+from .conftest import RunningSandbox, RunningService, free_port, start_service, wait_until
+from .dispatch_support import TOKEN, ack, future, sandbox_for_module, service_toml, settled, siu
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSandbox]:
+    yield from sandbox_for_module(tmp_path_factory)
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def start(workdir: Path, sandbox: RunningSandbox, dispatch_extra: str = "") -> tuple[RunningService, int]:
+    health = free_port()
+    config = service_toml(sandbox.url, dispatch_extra=dispatch_extra)
+    config += f'\n[health]\nlisten = "tcp:{health}:interface=127.0.0.1"\n'
+    return start_service(workdir, config, env=TOKEN), health
+
+
+def booked(service: RunningService, sandbox: RunningSandbox, control: str, appointment: str) -> None:
+    assert ack(service, siu("S12", control, appointment, future()))[1] == "AA"
+    assert [c["status"] for c in settled(service, control)] == ["done"]
+    assert len(sandbox.instances(appointmentId=appointment)) == 1
+
+
+def test_a_killed_dispatcher_process_is_restarted_and_delivery_goes_on(tmp_path: Path, sandbox: RunningSandbox) -> None:
+    service, health = start(tmp_path, sandbox)
+    try:
+        first = wait_until(lambda: children(service.process.pid), message="the dispatcher process")[0]
+        booked(service, sandbox, "DP-1", "DPA-1")
+        metrics = requests.get(f"http://127.0.0.1:{health}/metrics", timeout=5).text
+        assert 'hl7bridge_api_calls_total{operation="trigger",status="204"} 1.0' in metrics
+
+        os.kill(first, signal.SIGKILL)
+        # Messages keep being answered while the dispatcher is down; their commands wait in the log.
+        assert ack(service, siu("S12", "DP-2", "DPA-2", future()))[1] == "AA"
+        second = wait_until(lambda: [p for p in children(service.process.pid) if p != first],
+                            message="a new dispatcher process")[0]  # fmt: skip
+        assert second != first
+        assert [c["status"] for c in settled(service, "DP-2")] == ["done"]
+        assert len(sandbox.instances(appointmentId="DPA-2")) == 1
+        assert requests.get(f"http://127.0.0.1:{health}/healthz", timeout=5).status_code == 200
+    finally:
+        stderr = service.stop()
+    assert service.process.returncode == 0
+    assert "the dispatcher process was killed by signal 9; starting it again in 0.5 s" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_the_dispatcher_process_ends_with_the_service(tmp_path: Path, sandbox: RunningSandbox) -> None:
+    (tmp_path / "term").mkdir()
+    (tmp_path / "kill").mkdir()
+    stopped, _ = start(tmp_path / "term", sandbox)
+    child = wait_until(lambda: children(stopped.process.pid), message="the dispatcher process")[0]
+    stopped.stop()
+    assert stopped.process.returncode == 0
+    assert not alive(child)
+
+    killed, _ = start(tmp_path / "kill", sandbox)
+    child = wait_until(lambda: children(killed.process.pid), message="the dispatcher process")[0]
+    killed.process.kill()
+    killed.process.wait()
+    # Gone at once, so a restarted service never meets an old dispatcher still sending.
+    wait_until(lambda: not alive(child), timeout=2, message="the orphaned dispatcher to exit")
+
+
+def test_a_second_dispatcher_on_the_same_log_waits(tmp_path: Path, sandbox: RunningSandbox) -> None:
+    service, _ = start(tmp_path, sandbox)
+    spec = ChildSpec(database=service.url, synchronous="FULL", base_url=sandbox.url, org_id="test-org",
+                     cancel_path=DEFAULT_CANCEL_PATH, connect_timeout=1, read_timeout=2, settings={}, token="test-token")  # fmt: skip
+    read_events, write_events = os.pipe()
+    command = f"exec {sys.executable} -m hl7bridge.dispatch_child 3>&{write_events}"
+    intruder = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=(write_events,))  # fmt: skip
+    os.close(write_events)
+    try:
+        intruder.stdin.write(spec.to_line())
+        intruder.stdin.flush()
+        time.sleep(1.5)
+        assert intruder.poll() is None
+        # While it waits, the service's own dispatcher keeps the log.
+        booked(service, sandbox, "DP-3", "DPA-3")
+        service.stop()
+        # The lock is free once the service's dispatcher is gone: the intruder takes it and says so.
+        assert select.select([read_events], [], [], 15)[0], "the second dispatcher did not start"
+        assert b'"ready"' in os.read(read_events, 100)
+    finally:
+        intruder.kill()
+        intruder.wait()
+        os.close(read_events)
+    assert b"another dispatcher is working on this log; waiting for it to stop" in intruder.stderr.read()
+
+
+def test_run_in_thread_keeps_the_dispatcher_in_the_service(tmp_path: Path, sandbox: RunningSandbox) -> None:
+    service, _ = start(tmp_path, sandbox, dispatch_extra='run_in = "thread"')
+    try:
+        booked(service, sandbox, "DP-4", "DPA-4")
+        assert children(service.process.pid) == []
+    finally:
+        service.stop()
+    assert service.process.returncode == 0
