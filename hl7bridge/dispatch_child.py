@@ -40,6 +40,7 @@ log = logging.getLogger("hl7bridge.dispatcher")
 EVENTS_FD = 3
 #: How often the pause state is compared with what the parent was last told.
 PAUSE_POLL = 0.2
+SWITCH_INTERVAL = 0.0005
 _STATUS = select(commands.c.status, commands.c.outcome).where(commands.c.id == bindparam("id"))
 
 
@@ -209,6 +210,9 @@ def main() -> int:
     # The service coordinates shutdown; a terminal's Ctrl-C or systemd's SIGTERM reaches the whole group.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    # The writer holds SQLite's write lock between its statements while it waits for the GIL, and the
+    # service's messages wait for that lock: switch threads often so the lock is held briefly.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     line = b""
     while not line.endswith(b"\n"):
         chunk = os.read(0, 1)
