@@ -62,6 +62,13 @@ def rss_kb(pid: int) -> int | None:
     return None
 
 
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def fd_count(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -208,7 +215,11 @@ class Bridge:
         return process.returncode
 
     def rss_kb(self) -> int | None:
-        return rss_kb(self.pid)
+        """The service's memory together with its dispatcher process's."""
+        own = rss_kb(self.pid)
+        if own is None:
+            return None
+        return own + sum(rss_kb(child) or 0 for child in child_pids(self.pid))
 
     def fds(self) -> int | None:
         return fd_count(self.pid)
