@@ -115,6 +115,7 @@ def test_a_second_dispatcher_on_the_same_log_waits(tmp_path: Path, sandbox: Runn
         assert select.select([read_events], [], [], 15)[0], "the second dispatcher did not start"
         assert b'"ready"' in os.read(read_events, 100)
     finally:
+        service.stop()
         intruder.kill()
         intruder.wait()
         os.close(read_events)
