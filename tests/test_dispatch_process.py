@@ -94,32 +94,49 @@ def test_the_dispatcher_process_ends_with_the_service(tmp_path: Path, sandbox: R
     wait_until(lambda: not alive(child), timeout=2, message="the orphaned dispatcher to exit")
 
 
+def read_until(fd: int, wanted: bytes, timeout: float) -> bytes:
+    """What ``fd`` gave until ``wanted`` appeared (or the timeout passed, or the writer closed it)."""
+    seen, deadline = b"", time.monotonic() + timeout
+    while wanted not in seen and select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        seen += chunk
+    return seen
+
+
 def test_a_second_dispatcher_on_the_same_log_waits(tmp_path: Path, sandbox: RunningSandbox) -> None:
     service, _ = start(tmp_path, sandbox)
     spec = ChildSpec(database=service.url, synchronous="FULL", base_url=sandbox.url, org_id="test-org",
                      cancel_path=DEFAULT_CANCEL_PATH, connect_timeout=1, read_timeout=2, settings={}, token="test-token")  # fmt: skip
     read_events, write_events = os.pipe()
-    command = f"exec {sys.executable} -m hl7bridge.dispatch_child 3>&{write_events}"
-    intruder = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(write_events,))  # fmt: skip
-    os.close(write_events)
+    intruder = None
     try:
+        # A delivery proves the service's own dispatcher holds the log before the intruder comes.
+        booked(service, sandbox, "DP-3", "DPA-3")
+        command = f"exec {sys.executable} -m hl7bridge.dispatch_child 3>&{write_events}"
+        intruder = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    pass_fds=(write_events,))  # fmt: skip
+        os.close(write_events)
+        write_events = -1
         intruder.stdin.write(spec.to_line())
         intruder.stdin.flush()
-        time.sleep(1.5)
-        assert intruder.poll() is None
+        waiting = b"another dispatcher is working on this log; waiting for it to stop"
+        assert waiting in read_until(intruder.stderr.fileno(), waiting, 30)
+        assert not select.select([read_events], [], [], 0)[0], "the second dispatcher started beside the first"
         # While it waits, the service's own dispatcher keeps the log.
-        booked(service, sandbox, "DP-3", "DPA-3")
+        booked(service, sandbox, "DP-5", "DPA-5")
         service.stop()
         # The lock is free once the service's dispatcher is gone: the intruder takes it and says so.
-        assert select.select([read_events], [], [], 15)[0], "the second dispatcher did not start"
-        assert b'"ready"' in os.read(read_events, 100)
+        assert b'"ready"' in read_until(read_events, b'"ready"', 15), "the second dispatcher did not start"
     finally:
         service.stop()
-        intruder.kill()
-        intruder.wait()
+        if intruder is not None:
+            intruder.kill()
+            intruder.wait()
+        if write_events >= 0:
+            os.close(write_events)
         os.close(read_events)
-    assert b"another dispatcher is working on this log; waiting for it to stop" in intruder.stderr.read()
 
 
 def test_run_in_thread_keeps_the_dispatcher_in_the_service(tmp_path: Path, sandbox: RunningSandbox) -> None:
