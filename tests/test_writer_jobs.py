@@ -7,6 +7,7 @@ savepoint; both must keep a failed job's partial writes out of the log. Real wri
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from hl7bridge.store import Job, Writer, open_engine
 from hl7bridge.store.schema import appointments
 
 
-def remember(key: str, fail: bool = False):
+def remember(key: str, fail: bool = False, takes: float = 0.0):
     def work(conn: Any) -> str:
+        time.sleep(takes)
         conn.execute(appointments.insert().values(appointment_key=key, route="r", chat_bot_id="b", state="active",
                                                   updated_at=0.0))  # fmt: skip
         if fail:
@@ -27,9 +29,12 @@ def remember(key: str, fail: bool = False):
     return work
 
 
-def run(tmp_path: Path, jobs: list[tuple[str, bool]]) -> tuple[list[tuple[Any, str | None]], set[str]]:
+def run(
+    tmp_path: Path, jobs: list[tuple[str, bool]], lock_slice: float = 0.0, takes: float = 0.0
+) -> tuple[list[tuple[Any, str | None]], set[str], int]:
     engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
     writer = Writer(engine, lambda fn, *args: fn(*args))
+    writer.lock_slice, writer.lock_gap = lock_slice, lock_slice / 2
     outcomes: list[tuple[Any, str | None]] = [None] * len(jobs)  # type: ignore[list-item]
     done = threading.Semaphore(0)
 
@@ -41,7 +46,7 @@ def run(tmp_path: Path, jobs: list[tuple[str, bool]]) -> tuple[list[tuple[Any, s
         return on_done
 
     for index, (key, fail) in enumerate(jobs):
-        writer.submit_job(Job(remember(key, fail), collect(index)))  # queued before the thread starts: one batch
+        writer.submit_job(Job(remember(key, fail, takes), collect(index)))  # queued before the thread starts: one batch
     writer.start()
     for _ in jobs:
         assert done.acquire(timeout=10)
@@ -50,22 +55,31 @@ def run(tmp_path: Path, jobs: list[tuple[str, bool]]) -> tuple[list[tuple[Any, s
         keys = {k for (k,) in conn.execute(select(appointments.c.appointment_key))}
         assert conn.execute(select(func.count()).select_from(appointments)).scalar() == len(keys)
     engine.dispose()
-    return outcomes, keys
+    return outcomes, keys, writer.commits
 
 
 def test_a_lone_failed_job_commits_nothing(tmp_path: Path) -> None:
-    outcomes, keys = run(tmp_path, [("A-1", True)])
+    outcomes, keys, _ = run(tmp_path, [("A-1", True)])
     assert outcomes == [(None, "A-1 failed after its insert")]
     assert keys == set()
 
 
 def test_a_lone_job_commits(tmp_path: Path) -> None:
-    outcomes, keys = run(tmp_path, [("A-1", False)])
+    outcomes, keys, _ = run(tmp_path, [("A-1", False)])
     assert outcomes == [("A-1", None)]
     assert keys == {"A-1"}
 
 
 def test_in_a_batch_only_the_failed_job_is_undone(tmp_path: Path) -> None:
-    outcomes, keys = run(tmp_path, [("A-1", False), ("A-2", True), ("A-3", False)])
+    outcomes, keys, _ = run(tmp_path, [("A-1", False), ("A-2", True), ("A-3", False)])
     assert outcomes == [("A-1", None), (None, "A-2 failed after its insert"), ("A-3", None)]
     assert keys == {"A-1", "A-3"}
+
+
+def test_a_lock_slice_splits_a_batch_into_several_transactions(tmp_path: Path) -> None:
+    """The dispatcher's writer leaves SQLite's write lock free between slices for the service's writer."""
+    jobs = [("A-1", False), ("A-2", True), ("A-3", False), ("A-4", False)]
+    outcomes, keys, commits = run(tmp_path, jobs, lock_slice=0.002, takes=0.003)
+    assert outcomes == [("A-1", None), (None, "A-2 failed after its insert"), ("A-3", None), ("A-4", None)]
+    assert keys == {"A-1", "A-3", "A-4"}
+    assert commits == 4  # each job outlasts the slice: one transaction each

@@ -58,10 +58,10 @@ _STOP = object()
 #: ``BUSY_TIMEOUT_MS`` behind the one before.
 LOCK_WAIT_MS = BUSY_TIMEOUT_MS
 LOCKED_WAIT_MS = 250
-#: Messages between checkpoints (about 5 WAL pages each): small enough that one takes a few milliseconds.
 #: The first and the longest pause between tries while another connection holds the write lock.
 LOCK_POLL_FIRST = 0.0002
-LOCK_POLL_MAX = 0.005
+LOCK_POLL_MAX = 0.001
+#: Messages between checkpoints (about 5 WAL pages each): small enough that one takes a few milliseconds.
 CHECKPOINT_ROWS = 200
 CHECKPOINT_HARD_ROWS = 2000
 
@@ -99,6 +99,11 @@ class Writer:
         )
         self._insert_commands = commands.insert().returning(commands.c.id, sort_by_parameter_order=True)
         self.on_commands: Callable[[], None] | None = None
+        #: Sharing the log with a latency-sensitive writer in another process (the dispatcher's writer):
+        #: hold SQLite's write lock for at most about ``lock_slice`` s of jobs, then leave it free for
+        #: ``lock_gap`` s before the next slice, so the other writer's poll finds it free.
+        self.lock_slice = 0.0
+        self.lock_gap = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -179,14 +184,26 @@ class Writer:
             self._run_jobs(jobs)
 
     def _run_jobs(self, jobs: list[Job]) -> None:
-        # Each job runs in a savepoint of its own, except a lone job: its transaction is its savepoint
-        # (SAVEPOINT and RELEASE were a fifth of the writer's time with the GIL under dispatch).
+        while jobs:
+            ran = self._run_job_slice(jobs)
+            jobs = jobs[ran:]
+            if jobs and self.lock_gap:
+                time.sleep(self.lock_gap)
+
+    def _run_job_slice(self, jobs: list[Job]) -> int:
+        """Run jobs in one transaction, at most ``lock_slice`` seconds' worth once one has run; returns how many.
+
+        Each job runs in a savepoint of its own, except a lone job: its transaction is its savepoint
+        (SAVEPOINT and RELEASE were a fifth of the writer's time with the GIL under dispatch)."""
         nested = len(jobs) > 1
         outcomes: list[tuple[Any, BaseException | None]] = []
+        began = time.monotonic()
         try:
             with self.engine.begin() as conn, self._lock_wait(conn):
                 locked: BaseException | None = None
                 for job in jobs:
+                    if self.lock_slice and outcomes and time.monotonic() - began >= self.lock_slice:
+                        break
                     if locked is not None:
                         outcomes.append((None, locked))
                         continue
@@ -206,13 +223,15 @@ class Writer:
         except Exception as exc:  # noqa: BLE001 - the commit itself failed: every job failed
             self.failures += 1
             self.last_error = f"{exc.__class__.__name__}: {_first_line(exc)}"
-            log.error("database write failed for %d job(s): %s", len(jobs), self.last_error)
-            outcomes = [(None, exc)] * len(jobs)
-        for job, (result, error) in zip(jobs, outcomes, strict=True):
+            failed = len(outcomes) or len(jobs)
+            log.error("database write failed for %d job(s): %s", failed, self.last_error)
+            outcomes = [(None, exc)] * failed
+        for job, (result, error) in zip(jobs, outcomes, strict=False):
             try:
                 job.on_done(result, error)
             except Exception:
                 log.exception("job result delivery failed")
+        return len(outcomes)
 
     def _write(self, group: list[WriteRequest]) -> list[WriteResult]:
         try:

@@ -232,7 +232,8 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         background = [sampler, functools.partial(outages, sandbox, background_stop, outage_log),
                       functools.partial(replayer, bridge, streams, last, background_stop, replays)]  # fmt: skip
         load_began = time.monotonic()
-        with threads_running(background), threads_running(senders):
+        # On an error in the block, the threads must stop too, or their joins would hang the run.
+        with threads_running(background, background_stop.set), threads_running(senders, stop.set):
             warm = min(10.0, SECONDS * 0.1)
             time.sleep(warm)
             before = (bridge.rss_kb(), bridge.fds())
