@@ -96,10 +96,11 @@ def fixture_mix() -> tuple[list[str], dict[str, str]]:
 
 
 class Server:
-    def __init__(self, kind: str, workdir: Path) -> None:
+    def __init__(self, kind: str, workdir: Path, database: Path | None = None) -> None:
+        """``database``: the hl7bridge log, if not ``workdir/hl7bridge.db`` (bench/processes.py shares one)."""
         self.kind = kind
         self.workdir = workdir
-        self.db = workdir / f"{kind}.db"
+        self.db = database or workdir / f"{kind}.db"
         self.stderr_path = workdir / f"{kind}.stderr.log"
         env = dict(os.environ)
         env.pop("HL7BRIDGE_CONFIG", None)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,17 +24,11 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ingest import BENCH, CLK_TCK, ROOT, Server, fixture_mix
 
 
 def machine_cpu() -> list[int]:
+    """The machine's CPU ticks by kind (user, nice, system, idle, iowait, irq, softirq, ...)."""
     with open("/proc/stat") as stat:
         return [int(v) for v in stat.readline().split()[1:]]
 
@@ -50,17 +43,6 @@ def thread_cpu(pids: list[int]) -> dict[tuple[int, str], int]:
     return out
 
 
-def wait_listening(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"no service listening on {port}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=2)
@@ -70,25 +52,19 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=12.0)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="hl7bridge-processes-"))
-    env = {k: v for k, v in os.environ.items() if k != "HL7BRIDGE_CONFIG"}
-    ports = [free_port() for _ in range(args.services)]
     services = []
-    for i, port in enumerate(ports):
-        database = f"sqlite:///{workdir}/log{i if args.separate else ''}.db"
-        command = [sys.executable, "-m", "hl7bridge", "serve", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                   "--database", database]  # fmt: skip
-        services.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                         stderr=open(workdir / f"service{i}.log", "w")))  # fmt: skip
-        wait_listening(port)
-    fixtures = sorted(str(p) for p in (ROOT / "fixtures" / "siu").glob("*.hl7") if "latin1" not in p.name)
+    for i in range(args.services):
+        (workdir / f"s{i}").mkdir()
+        services.append(Server("hl7bridge", workdir / f"s{i}", None if args.separate else workdir / "shared.db"))
+    fixtures, _excluded = fixture_mix()
     start_at = time.monotonic() + 1.0
     generators = []
-    for i, port in enumerate(ports):
-        spec = {"host": "127.0.0.1", "port": port, "mode": "closed", "fixtures": fixtures,
+    for i, service in enumerate(services):
+        spec = {"host": "127.0.0.1", "port": service.port, "mode": "closed", "fixtures": fixtures,
                 "tag": f"P{int(time.time())}s{i}n", "connections": list(range(i, args.connections, args.services)),
                 "start_at": start_at, "warmup": args.warmup, "duration": args.seconds,
                 "lat_file": str(workdir / f"lat{i}.bin"), "timeout": 10.0}  # fmt: skip
-        generators.append(subprocess.Popen([sys.executable, str(ROOT / "bench" / "loadgen.py"), json.dumps(spec)],
+        generators.append(subprocess.Popen([sys.executable, str(BENCH / "loadgen.py"), json.dumps(spec)],
                                            stdout=subprocess.PIPE, text=True, cwd=ROOT))  # fmt: skip
     window: dict = {}
 
@@ -109,16 +85,14 @@ def main() -> int:
         done += result["done_in_window"]
     sampler.join()
     for service in services:
-        service.terminate()
-    for service in services:
-        service.wait(timeout=30)
+        service.stop()
     total = sum(window["cpu"])
     split = {name: round(100 * window["cpu"][i] / total) for i, name in ((0, "user"), (2, "system"), (3, "idle"),
                                                                        (4, "iowait"), (6, "softirq"))}  # fmt: skip
     log = "separate logs" if args.separate else "one shared log"
     print(f"{args.services} service(s), {log}, {args.connections} connections: {done / args.seconds:,.0f} msg/s")
     for (pid, tid), ticks in sorted(window["threads"].items()):
-        share = 100 * ticks / TICKS / window["seconds"]
+        share = 100 * ticks / CLK_TCK / window["seconds"]
         if share >= 1:
             print(f"  service pid {pid} thread {tid}: {share:.0f} % of a core")
     print(f"  machine CPU (% of both cores): {split}")

@@ -143,8 +143,7 @@ class Child:
         self.spec = spec
         self.events = events
         self.engine = open_engine(spec.database, spec.synchronous)
-        self.writer = Writer(self.engine, lambda fn, *args: fn(*args))
-        self.writer.lock_slice, self.writer.lock_gap = LOCK_SLICE, LOCK_GAP
+        self.writer = Writer(self.engine, lambda fn, *args: fn(*args), lock_slice=LOCK_SLICE, lock_gap=LOCK_GAP)
         tokens = FixedToken(spec.token) if spec.token else TokenSource(**(spec.token_source or {}))
         client = JourneysClient(spec.base_url, spec.org_id, tokens, spec.cancel_path, spec.connect_timeout,
                                 spec.read_timeout)  # fmt: skip

@@ -33,8 +33,7 @@ def run(
     tmp_path: Path, jobs: list[tuple[str, bool]], lock_slice: float = 0.0, takes: float = 0.0
 ) -> tuple[list[tuple[Any, str | None]], set[str], int]:
     engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
-    writer = Writer(engine, lambda fn, *args: fn(*args))
-    writer.lock_slice, writer.lock_gap = lock_slice, lock_slice / 2
+    writer = Writer(engine, lambda fn, *args: fn(*args), lock_slice=lock_slice, lock_gap=lock_slice / 2)
     outcomes: list[tuple[Any, str | None]] = [None] * len(jobs)  # type: ignore[list-item]
     done = threading.Semaphore(0)
 

@@ -74,6 +74,8 @@ class Writer:
         engine: Engine,
         call_back: Callable[..., Any],
         max_group: int = 2000,
+        lock_slice: float = 0.0,
+        lock_gap: float = 0.0,
     ) -> None:
         self.engine = engine
         self.call_back = call_back
@@ -102,8 +104,8 @@ class Writer:
         #: Sharing the log with a latency-sensitive writer in another process (the dispatcher's writer):
         #: hold SQLite's write lock for at most about ``lock_slice`` s of jobs, then leave it free for
         #: ``lock_gap`` s before the next slice, so the other writer's poll finds it free.
-        self.lock_slice = 0.0
-        self.lock_gap = 0.0
+        self.lock_slice = lock_slice
+        self.lock_gap = lock_gap
 
     def start(self) -> None:
         self._thread.start()
@@ -220,7 +222,7 @@ class Writer:
                         continue
                     outcomes.append((result, None))
             self.commits += 1
-        except Exception as exc:  # noqa: BLE001 - the commit itself failed: every job failed
+        except Exception as exc:  # noqa: BLE001 - the commit itself failed: every job of the slice failed
             self.failures += 1
             self.last_error = f"{exc.__class__.__name__}: {_first_line(exc)}"
             failed = len(outcomes) or len(jobs)
