@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
+from functools import lru_cache
 
 from .er7 import DEFAULT_ENCODING, Encoding
 from .problems import CODE_TEXT, Problem
@@ -24,7 +25,7 @@ class Outcome(Enum):
     REJECT = "R"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ack:
     code: str
     text: str
@@ -54,6 +55,7 @@ def _wanted(condition: str, outcome: Outcome) -> bool:
     return True
 
 
+@lru_cache(maxsize=64)
 def _version_tuple(version: str) -> tuple[int, ...]:
     try:
         return tuple(int(p) for p in version.split(".")[:3])
@@ -69,9 +71,13 @@ class AckBuilder:
         self.facility = facility
         self._prefix = f"{os.getpid() % 1000:03d}"
         self._counter = itertools.count(1)
+        self._second, self._second_prefix = -1, ""
 
     def control_id(self) -> str:
-        return f"{int(time.time()):010d}{self._prefix}{next(self._counter) % 10_000_000:07d}"
+        second = int(time.time())
+        if second != self._second:
+            self._second, self._second_prefix = second, f"{second:010d}{self._prefix}"
+        return f"{self._second_prefix}{next(self._counter) % 10_000_000:07d}"
 
     def build(
         self,

@@ -48,7 +48,7 @@ _TABLE_0211 = {
 LAST_RESORT = "iso-8859-1"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decoded:
     text: str
     charset: str

@@ -6,10 +6,11 @@ the ACK only once the store has committed it.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import orjson
 
 from . import charsets
 from .ack import Ack, AckBuilder, Outcome, ack_code, now_stamp
@@ -71,7 +72,7 @@ class Received:
             "route": self.route,
             "note": self.note,
             "replay_of": None,
-            "summary": json.dumps(event.summary(), ensure_ascii=False) if event else None,
+            "summary": orjson.dumps(event.summary()).decode() if event else None,
             "ack_code": self.ack.code if self.ack else None,
             "ack_text": self.ack.text if self.ack else None,
             "ack_raw": self.ack.payload if self.ack else None,

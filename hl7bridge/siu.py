@@ -47,7 +47,7 @@ class MessageRejected(Exception):
         self.problem = problem
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Header:
     """MSH as the acknowledgment needs it: raw (still escaped) values, echoed as received."""
 
@@ -68,22 +68,34 @@ class Header:
 
     @classmethod
     def of(cls, msg: Er7Message) -> Header:
-        msh = msg.msh
+        """Read straight from MSH's fields: this runs for every message, and position-by-position
+        lookups cost several times as much."""
+        enc = msg.encoding
+        fields = msg.msh.fields
+        if len(fields) < 19:
+            fields = fields + [""] * (19 - len(fields))
+        rep, comp = enc.repetition, enc.component
+        first = {n: fields[n].split(rep, 1)[0] for n in (3, 4, 5, 6, 7, 9, 10, 11, 12, 15, 16, 18)}
+
+        def text(value: str) -> str:
+            return msg.unescape(value) if enc.escape in value else value
+
+        message_type = [*first[9].split(comp, 2), ""]
         return cls(
-            sending_application=msh.raw(3),
-            sending_facility=msh.raw(4),
-            receiving_application=msh.raw(5),
-            receiving_facility=msh.raw(6),
-            sent_at=msh.raw(7, 1, 1),
-            message_type=msh.get(9, 1, 1).strip().upper(),
-            event=msh.get(9, 1, 2).strip().upper(),
-            control_id=msh.get(10).strip(),
-            processing_id=msh.raw(11, 1, 1),
-            version=msh.get(12, 1, 1).strip(),
-            accept_ack_type=msh.get(15).strip().upper(),
-            application_ack_type=msh.get(16).strip().upper(),
-            charset_field=msh.raw(18),
-            sender=(msh.get(3, 1, 1).strip(), msh.get(4, 1, 1).strip()),
+            sending_application=first[3],
+            sending_facility=first[4],
+            receiving_application=first[5],
+            receiving_facility=first[6],
+            sent_at=first[7].split(comp, 1)[0],
+            message_type=text(message_type[0]).strip().upper(),
+            event=text(message_type[1]).strip().upper(),
+            control_id=text(first[10]).strip(),
+            processing_id=first[11].split(comp, 1)[0],
+            version=text(first[12].split(comp, 1)[0]).strip(),
+            accept_ack_type=text(first[15]).strip().upper(),
+            application_ack_type=text(first[16]).strip().upper(),
+            charset_field=first[18],
+            sender=(text(first[3].split(comp, 1)[0]).strip(), text(first[4].split(comp, 1)[0]).strip()),
         )
 
     @property
@@ -116,14 +128,14 @@ class Header:
             )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PatientId:
     value: str
     type_code: str = ""
     authority: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Telecom:
     number: str
     use: str = ""
@@ -132,7 +144,7 @@ class Telecom:
     source: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PersonName:
     family: str
     given: str

@@ -45,7 +45,7 @@ def answers_for(tmp_path: Path, payloads: list[bytes]) -> tuple[list[bytes | Non
             answers[index] = answer
             done.release()
 
-        pipeline.handle(payload, "127.0.0.1:1").addCallback(keep)
+        pipeline.handle(payload, "127.0.0.1:1", keep)
     for _ in payloads:
         assert done.acquire(timeout=10)
     writer.stop()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     bindparam,
     func,
@@ -69,8 +69,8 @@ def command_values(command: Command, now: float, sync: bool = False) -> dict[str
         "chat_bot_id": command.chat_bot_id,
         "time_zone": command.time_zone,
         "flow_id": command.flow_id,
-        "parameters": json.dumps(command.parameters, ensure_ascii=False, sort_keys=True),
-        "identifiers": json.dumps(command.identifiers, ensure_ascii=False, sort_keys=True),
+        "parameters": _json(command.parameters),
+        "identifiers": _json(command.identifiers),
         "start_at": command.start_at,
         "status": "pending",
         "step": "",
@@ -88,7 +88,7 @@ def _command(row: Any) -> CommandRow:
     m = row._mapping
     return CommandRow(
         m["id"], m["message_id"], m["appointment_key"], m["kind"], m["route"], m["chat_bot_id"], m["time_zone"],
-        m["flow_id"], json.loads(m["parameters"]), json.loads(m["identifiers"]), m["start_at"], m["status"],
+        m["flow_id"], orjson.loads(m["parameters"]), orjson.loads(m["identifiers"]), m["start_at"], m["status"],
         m["step"] or "", m["attempts"], bool(m["sync"]), m["created_at"], bool(m["uncertain"]),
     )  # fmt: skip
 
@@ -148,7 +148,7 @@ def appointments_for(conn: Any, keys: list[str]) -> dict[str, AppointmentRow]:
     for start in range(0, len(keys), _KEYS_PER_QUERY):
         for row in conn.execute(_APPOINTMENTS, {"keys": keys[start : start + _KEYS_PER_QUERY]}):
             m = row._mapping
-            params = json.loads(m["parameters"]) if m["parameters"] else None
+            params = orjson.loads(m["parameters"]) if m["parameters"] else None
             found[m["appointment_key"]] = AppointmentRow(m["appointment_key"], m["state"], params, m["last_command_id"])
     return found
 
@@ -158,7 +158,7 @@ def appointment(conn: Any, key: str) -> AppointmentRow | None:
     if row is None:
         return None
     m = row._mapping
-    params = json.loads(m["parameters"]) if m["parameters"] else None
+    params = orjson.loads(m["parameters"]) if m["parameters"] else None
     return AppointmentRow(m["appointment_key"], m["state"], params, m["last_command_id"])
 
 
@@ -243,7 +243,7 @@ def _remember(conn: Any, command_id: int, memo: tuple[str, str, str, str, dict[s
     key, route, bot, state, params = memo
     row: dict[str, Any] = dict(zip(_MEMORY_COLUMNS, (route, bot, state, now, command_id), strict=True))
     if params is not None:
-        row["parameters"] = json.dumps(params, ensure_ascii=False, sort_keys=True)
+        row["parameters"] = _json(params)
     bound = {f"a_{name}": value for name, value in row.items()} | {"a_key": key}
     if conn.execute(_REMEMBER[params is not None], bound).rowcount == 0:
         conn.execute(_FIRST_MEMORY[params is not None], bound)
@@ -265,3 +265,8 @@ def outbox_depth(conn: Any, now: float) -> tuple[int, float | None]:
     ).first()
     count, oldest = row if row else (0, None)
     return int(count or 0), (now - oldest) if oldest else None
+
+
+def _json(value: dict[str, str]) -> str:
+    """Sorted keys: the same parameters always give the same text."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()

@@ -42,7 +42,7 @@ class Job:
     on_done: Callable[[Any, BaseException | None], None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WriteResult:
     message_id: int | None
     duplicate_of: int | None = None
@@ -462,7 +462,7 @@ def _insert_rows(con: Any, table: str, columns: tuple[str, ...], rows: list[Any]
     The transaction holds the write lock and the tables have no AUTOINCREMENT gaps to fear: the rowids
     of one statement are consecutive and end at ``lastrowid``."""
     if rows and isinstance(rows[0], dict):
-        rows = [tuple(row.get(c) for c in columns) for row in rows]
+        rows = [tuple(map(row.get, columns)) for row in rows]
     ids: list[int] = []
     start = 0
     for size in _sizes(len(rows)):
