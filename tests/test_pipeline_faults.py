@@ -1,4 +1,5 @@
-"""A bug in the reader costs one AR, never the connection: the frame is answered and logged.
+"""A bug in the reader costs one AR, never the connection: the frame is answered and logged. A bug past the
+reader costs that frame its answer (the sender resends), never the answers owed after it.
 
 The fuzzer once found such a bug (a header cut short raised IndexError, and the connection was dropped with
 the answers still owed on it). The reader is real here; one frame is made to hit an injected failure, since
@@ -7,16 +8,18 @@ no known input reaches one any more. Real writer, real SQLite file.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import pytest
 from sqlalchemy import select
 
 from hl7bridge.ack import AckBuilder
 from hl7bridge.intake import Intake, Received
 from hl7bridge.pipeline import Pipeline
-from hl7bridge.siu import Feed
+from hl7bridge.siu import AppointmentEvent, Feed
 from hl7bridge.store import Writer, open_engine
 from hl7bridge.store.schema import messages
 
@@ -32,11 +35,13 @@ class BrokenOnMarker(Intake):
         return super().read_message(raw, text, charset, note)
 
 
-def answers_for(tmp_path: Path, payloads: list[bytes]) -> tuple[list[bytes | None], list[tuple[str, str, str]]]:
+def answers_for(
+    tmp_path: Path, payloads: list[bytes], intake: type[Intake] = BrokenOnMarker
+) -> tuple[list[bytes | None], list[tuple[str, str, str]]]:
     engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
     writer = Writer(engine, lambda fn, *args: fn(*args))
     writer.start()
-    pipeline = Pipeline(BrokenOnMarker(Feed(ZoneInfo("UTC")), AckBuilder()), writer, "main")
+    pipeline = Pipeline(intake(Feed(ZoneInfo("UTC")), AckBuilder()), writer, "main")
     answers: list[bytes | None] = [None] * len(payloads)
     done = threading.Semaphore(0)
     for index, payload in enumerate(payloads):
@@ -66,3 +71,36 @@ def test_a_reader_failure_is_answered_ar_and_logged(tmp_path: Path) -> None:
     assert b"\rERR|" in answers[1]
     assert b"MSA|AA|PF-3" in answers[2]
     assert rows == [("PF-1", "accepted", "AA"), ("PF-2", "rejected", "AR"), ("PF-3", "accepted", "AA")]
+
+
+class EventWithBrokenSummary(AppointmentEvent):
+    __slots__ = ()
+
+    def summary(self) -> dict:
+        raise KeyError("start")
+
+
+class BrokenPastTheReader(Intake):
+    """The real reader; messages carrying ``ZZR|ROW`` then fail while their log row is built."""
+
+    def read_message(self, raw: bytes, text: str, charset: str, note: str | None = None) -> Received:
+        received = super().read_message(raw, text, charset, note)
+        if "ZZR|ROW" in text and received.event is not None:
+            received.event.__class__ = EventWithBrokenSummary
+        return received
+
+
+def test_a_failure_past_the_reader_costs_that_frame_its_answer_not_the_later_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = siu("S12", "PF-4", "A-PF-4", "20270105093000")
+    broken = siu("S12", "PF-5", "A-PF-5", "20270105093000").replace(b"\rPID|", b"\rZZR|ROW\rPID|")
+    after = siu("S12", "PF-6", "A-PF-6", "20270105093000")
+    with caplog.at_level(logging.ERROR, logger="hl7bridge.pipeline"):
+        answers, rows = answers_for(tmp_path, [good, broken, after], BrokenPastTheReader)
+
+    assert b"MSA|AA|PF-4" in answers[0]
+    assert answers[1] is None  # not stored, so not acknowledged: the sender resends it
+    assert b"MSA|AA|PF-6" in answers[2]
+    assert rows == [("PF-4", "accepted", "AA"), ("PF-6", "accepted", "AA")]
+    assert "internal error while handling a frame from 127.0.0.1:1: 'start'" in caplog.text
