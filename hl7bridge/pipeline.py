@@ -70,15 +70,18 @@ class Pipeline:
                       exc.__class__.__name__)  # fmt: skip
             log.debug("reader failure", exc_info=True)
             frame = Frame([self.intake.failed_to_read(payload, exc)])
-        try:
-            self._answer(frame, peer, reply)
-        except Exception:  # noqa: BLE001 - a bug past the reader: no answer rather than a stuck connection
-            self._failed(Failure(), peer, reply)
+        self._answer(frame, peer, reply)
 
     def too_long(self, head: bytes, limit: int, peer: str, reply: Reply) -> None:
         self._answer(Frame([self.intake.too_long(head, limit)]), peer, reply)
 
     def _answer(self, frame: Frame, peer: str, reply: Reply) -> None:
+        try:
+            self._store_frame(frame, peer, reply)
+        except Exception:  # noqa: BLE001 - a bug past the reader: no answer rather than a stuck connection
+            self._failed(Failure(), peer, reply)
+
+    def _store_frame(self, frame: Frame, peer: str, reply: Reply) -> None:
         received_at = self.clock()
         if not frame.batch_header:
             self._process(frame.messages[0], peer, received_at, reply)
@@ -117,6 +120,8 @@ class Pipeline:
         def stored(result: WriteResult) -> None:
             try:
                 answer = self._released(result, received)
+                if not isinstance(answer, defer.Deferred):
+                    answer = self._report(answer, received, peer)
             except Exception:  # noqa: BLE001 - whatever failed, the connection's later answers must not wait
                 self._failed(Failure(), peer, reply)
                 return
@@ -124,7 +129,7 @@ class Pipeline:
                 answer.addCallback(self._report, received, peer).addCallbacks(reply, self._failed,
                                                                               errbackArgs=(peer, reply))  # fmt: skip
                 return
-            reply(self._report(answer, received, peer))
+            reply(answer)
 
         self.writer.submit(WriteRequest(row, received.dedupe_key, stored, received.commands))
 
