@@ -71,13 +71,9 @@ class AckBuilder:
         self.facility = facility
         self._prefix = f"{os.getpid() % 1000:03d}"
         self._counter = itertools.count(1)
-        self._second, self._second_prefix = -1, ""
 
     def control_id(self) -> str:
-        second = int(time.time())
-        if second != self._second:
-            self._second, self._second_prefix = second, f"{second:010d}{self._prefix}"
-        return f"{self._second_prefix}{next(self._counter) % 10_000_000:07d}"
+        return f"{int(time.time()):010d}{self._prefix}{next(self._counter) % 10_000_000:07d}"
 
     def build(
         self,

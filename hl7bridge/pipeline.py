@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from twisted.internet import defer, threads
@@ -89,17 +90,14 @@ class Pipeline:
         answers: list[bytes | None] = [None] * len(frame.messages)
         waiting = [len(frame.messages)]
 
-        def one(index: int) -> Reply:
-            def answered(answer: bytes | None) -> None:
-                answers[index] = answer
-                waiting[0] -= 1
-                if not waiting[0]:
-                    reply(self.intake.batch_answer(frame, [a for a in answers if a]))
-
-            return answered
+        def answered(index: int, answer: bytes | None) -> None:
+            answers[index] = answer
+            waiting[0] -= 1
+            if not waiting[0]:
+                reply(self.intake.batch_answer(frame, [a for a in answers if a]))
 
         for index, received in enumerate(frame.messages):
-            self._process(received, peer, received_at, one(index))
+            self._process(received, peer, received_at, partial(answered, index))
 
     def _process(self, received: Received, peer: str, received_at: float, reply: Reply) -> None:
         if self.strict_validation and received.outcome is Outcome.ACCEPT and received.event is not None:
@@ -120,14 +118,13 @@ class Pipeline:
         def stored(result: WriteResult) -> None:
             try:
                 answer = self._released(result, received)
-                if not isinstance(answer, defer.Deferred):
-                    answer = self._report(answer, received, peer)
+                if isinstance(answer, defer.Deferred):
+                    answer.addCallback(self._report, received, peer).addCallbacks(reply, self._failed,
+                                                                                  errbackArgs=(peer, reply))  # fmt: skip
+                    return
+                answer = self._report(answer, received, peer)
             except Exception:  # noqa: BLE001 - whatever failed, the connection's later answers must not wait
                 self._failed(Failure(), peer, reply)
-                return
-            if isinstance(answer, defer.Deferred):
-                answer.addCallback(self._report, received, peer).addCallbacks(reply, self._failed,
-                                                                              errbackArgs=(peer, reply))  # fmt: skip
                 return
             reply(answer)
 

@@ -49,7 +49,10 @@ class MessageRejected(Exception):
 
 @dataclass(slots=True)
 class Header:
-    """MSH as the acknowledgment needs it: raw (still escaped) values, echoed as received."""
+    """MSH as the acknowledgment needs it: raw (still escaped) values, echoed as received.
+
+    Not frozen, like the other records built per message: a frozen dataclass's ``__init__`` sets each
+    field through ``object.__setattr__``, several times the cost (docs/performance.md)."""
 
     sending_application: str
     sending_facility: str
