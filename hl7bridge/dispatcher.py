@@ -4,12 +4,14 @@ It runs in its own thread; HTTP calls run in a small pool; every result is
 committed through the store's writer. Per appointment, only the oldest open
 command is eligible, so commands run in arrival order. Triggers for the same
 (chatBotId, flowId, timeZone) are coalesced into one bulk call; a 400 is
-bisected so only the offending instances are dead-lettered.
+bisected so only the offending instances are dead-lettered. When the API stops answering, dispatching
+holds: one command at a time, on that command's backoff, until the API answers again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -39,6 +41,8 @@ class DispatchSettings:
     retry_max: float = 300.0
     probe_interval: float = 15.0
     poll_interval: float = 1.0
+    #: Calls in a row that the API left unanswered or answered 5xx, 408 or 429 before dispatching holds.
+    unavailable_after: int = 3
     #: Ticks are at least this far apart: wakes within it are served together.
     tick_gap: float = 0.02
 
@@ -84,6 +88,10 @@ class Dispatcher:
         self.stats = DispatchStats()
         self.observer = observer or NullObserver()
         self.paused_reason: str | None = None
+        #: Why dispatching holds to one command at a time (the API is down); health leaves this to the
+        #: outbox's age, so a short outage does not turn the service red.
+        self.unavailable_reason: str | None = None
+        self._failed_calls = 0
         self._probe_at = 0.0
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -112,6 +120,14 @@ class Dispatcher:
     @property
     def paused(self) -> bool:
         return self.paused_reason is not None
+
+    @property
+    def holding(self) -> bool:
+        """Sending one command at a time as a probe: the token was refused, or the API is not answering.
+
+        Hammering a down API with every queued command would waste both sides' work and meet its recovery
+        with a stampede; an interface engine's queue retries its head and lets the rest wait."""
+        return self.paused_reason is not None or self.unavailable_reason is not None
 
     def wait_for(self, command_id: int, callback: Callable[[CommandUpdate], None]) -> None:
         """Call back (in a dispatcher thread) once the command reaches a final state."""
@@ -149,13 +165,19 @@ class Dispatcher:
 
     def _tick(self) -> float:
         now = self.clock()
-        if self.paused and now < self._probe_at:
+        # A sender waiting for a verdict (ack_mode = "dispatched") lifts the hold: its message is tried now.
+        holding = self.holding and not self._waiters
+        if holding and now < self._probe_at:
             return self._probe_at - now
         with self._lock:
             busy = set(self._busy)
-        limit = 1 if self.paused else self.settings.batch_size * 4
+        limit = 1 if holding else self.settings.batch_size * 4
         with self.engine.connect() as conn:
-            heads = store.due_heads(conn, now, limit, busy)
+            # Holding, the probe is the oldest open command, due or not: it alone is retried, on its own
+            # backoff, and the queue behind it waits, as an interface engine's queue does.
+            heads = store.due_heads(conn, math.inf if holding else now, limit, busy)
+            if holding and heads and heads[0].next_attempt_at > now:
+                return heads[0].next_attempt_at - now
             keys = [cmd.appointment_key for cmd in heads]
             memory = store.appointments_for(conn, keys)
             cancels = store.open_cancels(conn, keys)
@@ -164,8 +186,10 @@ class Dispatcher:
         for cmd in heads:
             cancel_id = cancels.get(cmd.appointment_key)
             plans.append((cmd, memory.get(cmd.appointment_key), cancel_id if cancel_id != cmd.id else None))
-        if self.paused and heads:
-            self._probe_at = now + self.settings.probe_interval
+        if holding and plans:
+            # No second probe while this one is out: its failure sets the next (its own retry time). Set
+            # before the call is submitted, which may fail before this thread runs on.
+            self._probe_at = now + (self.settings.probe_interval if self.paused else self.settings.retry_max)
         quick: list[CommandUpdate] = []
         settled: list[CommandRow] = []
         for cmd, appt, cancel_id in plans:
@@ -175,6 +199,8 @@ class Dispatcher:
             if update is not None:
                 quick.append(update)
                 settled.append(cmd)
+        if holding and plans and len(settled) == len(plans):
+            self._probe_at = now  # settled without a call: that was no probe
         if quick:
             try:
                 self._apply(quick)
@@ -245,7 +271,7 @@ class Dispatcher:
         for key in list(self._buckets):
             bucket = self._buckets[key]
             due = bucket.due(self.settings.batch_window)
-            urgent = any(c.sync for c in bucket.commands) or self.paused
+            urgent = any(c.sync for c in bucket.commands) or self.holding
             while len(bucket.commands) >= self.settings.batch_size:
                 chunk, bucket.commands = (bucket.commands[: self.settings.batch_size],
                                           bucket.commands[self.settings.batch_size :])  # fmt: skip
@@ -407,7 +433,25 @@ class Dispatcher:
         elif result.status is not None and self.paused:
             log.info("the Journeys API accepts the token again; dispatching resumed")
             self.paused_reason = None
+        self._note_availability(result)
         return result
+
+    def _note_availability(self, result: ApiResult) -> None:
+        """Hold after ``unavailable_after`` failed calls in a row; the first call the API answers ends it."""
+        with self._lock:
+            if result.verdict is Verdict.RETRYABLE:
+                self._failed_calls += 1
+                if self._failed_calls < self.settings.unavailable_after or self.unavailable_reason is not None:
+                    return
+                why = "; ".join(result.messages) or result.error or f"HTTP {result.status}"
+                self.unavailable_reason = f"the Journeys API is unavailable ({why})"
+                log.warning("%s after %d calls in a row; dispatching holds to one command at a time until it "
+                            "answers", self.unavailable_reason, self._failed_calls)  # fmt: skip
+            elif result.status is not None:
+                self._failed_calls = 0
+                if self.unavailable_reason is not None:
+                    self.unavailable_reason = None
+                    log.info("the Journeys API answers again; dispatching resumed")
 
     # -- failures ----------------------------------------------------------------------------------
     def _failure(self, cmd: CommandRow, result: ApiResult) -> CommandUpdate:
@@ -433,9 +477,11 @@ class Dispatcher:
             delay = max(delay, result.retry_after)
         # A refused connection, 408, 429 or 503 changed nothing; a timeout after sending might have.
         uncertain = cmd.uncertain or result is None or result.maybe_processed
+        retry_at = self.clock() + delay
+        if self.unavailable_reason is not None:
+            self._probe_at = retry_at  # the held queue's next probe: this command, when its backoff ends
         return CommandUpdate(cmd.id, "pending", f"retrying in {delay:.1f} s: {messages}",
-                             next_attempt_at=self.clock() + delay, count_attempt=True,
-                             uncertain=uncertain)  # fmt: skip
+                             next_attempt_at=retry_at, count_attempt=True, uncertain=uncertain)  # fmt: skip
 
     # -- recording -----------------------------------------------------------------------------
     def _apply(self, updates: list[CommandUpdate]) -> None:

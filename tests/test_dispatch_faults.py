@@ -8,6 +8,7 @@ straight from the service's SQLite file.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from itertools import pairwise
@@ -243,15 +244,13 @@ def test_outage_refused_then_503_then_timeout_keeps_the_feed_going_and_delivers_
     sandbox.faults(outage={"mode": "503", "seconds": 2})
     assert ack(bridge, siu("S12", "OUT-5", "A-OUT-5", future(days=30)))[1] == "AA"
     assert ack(bridge, siu("S13", "OUT-SEQ-2", "A-OUT-SEQ", second))[1] == "AA"
-    wait_until(lambda: any(a["status_code"] == 503 for c in commands_of(bridge, "OUT-5")
-                           for a in attempts_of(bridge, c["id"])), message="a 503")  # fmt: skip
+    # Dispatching holds by now (three refused calls): the oldest command is the one that meets each outage.
+    wait_until(lambda: query(bridge, "SELECT 1 FROM attempts WHERE status_code = 503"), message="a 503")
 
     # 3. No answer at all (read_timeout is 2 s).
     sandbox.faults(outage={"mode": "timeout", "seconds": 2})
     assert ack(bridge, siu("S12", "OUT-T", "A-OUT-T", future(days=30)))[1] == "AA"
-    wait_until(lambda: any(a["error"] and "timeout" in a["error"]
-                           for c in commands_of(bridge, "OUT-T") for a in attempts_of(bridge, c["id"])),
-               message="a timed-out call")  # fmt: skip
+    wait_until(lambda: query(bridge, "SELECT 1 FROM attempts WHERE error LIKE '%timeout%'"), message="a timed-out call")
 
     # Recovery: everything delivered, each once, and the reschedule after the booking.
     for control in ("OUT-R", "OUT-SEQ-1", "OUT-5", "OUT-SEQ-2", "OUT-T"):
@@ -267,6 +266,45 @@ def test_outage_refused_then_503_then_timeout_keeps_the_feed_going_and_delivers_
     order = [i["parameters"]["appointmentDateTime"] for b in delivered_bulks(sandbox, "A-OUT-SEQ")
              for i in b["body"]["instances"] if i["parameters"]["appointmentId"] == "A-OUT-SEQ"]  # fmt: skip
     assert order == [iso(first), iso(second)]
+
+
+def test_an_outage_holds_dispatch_to_the_oldest_command_on_its_backoff(
+    bridge: RunningService, sandbox: RunningSandbox
+) -> None:
+    """Three failed calls in a row and the API counts as down: only the oldest open command is tried, one
+    call at a time, on its own backoff; the rest wait untried instead of each retrying against a dead API.
+    The first answer ends the hold, and everything is delivered once."""
+    sandbox.faults(outage={"mode": "503", "seconds": 60})
+    controls = [f"HOLD-{i}" for i in range(12)]
+    with bridge.client() as client:
+        for i, control in enumerate(controls):
+            client.send(siu("S12", control, f"A-HOLD-{i}", future(days=30 + i)))
+        assert [segments(client.receive())["MSA"][1] for _ in controls] == ["AA"] * len(controls)
+    ids = [cmd["id"] for control in controls for cmd in commands_of(bridge, control)]
+    marks = ",".join("?" * len(ids))
+
+    def tried() -> list[dict]:
+        return query(bridge, f"SELECT command_id, call_id, at, status_code FROM attempts WHERE command_id IN ({marks})"
+                             " ORDER BY at, id", *ids)  # fmt: skip
+
+    wait_until(lambda: max(Counter(a["command_id"] for a in tried()).values(), default=0) >= 7, timeout=30,
+               message="one command's seventh attempt")  # fmt: skip
+    sandbox.faults(outage={"mode": "503", "seconds": 0})
+    for control in controls:
+        assert settled(bridge, control, timeout=30)[0]["status"] == "done", control
+    failed = [a for a in tried() if a["status_code"] == 503]
+    calls = list(dict.fromkeys(a["call_id"] for a in failed))
+    per_call = Counter(a["call_id"] for a in failed)
+    # The calls before the hold may carry a bulk of several; once it holds, each call carries one command.
+    assert len(calls) >= 6 and all(per_call[c] == 1 for c in calls[4:]), [per_call[c] for c in calls]
+    head = min(ids)
+    head_times = [a["at"] for a in failed if a["command_id"] == head]
+    gaps = [b - a for a, b in pairwise(head_times)]
+    assert len(head_times) >= 7 and max(gaps) >= 2 * min(gaps), gaps  # the oldest, on its growing backoff
+    probes = [a for a in failed if a["call_id"] in calls[4:]]
+    assert {a["command_id"] for a in probes} == {head}, probes
+    for i in range(len(controls)):
+        assert len(sandbox.instances(appointmentId=f"A-HOLD-{i}")) == 1
 
 
 def test_refuse_outage_also_refuses_kept_alive_connections(bridge: RunningService, sandbox: RunningSandbox) -> None:

@@ -130,6 +130,19 @@ def test_dispatched_outage_is_ae_and_never_retried_in_the_background(
     assert [a["status_code"] for a in attempts_of(dispatched, cmd["id"])] == [503]
 
 
+def test_dispatched_messages_are_answered_at_once_while_dispatching_holds(
+    dispatched: RunningService, no_faults: RunningSandbox
+) -> None:
+    """Three failed calls make dispatching hold to one probe on its backoff; a sender waiting for its verdict
+    is not made to wait behind it: each of these messages is tried when it arrives, and answered AE."""
+    no_faults.faults(outage={"mode": "503", "seconds": 30})
+    for i in range(5):
+        msa = ack(dispatched, siu("S12", f"DSP-HOLD-{i}", f"A-DSP-HOLD-{i}", future(days=30)))
+        assert msa[1] == "AE" and "unavailable" in msa[3], (i, msa)
+        (cmd,) = commands_of(dispatched, f"DSP-HOLD-{i}")
+        assert cmd["status"] == "failed" and cmd["attempts"] == 1, cmd
+
+
 def test_dispatched_duplicates_get_the_final_ack(dispatched: RunningService, sandbox: RunningSandbox) -> None:
     first = dispatched.request(siu("S12", "DSP-DUP", "A-DSP-DUP", future(days=30)))
     assert segments(first)["MSA"][1] == "AA"

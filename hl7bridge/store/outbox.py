@@ -35,6 +35,7 @@ class CommandRow:
     sync: bool
     created_at: float
     uncertain: bool = False
+    next_attempt_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def _command(row: Any) -> CommandRow:
     return CommandRow(
         m["id"], m["message_id"], m["appointment_key"], m["kind"], m["route"], m["chat_bot_id"], m["time_zone"],
         m["flow_id"], orjson.loads(m["parameters"]), orjson.loads(m["identifiers"]), m["start_at"], m["status"],
-        m["step"] or "", m["attempts"], bool(m["sync"]), m["created_at"], bool(m["uncertain"]),
+        m["step"] or "", m["attempts"], bool(m["sync"]), m["created_at"], bool(m["uncertain"]), m["next_attempt_at"],
     )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import random
 import subprocess
@@ -189,6 +190,44 @@ def replayer(bridge: Bridge, streams: list[SoakStream], last: dict[str, str], st
                      "summary": result.stderr.strip().splitlines()[-1:] if result.stderr else []})  # fmt: skip
 
 
+class CollectorPauses:
+    """This process's own garbage-collection pauses, kept short while it measures.
+
+    The senders are threads of this process, and what the soak records grows all along (every answer, every
+    booking): a full collection walks all of it and stops every sender meanwhile, 0.5-1.6 s late in the hour,
+    which would be counted as the service's latency. Freezing what is recorded, once a second, leaves the
+    collector only the young objects; the pauses longer than 5 ms are reported with the figures."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int, float]] = []  # (wall time, generation, ms)
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._started) * 1000
+        if ms > 5:
+            self.pauses.append((round(time.time(), 3), info["generation"], round(ms, 1)))
+
+    def freeze_every_second(self, stop: threading.Event) -> None:
+        while not stop.wait(1.0):
+            gc.freeze()
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[CollectorPauses]:
+        gc.callbacks.append(self)
+        try:
+            yield self
+        finally:
+            gc.callbacks.remove(self)
+            gc.unfreeze()
+
+    def figures(self) -> dict[str, Any]:
+        return {"pauses_over_5ms": len(self.pauses), "max_ms": max((p[2] for p in self.pauses), default=0.0),
+                "longest": sorted(self.pauses, key=lambda p: -p[2])[:5]}  # fmt: skip
+
+
 def outages(sandbox: Any, stop: threading.Event, log: list[dict]) -> None:
     modes = ("503", "refuse", "timeout")
     n = 0
@@ -229,11 +268,14 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
         senders = [functools.partial(open_loop, e, s, ledger, stop, RATE / CONNECTIONS, lat, svc, due, last, errors)
                    for e, s, lat, svc, due in zip(engines, streams, latencies, service, dues, strict=True)]  # fmt: skip
+        collector = CollectorPauses()
         background = [sampler, functools.partial(outages, sandbox, background_stop, outage_log),
-                      functools.partial(replayer, bridge, streams, last, background_stop, replays)]  # fmt: skip
+                      functools.partial(replayer, bridge, streams, last, background_stop, replays),
+                      functools.partial(collector.freeze_every_second, background_stop)]  # fmt: skip
         load_began = time.monotonic()
         # On an error in the block, the threads must stop too, or their joins would hang the run.
-        with threads_running(background, background_stop.set), threads_running(senders, stop.set):
+        with (collector.watching(), threads_running(background, background_stop.set),
+              threads_running(senders, stop.set)):  # fmt: skip
             warm = min(10.0, SECONDS * 0.1)
             time.sleep(warm)
             before = (bridge.rss_kb(), bridge.fds())
@@ -292,6 +334,7 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "log": {k: v for k, v in log.items() if not k.endswith("examples")},
             "journeys": journeys,
             "wrong_examples": wrong_answers(engines)[:10],
+            "measuring_process_gc": collector.figures(),
         }  # fmt: skip
         yield finish_scenario(figures, bridge, began)
 
