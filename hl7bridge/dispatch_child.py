@@ -1,20 +1,24 @@
 """The dispatcher's own process (``python -m hl7bridge.dispatch_child``, started by the service).
 
 Why a process: the listener answers within milliseconds only when no other thread of its process
-holds the GIL, and dispatching (outbox queries, JSON, ``requests``, result writes) held it for tens of
-milliseconds at a time under load. The dispatcher already talks to the rest only through the log, so
-here it runs unchanged, with a writer connection of its own; SQLite serialises the two writers.
+holds the GIL, and dispatching (outbox queries, JSON, ``requests``) held it for tens of milliseconds at a
+time under load. This process reads the log itself, but never writes it: its writes (``OutboxWrite``)
+go to the service, whose writer thread stays the log's only writer and puts messages first. (With a
+writer of its own here, a transaction of this process stalled on its GIL or at its lower CPU priority
+held SQLite's write lock while the service's messages waited for it.)
 
 The channel is two pipes of lines. On stdin the parent sends the ``ChildSpec`` (first line, JSON; the
 token never appears on a command line), then ``w`` (commands were committed), ``f ID`` (say when
-command ID is final) and ``s GRACE`` (stop). On fd 3 this process sends JSON lines: ``ready``,
-``paused``, ``final``, ``metric`` and ``stopped``. End of stdin means the service is gone: this process exits at
+command ID is final), ``d N`` / ``e N TEXT`` (write N is committed / failed) and ``s GRACE`` (stop). On
+fd 3 this process sends JSON lines: ``ready``, ``write`` (an ``OutboxWrite`` numbered N), ``paused``,
+``final``, ``metric`` and ``stopped``. End of stdin means the service is gone: this process exits at
 once, so that a restarted service never finds an old dispatcher still sending.
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -32,7 +36,7 @@ from . import logs
 from .dispatcher import Dispatcher, DispatchSettings
 from .journeys import JourneysClient, TokenSource
 from .metrics import NullObserver
-from .store import FINAL_STATUSES, CommandUpdate, StoreError, Writer, open_engine
+from .store import FINAL_STATUSES, CommandUpdate, Job, OutboxWrite, StoreError, open_engine
 from .store.schema import commands
 
 log = logging.getLogger("hl7bridge.dispatcher")
@@ -40,13 +44,8 @@ log = logging.getLogger("hl7bridge.dispatcher")
 EVENTS_FD = 3
 #: How often the pause state is compared with what the parent was last told.
 PAUSE_POLL = 0.2
-SWITCH_INTERVAL = 0.0001
 #: Below the service: its answers wait for CPU less while this process catches up after an outage.
 NICE_INCREMENT = 10
-#: The service's writer waits for SQLite's write lock while this process holds it: hold it for a few
-#: milliseconds of jobs at a time, then leave it free long enough for the service's poll to find it.
-LOCK_SLICE = 0.002
-LOCK_GAP = 0.0015
 _STATUS = select(commands.c.status, commands.c.outcome).where(commands.c.id == bindparam("id"))
 
 
@@ -55,7 +54,6 @@ class ChildSpec:
     """Everything the child needs, decided by the parent (CLI overrides, the sandbox's URL and token)."""
 
     database: str
-    synchronous: str
     base_url: str
     org_id: str
     cancel_path: str
@@ -113,6 +111,38 @@ class EventPipe(NullObserver):
         self.send({"metric": "dead_letter", "args": []})
 
 
+class WriteFailed(Exception):
+    """The service could not commit a write of this process (the reason is the service's)."""
+
+
+class ServiceWrites:
+    """The dispatcher's ``JobSink`` here: each write goes to the service as a numbered ``write`` event, and
+    its job is done when the service answers ``d N`` (committed) or ``e N TEXT`` (failed)."""
+
+    def __init__(self, events: EventPipe) -> None:
+        self.events = events
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: dict[int, Job] = {}
+
+    def submit_job(self, job: Job) -> None:
+        if not isinstance(job.work, OutboxWrite):
+            raise TypeError(f"only an OutboxWrite can cross to the service, not {job.work!r}")
+        number = next(self._numbers)
+        with self._lock:
+            self._pending[number] = job
+        self.events.send({"write": number, **job.work.to_json()})
+
+    def answered(self, line: bytes) -> None:
+        """``d N`` or ``e N TEXT`` from the service."""
+        kind, _, rest = line.partition(b" ")
+        number, _, text = rest.partition(b" ")
+        with self._lock:
+            job = self._pending.pop(int(number), None)
+        if job is not None:
+            job.on_done(None, WriteFailed(text.decode(errors="replace")) if kind == b"e" else None)
+
+
 def hold_dispatch_lock(database: str) -> int | None:
     """One dispatcher per log file: an exclusive ``flock`` on the database file, kept until exit.
 
@@ -142,23 +172,25 @@ class Child:
     def __init__(self, spec: ChildSpec, events: EventPipe) -> None:
         self.spec = spec
         self.events = events
-        self.engine = open_engine(spec.database, spec.synchronous)
-        self.writer = Writer(self.engine, lambda fn, *args: fn(*args), lock_slice=LOCK_SLICE, lock_gap=LOCK_GAP)
+        self.engine = open_engine(spec.database, read_only=True)
+        self.writes = ServiceWrites(events)
         tokens = FixedToken(spec.token) if spec.token else TokenSource(**(spec.token_source or {}))
         client = JourneysClient(spec.base_url, spec.org_id, tokens, spec.cancel_path, spec.connect_timeout,
                                 spec.read_timeout)  # fmt: skip
-        self.dispatcher = Dispatcher(self.engine, self.writer, client, DispatchSettings(**spec.settings),
+        self.dispatcher = Dispatcher(self.engine, self.writes, client, DispatchSettings(**spec.settings),
                                      observer=events)  # fmt: skip
         self._told_paused: str | None = None
 
     def run(self, stdin: int) -> int:
-        self.writer.start()
+        """Read the parent's lines until a stop has finished. The stop runs in a thread of its own: the calls
+        it waits for need this loop to read their writes' answers."""
         self.dispatcher.start()
         self.events.send({"ready": True})
         buffer = b""
         parent = os.getppid()
-        while True:
-            ready, _, _ = io_select.select([stdin], [], [], PAUSE_POLL)
+        stopping: threading.Thread | None = None
+        while stopping is None or stopping.is_alive():
+            ready, _, _ = io_select.select([stdin], [], [], PAUSE_POLL if stopping is None else 0.05)
             self._tell_pause()
             if not ready:
                 if os.getppid() != parent:
@@ -171,13 +203,18 @@ class Child:
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
                 if line.startswith(b"s"):
-                    self.stop(float(line[1:] or 10.0))
-                    return 0
-                self.handle(line)
+                    if stopping is None:
+                        stopping = threading.Thread(target=self.stop, args=(float(line[1:] or 10.0),))
+                        stopping.start()
+                else:
+                    self.handle(line)
+        return 0
 
     def handle(self, line: bytes) -> None:
         if line == b"w":
             self.dispatcher.wake()
+        elif line.startswith((b"d ", b"e ")):
+            self.writes.answered(line)
         elif line.startswith(b"f "):
             self.wait_for(int(line[2:]))
 
@@ -202,7 +239,6 @@ class Child:
 
     def stop(self, grace: float) -> None:
         self.dispatcher.stop(grace)
-        self.writer.stop()
         self.events.send({"stopped": True})
 
 
@@ -216,10 +252,7 @@ def main() -> int:
     # The service coordinates shutdown; a terminal's Ctrl-C or systemd's SIGTERM reaches the whole group.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    # The writer holds SQLite's write lock between its statements while it waits for the GIL, and the
-    # service's messages wait for that lock: switch threads often so the lock is held briefly, and
-    # leave the CPU to the service when both want it.
-    sys.setswitchinterval(SWITCH_INTERVAL)
+    # When both want the CPU (catching up after an outage), the service's answers come first.
     os.nice(NICE_INCREMENT)
     line = b""
     while not line.endswith(b"\n"):

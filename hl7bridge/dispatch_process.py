@@ -1,7 +1,8 @@
 """The service's side of the dispatcher process: start it, restart it if it dies, and talk to it.
 
 ``DispatcherProcess`` stands in for ``Dispatcher`` in the service (``wake``, ``wait_for``, ``forget``,
-``paused_reason``), so the writer, the pipeline and the health checks do not know where it runs.
+``paused_reason``), so the writer, the pipeline and the health checks do not know where it runs. The
+child's writes arrive here as ``write`` events and go through the service's writer, the log's only one.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from twisted.python.failure import Failure
 
 from .dispatch_child import EVENTS_FD, ChildSpec
 from .metrics import Observer
-from .store import CommandUpdate
+from .store import CommandUpdate, Job, OutboxWrite, Writer
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
 #: Variables that belong to the service process alone (systemd talks to the main PID only).
 _PARENT_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 _METRICS = ("api_call", "retry", "dead_letter")
+#: Past this many bytes waiting for the child's pipe, wakes are dropped (a child that reads nothing).
+UNSENT_WAKES_LIMIT = 64 * 1024
 RESTART_MIN = 0.5
 RESTART_MAX = 30.0
 #: A child that ran this long before exiting restarts after ``RESTART_MIN`` again.
@@ -35,10 +38,11 @@ STABLE_AFTER = 60.0
 
 
 class DispatcherProcess:
-    def __init__(self, reactor: Any, spec: ChildSpec, observer: Observer) -> None:
+    def __init__(self, reactor: Any, spec: ChildSpec, observer: Observer, writer: Writer) -> None:
         self.reactor = reactor
         self.spec = spec
         self.observer = observer
+        self.writer = writer
         self.paused_reason: str | None = None
         self.restarts = 0
         self._waiters: dict[int, Callable[[CommandUpdate], None]] = {}
@@ -50,6 +54,12 @@ class DispatcherProcess:
         self._stopping = False
         self._ended: defer.Deferred[None] | None = None
         self._lost_wakes = 0
+        #: Lines the child's pipe has not taken yet. Answers to its writes must never be lost (a thread
+        #: of the child waits for each one), nor cut (lines must stay whole).
+        self._unsent = b""
+        #: Which child a write came from: the answer to a dead child's write must not reach its successor,
+        #: whose writes are numbered from 1 again.
+        self._generation = 0
 
     def start(self) -> None:
         read_end, write_end = os.pipe()
@@ -67,6 +77,8 @@ class DispatcherProcess:
         os.set_blocking(write_end, False)
         with self._lock:
             self._out = write_end
+            self._unsent = b""
+            self._generation += 1
         self._send(self.spec.to_line())
         for command_id in list(self._waiters):
             self._send(b"f %d\n" % command_id)
@@ -100,7 +112,11 @@ class DispatcherProcess:
 
     # -- the child's side of things --------------------------------------------------------------
     def event(self, event: dict[str, Any]) -> None:
-        if "paused" in event:
+        if "write" in event:
+            number, generation = event["write"], self._generation
+            self.writer.submit_job(Job(OutboxWrite.from_json(event),
+                                       lambda _r, e: self._written(number, e, generation)))  # fmt: skip
+        elif "paused" in event:
             self.paused_reason = event["paused"]
         elif "final" in event:
             update = CommandUpdate(**event["final"])
@@ -141,21 +157,47 @@ class DispatcherProcess:
         except Exception:  # noqa: BLE001 - already gone
             pass
 
-    def _send(self, data: bytes) -> None:
-        """Never blocks: a child that stopped reading loses wakes (it also polls) rather than stalling us."""
+    def _written(self, number: int, error: BaseException | None, generation: int) -> None:
+        """In the writer thread: tell the child its write N is committed, or why not."""
+        if generation != self._generation:
+            return
+        if error is None:
+            self._send(b"d %d\n" % number)
+        else:
+            text = " ".join(f"{error.__class__.__name__}: {error}".split())
+            self._send(b"e %d %s\n" % (number, text.encode(errors="replace")))
+
+    def _flush(self) -> None:
+        """Write what the pipe can take now; try again shortly for the rest."""
         with self._lock:
-            if self._out is None:
+            if self._out is None or not self._unsent:
                 return
             try:
-                written = os.write(self._out, data)
+                written = os.write(self._out, self._unsent)
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EPIPE):
                     raise
-                written = -1
-        if written != len(data):
+                written = 0
+            self._unsent = self._unsent[written:]
+            left = bool(self._unsent)
+        if left:
+            self.reactor.callFromThread(self.reactor.callLater, 0.01, self._flush)
+
+    def _send(self, data: bytes) -> None:
+        """Never blocks: lines queue behind what the pipe has not taken (whole lines, in order), except that
+        a child that stopped reading loses wakes (it also polls) rather than growing the queue."""
+        with self._lock:
+            if self._out is None:
+                return
+            lost = data == b"w\n" and len(self._unsent) > UNSENT_WAKES_LIMIT
+            if not lost:
+                self._unsent += data
+        if lost:
             self._lost_wakes += 1
             if self._lost_wakes in (1, 100, 10_000):
-                log.warning("the dispatcher process is not reading its pipe (%d line(s) lost)", self._lost_wakes)
+                log.warning("the dispatcher process is not reading its pipe (%d wake(s) lost)", self._lost_wakes)
+            return
+        self._flush()
 
 
 class _ChildProtocol(protocol.ProcessProtocol):

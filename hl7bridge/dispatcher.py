@@ -1,7 +1,7 @@
 """The dispatcher: takes due commands from the outbox and turns them into Journeys API calls.
 
 It runs in its own thread; HTTP calls run in a small pool; every result is
-committed through the store's writer. Per appointment, only the oldest open
+committed through the service's writer (as ``OutboxWrite`` data, which can cross processes). Per appointment, only the oldest open
 command is eligible, so commands run in arrival order. Triggers for the same
 (chatBotId, flowId, timeZone) are coalesced into one bulk call; a 400 is
 bisected so only the offending instances are dead-lettered. When the API stops answering, dispatching
@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
 
@@ -27,7 +27,7 @@ from . import store
 from .journeys import ACTIVE_STATUSES, ApiResult, JourneysClient, Verdict
 from .metrics import NullObserver, Observer
 from .routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
-from .store import CommandRow, CommandUpdate, Job, Writer
+from .store import CommandRow, CommandUpdate, Job
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
@@ -45,6 +45,13 @@ class DispatchSettings:
     unavailable_after: int = 3
     #: Ticks are at least this far apart: wakes within it are served together.
     tick_gap: float = 0.02
+
+
+class JobSink(Protocol):
+    """Where the dispatcher's writes go: the service's ``Writer``, or, from the dispatcher's own process,
+    the pipe to the service (``dispatch_child.ServiceWrites``)."""
+
+    def submit_job(self, job: Job) -> None: ...
 
 
 @dataclass
@@ -74,7 +81,7 @@ class Dispatcher:
     def __init__(
         self,
         engine: Engine,
-        writer: Writer,
+        writer: JobSink,
         client: JourneysClient,
         settings: DispatchSettings = DispatchSettings(),
         clock: Callable[[], float] = time.time,
@@ -309,7 +316,7 @@ class Dispatcher:
 
     def _run_trigger(self, cmds: list[CommandRow]) -> None:
         now = self.clock()
-        self._commit(Job(lambda conn: store.mark_in_flight(conn, [c.id for c in cmds], now), _ignore))
+        self._commit(Job(store.OutboxWrite(now, in_flight=[c.id for c in cmds]), _ignore))
         to_send = []
         settled: list[CommandUpdate] = []
         checks: dict[int, dict] = {}
@@ -493,7 +500,7 @@ class Dispatcher:
                 log.warning("command dead-lettered (the reason is in 'hl7bridge log show')",
                             extra={"command_id": update.command_id})  # fmt: skip
         now = self.clock()
-        self._commit(Job(lambda conn: store.apply_updates(conn, updates, now), _ignore))
+        self._commit(Job(store.OutboxWrite(now, updates=updates), _ignore))
         with self._lock:
             waiters = [(self._waiters.pop(u.command_id, None), u) for u in updates if u.status in store.FINAL_STATUSES]
         for waiter, update in waiters:

@@ -274,7 +274,6 @@ class Service:
         if dispatch.run_in == "process" and _shareable(service.database):
             spec = ChildSpec(
                 database=service.database,
-                synchronous=service.sqlite_synchronous,
                 base_url=api.base_url,
                 org_id=api.org_id,
                 cancel_path=api.cancel_path,
@@ -287,7 +286,7 @@ class Service:
                 token=tokens.token if isinstance(tokens, FixedToken) else "",
                 token_source=asdict(tokens) if isinstance(tokens, TokenSource) else None,
             )
-            self.dispatcher = DispatcherProcess(self.reactor, spec, self.metrics)
+            self.dispatcher = DispatcherProcess(self.reactor, spec, self.metrics, self.writer)
         else:
             client = JourneysClient(api.base_url, api.org_id, tokens, api.cancel_path, api.connect_timeout,
                                     api.read_timeout)  # fmt: skip

@@ -3,6 +3,7 @@ alone on its log, and its metrics and pause state reach the service's /metrics a
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -17,6 +18,7 @@ import requests
 
 from hl7bridge.dispatch_child import ChildSpec
 from hl7bridge.journeys import DEFAULT_CANCEL_PATH
+from hl7bridge.store import CommandUpdate, OutboxWrite
 
 from .conftest import RunningSandbox, RunningService, free_port, start_service, wait_until
 from .dispatch_support import TOKEN, ack, future, sandbox_for_module, service_toml, settled, siu
@@ -107,7 +109,7 @@ def read_until(fd: int, wanted: bytes, timeout: float) -> bytes:
 
 def test_a_second_dispatcher_on_the_same_log_waits(tmp_path: Path, sandbox: RunningSandbox) -> None:
     service, _ = start(tmp_path, sandbox)
-    spec = ChildSpec(database=service.url, synchronous="FULL", base_url=sandbox.url, org_id="test-org",
+    spec = ChildSpec(database=service.url, base_url=sandbox.url, org_id="test-org",
                      cancel_path=DEFAULT_CANCEL_PATH, connect_timeout=1, read_timeout=2, settings={}, token="test-token")  # fmt: skip
     read_events, write_events = os.pipe()
     intruder = None
@@ -147,3 +149,19 @@ def test_run_in_thread_keeps_the_dispatcher_in_the_service(tmp_path: Path, sandb
     finally:
         service.stop()
     assert service.process.returncode == 0
+
+
+def test_a_write_crosses_to_the_service_unchanged() -> None:
+    """The child's writes travel as JSON lines (``EventPipe``) and are rebuilt in the service."""
+    attempt = {"call_id": "c-1", "at": 1.5, "operation": "search", "request_summary": "POST /search",
+               "status_code": 200, "verdict": "success", "response_body": "[]", "error": None, "duration_ms": 3.0}  # fmt: skip
+    updates = [
+        CommandUpdate(7, "done", "cancelled 1 instance(s)", count_attempt=True, attempts=[attempt],
+                      remember=("MAIN|A-1", "reminders", "bot", "cancelled", None)),
+        CommandUpdate(8, "pending", "retrying in 2.0 s: HTTP 503", next_attempt_at=12.5, uncertain=True,
+                      remember=("MAIN|A-2", "reminders", "bot", "active", {"appointmentId": "A-2"})),
+        CommandUpdate(9, "pending", "cancelled 1 instance(s)", step="cancelled"),
+    ]  # fmt: skip
+    for write in (OutboxWrite(10.0, in_flight=[3, 4]), OutboxWrite(11.0, updates=updates)):
+        line = json.dumps({"write": 5, **write.to_json()})
+        assert OutboxWrite.from_json(json.loads(line)) == write

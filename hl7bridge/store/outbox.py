@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
@@ -248,6 +248,34 @@ def _remember(conn: Any, command_id: int, memo: tuple[str, str, str, str, dict[s
     bound = {f"a_{name}": value for name, value in row.items()} | {"a_key": key}
     if conn.execute(_REMEMBER[params is not None], bound).rowcount == 0:
         conn.execute(_FIRST_MEMORY[params is not None], bound)
+
+
+@dataclass
+class OutboxWrite:
+    """A dispatcher write as data: commands marked in flight before their call, or the calls' outcomes.
+
+    Being data, it crosses from the dispatcher's process to the service's, whose writer thread is the log's
+    only writer: two processes taking turns at SQLite's write lock made the service's messages wait for a
+    dispatcher transaction stalled on its own process's GIL or CPU."""
+
+    now: float
+    in_flight: list[int] = field(default_factory=list)
+    updates: list[CommandUpdate] = field(default_factory=list)
+
+    def __call__(self, conn: Any) -> None:
+        if self.in_flight:
+            mark_in_flight(conn, self.in_flight, self.now)
+        if self.updates:
+            apply_updates(conn, self.updates, self.now)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"now": self.now, "in_flight": self.in_flight, "updates": [asdict(u) for u in self.updates]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OutboxWrite:
+        updates = [CommandUpdate(**dict(u, remember=tuple(u["remember"]) if u["remember"] else None))
+                   for u in data["updates"]]  # fmt: skip
+        return cls(data["now"], list(data["in_flight"]), updates)
 
 
 def record_ack(conn: Any, message_id: int, ack: Any, status: str, error: str | None) -> None:

@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path as FsPath
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import (
     Column,
@@ -156,10 +157,28 @@ class StoreError(RuntimeError):
     """The database cannot be opened or used; the message says what to fix."""
 
 
-def open_engine(url: str, synchronous: str = "FULL") -> Engine:
-    """An engine for the log; SQLite files are created 0600 and run in WAL mode."""
+def open_engine(url: str, synchronous: str = "FULL", read_only: bool = False) -> Engine:
+    """An engine for the log; SQLite files are created 0600 and run in WAL mode.
+
+    ``read_only`` (a SQLite file that the service has opened): for the dispatcher's process, which reads the
+    outbox and hands its writes to the service, so that SQLite itself refuses any write from it."""
     parsed = make_url(url)
     is_sqlite = parsed.get_backend_name() == "sqlite"
+    if read_only:
+        if not (is_sqlite and parsed.database and parsed.database != ":memory:"):
+            raise StoreError(f"only a SQLite file can be opened read-only, not {_safe(url)}")
+        path = FsPath(parsed.database).resolve().as_posix()
+        engine = create_engine("sqlite://", future=True, creator=lambda: sqlite3.connect(
+            f"file:{quote(path)}?mode=ro", uri=True, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000))  # fmt: skip
+        event.listen(engine, "connect", lambda dbapi_conn, _record: dbapi_conn.execute("PRAGMA temp_store=MEMORY"))
+        try:
+            with engine.connect() as conn:
+                found = _schema_version(conn)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot read the database {_safe(url)}: {_first_line(exc)}") from None
+        if found != SCHEMA_VERSION:
+            raise StoreError(f"the database {_safe(url)} has schema {found}, this release {SCHEMA_VERSION}")
+        return engine
     if is_sqlite and parsed.database and parsed.database != ":memory:":
         _prepare_sqlite_file(FsPath(parsed.database))
     engine = create_engine(url, future=True)
@@ -172,6 +191,9 @@ def open_engine(url: str, synchronous: str = "FULL") -> Engine:
             cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cur.execute("PRAGMA foreign_keys=ON")
+            # Sorts and statement journals that outgrow the cache stay in memory, not in files under /var/tmp
+            # (where they would hold patient data, and show as passing descriptors).
+            cur.execute("PRAGMA temp_store=MEMORY")
             cur.close()
 
     try:

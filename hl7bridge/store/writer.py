@@ -8,6 +8,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -64,6 +65,8 @@ LOCK_POLL_MAX = 0.001
 #: Messages between checkpoints (about 5 WAL pages each): small enough that one takes a few milliseconds.
 CHECKPOINT_ROWS = 200
 CHECKPOINT_HARD_ROWS = 2000
+#: Seconds of jobs per transaction: a message that arrives meanwhile waits at most about this long.
+JOB_SLICE = 0.002
 
 
 class Writer:
@@ -74,8 +77,7 @@ class Writer:
         engine: Engine,
         call_back: Callable[..., Any],
         max_group: int = 2000,
-        lock_slice: float = 0.0,
-        lock_gap: float = 0.0,
+        job_slice: float = JOB_SLICE,
     ) -> None:
         self.engine = engine
         self.call_back = call_back
@@ -101,11 +103,9 @@ class Writer:
         )
         self._insert_commands = commands.insert().returning(commands.c.id, sort_by_parameter_order=True)
         self.on_commands: Callable[[], None] | None = None
-        #: Sharing the log with a latency-sensitive writer in another process (the dispatcher's writer):
-        #: hold SQLite's write lock for at most about ``lock_slice`` s of jobs, then leave it free for
-        #: ``lock_gap`` s before the next slice, so the other writer's poll finds it free.
-        self.lock_slice = lock_slice
-        self.lock_gap = lock_gap
+        #: Jobs run in transactions of about this many seconds' work (0: all queued jobs in one); between
+        #: two, the messages that came meanwhile are written first.
+        self.job_slice = job_slice
 
     def start(self) -> None:
         self._thread.start()
@@ -135,30 +135,37 @@ class Writer:
                 self._raw = None
 
     def _loop(self) -> None:
+        """Each pass writes the messages queued so far, then one slice of the jobs waiting. Messages are
+        what senders wait on; jobs (the dispatcher's results, heartbeats) can wait a slice."""
         q = self._queue
+        jobs: deque[Job] = deque()
+        stopping = False
         while True:
-            item = q.get()
-            if item is _STOP:
-                return
-            group = [item]
-            stop = False
+            group = []
+            if not jobs:
+                if stopping:
+                    return
+                group.append(q.get())
             while len(group) < self.max_group:
                 try:
-                    nxt = q.get_nowait()
+                    group.append(q.get_nowait())
                 except queue.Empty:
                     break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                group.append(nxt)
+            if any(g is _STOP for g in group):
+                stopping = True  # what was queued before the stop is still written
+                group = [g for g in group if g is not _STOP]
+            requests = [g for g in group if isinstance(g, WriteRequest)]
+            jobs.extend(g for g in group if isinstance(g, Job))
             try:
-                self._handle(group)
-                self._checkpoint_if_due(idle=q.empty())
+                if requests:
+                    self._handle(requests)
+                if jobs:
+                    for _ in range(max(1, self._run_job_slice(list(jobs)))):
+                        jobs.popleft()
+                self._checkpoint_if_due(idle=q.empty() and not jobs)
             except Exception:
                 # The writer must outlive anything: a dead writer answers nothing, not even AR.
                 log.exception("the writer failed on a group; carrying on")
-            if stop:
-                return
 
     def _checkpoint_if_due(self, idle: bool) -> None:
         """Copy the WAL into the database here, after the group's answers have gone back.
@@ -174,26 +181,14 @@ class Writer:
         self._rows_since_checkpoint = 0
         self._raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
-    def _handle(self, group: list[Any]) -> None:
-        requests = [g for g in group if isinstance(g, WriteRequest)]
-        jobs = [g for g in group if isinstance(g, Job)]
-        if requests:
-            results = self._write(requests)
-            self.call_back(_deliver, requests, results)
-            if self.on_commands is not None and any(r.command_ids for r in results):
-                self.on_commands()
-        if jobs:
-            self._run_jobs(jobs)
-
-    def _run_jobs(self, jobs: list[Job]) -> None:
-        while jobs:
-            ran = self._run_job_slice(jobs)
-            jobs = jobs[ran:]
-            if jobs and self.lock_gap:
-                time.sleep(self.lock_gap)
+    def _handle(self, requests: list[WriteRequest]) -> None:
+        results = self._write(requests)
+        self.call_back(_deliver, requests, results)
+        if self.on_commands is not None and any(r.command_ids for r in results):
+            self.on_commands()
 
     def _run_job_slice(self, jobs: list[Job]) -> int:
-        """Run jobs in one transaction, at most ``lock_slice`` seconds' worth once one has run; returns how many.
+        """Run jobs in one transaction, at most ``job_slice`` seconds' worth once one has run; returns how many.
 
         Each job runs in a savepoint of its own, except a lone job: its transaction is its savepoint
         (SAVEPOINT and RELEASE were a fifth of the writer's time with the GIL under dispatch)."""
@@ -204,7 +199,7 @@ class Writer:
             with self.engine.begin() as conn, self._lock_wait(conn):
                 locked: BaseException | None = None
                 for job in jobs:
-                    if self.lock_slice and outcomes and time.monotonic() - began >= self.lock_slice:
+                    if self.job_slice and outcomes and time.monotonic() - began >= self.job_slice:
                         break
                     if locked is not None:
                         outcomes.append((None, locked))
