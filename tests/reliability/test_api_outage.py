@@ -58,6 +58,14 @@ def gaps(times: list[float]) -> list[float]:
     return [round(b - a, 3) for a, b in itertools.pairwise(times)]
 
 
+FAULTS = {"refuse": "error LIKE 'connection error%'", "503": "status_code = 503", "timeout": "error LIKE 'timeout%'"}
+
+
+def met(bridge: Bridge, mode: str, since: float) -> bool:
+    """Whether a dispatcher call met this kind of outage since ``since`` (epoch seconds)."""
+    return bool(bridge.query(f"SELECT 1 FROM attempts WHERE at >= ? AND {FAULTS[mode]} LIMIT 1", since))
+
+
 @pytest.fixture(scope="module")
 def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     began = time.monotonic()
@@ -72,10 +80,16 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             for mode in ("refuse", "503", "timeout"):
                 acked = len(ledger)
                 started = time.time()
-                sandbox.faults(outage={"mode": mode, "seconds": PHASE})
-                time.sleep(PHASE)
-                if mode == "refuse":
-                    wait_for(lambda: sandbox_reachable(sandbox), 30, "the sandbox to listen again")
+                # Dispatching holds after three failed calls: only the oldest command is tried, on its own
+                # backoff, which may outlast a short phase. The phase is repeated (3 times at most) until
+                # a call met this fault.
+                for _ in range(3):
+                    sandbox.faults(outage={"mode": mode, "seconds": PHASE})
+                    time.sleep(PHASE)
+                    if mode == "refuse":
+                        wait_for(lambda: sandbox_reachable(sandbox), 30, "the sandbox to listen again")
+                    if met(bridge, mode, started):
+                        break
                 phases.append({"mode": mode, "from": started, "to": time.time(), "acked": len(ledger) - acked})
             time.sleep(2)
             stop.set()
@@ -100,8 +114,10 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                     seen["timeout"] += 1
                 elif error and error.startswith("connection error"):
                     seen["connection error"] += 1
-        longest = max(attempts.items(), key=lambda kv: len(kv[1]), default=(None, []))
-        retried = {cid: gaps([r[0] for r in rows]) for cid, rows in attempts.items() if len(rows) >= 4}
+        # Retries are the failed attempts (a success may be followed at once by the next step's call).
+        failures = {cid: [r for r in rows if r[2] is None or r[2] >= 300] for cid, rows in attempts.items()}
+        longest = max(failures.items(), key=lambda kv: len(kv[1]), default=(None, []))
+        retried = {cid: gaps([r[0] for r in rows]) for cid, rows in failures.items() if len(rows) >= 4}
         growing = {cid: g for cid, g in retried.items() if g[-1] >= 2 * g[0]}
         latencies = [(a.answered_at - a.sent_at) * 1000 for e in engines for a in e.answers]
         wrong = wrong_answers(engines)
