@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import orjson
 from sqlalchemy import bindparam, make_url, select
 
 from . import logs
@@ -93,7 +94,7 @@ class EventPipe(NullObserver):
         self._lock = threading.Lock()
 
     def send(self, event: dict[str, Any]) -> None:
-        data = json.dumps(event).encode() + b"\n"
+        data = orjson.dumps(event) + b"\n"
         with self._lock:
             try:
                 while data:

@@ -8,7 +8,6 @@ child's writes arrive here as ``write`` events and go through the service's writ
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import sys
@@ -17,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from twisted.internet import defer, protocol
 from twisted.python.failure import Failure
 
@@ -211,7 +211,7 @@ class _ChildProtocol(protocol.ProcessProtocol):
         *lines, self._buffer = (self._buffer + data).split(b"\n")
         for line in lines:
             try:
-                self.owner.event(json.loads(line))
+                self.owner.event(orjson.loads(line))
             except Exception:
                 log.exception("unreadable line from the dispatcher process")
 

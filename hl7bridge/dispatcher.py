@@ -1,11 +1,11 @@
 """The dispatcher: takes due commands from the outbox and turns them into Journeys API calls.
 
-It runs in its own thread; HTTP calls run in a small pool; every result is
-committed through the service's writer (as ``OutboxWrite`` data, which can cross processes). Per appointment, only the oldest open
-command is eligible, so commands run in arrival order. Triggers for the same
-(chatBotId, flowId, timeZone) are coalesced into one bulk call; a 400 is
-bisected so only the offending instances are dead-lettered. When the API stops answering, dispatching
-holds: one command at a time, on that command's backoff, until the API answers again.
+It runs in its own thread; HTTP calls run in a small pool; every result is committed through the
+service's writer (as ``OutboxWrite`` data, which can cross processes). Per appointment, only the oldest
+open command is eligible, so commands run in arrival order. Triggers for the same (chatBotId, flowId,
+timeZone) are coalesced into one bulk call; a 400 is bisected so only the offending instances are
+dead-lettered. When the API stops answering, dispatching holds: one command at a time, on that
+command's backoff, until the API answers again.
 """
 
 from __future__ import annotations

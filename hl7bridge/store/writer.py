@@ -160,7 +160,7 @@ class Writer:
                 if requests:
                     self._handle(requests)
                 if jobs:
-                    for _ in range(max(1, self._run_job_slice(list(jobs)))):
+                    for _ in range(max(1, self._run_job_slice(jobs))):
                         jobs.popleft()
                 self._checkpoint_if_due(idle=q.empty() and not jobs)
             except Exception:
@@ -187,7 +187,7 @@ class Writer:
         if self.on_commands is not None and any(r.command_ids for r in results):
             self.on_commands()
 
-    def _run_job_slice(self, jobs: list[Job]) -> int:
+    def _run_job_slice(self, jobs: Sequence[Job]) -> int:
         """Run jobs in one transaction, at most ``job_slice`` seconds' worth once one has run; returns how many.
 
         Each job runs in a savepoint of its own, except a lone job: its transaction is its savepoint
