@@ -33,6 +33,7 @@ format: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
 	$(BIN)/python bench/dispatch.py --out docs/performance.md
+	$(BIN)/python bench/outbox_write.py
 
 fixtures-send: $(BIN)/.installed
 	$(BIN)/hl7bridge send --to 127.0.0.1:2575 fixtures/siu
