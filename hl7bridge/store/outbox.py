@@ -222,6 +222,7 @@ _FIRST_MEMORY = {
 
 
 def _upserts(dialect: Any) -> dict[bool, Any]:
+    """The memory's INSERT … ON CONFLICT DO UPDATE in a dialect's spelling, with and without parameters."""
     insert = dialect.insert
     built = {}
     for with_parameters in (False, True):
@@ -236,6 +237,7 @@ def _upserts(dialect: Any) -> dict[bool, Any]:
 #: One INSERT … ON CONFLICT for a whole result where the database has it: the UPDATE-then-INSERT pair per
 #: appointment was two thirds of the writer's time for a bulk trigger's result.
 _UPSERT_MEMORY = {"sqlite": _upserts(sqlite), "postgresql": _upserts(postgresql)}
+
 #: Statuses a command never leaves.
 FINAL_STATUSES = frozenset({"done", "annihilated", "dead", "failed"})
 
@@ -262,6 +264,7 @@ def apply_updates(conn: Any, updates: list[CommandUpdate], now: float) -> None:
     # Runs of the same shape go together, in order: a later memo of an appointment overwrites an earlier one.
     for with_parameters, run in itertools.groupby(memos, key=lambda row: "a_parameters" in row):
         rows = list(run)
+        # One key twice in a run goes row by row: PostgreSQL's batched INSERT refuses to touch a row twice.
         if upsert is not None and len({row["a_key"] for row in rows}) == len(rows):
             conn.execute(upsert[with_parameters], rows)
             continue
