@@ -19,12 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import orjson
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hl7bridge.store import CommandUpdate, OutboxWrite, open_engine  # noqa: E402
+from hl7bridge.routing import BOOK, Command  # noqa: E402
+from hl7bridge.store import CommandUpdate, OutboxWrite, command_values, open_engine  # noqa: E402
 from hl7bridge.store.schema import commands, messages  # noqa: E402
 from hl7bridge.store.writer import JOB_SLICE  # noqa: E402
 
@@ -61,11 +60,8 @@ def main() -> int:
             conn.execute(messages.insert(), [{"received_at": now, "listener": "b", "peer": "b", "status": "pending"}]
                          * args.commands)  # fmt: skip
             conn.execute(commands.insert(), [
-                {"message_id": i, "appointment_key": f"bench|{i}", "kind": "book", "route": "reminders",
-                 "chat_bot_id": "reminders", "time_zone": "UTC", "flow_id": None, "parameters": "{}",
-                 "identifiers": orjson.dumps({"appointmentId": f"A{i}"}).decode(), "start_at": now + 86400,
-                 "status": "in_flight", "step": "", "attempts": 0, "next_attempt_at": now, "sync": 0, "uncertain": 0,
-                 "created_at": now, "updated_at": now}
+                command_values(Command(BOOK, "reminders", "reminders", "UTC", None, {}, {"appointmentId": f"A{i}"},
+                                       f"bench|{i}", now + 86400), now) | {"message_id": i, "status": "in_flight"}
                 for i in range(1, args.commands + 1)
             ])  # fmt: skip
         half = args.commands // 2

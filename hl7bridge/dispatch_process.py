@@ -57,6 +57,7 @@ class DispatcherProcess:
         #: Lines the child's pipe has not taken yet. Answers to its writes must never be lost (a thread
         #: of the child waits for each one), nor cut (lines must stay whole).
         self._unsent = b""
+        self._flush_later = False
         #: Which child a write came from: the answer to a dead child's write must not reach its successor,
         #: whose writes are numbered from 1 again.
         self._generation = 0
@@ -113,8 +114,9 @@ class DispatcherProcess:
     # -- the child's side of things --------------------------------------------------------------
     def event(self, event: dict[str, Any]) -> None:
         if "write" in event:
+            # Rebuilt in the writer thread, not here: this thread answers the senders.
             number, generation = event["write"], self._generation
-            self.writer.submit_job(Job(OutboxWrite.from_json(event),
+            self.writer.submit_job(Job(lambda conn: OutboxWrite.from_json(event)(conn),
                                        lambda _r, e: self._written(number, e, generation)))  # fmt: skip
         elif "paused" in event:
             self.paused_reason = event["paused"]
@@ -168,7 +170,7 @@ class DispatcherProcess:
             self._send(b"e %d %s\n" % (number, text.encode(errors="replace")))
 
     def _flush(self) -> None:
-        """Write what the pipe can take now; try again shortly for the rest."""
+        """Write what the pipe can take now; try again shortly for the rest (one retry pending at a time)."""
         with self._lock:
             if self._out is None or not self._unsent:
                 return
@@ -179,9 +181,15 @@ class DispatcherProcess:
                     raise
                 written = 0
             self._unsent = self._unsent[written:]
-            left = bool(self._unsent)
-        if left:
-            self.reactor.callFromThread(self.reactor.callLater, 0.01, self._flush)
+            retry = bool(self._unsent) and not self._flush_later
+            self._flush_later = self._flush_later or retry
+        if retry:
+            self.reactor.callFromThread(self.reactor.callLater, 0.01, self._retry_flush)
+
+    def _retry_flush(self) -> None:
+        with self._lock:
+            self._flush_later = False
+        self._flush()
 
     def _send(self, data: bytes) -> None:
         """Never blocks: lines queue behind what the pipe has not taken (whole lines, in order), except that

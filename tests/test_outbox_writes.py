@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from sqlalchemy import select
 
 from hl7bridge.dispatcher import Dispatcher, DispatchSettings
 from hl7bridge.journeys import JourneysClient, TokenSource
-from hl7bridge.store import CommandUpdate, Job, OutboxWrite, Writer, apply_updates, open_engine
+from hl7bridge.routing import BOOK, Command
+from hl7bridge.store import CommandUpdate, Job, OutboxWrite, Writer, apply_updates, command_values, open_engine
 from hl7bridge.store.schema import appointments, commands, messages
 
 from .conftest import RunningSandbox, wait_until
@@ -39,13 +39,9 @@ def booking(number: int, now: float) -> dict[str, Any]:
         "appointmentDateTime": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
         "phoneNumber": "+15555550199",
     }
-    return {
-        "message_id": number, "appointment_key": f"outbox|{number}", "kind": "book", "route": "reminders",
-        "chat_bot_id": "reminders", "time_zone": "UTC", "flow_id": None, "parameters": orjson.dumps(parameters).decode(),
-        "identifiers": orjson.dumps({"appointmentId": f"OUTBOX-{number}"}).decode(), "start_at": start,
-        "status": "pending", "step": "", "attempts": 0, "next_attempt_at": now, "sync": 0, "uncertain": 0,
-        "created_at": now, "updated_at": now,
-    }  # fmt: skip
+    command = Command(BOOK, "reminders", "reminders", "UTC", None, parameters, {"appointmentId": f"OUTBOX-{number}"},
+                      f"outbox|{number}", start)  # fmt: skip
+    return command_values(command, now) | {"message_id": number}
 
 
 class RecordingSink:
