@@ -10,6 +10,11 @@ from .problems import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, SEGMENT_SEQUENCE_
 log = logging.getLogger("hl7bridge.strict")
 _CHILD = re.compile(r"\b([A-Z][A-Z0-9]{2})_(\d+)(?:_(\d+))?\b")
 _SEGMENT = re.compile(r"\b([A-Z][A-Z0-9]{2})\b")
+#: hl7apy's texts that name elements only; others ("The value ... exceed the max length") carry what was sent.
+_VALUE_FREE = re.compile(
+    r"^(Missing required child|Child limit exceeded|Datatype \S+ is not correct|No child named|Unknown element found"
+    r"|\S+ is not a valid child for)"
+)
 
 
 def validate(text: str) -> Problem | None:
@@ -44,4 +49,6 @@ def to_problem(text: str) -> Problem:
         code = SEGMENT_SEQUENCE_ERROR
     else:
         code = DATA_TYPE_ERROR
-    return Problem(location, code, f"strict validation: {text}")
+    if _VALUE_FREE.match(text):
+        return Problem(location, code, f"strict validation: {text}")
+    return Problem(location, code, f"strict validation: {location} is not valid (value, format or length)", value=text)
