@@ -236,3 +236,15 @@ def test_check_answers_as_the_running_service(routed: RunningService, tmp_path: 
     )  # fmt: skip
     assert _ack_lines(result.stdout) == served, result.stdout
     assert result.returncode == (0 if served[0].startswith(("MSA|AA", "MSA|CA")) else 1)
+
+
+def test_check_without_config_reads_times_as_serve_without_config(service: RunningService) -> None:
+    """No --config on either side: the same feed zone (UTC) for a start without offset, the same answer."""
+    relative = "siu/s12_cerner_v231_sch11_only.hl7"
+    answer = service.request(fixture_bytes(relative))
+    row = next(r for r in service.log() if r["control_id"] == MANIFEST[relative]["control_id"])
+    shown = orjson.loads(service.cli("log", "show", str(row["id"]), "--json").stdout)
+    result = service.cli("check", str(FIXTURES / relative))
+    start = re.search(r"^\s+start\s+(\S+)$", result.stdout, re.M)
+    assert start is not None and start[1] == shown["summary"]["start"] == "2027-02-09T14:45:00+00:00"
+    assert _ack_lines(result.stdout) == _served_lines(answer)
