@@ -210,7 +210,11 @@ class Segment:
         subcomponent: int | None = None,
     ) -> str:
         """The value at a position as a reader means it (see ``value_of``)."""
-        return value_of(self.raw(field, repetition, component, subcomponent), self.encoding)
+        value = self.raw(field, repetition, component, subcomponent)
+        enc = self.encoding
+        if enc.escape in value or '"' in value or enc.truncation:
+            return value_of(value, enc)
+        return value
 
 
 def component_of(value: str, enc: Encoding, component: int, subcomponent: int | None = None) -> str:

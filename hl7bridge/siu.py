@@ -402,7 +402,11 @@ def _read_patient(event: AppointmentEvent, msg: Er7Message) -> None:
         comps = rep.split(enc.component)
         count = len(comps)
         sub = enc.subcomponent
-        return [read(comps[p - 1].partition(sub)[0]).strip() if p <= count else "" for p in positions]
+        if sub in rep:
+            comps = [c.partition(sub)[0] for c in comps]
+        if enc.escape in rep or '"' in rep or enc.truncation:
+            comps = [read(c) for c in comps]
+        return [comps[p - 1].strip() if p <= count else "" for p in positions]
 
     ids = []
     for rep in pid.repetitions(3):
