@@ -24,7 +24,7 @@ from hl7bridge.intake import Intake, intake_for
 from hl7bridge.mapping import Condition, Context, MappingError, ParameterSpec, evaluate
 from hl7bridge.siu import Feed
 
-from .conftest import FIXTURES, MANIFEST, ROOT, RunningService, fixture_bytes, start_service
+from .conftest import FIXTURES, MANIFEST, ROOT, RunningService, fixture_bytes, segments, start_service
 from .dispatch_support import TOKEN, service_toml
 
 CHICAGO = ZoneInfo("America/Chicago")
@@ -248,3 +248,30 @@ def test_check_without_config_reads_times_as_serve_without_config(service: Runni
     start = re.search(r"^\s+start\s+(\S+)$", result.stdout, re.M)
     assert start is not None and start[1] == shown["summary"]["start"] == "2027-02-09T14:45:00+00:00"
     assert _ack_lines(result.stdout) == _served_lines(answer)
+
+
+def test_the_service_echoes_values_only_with_ack_phi(service: RunningService, tmp_path: Path) -> None:
+    """Over MLLP: the default ACK and service log name TQ1-7 without the value; ack_phi = true adds it."""
+    bad = message("SCH|P1|F1", "TQ1|||||||20271314093000", "PID|1||M1^^^H^MR||DOE^J", control="PHI-1")
+    msa = segments(service.request(bad))["MSA"]
+    assert msa[1] == "AE" and "TQ1-7 is not a valid date/time" in msa[3] and "20271314" not in msa[3]
+    echoing = start_service(tmp_path, '[service]\nack_phi = true\nlog_level = "debug"\n')
+    try:
+        answer = segments(echoing.request(bad))
+    finally:
+        log = echoing.stop()
+    assert "20271314093000" in answer["MSA"][3] and "20271314093000" in answer["ERR"][8]
+    assert "TQ1-7 is not a valid date/time" in log and "20271314" not in log, "the service log never has it"
+
+
+def test_check_applies_the_listeners_strict_validation(tmp_path: Path) -> None:
+    strict = start_service(tmp_path, '[listeners.main]\nvalidation = "strict"\n')
+    file = tmp_path / "no_sch6.hl7"
+    file.write_bytes(message("SCH|P1^EPIC|F1^EPIC", "TQ1|||||||202703140930", "PID|1||M1^^^H^MR||DOE^J", control="S6"))
+    try:
+        served = _served_lines(strict.request(file.read_bytes()))
+        result = strict.cli("check", "--config", str(strict.config), str(file), check=False)
+    finally:
+        strict.stop()
+    assert served[0].startswith("MSA|AE|S6") and _ack_lines(result.stdout) == served
+    assert result.returncode == 1
