@@ -212,7 +212,7 @@ class Segment:
         """The value at a position as a reader means it (see ``value_of``)."""
         value = self.raw(field, repetition, component, subcomponent)
         enc = self.encoding
-        if enc.escape in value or '"' in value or enc.truncation:
+        if (enc.escape in value or '"' in value or enc.truncation) and not _delimiters(self.name, field):
             return value_of(value, enc)
         return value
 
@@ -232,6 +232,11 @@ def component_of(value: str, enc: Encoding, component: int, subcomponent: int | 
         subs = value.split(enc.subcomponent)
         return subs[subcomponent - 1] if subcomponent <= len(subs) else ""
     return value if subcomponent == 1 else ""
+
+
+def _delimiters(segment: str, field: int | None) -> bool:
+    """MSH-1/MSH-2 (FHS, BHS): the delimiters themselves, never escaped or cut."""
+    return field is not None and field <= 2 and segment in _HEADER_SEGMENTS
 
 
 def value_of(raw: str, enc: Encoding, charset: str = "utf-8") -> str:
@@ -376,7 +381,10 @@ class Er7Message:
 
     def get(self, path: Path | str) -> str:
         """The value at a path (see ``value_of``), '' when absent."""
-        return self.value(self.raw(path))
+        if isinstance(path, str):
+            path = Path.parse(path)
+        raw = self.raw(path)
+        return raw if _delimiters(path.segment, path.field) else self.value(raw)
 
     def value(self, raw: str) -> str:
         return value_of(raw, self.encoding, self.charset)

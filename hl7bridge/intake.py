@@ -15,6 +15,7 @@ import orjson
 
 from . import charsets
 from .ack import Ack, AckBuilder, Outcome, ack_code, now_stamp
+from .dispatch_config import router
 from .er7 import DEFAULT_ENCODING, SEGMENT_SPLIT, Encoding, Er7Error, Er7Message
 from .problems import APPLICATION_INTERNAL_ERROR, REQUIRED_FIELD_MISSING, Problem
 from .routing import Router
@@ -274,8 +275,6 @@ class Intake:
 def intake_for(config: Config, listener: ListenerConfig, acks: AckBuilder | None = None) -> Intake:
     """The intake a listener judges messages with. ``serve`` and ``check`` both build it here, so that
     ``check`` answers a message exactly as the running service would."""
-    from .dispatch_config import router
-
     acks = acks or AckBuilder(config.service.application, config.service.facility, config.service.ack_phi)
     return Intake(listener.feed(), acks, listener.charset_fallback, router(config.routes, config.dispatch),
                   listener.name, listener.ack_mode == "dispatched")  # fmt: skip

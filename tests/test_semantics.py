@@ -275,3 +275,8 @@ def test_check_applies_the_listeners_strict_validation(tmp_path: Path) -> None:
         strict.stop()
     assert served[0].startswith("MSA|AE|S6") and _ack_lines(result.stdout) == served
     assert result.returncode == 1
+
+
+def test_msh2_reads_as_sent() -> None:
+    msg = Er7Message.parse(fixture_bytes("siu/s12_epic_v27_truncation_char.hl7").decode())
+    assert msg.get("MSH-2") == msg.msh.get(2) == "^~\\&#"
