@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
+from .logs import phi
 from .problems import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, SEGMENT_SEQUENCE_ERROR, Problem
 
 log = logging.getLogger("hl7bridge.strict")
@@ -30,7 +31,7 @@ def validate(text: str) -> Problem | None:
         return to_problem(str(exc))
     except Exception as exc:  # noqa: BLE001 - a validator bug must not reject a valid message
         log.warning("strict validation could not run (%s: %s); message judged by the fast checks only",
-                    exc.__class__.__name__, exc)  # fmt: skip
+                    exc.__class__.__name__, phi(exc))  # fmt: skip
     return None
 
 

@@ -280,3 +280,13 @@ def test_check_applies_the_listeners_strict_validation(tmp_path: Path) -> None:
 def test_msh2_reads_as_sent() -> None:
     msg = Er7Message.parse(fixture_bytes("siu/s12_epic_v27_truncation_char.hl7").decode())
     assert msg.get("MSH-2") == msg.msh.get(2) == "^~\\&#"
+
+
+def test_strict_validation_failure_logs_no_value(caplog: pytest.LogCaptureFixture) -> None:
+    """hl7apy raising on a value (here a malformed PID-7) is logged without the value unless log_phi."""
+    from hl7bridge import strict
+
+    text = message("SCH|P1|F1", "TQ1|||||||202703140930", "PID|1||M1^^^H^MR||DOE^J||19801399xyz").decode()
+    with caplog.at_level("WARNING", logger="hl7bridge.strict"):
+        strict.validate(text)
+    assert "19801399" not in caplog.text
