@@ -81,7 +81,7 @@ class Header:
         first = {n: fields[n].split(rep, 1)[0] for n in (3, 4, 5, 6, 7, 9, 10, 11, 12, 15, 16, 18)}
 
         def text(value: str) -> str:
-            return msg.unescape(value) if enc.escape in value else value
+            return msg.value(value) if enc.escape in value or '"' in value or enc.truncation else value
 
         message_type = [*first[9].split(comp, 2), ""]
         return cls(

@@ -290,3 +290,11 @@ def test_strict_validation_failure_logs_no_value(caplog: pytest.LogCaptureFixtur
     with caplog.at_level("WARNING", logger="hl7bridge.strict"):
         strict.validate(text)
     assert "19801399" not in caplog.text
+
+
+def test_null_ack_types_ask_for_the_original_mode() -> None:
+    raw = message("SCH|P1|F1", "TQ1|||||||202703140930", "PID|1||M1^^^H^MR||DOE^J").replace(
+        b"|2.5.1\r", b'|2.5.1|||""|""\r'
+    )
+    received = read(raw)
+    assert received.header.accept_ack_type == "" and received.ack.code == "AA"
