@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -20,7 +19,7 @@ from hl7bridge.ack import AckBuilder
 from hl7bridge.config import ConfigError, load, parse
 from hl7bridge.er7 import Er7Message
 from hl7bridge.er7 import Path as HL7Path
-from hl7bridge.intake import Intake, intake_for
+from hl7bridge.intake import Intake, Received, intake_for
 from hl7bridge.mapping import Condition, Context, MappingError, ParameterSpec, evaluate
 from hl7bridge.siu import Feed
 
@@ -40,14 +39,13 @@ def message(*segs: str, version: str = "2.5.1", control: str = "C1") -> bytes:
     return ("\r".join([msh, *segs]) + "\r").encode()
 
 
-def read(raw: bytes, acks: AckBuilder | None = None):
+def read(raw: bytes, acks: AckBuilder | None = None) -> Received:
     return Intake(Feed(CHICAGO), acks or AckBuilder()).read_frame(raw).messages[0]
 
 
-def example_intake(**service: object) -> Intake:
+def example_intake() -> Intake:
     """The example config's intake at a fixed "now" (before every fixture's appointment)."""
     cfg = load(EXAMPLE)
-    cfg = replace(cfg, service=replace(cfg.service, **service))
     intake = intake_for(cfg, cfg.listeners[0])
     intake.clock = lambda: datetime(2026, 1, 1).timestamp()
     return intake
@@ -166,7 +164,7 @@ def test_example_config_maps_every_fixture_as_the_manifest_says() -> None:
 BROKEN_NAME = message("SCH|P1|F1", "TQ1|||||||202703140930", "PID|1||M1^^^H^MR||DOE^JANE", "Zephyrine^Q|x")
 
 
-def _ack_text(received) -> str:
+def _ack_text(received: Received) -> str:
     return received.ack.payload.decode()
 
 
