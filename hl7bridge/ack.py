@@ -66,9 +66,10 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 class AckBuilder:
     """Builds ACK messages with their own control ids (unique across restarts)."""
 
-    def __init__(self, application: str = "HL7BRIDGE", facility: str = "") -> None:
+    def __init__(self, application: str = "HL7BRIDGE", facility: str = "", with_values: bool = False) -> None:
         self.application = application
         self.facility = facility
+        self.with_values = with_values
         self._prefix = f"{os.getpid() % 1000:03d}"
         self._counter = itertools.count(1)
 
@@ -115,14 +116,16 @@ class AckBuilder:
             fields = ["MSH", enc.msh2, self.application, self.facility, "", "", now_stamp(), "", "ACK",
                       self.control_id(), "P", FALLBACK_VERSION]  # fmt: skip
             echoed_id = ""
+        if problem is not None and text == problem.text:
+            text = problem.told(self.with_values)
         segments = [f.join(fields), f.join(["MSA", code, echoed_id, enc.escape_text(text)])]
         if problem is not None:
-            segments.append(_err(problem, enc, vt))
+            segments.append(_err(problem, enc, vt, problem.told(self.with_values)))
         payload = "\r".join(segments) + "\r"
         return Ack(code, text, payload.encode(charset, errors="replace"))
 
 
-def _err(problem: Problem, enc: Encoding, version: tuple[int, ...]) -> str:
+def _err(problem: Problem, enc: Encoding, version: tuple[int, ...], text: str) -> str:
     f, c, s = enc.field, enc.component, enc.subcomponent
     code_text = CODE_TEXT.get(problem.code, "")
     field_no = str(problem.field or "")
@@ -132,7 +135,7 @@ def _err(problem: Problem, enc: Encoding, version: tuple[int, ...]) -> str:
         return f.join(["ERR", eld])
     erl = c.join([problem.segment, "1", field_no, "1" if field_no else "", comp_no]).rstrip(c)
     cwe = c.join([str(problem.code), code_text, "HL70357"])
-    return f.join(["ERR", "", erl, cwe, problem.severity, "", "", "", enc.escape_text(problem.text)])
+    return f.join(["ERR", "", erl, cwe, problem.severity, "", "", "", enc.escape_text(text)])
 
 
 _stamp_cache: tuple[int, str] = (0, "")

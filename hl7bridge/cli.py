@@ -167,7 +167,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     listener = cfg.listeners[0]
     worst = 0
     for path in _expand(args.files):
-        report, ok = explain(path.read_bytes(), listener, cfg.service)
+        report, ok = explain(path.read_bytes(), cfg, listener)
         print(f"== {path}")
         print(report)
         worst = max(worst, 0 if ok else 1)

@@ -86,6 +86,7 @@ class ServiceConfig:
     log_level: str = "info"
     log_format: str = "text"
     log_phi: bool = False
+    ack_phi: bool = False
     retention_days: int = 0
 
 
@@ -241,6 +242,7 @@ SERVICE_KEYS: dict[str, Check] = {
     "log_level": _choice("debug", "info", "warning", "error"),
     "log_format": _choice("text", "json"),
     "log_phi": _bool,
+    "ack_phi": _bool,
     "retention_days": _int(0, 36500),
 }
 

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from . import charsets, hl7schema, strict
-from .ack import AckBuilder
-from .config import ListenerConfig, ServiceConfig
+from .ack import Outcome
+from .config import Config, ListenerConfig
 from .er7 import Er7Error, Er7Message, Path
-from .intake import Intake
+from .intake import intake_for
 
 PHI_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2"})
 
 
-def explain(raw: bytes, listener: ListenerConfig, service: ServiceConfig) -> tuple[str, bool]:
-    """A report and whether the bridge would accept the message."""
+def explain(raw: bytes, config: Config, listener: ListenerConfig) -> tuple[str, bool]:
+    """A report and whether the bridge would accept the message: judged by the intake ``serve`` runs for
+    this listener (routes, mapping, required parameters, its feed zone and strict validation)."""
     lines: list[str] = []
     decoded = charsets.decode(raw, listener.charset_fallback)
     lines.append(f"charset: {decoded.charset} (MSH-18: {decoded.declared or 'absent'})"
                  + (f" - {decoded.note}" if decoded.note else ""))  # fmt: skip
-    intake = Intake(listener.feed(), AckBuilder(service.application, service.facility), listener.charset_fallback)
+    intake = intake_for(config, listener)
     frame = intake.read_frame(raw)
     accepted = True
     for received in frame.messages:
@@ -34,9 +35,21 @@ def explain(raw: bytes, listener: ListenerConfig, service: ServiceConfig) -> tup
             for key, value in received.event.summary().items():
                 if value not in (None, "", [], ()):
                     lines.append(f"  {key:22} {value}")
-        if received.outcome.value == "A" and received.event is not None:
+        if received.route or received.commands:
+            lines.append(f"route: {received.route or 'none'}" + (f" ({received.note})" if received.note else ""))
+            for command in received.commands:
+                lines.append(f"  {command['kind']} {command['chat_bot_id']}: {command['parameters']}")
+        if received.outcome is Outcome.ACCEPT and received.event is not None:
             problem = strict.validate(received.text)
-            lines.append("strict validation (hl7apy): " + ("passes" if problem is None else problem.describe()))
+            verdict = "passes" if problem is None else problem.describe()
+            scope = (
+                ""
+                if listener.validation == "strict"
+                else " (not part of the answer: this listener's validation is fast)"
+            )
+            lines.append(f"strict validation (hl7apy): {verdict}{scope}")
+            if problem is not None and listener.validation == "strict":
+                intake.strict_failed(received, problem)
         ack = received.ack
         if ack is None:
             lines.append("answer: none (an acknowledgment is never answered, or MSH-15/16 ask for none)")

@@ -22,6 +22,10 @@ _PATH = re.compile(
 )
 
 _HEADER_SEGMENTS = frozenset({"MSH", "FHS", "BHS"})
+
+#: HL7's explicit null: the field is present and has no value (the receiver deletes what it held).
+NULL = '""'
+
 #: Escape sequences for formatted text that carry no characters of their own.
 _FORMATTING = {"H": "", "N": "", ".br": "\n", ".sp": "\n", ".fi": "", ".nf": ""}
 
@@ -29,10 +33,11 @@ _FORMATTING = {"H": "", "N": "", ".br": "\n", ".sp": "\n", ".fi": "", ".nf": ""}
 class Er7Error(ValueError):
     """The bytes cannot be read as HL7 ER7; ``location`` names where."""
 
-    def __init__(self, message: str, location: str = "MSH", code: int = 100) -> None:
+    def __init__(self, message: str, location: str = "MSH", code: int = 100, value: str = "") -> None:
         super().__init__(message)
         self.location = location
         self.code = code
+        self.value = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +59,7 @@ class Encoding:
     def from_header(cls, field_sep: str, msh2: str) -> Encoding:
         """Validate MSH-1/MSH-2 as the standard requires: 4 or 5 distinct characters."""
         if len(msh2) not in (4, 5):
-            raise Er7Error(f"MSH-2 must hold 4 or 5 encoding characters, found {msh2!r}", "MSH-2", 102)
+            raise Er7Error(f"MSH-2 must hold 4 or 5 encoding characters, found {len(msh2)}", "MSH-2", 102, msh2)
         chars = field_sep + msh2
         if len(set(chars)) != len(chars) or any(c.isalnum() or c in "\r\n " for c in chars):
             raise Er7Error(
@@ -204,9 +209,12 @@ class Segment:
         component: int | None = None,
         subcomponent: int | None = None,
     ) -> str:
-        """Decoded text at a position (escape sequences resolved)."""
+        """The value at a position as a reader means it (see ``value_of``)."""
         value = self.raw(field, repetition, component, subcomponent)
-        return unescape(value, self.encoding) if self.encoding.escape in value else value
+        enc = self.encoding
+        if (enc.escape in value or '"' in value or enc.truncation) and not _delimiters(self.name, field):
+            return value_of(value, enc)
+        return value
 
 
 def component_of(value: str, enc: Encoding, component: int, subcomponent: int | None = None) -> str:
@@ -224,6 +232,26 @@ def component_of(value: str, enc: Encoding, component: int, subcomponent: int | 
         subs = value.split(enc.subcomponent)
         return subs[subcomponent - 1] if subcomponent <= len(subs) else ""
     return value if subcomponent == 1 else ""
+
+
+def _delimiters(segment: str, field: int | None) -> bool:
+    """MSH-1/MSH-2 (FHS, BHS): the delimiters themselves, never escaped or cut."""
+    return field is not None and field <= 2 and segment in _HEADER_SEGMENTS
+
+
+def value_of(raw: str, enc: Encoding, charset: str = "utf-8") -> str:
+    """What a raw value means to a reader: HL7's explicit null ``""`` ("no value / delete") is no value,
+    and the v2.7 truncation character only marks a cut (a literal one arrives escaped as ``\\P\\``).
+
+    Reading, not the leaf walk, applies these rules: hl7apy keeps both as leaf text, and the
+    equivalence test compares raw leaves."""
+    if not raw:
+        return raw
+    if NULL in raw and raw.strip() == NULL:
+        return ""
+    if enc.truncation and enc.truncation in raw:
+        raw = raw.replace(enc.truncation, "")
+    return unescape(raw, enc, charset) if enc.escape in raw else raw
 
 
 def unescape(value: str, enc: Encoding, charset: str = "utf-8") -> str:
@@ -273,6 +301,18 @@ def _escape_sequence(code: str, enc: Encoding, charset: str, literal: str) -> st
     return literal
 
 
+def _no_segment_id(position: int, before: list[Segment], line: str) -> Er7Error:
+    """Named by the segment before it, never by its own text: a line that is no segment is usually the rest
+    of a value (a patient's name, say) that a stray line break cut off."""
+    after = before[-1].name if before else "MSH"
+    return Er7Error(
+        f"segment {position} (after {after}) has no valid segment ID (3 letters or digits, then the field separator)",
+        after,
+        100,
+        line[:8],
+    )
+
+
 class Er7Message:
     """A message read from decoded text: segments and lazy field access."""
 
@@ -300,15 +340,11 @@ class Er7Message:
             name = segment.name
             if name not in valid:
                 if (len(line) > 3 and line[3] != encoding.field) or not _SEGMENT_NAME.match(name):
-                    raise Er7Error(
-                        f"segment {position} has no valid segment ID ({line[:8]!r})",
-                        name if position > 1 else "MSH",
-                        100,
-                    )
+                    raise _no_segment_id(position, segments, line)
                 if len(valid) < 4096:
                     valid.add(name)
             elif len(line) > 3 and line[3] != encoding.field:
-                raise Er7Error(f"segment {position} has no valid segment ID ({line[:8]!r})", name, 100)
+                raise _no_segment_id(position, segments, line)
             segments.append(segment)
         return cls(segments, encoding, charset)
 
@@ -344,8 +380,14 @@ class Er7Message:
         return seg.raw(path.field, path.repetition or 1, path.component, path.subcomponent)
 
     def get(self, path: Path | str) -> str:
-        """Decoded value at a path, '' when absent."""
-        return self.unescape(self.raw(path))
+        """The value at a path (see ``value_of``), '' when absent."""
+        if isinstance(path, str):
+            path = Path.parse(path)
+        raw = self.raw(path)
+        return raw if _delimiters(path.segment, path.field) else self.value(raw)
+
+    def value(self, raw: str) -> str:
+        return value_of(raw, self.encoding, self.charset)
 
     def unescape(self, value: str) -> str:
         return unescape(value, self.encoding, self.charset)

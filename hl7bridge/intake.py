@@ -9,16 +9,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import orjson
 
 from . import charsets
 from .ack import Ack, AckBuilder, Outcome, ack_code, now_stamp
+from .dispatch_config import router
 from .er7 import DEFAULT_ENCODING, SEGMENT_SPLIT, Encoding, Er7Error, Er7Message
 from .problems import APPLICATION_INTERNAL_ERROR, REQUIRED_FIELD_MISSING, Problem
 from .routing import Router
 from .siu import AppointmentEvent, Feed, Header, MessageRejected, read_event
 from .store import command_values
+
+if TYPE_CHECKING:
+    from .config import Config, ListenerConfig
 
 STATUS_ACCEPTED = "accepted"
 STATUS_REJECTED = "rejected"
@@ -123,7 +128,7 @@ class Intake:
             msg = Er7Message.parse(text.lstrip("\r\n\t "), charset)
         except Er7Error as exc:
             header = _salvage_header(text)
-            problem = Problem(exc.location, exc.code, str(exc))
+            problem = Problem(exc.location, exc.code, str(exc), value=exc.value)
             return self._judged(raw, charset, header, DEFAULT_ENCODING, Outcome.REJECT, problem, note, text)
         header = Header.of(msg)
         if header.message_type == "ACK":
@@ -265,6 +270,14 @@ class Intake:
         if has_file:
             out += sep.join(["FTS", "1"]) + "\r"
         return out.encode(frame.batch_charset, errors="replace")
+
+
+def intake_for(config: Config, listener: ListenerConfig, acks: AckBuilder | None = None) -> Intake:
+    """The intake a listener judges messages with. ``serve`` and ``check`` both build it here, so that
+    ``check`` answers a message exactly as the running service would."""
+    acks = acks or AckBuilder(config.service.application, config.service.facility, config.service.ack_phi)
+    return Intake(listener.feed(), acks, listener.charset_fallback, router(config.routes, config.dispatch),
+                  listener.name, listener.ack_mode == "dispatched")  # fmt: skip
 
 
 def _salvage_header(text: str) -> Header | None:

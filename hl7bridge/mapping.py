@@ -12,6 +12,7 @@ from datetime import date, datetime, tzinfo
 from typing import Any
 
 from .er7 import Path
+from .problems import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING
 from .siu import AppointmentEvent
 from .timestamps import TimestampError, offset_of, parse_dtm
 
@@ -28,7 +29,9 @@ NAMED_VALUES: dict[str, str] = {
     "duration_minutes": "SCH-9",
     "status": "SCH-25",
     "reason": "SCH-7",
+    "reason_code": "SCH-7",
     "appointment_type": "SCH-8",
+    "appointment_type_code": "SCH-8",
     "patient_id": "PID-3",
     "family_name": "PID-5",
     "given_name": "PID-5",
@@ -49,12 +52,17 @@ NAMED_VALUES: dict[str, str] = {
 
 
 class MappingError(ValueError):
-    """A required parameter could not be filled; ``location`` is the HL7 field to fix."""
+    """A parameter could not be filled; ``location`` is the HL7 field to fix, ``code`` the table 0357
+    condition, ``value`` what was sent (patient data: never part of the text)."""
 
-    def __init__(self, parameter: str, location: str, reason: str) -> None:
+    def __init__(
+        self, parameter: str, location: str, reason: str, code: int = REQUIRED_FIELD_MISSING, value: str = ""
+    ) -> None:
         super().__init__(f"journey parameter {parameter!r}: {reason}")
         self.parameter = parameter
         self.location = location
+        self.code = code
+        self.value = value
 
 
 @dataclass(frozen=True)
@@ -80,12 +88,16 @@ class ParameterSpec:
     def location(self) -> str:
         """The HL7 field an error about this parameter should name."""
         for source in self.sources:
-            if source in NAMED_VALUES:
-                return NAMED_VALUES[source]
-            return source.split(".", 1)[0].split("(", 1)[0]
+            return _field_of(source)
         for placeholder in _PLACEHOLDER.findall(self.template):
-            return NAMED_VALUES.get(placeholder, placeholder.split(".", 1)[0])
+            return _field_of(placeholder)
         return "MSH"
+
+
+def _field_of(source: str) -> str:
+    """The field a source reads: ``PID-3(2).1`` -> ``PID-3``, ``start`` -> ``TQ1-7``."""
+    source = source.strip()
+    return NAMED_VALUES.get(source) or source.split(".", 1)[0].split("(", 1)[0]
 
 
 def is_named(source: str) -> bool:
@@ -142,8 +154,6 @@ def _render(spec: ParameterSpec, ctx: Context) -> str:
 def _read(source: str, spec: ParameterSpec, ctx: Context) -> Any:
     event = ctx.event
     if source in NAMED_VALUES:
-        if source == "patient_name":
-            return " ".join(p for p in (event.given_name, event.family_name) if p)
         return getattr(event, source)
     path = Path.parse(source)
     msg = event.message
@@ -160,7 +170,9 @@ def _read(source: str, spec: ParameterSpec, ctx: Context) -> Any:
             segment.get(path.field or 1, repetition, c.path.component, c.path.subcomponent).strip().upper() in c.values
             for c in conditions
         ):
-            return segment.get(path.field or 1, repetition, path.component, path.subcomponent)
+            value = segment.get(path.field or 1, repetition, path.component, path.subcomponent)
+            if value.strip():
+                return value
     return ""
 
 
@@ -188,4 +200,5 @@ def _timestamp(value: str, ctx: Context, spec: ParameterSpec, source: str) -> da
     try:
         return parse_dtm(value, zone, minimum="day")
     except TimestampError as exc:
-        raise MappingError(spec.name, source.split(".", 1)[0], str(exc)) from None
+        where = _field_of(source)
+        raise MappingError(spec.name, where, f"{where} {exc}", DATA_TYPE_ERROR, exc.value) from None

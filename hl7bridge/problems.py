@@ -18,6 +18,9 @@ DUPLICATE_KEY_IDENTIFIER = 205
 APPLICATION_RECORD_LOCKED = 206
 APPLICATION_INTERNAL_ERROR = 207
 
+#: Characters of an offending value an ACK may echo (with ``ack_phi``).
+VALUE_SHOWN = 40
+
 CODE_TEXT = {
     0: "Message accepted",
     100: "Segment sequence error",
@@ -37,12 +40,17 @@ CODE_TEXT = {
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One reason to answer AE/AR. ``location`` is ``SEG``, ``SEG-n`` or ``SEG-n.c``."""
+    """One reason to answer AE/AR. ``location`` is ``SEG``, ``SEG-n`` or ``SEG-n.c``.
+
+    ``text`` names the field and what is wrong without repeating what was sent: it reaches ACKs, the
+    service log and the message list. ``value`` is the offending value (patient data, often), shown to
+    the sender only where the operator allows it (``ack_phi``)."""
 
     location: str
     code: int
     text: str
     severity: str = "E"
+    value: str = ""
 
     @property
     def segment(self) -> str:
@@ -59,6 +67,13 @@ class Problem:
         _, _, rest = self.location.partition("-")
         parts = rest.split(".")
         return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+
+    def told(self, with_value: bool) -> str:
+        """The text for the sender: with the offending value (capped) only when ``with_value``."""
+        if not with_value or not self.value:
+            return self.text
+        shown = self.value if len(self.value) <= VALUE_SHOWN else self.value[:VALUE_SHOWN] + "..."
+        return f"{self.text} (sent: {shown!r})"
 
     def describe(self) -> str:
         return f"{self.location}: {self.text}"

@@ -35,7 +35,7 @@ class Criteria:
             (self.sending_facility, (event.sending_facility,)),
             (self.location, (event.location, event.location_facility)),
             (self.department, (event.department,)),
-            (self.appointment_type, (event.appointment_type,)),
+            (self.appointment_type, (event.appointment_type_code, event.appointment_type)),
             (self.provider, (event.provider_id, event.provider_name)),
         ]
 
@@ -140,7 +140,7 @@ class Router:
                 raise MappingError(spec.name, spec.location, "instance identifier is empty")
             parameters = evaluate(route.parameters, ctx) if creating else dict(identifiers)
         except MappingError as exc:
-            problem = Problem(exc.location, REQUIRED_FIELD_MISSING, str(exc))
+            problem = Problem(exc.location, exc.code, str(exc), value=exc.value)
             return Plan(route=route.name, status="rejected", note=str(exc), problem=problem,
                         accept_anyway=route.content_errors == "accept")  # fmt: skip
 

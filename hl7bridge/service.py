@@ -23,7 +23,7 @@ from .dispatch_config import router
 from .dispatch_process import DispatcherProcess
 from .dispatcher import Dispatcher, DispatchSettings
 from .health import HealthResource, HealthState, Probes
-from .intake import Intake
+from .intake import intake_for
 from .journeys import JourneysClient, TokenSource
 from .listener import MLLPFactory, listen
 from .metrics import Metrics
@@ -83,10 +83,10 @@ class Service:
         # the collector's full passes (one took 0.2 s while the first messages waited), before anything listens.
         gc.collect()
         gc.freeze()
-        acks = AckBuilder(cfg.service.application, cfg.service.facility)
+        acks = AckBuilder(cfg.service.application, cfg.service.facility, cfg.service.ack_phi)
         for listener in cfg.listeners:
             sync = listener.ack_mode == "dispatched"
-            intake = Intake(listener.feed(), acks, listener.charset_fallback, routes, listener.name, sync)
+            intake = intake_for(cfg, listener, acks)
             pipeline = Pipeline(
                 intake,
                 self.writer,

@@ -81,7 +81,7 @@ class Header:
         first = {n: fields[n].split(rep, 1)[0] for n in (3, 4, 5, 6, 7, 9, 10, 11, 12, 15, 16, 18)}
 
         def text(value: str) -> str:
-            return msg.unescape(value) if enc.escape in value else value
+            return msg.value(value) if enc.escape in value or '"' in value or enc.truncation else value
 
         message_type = [*first[9].split(comp, 2), ""]
         return cls(
@@ -172,7 +172,9 @@ class AppointmentEvent:
     duration_minutes: int | None = None
     status: str = ""
     reason: str = ""
+    reason_code: str = ""
     appointment_type: str = ""
+    appointment_type_code: str = ""
     patient_ids: tuple[PatientId, ...] = ()
     names: tuple[PersonName, ...] = ()
     telecoms: tuple[Telecom, ...] = ()
@@ -198,12 +200,24 @@ class AppointmentEvent:
         return self.patient_ids[0].value if self.patient_ids else ""
 
     @property
+    def legal_name(self) -> PersonName | None:
+        """The name to address the patient by: the legal one (XPN-7 = L), else the first repetition holding a
+        name. Feeds put aliases, nicknames (N) or empty repetitions first."""
+        return next((n for n in self.names if n.name_type == "L"), self.names[0] if self.names else None)
+
+    @property
     def family_name(self) -> str:
-        return self.names[0].family if self.names else ""
+        name = self.legal_name
+        return name.family if name else ""
 
     @property
     def given_name(self) -> str:
-        return self.names[0].given if self.names else ""
+        name = self.legal_name
+        return name.given if name else ""
+
+    @property
+    def patient_name(self) -> str:
+        return _joined(self.given_name, self.family_name)
 
     @property
     def patient_phone(self) -> str:
@@ -246,7 +260,9 @@ class AppointmentEvent:
             "duration_minutes": self.duration_minutes,
             "status": self.status,
             "reason": self.reason,
+            "reason_code": self.reason_code,
             "appointment_type": self.appointment_type,
+            "appointment_type_code": self.appointment_type_code,
             "patient_ids": [
                 {"value": p.value, "type_code": p.type_code, "authority": p.authority} for p in self.patient_ids
             ],
@@ -360,8 +376,9 @@ def _message_zone(header: Header, feed: Feed) -> tzinfo:
 def _read_schedule(event: AppointmentEvent, sch: Segment) -> None:
     event.placer_appointment_id = sch.get(1, 1, 1).strip()
     event.filler_appointment_id = sch.get(2, 1, 1).strip()
-    event.reason = (sch.get(7, 1, 2) or sch.get(7, 1, 1) or sch.get(6, 1, 2) or sch.get(6, 1, 1)).strip()
-    event.appointment_type = (sch.get(8, 1, 1) or sch.get(8, 1, 2)).strip()
+    reason = 7 if sch.get(7, 1, 1).strip() or sch.get(7, 1, 2).strip() else 6
+    event.reason_code, event.reason = _coded(sch, reason)
+    event.appointment_type_code, event.appointment_type = _coded(sch, 8)
     duration = sch.get(9).strip()
     units = sch.get(10, 1, 1).strip().lower()
     if duration.isdigit():
@@ -378,25 +395,29 @@ def _read_patient(event: AppointmentEvent, msg: Er7Message) -> None:
     if pid is None:
         return
     enc = msg.encoding
-    unescape = msg.unescape
+    read = msg.value
 
     def parts(rep: str, *positions: int) -> list[str]:
+        """First subcomponents, split before escapes are resolved (``TESTSMITH\\T\\JONES`` is one name)."""
         comps = rep.split(enc.component)
-        if enc.escape in rep:
-            comps = [unescape(c) for c in comps]
         count = len(comps)
+        sub = enc.subcomponent
+        if sub in rep:
+            comps = [c.partition(sub)[0] for c in comps]
+        if enc.escape in rep or '"' in rep or enc.truncation:
+            comps = [read(c) for c in comps]
         return [comps[p - 1].strip() if p <= count else "" for p in positions]
 
     ids = []
     for rep in pid.repetitions(3):
         value, type_code, authority = parts(rep, 1, 5, 4)
         if value:
-            ids.append(PatientId(value, type_code, authority.split(enc.subcomponent, 1)[0]))
+            ids.append(PatientId(value, type_code, authority))
     event.patient_ids = tuple(ids)
     names = []
     for rep in pid.repetitions(5):
         family, given, middle, name_type = parts(rep, 1, 2, 3, 7)
-        family = family.split(enc.subcomponent, 1)[0]
+        name_type = name_type.upper()
         if family or given:
             names.append(PersonName(family, given, middle, name_type))
     event.names = tuple(names)
@@ -413,6 +434,12 @@ def _read_patient(event: AppointmentEvent, msg: Er7Message) -> None:
             event.birth_date = parse_date(birth)
         except TimestampError:
             event.birth_date = None
+
+
+def _coded(segment: Segment, number: int) -> tuple[str, str]:
+    """(code, text) of a CE/CWE field: the text is component 2, or the code when no text is sent."""
+    code = segment.get(number, 1, 1).strip()
+    return code, segment.get(number, 1, 2).strip() or code
 
 
 def _telecom(parts: list[str], source: str) -> Telecom:
@@ -489,8 +516,7 @@ def _read_start(
         found: list[tuple[datetime, str]] = []
         for text, target in group:
             for index, segment in enumerate(msg.all(target.segment), 1):
-                raw = segment.raw(target.field, target.repetition or 1, target.component, target.subcomponent)
-                value = msg.unescape(raw).strip()
+                value = segment.get(target.field, target.repetition or 1, target.component, target.subcomponent).strip()
                 if not value:
                     continue
                 try:
@@ -498,7 +524,8 @@ def _read_start(
                         (parse_dtm(value, zone), text if index == 1 else str(replace(target, segment_index=index)))
                     )
                 except TimestampError as exc:
-                    raise MessageRejected(Problem(_field_only(text), DATA_TYPE_ERROR, str(exc))) from None
+                    where = _field_only(text)
+                    raise MessageRejected(Problem(where, DATA_TYPE_ERROR, f"{where} {exc}", value=exc.value)) from None
         if found:
             return min(found, key=lambda item: item[0])
     return None, ""

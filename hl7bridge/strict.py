@@ -5,11 +5,17 @@ from __future__ import annotations
 import logging
 import re
 
+from .logs import phi
 from .problems import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, SEGMENT_SEQUENCE_ERROR, Problem
 
 log = logging.getLogger("hl7bridge.strict")
 _CHILD = re.compile(r"\b([A-Z][A-Z0-9]{2})_(\d+)(?:_(\d+))?\b")
 _SEGMENT = re.compile(r"\b([A-Z][A-Z0-9]{2})\b")
+#: hl7apy's texts that name elements only; others ("The value ... exceed the max length") carry what was sent.
+_VALUE_FREE = re.compile(
+    r"^(Missing required child|Child limit exceeded|Datatype \S+ is not correct|No child named|Unknown element found"
+    r"|\S+ is not a valid child for)"
+)
 
 
 def validate(text: str) -> Problem | None:
@@ -25,7 +31,7 @@ def validate(text: str) -> Problem | None:
         return to_problem(str(exc))
     except Exception as exc:  # noqa: BLE001 - a validator bug must not reject a valid message
         log.warning("strict validation could not run (%s: %s); message judged by the fast checks only",
-                    exc.__class__.__name__, exc)  # fmt: skip
+                    exc.__class__.__name__, phi(exc))  # fmt: skip
     return None
 
 
@@ -44,4 +50,6 @@ def to_problem(text: str) -> Problem:
         code = SEGMENT_SEQUENCE_ERROR
     else:
         code = DATA_TYPE_ERROR
-    return Problem(location, code, f"strict validation: {text}")
+    if _VALUE_FREE.match(text):
+        return Problem(location, code, f"strict validation: {text}")
+    return Problem(location, code, f"strict validation: {location} is not valid (value, format or length)", value=text)

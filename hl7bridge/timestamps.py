@@ -12,14 +12,21 @@ _DTM = re.compile(
 
 
 class TimestampError(ValueError):
-    """A DTM that is malformed or names an instant that does not exist."""
+    """A DTM that is malformed or names an instant that does not exist.
+
+    The text says what is wrong without the value (a birth date or an appointment time is patient
+    data), to follow the field's name: "TQ1-7 is not an HL7 date/time ..."; ``value`` holds it."""
+
+    def __init__(self, reason: str, value: str) -> None:
+        super().__init__(reason)
+        self.value = value
 
 
 def parse_offset(text: str) -> timezone:
     sign = -1 if text[0] == "-" else 1
     hours, minutes = int(text[1:3]), int(text[3:5])
     if hours > 14 or minutes > 59:
-        raise TimestampError(f"time zone offset {text} is out of range")
+        raise TimestampError("has a time zone offset out of range (at most +/-1459)", text)
     return timezone(sign * timedelta(hours=hours, minutes=minutes))
 
 
@@ -43,10 +50,12 @@ def parse_dtm(value: str, default_zone: tzinfo | None, minimum: str = "minute") 
     text = value.strip()
     m = _DTM.match(text)
     if not m:
-        raise TimestampError(f"{text!r} is not an HL7 date/time (YYYYMMDDHHMM[SS][.S][+/-ZZZZ])")
+        raise TimestampError(
+            f"is not an HL7 date/time ({len(text)} characters; expected YYYYMMDDHHMM[SS][.S][+/-ZZZZ])", text
+        )
     needed = {"day": "D", "minute": "m"}[minimum]
     if m[needed] is None:
-        raise TimestampError(f"{text!r} lacks the {'day' if needed == 'D' else 'hour and minute'}")
+        raise TimestampError(f"lacks the {'day' if needed == 'D' else 'hour and minute'}", text)
     fraction = m["f"] or ""
     try:
         tz = parse_offset(m["z"]) if m["z"] else default_zone
@@ -60,8 +69,10 @@ def parse_dtm(value: str, default_zone: tzinfo | None, minimum: str = "minute") 
             int(fraction.ljust(6, "0")) if fraction else 0,
             tzinfo=tz,
         )
+    except TimestampError as exc:
+        raise TimestampError(str(exc), text) from None
     except ValueError as exc:
-        raise TimestampError(f"{text!r} is not a valid date/time: {exc}") from None
+        raise TimestampError(f"is not a valid date/time ({exc})", text) from None
 
 
 def parse_date(value: str) -> date:
