@@ -87,6 +87,7 @@ class ServiceConfig:
     log_format: str = "text"
     log_phi: bool = False
     retention_days: int = 0
+    integrity_check: str = "quick"
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,7 @@ SERVICE_KEYS: dict[str, Check] = {
     "log_format": _choice("text", "json"),
     "log_phi": _bool,
     "retention_days": _int(0, 36500),
+    "integrity_check": _choice("quick", "off"),
 }
 
 HEALTH_KEYS: dict[str, Check] = {
