@@ -134,10 +134,16 @@ class Service:
         if self.config.service.integrity_check == "off":
             return
         # quick_check reads every page: about 1 s per GB in the page cache, tens of seconds per GB from disk.
-        sd.notify("EXTEND_TIMEOUT_USEC=900000000\nSTATUS=Checking the message log (PRAGMA quick_check)")
+        # systemd's start timeout is extended while (and only while) it runs.
+        extend = task.LoopingCall(sd.notify, "EXTEND_TIMEOUT_USEC=60000000\nSTATUS=Checking the message log")
+        extend.clock = self.reactor
+        extend.start(20.0)
         started = time.monotonic()
-        problem = yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), integrity_problem,
-                                                  self.engine)  # fmt: skip
+        try:
+            problem = yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), integrity_problem,
+                                                      self.engine)  # fmt: skip
+        finally:
+            extend.stop()
         if problem is not None:
             self.engine.dispose()
             path = make_url(database).database or database
