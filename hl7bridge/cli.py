@@ -16,6 +16,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load
+from .logs import escape
 
 EXIT_USAGE = 2
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -327,11 +328,11 @@ def cmd_log_list(args: argparse.Namespace) -> int:
             detail = f"{r['error_location'] + ': ' if r['error_location'] else ''}{r['error']}"
         elif r["action"]:
             detail = r["action"]
-        table.append((
+        table.append(tuple(escape(cell) for cell in (
             str(r["id"]), _when(r["received_at"]), r["listener"], r["peer"],
             f"{r['sending_application'] or ''}/{r['sending_facility'] or ''}", r["control_id"] or "",
             kind, r["version"] or "", r["ack_code"] or "-", r["status"], detail[:80],
-        ))  # fmt: skip
+        )))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
@@ -382,7 +383,7 @@ def cmd_log_show(args: argparse.Namespace) -> int:
                 "message_type", "event", "version", "charset", "status", "action", "appointment_key", "ack_code",
                 "ack_text", "route", "note", "replay_of", "error_location", "error", "duplicate_of"):  # fmt: skip
         if row.get(key) not in (None, ""):
-            print(f"{key:20} {row[key]}")
+            print(f"{key:20} {escape(str(row[key]))}")
     if summary:
         print("summary" + ("" if args.phi else " (PHI masked; --phi shows it)") + ":")
         for key, value in summary.items():
@@ -404,11 +405,11 @@ def cmd_log_show(args: argparse.Namespace) -> int:
     if row["ack"]:
         print("ack sent:")
         for line in row["ack"].splitlines():
-            print(f"  {line}")
+            print(f"  {escape(line)}")
     if args.raw:
         print("raw message:")
         for line in (row["raw"] or "(purged)").replace("\r\n", "\n").replace("\r", "\n").splitlines():
-            print(f"  {line}")
+            print(f"  {escape(line)}")
     return 0
 
 
@@ -430,7 +431,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if data["last_message_at"]:
         print(f"last message received: {_when(data['last_message_at'])}")
     for row in data["messages_by_event"]:
-        print(f"  {row['event']:6} {row['ack']:3} {row['count']}")
+        print(f"  {escape(str(row['event'])):6} {row['ack']:3} {row['count']}")
     print("commands: " + (", ".join(f"{k} {v}" for k, v in sorted(data["commands"].items())) or "none"))
     oldest = data["outbox"]["oldest_age_s"]
     print(f"outbox: {data['outbox']['depth']} waiting" + (f", the oldest for {oldest:.0f} s" if oldest else ""))

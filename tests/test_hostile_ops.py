@@ -135,10 +135,14 @@ def test_service_log_escapes_control_characters_from_a_sender(tmp_path: Path) ->
     try:
         with service.client() as client:
             client.request(siu("Z\x1b[2J\x07", "C\x1b]0;owned\x07" + "9" * 3000, "A-LOG-1"))
+        # The operator's terminal gets the sender's escape sequences as text too.
+        shown = service.cli("log", "list").stdout + service.cli("log", "show", "1", "--raw").stdout
+        shown += service.cli("stats").stdout
     finally:
         stderr = service.stop()
     assert "\x1b" not in stderr and "\x07" not in stderr
     assert "\\x1b[2J\\x07" in stderr and "99...(+" in stderr
+    assert "\x1b" not in shown and "\x07" not in shown and "\\x1b]0;owned\\x07" in shown
 
 
 # --- files: not a database, missing, loose ----------------------------------------------------------------------
