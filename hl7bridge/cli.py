@@ -607,13 +607,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); not an error worth a traceback.
+        sys.stderr.close()
+        return 0
     except Exception as exc:
         problem = _database_problem(args, exc)
         if problem is None:
             raise
         print(f"hl7bridge: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`); not an error worth a traceback.
-        sys.stderr.close()
-        return 0
