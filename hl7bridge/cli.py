@@ -241,7 +241,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {}
 
     def report(reply: Any) -> None:
-        print(f"{reply.code:3} {reply.name}: {reply.text}", flush=True)
+        print(escape(f"{reply.code:3} {reply.name}: {reply.text}"), flush=True)
 
     def main(reactor: Any) -> Any:
         d = send_all(reactor, endpoint, messages, args.read_timeout, report)
@@ -496,15 +496,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     total, queued, problems, skipped = len(originals), 0, 0, 0
     for number, original in enumerate(originals, 1):
         result = replayer.replay(original, args.dry_run)
-        prefix = f"[{number}/{total}] message {original['id']} ({original['event'] or '?'} {original['control_id']})"
+        prefix = escape(
+            f"[{number}/{total}] message {original['id']} ({original['event'] or '?'} {original['control_id']})"
+        )
         if result.problem:
             skipped += 1 if result.skipped else 0
             problems += 0 if result.skipped else 1
-            print(f"{prefix}: {result.problem}")
+            print(f"{prefix}: {escape(result.problem)}")
         elif args.dry_run:
             print(f"{prefix}: would make:")
             for call in result.calls:
-                print(f"    {call}")
+                print(f"    {escape(str(call))}")
         else:
             queued += result.commands
             print(f"{prefix}: replayed as message {result.new_message_id} ({result.commands} command(s) queued)")

@@ -137,7 +137,7 @@ def test_service_log_escapes_control_characters_from_a_sender(tmp_path: Path) ->
             client.request(siu("Z\x1b[2J\x07", "C\x1b]0;owned\x07" + "9" * 3000, "A-LOG-1"))
         # The operator's terminal gets the sender's escape sequences as text too.
         shown = service.cli("log", "list").stdout + service.cli("log", "show", "1", "--raw").stdout
-        shown += service.cli("stats").stdout
+        shown += service.cli("stats").stdout + service.cli("replay", "--dry-run", "1", check=False).stdout
     finally:
         stderr = service.stop()
     assert "\x1b" not in stderr and "\x07" not in stderr
