@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -259,3 +260,17 @@ def test_integrity_check_can_be_turned_off(tmp_path: Path) -> None:
                             f"sqlite:///{path}"])  # fmt: skip
     service.stop()
     assert os.path.exists(path)
+
+
+def test_systemd_start_timeout_is_extended_while_the_log_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(10)
+        service = start_service(tmp_path, env={"NOTIFY_SOCKET": str(path)})
+        try:
+            first, second = sock.recv(4096).decode(), sock.recv(4096).decode()
+        finally:
+            service.stop()
+    assert first == "EXTEND_TIMEOUT_USEC=60000000\nSTATUS=Checking the message log"
+    assert second.startswith("READY=1")
