@@ -16,10 +16,14 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load
+from .logs import escape
 
 EXIT_USAGE = 2
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+#: SQLite's INTEGER range, for ids and counts given on the command line.
+INT64_MAX = 2**63 - 1
+MAX_DURATION = 100 * 366 * 86400.0
 PHI_KEYS = ("patient_ids", "names", "telecoms", "birth_date", "patient_phone", "patient_email")
 
 
@@ -31,7 +35,33 @@ def parse_duration(text: str) -> float:
     m = _DURATION.match(text.strip().lower())
     if not m:
         raise CliError(f"{text!r} is not a duration; use e.g. 90s, 30m, 12h, 7d or 2w")
-    return float(m[1]) * _UNITS[m[2]]
+    seconds = float(m[1]) * _UNITS[m[2]]
+    if seconds > MAX_DURATION:
+        raise CliError(f"{text!r} is longer than 100 years; use e.g. 90s, 30m, 12h, 7d or 2w")
+    return seconds
+
+
+def whole_number(minimum: int, maximum: int = INT64_MAX) -> Any:
+    """An argparse ``type`` for an id or count: a bad or huge value is a usage error, not an OverflowError."""
+
+    def parse(text: str) -> int:
+        value = text.strip()
+        if not (value.isascii() and value.isdigit() and len(value) <= 19 and minimum <= int(value) <= maximum):
+            raise argparse.ArgumentTypeError(f"expected a whole number from {minimum} to {maximum}, got {text[:40]!r}")
+        return int(value)
+
+    return parse
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse ``type`` for a timeout: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from 0 to 86400, got {text[:40]!r}")
+    return value
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -151,9 +181,14 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from .store import loose_directory
+
     cfg = _config(args)
     print(f"{cfg.source}: OK")
     print(f"  database: {_safe_url(cfg.service.database)}")
+    loose = loose_directory(cfg.service.database)
+    if loose:
+        print(f"  warning: {loose}")
     for listener in cfg.listeners:
         print(f"  listener {listener.name}: {listener.endpoint} (ack_mode={listener.ack_mode}, "
               f"time_zone={listener.time_zone}, validation={listener.validation})")  # fmt: skip
@@ -206,7 +241,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {}
 
     def report(reply: Any) -> None:
-        print(f"{reply.code:3} {reply.name}: {reply.text}", flush=True)
+        print(escape(f"{reply.code:3} {reply.name}: {reply.text}"), flush=True)
 
     def main(reactor: Any) -> Any:
         d = send_all(reactor, endpoint, messages, args.read_timeout, report)
@@ -241,13 +276,31 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _engine(args: argparse.Namespace) -> Any:
+    """The existing log: a command never creates one (from another directory it would be a second, empty log)."""
     from .store import StoreError, open_engine
 
     cfg = _config(args)
+    args.database_url = cfg.service.database
     try:
-        return open_engine(cfg.service.database, cfg.service.sqlite_synchronous)
+        return open_engine(cfg.service.database, cfg.service.sqlite_synchronous, create=False)
     except StoreError as exc:
         raise CliError(str(exc)) from None
+
+
+def _database_problem(args: argparse.Namespace, exc: BaseException) -> str | None:
+    """One line for a database error met while a command reads or writes the log (None: not one)."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .store import DAMAGED_HINT, damaged
+
+    url = getattr(args, "database_url", None)
+    if url is None or not isinstance(exc, (SQLAlchemyError, sqlite3.Error)):
+        return None
+    hint = f"; {DAMAGED_HINT.format(path=make_url(url).database)}" if damaged(exc) else ""
+    return f"the database {_safe_url(url)} failed: {_first_line(exc)}{hint}"
 
 
 def _when(ts: float) -> str:
@@ -275,11 +328,11 @@ def cmd_log_list(args: argparse.Namespace) -> int:
             detail = f"{r['error_location'] + ': ' if r['error_location'] else ''}{r['error']}"
         elif r["action"]:
             detail = r["action"]
-        table.append((
+        table.append(tuple(escape(cell) for cell in (
             str(r["id"]), _when(r["received_at"]), r["listener"], r["peer"],
             f"{r['sending_application'] or ''}/{r['sending_facility'] or ''}", r["control_id"] or "",
             kind, r["version"] or "", r["ack_code"] or "-", r["status"], detail[:80],
-        ))  # fmt: skip
+        )))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
@@ -330,7 +383,7 @@ def cmd_log_show(args: argparse.Namespace) -> int:
                 "message_type", "event", "version", "charset", "status", "action", "appointment_key", "ack_code",
                 "ack_text", "route", "note", "replay_of", "error_location", "error", "duplicate_of"):  # fmt: skip
         if row.get(key) not in (None, ""):
-            print(f"{key:20} {row[key]}")
+            print(f"{key:20} {escape(str(row[key]))}")
     if summary:
         print("summary" + ("" if args.phi else " (PHI masked; --phi shows it)") + ":")
         for key, value in summary.items():
@@ -352,11 +405,11 @@ def cmd_log_show(args: argparse.Namespace) -> int:
     if row["ack"]:
         print("ack sent:")
         for line in row["ack"].splitlines():
-            print(f"  {line}")
+            print(f"  {escape(line)}")
     if args.raw:
         print("raw message:")
         for line in (row["raw"] or "(purged)").replace("\r\n", "\n").replace("\r", "\n").splitlines():
-            print(f"  {line}")
+            print(f"  {escape(line)}")
     return 0
 
 
@@ -378,7 +431,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if data["last_message_at"]:
         print(f"last message received: {_when(data['last_message_at'])}")
     for row in data["messages_by_event"]:
-        print(f"  {row['event']:6} {row['ack']:3} {row['count']}")
+        print(f"  {escape(str(row['event'])):6} {row['ack']:3} {row['count']}")
     print("commands: " + (", ".join(f"{k} {v}" for k, v in sorted(data["commands"].items())) or "none"))
     oldest = data["outbox"]["oldest_age_s"]
     print(f"outbox: {data['outbox']['depth']} waiting" + (f", the oldest for {oldest:.0f} s" if oldest else ""))
@@ -443,15 +496,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     total, queued, problems, skipped = len(originals), 0, 0, 0
     for number, original in enumerate(originals, 1):
         result = replayer.replay(original, args.dry_run)
-        prefix = f"[{number}/{total}] message {original['id']} ({original['event'] or '?'} {original['control_id']})"
+        prefix = escape(
+            f"[{number}/{total}] message {original['id']} ({original['event'] or '?'} {original['control_id']})"
+        )
         if result.problem:
             skipped += 1 if result.skipped else 0
             problems += 0 if result.skipped else 1
-            print(f"{prefix}: {result.problem}")
+            print(f"{prefix}: {escape(result.problem)}")
         elif args.dry_run:
             print(f"{prefix}: would make:")
             for call in result.calls:
-                print(f"    {call}")
+                print(f"    {escape(str(call))}")
         else:
             queued += result.commands
             print(f"{prefix}: replayed as message {result.new_message_id} ({result.commands} command(s) queued)")
@@ -499,8 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--to", metavar="HOST:PORT", help="default 127.0.0.1:2575")
     target.add_argument("--endpoint", metavar="STR",
                         help="Twisted client endpoint, e.g. tls:host=h:port=2575:trustRoots=ca_dir")  # fmt: skip
-    send.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
-    send.add_argument("--read-timeout", type=float, default=30.0, metavar="S")
+    send.add_argument("--connect-timeout", type=seconds_arg, default=10.0, metavar="S")
+    send.add_argument("--read-timeout", type=seconds_arg, default=30.0, metavar="S")
     send.add_argument("files", nargs="+", metavar="FILE|DIR")
     send.set_defaults(func=cmd_send)
 
@@ -515,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge_p.set_defaults(func=cmd_purge)
 
     replay = with_config(sub.add_parser("replay", help="run logged messages again through mapping and dispatch"))
-    replay.add_argument("ids", nargs="*", type=int, metavar="ID")
+    replay.add_argument("ids", nargs="*", type=whole_number(1), metavar="ID")
     replay.add_argument("--status", choices=("dead", "rejected", "failed"),
                         help="messages that were rejected, or whose commands were dead-lettered or failed")  # fmt: skip
     replay.add_argument("--since", metavar="DURATION", help="only messages received within, e.g. 2h")
@@ -529,11 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--status", choices=("accepted", "rejected", "ignored", "duplicate", "pending"))
     lst.add_argument("--since", metavar="DURATION", help="e.g. 30m, 12h, 7d")
     lst.add_argument("--event", metavar="S12")
-    lst.add_argument("--limit", type=int, default=50)
+    lst.add_argument("--limit", type=whole_number(1), default=50)
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_log_list)
     show = with_config(log_sub.add_parser("show", help="one message in full"))
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=whole_number(1))
     show.add_argument("--raw", action="store_true", help="include the raw message (PHI)")
     show.add_argument("--phi", action="store_true", help="show patient data unmasked")
     show.add_argument("--json", action="store_true")
@@ -558,3 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (e.g. `| head`); not an error worth a traceback.
         sys.stderr.close()
         return 0
+    except Exception as exc:
+        problem = _database_problem(args, exc)
+        if problem is None:
+            raise
+        print(f"hl7bridge: {problem}", file=sys.stderr)
+        return EXIT_USAGE

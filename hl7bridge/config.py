@@ -88,6 +88,7 @@ class ServiceConfig:
     log_phi: bool = False
     ack_phi: bool = False
     retention_days: int = 0
+    integrity_check: str = "quick"
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ SERVICE_KEYS: dict[str, Check] = {
     "log_phi": _bool,
     "ack_phi": _bool,
     "retention_days": _int(0, 36500),
+    "integrity_check": _choice("quick", "off"),
 }
 
 HEALTH_KEYS: dict[str, Check] = {

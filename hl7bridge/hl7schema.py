@@ -135,3 +135,14 @@ def warm(versions: tuple[str, ...] = SUPPORTED_VERSIONS) -> None:
     """Import the tables up front so the first message does not pay for it."""
     for version in versions:
         _library(version)
+
+
+@cache
+def table_values(table: str) -> frozenset[str]:
+    """The codes of an HL7 table (``"0003"``, event types) in any supported version hl7apy has tables for."""
+    codes: set[str] = set()
+    for version in SUPPORTED_VERSIONS:
+        entry = getattr(_library(version), "TABLES", {}).get(f"HL7{table}")
+        if entry is not None:
+            codes.update(entry[1])
+    return frozenset(codes)

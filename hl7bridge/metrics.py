@@ -1,14 +1,30 @@
-"""Prometheus metrics. Components report through the small ``Observer`` interface, so they run without it."""
+"""Prometheus metrics. Components report through the small ``Observer`` interface, so they run without it.
+
+Label values come from closed sets: a sender's text (an event code, say) becomes a label only when HL7 knows
+it, and counts as ``other`` otherwise, so that no sender can grow ``/metrics`` without bound.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from http import HTTPStatus
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from . import hl7schema
+
 ACK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 API_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+HTTP_STATUSES = frozenset(str(int(status)) for status in HTTPStatus)
+OTHER = "other"
+
+
+def known(value: str, allowed: Collection[str]) -> str:
+    """A label value: ``value`` if it is one of ``allowed``, ``none`` if empty, else ``other``."""
+    if not value:
+        return "none"
+    return value if value in allowed else OTHER
 
 
 class Observer(Protocol):
@@ -69,12 +85,14 @@ class Metrics:
         # labels() locks and hashes on every call; the per-message series are looked up once.
         self._message_counters: dict[tuple[str, str, str], Counter] = {}
         self._ack_histograms: dict[str, Histogram] = {}
+        self._events = hl7schema.table_values("0003")
+        self._ack_codes = hl7schema.table_values("0008")
 
     def message(self, listener: str, event: str, ack: str, duplicate: bool) -> None:
-        key = (listener, event, ack)
+        key = (listener, known(event, self._events), known(ack, self._ack_codes))
         counter = self._message_counters.get(key)
         if counter is None:
-            counter = self._message_counters[key] = self.messages.labels(listener, event or "none", ack or "none")
+            counter = self._message_counters[key] = self.messages.labels(*key)
         counter.inc()
         if duplicate:
             self.duplicates.labels(listener).inc()
@@ -86,7 +104,7 @@ class Metrics:
         histogram.observe(seconds)
 
     def api_call(self, operation: str, status: int | None, seconds: float) -> None:
-        self.api_calls.labels(operation, str(status) if status is not None else "error").inc()
+        self.api_calls.labels(operation, known(str(status), HTTP_STATUSES) if status is not None else "error").inc()
         self.api_seconds.labels(operation).observe(seconds)
 
     def retry(self) -> None:

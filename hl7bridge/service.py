@@ -29,7 +29,18 @@ from .listener import MLLPFactory, listen
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .sandbox import Sandbox, SandboxState
-from .store import Job, PurgeCounts, StoreError, Writer, compact, open_engine, purge_step
+from .store import (
+    DAMAGED_HINT,
+    Job,
+    PurgeCounts,
+    StoreError,
+    Writer,
+    compact,
+    integrity_problem,
+    loose_directory,
+    open_engine,
+    purge_step,
+)
 
 log = logging.getLogger("hl7bridge.service")
 
@@ -72,6 +83,7 @@ class Service:
             self.engine = open_engine(cfg.service.database, cfg.service.sqlite_synchronous)
         except StoreError as exc:
             raise StartupError(str(exc)) from None
+        yield self._check_log()
         self.writer = Writer(self.engine, self.reactor.callFromThread)
         self.writer.start()
         if self.with_sandbox:
@@ -111,6 +123,34 @@ class Service:
             log.info("listener %s listening on %s", listener.name, _describe(port))
         yield self._start_health()
         self._start_retention()
+
+    @defer.inlineCallbacks
+    def _check_log(self):
+        """Refuse a damaged log before anything is accepted into it; report a directory others can read."""
+        database = self.config.service.database
+        loose = loose_directory(database)
+        if loose:
+            log.warning("%s", loose)
+        if self.config.service.integrity_check == "off":
+            return
+        # quick_check reads every page: about 1 s per GB in the page cache, tens of seconds per GB from disk.
+        # systemd's start timeout is extended while (and only while) it runs.
+        extend = task.LoopingCall(sd.notify, "EXTEND_TIMEOUT_USEC=60000000\nSTATUS=Checking the message log")
+        extend.clock = self.reactor
+        extend.start(20.0)
+        started = time.monotonic()
+        try:
+            problem = yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), integrity_problem,
+                                                      self.engine)  # fmt: skip
+        finally:
+            extend.stop()
+        if problem is not None:
+            self.engine.dispose()
+            path = make_url(database).database or database
+            raise StartupError(
+                f"the message log {path} is damaged (quick_check: {problem}); {DAMAGED_HINT.format(path=path)}"
+            )
+        log.info("message log checked in %.1f s (PRAGMA quick_check)", time.monotonic() - started)
 
     def _listeners_up(self) -> tuple[bool, str]:
         if self.stopping:

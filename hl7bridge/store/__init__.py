@@ -37,13 +37,17 @@ from .queries import (
 )
 from .retention import PurgeCounts, compact, due_for_purge, purge, purge_step
 from .schema import (
+    DAMAGED_HINT,
     OPEN_STATUSES,
     SCHEMA_VERSION,
     StoreError,
     appointments,
     attempts,
     commands,
+    damaged,
     heartbeat,
+    integrity_problem,
+    loose_directory,
     messages,
     meta,
     metadata,
@@ -52,6 +56,7 @@ from .schema import (
 from .writer import Job, Writer, WriteRequest, WriteResult
 
 __all__ = [
+    "DAMAGED_HINT",
     "FINAL_STATUSES",
     "LIST_COLUMNS",
     "OPEN_STATUSES",
@@ -78,12 +83,15 @@ __all__ = [
     "commands_for_messages",
     "compact",
     "count_messages",
+    "damaged",
     "due_for_purge",
     "due_heads",
     "get_message",
     "heartbeat",
+    "integrity_problem",
     "later_message",
     "list_messages",
+    "loose_directory",
     "mark_in_flight",
     "messages",
     "messages_for_replay",

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import stat
 from collections.abc import Callable
 from pathlib import Path as FsPath
 from typing import Any
@@ -151,17 +152,25 @@ appointments = Table(
 )
 
 OPEN_STATUSES = ("pending", "in_flight")
+#: The first 16 bytes of every SQLite 3 database file.
+SQLITE_MAGIC = b"SQLite format 3\x00"
+DAMAGED_HINT = (
+    "stop the service, keep a copy of the file, and restore the log from a backup (or salvage what is "
+    "readable with: sqlite3 {path} .recover | sqlite3 {path}.recovered, then point service.database at that)"
+)
 
 
 class StoreError(RuntimeError):
     """The database cannot be opened or used; the message says what to fix."""
 
 
-def open_engine(url: str, synchronous: str = "FULL", read_only: bool = False) -> Engine:
+def open_engine(url: str, synchronous: str = "FULL", read_only: bool = False, create: bool = True) -> Engine:
     """An engine for the log; SQLite files are created 0600 and run in WAL mode.
 
-    ``read_only`` (a SQLite file that the service has opened): for the dispatcher's process, which reads the
-    outbox and hands its writes to the service, so that SQLite itself refuses any write from it."""
+    An existing file that is not a SQLite database is refused untouched. ``create=False`` (the CLI's
+    commands) refuses a missing file instead of creating an empty log beside the real one. ``read_only`` (a
+    SQLite file that the service has opened): for the dispatcher's process, which reads the outbox and hands
+    its writes to the service, so that SQLite itself refuses any write from it."""
     parsed = make_url(url)
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if read_only:
@@ -173,14 +182,14 @@ def open_engine(url: str, synchronous: str = "FULL", read_only: bool = False) ->
         event.listen(engine, "connect", lambda dbapi_conn, _record: dbapi_conn.execute("PRAGMA temp_store=MEMORY"))
         try:
             with engine.connect() as conn:
-                found = _schema_version(conn)
+                found = _schema_version(conn, url)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot read the database {_safe(url)}: {_first_line(exc)}") from None
         if found != SCHEMA_VERSION:
             raise StoreError(f"the database {_safe(url)} has schema {found}, this release {SCHEMA_VERSION}")
         return engine
     if is_sqlite and parsed.database and parsed.database != ":memory:":
-        _prepare_sqlite_file(FsPath(parsed.database))
+        _prepare_sqlite_file(FsPath(parsed.database), create)
     engine = create_engine(url, future=True)
     if is_sqlite:
 
@@ -198,7 +207,12 @@ def open_engine(url: str, synchronous: str = "FULL", read_only: bool = False) ->
 
     try:
         with engine.begin() as conn:
-            found = _schema_version(conn)
+            found = _schema_version(conn, url)
+            if found is None and inspect(conn).get_table_names():
+                raise StoreError(
+                    f"the database {_safe(url)} holds tables but is not an hl7bridge message log (no schema "
+                    "version); left untouched: point --database or service.database at the log"
+                )
         if found is not None and found > SCHEMA_VERSION:
             raise StoreError(
                 f"the database {_safe(url)} was written by a newer hl7bridge (schema {found}, this release "
@@ -211,17 +225,46 @@ def open_engine(url: str, synchronous: str = "FULL", read_only: bool = False) ->
             with engine.begin() as conn:
                 conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
     except SQLAlchemyError as exc:
+        hint = f"; {DAMAGED_HINT.format(path=parsed.database)}" if damaged(exc) else ""
         raise StoreError(
-            f"cannot open the database {_safe(url)}: {exc.__class__.__name__}: {_first_line(exc)}"
+            f"cannot open the database {_safe(url)}: {exc.__class__.__name__}: {_first_line(exc)}{hint}"
         ) from None
     return engine
 
 
-def _schema_version(conn: Any) -> int | None:
+def damaged(exc: BaseException) -> bool:
+    """Whether SQLite found the file corrupt (as opposed to locked, full or unwritable)."""
+    name = getattr(getattr(exc, "orig", exc), "sqlite_errorname", "")
+    return isinstance(name, str) and name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+
+
+def integrity_problem(engine: Engine) -> str | None:
+    """``PRAGMA quick_check``'s first finding on a SQLite log (None when sound): every page and B-tree is read,
+    so a damaged file is refused at start instead of failing later under load, message by message."""
+    if engine.dialect.name != "sqlite":
+        return None
+    try:
+        with engine.connect() as conn:
+            found = conn.exec_driver_sql("PRAGMA quick_check(1)").scalar()
+    except SQLAlchemyError as exc:
+        return _first_line(exc)
+    return None if found == "ok" else " ".join(str(found).split())
+
+
+def _schema_version(conn: Any, url: str) -> int | None:
     if "meta" not in inspect(conn).get_table_names():
         return None
     found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
-    return int(found) if found is not None else None
+    if found is None:
+        return None
+    text = str(found).strip()
+    if not (text.isascii() and text.isdigit() and len(text) < 10 and int(text) >= 1):
+        raise StoreError(
+            f"the database {_safe(url)} records schema version {text[:20]!r}, which no "
+            f"hl7bridge writes (1 to {SCHEMA_VERSION}); the file is damaged or not a message log: restore it "
+            "from a backup or point --database at another file"
+        )
+    return int(text)
 
 
 def _v2_retention(conn: Any) -> None:
@@ -251,22 +294,59 @@ def _upgrade(engine: Engine, found: int) -> None:
         log.info("upgraded the message log to schema version %d", version)
 
 
-def _prepare_sqlite_file(path: FsPath) -> None:
+def _prepare_sqlite_file(path: FsPath, create: bool = True) -> None:
+    """Create the file 0600, or check that the existing one is a SQLite database before touching it.
+
+    The check reads the open descriptor, so what is checked is what gets ``fchmod``ed."""
+    if not create and not path.exists():
+        raise StoreError(
+            f"there is no message log at {path.resolve()}; name the service's with --config FILE (its "
+            "service.database) or --database sqlite:////path/to/hl7bridge.db"
+        )
     try:
         if not path.parent.exists():
             path.parent.mkdir(mode=0o700, parents=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise StoreError(f"{path} is not a regular file; point --database at the message log")
+            head = os.pread(fd, len(SQLITE_MAGIC), 0) if info.st_size else b""
+            if info.st_size and head != SQLITE_MAGIC:
+                raise StoreError(
+                    f"{path} is not a SQLite database (left untouched); point --database or service.database "
+                    "at the message log, or at a path where a new one may be created"
+                )
+            if info.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
         if os.stat(path).st_size == 0:
             # auto_vacuum can only be chosen before the first page is written (and before WAL mode):
             # it lets retention hand freed pages back to the file system.
             with contextlib.closing(sqlite3.connect(path)) as conn:
                 conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
                 conn.execute("VACUUM")
-        if os.stat(path).st_mode & 0o077:
-            os.chmod(path, 0o600)
     except OSError as exc:
         raise StoreError(f"cannot create the database file {path}: {exc.strerror}") from None
+
+
+def loose_directory(url: str) -> str | None:
+    """A warning when the existing directory of a SQLite log lets group or others read or write in it."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    directory = FsPath(parsed.database).resolve().parent
+    try:
+        mode = stat.S_IMODE(os.stat(directory).st_mode)
+    except OSError:
+        return None
+    if not mode & 0o066:
+        return None
+    return (
+        f"the log's directory {directory} is open to group or others (mode {mode:04o}) and the log holds "
+        f"patient data: chmod 700 {directory} (systemd: StateDirectoryMode=0700)"
+    )
 
 
 def _safe(url: str) -> str:
