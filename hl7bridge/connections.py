@@ -161,8 +161,19 @@ class FdWatch:
     def _twisted_event(self, event: dict[str, Any]) -> None:
         fmt = str(event.get("log_format") or "")
         if event.get("acceptError") in ("EMFILE", "ENFILE") or fmt.startswith("EMFILE"):
-            self.accept_failures += 1
-            self.accept_failed_at = self.clock.seconds()
+            self.dropped()
+
+    def dropped(self) -> None:
+        """A connection was closed at accept for want of descriptors."""
+        self.accept_failures += 1
+        self.accept_failed_at = self.clock.seconds()
+        if self.short_since is None:
+            self.check()
+
+    def crowded(self, fd: int) -> bool:
+        """True when a just-accepted descriptor eats into the reserve. The kernel hands out the lowest
+        free number, so every descriptor below ``fd`` is in use: an O(1) check on each accept."""
+        return fd >= self.limit - self.reserve
 
     def low(self) -> bool:
         """True while fewer than ``reserve`` descriptors are free (as of the last check)."""
@@ -185,7 +196,7 @@ class FdWatch:
         counts = f"{self.open} of {self.limit} descriptors open" if self.open is not None else "descriptors unknown"
         recent = self.accept_failed_at is not None and self.clock.seconds() - self.accept_failed_at < ACCEPT_ERROR_HOLD
         if recent:
-            return False, f"{counts}; {self.accept_failures} connection(s) dropped at accept (EMFILE)"
+            return False, f"{counts}; {self.accept_failures} connection(s) refused for want of descriptors"
         if self.low():
             return False, f"{counts}; fewer than {self.reserve} free (RLIMIT_NOFILE {self.limit})"
         return True, counts

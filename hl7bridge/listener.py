@@ -55,6 +55,7 @@ class MLLPConnection(MLLPReceiver):
         self._paused = False
         self._read_closed = False
         self._handshake_done = False
+        self._counted = False
         self.peer = "?"
         self.host = "?"
         self._plain_tcp = False
@@ -67,6 +68,11 @@ class MLLPConnection(MLLPReceiver):
         peer = self.transport.getPeer()
         self.host = str(getattr(peer, "host", "?"))
         self.peer = f"{self.host}:{getattr(peer, 'port', '')}".rstrip(":")
+        if self.factory.crowded(self.transport):
+            self._counted = False
+            self.transport.abortConnection()
+            return
+        self._counted = True
         self.factory.stats.connections += 1
         self.factory.opened(self)
         self._plain_tcp = isinstance(self.transport, tcp.Connection)
@@ -77,6 +83,8 @@ class MLLPConnection(MLLPReceiver):
         self._handshake_done = True
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if not self._counted:
+            return
         self.factory.closed(self)
         self.factory.stats.connections -= 1
         for call in (self._idle_call, self._frame_call):
@@ -244,11 +252,29 @@ class MLLPFactory(protocol.Factory):
         host = getattr(addr, "host", None)
         why = self._refusal(host)
         if why:
-            self.stats.refused_connections += 1
-            self.refusals.warn((str(host), why), "refused connection from %s on %s: %s", host, self.config.name, why)
+            self.refuse(str(host), why)
             return Refused()
         self.stats.accepted_connections += 1
         return super().buildProtocol(addr)
+
+    def refuse(self, host: str, why: str) -> None:
+        self.stats.refused_connections += 1
+        self.refusals.warn((host, why), "refused connection from %s on %s: %s", host, self.config.name, why)
+
+    def crowded(self, transport: interfaces.ITransport) -> bool:
+        """A connection whose descriptor eats into the reserve kept for the database and the dispatcher."""
+        if self.fds is None:
+            return False
+        try:
+            fd = transport.getHandle().fileno()
+        except (AttributeError, OSError):
+            return False
+        if not self.fds.crowded(fd):
+            return False
+        self.stats.accepted_connections -= 1
+        self.refuse(str(getattr(transport.getPeer(), "host", "?")), "out of file descriptors")
+        self.fds.dropped()
+        return True
 
     def _refusal(self, host: str | None) -> str:
         cfg = self.config
