@@ -159,8 +159,10 @@ class FdWatch:
             self._loop.stop()
 
     def _twisted_event(self, event: dict[str, Any]) -> None:
+        """Twisted's accept, out of descriptors: it closes each waiting client with its reserved descriptor
+        ("EMFILE recovery: Closed socket from ..."), or gives up on one ("Could not accept ... (EMFILE)")."""
         fmt = str(event.get("log_format") or "")
-        if event.get("acceptError") in ("EMFILE", "ENFILE") or fmt.startswith("EMFILE"):
+        if event.get("acceptError") in ("EMFILE", "ENFILE") or fmt.startswith("EMFILE recovery: Closed"):
             self.dropped()
 
     def dropped(self) -> None:
