@@ -30,7 +30,7 @@ from .dispatch_config import (
 from .er7 import Path
 from .routing import Route
 from .siu import DEFAULT_START_SOURCES, Feed
-from .tls import DEFAULT_CIPHERS, MIN_VERSIONS, TlsError, TlsSettings
+from .tls import DEFAULT_CIPHERS, MIN_VERSIONS, TlsError, TlsSettings, context_for
 
 DEFAULT_ENDPOINT = "tcp:2575:interface=127.0.0.1"
 DEFAULT_DATABASE = "sqlite:///var/hl7bridge.db"
@@ -243,10 +243,8 @@ def _check_tls(listener: ListenerConfig, prefix: str, problems: list[str]) -> No
     if listener.tls_client_names and not listener.tls_client_ca:
         problems.append(f"{prefix}.tls_client_names: needs tls_client_ca (client certificates are asked for then)")
         return
-    from .listener import tls_context
-
     try:
-        tls_context(listener)
+        context_for(listener.endpoint, listener.tls_settings())
     except TlsError as exc:
         problems.append(f"{prefix}.{exc.key}: {exc}")
 

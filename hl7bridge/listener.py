@@ -297,16 +297,10 @@ def server_endpoint(reactor: object, config: ListenerConfig) -> interfaces.IStre
     return endpoints.serverFromString(reactor, tls.tcp_description(port, options))
 
 
-def tls_context(config: ListenerConfig):  # -> OpenSSL.SSL.Context
-    """The listener's TLS context; raises ``tls.TlsError`` naming the setting that is wrong."""
-    _port, options = tls.split_endpoint(config.endpoint)
-    return tls.server_context(options, config.tls_settings())
-
-
 def listen(reactor: object, factory: MLLPFactory) -> defer.Deferred:
     """Bind the listener's endpoint; the Deferred fires with the IListeningPort."""
     endpoint = server_endpoint(reactor, factory.config)
     if not factory.tls:
         return endpoint.listen(factory)
-    creator = tls.ServerConnections(tls_context(factory.config))
+    creator = tls.ServerConnections(tls.context_for(factory.config.endpoint, factory.config.tls_settings()))
     return endpoint.listen(TLSMemoryBIOFactory(creator, False, factory))

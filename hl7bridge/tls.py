@@ -164,6 +164,12 @@ def server_context(options: dict[str, str], settings: TlsSettings) -> SSL.Contex
     return ctx
 
 
+def context_for(endpoint: str, settings: TlsSettings) -> SSL.Context:
+    """The context for an ``ssl:`` endpoint string; raises ``TlsError`` naming the setting that is wrong."""
+    _port, options = split_endpoint(endpoint)
+    return server_context(options, settings)
+
+
 def _verifier(allowed: tuple[str, ...]) -> Any:
     def verify(conn: SSL.Connection, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
         if not ok:
