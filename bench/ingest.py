@@ -106,11 +106,16 @@ class Server:
         env.pop("HL7BRIDGE_CONFIG", None)
         env["PYTHONUNBUFFERED"] = "1"
         if kind == "hl7bridge":
+            # Every load generator connects from 127.0.0.1: lift the per-peer cap (default 32) above its 150.
+            config = workdir / "bench-listener.toml"
+            config.write_text("[listeners.main]\nmax_connections_per_peer = 1000\n", encoding="utf-8")
             cmd = [
                 sys.executable,
                 "-m",
                 "hl7bridge",
                 "serve",
+                "--config",
+                str(config),
                 "--listen",
                 "tcp:0:interface=127.0.0.1",
                 "--database",

@@ -30,6 +30,7 @@ from .dispatch_config import (
 from .er7 import Path
 from .routing import Route
 from .siu import DEFAULT_START_SOURCES, Feed
+from .tls import DEFAULT_CIPHERS, MIN_VERSIONS, TlsError, TlsSettings, context_for
 
 DEFAULT_ENDPOINT = "tcp:2575:interface=127.0.0.1"
 DEFAULT_DATABASE = "sqlite:///var/hl7bridge.db"
@@ -48,10 +49,14 @@ class ListenerConfig:
     name: str
     endpoint: str = DEFAULT_ENDPOINT
     tls_client_ca: str = ""
+    tls_client_names: tuple[str, ...] = ()
+    tls_min_version: str = "1.2"
+    tls_ciphers: str = DEFAULT_CIPHERS
     max_message_bytes: int = 1024 * 1024
     idle_timeout: float = 3600.0
     frame_timeout: float = 30.0
     max_connections: int = 200
+    max_connections_per_peer: int = 32
     max_in_flight: int = 1000
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     lenient_framing: bool = True
@@ -64,6 +69,9 @@ class ListenerConfig:
 
     def feed(self) -> Feed:
         return Feed(ZoneInfo(self.time_zone), self.start_sources)
+
+    def tls_settings(self) -> TlsSettings:
+        return TlsSettings(self.tls_min_version, self.tls_ciphers, self.tls_client_ca, self.tls_client_names)
 
     def allows(self, host: str) -> bool:
         if not self.allow:
@@ -96,6 +104,7 @@ class HealthConfig:
     listen: str = ""
     outbox_stuck_after: float = 900.0
     heartbeat_interval: float = 10.0
+    max_connections: int = 16
 
 
 @dataclass(frozen=True)
@@ -220,19 +229,40 @@ def _check_endpoint(value: str, key: str, problems: list[str]) -> None:
         problems.append(f"{key}: endpoint {value!r} is not usable: {exc}")
 
 
-def _check_client_ca(values: dict[str, Any], prefix: str, problems: list[str]) -> None:
-    path = values.get("tls_client_ca")
-    if not path or not isinstance(path, str):
-        return
-    if not str(values.get("endpoint", DEFAULT_ENDPOINT)).startswith("ssl:"):
-        problems.append(f"{prefix}.tls_client_ca: client certificates need an ssl: endpoint")
-        return
-    from .listener import load_certificates
+_TLS_KEYS = ("tls_client_ca", "tls_client_names", "tls_min_version", "tls_ciphers")
 
+
+def _check_tls(listener: ListenerConfig, prefix: str, problems: list[str]) -> None:
+    """TLS settings need an ssl: endpoint. The context is built once here, so that a cipher list that
+    selects nothing or an unusable key or CA file is reported at start, naming its key."""
+    if any(p.startswith(f"{prefix}.") for p in problems):
+        return
+    if not listener.endpoint.startswith("ssl:"):
+        defaults = ListenerConfig("")
+        problems.extend(f"{prefix}.{key}: TLS settings need an ssl: endpoint"
+                        for key in _TLS_KEYS if getattr(listener, key) != getattr(defaults, key))  # fmt: skip
+        return
+    if listener.tls_client_names and not listener.tls_client_ca:
+        problems.append(f"{prefix}.tls_client_names: needs tls_client_ca (client certificates are asked for then)")
+        return
     try:
-        load_certificates(path)
-    except (OSError, ValueError) as exc:
-        problems.append(f"{prefix}.tls_client_ca: expected a PEM file of CA certificates: {exc}")
+        context_for(listener.endpoint, listener.tls_settings())
+    except TlsError as exc:
+        problems.append(f"{prefix}.{exc.key}: {exc}")
+
+
+def _names(value: Any, key: str, problems: list[str]) -> Any:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        problems.append(f"{key}: expected a list of certificate names such as ['epic-feed.example.org'], got {value!r}")
+        return ()
+    return tuple(value)
+
+
+def _ciphers(value: Any, key: str, problems: list[str]) -> Any:
+    if not isinstance(value, str) or not value.strip():
+        problems.append(f"{key}: expected an OpenSSL cipher list such as {DEFAULT_CIPHERS!r}, got {value!r}")
+        return DEFAULT_CIPHERS
+    return value
 
 
 SERVICE_KEYS: dict[str, Check] = {
@@ -252,15 +282,20 @@ HEALTH_KEYS: dict[str, Check] = {
     "listen": _str,
     "outbox_stuck_after": _seconds,
     "heartbeat_interval": _seconds,
+    "max_connections": _int(1, 10_000),
 }
 
 LISTENER_KEYS: dict[str, Check] = {
     "endpoint": _endpoint,
     "tls_client_ca": _str,
+    "tls_client_names": _names,
+    "tls_min_version": _choice(*MIN_VERSIONS),
+    "tls_ciphers": _ciphers,
     "max_message_bytes": _int(1024, 64 * 1024 * 1024),
     "idle_timeout": _seconds,
     "frame_timeout": _seconds,
     "max_connections": _int(1, 100_000),
+    "max_connections_per_peer": _int(1, 100_000),
     "max_in_flight": _int(1, 100_000),
     "allow": _cidrs,
     "lenient_framing": _bool,
@@ -286,9 +321,11 @@ def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
         problems.append("listeners: expected at least one [listeners.NAME] table")
     else:
         for name, body in listeners_data.items():
-            values = _section(body, f"listeners.{name}", LISTENER_KEYS, problems)
-            _check_client_ca(values, f"listeners.{name}", problems)
-            listeners.append(ListenerConfig(name=name, **values))
+            prefix = f"listeners.{name}"
+            values = _section(body, prefix, LISTENER_KEYS, problems)
+            listener = ListenerConfig(name=name, **values)
+            _check_tls(listener, prefix, problems)
+            listeners.append(listener)
     api = parse_api(data.get("api", {}), problems)
     dispatch = parse_dispatch(data.get("dispatch", {}), problems)
     routes = parse_routes(data.get("routes"), {lst.name for lst in listeners}, problems)

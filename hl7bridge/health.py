@@ -40,10 +40,11 @@ class HealthState:
     outbox_oldest: float | None = None
     outbox_read_error: str | None = None
     started: float = field(default_factory=time.time)
+    descriptors: Callable[[], tuple[bool, str]] = lambda: (True, "not watched")
 
     def checks(self, now: float) -> dict[str, Check]:
         up, detail = self.listeners_up()
-        out = {"listeners": Check(up, detail)}
+        out = {"listeners": Check(up, detail), "descriptors": Check(*self.descriptors())}
         fresh = now - self.last_write_ok <= 3 * self.heartbeat_interval
         if self.last_write_error:
             out["database"] = Check(False, f"the last write failed: {self.last_write_error}")

@@ -1,19 +1,21 @@
-"""The MLLP server: connection policy (allowlist, limit, timeouts) and ACKs written in arrival order."""
+"""The MLLP server: connection policy (allowlist, limits, timeouts, TLS) and ACKs written in arrival order."""
 
 from __future__ import annotations
 
 import logging
-import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from twisted.internet import defer, endpoints, interfaces, protocol, ssl, tcp
+from twisted.internet import defer, endpoints, interfaces, protocol, tcp
 from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import tls
 from .config import ListenerConfig
+from .connections import FdWatch, RefusalLog, Refused, enable_keepalive
 from .metrics import NullObserver, Observer
 from .mllp import MLLPReceiver, frame
 from .pipeline import Pipeline
@@ -32,19 +34,30 @@ class ListenerStats:
     timeouts: int = 0
 
 
-@implementer(interfaces.IHalfCloseableProtocol)
+@implementer(interfaces.IHalfCloseableProtocol, interfaces.IHandshakeListener)
 class MLLPConnection(MLLPReceiver):
-    """One sender's connection. Answers go out in the order the frames came in."""
+    """One sender's connection. Answers go out in the order the frames came in.
+
+    Idle means no progress: the idle timer restarts when a frame is complete and when the last pending
+    answer has been written, never for bytes outside a frame (a junk byte every few seconds would hold
+    the connection forever). A frame in progress is bounded by ``frame_timeout`` from its first start
+    block; a start block that abandons an unfinished frame does not restart that clock."""
 
     factory: MLLPFactory
+    #: Set by the TLS verifier when it refuses the client's certificate: the reason, for the log.
+    tls_refusal: str | None = None
 
     def __init__(self) -> None:
         self._slots: deque[list] = deque()
         self._idle_call = None
         self._frame_call = None
+        self._idle_expired = False
         self._paused = False
         self._read_closed = False
+        self._handshake_done = False
+        self._counted = False
         self.peer = "?"
+        self.host = "?"
         self._plain_tcp = False
 
     # -- connection lifecycle ----------------------------------------------------------------------
@@ -53,18 +66,34 @@ class MLLPConnection(MLLPReceiver):
         self.MAX_LENGTH = cfg.max_message_bytes
         self.lenient = cfg.lenient_framing
         peer = self.transport.getPeer()
-        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '')}".rstrip(":")
+        self.host = str(getattr(peer, "host", "?"))
+        self.peer = f"{self.host}:{getattr(peer, 'port', '')}".rstrip(":")
+        if self.factory.crowded(self.transport):
+            self._counted = False
+            self.transport.abortConnection()
+            return
+        self._counted = True
         self.factory.stats.connections += 1
-        self.factory.open.add(self)
+        self.factory.opened(self)
         self._plain_tcp = isinstance(self.transport, tcp.Connection)
+        enable_keepalive(self.transport)
         self._reset_idle()
 
+    def handshakeCompleted(self) -> None:
+        self._handshake_done = True
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.factory.open.discard(self)
+        if not self._counted:
+            return
+        self.factory.closed(self)
         self.factory.stats.connections -= 1
         for call in (self._idle_call, self._frame_call):
             if call is not None and call.active():
                 call.cancel()
+        why = self.tls_refusal or tls.handshake_failure(reason.value)
+        if self.factory.tls and not self._handshake_done and why:
+            self.factory.refusals.warn(("tls", self.host, why), "TLS handshake from %s on %s refused: %s",
+                                       self.peer, self.factory.config.name, why)  # fmt: skip
 
     def readConnectionLost(self) -> None:
         """The sender half-closed: answer what is pending, then close."""
@@ -76,6 +105,7 @@ class MLLPConnection(MLLPReceiver):
 
     # -- timeouts ----------------------------------------------------------------------------------
     def _reset_idle(self) -> None:
+        self._idle_expired = False
         timeout = self.factory.config.idle_timeout
         if not timeout:
             return
@@ -85,18 +115,25 @@ class MLLPConnection(MLLPReceiver):
             self._idle_call = self.factory.clock.callLater(timeout, self._timed_out, "idle")
 
     def _timed_out(self, why: str) -> None:
-        if why == "idle" and self._slots:
-            self._reset_idle()
-            return
+        if why == "idle":
+            if self._slots:
+                self._reset_idle()
+                return
+            if self.in_frame and self._frame_call is not None and self._frame_call.active():
+                self._idle_expired = True  # the frame may still end in time; its timer decides
+                return
         self.factory.stats.timeouts += 1
         log.info("closing connection from %s: %s timeout", self.peer, why)
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        self._reset_idle()
         super().dataReceived(data)
         if self.in_frame:
             self._start_frame_timer()
+        elif self._frame_call is not None and self._frame_call.active():
+            self._stop_frame_timer()  # a frame was dropped and none follows
+            if self._idle_expired and self.transport is not None:
+                self._timed_out("idle")
 
     def _start_frame_timer(self) -> None:
         """Timed from the read that left a frame unfinished: a frame that arrives whole costs no timer."""
@@ -106,14 +143,12 @@ class MLLPConnection(MLLPReceiver):
 
     def _frame_done(self) -> None:
         self._stop_frame_timer()
+        self._reset_idle()
         self.factory.stats.frames += 1
 
     def _stop_frame_timer(self) -> None:
         if self._frame_call is not None and self._frame_call.active():
             self._frame_call.cancel()
-
-    def frameDropped(self) -> None:
-        self._stop_frame_timer()
 
     # -- frames ------------------------------------------------------------------------------------
     def frameReceived(self, payload: bytes) -> None:
@@ -154,6 +189,8 @@ class MLLPConnection(MLLPReceiver):
         if self._paused and len(slots) < self.factory.config.max_in_flight // 2 + 1:
             self._paused = False
             self.transport.resumeProducing()
+        if not slots:
+            self._reset_idle()
         self._close_if_done()
 
     def _send(self, data: bytes) -> None:
@@ -177,75 +214,93 @@ class MLLPConnection(MLLPReceiver):
             self.transport.loseConnection()
 
 
-class _Refused(protocol.Protocol):
-    """Closes at once. Returning None from buildProtocol is not enough under TLS wrapping."""
-
-    def connectionMade(self) -> None:
-        self.transport.loseConnection()
-
-
 class MLLPFactory(protocol.Factory):
     protocol = MLLPConnection
 
     def __init__(
-        self, config: ListenerConfig, pipeline: Pipeline, clock: IReactorTime, observer: Observer | None = None
+        self,
+        config: ListenerConfig,
+        pipeline: Pipeline,
+        clock: IReactorTime,
+        observer: Observer | None = None,
+        fds: FdWatch | None = None,
     ) -> None:
         self.config = config
         self.pipeline = pipeline
         self.clock = clock
         self.observer = observer or NullObserver()
+        self.fds = fds
         self.stats = ListenerStats()
         self.open: set[MLLPConnection] = set()
+        self.per_peer: dict[str, int] = {}
+        self.refusals = RefusalLog(log, clock)
+        self.tls = config.endpoint.startswith("ssl:")
+
+    def opened(self, conn: MLLPConnection) -> None:
+        self.open.add(conn)
+        self.per_peer[conn.host] = self.per_peer.get(conn.host, 0) + 1
+
+    def closed(self, conn: MLLPConnection) -> None:
+        self.open.discard(conn)
+        left = self.per_peer.get(conn.host, 0) - 1
+        if left > 0:
+            self.per_peer[conn.host] = left
+        else:
+            self.per_peer.pop(conn.host, None)
 
     def buildProtocol(self, addr: IAddress) -> protocol.Protocol:
         host = getattr(addr, "host", None)
-        if host is not None and not self.config.allows(host):
-            self.stats.refused_connections += 1
-            log.warning("refused connection from %s on %s: not in the allowlist", host, self.config.name)
-            return _Refused()
-        if len(self.open) >= self.config.max_connections:
-            self.stats.refused_connections += 1
-            log.warning("refused connection on %s: %d connections open (limit)", self.config.name, len(self.open))
-            return _Refused()
+        why = self._refusal(host)
+        if why:
+            self.refuse(str(host), why)
+            return Refused()
         self.stats.accepted_connections += 1
         return super().buildProtocol(addr)
 
+    def refuse(self, host: str, why: str) -> None:
+        self.stats.refused_connections += 1
+        self.refusals.warn((host, why), "refused connection from %s on %s: %s", host, self.config.name, why)
 
-def server_endpoint(reactor: object, description: str, client_ca: str = "") -> interfaces.IStreamServerEndpoint:
-    """The endpoint for a description; ``client_ca`` turns an ``ssl:`` one into mutual TLS.
+    def crowded(self, transport: interfaces.ITransport) -> bool:
+        """A connection whose descriptor eats into the reserve kept for the database and the dispatcher."""
+        if self.fds is None:
+            return False
+        try:
+            fd = transport.getHandle().fileno()
+        except (AttributeError, OSError):
+            return False
+        if not self.fds.crowded(fd):
+            return False
+        self.stats.accepted_connections -= 1
+        self.refuse(str(getattr(transport.getPeer(), "host", "?")), "out of file descriptors")
+        self.fds.dropped()
+        return True
 
-    Twisted's ``ssl:`` strings cannot ask for client certificates, so the parsed
-    options are rebuilt with verification against the given CA bundle.
-    """
-    if not client_ca:
-        return endpoints.serverFromString(reactor, description)
-    if not description.startswith("ssl:"):
-        raise ValueError("tls_client_ca needs an ssl: endpoint")
-    _kind, args, kwargs = endpoints._parseServer(description, None)
-    port, _factory, options = args
-    authorities = load_certificates(client_ca)
-    verified = ssl.CertificateOptions(
-        privateKey=options.privateKey,
-        certificate=options.certificate,
-        extraCertChain=options.extraCertChain,
-        dhParameters=getattr(options, "dhParameters", None),
-        verify=True,
-        caCerts=authorities,
-        requireCertificate=True,
-    )
-    return endpoints.SSL4ServerEndpoint(reactor, port, verified, **kwargs)
+    def _refusal(self, host: str | None) -> str:
+        cfg = self.config
+        if host is not None and not cfg.allows(host):
+            return "not in the allowlist"
+        if len(self.open) >= cfg.max_connections:
+            return f"{cfg.max_connections} connections open (max_connections)"
+        if host is not None and self.per_peer.get(host, 0) >= cfg.max_connections_per_peer:
+            return f"{cfg.max_connections_per_peer} connections open from this peer (max_connections_per_peer)"
+        if self.fds is not None and self.fds.low():
+            return "out of file descriptors"
+        return ""
 
 
-def load_certificates(path: str) -> list:
-    """Every certificate in a PEM bundle, as pyOpenSSL X509 objects."""
-    with open(path, "rb") as handle:
-        blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", handle.read(), re.DOTALL)
-    if not blocks:
-        raise ValueError(f"{path} holds no PEM certificate")
-    return [ssl.Certificate.loadPEM(block).original for block in blocks]
+def server_endpoint(reactor: object, config: ListenerConfig) -> interfaces.IStreamServerEndpoint:
+    """The listener's endpoint. For ``ssl:`` the TLS layer is added by ``listen``."""
+    if not config.endpoint.startswith("ssl:"):
+        return endpoints.serverFromString(reactor, config.endpoint)
+    port, options = tls.split_endpoint(config.endpoint)
+    return endpoints.serverFromString(reactor, tls.tcp_description(port, options))
 
 
 def listen(reactor: object, factory: MLLPFactory) -> defer.Deferred:
     """Bind the listener's endpoint; the Deferred fires with the IListeningPort."""
-    endpoint = server_endpoint(reactor, factory.config.endpoint, factory.config.tls_client_ca)
-    return endpoint.listen(factory)
+    endpoint = server_endpoint(reactor, factory.config)
+    if not factory.tls:
+        return endpoint.listen(factory)
+    creator = tls.ServerConnections(tls.context_for(factory.config.endpoint, factory.config.tls_settings()))
+    return endpoint.listen(TLSMemoryBIOFactory(creator, False, factory))

@@ -18,6 +18,7 @@ from . import hl7schema
 from . import systemd as sd
 from .ack import AckBuilder
 from .config import Config
+from .connections import CappedFactory, FdWatch, RefusalLog, raise_descriptor_limit
 from .dispatch_child import ChildSpec, FixedToken
 from .dispatch_config import router
 from .dispatch_process import DispatcherProcess
@@ -43,6 +44,12 @@ from .store import (
 )
 
 log = logging.getLogger("hl7bridge.service")
+#: Descriptors the service holds besides connections: database files, pipes, the reactor, the API client.
+DESCRIPTOR_BASE = 128
+#: A health connection that sends no complete request for this long is closed.
+HEALTH_IDLE_TIMEOUT = 30.0
+#: Descriptors short for this long is a leak, not a burst: the watchdog then lets systemd restart.
+FD_RESTART_AFTER = 120.0
 
 
 class StartupError(RuntimeError):
@@ -66,6 +73,7 @@ class Service:
     _loops: list[task.LoopingCall] = field(default_factory=list)
     _health_port: IListeningPort | None = None
     _probes: Probes | None = None
+    fds: FdWatch | None = None
 
     @defer.inlineCallbacks
     def start(self):
@@ -95,6 +103,9 @@ class Service:
         # the collector's full passes (one took 0.2 s while the first messages waited), before anything listens.
         gc.collect()
         gc.freeze()
+        self._budget_descriptors()
+        self.fds = FdWatch(self.reactor)
+        self.fds.start()
         acks = AckBuilder(cfg.service.application, cfg.service.facility, cfg.service.ack_phi)
         for listener in cfg.listeners:
             sync = listener.ack_mode == "dispatched"
@@ -109,7 +120,7 @@ class Service:
                 dispatch_timeout=listener.dispatch_timeout,
                 observer=self.metrics,
             )
-            factory = MLLPFactory(listener, pipeline, self.reactor, self.metrics)
+            factory = MLLPFactory(listener, pipeline, self.reactor, self.metrics, self.fds)
             self.metrics.track_connections(listener.name, lambda f=factory: len(f.open))
             try:
                 port = yield listen(self.reactor, factory)
@@ -152,6 +163,19 @@ class Service:
             )
         log.info("message log checked in %.1f s (PRAGMA quick_check)", time.monotonic() - started)
 
+    def _budget_descriptors(self) -> None:
+        """Every listener full at once must fit under RLIMIT_NOFILE, with room for the database,
+        the dispatcher's pipes and the API client: raise the soft limit if the hard one allows."""
+        cfg = self.config
+        wanted = sum(lst.max_connections for lst in cfg.listeners) + cfg.health.max_connections + DESCRIPTOR_BASE
+        soft, hard = raise_descriptor_limit(wanted)
+        if soft < wanted:
+            log.warning("the descriptor limit (RLIMIT_NOFILE %d, hard %d) is below the %d the listeners' "
+                        "max_connections may need: raise LimitNOFILE or lower max_connections", soft, hard, wanted)  # fmt: skip
+
+    def _descriptors(self) -> tuple[bool, str]:
+        return self.fds.status() if self.fds is not None else (True, "not watched")
+
     def _listeners_up(self) -> tuple[bool, str]:
         if self.stopping:
             return False, "shutting down"
@@ -168,15 +192,17 @@ class Service:
             lambda: self.dispatcher.paused_reason if self.dispatcher is not None else None,
             cfg.outbox_stuck_after,
             cfg.heartbeat_interval,
+            descriptors=self._descriptors,
         )
         self._probes = Probes(self.reactor, self.health, self.writer, self.engine, self.metrics)
         self._probes.start()
         if not cfg.listen:
             return
-        site = server.Site(HealthResource(self.health, self.metrics))
+        site = server.Site(HealthResource(self.health, self.metrics), timeout=HEALTH_IDLE_TIMEOUT)
         site.noisy = False
+        capped = CappedFactory(site, cfg.max_connections, "health", RefusalLog(log, self.reactor))
         try:
-            self._health_port = yield endpoints.serverFromString(self.reactor, cfg.listen).listen(site)
+            self._health_port = yield endpoints.serverFromString(self.reactor, cfg.listen).listen(capped)
         except Exception as exc:  # noqa: BLE001 - port in use and the like
             yield self.stop()
             raise StartupError(f"the health listener cannot listen on {cfg.listen}: {_why(exc)}") from None
@@ -240,12 +266,21 @@ class Service:
         return [_describe(p) for p in self.ports]
 
     def watchdog_problems(self) -> list[str]:
-        """What a restart could fix: the listeners or the database. (A paused API cannot be, and a
-        restart would close the MLLP port the engines send to.)"""
+        """What a restart could fix: the listeners, the database, or descriptors short for minutes (a leak;
+        a burst passes sooner). A paused API cannot be fixed so, and a restart would close the MLLP port
+        the engines send to."""
         if self.health is None:
             return []
         checks = self.health.checks(time.time())
-        return [f"{n}: {c.detail}" for n, c in checks.items() if n in ("listeners", "database") and not c.ok]
+        problems = [f"{n}: {c.detail}" for n, c in checks.items() if n in ("listeners", "database") and not c.ok]
+        fds = self.fds
+        if (
+            fds is not None
+            and fds.short_since is not None
+            and self.reactor.seconds() - fds.short_since > FD_RESTART_AFTER
+        ):
+            problems.append(f"descriptors: {checks['descriptors'].detail} for over {FD_RESTART_AFTER:.0f} s")
+        return problems
 
     @defer.inlineCallbacks
     def stop(self, grace: float = 10.0):
@@ -257,6 +292,8 @@ class Service:
         for port in self.ports:
             yield port.stopListening()
         self.ports = []
+        if self.fds is not None:
+            self.fds.stop()
         waited = 0.0
         # A short pause first: bytes already on their way in count as received.
         while waited < grace and (waited < 0.25 or any(c._slots for f in self.factories for c in f.open)):

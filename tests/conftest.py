@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +81,7 @@ def start_service(
     pass_fds: tuple[int, ...] = (),
     port: int | None = None,
     extra: list[str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> RunningService:
     port = port or free_port()
     database = workdir / "var" / "log.db"
@@ -101,6 +102,7 @@ def start_service(
         cwd=workdir,
         env={**os.environ, **(env or {})},
         pass_fds=pass_fds,
+        preexec_fn=preexec_fn,
     )
     line = process.stdout.readline()
     if "listening" not in line:

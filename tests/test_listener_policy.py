@@ -6,11 +6,13 @@ One service runs several listeners, each with the one non-default setting its te
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,8 @@ LISTENERS = {
     "denied": 'allow = ["10.0.0.0/8"]\n',
     "allowed": 'allow = ["127.0.0.0/8"]\n',
     "strict": "lenient_framing = false\nframe_timeout = 1\nidle_timeout = 0\n",
+    "frames": "frame_timeout = 1\nidle_timeout = 0\n",
+    "per_peer": "max_connections_per_peer = 2\n",
 }
 
 
@@ -231,3 +235,105 @@ def test_strict_framing_does_not_answer_before_seeing_the_cr(policy: Policy) -> 
         c.sock.settimeout(10)
         c.sock.sendall(b"X" + frame(message(good)))
         assert msa(c.receive())[1:3] == ["AA", good]
+
+
+def _closed_within(sock: socket.socket, seconds: float, keep_sending: bytes, every: float = 0.3) -> bool:
+    """Send ``keep_sending`` every ``every`` s until the server closes (True) or ``seconds`` pass (False)."""
+    deadline = time.monotonic() + seconds
+    sock.settimeout(every)
+    while time.monotonic() < deadline:
+        try:
+            sock.send(keep_sending)
+            if sock.recv(65536) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return True
+    return False
+
+
+def test_junk_bytes_outside_a_frame_do_not_hold_the_idle_timer(policy: Policy) -> None:
+    with policy.connect("timeouts") as c:  # idle_timeout = 1
+        assert _closed_within(c.sock, 8, b"\r"), "a CR every 0.3 s kept the connection open past idle_timeout"
+
+
+def test_abandoned_starts_do_not_restart_the_frame_clock(policy: Policy) -> None:
+    with policy.connect("frames") as c:  # frame_timeout = 1, idle_timeout = 0 (never)
+        assert _closed_within(c.sock, 8, b"\x0bMSH|"), "a fresh start block every 0.3 s defeated frame_timeout"
+
+
+def test_an_answered_sender_is_not_idle_while_it_sends_messages(policy: Policy) -> None:
+    with policy.connect("timeouts") as c:  # idle_timeout = 1: messages 0.5 s apart keep it open
+        for _ in range(6):
+            ctrl = control()
+            assert msa(c.request(message(ctrl)))[1:3] == ["AA", ctrl]
+            time.sleep(0.5)
+
+
+def _from(address: str, port: int) -> BlockingClient:
+    """A client whose source address is another loopback address: another peer, as the listener sees it."""
+    client = BlockingClient.__new__(BlockingClient)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(address, 0))
+    client.sock, client._buffer = sock, bytearray()
+    return client
+
+
+def test_one_peer_cannot_take_every_connection(policy: Policy) -> None:
+    port = policy.ports["per_peer"]  # max_connections_per_peer = 2
+    held = [policy.connect("per_peer") for _ in range(2)]
+    try:
+        for c in held:
+            ctrl = control()
+            assert msa(c.request(message(ctrl)))[1:3] == ["AA", ctrl]
+        for _ in range(5):
+            with policy.connect("per_peer") as extra:
+                assert closed_by_server(extra.sock)
+        with _from("127.0.0.2", port) as other:  # another peer still gets in
+            ctrl = control()
+            assert msa(other.request(message(ctrl)))[1:3] == ["AA", ctrl]
+    finally:
+        for c in held:
+            c.close()
+
+
+def _tcp_timer(local_port: int, remote_port: int) -> tuple[int, float] | None:
+    """The kernel's timer on the server's side of a loopback connection: (kind, seconds left)."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, remote, timer = fields[1], fields[2], fields[5]
+            if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == remote_port:
+                kind, when = timer.split(":")
+                return int(kind, 16), int(when, 16) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp")
+def test_accepted_connections_use_tcp_keepalive(policy: Policy) -> None:
+    with policy.connect("main") as c:
+        ctrl = control()
+        assert msa(c.request(message(ctrl)))[1:3] == ["AA", ctrl]
+        time.sleep(0.3)  # let the ACK's delayed-ack timer pass
+        timer = _tcp_timer(policy.ports["main"], c.sock.getsockname()[1])
+    assert timer is not None
+    kind, left = timer
+    assert kind == 2 and 0 < left <= 60, f"no keep-alive timer on the server's socket: {timer}"
+
+
+def test_refusals_are_logged_once_per_peer_not_per_connection(tmp_path: Path) -> None:
+    port = free_port()
+    config = f'[listeners.main]\nendpoint = "tcp:{port}:interface=127.0.0.1"\nmax_connections_per_peer = 1\n'
+    running = start_service(tmp_path, config, listen=[], port=port)
+    try:
+        with running.client() as held:
+            ctrl = control()
+            assert msa(held.request(message(ctrl)))[1:3] == ["AA", ctrl]
+            for _ in range(50):
+                with running.client() as extra:
+                    assert closed_by_server(extra.sock)
+    finally:
+        stderr = running.stop()
+    lines = [line for line in stderr.splitlines() if "refused connection" in line]
+    assert len(lines) == 1, lines
+    assert "from 127.0.0.1 on main" in lines[0] and "max_connections_per_peer" in lines[0]

@@ -63,7 +63,8 @@ def test_healthy_service_and_metrics(tmp_path: Path, sandbox: RunningSandbox) ->
     service = start_service(tmp_path, service_toml(sandbox.url) + health_toml(port), env=TOKEN)
     try:
         _status, body = wait_until(lambda: (lambda r: r if r[0] == 200 else None)(healthz(port)))
-        assert body["status"] == "ok" and set(body["checks"]) == {"listeners", "database", "dispatch", "outbox"}
+        checks = {"listeners", "descriptors", "database", "dispatch", "outbox"}
+        assert body["status"] == "ok" and set(body["checks"]) == checks
         ack = segments(service.request(siu("S12", "M-1", "A-M-1", future())))["MSA"]
         assert ack[1] == "AA"
         service.request(siu("S12", "M-1", "A-M-1", future()))  # a duplicate

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from hl7bridge.cli import build_parser
+from hl7bridge.config import HealthConfig, ListenerConfig
 from hl7bridge.dispatch_config import ApiConfig
+from hl7bridge.service import DESCRIPTOR_BASE
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -143,6 +145,13 @@ def test_service_hardening(service: Unit) -> None:
     }
     assert {key: one(service, "Service", key) for key in exact} == exact
     assert values(service, "Service", "SystemCallFilter") == ["@system-service", "~@privileged @resources"]
+
+
+def test_service_bounds_its_descriptor_table(service: Unit) -> None:
+    limit = one(service, "Service", "LimitNOFILE")
+    assert limit.isdigit(), f"LimitNOFILE={limit}: expected one number (soft = hard), never infinity"
+    needed = ListenerConfig("main").max_connections + HealthConfig().max_connections + DESCRIPTOR_BASE
+    assert needed <= int(limit) <= 65536
 
 
 def test_service_has_no_capabilities(service: Unit) -> None:

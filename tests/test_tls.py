@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hl7bridge.mllp import BlockingClient
@@ -51,6 +51,7 @@ class Pki:
     server_cert: Path
     client_key: Path
     client_cert: Path
+    ca_key: ec.EllipticCurvePrivateKey | None = None
 
 
 def _name(common_name: str) -> x509.Name:
@@ -59,7 +60,7 @@ def _name(common_name: str) -> x509.Name:
 
 def _issue(
     subject: str,
-    key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
     issuer_name: x509.Name,
     issuer_key: ec.EllipticCurvePrivateKey,
     ca: bool = False,
@@ -93,7 +94,7 @@ def _issue(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
     path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
@@ -127,6 +128,7 @@ def make_pki(where: Path) -> Pki:
         server_cert=where / "server.pem",
         client_key=where / "client.key",
         client_cert=where / "client.pem",
+        ca_key=ca_key,
     )
     _write_cert(pki.ca_cert, ca_cert)
     _write_cert(ca_dir / "ca.pem", ca_cert)
@@ -135,6 +137,23 @@ def make_pki(where: Path) -> Pki:
     _write_key(pki.client_key, client_key)
     _write_cert(pki.client_cert, client_cert)
     return pki
+
+
+def issue(
+    pki: Pki, where: Path, subject: str, san: list[x509.GeneralName] | None = None, server_rsa: bool = False
+) -> tuple[Path, Path]:
+    """Another certificate from the test CA: a client one, or an RSA server one (static-RSA suites need it)."""
+    assert pki.ca_key is not None
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    key = rsa.generate_private_key(65537, 2048) if server_rsa else ec.generate_private_key(ec.SECP256R1())
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_rsa else ExtendedKeyUsageOID.CLIENT_AUTH
+    if server_rsa:
+        san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = _issue(subject, key, ca.subject, pki.ca_key, usage=usage, san=san)
+    stem = subject.replace(" ", "_")
+    _write_cert(where / f"{stem}.pem", cert)
+    _write_key(where / f"{stem}.key", key)
+    return where / f"{stem}.pem", where / f"{stem}.key"
 
 
 def client_context(pki: Pki, with_cert: bool = False) -> ssl.SSLContext:
@@ -383,3 +402,132 @@ def test_refused_tls_connection_is_closed_by_the_server(refusing_tls: RefusingTl
     stderr = refusing_tls.service.stop()
     assert "Traceback" not in stderr
     assert stderr.count("refused connection") == 1
+
+
+# --- protocol versions, cipher suites, pinned client names ----------------------------------------
+
+
+@dataclass
+class Policy:
+    service: RunningService
+    ports: dict[str, int]
+    certs: dict[str, tuple[Path, Path]]
+
+
+@pytest.fixture(scope="module")
+def tls_policy(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Policy]:
+    """An RSA-keyed listener on the defaults, a TLS 1.3-only one, and a mutual one pinned to two names.
+    (The test of the pinned names reads the log, so it stops the service: it comes last.)"""
+    tmp_path = tmp_path_factory.mktemp("tls-policy")
+    certs = {
+        "rsa": issue(pki, tmp_path, "localhost", server_rsa=True),
+        "named": issue(pki, tmp_path, "epic-feed-2"),
+        "san": issue(pki, tmp_path, "some host", san=[x509.DNSName("cerner.feed.example.org")]),
+        "other": issue(pki, tmp_path, "intruder"),
+    }
+    ports = {name: free_port() for name in ("rsa", "tls13", "pinned")}
+    rsa_cert, rsa_key = certs["rsa"]
+    config = (
+        f'[listeners.rsa]\nendpoint = "ssl:{ports["rsa"]}:interface=127.0.0.1:privateKey={rsa_key}:certKey={rsa_cert}"\n\n'
+        f'[listeners.tls13]\nendpoint = "{ssl_endpoint(ports["tls13"], pki)}"\ntls_min_version = "1.3"\n\n'
+        f'[listeners.pinned]\nendpoint = "{ssl_endpoint(ports["pinned"], pki)}"\ntls_client_ca = "{pki.ca_cert}"\n'
+        'tls_client_names = ["epic-feed-2", "cerner.feed.example.org"]\n'
+    )
+    running = start_service(tmp_path, config, listen=[])
+    yield Policy(running, ports, certs)
+    running.stop()
+
+
+def _tls_client(
+    pki: Pki, version: ssl.TLSVersion | None = None, ciphers: str | None = None, cert: tuple[Path, Path] | None = None
+) -> ssl.SSLContext:
+    ctx = client_context(pki)
+    if version is not None:
+        ctx.minimum_version = ctx.maximum_version = version
+    if ciphers is not None:
+        ctx.set_ciphers(ciphers)
+    if cert is not None:
+        ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+    return ctx
+
+
+def _answer(port: int, ctx: ssl.SSLContext) -> tuple[str, list[str]]:
+    """The TLS version negotiated and the MSA of one message's answer."""
+    ctrl = control()
+    with BlockingClient("127.0.0.1", port, timeout=10, ssl_context=ctx, server_hostname="localhost") as c:
+        version = c.sock.version()
+        ack = msa(c.request(message(ctrl)))
+    assert ack[2] == ctrl
+    return version, ack[1:2]
+
+
+def _refused(port: int, ctx: ssl.SSLContext) -> bool:
+    try:
+        _answer(port, ctx)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    return False
+
+
+@pytest.mark.parametrize("suite", ["AES128-SHA", "AES256-SHA", "AES128-GCM-SHA256", "ECDHE-RSA-AES128-SHA"])
+def test_tls12_static_rsa_and_cbc_suites_are_refused(tls_policy: Policy, pki: Pki, suite: str) -> None:
+    ctx = _tls_client(pki, ssl.TLSVersion.TLSv1_2, f"{suite}:@SECLEVEL=0")
+    assert _refused(tls_policy.ports["rsa"], ctx), f"the server accepted {suite}"
+
+
+def test_tls11_is_refused(tls_policy: Policy, pki: Pki) -> None:
+    ctx = _tls_client(pki, ssl.TLSVersion.TLSv1_1, "DEFAULT:@SECLEVEL=0")
+    assert _refused(tls_policy.ports["rsa"], ctx)
+
+
+def test_tls12_ecdhe_aead_is_accepted_and_tls13_is_preferred(tls_policy: Policy, pki: Pki) -> None:
+    port = tls_policy.ports["rsa"]
+    for suite in ("ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-CHACHA20-POLY1305"):
+        assert _answer(port, _tls_client(pki, ssl.TLSVersion.TLSv1_2, suite)) == ("TLSv1.2", ["AA"])
+    assert _answer(port, _tls_client(pki)) == ("TLSv1.3", ["AA"])
+
+
+def test_tls_min_version_13_refuses_tls12(tls_policy: Policy, pki: Pki) -> None:
+    port = tls_policy.ports["tls13"]
+    assert _refused(port, _tls_client(pki, ssl.TLSVersion.TLSv1_2))
+    assert _answer(port, _tls_client(pki, ssl.TLSVersion.TLSv1_3)) == ("TLSv1.3", ["AA"])
+
+
+def test_pinned_client_names_accept_cn_or_san_and_refuse_others_with_a_log_line(tls_policy: Policy, pki: Pki) -> None:
+    port = tls_policy.ports["pinned"]
+    for name in ("named", "san"):
+        assert _answer(port, _tls_client(pki, cert=tls_policy.certs[name])) == ("TLSv1.3", ["AA"])
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        # Signed by the right CA, but not a pinned name (nor is the first client's "epic-feed").
+        assert _refused(port, _tls_client(pki, version, cert=tls_policy.certs["other"]))
+        assert _refused(port, _tls_client(pki, version, cert=(pki.client_cert, pki.client_key)))
+    assert _refused(port, _tls_client(pki))  # no certificate at all
+    stderr = tls_policy.service.stop()
+    assert "Traceback" not in stderr
+    refusals = [line for line in stderr.splitlines() if "TLS handshake from 127.0.0.1:" in line]
+    assert any("'intruder'" in line and "not in tls_client_names" in line and "on pinned" in line for line in refusals)
+    assert any("'epic-feed'" in line for line in refusals)
+    assert any("certificate" in line and "intruder" not in line and "epic-feed" not in line for line in refusals)
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ('tls_ciphers = "NO-SUCH-SUITE"', "tls_ciphers: 'NO-SUCH-SUITE' selects no cipher suite"),
+        ('tls_min_version = "1.1"', "tls_min_version: expected one of '1.2', '1.3'"),
+        ('tls_client_names = ["x"]', "tls_client_names: needs tls_client_ca"),
+    ],
+)
+def test_bad_tls_settings_are_one_clear_config_error(pki: Pki, tmp_path: Path, setting: str, expected: str) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(f'[listeners.main]\nendpoint = "{ssl_endpoint(free_port(), pki)}"\n{setting}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "hl7bridge", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"listeners.main.{expected}" in result.stderr

@@ -54,12 +54,16 @@ SEED = int(knob("seed", 20261123, 20261123))
 MAX_BYTES = 16_384
 FRAME_TIMEOUT = 2.0
 IDLE_TIMEOUT = 3.0
-MAX_CONNECTIONS = int(pick(120, 300))
 IDLE_CONNECTIONS = int(pick(100, 250))
+PER_PEER = IDLE_CONNECTIONS + 20  # the framing rules open all their connections from 127.0.0.1 at once
+MAX_CONNECTIONS = 2 * PER_PEER
+CROWD_PEERS = ("127.0.0.3", "127.0.0.4", "127.0.0.5")  # each stays under PER_PEER: only the total limit bites
+FLOOD_PEER = "127.0.0.2"
 LISTENER = f"""max_message_bytes = {MAX_BYTES}
 frame_timeout = {FRAME_TIMEOUT}
 idle_timeout = {IDLE_TIMEOUT}
 max_connections = {MAX_CONNECTIONS}
+max_connections_per_peer = {PER_PEER}
 """
 START = (datetime.now() + timedelta(days=40)).strftime("%Y%m%d093000")
 NAK_CODES = {"AR", "AE", "CR", "CE"}
@@ -217,12 +221,35 @@ def listener_connections(bridge: Bridge) -> int | None:
     return int(found[1]) if found else None
 
 
+def peer_socket(port: int, source: str) -> socket.socket:
+    """A connection from another loopback address: another peer, as the listener sees it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def keep_alive(socks: list[socket.socket]) -> float:
-    """A CR outside any frame on each connection: discarded by the framing, but it resets the idle timer."""
+    """An empty frame on each connection: a complete frame (answered AR) is progress and resets the idle
+    timer; bytes outside a frame would not."""
     for sock in socks:
         with contextlib.suppress(OSError):
-            sock.send(b"\r")
+            sock.send(b"\x0b\x1c\x0d")
     return time.monotonic()
+
+
+def open_crowd(port: int, count: int, peers: tuple[str, ...]) -> tuple[list[socket.socket], int, float]:
+    """``count`` connections from ``peers`` in turn, kept from their idle timeout while they open (that can
+    outlast it on a slow machine); then how many the service closed at once, and the opening time."""
+    crowd: list[socket.socket] = []
+    began = poked = time.monotonic()
+    for i in range(count):
+        crowd.append(peer_socket(port, peers[i % len(peers)]))
+        if time.monotonic() - poked > 0.5:
+            poked = keep_alive(crowd)
+    opening = round(time.monotonic() - began, 2)
+    keep_alive(crowd)
+    seen = watch_closes({"crowd": crowd}, dict.fromkeys(crowd, time.monotonic()), 1.0)["crowd"]
+    return crowd, sum(1 for _d, t in seen if t is not None), opening
 
 
 def framing_rules(bridge: Bridge, gen: Hostile) -> dict[str, Any]:
@@ -297,23 +324,38 @@ def framing_rules(bridge: Bridge, gen: Hostile) -> dict[str, Any]:
         for sock in sockets:
             sock.close()
 
-    # More connections than allowed, all at once: the ones beyond the limit are closed at once.
+    # More connections than allowed, all at once (from three peers): the ones beyond the limit are closed at once.
     wait_for(lambda: listener_connections(bridge) == 0, 30, "every connection to be closed")
-    crowd: list[socket.socket] = []
-    poked = time.monotonic()
-    began = poked
-    for _ in range(MAX_CONNECTIONS + 10):
-        crowd.append(raw_socket(bridge.port))
-        if time.monotonic() - poked > 0.5:
-            poked = keep_alive(crowd)  # opening them all may outlast the idle timeout on a slow machine
-    rules["over_limit_opening_s"] = round(time.monotonic() - began, 2)
-    keep_alive(crowd)
-    rules["over_limit_open_on_the_service"] = listener_connections(bridge)
-    # The accepted ones are kept from their idle timeout by the pokes; the refused ones were closed at once.
-    seen = watch_closes({"crowd": crowd}, dict.fromkeys(crowd, time.monotonic()), 1.0)["crowd"]
+    crowd, rules["over_limit_closed_at_once"], rules["over_limit_opening_s"] = open_crowd(
+        bridge.port, MAX_CONNECTIONS + 10, CROWD_PEERS
+    )
     rules["over_limit_opened"] = len(crowd)
-    rules["over_limit_closed_at_once"] = sum(1 for _d, t in seen if t is not None)
+    rules["over_limit_open_on_the_service"] = listener_connections(bridge)
     for sock in crowd:
+        sock.close()
+    wait_for(lambda: listener_connections(bridge) == 0, 30, "every connection to be closed")
+    rules.update(peer_flood(bridge, gen))
+    return rules
+
+
+def peer_flood(bridge: Bridge, gen: Hostile) -> dict[str, Any]:
+    """One peer opens more connections than the listener allows in all and holds them; another peer's
+    messages must still be answered, and quickly."""
+    rules: dict[str, Any] = {}
+    flood, rules["flood_closed_at_once"], rules["flood_opening_s"] = open_crowd(
+        bridge.port, MAX_CONNECTIONS + 20, (FLOOD_PEER,)
+    )
+    rules["flood_opened"] = len(flood)
+    answers, worst = [], 0.0
+    with BlockingClient("127.0.0.1", bridge.port, timeout=10) as client:
+        for _ in range(20):
+            payload, control = gen.valid()
+            sent = time.monotonic()
+            answers.append(msa(client.request(payload)) == ("AA", control))
+            worst = max(worst, time.monotonic() - sent)
+    rules["flood_other_peer_aa"] = f"{sum(answers)} of {len(answers)}"
+    rules["flood_other_peer_worst_ack_ms"] = round(worst * 1000, 1)
+    for sock in flood:
         sock.close()
     wait_for(lambda: listener_connections(bridge) == 0, 30, "every connection to be closed")
     return rules
@@ -364,7 +406,8 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             "scenario": "hostile_input",
             "injected": f"{malformed} malformed frames/messages (seeded generator, {WORKERS} connections, "
                         f"max_message_bytes {MAX_BYTES}), endless frames, slow drips, {IDLE_CONNECTIONS} idle "
-                        f"connections, {MAX_CONNECTIONS + 10} connections at once (limit {MAX_CONNECTIONS})",
+                        f"connections, {MAX_CONNECTIONS + 10} connections at once (limit {MAX_CONNECTIONS}), "
+                        f"{MAX_CONNECTIONS + 20} from one peer (limit {PER_PEER} per peer)",
             "messages": sum(tally.sent.values()),
             "malformed": malformed,
             "lost": len(without_journey) + (next_answer != ("AA", "HX-NEXT-1")),
@@ -442,6 +485,12 @@ def test_idle_connections_are_closed_and_the_limit_holds(hostile: dict[str, Any]
     assert IDLE_TIMEOUT - 0.5 <= first and last <= IDLE_TIMEOUT + 3, rules
     assert rules["over_limit_open_on_the_service"] <= MAX_CONNECTIONS, rules
     assert rules["over_limit_closed_at_once"] == rules["over_limit_opened"] - MAX_CONNECTIONS, rules
+
+
+def test_one_peer_holding_connections_does_not_lock_out_another(hostile: dict[str, Any]) -> None:
+    rules = hostile["rules"]
+    assert rules["flood_closed_at_once"] == rules["flood_opened"] - PER_PEER, rules
+    assert rules["flood_other_peer_aa"] == "20 of 20", rules
 
 
 def test_memory_stays_bounded_and_descriptors_return(hostile: dict[str, Any]) -> None:
