@@ -192,6 +192,19 @@ def test_serve_sandbox_listen_refuses_a_wildcard_interface(tmp_path: Path) -> No
 # ---- serve --sandbox: its own token, and where it dispatches -----------------------------------------------
 
 
+def test_serve_sandbox_needs_a_sandbox_token_that_can_trigger(tmp_path: Path) -> None:
+    tables = SANDBOX_TABLES.replace(
+        'token = "test-token"\nscopes = ["create.journey_instances", ', 'token = "x"\nscopes = ['
+    )
+    config = tmp_path / "bridge.toml"
+    config.write_text(service_toml("http://127.0.0.1:9") + tables, encoding="utf-8")
+    result = run("serve", "--config", str(config), "--database", f"sqlite:///{tmp_path}/log.db", "--listen",
+                 f"tcp:{free_port()}:interface=127.0.0.1", "--sandbox", "--sandbox-listen", f"tcp:{free_port()}",
+                 cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--sandbox needs a [[sandbox.tokens]] entry with the scopes create.journey_instances" in result.stderr
+
+
 def test_serve_sandbox_never_sends_the_configured_token(tmp_path: Path) -> None:
     """The configured token (here in $PROD_TOKEN) is the production API's secret: the sandbox gets its own."""
     port = free_port()
