@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,22 +23,15 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import requests
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hl7bridge.mllp import BlockingClient  # noqa: E402
+from tests.conftest import RunningSandbox, free_port, start_sandbox  # noqa: E402
 from tests.dispatch_support import SANDBOX_TOML, service_toml, siu  # noqa: E402
 
 MARKER_START = "<!-- dispatch-bench:start -->"
 MARKER_END = "<!-- dispatch-bench:end -->"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -55,8 +47,8 @@ def start_time(offset_days: int) -> str:
     return (datetime.now() + timedelta(days=offset_days)).strftime("%Y%m%d093000")
 
 
-def burst(port: int, sandbox: str, count: int, connections: int) -> dict:
-    before = len(requests.get(sandbox + "/_sandbox/calls", timeout=30).json())
+def burst(port: int, sandbox: RunningSandbox, count: int, connections: int) -> dict:
+    before = len(sandbox.get("/_sandbox/calls"))
     per = count // connections
     when = start_time(30)
     payloads = [[siu("S12", f"B{n}-{i}", f"BURST-{n}-{i}", when) for i in range(per)] for n in range(connections)]
@@ -75,7 +67,7 @@ def burst(port: int, sandbox: str, count: int, connections: int) -> dict:
     acked = time.monotonic() - started
     total = per * connections
     while True:
-        calls = requests.get(sandbox + "/_sandbox/calls", timeout=30).json()[before:]
+        calls = sandbox.get("/_sandbox/calls")[before:]
         bulk = [c for c in calls if c["path"].endswith("/bulk") and c["status"] == 204]
         delivered = sum(len(c["body"]["instances"]) for c in bulk)
         if delivered >= total or time.monotonic() - started > 120:
@@ -93,8 +85,8 @@ def burst(port: int, sandbox: str, count: int, connections: int) -> dict:
     }
 
 
-def trickle(port: int, sandbox: str, count: int, rate: float) -> dict:
-    before = len(requests.get(sandbox + "/_sandbox/calls", timeout=30).json())
+def trickle(port: int, sandbox: RunningSandbox, count: int, rate: float) -> dict:
+    before = len(sandbox.get("/_sandbox/calls"))
     acked_at: dict[str, float] = {}
     with BlockingClient("127.0.0.1", port) as client:
         for i in range(count):
@@ -105,7 +97,7 @@ def trickle(port: int, sandbox: str, count: int, rate: float) -> dict:
     deadline = time.monotonic() + 30
     delays: list[float] = []
     while time.monotonic() < deadline:
-        calls = requests.get(sandbox + "/_sandbox/calls", timeout=30).json()[before:]
+        calls = sandbox.get("/_sandbox/calls")[before:]
         seen = {}
         for call in calls:
             if call["path"].endswith("/bulk") and call["status"] == 204:
@@ -159,26 +151,22 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="update this Markdown file's dispatch section")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hl7bridge-dispatch-bench-"))
-    (work / "sandbox.toml").write_text(SANDBOX_TOML)
-    sandbox_port, port = free_port(), free_port()
-    sandbox_url = f"http://127.0.0.1:{sandbox_port}"
-    config = service_toml(sandbox_url).replace("batch_window_ms = 100", "batch_window_ms = 200")
+    port = free_port()
+    sandbox = start_sandbox(work, SANDBOX_TOML)
+    config = service_toml(sandbox.url).replace("batch_window_ms = 100", "batch_window_ms = 200")
     config = config.replace("retry_initial = 0.2", "retry_initial = 1.0")
     (work / "bridge.toml").write_text(config)
-    sandbox = spawn(
-        ["sandbox", "--config", "sandbox.toml", "--listen", f"tcp:{sandbox_port}:interface=127.0.0.1"], work
-    )
     service = spawn(["serve", "--config", "bridge.toml", "--listen", f"tcp:{port}:interface=127.0.0.1"], work,
                     {"TEST_API_TOKEN": "test-token"})  # fmt: skip
     try:
         results = {
-            "burst": burst(port, sandbox_url, args.burst, args.connections),
-            "trickle": trickle(port, sandbox_url, args.trickle, args.rate),
+            "burst": burst(port, sandbox, args.burst, args.connections),
+            "trickle": trickle(port, sandbox, args.trickle, args.rate),
         }
     finally:
-        for process in (service, sandbox):
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=30)
+        sandbox.stop()
     command = "python bench/dispatch.py" + (f" --burst {args.burst}" if args.burst != 1000 else "")
     print(json.dumps(results, indent=2))
     section = report(results, command)

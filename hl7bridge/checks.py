@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -58,7 +59,11 @@ def nonempty(value: Any, key: str, problems: list[str]) -> Any:
 def number(minimum: float, maximum: float | None = None, integer: bool = False) -> Check:
     def check(value: Any, key: str, problems: list[str]) -> Any:
         kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kinds)
+            or (isinstance(value, float) and not math.isfinite(value))
+        ):
             problems.append(f"{key}: expected {'an integer' if integer else 'a number'}, got {value!r}")
         elif value < minimum or (maximum is not None and value > maximum):
             bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"

@@ -86,6 +86,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.sandbox and args.api_url:
         raise CliError("--sandbox and --api-url exclude each other (the sandbox is the API then)")
+    if args.api_url:
+        logging.getLogger("hl7bridge.service").warning(
+            "--api-url: dispatching to %s instead of api.base_url, with the configured API token", args.api_url
+        )
     service = Service(cfg, reactor, with_sandbox=args.sandbox, sandbox_listen=args.sandbox_listen)
     watchdog = sd.Watchdog(reactor, lambda: not service.watchdog_problems(),
                            describe=lambda: "; ".join(service.watchdog_problems()))  # fmt: skip
@@ -96,8 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"log in {_safe_url(cfg.service.database)}")  # fmt: skip
         if service.sandbox is not None:
             line += f"; sandbox Journeys API on {service.sandbox.url} (see {service.sandbox.url}/_sandbox/instances)"
-        elif service.dispatcher is not None:
-            line += f"; dispatching to {service.config.api.base_url}"
+        if service.dispatcher is not None:
+            line += f"; dispatching to {service.config.api.base_url}" + (" (--api-url)" if args.api_url else "")
         print(line, flush=True)
 
         def before_shutdown() -> None:
@@ -148,18 +152,14 @@ def _safe_url(url: str) -> str:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     cfg = _config(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dataclasses import replace
-
     from twisted.internet import reactor
 
-    from .sandbox import Sandbox, SandboxState
+    from .sandbox import Sandbox
 
-    sandbox_cfg = cfg.sandbox
-    if not sandbox_cfg.tokens:
+    if not cfg.sandbox.tokens:
         raise CliError("the sandbox needs [[sandbox.tokens]] in the configuration (see the example config)")
-    state = SandboxState(sandbox_cfg.org_id or cfg.api.org_id, dict(sandbox_cfg.tokens),
-                         {j.chat_bot_id: j for j in sandbox_cfg.journeys}, replace(sandbox_cfg.faults))  # fmt: skip
-    sandbox = Sandbox(reactor, args.sandbox_listen or sandbox_cfg.listen, state)
+    sandbox = Sandbox.from_config(reactor, cfg.sandbox, cfg.api.org_id, args.sandbox_listen)
+    state = sandbox.state
     outcome: dict[str, Any] = {}
 
     def started(_: object) -> None:
@@ -173,7 +173,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     reactor.callWhenRunning(lambda: sandbox.start().addCallbacks(started, failed))
     reactor.run()
     if "error" in outcome:
-        raise CliError(f"the sandbox cannot listen on {sandbox.listen_description}: {_first_line(outcome['error'])}")
+        raise CliError(f"the sandbox cannot start on {sandbox.listen_description}: {_first_line(outcome['error'])}")
     return 0
 
 
@@ -534,12 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="endpoint string, e.g. tcp:2575:interface=127.0.0.1 (repeatable; overrides the file)")  # fmt: skip
     serve.add_argument("--sandbox", action="store_true",
                        help="start the built-in Journeys API sandbox and dispatch to it")  # fmt: skip
-    serve.add_argument("--sandbox-listen", metavar="ENDPOINT", help="where the sandbox listens (default tcp:8080)")
+    serve.add_argument("--sandbox-listen", metavar="ENDPOINT",
+                       help="where the sandbox listens (default: sandbox.listen, 127.0.0.1:8080; loopback unless "
+                            "sandbox.allow_remote)")  # fmt: skip
     serve.add_argument("--api-url", metavar="URL", help="dispatch to this Journeys API base URL instead")
     serve.set_defaults(func=cmd_serve)
 
     sandbox = with_config(sub.add_parser("sandbox", help="run the Journeys API sandbox on its own"))
-    sandbox.add_argument("--listen", dest="sandbox_listen", metavar="ENDPOINT", help="default tcp:8080")
+    sandbox.add_argument("--listen", dest="sandbox_listen", metavar="ENDPOINT",
+                         help="default: sandbox.listen, 127.0.0.1:8080; loopback unless sandbox.allow_remote")  # fmt: skip
     sandbox.set_defaults(func=cmd_sandbox)
 
     check_config = with_config(sub.add_parser("check-config", help="validate the settings and exit"))

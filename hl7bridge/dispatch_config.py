@@ -25,7 +25,7 @@ from .er7 import Path
 from .journeys import DEFAULT_CANCEL_PATH, TokenSource
 from .mapping import NAMED_VALUES, TYPES, Condition, ParameterSpec, is_named
 from .routing import Criteria, Route, Router
-from .sandbox import Faults, Journey
+from .sandbox import FAULT_CHECKS, Faults, Journey, local_endpoint
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,10 @@ class SandboxConfig:
     tokens: dict[str, frozenset[str]] = field(default_factory=dict)
     journeys: tuple[Journey, ...] = ()
     faults: Faults = field(default_factory=Faults)
+    #: The token of /_sandbox/ (never an API token); empty: a random one at each start.
+    control_token: str = field(default="", repr=False)
+    control_token_file: str = "var/sandbox-control.token"
+    allow_remote: bool = False
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -299,7 +303,8 @@ def parse_sandbox(data: Any, problems: list[str]) -> SandboxConfig:
     if not isinstance(data, dict):
         problems.append("sandbox: expected a table")
         return SandboxConfig()
-    _unknown(data, ("listen", "org_id", "tokens", "journeys", "faults"), "sandbox", problems)
+    _unknown(data, ("listen", "org_id", "tokens", "journeys", "faults", "control_token", "control_token_file",
+                    "allow_remote"), "sandbox", problems)  # fmt: skip
     tokens: dict[str, frozenset[str]] = {}
     for index, item in enumerate(data.get("tokens", [])):
         if not isinstance(item, dict) or not isinstance(item.get("token"), str) or not item["token"]:
@@ -322,15 +327,22 @@ def parse_sandbox(data: Any, problems: list[str]) -> SandboxConfig:
                 problems.append(f"{key}: {name!r} is not in parameters")
         journeys.append(Journey(str(item.get("chat_bot_id", "")), str(item.get("name", item.get("chat_bot_id", ""))),
                                 params, dts, ids, _strings(item.get("subflows", []), f"{key}.subflows", problems)))  # fmt: skip
-    faults_data = data.get("faults", {})
-    faults = Faults()
-    if isinstance(faults_data, dict):
-        for name, value in faults_data.items():
-            if name not in ("error_rate", "latency_ms", "rate_limit_every", "retry_after", "slow_every",
-                            "slow_seconds"):  # fmt: skip
-                problems.append(f"sandbox.faults.{name}: unknown fault")
-                continue
-            _number(0, None)(value, f"sandbox.faults.{name}", problems)
-            setattr(faults, name, value)
+    faults = Faults(**_table(data.get("faults", {}), "sandbox.faults", FAULT_CHECKS, problems))
     listen = _str(data.get("listen", SandboxConfig.listen), "sandbox.listen", problems)
-    return SandboxConfig(listen, str(data.get("org_id", "")), tokens, tuple(journeys), faults)
+    allow_remote = _bool(data.get("allow_remote", False), "sandbox.allow_remote", problems)
+    if isinstance(listen, str) and isinstance(allow_remote, bool):
+        try:
+            local_endpoint(listen, allow_remote)
+        except ValueError as exc:
+            problems.append(f"sandbox.listen: {exc}")
+    control = data.get("control_token", "")
+    if control != "" and (not isinstance(control, str) or len(control) < 16 or not control.isprintable()
+                          or " " in control):  # fmt: skip
+        problems.append("sandbox.control_token: expected \"\" (a random token at each start) or at least 16 printable "
+                        "characters without spaces")  # fmt: skip
+    elif control in tokens:
+        problems.append("sandbox.control_token: must differ from every sandbox.tokens token (it opens /_sandbox/ only)")
+    token_file = _str(data.get("control_token_file", SandboxConfig.control_token_file), "sandbox.control_token_file",
+                      problems)  # fmt: skip
+    return SandboxConfig(listen, str(data.get("org_id", "")), tokens, tuple(journeys), faults, str(control),
+                         str(token_file), allow_remote is True)  # fmt: skip

@@ -29,7 +29,7 @@ from .journeys import JourneysClient, TokenSource
 from .listener import MLLPFactory, listen
 from .metrics import Metrics
 from .pipeline import Pipeline
-from .sandbox import Sandbox, SandboxState
+from .sandbox import Sandbox
 from .store import (
     DAMAGED_HINT,
     Job,
@@ -321,25 +321,22 @@ class Service:
     @defer.inlineCallbacks
     def _start_sandbox(self):
         cfg = self.config
-        sandbox_cfg = cfg.sandbox
-        tokens = dict(sandbox_cfg.tokens)
-        if not tokens:
-            raise StartupError("--sandbox needs [[sandbox.tokens]] in the configuration (see the example config)")
-        state = SandboxState(sandbox_cfg.org_id or cfg.api.org_id, tokens,
-                             {j.chat_bot_id: j for j in sandbox_cfg.journeys}, replace(sandbox_cfg.faults))  # fmt: skip
-        self.sandbox = Sandbox(self.reactor, self.sandbox_listen or sandbox_cfg.listen, state)
+        self.sandbox = Sandbox.from_config(self.reactor, cfg.sandbox, cfg.api.org_id, self.sandbox_listen)
+        if self.sandbox.state.client_token() is None:
+            raise StartupError("--sandbox needs a [[sandbox.tokens]] entry with the scopes create.journey_instances "
+                               "and read.journey_instances (see the example config)")  # fmt: skip
         try:
             yield self.sandbox.start()
-        except Exception as exc:  # noqa: BLE001 - port in use and the like
-            raise StartupError(f"the sandbox cannot listen on {self.sandbox.listen_description}: {_why(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - port in use, a remote interface not allowed, and the like
+            raise StartupError(f"the sandbox cannot start on {self.sandbox.listen_description}: {_why(exc)}") from None
         self.config = replace(cfg, api=replace(cfg.api, base_url=self.sandbox.url))
         log.info("sandbox Journeys API listening on %s", self.sandbox.url)
 
     def _start_dispatcher(self) -> None:
         api, dispatch, service = self.config.api, self.config.dispatch, self.config.service
-        tokens: TokenSource | FixedToken = api.tokens()
-        if self.sandbox is not None and not _token_available(tokens):
-            tokens = FixedToken(next(iter(self.sandbox.state.tokens)))
+        # The sandbox gets its own token, never the configured one: that is the production API's secret.
+        sandbox_token = self.sandbox.state.client_token() if self.sandbox is not None else None
+        tokens: TokenSource | FixedToken = FixedToken(sandbox_token) if sandbox_token else api.tokens()
         settings = DispatchSettings(
             batch_size=dispatch.batch_size,
             batch_window=dispatch.batch_window_ms / 1000.0,
@@ -370,21 +367,17 @@ class Service:
             self.dispatcher = Dispatcher(self.engine, self.writer, client, settings, observer=self.metrics)
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
-        log.info("dispatching to %s (org %s)", api.base_url, api.org_id)
+        if sandbox_token:
+            log.warning("dispatching to the built-in sandbox at %s (org %s) with the sandbox's own token; nothing "
+                        "reaches MedChat", api.base_url, api.org_id)  # fmt: skip
+        else:
+            log.info("dispatching to %s (org %s) with the configured API token", api.base_url, api.org_id)
 
 
 def _shareable(database: str) -> bool:
     """Whether another process can open the same log (not an in-memory SQLite database)."""
     url = make_url(database)
     return not (url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"))
-
-
-def _token_available(tokens: TokenSource | FixedToken) -> bool:
-    try:
-        tokens.read()
-    except Exception:  # noqa: BLE001 - any failure means "not available"
-        return False
-    return True
 
 
 def _sleep(reactor: Any, seconds: float) -> defer.Deferred:

@@ -38,6 +38,8 @@ class RunningService:
     database: Path
     config: Path | None
     workdir: Path
+    #: The start-up line on stdout (where it listens, logs, and dispatches).
+    banner: str = ""
 
     @property
     def url(self) -> str:
@@ -108,7 +110,7 @@ def start_service(
     if "listening" not in line:
         process.wait(timeout=10)
         raise AssertionError(f"service did not start: {line}{process.stderr.read()}")
-    return RunningService(process, port, database, config, workdir)
+    return RunningService(process, port, database, config, workdir, line)
 
 
 @pytest.fixture(scope="module")
@@ -155,20 +157,27 @@ def unique_control(payload: bytes, control_id: str) -> bytes:
 
 @dataclass
 class RunningSandbox:
-    """A ``hl7bridge sandbox`` subprocess: the Journeys API emulator, reached over real HTTP."""
+    """A ``hl7bridge sandbox`` subprocess: the Journeys API emulator, reached over real HTTP.
+
+    ``get`` and ``post`` reach its ``/_sandbox/`` controls with the control token it wrote at start."""
 
     process: subprocess.Popen
     port: int
+    control_token: str
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def control(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.control_token}"}
+
     def get(self, path: str) -> object:
-        return requests.get(self.url + path, timeout=10).json()
+        return requests.get(self.url + path, headers=self.control, timeout=10).json()
 
     def post(self, path: str, body: object) -> object:
-        return requests.post(self.url + path, json=body, timeout=10).json()
+        return requests.post(self.url + path, json=body, headers=self.control, timeout=10).json()
 
     def instances(self, **criteria: str) -> list[dict]:
         found = self.get("/_sandbox/instances")
@@ -203,7 +212,12 @@ def start_sandbox(workdir: Path, config_text: str, port: int | None = None) -> R
     if "sandbox" not in line:
         process.wait(timeout=10)
         raise AssertionError(f"sandbox did not start: {line}{process.stderr.read()}")
-    return RunningSandbox(process, port)
+    return RunningSandbox(process, port, control_token(workdir))
+
+
+def control_token(workdir: Path) -> str:
+    """The sandbox control token that a sandbox started in ``workdir`` wrote (``sandbox.control_token_file``)."""
+    return (workdir / "var" / "sandbox-control.token").read_text(encoding="utf-8").strip()
 
 
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, message: str = "condition"):

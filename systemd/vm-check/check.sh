@@ -16,6 +16,9 @@ OUT=$SHARE/out
 SRC=/usr/local/src/hl7bridge
 BIN=/opt/hl7bridge/venv/bin
 CFG=/etc/hl7bridge/hl7bridge.toml
+# The sandbox runs in this directory and writes its /_sandbox/ control token under it at start.
+SANDBOX_DIR=/root/journeys-sandbox
+export CONTROL_FILE=$SANDBOX_DIR/var/sandbox-control.token
 TOKEN=$(tr -d '[:space:]' <"$SHARE/repo/config/sandbox.token")
 export PIP_NO_INDEX=1 PIP_FIND_LINKS=/root/wheelhouse PIP_DISABLE_PIP_VERSION_CHECK=1
 export DEBIAN_FRONTEND=noninteractive SYSTEMD_PAGER='' SYSTEMD_COLORS=0 LC_ALL=C.UTF-8
@@ -135,7 +138,7 @@ fi
 # The Journeys sandbox: a separate process (transient unit), with the repository's example
 # settings, which hold the [sandbox] tables and the demo token the bridge presents.
 section "Journeys sandbox (separate process)"
-step "systemd-run --unit=journeys-sandbox $BIN/hl7bridge sandbox --config $SRC/config/hl7bridge.example.toml --listen tcp:8080:interface=127.0.0.1"
+step "mkdir -p $SANDBOX_DIR && systemd-run --unit=journeys-sandbox --working-directory=$SANDBOX_DIR $BIN/hl7bridge sandbox --config $SRC/config/hl7bridge.example.toml --listen tcp:8080:interface=127.0.0.1"
 wait_for 180 'port_open 8080' || result FAIL sandbox "did not listen on 8080 within 180 s"
 
 step "install -m 0644 $SRC/systemd/hl7bridge.service /etc/systemd/system/"
@@ -162,14 +165,14 @@ printf '%s\n' "$send_out"
 n_files=$(find "$SRC/fixtures/demo" -name '*.hl7' | wc -l)
 n_aa=$(grep -c '^AA ' <<<"$send_out")
 if ! command -v curl >/dev/null; then
-    step 'curl -s http://127.0.0.1:8080/_sandbox/instances'
+    step 'curl -s -H "Authorization: Bearer $(cat $CONTROL_FILE)" http://127.0.0.1:8080/_sandbox/instances'
     issue "'curl' is not installed on a minimal Debian 12 (curl: command not found); the README's health check uses it. Fix: add curl to the apt-get install line. Workaround here: apt-get install -y curl."
     step 'apt-get install -y curl'
 fi
-wait_for 60 '[ "$(curl -s http://127.0.0.1:8080/_sandbox/instances | python3 -c "import json,sys; print(len(json.load(sys.stdin)))")" -ge 4 ]'
-step 'curl -s http://127.0.0.1:8080/_sandbox/instances | python3 -c "import json,sys
+wait_for 60 '[ "$(curl -s -H "Authorization: Bearer $(cat $CONTROL_FILE)" http://127.0.0.1:8080/_sandbox/instances | python3 -c "import json,sys; print(len(json.load(sys.stdin)))")" -ge 4 ]'
+step 'curl -s -H "Authorization: Bearer $(cat $CONTROL_FILE)" http://127.0.0.1:8080/_sandbox/instances | python3 -c "import json,sys
 for i in json.load(sys.stdin): print(i[\"chatBotId\"], i[\"parameters\"][\"appointmentId\"], i[\"parameters\"][\"appointmentDateTime\"], i[\"status\"])"'
-instances=$(curl -s http://127.0.0.1:8080/_sandbox/instances | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d), sorted(i["parameters"]["appointmentId"] + ":" + i["status"] for i in d))')
+instances=$(curl -s -H "Authorization: Bearer $(cat "$CONTROL_FILE")" http://127.0.0.1:8080/_sandbox/instances | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d), sorted(i["parameters"]["appointmentId"] + ":" + i["status"] for i in d))')
 step "sudo -u hl7bridge $BIN/hl7bridge log list --config $CFG --since 2h"
 n_log=$(sudo -u hl7bridge "$BIN/hl7bridge" log list --config "$CFG" --since 2h 2>/dev/null | grep -c ' AA ')
 if [ "$send_rc" -eq 0 ] && [ "$n_aa" -eq "$n_files" ] && [ "$n_log" -eq "$n_files" ] && [ "${instances%% *}" -ge 4 ]; then

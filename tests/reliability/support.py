@@ -273,7 +273,7 @@ def sandbox_process(workdir: Path) -> RunningSandbox:
 
 def sandbox_reachable(sandbox: RunningSandbox) -> bool:
     try:
-        requests.get(sandbox.url + "/_sandbox/faults", timeout=2)
+        requests.get(sandbox.url + "/_sandbox/faults", headers=sandbox.control, timeout=2)
     except requests.RequestException:
         return False
     return True
