@@ -24,7 +24,7 @@ from .dispatch_process import DispatcherProcess
 from .dispatcher import Dispatcher, DispatchSettings
 from .health import HealthResource, HealthState, Probes
 from .intake import Intake
-from .journeys import JourneysClient, TokenSource
+from .journeys import TokenSource, plain_http_outside_loopback
 from .listener import MLLPFactory, listen
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -279,6 +279,9 @@ class Service:
                 cancel_path=api.cancel_path,
                 connect_timeout=api.connect_timeout,
                 read_timeout=api.read_timeout,
+                call_timeout=api.call_timeout,
+                ca_file=api.ca_file,
+                proxy=api.proxy,
                 settings=asdict(settings),
                 log_level=service.log_level,
                 log_format=service.log_format,
@@ -288,12 +291,13 @@ class Service:
             )
             self.dispatcher = DispatcherProcess(self.reactor, spec, self.metrics, self.writer)
         else:
-            client = JourneysClient(api.base_url, api.org_id, tokens, api.cancel_path, api.connect_timeout,
-                                    api.read_timeout)  # fmt: skip
-            self.dispatcher = Dispatcher(self.engine, self.writer, client, settings, observer=self.metrics)
+            self.dispatcher = Dispatcher(self.engine, self.writer, api.client(tokens), settings, observer=self.metrics)
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
         log.info("dispatching to %s (org %s)", api.base_url, api.org_id)
+        if plain_http_outside_loopback(api.base_url):
+            log.warning("api.base_url %s is plain http:// to another machine: the token and patient data cross "
+                        "the network unencrypted; use https://", api.base_url)  # fmt: skip
 
 
 def _shareable(database: str) -> bool:
