@@ -4,7 +4,9 @@ It speaks raw HTTP/1.1 over a socket, so it can answer what no well-behaved fram
 ``103`` before the final answer, a body dripped one byte at a time, an endless chunked stream, redirects,
 bodies with lone surrogates or control characters. Each of the three endpoints (``bulk``, ``search``,
 ``cancel``) answers from its script (a list of ``Answer``, the last one repeating), else as the API
-documents: 204 for bulk and cancel, ``[]`` for search. Every request is recorded in ``seen``.
+documents: 204 for bulk and cancel, and for search the instances of the bulk calls answered 204 whose
+parameters match the search's (the API's own answer, without its cancels). Every request is recorded in
+``seen``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class HostileApi:
         self.url = f"http://127.0.0.1:{self.port}"
         self.seen: list[Seen] = []
         self._scripts: dict[str, list[Answer]] = {}
+        self._triggered: list[dict[str, str]] = []
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, name="hostile-api", daemon=True).start()
@@ -79,6 +82,7 @@ class HostileApi:
         with self._lock:
             self._scripts.clear()
             self.seen.clear()
+            self._triggered.clear()
 
     def requests(self, endpoint: str | None = None) -> list[Seen]:
         with self._lock:
@@ -107,19 +111,29 @@ class HostileApi:
                         return
                     with self._lock:
                         self.seen.append(request)
-                        answer = self._next(_endpoint(request.method, request.path))
+                        answer = self._next(request)
                     if not _answer(conn, answer):
                         return
             except OSError:
                 return
 
-    def _next(self, endpoint: str) -> Answer:
+    def _next(self, request: Seen) -> Answer:
+        endpoint = _endpoint(request.method, request.path)
         script = self._scripts.get(endpoint)
         if script:
-            return script.pop(0) if len(script) > 1 else script[0]
-        if endpoint == "search":
-            return json_answer(200, [])
-        return Answer(204) if endpoint in ("bulk", "cancel") else Answer(404)
+            answer = script.pop(0) if len(script) > 1 else script[0]
+        elif endpoint == "search":
+            answer = json_answer(200, self._found(request.json))
+        else:
+            answer = Answer(204) if endpoint in ("bulk", "cancel") else Answer(404)
+        if endpoint == "bulk" and 200 <= answer.status < 300:  # a 2xx may have done the work
+            self._triggered.extend(i["parameters"] for i in request.json["instances"])
+        return answer
+
+    def _found(self, search: dict) -> list[dict]:
+        wanted = {s["parameterName"]: s["rightOperand"] for s in search["filterSpecification"]["specifications"]}
+        return [{"id": f"instance-{n}", "status": "InProgress", "parameters": p}
+                for n, p in enumerate(self._triggered) if all(p.get(k) == v for k, v in wanted.items())]  # fmt: skip
 
 
 def _endpoint(method: str, path: str) -> str:
