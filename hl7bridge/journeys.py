@@ -7,11 +7,15 @@ sent, never logged, and never part of a request summary.
 from __future__ import annotations
 
 import email.utils
+import heapq
 import ipaddress
+import itertools
 import json
 import math
 import os
 import re
+import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +25,9 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import parse_url
 
 from . import __version__
@@ -42,6 +49,7 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 #: Ids from the API go into a URL path as one segment; anything else is refused rather than encoded.
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,199}")
 NOT_JSON = object()
+LATE = "answer not complete within api.call_timeout"
 
 
 class Verdict(Enum):
@@ -86,6 +94,93 @@ class ApiResult:
     def reason(self) -> str:
         """Why the call failed, in one bounded line (the API's messages, else the error, else the status)."""
         return ("; ".join(self.messages) or self.error or f"HTTP {self.status}")[:REASON_CHARS]
+
+
+class _Deadlines:
+    """Shuts down the connection of a call still under way at its deadline: a drip of headers or body
+    passes every per-read timeout. One thread serves all calls; entries of finished calls are emptied and
+    dropped when their time comes."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, list[socket.socket]]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float, sock: socket.socket) -> list[socket.socket]:
+        entry = [sock]
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, next(self._order), entry))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="hl7bridge-api-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return entry
+
+    def disarm(self, entry: list[socket.socket]) -> None:
+        with self._cond:
+            entry.clear()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                _, _, entry = heapq.heappop(self._heap)
+                for sock in entry:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+
+_DEADLINES = _Deadlines()
+#: The deadline of the call this thread is making, and its armed entry.
+_CALL = threading.local()
+
+
+class _Armed:
+    """A connection that, once its request is sent, is shut down at the deadline of the call in this thread."""
+
+    sock: socket.socket | None
+
+    def getresponse(self) -> Any:
+        deadline = getattr(_CALL, "deadline", None)
+        if deadline is not None and self.sock is not None:
+            _CALL.armed = _DEADLINES.arm(deadline, self.sock)
+        return super().getresponse()  # type: ignore[misc]
+
+
+class _Connection(_Armed, HTTPConnection):
+    pass
+
+
+class _TlsConnection(_Armed, HTTPSConnection):
+    pass
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TlsPool(HTTPSConnectionPool):
+    ConnectionCls = _TlsConnection
+
+
+_POOLS = {"http": _Pool, "https": _TlsPool}
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """Pools whose connections keep the call's deadline, direct or through the proxy."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        manager.pool_classes_by_scheme = _POOLS
+        return manager
 
 
 class TokenError(RuntimeError):
@@ -161,7 +256,7 @@ class JourneysClient:
         self.session.headers["Accept"] = "application/json"
         # Compressed answers would grow past MAX_BODY after the limit was checked.
         self.session.headers["Accept-Encoding"] = "identity"
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
+        adapter = _Adapter(pool_connections=4, pool_maxsize=16)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
@@ -238,6 +333,7 @@ class JourneysClient:
         if escaped:
             return ApiResult(operation, Verdict.MALFORMED, None, summary, "", 0.0, (escaped,), error=escaped,
                              reached=False)  # fmt: skip
+        deadline = _CALL.deadline = started + self.call_timeout
         try:
             response = self.session.request(
                 method,
@@ -249,19 +345,26 @@ class JourneysClient:
                 stream=True,
             )
             try:
-                raw, cut = _read_body(response, started + self.call_timeout)
+                raw, cut = _read_body(response, deadline)
             finally:
                 response.close()
-        except requests.ConnectTimeout as exc:
+        except (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError) as exc:
             return self._failed(operation, summary, started, f"connect timeout: {_short(exc, token)}", reached=False)
-        except requests.Timeout as exc:
-            return self._failed(operation, summary, started, f"timeout: {exc.__class__.__name__}")
-        except requests.ConnectionError as exc:
-            refused = "NewConnectionError" in repr(exc) or "refused" in str(exc).lower()
-            return self._failed(operation, summary, started, f"connection error: {_short(exc, token)}",
-                                reached=not refused)  # fmt: skip
-        except (requests.RequestException, OSError) as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if time.monotonic() >= deadline:
+                return self._failed(operation, summary, started, LATE)
+            if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)):
+                return self._failed(operation, summary, started, f"timeout: {exc.__class__.__name__}")
+            if isinstance(exc, requests.ConnectionError):
+                refused = "NewConnectionError" in repr(exc) or "refused" in str(exc).lower()
+                return self._failed(operation, summary, started, f"connection error: {_short(exc, token)}",
+                                    reached=not refused)  # fmt: skip
             return self._failed(operation, summary, started, f"request error: {_short(exc, token)}")
+        finally:
+            armed = getattr(_CALL, "armed", None)
+            if armed is not None:
+                _DEADLINES.disarm(armed)
+            _CALL.deadline = _CALL.armed = None
         duration = (time.monotonic() - started) * 1000
         status = response.status_code
         text = raw.decode("utf-8", errors="replace")
@@ -321,8 +424,10 @@ def _read_body(response: requests.Response, deadline: float) -> tuple[bytes, str
             return b"", f"answer larger than {MAX_BODY // (1024 * 1024)} MiB; not read further"
         if time.monotonic() > deadline:
             response.raw.close()
-            return b"", "answer not complete within api.call_timeout"
+            return b"", LATE
         parts.append(chunk)
+    if time.monotonic() > deadline:  # cut short by the deadline's shutdown
+        return b"", LATE
     body = b"".join(parts)
     response._content, response._content_consumed = body, True  # read here, so the connection is reused
     if response.status_code < 200:

@@ -33,6 +33,10 @@ class Answer:
     interim: tuple[int, ...] = ()
     #: Seconds between the bytes of the body (a drip); 0 sends it at once.
     drip: float = 0.0
+    #: Drip the status line and headers too.
+    drip_head: bool = False
+    #: Seconds of silence after the headers, before the body.
+    stall: float = 0.0
     #: A chunked body of ``body`` repeated until the client goes away.
     endless: bool = False
 
@@ -170,8 +174,14 @@ def _answer(conn: socket.socket, answer: Answer) -> bool:
         head.append("Transfer-Encoding: chunked")
     elif answer.status != 204 and answer.status >= 200:
         head.append(f"Content-Length: {len(body)}")
-    conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
     try:
+        if answer.drip_head:
+            for byte in ("\r\n".join(head) + "\r\n\r\n").encode("latin-1"):
+                conn.sendall(bytes([byte]))
+                time.sleep(answer.drip)
+        else:
+            conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        time.sleep(answer.stall)
         if answer.endless:
             chunk = b"%x\r\n%s\r\n" % (len(body), body)
             while True:

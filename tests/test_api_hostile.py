@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from hl7bridge.dispatch_child import LineBuffer
+from hl7bridge.dispatch_child import ChildSpec, EventPipe, LineBuffer
 from hl7bridge.journeys import (
+    DEFAULT_CANCEL_PATH,
     MAX_BODY,
     REASON_CHARS,
     JourneysClient,
@@ -20,6 +24,7 @@ from hl7bridge.journeys import (
     api_text,
     plain_http_outside_loopback,
 )
+from hl7bridge.store import open_engine
 
 from .hostile_api import Answer, HostileApi, json_answer
 
@@ -155,6 +160,20 @@ def test_a_dripped_body_fails_the_call_at_its_deadline(client: JourneysClient, a
     assert time.monotonic() - started < 8  # the call_timeout is 3 s; the drip alone would take 10 s
 
 
+def test_dripped_headers_fail_the_call_at_its_deadline(client: JourneysClient, api: HostileApi) -> None:
+    api.script("bulk", Answer(204, drip=0.5, drip_head=True))
+    started = time.monotonic()
+    result = trigger(client)
+    assert result.verdict is Verdict.RETRYABLE and "call_timeout" in result.reason
+    assert time.monotonic() - started < 8  # the call_timeout is 3 s; the drip alone would take 13 s
+
+
+def test_a_body_that_never_comes_is_a_timeout(client: JourneysClient, api: HostileApi) -> None:
+    api.script("search", Answer(200, b"[]", stall=2.5))  # read_timeout is 2 s
+    result = client.search("bot", {"appointmentId": "A1"})
+    assert result.verdict is Verdict.RETRYABLE and "timeout" in result.reason
+
+
 def test_a_huge_error_list_is_kept_short(client: JourneysClient, api: HostileApi) -> None:
     api.script("bulk", json_answer(400, [f"error number {i} " + "y" * 16 for i in range(100_000)]))
     result = trigger(client)
@@ -213,3 +232,40 @@ def test_the_pipe_reader_keeps_lines_whole_and_drops_an_overlong_one() -> None:
     for _ in range(320):
         assert long_line.feed(b"z" * 65536) == []
     assert long_line.feed(b"\n") == [b"z" * (320 * 65536)]
+
+
+# ---- the dispatcher process never lives on without its reader --------------------------------------------
+
+
+def test_text_that_is_not_utf8_still_crosses_the_pipe() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        EventPipe(write_end).send({"paused": "refused \udfff"})
+        assert json.loads(os.read(read_end, 4096)) == {"paused": "refused ?"}
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_dispatcher_process_whose_reader_fails_exits_to_be_restarted(tmp_path: Path, api: HostileApi) -> None:
+    database = f"sqlite:///{tmp_path / 'log.db'}"
+    open_engine(database).dispose()
+    spec = ChildSpec(database=database, base_url=api.url, org_id="org", cancel_path=DEFAULT_CANCEL_PATH,
+                     connect_timeout=1, read_timeout=2, settings={}, token=TOKEN)  # fmt: skip
+    read_events, write_events = os.pipe()
+    child = subprocess.Popen(["bash", "-c", f"exec {sys.executable} -m hl7bridge.dispatch_child 3>&{write_events}"],
+                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_events,))  # fmt: skip
+    os.close(write_events)
+    try:
+        child.stdin.write(spec.to_line())
+        child.stdin.flush()
+        assert b'"ready"' in os.read(read_events, 4096)
+        child.stdin.write(b"f not-a-number\n")  # a line its reader cannot take
+        child.stdin.flush()
+        assert child.wait(timeout=20) == 70
+        assert b"the dispatcher process failed; it exits to be restarted" in child.stderr.read()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        os.close(read_events)
