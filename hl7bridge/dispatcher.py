@@ -430,9 +430,11 @@ class Dispatcher:
             update.attempts = attempts
             self._apply([update])
             return
+        active = [i for i in found.data if i.get("status") in ACTIVE_STATUSES and i.get("id")]
         # Only instances of this appointment: an API that ignores the filter must not cancel others' journeys.
-        targets = [i for i in found.data if i.get("status") in ACTIVE_STATUSES and i.get("id")
-                   and all((i.get("parameters") or {}).get(k) == v for k, v in cmd.identifiers.items())]  # fmt: skip
+        targets = [
+            i for i in active if all((i.get("parameters") or {}).get(k) == v for k, v in cmd.identifiers.items())
+        ]
         cancelled = 0
         for instance in targets:
             result = self._call(self.client.cancel, cmd.chat_bot_id, instance["id"])
@@ -445,6 +447,8 @@ class Dispatcher:
             cancelled += 1
         self.stats.cancelled += cancelled
         what = f"cancelled {cancelled} instance(s)" if cancelled else "nothing active to cancel"
+        if len(active) > len(targets):
+            what += f"; {len(active) - len(targets)} active instance(s) found with other identifiers left alone"
         if cmd.kind == CANCEL:
             remember = (cmd.appointment_key, cmd.route, cmd.chat_bot_id, "cancelled", None)
             update = CommandUpdate(cmd.id, "done", what, count_attempt=True, remember=remember, attempts=attempts)
@@ -509,8 +513,7 @@ class Dispatcher:
         if count < STRANGE_LIMIT:
             return None
         self.stats.dead += 1
-        return CommandUpdate(cmd.id, "dead", f"given up after {count} answers not as the API documents or "
-                             f"internal errors: {messages}", count_attempt=True,
+        return CommandUpdate(cmd.id, "dead", f"given up after {count} such attempts: {messages}", count_attempt=True,
                              uncertain=cmd.uncertain or result is None or result.maybe_processed)  # fmt: skip
 
     def _retry(self, cmd: CommandRow, result: ApiResult | None, messages: str) -> CommandUpdate:
