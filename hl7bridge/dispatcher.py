@@ -478,7 +478,8 @@ class Dispatcher:
     def _note_availability(self, result: ApiResult) -> None:
         """Hold after ``unavailable_after`` failed calls in a row; the first call the API answers ends it."""
         with self._lock:
-            if result.verdict in (Verdict.RETRYABLE, Verdict.MALFORMED):
+            # A request refused here, never sent, says nothing of the API.
+            if result.verdict is Verdict.RETRYABLE or (result.verdict is Verdict.MALFORMED and result.reached):
                 self._failed_calls += 1
                 if self._failed_calls < self.settings.unavailable_after or self.unavailable_reason is not None:
                     return

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from hl7bridge.journeys import JourneysClient, TokenSource
+
 from .conftest import RunningService, free_port, segments, start_service, wait_until
 from .dispatch_support import TOKEN, ack, attempts_of, commands_of, future, service_toml, settled, siu
 from .hostile_api import Answer, HostileApi, json_answer
@@ -192,3 +194,16 @@ def test_an_endless_answer_does_not_grow_the_dispatcher(bridge: RunningService, 
     assert rss_kib < 150 * 1024  # unbounded, it grew by gigabytes
     api.script("bulk", Answer(204))
     settled(bridge, "H-ENDLESS", timeout=20)
+
+
+def test_plain_http_to_another_machine_is_warned_about_at_start(tmp_path: Path) -> None:
+    service = start_service(tmp_path, service_toml("http://192.0.2.1:9"), env=TOKEN)
+    stderr = service.stop()
+    assert "is plain http:// to another machine" in stderr
+
+
+def test_a_pinned_ca_is_what_the_client_trusts(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    client = JourneysClient("https://api.example", "org", TokenSource(env="X"), ca_file=str(ca))
+    assert client.session.verify == str(ca) and client.session.trust_env is False
