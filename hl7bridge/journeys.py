@@ -367,10 +367,10 @@ class JourneysClient:
             _CALL.deadline = _CALL.armed = None
         duration = (time.monotonic() - started) * 1000
         status = response.status_code
-        text = raw.decode("utf-8", errors="replace")
-        body_text = api_text(text, token, BODY_CHARS)
         if cut:
             return self._failed(operation, summary, started, cut)
+        text = raw.decode("utf-8", errors="replace")
+        body_text = api_text(text, token, BODY_CHARS)
         data = _json(text)
         messages = tuple(api_text(m, token) for m in _messages(data, text)[:MAX_MESSAGES])
         retry_after = _retry_after(response.headers.get("Retry-After"))
@@ -397,8 +397,8 @@ class JourneysClient:
                          data if verdict is Verdict.SUCCESS else None)  # fmt: skip
 
     def _outside_base(self, url: str) -> str:
-        """Why a built URL must not be requested: it left the configured base once normalized (a ``..`` or
-        an encoded one, a ``?`` or ``#`` cutting the path), or '' when it stays under it."""
+        """Why a built URL must not be requested: once its dot segments are resolved it is not under the
+        configured base, or a ``?`` or ``#`` cuts its path; '' when it stays under the base."""
         base, built = parse_url(self.base_url), parse_url(url)
         prefix = (base.path or "").rstrip("/") + "/"
         same = (built.scheme, built.host, built.port) == (base.scheme, base.host, base.port)
