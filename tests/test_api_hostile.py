@@ -9,14 +9,18 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from hl7bridge.dispatch_child import ChildSpec, EventPipe, LineBuffer
+from hl7bridge.dispatcher import STRANGE_LIMIT, Dispatcher, DispatchSettings
 from hl7bridge.journeys import (
     DEFAULT_CANCEL_PATH,
     MAX_BODY,
     REASON_CHARS,
+    ApiResult,
     JourneysClient,
     TokenSource,
     Verdict,
@@ -24,9 +28,12 @@ from hl7bridge.journeys import (
     api_text,
     plain_http_outside_loopback,
 )
-from hl7bridge.store import open_engine
+from hl7bridge.store import Writer, open_engine
+from hl7bridge.store.schema import attempts, commands, messages
 
+from .conftest import wait_until
 from .hostile_api import Answer, HostileApi, json_answer
+from .test_outbox_writes import booking
 
 TOKEN = "s3cret-token-for-tests"
 INSTANCE = {"id": "81110ff3-061a", "status": "InProgress", "parameters": {"appointmentId": "A1"}}
@@ -269,3 +276,45 @@ def test_a_dispatcher_process_whose_reader_fails_exits_to_be_restarted(tmp_path:
             child.kill()
             child.wait()
         os.close(read_events)
+
+
+# ---- an unexpected error in a dispatch job ---------------------------------------------------------------
+
+
+class BrokenClient(JourneysClient):
+    """A client whose trigger fails in a way no answer classification foresaw (a bug, a library's surprise)."""
+
+    def trigger(self, *args: object, **kwargs: object) -> ApiResult:
+        raise RuntimeError("unforeseen")
+
+
+def test_an_unexpected_error_is_logged_as_an_attempt_and_ends_in_a_dead_letter(tmp_path: Path, api: HostileApi) -> None:
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    now = time.time()
+    with engine.begin() as conn:
+        conn.execute(messages.insert(), [{"received_at": now, "listener": "t", "peer": "t", "status": "pending"}])
+        conn.execute(commands.insert(), [booking(1, now)])
+    writer = Writer(engine, lambda fn, *args: fn(*args))
+    writer.start()
+    os.environ["HOSTILE_API_TOKEN"] = TOKEN
+    # Its searches are answered (nothing found), so every retry tries the trigger again.
+    client = BrokenClient(api.url, "org", TokenSource(env="HOSTILE_API_TOKEN"))
+    dispatcher = Dispatcher(engine, writer, client, DispatchSettings(retry_initial=0.05, retry_max=0.1,
+                                                                     batch_window=0.01))  # fmt: skip
+    dispatcher.start()
+    try:
+
+        def final() -> Any:
+            with engine.connect() as conn:
+                row = conn.execute(select(commands.c.status, commands.c.outcome)).one()
+            return row if row.status not in ("pending", "in_flight") else None
+
+        status, outcome = wait_until(final, timeout=30, message="the command to be given up")
+    finally:
+        dispatcher.stop()
+        writer.stop()
+    with engine.connect() as conn:
+        verdicts = [v for (v,) in conn.execute(select(attempts.c.verdict))]
+    engine.dispose()
+    assert status == "dead" and "internal error (RuntimeError)" in outcome
+    assert verdicts == ["internal"] * STRANGE_LIMIT
