@@ -177,6 +177,11 @@ class Dispatcher:
             except Exception:
                 log.exception("dispatcher cycle failed; retrying shortly")
                 timeout = self.settings.poll_interval
+            except BaseException:
+                # Nothing would be dispatched again: say so where /healthz looks, rather than "not paused".
+                self.paused_reason = "the dispatcher's thread has died; restart the service"
+                log.critical("the dispatcher's thread has died; nothing is dispatched until a restart", exc_info=True)
+                raise
             self._wake.wait(timeout)
         # Commands still gathering in a bucket were never sent: they stay pending in the log.
         with self._lock:

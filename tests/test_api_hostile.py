@@ -318,3 +318,23 @@ def test_an_unexpected_error_is_logged_as_an_attempt_and_ends_in_a_dead_letter(t
     engine.dispose()
     assert status == "dead" and "internal error (RuntimeError)" in outcome
     assert verdicts == ["internal"] * STRANGE_LIMIT
+
+
+class DyingDispatcher(Dispatcher):
+    def _tick(self) -> float:
+        raise SystemExit("a thread-killing error")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # it dies by design
+def test_a_dispatcher_thread_that_dies_says_so(tmp_path: Path) -> None:
+    """In the service's process (run_in = "thread") /healthz reads ``paused_reason``; the child exits instead."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    client = JourneysClient("http://127.0.0.1:9", "org", TokenSource(env="HL7BRIDGE_TEST_NO_TOKEN"))
+    dispatcher = DyingDispatcher(engine, Writer(engine, lambda fn, *args: fn(*args)), client)
+    dispatcher.start()
+    try:
+        wait_until(lambda: not dispatcher.alive, timeout=10, message="the thread to die")
+        assert dispatcher.paused_reason == "the dispatcher's thread has died; restart the service"
+    finally:
+        dispatcher.stop()
+        engine.dispose()
