@@ -45,6 +45,8 @@ log = logging.getLogger("hl7bridge.dispatcher")
 EVENTS_FD = 3
 #: How often the pause state is compared with what the parent was last told.
 PAUSE_POLL = 0.2
+#: The longest line either side accepts (a write of 16 commands' outcomes stays far below it).
+MAX_LINE = 16 * 1024 * 1024
 #: Below the service: its answers wait for CPU less while this process catches up after an outage.
 NICE_INCREMENT = 10
 _STATUS = select(commands.c.status, commands.c.outcome).where(commands.c.id == bindparam("id"))
@@ -61,6 +63,9 @@ class ChildSpec:
     connect_timeout: float
     read_timeout: float
     settings: dict[str, float]
+    call_timeout: float = 60.0
+    ca_file: str = ""
+    proxy: str = ""
     log_level: str = "info"
     log_format: str = "text"
     log_phi: bool = False
@@ -86,6 +91,37 @@ class FixedToken:
         return self.token
 
 
+class LineBuffer:
+    """Splits a byte stream into lines in time linear in its length: each byte is searched once (joining
+    the buffer and each read before splitting took time quadratic in a long line's length). A line longer
+    than ``max_length`` is dropped whole and counted in ``dropped``."""
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.dropped = 0
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._dropping = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        lines = []
+        start = 0
+        while (end := data.find(b"\n", start)) != -1:
+            piece = data[start:end]
+            if self._dropping or self._size + len(piece) > self.max_length:
+                self.dropped += 1
+            else:
+                lines.append(b"".join([*self._parts, piece]))
+            self._parts, self._size, self._dropping = [], 0, False
+            start = end + 1
+        rest = data[start:]
+        if rest and not self._dropping:
+            self._size += len(rest)
+            self._dropping = self._size > self.max_length
+            self._parts = [] if self._dropping else [*self._parts, rest]
+        return lines
+
+
 class EventPipe(NullObserver):
     """fd 3 towards the parent; also the dispatcher's metrics observer, so its counts reach /metrics."""
 
@@ -94,7 +130,11 @@ class EventPipe(NullObserver):
         self._lock = threading.Lock()
 
     def send(self, event: dict[str, Any]) -> None:
-        data = orjson.dumps(event) + b"\n"
+        try:
+            data = orjson.dumps(event) + b"\n"
+        except orjson.JSONEncodeError:
+            # Text that is not UTF-8 (a lone surrogate) must not kill the thread that sends it.
+            data = json.dumps(event, ensure_ascii=False).encode("utf-8", errors="replace") + b"\n"
         with self._lock:
             try:
                 while data:
@@ -177,7 +217,7 @@ class Child:
         self.writes = ServiceWrites(events)
         tokens = FixedToken(spec.token) if spec.token else TokenSource(**(spec.token_source or {}))
         client = JourneysClient(spec.base_url, spec.org_id, tokens, spec.cancel_path, spec.connect_timeout,
-                                spec.read_timeout)  # fmt: skip
+                                spec.read_timeout, spec.call_timeout, spec.ca_file, spec.proxy)  # fmt: skip
         self.dispatcher = Dispatcher(self.engine, self.writes, client, DispatchSettings(**spec.settings),
                                      observer=events)  # fmt: skip
         self._told_paused: str | None = None
@@ -187,12 +227,14 @@ class Child:
         it waits for need this loop to read their writes' answers."""
         self.dispatcher.start()
         self.events.send({"ready": True})
-        buffer = b""
+        lines = LineBuffer(MAX_LINE)
         parent = os.getppid()
         stopping: threading.Thread | None = None
         while stopping is None or stopping.is_alive():
             ready, _, _ = io_select.select([stdin], [], [], PAUSE_POLL if stopping is None else 0.05)
             self._tell_pause()
+            if not self.dispatcher.alive:
+                raise RuntimeError("the dispatcher's thread has died")
             if not ready:
                 if os.getppid() != parent:
                     _parent_gone()
@@ -200,9 +242,7 @@ class Child:
             chunk = os.read(stdin, 65536)
             if not chunk:
                 _parent_gone()
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
+            for line in lines.feed(chunk):
                 if line.startswith(b"s"):
                     if stopping is None:
                         stopping = threading.Thread(target=self.stop, args=(float(line[1:] or 10.0),))
@@ -270,7 +310,13 @@ def main() -> int:
     except (StoreError, OSError) as exc:
         log.error("the dispatcher cannot start: %s", exc)
         return 2
-    return child.run(0)
+    try:
+        return child.run(0)
+    except Exception:
+        # Other threads would keep a process without its reader alive, dispatching nothing: exit, so the
+        # service notices and starts a new one.
+        log.exception("the dispatcher process failed; it exits to be restarted")
+        os._exit(70)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ what is expected; HL7 paths are checked against hl7apy's tables.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from .checks import table as _table
 from .checks import unknown_settings as _unknown
 from .checks import zone as _zone
 from .er7 import Path
-from .journeys import DEFAULT_CANCEL_PATH, TokenSource
+from .journeys import DEFAULT_CANCEL_PATH, JourneysClient, TokenSource
 from .mapping import NAMED_VALUES, TYPES, Condition, ParameterSpec, is_named
 from .routing import Criteria, Route, Router
 from .sandbox import FAULT_CHECKS, Faults, Journey, local_endpoint
@@ -38,9 +39,16 @@ class ApiConfig:
     cancel_path: str = DEFAULT_CANCEL_PATH
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    call_timeout: float = 60.0
+    ca_file: str = ""
+    proxy: str = ""
 
     def tokens(self) -> TokenSource:
         return TokenSource(self.token_file, self.token_env, self.token_credential)
+
+    def client(self, tokens: Any) -> JourneysClient:
+        return JourneysClient(self.base_url, self.org_id, tokens, self.cancel_path, self.connect_timeout,
+                              self.read_timeout, self.call_timeout, self.ca_file, self.proxy)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,16 @@ def _url(value: Any, key: str, problems: list[str]) -> Any:
     return value
 
 
+def _optional_url(value: Any, key: str, problems: list[str]) -> Any:
+    return _url(value, key, problems) if value != "" else value
+
+
+def _file(value: Any, key: str, problems: list[str]) -> Any:
+    if value != "" and not (isinstance(value, str) and os.path.isfile(value)):
+        problems.append(f"{key}: expected the path of a readable file (a PEM CA bundle), got {value!r}")
+    return value
+
+
 def _cancel_path(value: Any, key: str, problems: list[str]) -> Any:
     if not isinstance(value, str) or "{instanceId}" not in value or not value.startswith("/"):
         problems.append(f"{key}: expected a path starting with / that contains {{instanceId}}, got {value!r}")
@@ -97,6 +115,9 @@ API_KEYS: dict[str, Check] = {
     "cancel_path": _cancel_path,
     "connect_timeout": _number(0.1, 300),
     "read_timeout": _number(0.1, 600),
+    "call_timeout": _number(0.1, 3600),
+    "ca_file": _file,
+    "proxy": _optional_url,
 }
 
 DISPATCH_KEYS: dict[str, Check] = {

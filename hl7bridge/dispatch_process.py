@@ -20,7 +20,7 @@ import orjson
 from twisted.internet import defer, protocol
 from twisted.python.failure import Failure
 
-from .dispatch_child import EVENTS_FD, ChildSpec
+from .dispatch_child import EVENTS_FD, MAX_LINE, ChildSpec, LineBuffer
 from .metrics import Observer
 from .store import CommandUpdate, Job, OutboxWrite, Writer
 
@@ -211,12 +211,15 @@ class DispatcherProcess:
 class _ChildProtocol(protocol.ProcessProtocol):
     def __init__(self, owner: DispatcherProcess) -> None:
         self.owner = owner
-        self._buffer = b""
+        self._lines = LineBuffer(MAX_LINE)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != EVENTS_FD:
             return
-        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        dropped = self._lines.dropped
+        lines = self._lines.feed(data)
+        if self._lines.dropped != dropped:
+            log.error("a line from the dispatcher process longer than %d bytes was dropped", MAX_LINE)
         for line in lines:
             try:
                 self.owner.event(orjson.loads(line))

@@ -31,6 +31,10 @@ from .store import CommandRow, CommandUpdate, Job
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
+#: A command whose calls met this many answers of the wrong shape, or unexpected errors here, is
+#: dead-lettered: retrying it further would be an endless loop.
+STRANGE_LIMIT = 5
+
 
 @dataclass(frozen=True)
 class DispatchSettings:
@@ -110,6 +114,8 @@ class Dispatcher:
         self._busy: set[str] = set()
         self._buckets: dict[tuple[str, str | None, str], Bucket] = {}
         self._waiters: dict[int, Callable[[CommandUpdate], None]] = {}
+        #: Per open command: answers of the wrong shape and unexpected errors so far (``STRANGE_LIMIT``).
+        self._strange: dict[int, int] = {}
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="hl7bridge-api")
         self._running: set[Future] = set()
         self._thread = threading.Thread(target=self._loop, name="hl7bridge-dispatcher", daemon=True)
@@ -131,6 +137,11 @@ class Dispatcher:
     @property
     def paused(self) -> bool:
         return self.paused_reason is not None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop thread runs (or has stopped as asked): a dead one would stop dispatch silently."""
+        return self._thread.is_alive() or self._stopping.is_set()
 
     @property
     def holding(self) -> bool:
@@ -166,6 +177,11 @@ class Dispatcher:
             except Exception:
                 log.exception("dispatcher cycle failed; retrying shortly")
                 timeout = self.settings.poll_interval
+            except BaseException:
+                # Nothing would be dispatched again: say so where /healthz looks, rather than "not paused".
+                self.paused_reason = "the dispatcher's thread has died; restart the service"
+                log.critical("the dispatcher's thread has died; nothing is dispatched until a restart", exc_info=True)
+                raise
             self._wake.wait(timeout)
         # Commands still gathering in a bucket were never sent: they stay pending in the log.
         with self._lock:
@@ -308,12 +324,25 @@ class Dispatcher:
         future.add_done_callback(self._running.discard)
 
     def _guarded(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """Run one job; an unexpected error ends in a logged attempt and a bounded retry, never a lost command."""
         cmds = arg if isinstance(arg, list) else [arg]
         try:
             fn(arg)
-        except Exception:
+        except Exception as exc:
             log.exception("dispatch of command(s) %s failed unexpectedly", [c.id for c in cmds])
-            self._apply([self._retry(c, None, "internal error; retrying") for c in cmds])
+            error = f"internal error ({exc.__class__.__name__}); see the service log"
+            attempt = {"call_id": str(uuid.uuid4()), "at": time.time(), "operation": "dispatch", "request_summary": "",
+                       "status_code": None, "verdict": "internal", "response_body": "", "error": error,
+                       "duration_ms": 0.0}  # fmt: skip
+            updates = []
+            for cmd in cmds:
+                update = self._strange_failure(cmd, None, error) or self._retry(cmd, None, error)
+                update.attempts.append(dict(attempt))
+                updates.append(update)
+            try:
+                self._apply(updates)
+            except Exception:
+                log.exception("the outcome of command(s) %s could not be written", [c.id for c in cmds])
         finally:
             self._release(cmds)
             self.wake()
@@ -350,7 +379,7 @@ class Dispatcher:
         search's attempt for the log."""
         result = self._call(self.client.search, cmd.chat_bot_id, cmd.identifiers)
         attempt = _attempt(result, str(uuid.uuid4()))
-        if not result.ok or not isinstance(result.data, list):
+        if not result.ok:
             update = self._failure(cmd, result)
             update.uncertain = True
             update.attempts.append(attempt)
@@ -406,11 +435,14 @@ class Dispatcher:
             update.attempts = attempts
             self._apply([update])
             return
-        instances = found.data if isinstance(found.data, list) else []
-        targets = [i for i in instances if i.get("status") in ACTIVE_STATUSES and i.get("id")]
+        active = [i for i in found.data if i.get("status") in ACTIVE_STATUSES and i.get("id")]
+        # Only instances of this appointment: an API that ignores the filter must not cancel others' journeys.
+        targets = [
+            i for i in active if all((i.get("parameters") or {}).get(k) == v for k, v in cmd.identifiers.items())
+        ]
         cancelled = 0
         for instance in targets:
-            result = self._call(self.client.cancel, cmd.chat_bot_id, str(instance["id"]))
+            result = self._call(self.client.cancel, cmd.chat_bot_id, instance["id"])
             attempts.append(_attempt(result, call_id))
             if not result.ok:
                 update = self._failure(cmd, result)
@@ -420,6 +452,8 @@ class Dispatcher:
             cancelled += 1
         self.stats.cancelled += cancelled
         what = f"cancelled {cancelled} instance(s)" if cancelled else "nothing active to cancel"
+        if len(active) > len(targets):
+            what += f"; {len(active) - len(targets)} active instance(s) found with other identifiers left alone"
         if cmd.kind == CANCEL:
             remember = (cmd.appointment_key, cmd.route, cmd.chat_bot_id, "cancelled", None)
             update = CommandUpdate(cmd.id, "done", what, count_attempt=True, remember=remember, attempts=attempts)
@@ -438,8 +472,7 @@ class Dispatcher:
         if result.verdict is Verdict.AUTH:
             if not self.paused:
                 log.error("the Journeys API refused the token (%s); dispatching paused", result.status or "no token")
-            reason = "; ".join(result.messages) or f"HTTP {result.status}"
-            self.paused_reason = f"the API refused the token ({result.status or 'no token'}): {reason}"
+            self.paused_reason = f"the API refused the token ({result.status or 'no token'}): {result.reason}"
             self._probe_at = self.clock() + self.settings.probe_interval
         elif result.status is not None and self.paused:
             log.info("the Journeys API accepts the token again; dispatching resumed")
@@ -450,12 +483,12 @@ class Dispatcher:
     def _note_availability(self, result: ApiResult) -> None:
         """Hold after ``unavailable_after`` failed calls in a row; the first call the API answers ends it."""
         with self._lock:
-            if result.verdict is Verdict.RETRYABLE:
+            # A request refused here, never sent, says nothing of the API.
+            if result.verdict is Verdict.RETRYABLE or (result.verdict is Verdict.MALFORMED and result.reached):
                 self._failed_calls += 1
                 if self._failed_calls < self.settings.unavailable_after or self.unavailable_reason is not None:
                     return
-                why = "; ".join(result.messages) or result.error or f"HTTP {result.status}"
-                self.unavailable_reason = f"the Journeys API is unavailable ({why})"
+                self.unavailable_reason = f"the Journeys API is unavailable ({result.reason})"
                 log.warning("%s after %d calls in a row; dispatching holds to one command at a time until it "
                             "answers", self.unavailable_reason, self._failed_calls)  # fmt: skip
             elif result.status is not None:
@@ -466,7 +499,9 @@ class Dispatcher:
 
     # -- failures ----------------------------------------------------------------------------------
     def _failure(self, cmd: CommandRow, result: ApiResult) -> CommandUpdate:
-        messages = "; ".join(result.messages) or result.error or f"HTTP {result.status}"
+        messages = result.reason
+        if result.verdict is Verdict.MALFORMED:
+            return self._strange_failure(cmd, result, messages) or self._retry(cmd, result, messages)
         if result.verdict is Verdict.REJECTED:
             self.stats.dead += 1
             return CommandUpdate(cmd.id, "dead", f"rejected by the API ({result.status}): {messages}",
@@ -477,6 +512,16 @@ class Dispatcher:
             return CommandUpdate(cmd.id, "pending", f"paused: {messages}", next_attempt_at=self.clock())
         return self._retry(cmd, result, messages)
 
+    def _strange_failure(self, cmd: CommandRow, result: ApiResult | None, messages: str) -> CommandUpdate | None:
+        """The dead letter of a command met by ``STRANGE_LIMIT`` wrong answers or internal errors, else None."""
+        with self._lock:
+            count = self._strange[cmd.id] = self._strange.get(cmd.id, 0) + 1
+        if count < STRANGE_LIMIT:
+            return None
+        self.stats.dead += 1
+        return CommandUpdate(cmd.id, "dead", f"given up after {count} such attempts: {messages}", count_attempt=True,
+                             uncertain=cmd.uncertain or result is None or result.maybe_processed)  # fmt: skip
+
     def _retry(self, cmd: CommandRow, result: ApiResult | None, messages: str) -> CommandUpdate:
         if cmd.sync:
             return CommandUpdate(cmd.id, "failed", f"API unavailable: {messages}", count_attempt=True)
@@ -485,7 +530,7 @@ class Dispatcher:
         base = min(self.settings.retry_max, self.settings.retry_initial * 2 ** min(cmd.attempts, 20))
         delay = base * random.uniform(0.5, 1.0)
         if result is not None and result.retry_after is not None:
-            delay = max(delay, result.retry_after)
+            delay = max(delay, min(result.retry_after, self.settings.retry_max))
         # A refused connection, 408, 429 or 503 changed nothing; a timeout after sending might have.
         uncertain = cmd.uncertain or result is None or result.maybe_processed
         retry_at = self.clock() + delay
@@ -508,6 +553,8 @@ class Dispatcher:
         self._commit(*(store.OutboxWrite(now, updates=updates[i : i + size]) for i in range(0, len(updates), size)))
         with self._lock:
             waiters = [(self._waiters.pop(u.command_id, None), u) for u in updates if u.status in store.FINAL_STATUSES]
+            for _waiter, update in waiters:
+                self._strange.pop(update.command_id, None)
         for waiter, update in waiters:
             if waiter is not None:
                 waiter(update)

@@ -21,7 +21,6 @@ from .ack import AckBuilder
 from .config import Config, ListenerConfig
 from .dispatch_config import router
 from .intake import Intake
-from .journeys import JourneysClient
 from .routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
 
 
@@ -42,7 +41,7 @@ class Replayer:
         self.clock = clock
         self.router = router(config.routes, config.dispatch)
         api = config.api
-        self.client = JourneysClient(api.base_url, api.org_id, api.tokens(), api.cancel_path)
+        self.client = api.client(api.tokens())
         self.acks = AckBuilder(config.service.application, config.service.facility)
 
     def _listener(self, name: str) -> ListenerConfig:
@@ -94,7 +93,8 @@ class Replayer:
         calls = []
         if kind == CANCEL or kind in (RESCHEDULE, MODIFY) or (kind == BOOK and active):
             calls.append(_render(*self.client.search_request(bot, identifiers)))
-            calls.append(_render(*self.client.cancel_request(bot, "{id}")) + "   (for each active instance found)")
+            method, url, body = self.client.cancel_request(bot, "__id__")
+            calls.append(_render(method, url.replace("__id__", "{id}"), body) + "   (for each active instance found)")
         if kind != CANCEL:
             calls.append(_render(*self.client.trigger_request(bot, command["flow_id"], command["time_zone"], [params])))
         return calls

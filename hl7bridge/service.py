@@ -25,7 +25,7 @@ from .dispatch_process import DispatcherProcess
 from .dispatcher import Dispatcher, DispatchSettings
 from .health import HealthResource, HealthState, Probes
 from .intake import intake_for
-from .journeys import JourneysClient, TokenSource
+from .journeys import TokenSource, plain_http_outside_loopback
 from .listener import MLLPFactory, listen
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -353,6 +353,9 @@ class Service:
                 cancel_path=api.cancel_path,
                 connect_timeout=api.connect_timeout,
                 read_timeout=api.read_timeout,
+                call_timeout=api.call_timeout,
+                ca_file=api.ca_file,
+                proxy=api.proxy,
                 settings=asdict(settings),
                 log_level=service.log_level,
                 log_format=service.log_format,
@@ -362,9 +365,7 @@ class Service:
             )
             self.dispatcher = DispatcherProcess(self.reactor, spec, self.metrics, self.writer)
         else:
-            client = JourneysClient(api.base_url, api.org_id, tokens, api.cancel_path, api.connect_timeout,
-                                    api.read_timeout)  # fmt: skip
-            self.dispatcher = Dispatcher(self.engine, self.writer, client, settings, observer=self.metrics)
+            self.dispatcher = Dispatcher(self.engine, self.writer, api.client(tokens), settings, observer=self.metrics)
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
         if sandbox_token:
@@ -372,6 +373,9 @@ class Service:
                         "reaches MedChat", api.base_url, api.org_id)  # fmt: skip
         else:
             log.info("dispatching to %s (org %s) with the configured API token", api.base_url, api.org_id)
+        if plain_http_outside_loopback(api.base_url):
+            log.warning("api.base_url %s is plain http:// to another machine: the token and patient data cross "
+                        "the network unencrypted; use https://", api.base_url)  # fmt: skip
 
 
 def _shareable(database: str) -> bool:

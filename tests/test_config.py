@@ -25,8 +25,9 @@ def test_example_config_is_valid_and_complete() -> None:
     cfg = load(ROOT / "config" / "hl7bridge.example.toml")
     text = (ROOT / "config" / "hl7bridge.example.toml").read_text()
     from hl7bridge.config import LISTENER_KEYS, SERVICE_KEYS
+    from hl7bridge.dispatch_config import API_KEYS
 
-    for key in [*LISTENER_KEYS, *SERVICE_KEYS]:
+    for key in [*LISTENER_KEYS, *SERVICE_KEYS, *API_KEYS]:
         assert f"\n{key} = " in text, f"{key} is not documented in the example config"
     assert cfg.listeners[0].endpoint == "tcp:2575:interface=127.0.0.1"
 
@@ -48,6 +49,9 @@ def test_example_config_is_valid_and_complete() -> None:
         ("[listeners.a]\nidle_timeout = -1\n", "expected a number of seconds"),
         ("[listeners.a]\nvalidation = 'paranoid'\n", "expected one of 'fast', 'strict'"),
         ("[listners.a]\n", "listners: unknown section"),
+        ("[api]\nca_file = '/no/such/ca.pem'\n", "api.ca_file: expected the path of a readable file"),
+        ("[api]\nproxy = 'socks://x'\n", "api.proxy: expected an http(s) URL"),
+        ("[api]\ncall_timeout = 0\n", "api.call_timeout: expected a number"),
         ("[service\n", "not valid TOML"),
     ],
 )

@@ -154,6 +154,14 @@ def test_service_bounds_its_descriptor_table(service: Unit) -> None:
     assert needed <= int(limit) <= 65536
 
 
+def test_service_memory_is_bounded(service: Unit) -> None:
+    """Whatever a peer sends, the service group cannot take the machine's memory (issue 22)."""
+    assert {key: one(service, "Service", key) for key in ("MemoryHigh", "MemoryMax")} == {
+        "MemoryHigh": "768M",
+        "MemoryMax": "1G",
+    }
+
+
 def test_service_has_no_capabilities(service: Unit) -> None:
     for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
         assert assigned(service, "Service", key) == [""], f"{key}= must be set, and empty"
