@@ -228,3 +228,41 @@ def test_a_large_frame_keeps_its_place_in_the_log_and_in_the_answers(lifted_serv
                             " ORDER BY id").fetchall()  # fmt: skip
     assert rows == [("ORD-1", "accepted", len(large)), ("ORD-1", "duplicate", len(small)), ("ORD-2", "ignored",
                     len(after))], rows  # fmt: skip
+
+
+def test_one_read_of_many_tiny_frames_does_not_hold_up_other_connections(tmp_path: Path) -> None:
+    """21,000 empty frames in one 63 KB send: handed over in one go, they kept another connection waiting 1.9 s
+    of the 3.1 s they took to answer. Now the rest of a read waits for later turns of the event loop. Compared
+    with the flood's own time rather than a fixed figure, so that a loaded machine does not decide. (Log level
+    warning: nobody reads the service's stderr here, and a line per AR would fill the pipe.)"""
+    service = start_service(tmp_path, '[service]\nlog_level = "warning"\n')
+    latencies: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def other_connection() -> None:
+        with service.client(timeout=60) as client:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                sent = time.monotonic()
+                client.request(siu("S23", f"FLOOD-OTHER-{n}", f"FLOOD-APPT-{n}", START))
+                latencies.append((sent, time.monotonic() - sent))
+                time.sleep(0.005)
+
+    worker = threading.Thread(target=other_connection)
+    worker.start()
+    try:
+        time.sleep(0.3)
+        with service.client(timeout=120) as flood:
+            began = time.monotonic()
+            flood.sock.sendall(b"\x0b\x1c\r" * 21_000)
+            frames = flood.frames()
+            codes = {segments(next(frames))["MSA"][1] for _ in range(21_000)}
+            took = time.monotonic() - began
+    finally:
+        stop.set()
+        worker.join(30)
+        service.stop()
+    assert codes == {"AR"}
+    worst = max(lat for sent, lat in latencies if sent + lat >= began)
+    assert worst < took / 4, f"the other connection waited up to {worst:.2f} s while the flood took {took:.2f} s"
