@@ -6,7 +6,8 @@ meanwhile, over real MLLP sockets against ``hl7bridge serve`` (the test route, P
 "default" runs the listener's default limits (most shapes are refused AR after a scan); "lifted" raises them
 so that every shape is read whole, which shows the reading itself growing linearly. Meanwhile a second
 connection sends valid messages one after the other; its worst ACK latency while the crafted message is in
-the service is the figure that says whether one message holds up the others. Prints a Markdown table.
+the service is the figure that says whether one message holds up the others. It also times one send of
+5,000 and one of 21,000 empty frames (each answered AR). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -94,6 +95,15 @@ def run(limits: str, sizes: list[int], rounds: int) -> list[dict]:
                                  "answer": f"{code} {where}".strip(), "median_s": statistics.median(times),
                                  "max_s": max(times), "other_worst_s": worst})  # fmt: skip
                     print(f"  {rows[-1]}", file=sys.stderr)
+            for frames in (5_000, 21_000):  # empty frames in one send (a 64 KiB read holds 21,000)
+                began = time.monotonic()
+                client.sock.sendall(b"\x0b\x1c\r" * frames)
+                codes = {segments(client.receive())["MSA"][1] for _ in range(frames)}
+                ended = time.monotonic()
+                time.sleep(0.05)
+                rows.append({"shape": f"{frames:,} empty frames in one send", "bytes": 3 * frames, "limits": limits,
+                             "answer": "/".join(sorted(codes)), "median_s": ended - began, "max_s": ended - began,
+                             "other_worst_s": other.worst_between(began, ended)})  # fmt: skip
         other.stop.set()
         other.thread.join(10)
         rows.append({"shape": "(none: the other connection alone)", "bytes": 0, "limits": limits, "answer": "",

@@ -64,6 +64,7 @@ max_connections = {MAX_CONNECTIONS}
 """
 CRAFTED_SIZES = pick((262_144, 1_000_000), (65_536, 262_144, 524_288, 1_000_000))
 CRAFTED_OTHERS = 3  # connections sending valid messages while the crafted ones are read
+FLOOD = "21,000 empty frames in one send"
 START = (datetime.now() + timedelta(days=40)).strftime("%Y%m%d093000")
 NAK_CODES = {"AR", "AE", "CR", "CE"}
 pytestmark = pytest.mark.timeout(pick(300, 3600))  # the module fixture runs the whole scenario
@@ -347,8 +348,9 @@ def crafted_shapes(bridge: Bridge) -> dict[str, Any]:
         return max((lat for sent, lat in list(latencies) if sent <= ended and sent + lat >= began), default=0.0)
 
     rows: list[dict[str, Any]] = []
+    flood_codes: Counter = Counter()
     batch = "".join(f"MSH|^~\\&|A|B|||20270101||SIU^S23|HB{i}|P|2.5\r" for i in range(20_000))
-    cases = [(shape, size) for shape in CRAFTED for size in CRAFTED_SIZES] + [("batch of 20,000", 0)]
+    cases = [(shape, size) for shape in CRAFTED for size in CRAFTED_SIZES] + [("batch of 20,000", 0), (FLOOD, 0)]
     with threads_running([functools.partial(other, w) for w in range(CRAFTED_OTHERS)], stop.set):
         time.sleep(0.5)
         with BlockingClient("127.0.0.1", bridge.port, timeout=120) as client:
@@ -356,10 +358,18 @@ def crafted_shapes(bridge: Bridge) -> dict[str, Any]:
                 control = f"HC-{n}"
                 if size:
                     payload = crafted(shape, size, control, START)
+                elif shape == FLOOD:
+                    payload, control = b"\x0b\x1c\r" * 21_000, ""
                 else:
                     payload, control = f"BHS|^~\\&|A|B\r{batch}BTS|20000\r".encode(), ""
                 began = time.monotonic()
-                answer = client.request(payload)
+                if shape == FLOOD:  # one send of 21,000 empty frames, each answered AR
+                    client.sock.sendall(payload)
+                    answers = [msa(client.receive()) for _ in range(21_000)]
+                    answer = client.request(siu("S12", control := f"HC-{n}", f"HC-SLOT{n}", START))
+                    flood_codes.update(code for code, _ in answers)
+                else:
+                    answer = client.request(payload)
                 ended = time.monotonic()
                 time.sleep(0.1)  # the other connections' messages in flight at the end are answered
                 err = segments(answer).get("ERR", [])
@@ -370,6 +380,7 @@ def crafted_shapes(bridge: Bridge) -> dict[str, Any]:
     logged = dict(bridge.query("SELECT control_id, status FROM messages WHERE control_id LIKE 'HC-%'"))
     return {
         "rows": rows,
+        "flood_codes": dict(flood_codes),
         "logged": logged,
         "others_answered": len(latencies),
         "others_wrong": wrong[:20],
@@ -535,8 +546,9 @@ def test_crafted_shapes_are_answered_and_never_hold_up_other_connections(hostile
     shapes = hostile["crafted"]
     assert shapes["alive"] and shapes["tracebacks_in_log"] == 0
     assert shapes["others_answered"] > 0 and shapes["others_wrong"] == [], shapes["others_wrong"]
+    assert shapes["flood_codes"] == {"AR": 21_000}, shapes["flood_codes"]
     for row in shapes["rows"]:
-        bounded = CRAFTED[row["shape"]][1] if row["shape"] in CRAFTED else "BHS"
+        bounded = CRAFTED[row["shape"]][1] if row["shape"] in CRAFTED else "BHS" if row["shape"] != FLOOD else None
         if bounded:  # past the default limits: AR naming the field or segment, and logged as rejected
             assert row["answer"][0] == "AR" and row["err"] == bounded, row
             assert not row["control"] or shapes["logged"][row["control"]] == "rejected", row
