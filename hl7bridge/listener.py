@@ -102,6 +102,10 @@ class MLLPConnection(MLLPReceiver):
         if self.in_frame:
             self._start_frame_timer()
 
+    def backlogConsumed(self) -> None:
+        if self.in_frame:
+            self._start_frame_timer()
+
     def _start_frame_timer(self) -> None:
         """Timed from the read that left a frame unfinished: a frame that arrives whole costs no timer."""
         timeout = self.factory.config.frame_timeout

@@ -99,6 +99,7 @@ class MLLPReceiver(protocol.Protocol):
         self._consume(data)
         if self._backlog is None:
             self.release("backlog")
+        self.backlogConsumed()
 
     def _consume(self, data: bytes) -> None:
         if not hasattr(self, "_buffer"):
@@ -207,6 +208,9 @@ class MLLPReceiver(protocol.Protocol):
 
     def frameDropped(self) -> None:
         """A started frame was abandoned (restarted, or refused by strict framing)."""
+
+    def backlogConsumed(self) -> None:
+        """Bytes left over from an earlier read were framed (a frame may now be left unfinished)."""
 
     def frameTooLong(self, head: bytes) -> None:
         """A frame exceeded MAX_LENGTH; ``head`` holds its first bytes."""

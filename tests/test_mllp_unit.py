@@ -183,6 +183,9 @@ class Turns(Collector):
     def schedule(self, call) -> None:
         self.turns.append(call)
 
+    def backlogConsumed(self) -> None:
+        self.turns.append("consumed")
+
 
 def test_one_read_of_many_frames_is_handed_over_a_few_per_turn_in_order() -> None:
     """One read of 64 KiB can hold 21,000 empty frames: handed over all at once, they kept every other connection
@@ -195,10 +198,21 @@ def test_one_read_of_many_frames_is_handed_over_a_few_per_turn_in_order() -> Non
     proto.dataReceived(frame(MSG_B))  # arrived before the pause took effect: it queues behind the rest
     assert proto.frames == [MSG_A, MSG_B]
     proto.turns.pop(0)()
-    assert proto.frames == [MSG_A, MSG_B, MSG_C, MSG_A] and len(proto.turns) == 1
+    assert proto.frames == [MSG_A, MSG_B, MSG_C, MSG_A] and proto.turns[1:] == ["consumed"]
     proto.turns.pop(0)()
     assert proto.frames == [MSG_A, MSG_B, MSG_C, MSG_A, MSG_B]
-    assert not proto.turns and not proto.backlogged and transport.producerState == "producing"
+    assert proto.turns == ["consumed", "consumed"] and not proto.backlogged
+    assert transport.producerState == "producing"
+
+
+def test_a_backlog_that_ends_inside_a_frame_says_so() -> None:
+    """The listener starts its frame timer from a read that leaves a frame unfinished; the rest of a read that
+    waited for its turn is such a read too (else a frame that never ends after a flood would never time out)."""
+    proto, transport = Turns(), StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(frame(MSG_A) + frame(MSG_B) + frame(MSG_C) + frame(MSG_A)[:10])
+    proto.turns.pop(0)()
+    assert proto.frames == [MSG_A, MSG_B, MSG_C] and proto.turns == ["consumed"] and proto.in_frame
 
 
 def test_a_hold_stops_the_handing_over_until_released() -> None:
