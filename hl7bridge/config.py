@@ -27,7 +27,7 @@ from .dispatch_config import (
     parse_routes,
     parse_sandbox,
 )
-from .er7 import Path
+from .er7 import DEFAULT_LIMITS, Limits, Path
 from .routing import Route
 from .siu import DEFAULT_START_SOURCES, Feed
 from .tls import DEFAULT_CIPHERS, MIN_VERSIONS, TlsError, TlsSettings, context_for
@@ -66,9 +66,16 @@ class ListenerConfig:
     start_sources: tuple[tuple[str, ...], ...] = DEFAULT_START_SOURCES
     charset_fallback: tuple[str, ...] = ("utf-8",)
     validation: str = "fast"
+    max_segments: int = DEFAULT_LIMITS.segments
+    max_repetitions: int = DEFAULT_LIMITS.repetitions
+    max_components: int = DEFAULT_LIMITS.components
+    max_subcomponents: int = DEFAULT_LIMITS.subcomponents
+    max_batch_messages: int = DEFAULT_LIMITS.batch_messages
 
     def feed(self) -> Feed:
-        return Feed(ZoneInfo(self.time_zone), self.start_sources)
+        limits = Limits(self.max_segments, self.max_repetitions, self.max_components, self.max_subcomponents,
+                        self.max_batch_messages)  # fmt: skip
+        return Feed(ZoneInfo(self.time_zone), self.start_sources, limits)
 
     def tls_settings(self) -> TlsSettings:
         return TlsSettings(self.tls_min_version, self.tls_ciphers, self.tls_client_ca, self.tls_client_names)
@@ -305,6 +312,11 @@ LISTENER_KEYS: dict[str, Check] = {
     "start_sources": _start_sources,
     "charset_fallback": _charsets,
     "validation": _choice("fast", "strict"),
+    "max_segments": _int(10, 1_000_000),
+    "max_repetitions": _int(1, 1_000_000),
+    "max_components": _int(1, 1_000_000),
+    "max_subcomponents": _int(1, 1_000_000),
+    "max_batch_messages": _int(1, 1_000_000),
 }
 
 

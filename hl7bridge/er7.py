@@ -85,7 +85,22 @@ class Encoding:
         return out.replace("\r", " ").replace("\n", " ")
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Shapes a sane feed never reaches, per listener; a message past one is refused, naming where.
+
+    The reader is linear in the message's size, so these bound the work and memory one frame can ask
+    for rather than guard against a blow-up."""
+
+    segments: int = 1000
+    repetitions: int = 1000
+    components: int = 100
+    subcomponents: int = 100
+    batch_messages: int = 1000
+
+
 DEFAULT_ENCODING = Encoding()
+DEFAULT_LIMITS = Limits()
 _VALID_NAMES: set[str] = set()
 
 
@@ -138,15 +153,20 @@ class Path:
 
 
 class Segment:
-    """One segment; ``fields[n]`` is field n as raw (still escaped) text, split on first use."""
+    """One segment; ``fields[n]`` is field n as raw (still escaped) text, split on first use.
 
-    __slots__ = ("_fields", "encoding", "name", "text")
+    A field's repetitions are split once and kept, as the fields are: a reader that visits every
+    repetition (``where``, the patient ids) would otherwise split the whole field again per repetition,
+    quadratic in the field's size."""
+
+    __slots__ = ("_fields", "_reps", "encoding", "name", "text")
 
     def __init__(self, text: str, encoding: Encoding) -> None:
         self.text = text
         self.name = text[:3]
         self.encoding = encoding
         self._fields: list[str] | None = None
+        self._reps: dict[int, list[str]] | None = None
 
     @property
     def fields(self) -> list[str]:
@@ -169,10 +189,19 @@ class Segment:
         return fields[number] if number < len(fields) else ""
 
     def repetitions(self, number: int) -> list[str]:
-        raw = self.field(number)
-        if number <= 2 and self.name in _HEADER_SEGMENTS:
-            return [raw]
-        return raw.split(self.encoding.repetition) if raw else []
+        """Field ``number``'s raw repetitions (a shared list: do not modify it)."""
+        cache = self._reps
+        if cache is None:
+            cache = self._reps = {}
+        reps = cache.get(number)
+        if reps is None:
+            raw = self.field(number)
+            if number <= 2 and self.name in _HEADER_SEGMENTS:
+                reps = [raw]
+            else:
+                reps = raw.split(self.encoding.repetition) if raw else []
+            cache[number] = reps
+        return reps
 
     def raw(
         self,
@@ -192,7 +221,7 @@ class Segment:
             return value if repetition == 1 and component in (None, 1) else ""
         enc = self.encoding
         if enc.repetition in value:
-            reps = value.split(enc.repetition)
+            reps = self.repetitions(field)
             if repetition > len(reps):
                 return ""
             value = reps[repetition - 1]
@@ -255,42 +284,38 @@ def value_of(raw: str, enc: Encoding, charset: str = "utf-8") -> str:
 
 
 def unescape(value: str, enc: Encoding, charset: str = "utf-8") -> str:
-    """Resolve HL7 escape sequences (``\\F\\``, ``\\X41\\``, ``\\.br\\``...)."""
+    """Resolve HL7 escape sequences (``\\F\\``, ``\\X41\\``, ``\\.br\\``...).
+
+    Escape characters pair up in order, so one ``split`` finds every sequence: the odd parts are the
+    codes. An escape character left without its partner stays as written."""
     esc = enc.escape
     if esc not in value:
         return value
-    out: list[str] = []
-    i = 0
-    n = len(value)
-    while i < n:
-        j = value.find(esc, i)
-        if j < 0:
-            out.append(value[i:])
-            break
-        out.append(value[i:j])
-        k = value.find(esc, j + 1)
-        if k < 0:
-            out.append(value[j:])
-            break
-        out.append(_escape_sequence(value[j + 1 : k], enc, charset, value[j : k + 1]))
-        i = k + 1
-    return "".join(out)
+    parts = value.split(esc)
+    tail = esc + parts.pop() if len(parts) % 2 == 0 else ""
+    known = _sequences(enc)
+    other: dict[str, str] = {}
+    for i in range(1, len(parts), 2):
+        code = parts[i]
+        text = known.get(code)
+        if text is None:
+            text = other.get(code)
+            if text is None:
+                text = other[code] = _escape_sequence(code, charset, esc + code + esc)
+        parts[i] = text
+    return "".join(parts) + tail
 
 
-def _escape_sequence(code: str, enc: Encoding, charset: str, literal: str) -> str:
-    simple = {
-        "F": enc.field,
-        "S": enc.component,
-        "T": enc.subcomponent,
-        "R": enc.repetition,
-        "E": enc.escape,
-    }
-    if code in simple:
-        return simple[code]
-    if code == "P" and enc.truncation:
-        return enc.truncation
-    if code in _FORMATTING:
-        return _FORMATTING[code]
+@lru_cache(maxsize=64)
+def _sequences(enc: Encoding) -> dict[str, str]:
+    """The escape codes whose text depends only on the delimiters."""
+    known = {"F": enc.field, "S": enc.component, "T": enc.subcomponent, "R": enc.repetition, "E": enc.escape}
+    if enc.truncation:
+        known["P"] = enc.truncation
+    return {**_FORMATTING, **known}
+
+
+def _escape_sequence(code: str, charset: str, literal: str) -> str:
     if code[:1] == "X" and len(code) > 1 and len(code) % 2 == 1:
         try:
             return bytes.fromhex(code[1:]).decode(charset, errors="replace")
@@ -325,11 +350,19 @@ class Er7Message:
         self._index: dict[str, list[Segment]] | None = None
 
     @classmethod
-    def parse(cls, text: str, charset: str = "utf-8") -> Er7Message:
+    def parse(cls, text: str, charset: str = "utf-8", limits: Limits | None = None) -> Er7Message:
+        """Read a message; with ``limits``, one past them raises ``Er7Error`` naming the segment or field."""
         parts = text.split("\r") if "\n" not in text else SEGMENT_SPLIT.split(text)
         lines = [s for s in parts if s and not s.isspace()]
         if not lines or not lines[0].startswith("MSH") or len(lines[0]) < 8:
             raise Er7Error("the message does not begin with an MSH segment", "MSH", 100)
+        if limits is not None and len(lines) > limits.segments:
+            name = lines[limits.segments][:3]
+            raise Er7Error(
+                f"the message has {len(lines)} segments, more than the {limits.segments} accepted",
+                name if _SEGMENT_NAME.match(name) else "MSH",
+                100,
+            )
         head = lines[0]
         enc_end = head.find(head[3], 4)
         encoding = _encoding(head[3], head[4:enc_end] if enc_end > 0 else head[4:])
@@ -346,7 +379,40 @@ class Er7Message:
             elif len(line) > 3 and line[3] != encoding.field:
                 raise _no_segment_id(position, segments, line)
             segments.append(segment)
-        return cls(segments, encoding, charset)
+        msg = cls(segments, encoding, charset)
+        if limits is not None:
+            msg._check_shape(text, limits)
+        return msg
+
+    def _check_shape(self, text: str, limits: Limits) -> None:
+        """Repetitions per field, components per repetition, subcomponents per component.
+
+        A count over the whole text clears a message at once; only a part whose own count is over the
+        limit is split and looked into, so the work stays linear and a normal message costs three scans."""
+        enc = self.encoding
+        for char, limit, what in (
+            (enc.repetition, limits.repetitions, "repetitions"),
+            (enc.component, limits.components, "components in one repetition"),
+            (enc.subcomponent, limits.subcomponents, "subcomponents in one component"),
+        ):
+            if text.count(char) < limit:
+                continue
+            for seg in self.segments:
+                if seg.text.count(char) < limit:
+                    continue
+                for number, value in enumerate(seg.fields):
+                    if value.count(char) < limit or (number <= 2 and seg.name in _HEADER_SEGMENTS):
+                        continue
+                    parts = [value] if char == enc.repetition else seg.repetitions(number)
+                    if char == enc.subcomponent:
+                        parts = [c for rep in parts if rep.count(char) >= limit for c in rep.split(enc.component)]
+                    worst = max((part.count(char) for part in parts), default=0) + 1
+                    if worst > limit:
+                        raise Er7Error(
+                            f"{seg.name}-{number} holds {worst} {what}, more than the {limit} accepted",
+                            f"{seg.name}-{number}",
+                            102,
+                        )
 
     def _segments_by_name(self) -> dict[str, list[Segment]]:
         if self._index is None:

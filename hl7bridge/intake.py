@@ -17,7 +17,7 @@ from . import charsets
 from .ack import Ack, AckBuilder, Outcome, ack_code, now_stamp
 from .dispatch_config import router
 from .er7 import DEFAULT_ENCODING, SEGMENT_SPLIT, Encoding, Er7Error, Er7Message
-from .problems import APPLICATION_INTERNAL_ERROR, REQUIRED_FIELD_MISSING, Problem
+from .problems import APPLICATION_INTERNAL_ERROR, REQUIRED_FIELD_MISSING, SEGMENT_SEQUENCE_ERROR, Problem
 from .routing import Router
 from .siu import AppointmentEvent, Feed, Header, MessageRejected, read_event
 from .store import command_values
@@ -125,7 +125,7 @@ class Intake:
 
     def read_message(self, raw: bytes, text: str, charset: str, note: str | None = None) -> Received:
         try:
-            msg = Er7Message.parse(text.lstrip("\r\n\t "), charset)
+            msg = Er7Message.parse(text.lstrip("\r\n\t "), charset, self.feed.limits)
         except Er7Error as exc:
             header = _salvage_header(text)
             problem = Problem(exc.location, exc.code, str(exc), value=exc.value)
@@ -231,8 +231,18 @@ class Intake:
         received.ack = self.answer(received, Outcome.ERROR, problem)
 
     def _batch(self, text: str, decoded: charsets.Decoded) -> Frame:
+        """Each message of the batch read on its own; a batch over the limit is refused whole, as one
+        logged row, before any of its messages is read (each one read is held until the batch is answered)."""
         lines = [s for s in SEGMENT_SPLIT.split(text) if s.strip()]
         envelope = [s for s in lines if s[:3] in ("FHS", "BHS", "BTS", "FTS")]
+        limit = self.feed.limits.batch_messages
+        count = sum(1 for line in lines if line.startswith("MSH"))
+        if count > limit:
+            problem = Problem("BHS", SEGMENT_SEQUENCE_ERROR,
+                              f"the batch holds {count} messages, more than the {limit} accepted; send smaller batches")  # fmt: skip
+            raw = text.encode(decoded.charset, errors="replace")
+            rejected = self._judged(raw, decoded.charset, None, DEFAULT_ENCODING, Outcome.REJECT, problem, None, text)
+            return Frame([rejected], envelope, decoded.charset)
         messages: list[list[str]] = []
         for line in lines:
             if line[:3] in ("FHS", "BHS", "BTS", "FTS"):

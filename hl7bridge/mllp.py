@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from twisted.internet import protocol
 
@@ -33,6 +33,8 @@ class MLLPReceiver(protocol.Protocol):
     MAX_LENGTH = 1024 * 1024
     #: Accept ``0x1C`` without the ``0x0D`` that should follow it.
     lenient = True
+    #: Frames handed over per call before the rest of the read waits for ``schedule`` (0: no limit).
+    frames_per_turn = 0
 
     _buffer: bytearray
     _inside = False
@@ -40,8 +42,66 @@ class MLLPReceiver(protocol.Protocol):
     _held = False
     _expect_cr = False
     junk_bytes = 0
+    #: Bytes read but not yet framed: what was left when a turn ended or reading was held.
+    _backlog: bytearray | None = None
+    _holds: frozenset[str] = frozenset()
+    _turn = 0
 
     def dataReceived(self, data: bytes) -> None:
+        if self._backlog is not None:  # an earlier read still has frames waiting: they go first
+            self._backlog += data
+            return
+        self._turn = 0
+        self._consume(data)
+
+    def hold(self, reason: str) -> None:
+        """Stop reading the socket (and handing over frames) until every reason to hold is released.
+
+        Transports count no pauses, so every reason goes through here: one pause, one resume."""
+        if not self._holds and self.transport is not None:
+            self.transport.pauseProducing()
+        self._holds = self._holds | {reason}
+
+    def release(self, reason: str) -> None:
+        if reason not in self._holds:
+            return
+        self._holds = self._holds - {reason}
+        if self._backlog is not None and self._holds == {"backlog"}:
+            self.schedule(self._drain)
+        if not self._holds and self.transport is not None:
+            self.transport.resumeProducing()
+
+    @property
+    def backlogged(self) -> bool:
+        return self._backlog is not None
+
+    def schedule(self, call: Callable[[], None]) -> None:
+        """Run ``call`` on a later turn of the event loop (subclasses with a reactor override this)."""
+        call()
+
+    def _yielded(self, view: bytes) -> bool:
+        """After a frame was handed over: whether the rest of this read must wait (a turn is used up, or reading
+        is held), so that one read of many small frames cannot keep every other connection waiting."""
+        self._turn += 1
+        held = self._holds - {"backlog"}
+        if not view or not (held or (self.frames_per_turn and self._turn >= self.frames_per_turn)):
+            return False
+        self._backlog = bytearray(view)
+        self.hold("backlog")
+        if not held:
+            self.schedule(self._drain)
+        return True
+
+    def _drain(self) -> None:
+        if self._backlog is None or self._holds != {"backlog"}:
+            return
+        data, self._backlog, self._turn = bytes(self._backlog), None, 0
+        self._consume(data)
+        if self._backlog is None:
+            self.release("backlog")
+        self.backlogConsumed()
+
+    def _consume(self, data: bytes) -> None:
         if not hasattr(self, "_buffer"):
             self._buffer = bytearray()
         view = data
@@ -51,7 +111,7 @@ class MLLPReceiver(protocol.Protocol):
                 self._held = False
                 if view[:1] == CARRIAGE_RETURN:
                     view = view[1:]
-                    if not self._deliver():
+                    if not self._deliver() or self._yielded(view):
                         return
                 else:
                     self._drop()
@@ -100,7 +160,7 @@ class MLLPReceiver(protocol.Protocol):
             elif not self.lenient:
                 self._drop()
                 continue
-            if not self._deliver():
+            if not self._deliver() or self._yielded(view):
                 return
 
     def _deliver(self) -> bool:
@@ -148,6 +208,9 @@ class MLLPReceiver(protocol.Protocol):
 
     def frameDropped(self) -> None:
         """A started frame was abandoned (restarted, or refused by strict framing)."""
+
+    def backlogConsumed(self) -> None:
+        """Bytes left over from an earlier read were framed (a frame may now be left unfinished)."""
 
     def frameTooLong(self, head: bytes) -> None:
         """A frame exceeded MAX_LENGTH; ``head`` holds its first bytes."""

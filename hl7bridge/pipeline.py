@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
@@ -32,6 +33,11 @@ class Verdicts(Protocol):
 Reply = Callable[[bytes | None], None]
 """Takes the bytes to send back for one frame (None: send nothing); called once, on the reactor thread."""
 
+READ_IN_THREAD_BYTES = 64 * 1024
+"""Frames from this size on are read in the thread pool. Reading is linear in the size, but a crafted
+1 MiB frame still costs a few hundred milliseconds that every other connection would wait for; a
+normal message (1-4 KB) is read faster than a hop to a thread and back."""
+
 
 class Pipeline:
     """Runs on the reactor thread; blocking work goes to the writer thread or the thread pool.
@@ -51,6 +57,7 @@ class Pipeline:
         reactor: Any = None,
         dispatch_timeout: float = 20.0,
         observer: Observer | None = None,
+        read_in_thread_bytes: int = READ_IN_THREAD_BYTES,
     ) -> None:
         self.intake = intake
         self.writer = writer
@@ -61,20 +68,44 @@ class Pipeline:
         self.reactor = reactor
         self.dispatch_timeout = dispatch_timeout
         self.observer = observer or NullObserver()
+        self.read_in_thread_bytes = read_in_thread_bytes
+        #: Per peer with a frame being read in the thread pool: the frames that came after it, in order.
+        self._behind: dict[str, deque[tuple[Callable[[], Frame], Reply, bool]]] = {}
 
     def handle(self, payload: bytes, peer: str, reply: Reply) -> None:
         """Judge one frame, store it, and reply once the store has committed."""
+        self._in_order(peer, partial(self._read, payload, peer), reply, len(payload) >= self.read_in_thread_bytes)
+
+    def too_long(self, head: bytes, limit: int, peer: str, reply: Reply) -> None:
+        self._in_order(peer, lambda: Frame([self.intake.too_long(head, limit)]), reply, False)
+
+    def _read(self, payload: bytes, peer: str) -> Frame:
         try:
-            frame = self.intake.read_frame(payload)
+            return self.intake.read_frame(payload)
         except Exception as exc:  # a reader bug must cost one AR, not the connection
             log.error("internal error while reading a frame from %s: %s (answered AR, logged)", peer,
                       exc.__class__.__name__)  # fmt: skip
             log.debug("reader failure", exc_info=True)
-            frame = Frame([self.intake.failed_to_read(payload, exc)])
-        self._answer(frame, peer, reply)
+            return Frame([self.intake.failed_to_read(payload, exc)])
 
-    def too_long(self, head: bytes, limit: int, peer: str, reply: Reply) -> None:
-        self._answer(Frame([self.intake.too_long(head, limit)]), peer, reply)
+    def _in_order(self, peer: str, read: Callable[[], Frame], reply: Reply, in_thread: bool) -> None:
+        """Read a frame (a large one in the thread pool) and hand it to the writer after the peer's earlier
+        frames: the log's order, and so which of two equal messages is the original, stays arrival order."""
+        behind = self._behind.get(peer)
+        if behind is not None:
+            behind.append((read, reply, in_thread))
+        elif not in_thread:
+            self._answer(read(), peer, reply)
+        else:
+            self._behind[peer] = deque()
+            d = threads.deferToThread(read)
+            d.addErrback(lambda failure: Frame([self.intake.failed_to_read(b"", failure.value)]))
+            d.addCallback(self._read_in_thread, peer, reply)
+
+    def _read_in_thread(self, frame: Frame, peer: str, reply: Reply) -> None:
+        self._answer(frame, peer, reply)
+        for read, later_reply, in_thread in self._behind.pop(peer):
+            self._in_order(peer, read, later_reply, in_thread)
 
     def _answer(self, frame: Frame, peer: str, reply: Reply) -> None:
         try:

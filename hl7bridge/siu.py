@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from . import hl7schema
-from .er7 import Er7Message, Path, Segment
+from .er7 import DEFAULT_LIMITS, Er7Message, Limits, Path, Segment
 from .problems import (
     DATA_TYPE_ERROR,
     REQUIRED_FIELD_MISSING,
@@ -290,6 +290,7 @@ class Feed:
 
     time_zone: tzinfo
     start_sources: tuple[tuple[str, ...], ...] = DEFAULT_START_SOURCES
+    limits: Limits = DEFAULT_LIMITS
 
 
 def classify(event: str, status: str) -> str:

@@ -169,3 +169,68 @@ def test_delivery_stops_once_the_transport_is_disconnecting() -> None:
     proto.dataReceived(frame(MSG_A) + frame(MSG_B))
     assert proto.frames == [MSG_A]
     assert transport.disconnecting
+
+
+class Turns(Collector):
+    """Hands over at most two frames per turn; the turns are run by the test."""
+
+    frames_per_turn = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.turns: list = []
+
+    def schedule(self, call) -> None:
+        self.turns.append(call)
+
+    def backlogConsumed(self) -> None:
+        self.turns.append("consumed")
+
+
+def test_one_read_of_many_frames_is_handed_over_a_few_per_turn_in_order() -> None:
+    """One read of 64 KiB can hold 21,000 empty frames: handed over all at once, they kept every other connection
+    waiting (1.9 s). The rest of the read waits for a later turn, reading is paused meanwhile, and bytes that
+    still arrive go after it."""
+    proto, transport = Turns(), StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(frame(MSG_A) + frame(MSG_B) + frame(MSG_C) + frame(MSG_A))
+    assert proto.frames == [MSG_A, MSG_B] and transport.producerState == "paused" and len(proto.turns) == 1
+    proto.dataReceived(frame(MSG_B))  # arrived before the pause took effect: it queues behind the rest
+    assert proto.frames == [MSG_A, MSG_B]
+    proto.turns.pop(0)()
+    assert proto.frames == [MSG_A, MSG_B, MSG_C, MSG_A] and proto.turns[1:] == ["consumed"]
+    proto.turns.pop(0)()
+    assert proto.frames == [MSG_A, MSG_B, MSG_C, MSG_A, MSG_B]
+    assert proto.turns == ["consumed", "consumed"] and not proto.backlogged
+    assert transport.producerState == "producing"
+
+
+def test_a_backlog_that_ends_inside_a_frame_says_so() -> None:
+    """The listener starts its frame timer from a read that leaves a frame unfinished; the rest of a read that
+    waited for its turn is such a read too (else a frame that never ends after a flood would never time out)."""
+    proto, transport = Turns(), StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(frame(MSG_A) + frame(MSG_B) + frame(MSG_C) + frame(MSG_A)[:10])
+    proto.turns.pop(0)()
+    assert proto.frames == [MSG_A, MSG_B, MSG_C] and proto.turns == ["consumed"] and proto.in_frame
+
+
+def test_a_hold_stops_the_handing_over_until_released() -> None:
+    """A connection with too many answers owed holds reading; the frames already read wait with it."""
+
+    class Holding(Collector):
+        def frameReceived(self, payload: bytes) -> None:
+            super().frameReceived(payload)
+            self.hold("in_flight")
+
+    proto, transport = Holding(), StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(frame(MSG_A) + frame(MSG_B) + frame(MSG_C))
+    assert proto.frames == [MSG_A] and proto.backlogged and transport.producerState == "paused"
+    proto.release("in_flight")  # the default schedule runs the rest at once; each frame holds again
+    assert proto.frames == [MSG_A, MSG_B] and transport.producerState == "paused"
+    proto.release("in_flight")
+    proto.release("in_flight")
+    assert proto.frames == [MSG_A, MSG_B, MSG_C] and not proto.backlogged
+    proto.release("in_flight")
+    assert transport.producerState == "producing"

@@ -252,3 +252,37 @@ class Hostile:
             messages.append(noise(self.rng, 50))
         body = b"BHS|^~\\&|EPIC|MAIN\r" + b"".join(messages) + f"BTS|{len(messages)}\r".encode()
         return Item("batch", framed(body), ANY)
+
+
+# ---- crafted shapes: inside the size limit, built to be expensive (issue 16) -----------------------------
+
+#: Shape name -> (what it is, the field or segment a bound names when it is exceeded).
+CRAFTED = {
+    "repetitions": ("PID-3: N^^^H^XX repeated, the MR identifier last (the where-clause reads each)", "PID-3"),
+    "components": ("PID-3: one identifier with components ^x ... ", "PID-3"),
+    "subcomponents": ("PID-3.4: an authority with subcomponents &x ...", "PID-3"),
+    "escapes": ("PID-5.1: the family name as \\X41\\ escapes", None),
+    "hex_escape": ("PID-5.1: one \\X4141...\\ escape", None),
+    "segments": ("NTE segments after PID", "NTE"),
+}
+
+
+def crafted(shape: str, size: int, control: str, start: str) -> bytes:
+    """A valid S12 (the test route's fields, PID-3 read through ``where PID-3.5 = MR``) grown to about
+    ``size`` bytes by one expensive shape. It is readable: within the reader's limits it is answered AA."""
+    base = siu("S12", control, f"{control}-APPT", start)
+    room = max(0, size - len(base))
+    mrn = b"MRN100^^^HOSP^MR"
+    if shape == "repetitions":
+        return base.replace(mrn, b"N^^^H^XX~" * (room // 9) + mrn, 1)
+    if shape == "components":
+        return base.replace(mrn, mrn + b"^x" * (room // 2), 1)
+    if shape == "subcomponents":
+        return base.replace(mrn, b"MRN100^^^HOSP" + b"&x" * (room // 2) + b"^MR", 1)
+    if shape == "escapes":
+        return base.replace(b"TESTPATIENT", b"T" + b"\\X41\\" * (room // 5), 1)
+    if shape == "hex_escape":
+        return base.replace(b"TESTPATIENT", b"T\\X" + b"41" * (room // 2) + b"\\", 1)
+    if shape == "segments":
+        return base + b"NTE|1||x\r" * (room // 9)
+    raise ValueError(f"unknown shape {shape!r} (known: {', '.join(CRAFTED)})")
