@@ -161,7 +161,10 @@ class Service:
             raise StartupError(
                 f"the message log {path} is damaged (quick_check: {problem}); {DAMAGED_HINT.format(path=path)}"
             )
-        log.info("message log checked in %.1f s (PRAGMA quick_check)", time.monotonic() - started)
+        took = time.monotonic() - started
+        # Worth an operator's attention only when it delays the start noticeably (a large or cold log).
+        log.log(logging.INFO if took >= 1.0 else logging.DEBUG, "message log checked in %.1f s (PRAGMA quick_check)",
+                took)  # fmt: skip
 
     def _budget_descriptors(self) -> None:
         """Every listener full at once must fit under RLIMIT_NOFILE, with room for the database,

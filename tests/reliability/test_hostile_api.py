@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
+from tests.conftest import segments
 from tests.dispatch_support import future, siu
 from tests.hostile_api import Answer, HostileApi, json_answer
 
@@ -140,6 +142,9 @@ class Prober:
         self.bridge = bridge
         self.latencies: list[tuple[float, float]] = []
         self.failures = 0
+        #: Control ids answered AA, and answers that were anything else.
+        self.accepted: list[str] = []
+        self.wrong = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -154,8 +159,13 @@ class Prober:
                     while not self.stop.is_set():
                         n += 1
                         sent = time.monotonic()
-                        client.request(siu("S23", f"PROBE-{n}", f"PROBE-{n}", future()))
+                        answer = client.request(siu("S23", f"PROBE-{n}", f"PROBE-{n}", future()))
                         self.latencies.append((sent, (time.monotonic() - sent) * 1000))
+                        msa = segments(answer).get("MSA", [])
+                        if msa[1:3] == ["AA", f"PROBE-{n}"]:
+                            self.accepted.append(f"PROBE-{n}")
+                        else:
+                            self.wrong += 1
                         self.stop.wait(0.02)
             except OSError:
                 self.failures += 1
@@ -259,23 +269,33 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     all_cases = cases()
     health: list[tuple[int, str]] = []
     try:
-        rss_before = bridge.rss_kb()
+        rss_before, fds_before = bridge.rss_kb(), bridge.fds()
         for index, case in enumerate(all_cases):
             run_case(bridge, api, prober, memory, index, case)
             # A pause ends with the call that succeeded; /healthz hears of it within a poll of the child.
             status, body = settled_health(bridge)
             health.append((status, body.get("checks", {}).get("dispatch", {}).get("detail", "")))
-        rss_after = bridge.rss_kb()
+        rss_after, fds_after = bridge.rss_kb(), bridge.fds()
     finally:
         prober.stop.set()
         memory.stop.set()
         api.close()
+    logged = Counter(
+        row[0]
+        for row in bridge.query(
+            "SELECT control_id FROM messages WHERE control_id LIKE 'PROBE-%' AND status = 'ignored' AND replay_of IS NULL"
+        )
+    )
     figures = {
         "scenario": "hostile_api",
+        "messages": len(prober.accepted),
+        "lost": sum(1 for control in prober.accepted if control not in logged),
+        "duplicated": sum(1 for count in logged.values() if count > 1),
+        "wrong_acks": prober.wrong,
         "injected": f"{len(all_cases)} hostile API answers, one case at a time, while an engine sends slot events "
                     "every 20 ms",
         "cases": [c.figures for c in all_cases],
-        "rss_before_kb": rss_before, "rss_after_kb": rss_after,
+        "rss_before_kb": rss_before, "rss_after_kb": rss_after, "fds_before": fds_before, "fds_after": fds_after,
         "mllp_ack_ms": {"p50": percentile([ms for _, ms in prober.latencies], 50),
                         "p99": percentile([ms for _, ms in prober.latencies], 99),
                         "max": max((ms for _, ms in prober.latencies), default=None),
@@ -295,6 +315,12 @@ def test_no_call_leaves_the_api_and_only_the_appointments_journey_is_cancelled(h
     assert crowd["sent"]["cancelled_ids"] == ["mine-1"], crowd
     injection = hostile["by_name"]["path injection in a search answer"].figures
     assert injection["sent"]["by_endpoint"]["cancel"] == 0, injection
+
+
+def test_the_engine_beside_the_hostile_api_lost_nothing(hostile: dict[str, Any]) -> None:
+    """Whatever the API does, the MLLP side's messages are answered AA, each logged once."""
+    assert hostile["messages"] > 0
+    assert (hostile["lost"], hostile["duplicated"], hostile["wrong_acks"]) == (0, 0, 0), hostile["mllp_ack_ms"]
 
 
 def test_every_case_ends_as_it_must(hostile: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,7 @@ from hl7bridge.mllp import BlockingClient
 from tests.conftest import segments
 from tests.dispatch_support import future, siu
 
-from .support import finish_scenario, knob, scenario_processes, threads_running, wait_for
+from .support import finish_scenario, knob, resource_figures, scenario_processes, threads_running, wait_for
 
 MESSAGES = int(knob("hostile_label_messages", 4_000, 40_000))  # junk-coded messages in all
 WORKERS = 4
@@ -66,6 +67,7 @@ def labels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             client.request(siu("S12", "HL-WARM", "HL-WARM-APPT", future()))
             client.request(siu("Q0", "HL-WARM-JUNK", "HL-WARM-JUNK"))
         before = requests.get(url, timeout=10).text
+        resources_before = (bridge.rss_kb(), bridge.fds())
         sent, junk_latencies, answers, clean_latencies = [0] * WORKERS, [], [], []  # type: ignore[var-annotated]
         bookings = 100
         targets = [lambda w=w: junk_worker(bridge.port, w, MESSAGES // WORKERS, sent, junk_latencies)
@@ -74,7 +76,9 @@ def labels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         with threads_running(targets):
             pass
         after = requests.get(url, timeout=10).text
+        resources_after = (bridge.rss_kb(), bridge.fds())
         bridge.wait_drained(60)
+        started = Counter(i["parameters"].get("appointmentId") for i in sandbox.get("/_sandbox/instances"))
         running = {i["parameters"].get("appointmentId") for i in sandbox.get("/_sandbox/instances")
                    if i["status"] == "InProgress"}  # fmt: skip
         listed = bridge.running.cli("log", "list", "--limit", "100000").stdout  # type: ignore[union-attr]
@@ -90,7 +94,9 @@ def labels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                         f"characters in MSH-10, on {WORKERS} connections, beside {bookings} clean bookings",
             "messages": sum(sent) + len(answers),
             "lost": sum(1 for n in range(bookings) if f"HL-OK-APPT-{n}" not in running),
-            "duplicated": 0,
+            "duplicated": sum(count - 1 for appointment, count in started.items()
+                              if appointment and appointment.startswith("HL-OK-APPT-") and count > 1),
+            **resource_figures(resources_before, resources_after),
             "wrong_acks": sum(1 for a in answers if a != "AA"),
             "metrics_bytes_before": len(before),
             "metrics_bytes_after": len(after),
@@ -125,5 +131,5 @@ def test_the_cli_prints_no_control_character(labels: dict[str, Any]) -> None:
 
 
 def test_clean_bookings_are_answered_and_start_journeys(labels: dict[str, Any]) -> None:
-    assert labels["wrong_acks"] == 0 and labels["lost"] == 0, labels
+    assert (labels["wrong_acks"], labels["lost"], labels["duplicated"]) == (0, 0, 0), labels
     assert labels["alive_until_stopped"]
