@@ -203,7 +203,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     worst = 0
     for path in _expand(args.files):
         report, ok = explain(path.read_bytes(), cfg, listener)
-        print(f"== {path}")
+        print(f"== {escape(str(path))}")
         print(report)
         worst = max(worst, 0 if ok else 1)
     return worst

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import pytest
 
 from tests.conftest import RunningService, fixture_bytes, segments, unique_control
 
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 SIU = fixture_bytes("siu/s12_cerner_v23.hl7").replace(b"\n", b"\r")
 
 
@@ -49,3 +54,20 @@ def test_an_unparseable_message_does_not_echo_an_overlong_control_id(service: Ru
     seg = segments(ack)
     assert seg["MSA"][1:3] == ["AR", ""]
     assert "SCH-1" in seg["MSA"][3]
+
+
+def test_check_writes_message_text_escaped(tmp_path) -> None:
+    """A message's control characters (a terminal escape, a bell, a line break in a value) reach the
+    operator's terminal as visible escapes, as in the rest of the CLI's output."""
+    message = tmp_path / "ctl.hl7"
+    message.write_bytes(
+        b"MSH|^~\\&|A|B|C|D|20270101||SIU^S12|X1|P|2.5.1\rSCH|P1\x1b[31mRED\x07|F1||||NEW\r"
+        b"PID|||9^^^H^MR||Doe\x1b]0;title\x07^John\x0c\r"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "hl7bridge", "check", str(message)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1, result.stderr
+    assert not CONTROL.search(result.stdout.replace("\n", ""))
+    assert "P1\\x1b[31mRED\\x07" in result.stdout
+    assert "Doe\\x1b]0;title\\x07" in result.stdout
