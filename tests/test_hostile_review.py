@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
+from hl7bridge.journeys import JourneysClient, TokenSource
 from tests.conftest import RunningService, fixture_bytes, segments, unique_control
+from tests.hostile_api import Answer, HostileApi
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 SIU = fixture_bytes("siu/s12_cerner_v23.hl7").replace(b"\n", b"\r")
@@ -71,3 +73,22 @@ def test_check_writes_message_text_escaped(tmp_path) -> None:
     assert not CONTROL.search(result.stdout.replace("\n", ""))
     assert "P1\\x1b[31mRED\\x07" in result.stdout
     assert "Doe\\x1b]0;title\\x07" in result.stdout
+
+
+@pytest.mark.parametrize("echo", ["abc\\/def+ghi\\u00e9==", "abc\\u002fdef+ghi\\u00e9=="])
+def test_a_token_echoed_json_escaped_is_redacted(echo: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API that echoes the request's header in a JSON error escapes it as JSON does (PHP escapes ``/``
+    as ``\\/``, others write ``\\u002f``): the stored body must not carry the token in that form either."""
+    token = "abc/def+ghi\u00e9=="
+    monkeypatch.setenv("REVIEW_API_TOKEN", token)
+    api = HostileApi()
+    try:
+        body = ('{"message": "Authorization: Bearer ' + echo + ' refused"}').encode()
+        api.script("bulk", Answer(401, body, {"Content-Type": "application/json"}))
+        client = JourneysClient(api.url, "org", TokenSource(env="REVIEW_API_TOKEN"), read_timeout=2, call_timeout=3)
+        result = client.trigger("bot", None, "UTC", [{"appointmentId": "A1"}])
+    finally:
+        api.close()
+    assert result.status == 401
+    for text in (result.response_body, result.reason):
+        assert "def+ghi" not in text and "[token]" in text
