@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
 
 import pytest
+from twisted.internet.task import Clock
 
+from hl7bridge.connections import RefusalLog
 from hl7bridge.journeys import JourneysClient, TokenSource
 from tests.conftest import RunningService, fixture_bytes, segments, unique_control
 from tests.hostile_api import Answer, HostileApi
@@ -92,3 +95,27 @@ def test_a_token_echoed_json_escaped_is_redacted(echo: str, monkeypatch: pytest.
     assert result.status == 401
     for text in (result.response_body, result.reason):
         assert "def+ghi" not in text and "[token]" in text
+
+
+def test_refusals_from_more_peers_than_the_table_holds_are_summed_up() -> None:
+    """Past ``max_keys`` peers in one interval, refusals share one "many peers" line. Before, that
+    line's own key recursed without end: a RecursionError traceback (CRITICAL) for every refused
+    connection once 1,024 addresses had been refused within a minute."""
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("test.refusals")
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    clock = Clock()
+    refusals = RefusalLog(logger, clock, interval=60.0, max_keys=4)
+    try:
+        for n in range(10):
+            refusals.warn((f"10.0.0.{n}", "not in the allowlist"), "refused connection from %s", f"10.0.0.{n}")
+        clock.advance(61)
+        refusals.warn(("10.0.0.99", "not in the allowlist"), "refused connection from %s", "10.0.0.99")
+    finally:
+        logger.removeHandler(handler)
+    lines = [r.getMessage() for r in records]
+    assert lines[:4] == [f"refused connection from 10.0.0.{n}" for n in range(4)]
+    assert lines[4] == "refusing connections from more than 4 peers"
+    assert lines[5:] == ["refused connection from 10.0.0.99"]
