@@ -119,3 +119,14 @@ def test_refusals_from_more_peers_than_the_table_holds_are_summed_up() -> None:
     assert lines[:4] == [f"refused connection from 10.0.0.{n}" for n in range(4)]
     assert lines[4] == "refusing connections from more than 4 peers"
     assert lines[5:] == ["refused connection from 10.0.0.99"]
+
+
+def test_log_list_cuts_what_a_sender_chose(service: RunningService) -> None:
+    """The table's cells are the sender's MSH fields: one message with a 500,000-character MSH-10 made every
+    line of ``log list`` a megabyte wide. ``log show`` and ``--json`` still give the whole value."""
+    service.request(with_msh(SIU, 10, b"W" * 500_000))
+    service.request(with_msh(unique_control(SIU, "WIDE-SENDER"), 3, b"S" * 500_000))
+    lines = service.cli("log", "list", "--status", "rejected").stdout.splitlines()
+    assert len(lines) >= 3
+    assert max(len(line) for line in lines) < 500
+    assert any("(+" in line and "chars)" in line for line in lines)
