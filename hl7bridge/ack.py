@@ -86,6 +86,7 @@ class AckBuilder:
         charset: str = "ascii",
     ) -> Ack:
         enc = encoding if header is not None else DEFAULT_ENCODING
+        header = header.echoable() if header is not None else None
         f, c = enc.field, enc.component
         version = header.version if header is not None and header.version else FALLBACK_VERSION
         vt = _version_tuple(version)

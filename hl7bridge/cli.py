@@ -16,9 +16,11 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load
-from .logs import escape
+from .logs import _cap, escape
 
 EXIT_USAGE = 2
+#: A cell of `log list` holds at most this much (then "...(+N chars)"): senders choose MSH-3/4/10; `log show` has it all.
+LIST_CELL_CHARS = 80
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 #: SQLite's INTEGER range, for ids and counts given on the command line.
@@ -203,7 +205,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     worst = 0
     for path in _expand(args.files):
         report, ok = explain(path.read_bytes(), cfg, listener)
-        print(f"== {path}")
+        print(f"== {escape(str(path))}")
         print(report)
         worst = max(worst, 0 if ok else 1)
     return worst
@@ -328,10 +330,10 @@ def cmd_log_list(args: argparse.Namespace) -> int:
             detail = f"{r['error_location'] + ': ' if r['error_location'] else ''}{r['error']}"
         elif r["action"]:
             detail = r["action"]
-        table.append(tuple(escape(cell) for cell in (
+        table.append(tuple(escape(_cap(cell, LIST_CELL_CHARS)) for cell in (
             str(r["id"]), _when(r["received_at"]), r["listener"], r["peer"],
             f"{r['sending_application'] or ''}/{r['sending_facility'] or ''}", r["control_id"] or "",
-            kind, r["version"] or "", r["ack_code"] or "-", r["status"], detail[:80],
+            kind, r["version"] or "", r["ack_code"] or "-", r["status"], detail,
         )))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:

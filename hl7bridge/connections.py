@@ -36,6 +36,10 @@ class Refused(protocol.Protocol):
         self.transport.loseConnection()
 
 
+#: The key that the refusals beyond ``RefusalLog.max_keys`` share (one more entry than ``max_keys``).
+_MANY_PEERS = ("(many peers)",)
+
+
 class RefusalLog:
     """One warning per key per ``interval``; repeats are counted and reported with the next one.
 
@@ -51,15 +55,14 @@ class RefusalLog:
 
     def warn(self, key: tuple[str, ...], message: str, *args: object) -> None:
         now = self.clock.seconds()
+        if key not in self._seen and len(self._seen) >= self.max_keys:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
+            if len(self._seen) >= self.max_keys:
+                key, message, args = _MANY_PEERS, "refusing connections from more than %d peers", (self.max_keys,)
         entry = self._seen.get(key)
         if entry is not None and now - entry[0] < self.interval:
             entry[1] += 1
             return
-        if entry is None and len(self._seen) >= self.max_keys:
-            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
-            if len(self._seen) >= self.max_keys:
-                self.warn(("(many peers)",), "refusing connections from more than %d peers", self.max_keys)
-                return
         repeats = int(entry[1]) if entry is not None else 0
         self._seen[key] = [now, 0]
         if repeats:

@@ -7,13 +7,15 @@ from .ack import Outcome
 from .config import Config, ListenerConfig
 from .er7 import Er7Error, Er7Message, Path
 from .intake import intake_for
+from .logs import escape
 
 PHI_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2"})
 
 
 def explain(raw: bytes, config: Config, listener: ListenerConfig) -> tuple[str, bool]:
     """A report and whether the bridge would accept the message: judged by the intake ``serve`` runs for
-    this listener (routes, mapping, required parameters, its feed zone and strict validation)."""
+    this listener (routes, mapping, required parameters, its feed zone and strict validation). Each line is
+    escaped: the message's control characters must not drive the operator's terminal."""
     lines: list[str] = []
     decoded = charsets.decode(raw, listener.charset_fallback)
     lines.append(f"charset: {decoded.charset} (MSH-18: {decoded.declared or 'absent'})"
@@ -59,7 +61,7 @@ def explain(raw: bytes, config: Config, listener: ListenerConfig) -> tuple[str, 
                 if seg:
                     lines.append(f"  {seg}")
             accepted = accepted and ack.code in ("AA", "CA")
-    return "\n".join(lines), accepted
+    return "\n".join(escape(line) for line in lines), accepted
 
 
 def _fields(msg: Er7Message, version: str) -> list[str]:

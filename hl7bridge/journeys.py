@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -496,9 +497,22 @@ def api_text(text: str, token: str = "", limit: int = MESSAGE_CHARS) -> str:
     characters and lone surrogates escaped (a forged log line, a terminal escape, a JSON encoder that
     refuses it), and cut to ``limit``."""
     if token:
-        text = text.replace(token, "[token]")
+        text = _token_pattern(token).sub("[token]", text[: (limit + len(token)) * 6])
     text = _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text[: limit * 6])
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@lru_cache(maxsize=4)
+def _token_pattern(token: str) -> re.Pattern[str]:
+    """The token as is or JSON-escaped, character by character (``\\/``, ``\\u002f``, ``\\"``): an API that
+    echoes the request's header in a JSON error writes it so, and the raw body is what gets stored."""
+    forms = []
+    for char in token:
+        escapes = {re.escape(char), re.escape(json.dumps(char)[1:-1]), rf"\\u(?i:{ord(char):04x})"}
+        if char == "/":
+            escapes.add(r"\\/")
+        forms.append("(?:" + "|".join(sorted(escapes)) + ")")
+    return re.compile("".join(forms))
 
 
 def _messages(data: Any, text: str) -> list[str]:

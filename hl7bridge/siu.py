@@ -47,6 +47,22 @@ class MessageRejected(Exception):
         self.problem = problem
 
 
+#: The longest value of each MSH field an ACK echoes: HD's 227 characters, and 199 for MSH-10 (v2.7 on;
+#: no version allows more). A longer one is refused and never echoed, so no sender sizes our answers.
+ECHO_LIMITS: tuple[tuple[str, str, int], ...] = (
+    ("sending_application", "MSH-3", 227),
+    ("sending_facility", "MSH-4", 227),
+    ("receiving_application", "MSH-5", 227),
+    ("receiving_facility", "MSH-6", 227),
+    ("message_type", "MSH-9.1", 227),
+    ("event", "MSH-9.2", 227),
+    ("control_id", "MSH-10", 199),
+    ("processing_id", "MSH-11", 227),
+    ("version", "MSH-12", 227),
+    ("charset_field", "MSH-18", 227),
+)
+
+
 @dataclass(slots=True)
 class Header:
     """MSH as the acknowledgment needs it: raw (still escaped) values, echoed as received.
@@ -105,8 +121,20 @@ class Header:
     def enhanced(self) -> bool:
         return bool(self.accept_ack_type or self.application_ack_type)
 
+    def overlong(self) -> list[tuple[str, str, int]]:
+        """The echoed fields (attribute, location, limit) longer than ``ECHO_LIMITS`` allows."""
+        return [item for item in ECHO_LIMITS if len(getattr(self, item[0])) > item[2]]
+
+    def echoable(self) -> Header:
+        """This header with each overlong field blanked: what an ACK may echo."""
+        over = self.overlong()
+        return replace(self, **{name: "" for name, _, _ in over}) if over else self
+
     def check(self) -> None:
         """Reject what the bridge cannot handle at all (AR)."""
+        if over := self.overlong():
+            _, location, limit = over[0]
+            raise MessageRejected(Problem(location, DATA_TYPE_ERROR, f"{location} is longer than {limit} characters"))
         if not self.control_id:
             raise MessageRejected(Problem("MSH-10", REQUIRED_FIELD_MISSING, "MSH-10 message control id is empty"))
         if not self.version:

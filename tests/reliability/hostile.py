@@ -141,7 +141,7 @@ class Hostile:
         text = payload.decode()
         msh, rest = text.split("\r", 1)
         fields = msh.split("|")
-        variant = self.rng.randrange(10)
+        variant = self.rng.randrange(11)
         echo = control
         if variant == 0:
             msh = "|".join(fields[: self.rng.randint(1, 8)])  # cut short: no MSH-9/10/12
@@ -173,9 +173,13 @@ class Hostile:
             fields[8] = "SIU^S12^SIU_S12"
             msh = "|".join(fields)
             return Item("broken MSH", framed((msh + "\r").encode()), NAK, control)
-        else:
+        elif variant == 9:
             fields[11] = "2." + "9" * self.rng.randint(1, 300)
             msh = "|".join(fields)
+        else:
+            fields[9] = control + "C" * self.rng.randint(200, 8000)  # past MSH-10's 199: refused, not echoed
+            msh = "|".join(fields)
+            echo = None
         return Item("broken MSH", framed((msh + "\r" + rest).encode()), NAK, echo)
 
     def binary_msh(self) -> Item:
