@@ -8,6 +8,7 @@ straight from the service's SQLite file.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -348,7 +349,31 @@ def test_booking_and_cancel_during_an_outage_annihilate(bridge: RunningService, 
         assert sandbox.instances(appointmentId=appointment) == []
         assert searched_for(sandbox, appointment) == []
         assert delivered_bulks(sandbox, appointment) == []
-    assert sandbox.calls("execution") == []
+    # No cancel was attempted for them (a cancel searches first); other tests' leftovers may still cancel theirs.
+
+
+def test_booking_and_cancel_during_a_token_pause_annihilate(bridge: RunningService, sandbox: RunningSandbox) -> None:
+    """A second guard, by another road: the booking waits in a 401 pause (nothing done), then its cancel comes."""
+    sandbox.post("/_sandbox/tokens", {"revoke": ["test-token"]})
+    assert ack(bridge, siu("S12", "ANN-AUTH-1", "A-ANN-AUTH", future(days=30)))[1] == "AA"
+    wait_until(lambda: [a for c in commands_of(bridge, "ANN-AUTH-1") for a in attempts_of(bridge, c["id"])],
+               message="the booking to meet the 401")  # fmt: skip
+    assert ack(bridge, siu("S15", "ANN-AUTH-2", "A-ANN-AUTH", None))[1] == "AA"
+    sandbox.post("/_sandbox/tokens", {"add": {"test-token": ["create.journey_instances", "read.journey_instances"]}})
+    (booked,) = settled(bridge, "ANN-AUTH-1")
+    (cancelled,) = settled(bridge, "ANN-AUTH-2")
+    assert (booked["status"], booked["outcome"]) == (
+        "annihilated",
+        f"cancelled by command {cancelled['id']} before it was sent",
+    )
+    assert (cancelled["status"], cancelled["outcome"]) == (
+        "annihilated",
+        "its trigger was never sent; nothing to cancel",
+    )
+    assert {a["status_code"] for a in attempts_of(bridge, booked["id"])} == {401}
+    assert attempts_of(bridge, cancelled["id"]) == []
+    assert sandbox.instances(appointmentId="A-ANN-AUTH") == []
+    assert searched_for(sandbox, "A-ANN-AUTH") == [] and delivered_bulks(sandbox, "A-ANN-AUTH") == []
 
 
 # ---- the token ---------------------------------------------------------------------------------------
@@ -361,7 +386,7 @@ def test_revoked_token_pauses_dispatch_until_it_is_valid_again(bridge: RunningSe
         assert ack(bridge, siu("S12", control, f"A-AUTH-{i}", future(days=30)))[1] == "AA"
 
     def refused_twice() -> bool:
-        return len([c for c in sandbox.calls() if c["status"] == 401]) >= 2
+        return len([c for c in sandbox.calls() if c["status"] == 401 and "A-AUTH-" in json.dumps(c["body"])]) >= 2
 
     wait_until(refused_twice, message="the API to refuse the token twice (the pause's probe)")
     cmds = [c for control in controls for c in commands_of(bridge, control)]
