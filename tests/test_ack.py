@@ -11,7 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from hl7apy.parser import parse_message
 
-from hl7bridge.ack import FALLBACK_VERSION, AckBuilder, Outcome, ack_code
+from hl7bridge.ack import FALLBACK_VERSION, AckBuilder, Outcome, ack_code, now_stamp
+from hl7bridge.er7 import Encoding
 from hl7bridge.intake import Intake
 from hl7bridge.problems import Problem
 from hl7bridge.siu import Feed
@@ -184,3 +185,21 @@ def test_ack_control_ids_count_from_one_after_the_process_prefix() -> None:
     first, second = builder.control_id(), builder.control_id()
     assert first[10:] == f"{os.getpid() % 1000:03d}0000001" and second[10:] == f"{os.getpid() % 1000:03d}0000002"
     assert abs(int(first[:10]) - time.time()) < 120
+
+
+def test_ack_defaults_name_us_and_say_nothing_more() -> None:
+    """The defaults of ``AckBuilder`` and ``build``; a message without a header is answered in the default
+    delimiters even when the caller passes others (there is no header to have declared them)."""
+    ack = AckBuilder().build("AR", None, Encoding(field="#", component="$"))
+    msh, msa = (s.split("|") for s in ack.payload.decode("ascii").split("\r")[:2])
+    assert (msh[1], msh[2], msh[3]) == ("^~\\&", "HL7BRIDGE", "")
+    assert msa == ["MSA", "AR", "", ""] and ack.text == ""
+
+
+def test_the_ack_timestamp_follows_the_clock_across_seconds() -> None:
+    """MSH-7 is formatted once per second: the cache must notice the next second."""
+    first = now_stamp()
+    time.sleep(1.1)
+    second, now = now_stamp(), int(time.time())
+    assert second != first
+    assert second in {datetime.fromtimestamp(t).astimezone().strftime("%Y%m%d%H%M%S%z") for t in (now - 1, now)}
