@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/hl7bridge.example.toml
 
-.PHONY: run test lint format bench fixtures-send clean
+.PHONY: run test lint format bench fixtures-send mutation clean
 
 include tests/interop/interop.mk
 -include tests/reliability/reliability.mk
@@ -35,8 +35,16 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/dispatch.py --out docs/performance.md
 	$(BIN)/python bench/outbox_write.py
 
+# Mutation testing of the pure modules (pyproject [tool.mutmut]); slow, not part of `make test` or CI.
+# MUTANTS narrows it, e.g. MUTANTS='hl7bridge.ack*'; survivors are listed at the end (docs/testing.md).
+MUTANTS ?=
+mutation: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[mutation]'
+	$(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results
+
 fixtures-send: $(BIN)/.installed
 	$(BIN)/hl7bridge send --to 127.0.0.1:2575 fixtures/siu
 
 clean:
-	rm -rf $(VENV) var .pytest_cache tests/interop/node_modules
+	rm -rf $(VENV) var .pytest_cache tests/interop/node_modules mutants

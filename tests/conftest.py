@@ -145,14 +145,20 @@ def segments(payload: bytes, charset: str = "utf-8") -> dict[str, list[str]]:
     return out
 
 
-def unique_control(payload: bytes, control_id: str) -> bytes:
-    """The same message under another MSH-10."""
+def with_msh(payload: bytes, **fields: str) -> bytes:
+    """The same message with MSH fields replaced, by number (``msh4="OTHER"`` sets MSH-4)."""
     text = payload.decode("latin-1")
     head, sep, rest = text.partition("\r")
     sep_char = head[3]
-    fields = head.split(sep_char)
-    fields[9] = control_id
-    return (sep_char.join(fields) + sep + rest).encode("latin-1")
+    parts = head.split(sep_char)
+    for name, value in fields.items():
+        parts[int(name.removeprefix("msh")) - 1] = value
+    return (sep_char.join(parts) + sep + rest).encode("latin-1")
+
+
+def unique_control(payload: bytes, control_id: str) -> bytes:
+    """The same message under another MSH-10."""
+    return with_msh(payload, msh10=control_id)
 
 
 @dataclass

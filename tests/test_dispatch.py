@@ -11,6 +11,7 @@ from .conftest import RunningSandbox, RunningService, segments, start_service, w
 from .dispatch_support import (
     TOKEN,
     ack,
+    attempts_of,
     commands_of,
     future,
     message_row,
@@ -142,20 +143,48 @@ def test_bulk_calls_are_coalesced(bridge: RunningService, sandbox: RunningSandbo
     assert len(sandbox.calls("bulk")) - before <= 3
 
 
-def test_a_bad_instance_is_bisected_out_of_the_batch(bridge: RunningService, sandbox: RunningSandbox) -> None:
+def bisect_batch(bridge: RunningService, sandbox: RunningSandbox, prefix: str, count: int, bad: set[int]) -> None:
+    """Send ``count`` bookings on one connection (one batch), those at ``bad`` without a phone, and check that
+    the API's 400 for the batch was bisected down to exactly the bad instances."""
     with bridge.client() as client:
-        for i in range(8):
-            phone = None if i == 5 else "555-0199"
-            client.send(siu("S12", f"BIS-{i}", f"A-BIS-{i}", future(days=41), phone=phone))
-        assert [segments(client.receive())["MSA"][1] for _ in range(8)] == ["AA"] * 8
-    outcomes = {i: settled(bridge, f"BIS-{i}")[0] for i in range(8)}
-    assert outcomes[5]["status"] == "dead"
-    assert "phoneNumber" in outcomes[5]["outcome"] and "is empty" in outcomes[5]["outcome"]
-    assert all(outcomes[i]["status"] == "done" for i in range(8) if i != 5)
-    assert (
-        len([i for i in sandbox.get("/_sandbox/instances") if i["parameters"]["appointmentId"].startswith("A-BIS-")])
-        == 7
-    )
+        for i in range(count):
+            client.send(
+                siu("S12", f"{prefix}-{i}", f"A-{prefix}-{i}", future(days=41), phone=None if i in bad else "555-0199")
+            )
+        assert [segments(client.receive())["MSA"][1] for _ in range(count)] == ["AA"] * count
+    outcomes = {i: settled(bridge, f"{prefix}-{i}")[0] for i in range(count)}
+    assert {i for i, o in outcomes.items() if o["status"] == "dead"} == bad, outcomes
+    assert all("phoneNumber" in outcomes[i]["outcome"] and "is empty" in outcomes[i]["outcome"] for i in bad)
+    assert all(o["status"] == "done" and o["outcome"] == "triggered" for i, o in outcomes.items() if i not in bad)
+    started = {i["parameters"]["appointmentId"] for i in sandbox.get("/_sandbox/instances")}
+    assert {a for a in started if a.startswith(f"A-{prefix}-")} == {
+        f"A-{prefix}-{i}" for i in range(count) if i not in bad
+    }
+
+    def ours(call: dict) -> list[int]:
+        ids = [i["parameters"]["appointmentId"] for i in (call["body"] or {}).get("instances", [])]
+        return sorted(int(a.rsplit("-", 1)[1]) for a in ids if a.startswith(f"A-{prefix}-"))
+
+    calls = [(c["status"], ours(c)) for c in sandbox.calls("bulk") if ours(c)]
+    # Bisected: a 400 for several instances, then each bad one refused alone, each good one accepted once.
+    assert any(status == 400 and len(batch) > 1 for status, batch in calls), calls
+    assert sorted(b[0] for status, b in calls if status == 400 and len(b) == 1) == sorted(bad), calls
+    accepted = [i for status, batch in calls if 200 <= status < 300 for i in batch]
+    assert sorted(accepted) == [i for i in range(count) if i not in bad], calls
+    for i in bad:
+        summaries = [a["request_summary"] for a in attempts_of(bridge, outcomes[i]["id"])]
+        assert any("[400: bisected]" in s for s in summaries), summaries
+
+
+def test_a_bad_instance_is_bisected_out_of_the_batch(bridge: RunningService, sandbox: RunningSandbox) -> None:
+    bisect_batch(bridge, sandbox, "BIS", 8, {5})
+
+
+def test_several_bad_instances_at_different_depths_are_bisected_out(
+    bridge: RunningService, sandbox: RunningSandbox
+) -> None:
+    """Neighbours (6, 7), a lone one deep in each half (0, 13): a bisection that stops early loses good ones."""
+    bisect_batch(bridge, sandbox, "BIS2", 16, {0, 6, 7, 13})
 
 
 def test_routes_choose_the_journey(tmp_path: Path, sandbox: RunningSandbox) -> None:

@@ -99,9 +99,7 @@ def test_dispatched_api_rejection_is_ae_with_the_api_message(
     assert "400" in msa[3]
     (cmd,) = commands_of(dispatched, "DSP-NOPHONE")
     assert cmd["status"] == "dead" and api_message in cmd["outcome"]
-    wait_until(lambda: message_row(dispatched, "DSP-NOPHONE")["ack_code"] == "AE",
-               message="the AE to be recorded in the log")  # fmt: skip
-    row = message_row(dispatched, "DSP-NOPHONE")
+    row = message_row(dispatched, "DSP-NOPHONE")  # recorded before the AE was sent: no polling
     assert row["status"] == "rejected"
     assert api_message in row["error"] and api_message in row["ack_text"]
     assert b"|AE|DSP-NOPHONE|" in row["ack_raw"]
@@ -162,6 +160,24 @@ def test_dispatched_duplicates_get_the_final_ack(dispatched: RunningService, san
     assert resent["MSA"][1] == "AE"
     assert "parameter 'phoneNumber' is empty" in resent["MSA"][3]
     assert sandbox.instances(appointmentId="A-DSP-DUP-AE") == []
+
+
+def test_dispatched_ack_is_logged_before_it_is_sent(dispatched: RunningService, no_faults: RunningSandbox) -> None:
+    """The verdict's ACK is committed before it leaves: read the log the moment it arrives, and resend at once."""
+    for control, phone, code, status in (("DSP-REC-AA", "555-0101", "AA", "accepted"),
+                                         ("DSP-REC-AE", None, "AE", "rejected")):  # fmt: skip
+        message = siu("S12", control, f"A-{control}", future(days=30), phone=phone)
+        with dispatched.client() as client:
+            answer = client.request(message)
+            row = message_rows(dispatched, control)[0]  # no polling: it must be there already
+            resent = client.request(message)
+        assert segments(answer)["MSA"][1] == code, answer
+        assert (row["status"], row["ack_code"], row["ack_raw"]) == (status, code, answer)
+        if code == "AA":
+            assert resent == answer  # the original ACK, byte for byte, as the log holds it
+            assert [r["status"] for r in message_rows(dispatched, control)] == ["accepted", "duplicate"]
+        else:
+            assert segments(resent)["MSA"][1] == "AE"  # an AE's resend is judged again, never an AA
 
 
 def test_dispatched_resend_during_the_verdict_gets_the_final_ack(

@@ -3,7 +3,6 @@ alone on its log, and its metrics and pause state reach the service's /metrics a
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -13,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 import requests
 
@@ -20,7 +20,7 @@ from hl7bridge.dispatch_child import ChildSpec
 from hl7bridge.journeys import DEFAULT_CANCEL_PATH
 from hl7bridge.store import CommandUpdate, OutboxWrite
 
-from .conftest import RunningSandbox, RunningService, free_port, start_service, wait_until
+from .conftest import ROOT, RunningSandbox, RunningService, free_port, start_service, wait_until
 from .dispatch_support import TOKEN, ack, future, sandbox_for_module, service_toml, settled, siu
 
 
@@ -92,8 +92,9 @@ def test_the_dispatcher_process_ends_with_the_service(tmp_path: Path, sandbox: R
     child = wait_until(lambda: children(killed.process.pid), message="the dispatcher process")[0]
     killed.process.kill()
     killed.process.wait()
-    # Gone at once, so a restarted service never meets an old dispatcher still sending.
-    wait_until(lambda: not alive(child), timeout=2, message="the orphaned dispatcher to exit")
+    # Gone by itself (it watches its parent), so a restarted service never meets an old dispatcher still
+    # sending; the bound is generous for a loaded machine; a child that does not watch never exits.
+    wait_until(lambda: not alive(child), timeout=30, message="the orphaned dispatcher to exit")
 
 
 def read_until(fd: int, wanted: bytes, timeout: float) -> bytes:
@@ -151,17 +152,47 @@ def test_run_in_thread_keeps_the_dispatcher_in_the_service(tmp_path: Path, sandb
     assert service.process.returncode == 0
 
 
-def test_a_write_crosses_to_the_service_unchanged() -> None:
-    """The child's writes travel as JSON lines (``EventPipe``) and are rebuilt in the service."""
+def sample_writes() -> list[OutboxWrite]:
+    """Writes with every field a dispatcher sets, non-ASCII text included; built the same in both processes."""
     attempt = {"call_id": "c-1", "at": 1.5, "operation": "search", "request_summary": "POST /search",
-               "status_code": 200, "verdict": "success", "response_body": "[]", "error": None, "duration_ms": 3.0}  # fmt: skip
+               "status_code": 200, "verdict": "success", "response_body": "[{\"name\": \"Zoë\"}]", "error": None,
+               "duration_ms": 3.0}  # fmt: skip
     updates = [
         CommandUpdate(7, "done", "cancelled 1 instance(s)", count_attempt=True, attempts=[attempt],
                       remember=("MAIN|A-1", "reminders", "bot", "cancelled", None)),
         CommandUpdate(8, "pending", "retrying in 2.0 s: HTTP 503", next_attempt_at=12.5, uncertain=True,
-                      remember=("MAIN|A-2", "reminders", "bot", "active", {"appointmentId": "A-2"})),
+                      remember=("MAIN|A-2", "reminders", "bot", "active", {"appointmentId": "A-2", "name": "Zoë"})),
         CommandUpdate(9, "pending", "cancelled 1 instance(s)", step="cancelled"),
     ]  # fmt: skip
-    for write in (OutboxWrite(10.0, in_flight=[3, 4]), OutboxWrite(11.0, updates=updates)):
-        line = json.dumps({"write": 5, **write.to_json()})
-        assert OutboxWrite.from_json(json.loads(line)) == write
+    return [OutboxWrite(10.0, in_flight=[3, 4]), OutboxWrite(11.0, updates=updates)]
+
+
+CHILD_WRITER = """
+import sys
+from hl7bridge.dispatch_child import EventPipe, ServiceWrites
+from hl7bridge.store import Job
+from tests.test_dispatch_process import sample_writes
+sink = ServiceWrites(EventPipe(int(sys.argv[1])))
+for write in sample_writes():
+    sink.submit_job(Job(write, lambda _result, _error: None))
+"""
+
+
+def test_a_write_crosses_to_the_service_unchanged() -> None:
+    """A child process sends its writes through ``ServiceWrites`` over a real pipe, as the dispatcher does;
+    the service's reading of each line (``orjson`` then ``OutboxWrite.from_json``) rebuilds them equal."""
+    read_events, write_events = os.pipe()
+    try:
+        child = subprocess.run([sys.executable, "-c", CHILD_WRITER, str(write_events)], pass_fds=(write_events,),
+                               cwd=ROOT, capture_output=True, timeout=60)  # fmt: skip
+        os.close(write_events)
+        write_events = -1
+        assert child.returncode == 0, child.stderr
+        lines = read_until(read_events, b"\x00", 10).splitlines()
+    finally:
+        os.close(read_events)
+        if write_events >= 0:
+            os.close(write_events)
+    events = [orjson.loads(line) for line in lines]
+    assert [e["write"] for e in events] == [1, 2]
+    assert [OutboxWrite.from_json(e) for e in events] == sample_writes()

@@ -42,7 +42,7 @@ def test_fixture_ack(service: RunningService, relative: str) -> None:
     ack = segments(answer, "latin-1")
     msh, msa = ack["MSH"], ack["MSA"]
     assert msa[1] == expected["ack"], f"{relative}: {answer!r}"
-    assert msa[2] == (expected["control_id"] or "") if expected["ack"] != "AR" or expected["control_id"] else True
+    assert msa[2] == (expected["control_id"] or ""), "MSA-2 echoes MSH-10 (empty when there is none to read)"
     assert msh[9].split(msh[2][0])[0] == "ACK"
     assert msh[10], "the ACK has its own control id"
     sent = _sent_header(raw)
@@ -61,8 +61,9 @@ def test_fixture_ack(service: RunningService, relative: str) -> None:
     version = msh[12]
     if _from_25(version):
         comp = msh[2][0]
+        assert err[1] == "", "ERR-1 is withdrawn from v2.5 on"
         erl = err[2].split(comp)
-        assert erl[0] == location.split("-")[0]
+        assert erl[:2] == [location.split("-")[0], "1"]
         if "-" in location:
             assert erl[2] == location.split("-")[1].split(".")[0]
         assert err[3].split(comp)[2] == "HL70357"
@@ -72,8 +73,11 @@ def test_fixture_ack(service: RunningService, relative: str) -> None:
     else:
         comp = msh[2][0] if len(msh) > 2 else "^"
         eld = err[1].split(comp)
-        assert eld[0] == location.split("-")[0]
+        assert eld[:2] == [location.split("-")[0], "1"]
+        if "-" in location:
+            assert eld[2] == location.split("-")[1].split(".")[0], "ERR-1.3 names the field"
         assert eld[3].split(msh[2][3])[2] == "HL70357"
+        assert len(err) == 2, "before v2.5 the ERR segment is ERR-1 alone"
     assert msa[3], "MSA-3 says why"
 
 

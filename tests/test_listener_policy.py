@@ -255,12 +255,13 @@ def _closed_within(sock: socket.socket, seconds: float, keep_sending: bytes, eve
 
 def test_junk_bytes_outside_a_frame_do_not_hold_the_idle_timer(policy: Policy) -> None:
     with policy.connect("timeouts") as c:  # idle_timeout = 1
-        assert _closed_within(c.sock, 8, b"\r"), "a CR every 0.3 s kept the connection open past idle_timeout"
+        # 30 s for a 1 s timeout: a timer that the bytes restart keeps it open the whole time, however loaded.
+        assert _closed_within(c.sock, 30, b"\r"), "a CR every 0.3 s kept the connection open past idle_timeout"
 
 
 def test_abandoned_starts_do_not_restart_the_frame_clock(policy: Policy) -> None:
     with policy.connect("frames") as c:  # frame_timeout = 1, idle_timeout = 0 (never)
-        assert _closed_within(c.sock, 8, b"\x0bMSH|"), "a fresh start block every 0.3 s defeated frame_timeout"
+        assert _closed_within(c.sock, 30, b"\x0bMSH|"), "a fresh start block every 0.3 s defeated frame_timeout"
 
 
 def test_an_answered_sender_is_not_idle_while_it_sends_messages(policy: Policy) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from hl7bridge.store import StoreError, meta, open_engine
 
-from .conftest import RunningService, fixture_bytes, segments, unique_control
+from .conftest import RunningService, fixture_bytes, segments, unique_control, with_msh
 
 S12 = "siu/s12_epic_v251.hl7"
 
@@ -43,6 +43,28 @@ def test_duplicate_gets_original_ack_and_nothing_twice(fresh_service: RunningSer
     third = fresh_service.request(unique_control(raw, "NEW-ID-1"))
     assert segments(third)["MSA"][2] == "NEW-ID-1"
     assert fresh_service.log("--status", "accepted")[0]["control_id"] == "NEW-ID-1"
+
+
+def test_same_control_id_from_another_facility_is_not_a_duplicate(fresh_service: RunningService) -> None:
+    """Duplicates are keyed by MSH-3, MSH-4 and MSH-10: another facility's message is its own, and its own ACK.
+
+    Sent once one at a time (the original is in the log) and once pipelined (both in one group commit)."""
+    raw = fixture_bytes(S12)
+    for control, pipelined in (("FAC-SEQ", False), ("FAC-GROUP", True)):
+        messages = [with_msh(raw, msh4=facility, msh10=control) for facility in ("SITE-A", "SITE-B")]
+        if pipelined:
+            with fresh_service.client() as client:
+                client.sock.sendall(b"".join(b"\x0b" + m + b"\x1c\x0d" for m in messages))
+                answers = [segments(client.receive()) for _ in messages]
+        else:
+            answers = [segments(fresh_service.request(m)) for m in messages]
+        assert [(a["MSA"][1], a["MSA"][2], a["MSH"][6]) for a in answers] == [
+            ("AA", control, "SITE-A"),
+            ("AA", control, "SITE-B"),
+        ]
+        rows = [r for r in fresh_service.log() if r["control_id"] == control]
+        assert sorted(r["status"] for r in rows) == ["accepted", "accepted"], rows
+        assert all(r["duplicate_of"] is None for r in rows)
 
 
 def test_duplicates_inside_one_group_commit(fresh_service: RunningService) -> None:

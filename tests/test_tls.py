@@ -187,7 +187,8 @@ def test_tls_listener_answers_aa(tls_service: RunningService, pki: Pki) -> None:
     ctrl = control()
     ctx = client_context(pki)
     with BlockingClient("127.0.0.1", tls_service.port, timeout=10, ssl_context=ctx, server_hostname="localhost") as c:
-        assert c.sock.version() is not None  # really TLS
+        assert c.sock.version() in ("TLSv1.2", "TLSv1.3"), c.sock.version()  # the floor the listener sets
+        assert ("DNS", "localhost") in c.sock.getpeercert()["subjectAltName"]  # the PKI's server certificate
         assert msa(c.request(message(ctrl)))[1:3] == ["AA", ctrl]
     rows = [r for r in tls_service.log() if r["control_id"] == ctrl]
     assert [r["status"] for r in rows] == ["accepted"]
@@ -416,9 +417,21 @@ class Policy:
 
 @pytest.fixture(scope="module")
 def tls_policy(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Policy]:
-    """An RSA-keyed listener on the defaults, a TLS 1.3-only one, and a mutual one pinned to two names.
-    (The test of the pinned names reads the log, so it stops the service: it comes last.)"""
-    tmp_path = tmp_path_factory.mktemp("tls-policy")
+    """An RSA-keyed listener on the defaults, a TLS 1.3-only one, and a mutual one pinned to two names."""
+    running = start_policy(tmp_path_factory.mktemp("tls-policy"), pki)
+    yield running
+    running.service.stop()
+
+
+@pytest.fixture
+def own_tls_policy(tmp_path: Path, pki: Pki) -> Iterator[Policy]:
+    """The same listeners for a test that stops the service to read its log (in any order of the tests)."""
+    running = start_policy(tmp_path, pki)
+    yield running
+    running.service.stop()
+
+
+def start_policy(tmp_path: Path, pki: Pki) -> Policy:
     certs = {
         "rsa": issue(pki, tmp_path, "localhost", server_rsa=True),
         "named": issue(pki, tmp_path, "epic-feed-2"),
@@ -433,9 +446,7 @@ def tls_policy(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[P
         f'[listeners.pinned]\nendpoint = "{ssl_endpoint(ports["pinned"], pki)}"\ntls_client_ca = "{pki.ca_cert}"\n'
         'tls_client_names = ["epic-feed-2", "cerner.feed.example.org"]\n'
     )
-    running = start_service(tmp_path, config, listen=[])
-    yield Policy(running, ports, certs)
-    running.stop()
+    return Policy(start_service(tmp_path, config, listen=[]), ports, certs)
 
 
 def _tls_client(
@@ -493,7 +504,10 @@ def test_tls_min_version_13_refuses_tls12(tls_policy: Policy, pki: Pki) -> None:
     assert _answer(port, _tls_client(pki, ssl.TLSVersion.TLSv1_3)) == ("TLSv1.3", ["AA"])
 
 
-def test_pinned_client_names_accept_cn_or_san_and_refuse_others_with_a_log_line(tls_policy: Policy, pki: Pki) -> None:
+def test_pinned_client_names_accept_cn_or_san_and_refuse_others_with_a_log_line(
+    own_tls_policy: Policy, pki: Pki
+) -> None:
+    tls_policy = own_tls_policy
     port = tls_policy.ports["pinned"]
     for name in ("named", "san"):
         assert _answer(port, _tls_client(pki, cert=tls_policy.certs[name])) == ("TLSv1.3", ["AA"])

@@ -3,24 +3,18 @@
 # Include it from the top-level Makefile, after BIN is defined:
 #     include tests/interop/interop.mk
 # and make the test target depend on interop-deps, e.g. `test: $(BIN)/.installed interop-deps`.
-# Without node_modules the JavaScript interop tests (and the mllp-https one) are skipped.
+# Without node_modules the JavaScript interop tests are skipped; the mllp-https one needs only its PyPI
+# package, which '.[test]' installs.
 #
 # Needs Node.js >= 20.19 and npm on PATH; the npm packages are pinned in package-lock.json.
 
 BIN ?= .venv/bin
 INTEROP_DIR := tests/interop
-# PyPI packages the interop tests need beyond '.[test]' (python-hl7 and hl7apy come from there).
-INTEROP_PIP := mllp-https==1.2.41
-
 .PHONY: interop-deps
 
-interop-deps: $(INTEROP_DIR)/node_modules $(BIN)/.interop-installed
+interop-deps: $(INTEROP_DIR)/node_modules
 
 # npm ci only when node_modules is missing or older than the lockfile (or package.json).
 $(INTEROP_DIR)/node_modules: $(INTEROP_DIR)/package-lock.json $(INTEROP_DIR)/package.json
 	npm ci --prefix $(INTEROP_DIR) --no-audit --no-fund
-	touch $@
-
-$(BIN)/.interop-installed: $(INTEROP_DIR)/interop.mk | $(BIN)/.installed
-	$(BIN)/pip install --quiet $(INTEROP_PIP)
 	touch $@

@@ -17,7 +17,8 @@ the first ACK, so a shared instance would only show the first sender's messages 
 The JavaScript senders run through small drivers in ``js/`` (``node js/send_X.mjs HOST PORT
 FILE...``, one JSON report on stdout, including the exact bytes on the library's socket). Their
 packages are pinned in ``package.json``/``package-lock.json`` and installed by ``make
-interop-deps`` (see ``interop.mk``); the JavaScript tests skip when ``node_modules`` is missing.
+interop-deps`` (see ``interop.mk``); the JavaScript tests skip when ``node_modules`` is missing. The
+``mllp-https`` gateway is a PyPI package in ``.[test]``: its test skips only when it is not installed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import asyncio
 import base64
 import contextlib
 import http.client
+import inspect
 import json
 import os
 import queue
@@ -64,7 +66,12 @@ SENDER_TIMEOUT = 60.0
 needs_node_modules = pytest.mark.skipif(
     not NODE_MODULES.is_dir(),
     reason=f"{NODE_MODULES} is missing: install the interop senders with `make interop-deps` "
-    "(npm ci --prefix tests/interop, pip install mllp-https)",
+    "(npm ci --prefix tests/interop)",
+)
+
+needs_mllp_https = pytest.mark.skipif(
+    not (BIN / "http2mllp").exists(),
+    reason=f"{BIN / 'http2mllp'} is missing: pip install -e '.[test]' (it brings mllp-https)",
 )
 
 
@@ -109,6 +116,13 @@ def test_cases_cover_what_the_interop_tests_promise() -> None:
     assert {"SIU^S12", "SIU^S15"} <= events
     assert any(not c.raw.endswith(CR) for c in CASES), "a fixture whose last segment lacks its CR"
     assert {c.ack for c in CASES} >= {"AA", "AE", "AR"}
+    # The promise holds only if every sender sends them all: each test that starts a bridge checks its log.
+    senders = [
+        f for name, f in globals().items() if name.startswith("test_") and "bridge" in inspect.signature(f).parameters
+    ]
+    assert len(senders) >= 8, senders
+    unchecked = [f.__name__ for f in senders if "check_log(bridge" not in inspect.getsource(f)]
+    assert unchecked == [], f"these sender tests never check that every case was logged: {unchecked}"
 
 
 # --- the bridge ------------------------------------------------------------------------------------
@@ -263,8 +277,11 @@ def check_ack(payload: bytes, case: Case, where: str) -> None:
     assert strict.validate(), f"hl7apy strict validation: {what}"
 
 
-def check_log(bridge: Bridge, cases: Sequence[Case], client_ack_ids: Sequence[str] = ()) -> list[dict]:
-    """Each message logged exactly once with its ACK code; ACKs from the sender logged, unanswered."""
+def check_log(bridge: Bridge, extra: Sequence[Case] = (), client_ack_ids: Sequence[str] = ()) -> list[dict]:
+    """Each of CASES (and ``extra``) logged exactly once with its ACK code; ACKs from the sender logged, unanswered.
+
+    Always every case: a sender test that sends fewer than the promised cases fails here."""
+    cases = [*CASES, *extra]
     rows = bridge.wait_for_log(len(cases) + len(client_ack_ids))
     messages = [r for r in rows if r["message_type"] != "ACK"]
     acks = [r for r in rows if r["message_type"] == "ACK"]
@@ -406,7 +423,7 @@ def test_python_hl7_mllp_send_cli(bridge: Bridge, tmp_path: Path) -> None:
         assert out.returncode == 0, f"mllp_send --loose failed: {out.stderr.decode(errors='replace')}"
         assert out.stdout.startswith(VT) and out.stdout.endswith(FS + CR + b"\n")
         check_ack(out.stdout[1:-3], loose_case, "mllp_send --loose")
-    check_log(bridge, [*CASES, loose_case])
+    check_log(bridge, extra=[loose_case])
     bridge.assert_healthy()
 
 
@@ -444,16 +461,15 @@ def test_python_hl7_asyncio_client(bridge: Bridge) -> None:
             # python-hl7's own reading of the same bytes, as HL7StreamReader.readmessage() does it.
             msg = hl7.parse(payload.decode("utf-8"))
             assert str(msg["MSA.F1"]) == case.ack and str(msg["MSA.F2"]) == case.control_id
-    check_log(bridge, CASES)
+    check_log(bridge)
     bridge.assert_healthy()
 
 
-@needs_node_modules
+@needs_mllp_https
 def test_mllp_https_http2mllp_gateway(bridge: Bridge, tmp_path: Path) -> None:
     """PyPI ``mllp-https``: its ``http2mllp`` gateway takes each message by HTTP POST, forwards it over
     MLLP (one kept-alive connection) to the bridge and returns the ACK as the HTTP response body."""
     http2mllp = BIN / "http2mllp"
-    assert http2mllp.exists(), f"{http2mllp} is missing: install mllp-https (make interop-deps)"
     http_port = free_port()
     cmd = [str(http2mllp), "--host", HOST, "--port", str(http_port), "--mllp_port", str(bridge.port),
            "--timeout", "10000", "--mllp-keep-alive", "60000", "--log-level", "warn", bridge.host]  # fmt: skip
@@ -483,7 +499,7 @@ def test_mllp_https_http2mllp_gateway(bridge: Bridge, tmp_path: Path) -> None:
                 check_ack(body, case, "mllp-https http2mllp")
     finally:
         stop_process(gateway, grace=5)
-    check_log(bridge, CASES)
+    check_log(bridge)
     bridge.assert_healthy()
 
 
@@ -496,7 +512,7 @@ def test_node_hl7_client(bridge: Bridge) -> None:
     report = run_driver("send_node_hl7_client.mjs", bridge, CASES)
     assert report["library"].startswith("node-hl7-client@3.")
     assert check_driver(report, bridge, CASES) == []
-    check_log(bridge, CASES)
+    check_log(bridge)
 
 
 @needs_node_modules
@@ -504,7 +520,7 @@ def test_simple_hl7(bridge: Bridge) -> None:
     """simple-hl7: ``Server.createTcpClient({keepalive: true}).send(parser.parse(text), cb)``."""
     report = run_driver("send_simple_hl7.mjs", bridge, CASES)
     assert check_driver(report, bridge, CASES) == []
-    check_log(bridge, CASES)
+    check_log(bridge)
 
 
 @needs_node_modules
@@ -512,7 +528,7 @@ def test_medplum_hl7_client(bridge: Bridge) -> None:
     """@medplum/hl7: ``new Hl7Client({host, port}).sendAndWait(Hl7Message.parse(text))``."""
     report = run_driver("send_medplum_hl7.mjs", bridge, CASES)
     assert check_driver(report, bridge, CASES) == []
-    check_log(bridge, CASES)
+    check_log(bridge)
 
 
 @needs_node_modules
@@ -540,7 +556,7 @@ def test_medplum_cli_hl7_send(bridge: Bridge, tmp_path: Path) -> None:
     with showing(wire.dump()):
         assert check_wire(wire, CASES, "medplum CLI") == []
     bridge.assert_healthy()
-    check_log(bridge, CASES)
+    check_log(bridge)
 
 
 @needs_node_modules
@@ -560,4 +576,4 @@ def test_hl7v2_net_acks_are_logged_never_answered(bridge: Bridge) -> None:
         # ...and the bridge said nothing more: the library saw only our five ACKs.
         assert len(report["received"]) == len(CASES)
         assert all(msh_field(a, 9).startswith("ACK") for a in client_acks)
-    check_log(bridge, CASES, client_ack_ids=[msh_field(a, 10) for a in client_acks])
+    check_log(bridge, client_ack_ids=[msh_field(a, 10) for a in client_acks])
