@@ -22,6 +22,7 @@ run: $(BIN)/.installed
 test: $(BIN)/.installed interop-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed

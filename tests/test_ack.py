@@ -7,9 +7,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from hl7apy.parser import parse_message
 
-from hl7bridge.ack import AckBuilder, Outcome, ack_code
-from hl7bridge.intake import Intake
-from hl7bridge.siu import Feed
+from hl7bridge.hl7.ack import AckBuilder, Outcome, ack_code
+from hl7bridge.hl7.siu import Feed
+from hl7bridge.ingest.intake import Intake
 
 
 def header_for(msh15: str, msh16: str):

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hl7bridge.mllp import BlockingClient, frame
+from hl7bridge.mllp.framing import BlockingClient, frame
 from tests.conftest import MANIFEST, RunningService, fixture_bytes, segments, start_service, unique_control
 
 BASE = fixture_bytes("siu/s12_epic_v251.hl7")

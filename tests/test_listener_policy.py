@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hl7bridge.mllp import BlockingClient, frame
+from hl7bridge.mllp.framing import BlockingClient, frame
 from tests.conftest import RunningService, fixture_bytes, free_port, segments, start_service, unique_control
 
 BASE = fixture_bytes("siu/s12_epic_v251.hl7")

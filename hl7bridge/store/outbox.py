@@ -15,8 +15,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..routing import Command
-from .schema import OPEN_STATUSES, appointments, attempts, commands, messages
+from hl7bridge.mapping.routing import Command
+from hl7bridge.store.schema import OPEN_STATUSES, appointments, attempts, commands, messages
 
 
 @dataclass(frozen=True)
