@@ -23,6 +23,7 @@ from hl7bridge.dispatch.journeys import TokenSource, plain_http_outside_loopback
 from hl7bridge.dispatch.process import DispatcherProcess
 from hl7bridge.hl7 import tables
 from hl7bridge.hl7.ack import AckBuilder
+from hl7bridge.ingest.intake import Intake
 from hl7bridge.ingest.pipeline import Pipeline
 from hl7bridge.mllp.connections import CappedFactory, FdWatch, RefusalLog, raise_descriptor_limit
 from hl7bridge.mllp.listener import MLLPFactory, listen
@@ -63,6 +64,8 @@ class Service:
     with_sandbox: bool = False
     sandbox_listen: str | None = None
     factories: list[MLLPFactory] = field(default_factory=list)
+    #: The listeners' intakes, in listener order: a reload gives them the new routes.
+    intakes: list[Intake] = field(default_factory=list)
     ports: list[IListeningPort] = field(default_factory=list)
     writer: Writer | None = None
     dispatcher: Dispatcher | DispatcherProcess | None = None
@@ -110,11 +113,12 @@ class Service:
         for listener in cfg.listeners:
             sync = listener.ack_mode == "dispatched"
             intake = intake_for(cfg, listener, acks)
+            self.intakes.append(intake)
             pipeline = Pipeline(
                 intake,
                 self.writer,
                 listener.name,
-                listener.validation == "strict",
+                strict_validation=listener.validation == "strict",
                 verdicts=self.dispatcher if sync else None,
                 reactor=self.reactor,
                 dispatch_timeout=listener.dispatch_timeout,
@@ -257,8 +261,8 @@ class Service:
         if bool(config.routes) != bool(self.config.routes):
             needs_restart.append("routes (adding the first route or removing the last)")
         routes = router(config.routes, config.dispatch)
-        for factory in self.factories:
-            factory.pipeline.intake.router = routes
+        for intake in self.intakes:
+            intake.router = routes
         self.config = replace(self.config, routes=config.routes, dispatch=config.dispatch)
         return needs_restart
 
@@ -296,7 +300,7 @@ class Service:
             self.fds.stop()
         waited = 0.0
         # A short pause first: bytes already on their way in count as received.
-        while waited < grace and (waited < 0.25 or any(c._slots for f in self.factories for c in f.open)):
+        while waited < grace and (waited < 0.25 or any(f.answers_pending() for f in self.factories)):
             yield _sleep(self.reactor, 0.05)
             waited += 0.05
         for factory in self.factories:

@@ -124,7 +124,9 @@ class Intake:
         except Er7Error as exc:
             header = _salvage_header(text)
             problem = Problem(exc.location, exc.code, str(exc), value=exc.value)
-            return self._judged(raw, charset, header, DEFAULT_ENCODING, Outcome.REJECT, problem, note, text)
+            return self._judged(
+                raw, charset=charset, header=header, outcome=Outcome.REJECT, problem=problem, note=note, text=text
+            )
         header = Header.of(msg)
         if header.message_type == "ACK":
             return Received(raw, charset, header, msg.encoding, Outcome.ACCEPT, STATUS_IGNORED,
@@ -132,14 +134,34 @@ class Intake:
         try:
             header.check()
         except MessageRejected as exc:
-            return self._judged(raw, charset, header, msg.encoding, Outcome.REJECT, exc.problem, note, text)
+            return self._judged(
+                raw,
+                charset=charset,
+                header=header,
+                encoding=msg.encoding,
+                outcome=Outcome.REJECT,
+                problem=exc.problem,
+                note=note,
+                text=text,
+            )
         try:
             event = read_event(msg, header, self.feed)
         except MessageRejected as exc:
-            return self._judged(raw, charset, header, msg.encoding, Outcome.ERROR, exc.problem, note, text)
+            return self._judged(
+                raw,
+                charset=charset,
+                header=header,
+                encoding=msg.encoding,
+                outcome=Outcome.ERROR,
+                problem=exc.problem,
+                note=note,
+                text=text,
+            )
         if self.router is not None:
             return self._routed(raw, charset, header, msg, event, note, text)
-        received = self._judged(raw, charset, header, msg.encoding, Outcome.ACCEPT, None, note, text)
+        received = self._judged(
+            raw, charset=charset, header=header, encoding=msg.encoding, outcome=Outcome.ACCEPT, note=note, text=text
+        )
         received.event = event
         if event.action == "ignore":
             received.status = STATUS_IGNORED
@@ -154,10 +176,21 @@ class Intake:
         plan = self.router.plan(event, self.listener, self.feed.time_zone, now)
         notes = "; ".join(n for n in (note, plan.note) if n) or None
         if plan.problem is not None and not plan.accept_anyway:
-            received = self._judged(raw, charset, header, msg.encoding, Outcome.ERROR, plan.problem, notes, text)
+            received = self._judged(
+                raw,
+                charset=charset,
+                header=header,
+                encoding=msg.encoding,
+                outcome=Outcome.ERROR,
+                problem=plan.problem,
+                note=notes,
+                text=text,
+            )
             received.event, received.route = event, plan.route
             return received
-        received = self._judged(raw, charset, header, msg.encoding, Outcome.ACCEPT, None, notes, text)
+        received = self._judged(
+            raw, charset=charset, header=header, encoding=msg.encoding, outcome=Outcome.ACCEPT, note=notes, text=text
+        )
         received.event, received.route = event, plan.route
         if plan.problem is not None:
             # content_errors = "accept": AA to the sender, kept as rejected for operators to fix and replay.
@@ -174,12 +207,13 @@ class Intake:
     def _judged(
         self,
         raw: bytes,
+        *,
         charset: str,
-        header: Header | None,
-        encoding: Encoding,
+        header: Header | None = None,
+        encoding: Encoding = DEFAULT_ENCODING,
         outcome: Outcome,
-        problem: Problem | None,
-        note: str | None,
+        problem: Problem | None = None,
+        note: str | None = None,
         text: str,
     ) -> Received:
         status = STATUS_ACCEPTED if outcome is Outcome.ACCEPT else STATUS_REJECTED
@@ -207,8 +241,15 @@ class Intake:
         decoded = charsets.decode(head, self.charset_fallback)
         header = _salvage_header(decoded.text)
         problem = Problem("MSH", APPLICATION_INTERNAL_ERROR, f"message exceeds the {limit}-byte limit; discarded")
-        return self._judged(head, decoded.charset, header, DEFAULT_ENCODING, Outcome.REJECT, problem,
-                            "only the first bytes were kept", decoded.text)  # fmt: skip
+        return self._judged(
+            head,
+            charset=decoded.charset,
+            header=header,
+            outcome=Outcome.REJECT,
+            problem=problem,
+            note="only the first bytes were kept",
+            text=decoded.text,
+        )
 
     def failed_to_read(self, raw: bytes, error: BaseException) -> Received:
         """AR for a frame the reader itself failed on (a bug, not bad input): answered and logged, not dropped
@@ -217,7 +258,9 @@ class Intake:
         header = _salvage_header(text)
         problem = Problem("MSH", APPLICATION_INTERNAL_ERROR,
                           f"internal error while reading the message ({error.__class__.__name__}); please report it")  # fmt: skip
-        return self._judged(raw, "iso-8859-1", header, DEFAULT_ENCODING, Outcome.REJECT, problem, None, text)
+        return self._judged(
+            raw, charset="iso-8859-1", header=header, outcome=Outcome.REJECT, problem=problem, text=text
+        )
 
     def strict_failed(self, received: Received, problem: Problem) -> None:
         received.outcome = Outcome.ERROR
@@ -236,7 +279,7 @@ class Intake:
             problem = Problem("BHS", SEGMENT_SEQUENCE_ERROR,
                               f"the batch holds {count} messages, more than the {limit} accepted; send smaller batches")  # fmt: skip
             raw = text.encode(decoded.charset, errors="replace")
-            rejected = self._judged(raw, decoded.charset, None, DEFAULT_ENCODING, Outcome.REJECT, problem, None, text)
+            rejected = self._judged(raw, charset=decoded.charset, outcome=Outcome.REJECT, problem=problem, text=text)
             return Frame([rejected], envelope, decoded.charset)
         messages: list[list[str]] = []
         for line in lines:
@@ -252,7 +295,7 @@ class Intake:
         if not out:
             problem = Problem("BHS", REQUIRED_FIELD_MISSING, "the batch holds no message")
             raw = text.encode(decoded.charset, errors="replace")
-            out.append(self._judged(raw, decoded.charset, None, DEFAULT_ENCODING, Outcome.REJECT, problem, None, text))
+            out.append(self._judged(raw, charset=decoded.charset, outcome=Outcome.REJECT, problem=problem, text=text))
         return Frame(out, envelope, decoded.charset)
 
     def batch_answer(self, frame: Frame, acks: list[bytes]) -> bytes:

@@ -52,6 +52,7 @@ class Pipeline:
         intake: Intake,
         writer: Writer,
         listener: str,
+        *,
         strict_validation: bool = False,
         clock: Callable[[], float] = time.time,
         verdicts: Verdicts | None = None,

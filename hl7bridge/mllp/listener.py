@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from twisted.internet import defer, endpoints, interfaces, protocol, tcp
+from twisted.internet import defer, endpoints, interfaces, protocol
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -96,7 +96,6 @@ class MLLPConnection(MLLPReceiver):
         self._counted = False
         self.peer = "?"
         self.host = "?"
-        self._plain_tcp = False
 
     # -- connection lifecycle ----------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -114,7 +113,6 @@ class MLLPConnection(MLLPReceiver):
         self._counted = True
         self.factory.stats.connections += 1
         self.factory.opened(self)
-        self._plain_tcp = isinstance(self.transport, tcp.Connection)
         enable_keepalive(self.transport)
         self._reset_idle()
 
@@ -229,29 +227,13 @@ class MLLPConnection(MLLPReceiver):
         while slots and slots[0][0]:
             _ready, payload, started = slots.popleft()
             if payload is not None and self.transport is not None:
-                self._send(frame(payload))
+                self.transport.write(frame(payload))
                 self.factory.observer.ack_latency(self.factory.config.name, self.factory.clock.seconds() - started)
         if len(slots) < self.factory.config.max_in_flight // 2 + 1:
             self.release("in_flight")
         if not slots:
             self._reset_idle()
         self._close_if_done()
-
-    def _send(self, data: bytes) -> None:
-        """Straight to the socket when nothing waits ahead of it.
-
-        ``transport.write`` only queues: the bytes leave once the next poll reports the socket writable,
-        which cost every ACK two epoll registrations and a pass of the loop. What the kernel does not take
-        at once goes the usual way, after what was sent, so order holds. A TLS connection's transport is a
-        wrapper that passes attribute reads through to the socket's, hence the type test."""
-        transport = self.transport
-        if self._plain_tcp and not (transport.TLS or transport.dataBuffer or transport._tempDataBuffer):
-            sent = transport.writeSomeData(data)
-            if isinstance(sent, int):  # else an exception instance: write() then meets and reports it
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        transport.write(data)
 
     def _close_if_done(self) -> None:
         if self._read_closed and not self._slots and not self.backlogged:
@@ -291,6 +273,10 @@ class MLLPFactory(protocol.Factory):
             self.per_peer[conn.host] = left
         else:
             self.per_peer.pop(conn.host, None)
+
+    def answers_pending(self) -> bool:
+        """Whether any connection still waits for an answer to a frame it sent (a stop waits for those)."""
+        return any(conn._slots for conn in self.open)
 
     def buildProtocol(self, addr: IAddress) -> protocol.Protocol:
         host = getattr(addr, "host", None)

@@ -53,8 +53,9 @@ class TlsSettings:
     client_names: tuple[str, ...] = ()
 
 
-def split_endpoint(description: str) -> tuple[str, dict[str, str]]:
-    """An ``ssl:PORT:key=value...`` string into its port and options (``\\`` escapes, as in Twisted)."""
+def endpoint_fields(description: str) -> tuple[list[str], bool]:
+    """A Twisted endpoint string split at its colons (``\\`` escapes the next character, as in Twisted), and
+    whether it ended inside an escape, which Twisted's own parser refuses."""
     parts, current, escaped = [], [], False
     for char in description:
         if escaped:
@@ -68,6 +69,12 @@ def split_endpoint(description: str) -> tuple[str, dict[str, str]]:
         else:
             current.append(char)
     parts.append("".join(current))
+    return parts, escaped
+
+
+def split_endpoint(description: str) -> tuple[str, dict[str, str]]:
+    """An ``ssl:PORT:key=value...`` string into its port and options."""
+    parts, _dangling = endpoint_fields(description)
     if len(parts) < 2 or parts[0] != "ssl":
         raise TlsError("endpoint", f"expected an ssl:PORT:privateKey=...:certKey=... endpoint, got {description!r}")
     options: dict[str, str] = {}

@@ -29,9 +29,11 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from twisted.internet import defer, endpoints, task
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from hl7bridge.core.checks import Check, choice, integer, number, strings, table
+from hl7bridge.mllp.tls import endpoint_fields
 
 log = logging.getLogger("hl7bridge.sandbox")
 
@@ -217,8 +219,11 @@ class SandboxResource(resource.Resource):
         if delay <= 0:
             return out
 
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
         def later() -> None:
-            if not request._disconnected:
+            if not gone:
                 request.write(out)
                 request.finish()
 
@@ -549,10 +554,9 @@ def local_endpoint(description: str, allow_remote: bool) -> tuple[str, bool]:
     A tcp endpoint without ``interface=`` would take every interface; the sandbox takes loopback instead,
     since the bookings it holds are patient data. Any other interface needs ``allow_remote``.
     """
-    try:
-        args, kwargs = endpoints._parse(description)
-    except RuntimeError:  # a trailing backslash ends Twisted's tokenizer this way
-        args, kwargs = [], {}
+    fields, dangling = endpoint_fields(description)
+    args = [] if dangling else [field for field in fields if "=" not in field]
+    kwargs = {} if dangling else dict(field.split("=", 1) for field in fields if "=" in field)
     kind = args[0] if args else ""
     if kind not in _LOOPBACK_INTERFACE:
         raise ValueError(
