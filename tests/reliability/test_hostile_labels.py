@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from hl7bridge.mllp.framing import BlockingClient
+from hl7bridge.testing.client import BlockingClient
 from tests.conftest import segments
 from tests.dispatch_support import future, siu
 
