@@ -11,7 +11,6 @@ from zoneinfo import ZoneInfo
 
 from hl7bridge.app.dispatch_config import (
     ApiConfig,
-    DispatchConfig,
     parse_api,
     parse_dispatch,
     parse_routes,
@@ -25,6 +24,7 @@ from hl7bridge.core.checks import seconds as _seconds
 from hl7bridge.core.checks import string as _str
 from hl7bridge.core.checks import table as _section
 from hl7bridge.core.checks import zone as _zone
+from hl7bridge.dispatch.dispatcher import DispatchSettings
 from hl7bridge.hl7 import charsets, tables
 from hl7bridge.hl7.er7 import DEFAULT_LIMITS, Limits, Path
 from hl7bridge.hl7.siu import DEFAULT_START_SOURCES, Feed
@@ -119,7 +119,7 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig("main"),)
     api: ApiConfig = field(default_factory=ApiConfig)
-    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     routes: tuple[Route, ...] = ()
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     health: HealthConfig = field(default_factory=HealthConfig)

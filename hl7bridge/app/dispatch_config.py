@@ -21,6 +21,7 @@ from hl7bridge.core.checks import strings as _strings
 from hl7bridge.core.checks import table as _table
 from hl7bridge.core.checks import unknown_settings as _unknown
 from hl7bridge.core.checks import zone as _zone
+from hl7bridge.dispatch.dispatcher import DispatchSettings
 from hl7bridge.dispatch.journeys import DEFAULT_CANCEL_PATH, JourneysClient, TokenSource
 from hl7bridge.hl7 import tables
 from hl7bridge.hl7.er7 import Path
@@ -49,18 +50,6 @@ class ApiConfig:
     def client(self, tokens: Any) -> JourneysClient:
         return JourneysClient(self.base_url, self.org_id, tokens, self.cancel_path, self.connect_timeout,
                               self.read_timeout, self.call_timeout, self.ca_file, self.proxy)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class DispatchConfig:
-    batch_size: int = 100
-    batch_window_ms: int = 200
-    workers: int = 4
-    retry_initial: float = 2.0
-    retry_max: float = 300.0
-    auth_probe_interval: float = 15.0
-    unrouted: str = "ignore"
-    run_in: str = "process"
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -125,8 +114,17 @@ def parse_api(data: Any, problems: list[str]) -> ApiConfig:
     return ApiConfig(**_table(data, "api", API_KEYS, problems))
 
 
-def parse_dispatch(data: Any, problems: list[str]) -> DispatchConfig:
-    return DispatchConfig(**_table(data, "dispatch", DISPATCH_KEYS, problems))
+#: [dispatch] keys whose ``DispatchSettings`` field has another name, and the factor to its unit.
+DISPATCH_FIELDS = {"batch_window_ms": ("batch_window", 0.001), "auth_probe_interval": ("probe_interval", 1.0)}
+
+
+def parse_dispatch(data: Any, problems: list[str]) -> DispatchSettings:
+    values = _table(data, "dispatch", DISPATCH_KEYS, problems)
+    for key, (name, factor) in DISPATCH_FIELDS.items():
+        if isinstance(values.get(key), int | float):
+            values[name] = values.pop(key) * factor
+        values.pop(key, None)
+    return DispatchSettings(**values)
 
 
 # --- routes ----------------------------------------------------------------------------------------
@@ -296,7 +294,7 @@ def parse_routes(data: Any, listeners: set[str], problems: list[str]) -> tuple[R
     return tuple(routes)
 
 
-def router(routes: tuple[Route, ...], dispatch: DispatchConfig) -> Router | None:
+def router(routes: tuple[Route, ...], dispatch: DispatchSettings) -> Router | None:
     return Router(routes, dispatch.unrouted) if routes else None
 
 

@@ -18,7 +18,7 @@ from hl7bridge.app.config import Config
 from hl7bridge.app.dispatch_config import router
 from hl7bridge.app.wiring import intake_for
 from hl7bridge.dispatch.child import ChildSpec, FixedToken
-from hl7bridge.dispatch.dispatcher import Dispatcher, DispatchSettings
+from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import TokenSource, plain_http_outside_loopback
 from hl7bridge.dispatch.process import DispatcherProcess
 from hl7bridge.hl7 import tables
@@ -341,14 +341,6 @@ class Service:
         # The sandbox gets its own token, never the configured one: that is the production API's secret.
         sandbox_token = self.sandbox.state.client_token() if self.sandbox is not None else None
         tokens: TokenSource | FixedToken = FixedToken(sandbox_token) if sandbox_token else api.tokens()
-        settings = DispatchSettings(
-            batch_size=dispatch.batch_size,
-            batch_window=dispatch.batch_window_ms / 1000.0,
-            workers=dispatch.workers,
-            retry_initial=dispatch.retry_initial,
-            retry_max=dispatch.retry_max,
-            probe_interval=dispatch.auth_probe_interval,
-        )
         if dispatch.run_in == "process" and _shareable(service.database):
             spec = ChildSpec(
                 database=service.database,
@@ -360,7 +352,7 @@ class Service:
                 call_timeout=api.call_timeout,
                 ca_file=api.ca_file,
                 proxy=api.proxy,
-                settings=asdict(settings),
+                settings=asdict(dispatch),
                 log_level=service.log_level,
                 log_format=service.log_format,
                 log_phi=service.log_phi,
@@ -369,7 +361,7 @@ class Service:
             )
             self.dispatcher = DispatcherProcess(self.reactor, spec, self.metrics, self.writer)
         else:
-            self.dispatcher = Dispatcher(self.engine, self.writer, api.client(tokens), settings, observer=self.metrics)
+            self.dispatcher = Dispatcher(self.engine, self.writer, api.client(tokens), dispatch, observer=self.metrics)
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
         if sandbox_token:

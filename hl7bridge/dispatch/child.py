@@ -62,7 +62,8 @@ class ChildSpec:
     cancel_path: str
     connect_timeout: float
     read_timeout: float
-    settings: dict[str, float]
+    #: ``DispatchSettings`` as JSON carries it.
+    settings: dict[str, Any]
     call_timeout: float = 60.0
     ca_file: str = ""
     proxy: str = ""

@@ -38,6 +38,9 @@ STRANGE_LIMIT = 5
 
 @dataclass(frozen=True)
 class DispatchSettings:
+    """The ``[dispatch]`` section (``batch_window_ms`` and ``auth_probe_interval`` there are ``batch_window``
+    and ``probe_interval`` here), and the tunables no config file sets."""
+
     batch_size: int = 100
     batch_window: float = 0.2
     workers: int = 4
@@ -53,6 +56,10 @@ class DispatchSettings:
     #: a write whole before the next message, so a bulk call's hundred outcomes in one write made a
     #: message wait some 10 ms (more on a slow machine); each command's outcome stays whole.
     updates_per_write: int = 16
+    #: A message no route takes: "ignore" (AA, nothing sent) or "reject" (AE).
+    unrouted: str = "ignore"
+    #: "process": the dispatcher runs in a child process of its own; "thread": in the service's.
+    run_in: str = "process"
 
 
 class JobSink(Protocol):

@@ -20,18 +20,11 @@ from hl7bridge.store.schema import OPEN_STATUSES, appointments, attempts, comman
 
 
 @dataclass(frozen=True)
-class CommandRow:
+class CommandRow(Command):
+    """A command as the log holds it: the routed ``Command``, and where it stands."""
+
     id: int
     message_id: int
-    appointment_key: str
-    kind: str
-    route: str
-    chat_bot_id: str
-    time_zone: str
-    flow_id: str | None
-    parameters: dict[str, str]
-    identifiers: dict[str, str]
-    start_at: float | None
     status: str
     step: str
     attempts: int
@@ -91,9 +84,11 @@ def command_values(command: Command, now: float, sync: bool = False) -> dict[str
 def _command(row: Any) -> CommandRow:
     m = row._mapping
     return CommandRow(
-        m["id"], m["message_id"], m["appointment_key"], m["kind"], m["route"], m["chat_bot_id"], m["time_zone"],
-        m["flow_id"], orjson.loads(m["parameters"]), orjson.loads(m["identifiers"]), m["start_at"], m["status"],
-        m["step"] or "", m["attempts"], bool(m["sync"]), m["created_at"], bool(m["uncertain"]), m["next_attempt_at"],
+        kind=m["kind"], route=m["route"], chat_bot_id=m["chat_bot_id"], time_zone=m["time_zone"], flow_id=m["flow_id"],
+        parameters=orjson.loads(m["parameters"]), identifiers=orjson.loads(m["identifiers"]),
+        appointment_key=m["appointment_key"], start_at=m["start_at"], id=m["id"], message_id=m["message_id"],
+        status=m["status"], step=m["step"] or "", attempts=m["attempts"], sync=bool(m["sync"]),
+        created_at=m["created_at"], uncertain=bool(m["uncertain"]), next_attempt_at=m["next_attempt_at"],
     )  # fmt: skip
 
 
