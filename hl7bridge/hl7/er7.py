@@ -204,11 +204,7 @@ class Segment:
         return reps
 
     def raw(
-        self,
-        field: int,
-        repetition: int = 1,
-        component: int | None = None,
-        subcomponent: int | None = None,
+        self, field: int, repetition: int = 1, component: int | None = None, subcomponent: int | None = None
     ) -> str:
         """Raw text at a position; empty when absent."""
         fields = self.fields
@@ -232,11 +228,7 @@ class Segment:
         return component_of(value, enc, component, subcomponent)
 
     def get(
-        self,
-        field: int,
-        repetition: int = 1,
-        component: int | None = None,
-        subcomponent: int | None = None,
+        self, field: int, repetition: int = 1, component: int | None = None, subcomponent: int | None = None
     ) -> str:
         """The value at a position as a reader means it (see ``value_of``)."""
         value = self.raw(field, repetition, component, subcomponent)

@@ -131,32 +131,14 @@ class Intake:
         if header.message_type == "ACK":
             return Received(raw, charset, header, msg.encoding, Outcome.ACCEPT, STATUS_IGNORED,
                             note="an acknowledgment was received; it is logged, never answered", text=text)  # fmt: skip
+        refusal = Outcome.REJECT  # a header we cannot answer as asked: AR; past it, an event we cannot take: AE
         try:
             header.check()
-        except MessageRejected as exc:
-            return self._judged(
-                raw,
-                charset=charset,
-                header=header,
-                encoding=msg.encoding,
-                outcome=Outcome.REJECT,
-                problem=exc.problem,
-                note=note,
-                text=text,
-            )
-        try:
+            refusal = Outcome.ERROR
             event = read_event(msg, header, self.feed)
         except MessageRejected as exc:
-            return self._judged(
-                raw,
-                charset=charset,
-                header=header,
-                encoding=msg.encoding,
-                outcome=Outcome.ERROR,
-                problem=exc.problem,
-                note=note,
-                text=text,
-            )
+            return self._judged(raw, charset=charset, header=header, encoding=msg.encoding, outcome=refusal,
+                                problem=exc.problem, note=note, text=text)  # fmt: skip
         if self.router is not None:
             return self._routed(raw, charset, header, msg, event, note, text)
         received = self._judged(

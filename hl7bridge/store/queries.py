@@ -11,6 +11,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql import Select
 
 from .outbox import AppointmentRow, appointment
 from .schema import NOT_ACCEPTED, attempts, commands, messages
@@ -48,6 +49,11 @@ def list_messages(
     stmt = select(*LIST_COLUMNS).order_by(messages.c.id.desc()).limit(limit)
     if status:
         stmt = _with_status(stmt, status)
+    return _received(engine, stmt, since, event)
+
+
+def _received(engine: Engine, stmt: Select, since: float | None, event: str | None) -> list[dict[str, Any]]:
+    """The messages ``stmt`` selects, of those received since ``since`` with the event ``event`` (if given)."""
     if since is not None:
         stmt = stmt.where(messages.c.received_at >= since)
     if event:
@@ -121,12 +127,7 @@ def messages_for_replay(
     elif status in ("dead", "failed"):
         owners = select(commands.c.message_id).where(commands.c.status == status)
         stmt = stmt.where(messages.c.id.in_(owners))
-    if since is not None:
-        stmt = stmt.where(messages.c.received_at >= since)
-    if event:
-        stmt = stmt.where(messages.c.event == event.upper())
-    with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(stmt)]
+    return _received(engine, stmt, since, event)
 
 
 def record_replay(
