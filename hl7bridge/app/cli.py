@@ -16,7 +16,8 @@ from typing import Any
 
 from hl7bridge import __version__
 from hl7bridge.app.config import Config, ConfigError, load
-from hl7bridge.core.logs import escape
+from hl7bridge.core.logs import escape, masked
+from hl7bridge.core.status import CommandStatus, MessageStatus
 
 EXIT_USAGE = 2
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -342,8 +343,9 @@ def cmd_log_list(args: argparse.Namespace) -> int:
 
 
 def mask(value: Any) -> Any:
+    """The summary's patient data masked as the log masks it, leaving the codes that say what a value is."""
     if isinstance(value, str):
-        return value[:1] + "***" if value else value
+        return masked(value)
     if isinstance(value, list):
         return [mask(v) for v in value]
     if isinstance(value, dict):
@@ -574,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay = with_config(sub.add_parser("replay", help="run logged messages again through mapping and dispatch"))
     replay.add_argument("ids", nargs="*", type=whole_number(1), metavar="ID")
-    replay.add_argument("--status", choices=("dead", "rejected", "failed"),
+    replay.add_argument("--status", choices=(CommandStatus.DEAD.value, MessageStatus.REJECTED.value, CommandStatus.FAILED.value),
                         help="messages that were rejected, or whose commands were dead-lettered or failed")  # fmt: skip
     replay.add_argument("--since", metavar="DURATION", help="only messages received within, e.g. 2h")
     replay.add_argument("--event", metavar="S12")
@@ -584,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     log = sub.add_parser("log", help="look into the message log")
     log_sub = log.add_subparsers(dest="log_command", required=True)
     lst = with_config(log_sub.add_parser("list", help="recent messages, newest first"))
-    lst.add_argument("--status", choices=("accepted", "rejected", "ignored", "duplicate", "pending"))
+    lst.add_argument("--status", choices=[status.value for status in MessageStatus])
     lst.add_argument("--since", metavar="DURATION", help="e.g. 30m, 12h, 7d")
     lst.add_argument("--event", metavar="S12")
     lst.add_argument("--limit", type=whole_number(1), default=50)

@@ -31,12 +31,15 @@ MAX_TRACEBACK_CHARS = 16384
 _log_phi = False
 
 
+def masked(text: str) -> str:
+    """Patient data shown masked: its first character, enough to tell two values apart in a listing."""
+    return text[:1] + "***" if text else text
+
+
 def phi(value: object) -> str:
     """Patient data for a log line: masked unless the operator asked for it."""
     text = "" if value is None else str(value)
-    if _log_phi or not text:
-        return text
-    return text[:1] + "***"
+    return text if _log_phi else masked(text)
 
 
 def _cap(text: str, limit: int) -> str:

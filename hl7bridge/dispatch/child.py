@@ -35,18 +35,18 @@ from sqlalchemy import bindparam, make_url, select
 
 from hl7bridge.core import logs
 from hl7bridge.core.observer import NullObserver
+from hl7bridge.core.status import FINAL_STATUSES
+from hl7bridge.dispatch import pipe
 from hl7bridge.dispatch.dispatcher import Dispatcher, DispatchSettings
 from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
-from hl7bridge.store import FINAL_STATUSES, CommandUpdate, Job, OutboxWrite, StoreError, open_engine
+from hl7bridge.dispatch.pipe import LineBuffer
+from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine
 from hl7bridge.store.schema import commands
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
-EVENTS_FD = 3
 #: How often the pause state is compared with what the parent was last told.
 PAUSE_POLL = 0.2
-#: The longest line either side accepts (a write of 16 commands' outcomes stays far below it).
-MAX_LINE = 16 * 1024 * 1024
 #: Below the service: its answers wait for CPU less while this process catches up after an outage.
 NICE_INCREMENT = 10
 _STATUS = select(commands.c.status, commands.c.outcome).where(commands.c.id == bindparam("id"))
@@ -92,37 +92,6 @@ class FixedToken:
         return self.token
 
 
-class LineBuffer:
-    """Splits a byte stream into lines in time linear in its length: each byte is searched once (joining
-    the buffer and each read before splitting took time quadratic in a long line's length). A line longer
-    than ``max_length`` is dropped whole and counted in ``dropped``."""
-
-    def __init__(self, max_length: int) -> None:
-        self.max_length = max_length
-        self.dropped = 0
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._dropping = False
-
-    def feed(self, data: bytes) -> list[bytes]:
-        lines = []
-        start = 0
-        while (end := data.find(b"\n", start)) != -1:
-            piece = data[start:end]
-            if self._dropping or self._size + len(piece) > self.max_length:
-                self.dropped += 1
-            else:
-                lines.append(b"".join([*self._parts, piece]))
-            self._parts, self._size, self._dropping = [], 0, False
-            start = end + 1
-        rest = data[start:]
-        if rest and not self._dropping:
-            self._size += len(rest)
-            self._dropping = self._size > self.max_length
-            self._parts = [] if self._dropping else [*self._parts, rest]
-        return lines
-
-
 class EventPipe(NullObserver):
     """fd 3 towards the parent; also the dispatcher's metrics observer, so its counts reach /metrics."""
 
@@ -144,13 +113,13 @@ class EventPipe(NullObserver):
                 _parent_gone()
 
     def api_call(self, operation: str, status: int | None, seconds: float) -> None:
-        self.send({"metric": "api_call", "args": [operation, status, seconds]})
+        self.send(pipe.metric("api_call", operation, status, seconds))
 
     def retry(self) -> None:
-        self.send({"metric": "retry", "args": []})
+        self.send(pipe.metric("retry"))
 
     def dead_letter(self) -> None:
-        self.send({"metric": "dead_letter", "args": []})
+        self.send(pipe.metric("dead_letter"))
 
 
 class WriteFailed(Exception):
@@ -173,16 +142,14 @@ class ServiceWrites:
         number = next(self._numbers)
         with self._lock:
             self._pending[number] = job
-        self.events.send({"write": number, **job.work.to_json()})
+        self.events.send({pipe.WRITE: number, **job.work.to_json()})
 
-    def answered(self, line: bytes) -> None:
-        """``d N`` or ``e N TEXT`` from the service."""
-        kind, _, rest = line.partition(b" ")
-        number, _, text = rest.partition(b" ")
+    def answered(self, order: pipe.Order) -> None:
+        """The service committed write N (``COMMITTED``), or could not (``FAILED``, with its reason)."""
         with self._lock:
-            job = self._pending.pop(int(number), None)
+            job = self._pending.pop(int(order.number), None)
         if job is not None:
-            job.on_done(None, WriteFailed(text.decode(errors="replace")) if kind == b"e" else None)
+            job.on_done(None, WriteFailed(order.text) if order.kind == pipe.FAILED else None)
 
 
 def hold_dispatch_lock(database: str) -> int | None:
@@ -227,8 +194,8 @@ class Child:
         """Read the parent's lines until a stop has finished. The stop runs in a thread of its own: the calls
         it waits for need this loop to read their writes' answers."""
         self.dispatcher.start()
-        self.events.send({"ready": True})
-        lines = LineBuffer(MAX_LINE)
+        self.events.send({pipe.READY: True})
+        lines = LineBuffer(pipe.MAX_LINE)
         parent = os.getppid()
         stopping: threading.Thread | None = None
         while stopping is None or stopping.is_alive():
@@ -244,21 +211,22 @@ class Child:
             if not chunk:
                 _parent_gone()
             for line in lines.feed(chunk):
-                if line.startswith(b"s"):
+                order = pipe.read_order(line)
+                if order.kind == pipe.STOP:
                     if stopping is None:
-                        stopping = threading.Thread(target=self.stop, args=(float(line[1:] or 10.0),))
+                        stopping = threading.Thread(target=self.stop, args=(order.number,))
                         stopping.start()
                 else:
-                    self.handle(line)
+                    self.handle(order)
         return 0
 
-    def handle(self, line: bytes) -> None:
-        if line == b"w":
+    def handle(self, order: pipe.Order) -> None:
+        if order.kind == pipe.WAKE:
             self.dispatcher.wake()
-        elif line.startswith((b"d ", b"e ")):
-            self.writes.answered(line)
-        elif line.startswith(b"f "):
-            self.wait_for(int(line[2:]))
+        elif order.kind in (pipe.COMMITTED, pipe.FAILED):
+            self.writes.answered(order)
+        elif order.kind == pipe.WAIT_FOR:
+            self.wait_for(int(order.number))
 
     def wait_for(self, command_id: int) -> None:
         """Answer when the command is final, including when it became final before the parent asked."""
@@ -270,18 +238,18 @@ class Child:
             self._final(CommandUpdate(command_id, row.status, row.outcome or ""))
 
     def _final(self, update: CommandUpdate) -> None:
-        self.events.send({"final": {"command_id": update.command_id, "status": update.status,
+        self.events.send({pipe.FINAL: {"command_id": update.command_id, "status": update.status,
                                     "outcome": update.outcome}})  # fmt: skip
 
     def _tell_pause(self) -> None:
         reason = self.dispatcher.paused_reason
         if reason != self._told_paused:
             self._told_paused = reason
-            self.events.send({"paused": reason})
+            self.events.send({pipe.PAUSED: reason})
 
     def stop(self, grace: float) -> None:
         self.dispatcher.stop(grace)
-        self.events.send({"stopped": True})
+        self.events.send({pipe.STOPPED: True})
 
 
 def _parent_gone() -> None:
@@ -304,7 +272,7 @@ def main() -> int:
         line += chunk
     spec = ChildSpec.from_line(line)
     logs.configure(spec.log_level, spec.log_format, spec.log_phi)
-    events = EventPipe(EVENTS_FD)
+    events = EventPipe(pipe.EVENTS_FD)
     try:
         hold_dispatch_lock(spec.database)
         child = Child(spec, events)

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 
 from hl7bridge import store
 from hl7bridge.core.observer import NullObserver, Observer
+from hl7bridge.core.status import FINAL_STATUSES, CommandStatus
 from hl7bridge.dispatch.journeys import ACTIVE_STATUSES, ApiResult, JourneysClient, Verdict
 from hl7bridge.mapping.routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
 from hl7bridge.store import CommandRow, CommandUpdate, Job
@@ -250,30 +251,30 @@ class Dispatcher:
         """Settle what needs no API call at once; queue the rest. Returns an immediate update or None."""
         active = appt is not None and appt.state == "active"
         if cmd.kind == CANCEL:
-            if appt is not None and appt.state == "annihilated":
-                return self._final(cmd, "annihilated", "its trigger was never sent; nothing to cancel",
-                                   remember=(cmd, "annihilated", None))  # fmt: skip
+            if appt is not None and appt.state == CommandStatus.ANNIHILATED:
+                return self._final(cmd, CommandStatus.ANNIHILATED, "its trigger was never sent; nothing to cancel",
+                                   remember=(cmd, CommandStatus.ANNIHILATED, None))  # fmt: skip
             if appt is not None and appt.state == "cancelled":
-                return self._final(cmd, "done", "already cancelled")
+                return self._final(cmd, CommandStatus.DONE, "already cancelled")
             self._submit(self._run_cancel, cmd)
             return None
         creates = cmd.kind in (BOOK, RESCHEDULE, MODIFY) or (cmd.kind == SUBFLOW and cmd.start_at is not None)
         if creates and cmd.start_at is not None and cmd.start_at <= now:
-            return self._final(cmd, "dead", "the appointment started before it could be sent")
+            return self._final(cmd, CommandStatus.DEAD, "the appointment started before it could be sent")
         if cancel_id is not None and cmd.kind in (BOOK, RESCHEDULE, MODIFY):
-            quiet = appt is None or appt.state in ("cancelled", "annihilated")
-            if not cmd.uncertain and cmd.status == "pending" and quiet:
+            quiet = appt is None or appt.state in ("cancelled", CommandStatus.ANNIHILATED)
+            if not cmd.uncertain and cmd.status == CommandStatus.PENDING and quiet:
                 # Never sent and nothing running: the trigger and its cancel annihilate, with no API call.
-                state = appt.state if appt is not None else "annihilated"
-                return self._final(cmd, "annihilated", f"cancelled by command {cancel_id} before it was sent",
+                state = appt.state if appt is not None else CommandStatus.ANNIHILATED
+                return self._final(cmd, CommandStatus.ANNIHILATED, f"cancelled by command {cancel_id} before it was sent",
                                    remember=(cmd, state, None))  # fmt: skip
             # A journey may be running (an earlier trigger, or this one's uncertain attempt): the cancel searches.
-            maybe = cmd.uncertain or cmd.status == "in_flight"
-            return self._final(cmd, "annihilated", f"superseded by cancel command {cancel_id}; not sent again",
+            maybe = cmd.uncertain or cmd.status == CommandStatus.IN_FLIGHT
+            return self._final(cmd, CommandStatus.ANNIHILATED, f"superseded by cancel command {cancel_id}; not sent again",
                                remember=(cmd, "uncertain", None) if maybe else None)  # fmt: skip
         if active and appt.parameters == cmd.parameters and cmd.kind in (BOOK, RESCHEDULE, MODIFY, SUBFLOW):
             reason = "already triggered with these parameters" if cmd.kind == BOOK else "no change"
-            return self._final(cmd, "done", reason)
+            return self._final(cmd, CommandStatus.DONE, reason)
         if (cmd.kind in (RESCHEDULE, MODIFY) and cmd.step != "cancelled") or (cmd.kind == BOOK and active):
             self._submit(self._run_cancel, cmd)
             return None
@@ -282,9 +283,9 @@ class Dispatcher:
 
     def _final(self, cmd: CommandRow, status: str, outcome: str,
                remember: tuple[CommandRow, str, dict | None] | None = None) -> CommandUpdate:  # fmt: skip
-        if status == "annihilated":
+        if status == CommandStatus.ANNIHILATED:
             self.stats.annihilated += 1
-        if status == "dead":
+        if status == CommandStatus.DEAD:
             self.stats.dead += 1
         memo = None
         if remember is not None:
@@ -361,7 +362,7 @@ class Dispatcher:
         settled: list[CommandUpdate] = []
         checks: dict[int, dict] = {}
         for cmd in cmds:
-            if cmd.kind != SUBFLOW and (cmd.status == "in_flight" or cmd.uncertain):
+            if cmd.kind != SUBFLOW and (cmd.status == CommandStatus.IN_FLIGHT or cmd.uncertain):
                 # An earlier call may have reached the API (a crash mid-call, a timeout, a 5xx).
                 found, attempt = self._already_there(cmd)
                 if found is not None:
@@ -393,7 +394,11 @@ class Dispatcher:
             return update, attempt
         for instance in result.data:
             if instance.get("status") in ACTIVE_STATUSES and instance.get("parameters") == cmd.parameters:
-                what = "found after restart" if cmd.status == "in_flight" else "an earlier attempt went through"
+                what = (
+                    "found after restart"
+                    if cmd.status == CommandStatus.IN_FLIGHT
+                    else "an earlier attempt went through"
+                )
                 update = self._done_trigger(cmd, f"{what}; not sent again")
                 update.attempts.append(attempt)
                 return update, attempt
@@ -429,7 +434,7 @@ class Dispatcher:
         if cmd.kind == SUBFLOW and set(cmd.parameters) <= set(cmd.identifiers):
             # A no-show subflow carries only the identifiers: the instance's parameters are unchanged.
             remember = None
-        return CommandUpdate(cmd.id, "done", outcome, count_attempt=True, remember=remember)
+        return CommandUpdate(cmd.id, CommandStatus.DONE, outcome, count_attempt=True, remember=remember)
 
     # -- cancels ---------------------------------------------------------------------------------
     def _run_cancel(self, cmd: CommandRow) -> None:
@@ -463,11 +468,13 @@ class Dispatcher:
             what += f"; {len(active) - len(targets)} active instance(s) found with other identifiers left alone"
         if cmd.kind == CANCEL:
             remember = (cmd.appointment_key, cmd.route, cmd.chat_bot_id, "cancelled", None)
-            update = CommandUpdate(cmd.id, "done", what, count_attempt=True, remember=remember, attempts=attempts)
+            update = CommandUpdate(
+                cmd.id, CommandStatus.DONE, what, count_attempt=True, remember=remember, attempts=attempts
+            )
         else:
             # The first half of a re-trigger: the trigger follows on the next cycle.
             remember = (cmd.appointment_key, cmd.route, cmd.chat_bot_id, "cancelled", None)
-            update = CommandUpdate(cmd.id, "pending", what, step="cancelled", next_attempt_at=self.clock(),
+            update = CommandUpdate(cmd.id, CommandStatus.PENDING, what, step="cancelled", next_attempt_at=self.clock(),
                                    remember=remember, attempts=attempts)  # fmt: skip
         self._apply([update])
 
@@ -511,12 +518,14 @@ class Dispatcher:
             return self._strange_failure(cmd, result, messages) or self._retry(cmd, result, messages)
         if result.verdict is Verdict.REJECTED:
             self.stats.dead += 1
-            return CommandUpdate(cmd.id, "dead", f"rejected by the API ({result.status}): {messages}",
+            return CommandUpdate(cmd.id, CommandStatus.DEAD, f"rejected by the API ({result.status}): {messages}",
                                  count_attempt=True)  # fmt: skip
         if result.verdict is Verdict.AUTH:
             if cmd.sync:
-                return CommandUpdate(cmd.id, "failed", f"API refused the token: {messages}", count_attempt=True)
-            return CommandUpdate(cmd.id, "pending", f"paused: {messages}", next_attempt_at=self.clock())
+                return CommandUpdate(
+                    cmd.id, CommandStatus.FAILED, f"API refused the token: {messages}", count_attempt=True
+                )
+            return CommandUpdate(cmd.id, CommandStatus.PENDING, f"paused: {messages}", next_attempt_at=self.clock())
         return self._retry(cmd, result, messages)
 
     def _strange_failure(self, cmd: CommandRow, result: ApiResult | None, messages: str) -> CommandUpdate | None:
@@ -526,12 +535,12 @@ class Dispatcher:
         if count < STRANGE_LIMIT:
             return None
         self.stats.dead += 1
-        return CommandUpdate(cmd.id, "dead", f"given up after {count} such attempts: {messages}", count_attempt=True,
+        return CommandUpdate(cmd.id, CommandStatus.DEAD, f"given up after {count} such attempts: {messages}", count_attempt=True,
                              uncertain=cmd.uncertain or result is None or result.maybe_processed)  # fmt: skip
 
     def _retry(self, cmd: CommandRow, result: ApiResult | None, messages: str) -> CommandUpdate:
         if cmd.sync:
-            return CommandUpdate(cmd.id, "failed", f"API unavailable: {messages}", count_attempt=True)
+            return CommandUpdate(cmd.id, CommandStatus.FAILED, f"API unavailable: {messages}", count_attempt=True)
         self.stats.retries += 1
         self.observer.retry()
         base = min(self.settings.retry_max, self.settings.retry_initial * 2 ** min(cmd.attempts, 20))
@@ -543,7 +552,7 @@ class Dispatcher:
         retry_at = self.clock() + delay
         if self.unavailable_reason is not None:
             self._probe_at = retry_at  # the held queue's next probe: this command, when its backoff ends
-        return CommandUpdate(cmd.id, "pending", f"retrying in {delay:.1f} s: {messages}",
+        return CommandUpdate(cmd.id, CommandStatus.PENDING, f"retrying in {delay:.1f} s: {messages}",
                              next_attempt_at=retry_at, count_attempt=True, uncertain=uncertain)  # fmt: skip
 
     # -- recording -----------------------------------------------------------------------------
@@ -551,7 +560,7 @@ class Dispatcher:
         if not updates:
             return
         for update in updates:
-            if update.status == "dead":
+            if update.status == CommandStatus.DEAD:
                 self.observer.dead_letter()
                 log.warning("command dead-lettered (the reason is in 'hl7bridge log show')",
                             extra={"command_id": update.command_id})  # fmt: skip
@@ -559,7 +568,7 @@ class Dispatcher:
         size = self.settings.updates_per_write
         self._commit(*(store.OutboxWrite(now, updates=updates[i : i + size]) for i in range(0, len(updates), size)))
         with self._lock:
-            waiters = [(self._waiters.pop(u.command_id, None), u) for u in updates if u.status in store.FINAL_STATUSES]
+            waiters = [(self._waiters.pop(u.command_id, None), u) for u in updates if u.status in FINAL_STATUSES]
             for _waiter, update in waiters:
                 self._strange.pop(update.command_id, None)
         for waiter, update in waiters:

@@ -21,7 +21,9 @@ from twisted.internet import defer, protocol
 from twisted.python.failure import Failure
 
 from hl7bridge.core.observer import Observer
-from hl7bridge.dispatch.child import EVENTS_FD, MAX_LINE, ChildSpec, LineBuffer
+from hl7bridge.dispatch import pipe
+from hl7bridge.dispatch.child import ChildSpec
+from hl7bridge.dispatch.pipe import EVENTS_FD, MAX_LINE, LineBuffer
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, Writer
 
 log = logging.getLogger("hl7bridge.dispatcher")
@@ -82,7 +84,7 @@ class DispatcherProcess:
             self._generation += 1
         self._send(self.spec.to_line())
         for command_id in list(self._waiters):
-            self._send(b"f %d\n" % command_id)
+            self._send(pipe.wait_for(command_id))
         log.info("dispatcher process started (pid %d)", self._transport.pid)
 
     @property
@@ -91,11 +93,11 @@ class DispatcherProcess:
 
     def wake(self) -> None:
         """From any thread (the writer's, after committing commands)."""
-        self._send(b"w\n")
+        self._send(pipe.WAKE_LINE)
 
     def wait_for(self, command_id: int, callback: Callable[[CommandUpdate], None]) -> None:
         self._waiters[command_id] = callback
-        self._send(b"f %d\n" % command_id)
+        self._send(pipe.wait_for(command_id))
 
     def forget(self, command_id: int) -> None:
         self._waiters.pop(command_id, None)
@@ -106,27 +108,27 @@ class DispatcherProcess:
         if self._ended is None or self._ended.called:
             return defer.succeed(None)
         ended = self._ended
-        self._send(b"s %g\n" % grace)
+        self._send(pipe.stop(grace))
         kill = self.reactor.callLater(grace + 5.0, self._kill)
         ended.addBoth(lambda result: kill.cancel() if kill.active() else None)
         return ended
 
     # -- the child's side of things --------------------------------------------------------------
     def event(self, event: dict[str, Any]) -> None:
-        if "write" in event:
+        if pipe.WRITE in event:
             # Rebuilt in the writer thread, not here: this thread answers the senders.
-            number, generation = event["write"], self._generation
+            number, generation = event[pipe.WRITE], self._generation
             self.writer.submit_job(Job(lambda conn: OutboxWrite.from_json(event)(conn),
                                        lambda _r, e: self._written(number, e, generation)))  # fmt: skip
-        elif "paused" in event:
-            self.paused_reason = event["paused"]
-        elif "final" in event:
-            update = CommandUpdate(**event["final"])
+        elif pipe.PAUSED in event:
+            self.paused_reason = event[pipe.PAUSED]
+        elif pipe.FINAL in event:
+            update = CommandUpdate(**event[pipe.FINAL])
             waiter = self._waiters.pop(update.command_id, None)
             if waiter is not None:
                 waiter(update)
-        elif event.get("metric") in _METRICS:
-            getattr(self.observer, event["metric"])(*event["args"])
+        elif event.get(pipe.METRIC) in _METRICS:
+            getattr(self.observer, event[pipe.METRIC])(*event["args"])
 
     def ended(self, reason: Failure) -> None:
         with self._lock:
@@ -164,10 +166,10 @@ class DispatcherProcess:
         if generation != self._generation:
             return
         if error is None:
-            self._send(b"d %d\n" % number)
+            self._send(pipe.committed(number))
         else:
             text = " ".join(f"{error.__class__.__name__}: {error}".split())
-            self._send(b"e %d %s\n" % (number, text.encode(errors="replace")))
+            self._send(pipe.failed(number, text))
 
     def _flush(self) -> None:
         """Write what the pipe can take now; try again shortly for the rest (one retry pending at a time)."""
@@ -197,7 +199,7 @@ class DispatcherProcess:
         with self._lock:
             if self._out is None:
                 return
-            lost = data == b"w\n" and len(self._unsent) > UNSENT_WAKES_LIMIT
+            lost = data == pipe.WAKE_LINE and len(self._unsent) > UNSENT_WAKES_LIMIT
             if not lost:
                 self._unsent += data
         if lost:

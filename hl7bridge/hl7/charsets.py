@@ -9,6 +9,8 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass
 
+from hl7bridge.hl7.er7 import header_fields
+
 # HL7 table 0211 names -> Python codecs.
 _TABLE_0211 = {
     "ASCII": "ascii",
@@ -80,13 +82,11 @@ def declared_charset(raw: bytes) -> str | None:
     header = raw[start:end].decode("latin-1")
     if len(header) < 8:
         return None
-    sep = header[3]
-    fields = header[4:].split(sep)
-    # fields[0] is MSH-2, so MSH-n is fields[n-2].
-    if len(fields) < 17:
+    fields = header_fields(header, header[3])
+    if len(fields) < 19:
         return None
-    rep = fields[0][1:2] or "~"
-    value = fields[16].split(rep)[0]
+    rep = fields[2][1:2] or "~"
+    value = fields[18].split(rep)[0]
     return value.strip() or None
 
 

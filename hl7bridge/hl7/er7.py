@@ -173,11 +173,7 @@ class Segment:
         fields = self._fields
         if fields is None:
             text, sep = self.text, self.encoding.field
-            if self.name in _HEADER_SEGMENTS:
-                # MSH-1 is the field separator itself, so field n is split part n-1.
-                fields = [self.name, sep, *text[4:].split(sep)]
-            else:
-                fields = text.split(sep)
+            fields = header_fields(text, sep) if self.name in _HEADER_SEGMENTS else text.split(sep)
             self._fields = fields
         return fields
 
@@ -236,6 +232,12 @@ class Segment:
         if (enc.escape in value or '"' in value or enc.truncation) and not _delimiters(self.name, field):
             return value_of(value, enc)
         return value
+
+
+def header_fields(segment: str, sep: str) -> list[str]:
+    """A header segment's (MSH, BHS, FHS) fields, numbered as HL7 numbers them: MSH-1 is the field separator
+    itself, so field n is split part n-1."""
+    return [segment[:3], sep, *segment[4:].split(sep)]
 
 
 def component_of(value: str, enc: Encoding, component: int, subcomponent: int | None = None) -> str:

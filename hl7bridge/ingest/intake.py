@@ -12,19 +12,14 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from hl7bridge.core.status import MessageStatus
 from hl7bridge.hl7 import charsets
 from hl7bridge.hl7.ack import Ack, AckBuilder, Outcome, ack_code, now_stamp
-from hl7bridge.hl7.er7 import DEFAULT_ENCODING, SEGMENT_SPLIT, Encoding, Er7Error, Er7Message
+from hl7bridge.hl7.er7 import DEFAULT_ENCODING, SEGMENT_SPLIT, Encoding, Er7Error, Er7Message, header_fields
 from hl7bridge.hl7.problems import APPLICATION_INTERNAL_ERROR, REQUIRED_FIELD_MISSING, SEGMENT_SEQUENCE_ERROR, Problem
 from hl7bridge.hl7.siu import AppointmentEvent, Feed, Header, MessageRejected, read_event
 from hl7bridge.mapping.routing import Router
 from hl7bridge.store import command_values
-
-STATUS_ACCEPTED = "accepted"
-STATUS_REJECTED = "rejected"
-STATUS_IGNORED = "ignored"
-STATUS_DUPLICATE = "duplicate"
-STATUS_PENDING = "pending"
 
 
 @dataclass(slots=True)
@@ -129,7 +124,7 @@ class Intake:
             )
         header = Header.of(msg)
         if header.message_type == "ACK":
-            return Received(raw, charset, header, msg.encoding, Outcome.ACCEPT, STATUS_IGNORED,
+            return Received(raw, charset, header, msg.encoding, Outcome.ACCEPT, MessageStatus.IGNORED,
                             note="an acknowledgment was received; it is logged, never answered", text=text)  # fmt: skip
         refusal = Outcome.REJECT  # a header we cannot answer as asked: AR; past it, an event we cannot take: AE
         try:
@@ -146,7 +141,7 @@ class Intake:
         )
         received.event = event
         if event.action == "ignore":
-            received.status = STATUS_IGNORED
+            received.status = MessageStatus.IGNORED
         return received
 
     def _routed(
@@ -176,14 +171,14 @@ class Intake:
         received.event, received.route = event, plan.route
         if plan.problem is not None:
             # content_errors = "accept": AA to the sender, kept as rejected for operators to fix and replay.
-            received.status = STATUS_REJECTED
+            received.status = MessageStatus.REJECTED
             received.problem = plan.problem
-        elif plan.status == "ignored":
-            received.status = STATUS_IGNORED
+        elif plan.status == MessageStatus.IGNORED:
+            received.status = MessageStatus.IGNORED
         received.commands = [command_values(c, now, sync=self.sync) for c in plan.commands]
         if self.sync and received.commands:
             # ack_mode "dispatched": not accepted until the API says so (a resend meanwhile is processed anew).
-            received.status = STATUS_PENDING
+            received.status = MessageStatus.PENDING
         return received
 
     def _judged(
@@ -198,7 +193,7 @@ class Intake:
         note: str | None = None,
         text: str,
     ) -> Received:
-        status = STATUS_ACCEPTED if outcome is Outcome.ACCEPT else STATUS_REJECTED
+        status = MessageStatus.ACCEPTED if outcome is Outcome.ACCEPT else MessageStatus.REJECTED
         received = Received(raw, charset, header, encoding, outcome, status, problem=problem, note=note, text=text)
         received.ack = self.answer(received, outcome, problem)
         return received
@@ -246,7 +241,7 @@ class Intake:
 
     def strict_failed(self, received: Received, problem: Problem) -> None:
         received.outcome = Outcome.ERROR
-        received.status = STATUS_REJECTED
+        received.status = MessageStatus.REJECTED
         received.problem = problem
         received.ack = self.answer(received, Outcome.ERROR, problem)
 
@@ -308,7 +303,7 @@ def _salvage_header(text: str) -> Header | None:
     if not head.startswith("MSH") or len(head) < 8:
         return None
     sep = head[3]
-    fields = ["MSH", sep, *head[4:].split(sep)]
+    fields = header_fields(head, sep)
 
     def at(n: int) -> str:
         return fields[n] if n < len(fields) else ""

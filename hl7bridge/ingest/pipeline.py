@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 
 from hl7bridge import store
 from hl7bridge.core.observer import NullObserver, Observer
+from hl7bridge.core.status import SUCCEEDED, CommandStatus, MessageStatus
 from hl7bridge.hl7 import strict
 from hl7bridge.hl7.ack import Outcome
 from hl7bridge.hl7.problems import APPLICATION_INTERNAL_ERROR, Problem
@@ -173,7 +174,9 @@ class Pipeline:
         """One metric and one log line per message; the line names ids, never patient data."""
         header = received.header
         code = _msa_code(answer)
-        self.observer.message(self.listener, header.event if header else "", code, received.status == "duplicate")
+        self.observer.message(
+            self.listener, header.event if header else "", code, received.status == MessageStatus.DUPLICATE
+        )
         level = logging.DEBUG if code in ("AA", "CA") or code == "" else logging.INFO
         if log.isEnabledFor(level):
             kind = f"{header.message_type}^{header.event}" if header else "unreadable"
@@ -189,7 +192,7 @@ class Pipeline:
             ack = self.intake.failed_to_store(received, "the message log could not be written")
             return ack.payload if ack else None
         if result.duplicate_of is not None:
-            received.status = "duplicate"
+            received.status = MessageStatus.DUPLICATE
             log.info("duplicate of message %s; original ACK resent", result.duplicate_of,
                      extra={"message_id": result.message_id, "control_id": received.header.control_id})  # fmt: skip
             return result.original_ack
@@ -211,7 +214,9 @@ class Pipeline:
     def _timed_out(self, command_id: int) -> Callable[[Any, float], CommandUpdate]:
         def on_timeout(_result: Any, timeout: float) -> CommandUpdate:
             self.verdicts.forget(command_id)
-            return CommandUpdate(command_id, "failed", f"the Journeys API gave no verdict within {timeout:g} s")
+            return CommandUpdate(
+                command_id, CommandStatus.FAILED, f"the Journeys API gave no verdict within {timeout:g} s"
+            )
 
         return on_timeout
 
@@ -219,13 +224,17 @@ class Pipeline:
         self, updates: list[CommandUpdate], result: WriteResult, received: Received
     ) -> defer.Deferred[bytes | None]:
         """The ACK actually sent is committed to the log before it leaves (a resend then gets the same)."""
-        failed = [u for u in updates if u.status not in ("done", "annihilated")]
+        failed = [u for u in updates if u.status not in SUCCEEDED]
         if not failed:
-            ack, status, error = received.ack, "accepted", None
+            ack, status, error = received.ack, MessageStatus.ACCEPTED, None
         else:
             text = "; ".join(u.outcome for u in failed)
             problem = Problem("MSH", APPLICATION_INTERNAL_ERROR, f"not delivered to the Journeys API: {text}")
-            ack, status, error = self.intake.answer(received, Outcome.ERROR, problem), "rejected", problem.text
+            ack, status, error = (
+                self.intake.answer(received, Outcome.ERROR, problem),
+                MessageStatus.REJECTED,
+                problem.text,
+            )
         received.status = status
         if ack is None:
             return defer.succeed(None)

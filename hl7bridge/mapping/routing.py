@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
+from hl7bridge.core.status import MessageStatus
 from hl7bridge.hl7.problems import REQUIRED_FIELD_MISSING, Problem
 from hl7bridge.hl7.siu import AppointmentEvent
 from hl7bridge.mapping.parameters import Context, MappingError, ParameterSpec, evaluate
@@ -101,7 +102,7 @@ class Plan:
 
     commands: list[Command] = field(default_factory=list)
     route: str | None = None
-    status: str = "accepted"
+    status: str = MessageStatus.ACCEPTED
     note: str = ""
     problem: Problem | None = None
     accept_anyway: bool = False
@@ -115,22 +116,24 @@ class Router:
     def plan(self, event: AppointmentEvent, listener: str, source_zone: ZoneInfo, now: float | None = None) -> Plan:
         """Route and map one event; ``source_zone`` is the feed's zone for naive timestamps."""
         if event.action == "ignore":
-            return Plan(status="ignored", note=f"{event.event} needs no action")
+            return Plan(status=MessageStatus.IGNORED, note=f"{event.event} needs no action")
         route = next((r for r in self.routes if r.applies(event, listener)), None)
         if route is None:
             if self.unrouted == "reject":
-                return Plan(status="rejected", note="no route matches this appointment",
+                return Plan(status=MessageStatus.REJECTED, note="no route matches this appointment",
                             problem=Problem("MSH-4", REQUIRED_FIELD_MISSING, "no route matches this appointment"))  # fmt: skip
-            return Plan(status="ignored", note="no route matches this appointment")
+            return Plan(status=MessageStatus.IGNORED, note="no route matches this appointment")
         now = time.time() if now is None else now
         if event.status and event.status.upper() in {s.upper() for s in route.skip_statuses}:
-            return Plan(route=route.name, status="ignored", note=f"status {event.status} is skipped by the route")
+            return Plan(
+                route=route.name, status=MessageStatus.IGNORED, note=f"status {event.status} is skipped by the route"
+            )
         start_at = event.start.timestamp() if event.start else None
         creating = event.action in ("book", "reschedule", "modify")
         if creating and route.skip_started and start_at is not None and start_at <= now:
-            return Plan(route=route.name, status="ignored", note="the appointment has already started")
+            return Plan(route=route.name, status=MessageStatus.IGNORED, note="the appointment has already started")
         if event.action == "noshow" and route.noshow == "ignore":
-            return Plan(route=route.name, status="ignored", note="no-show is ignored by the route")
+            return Plan(route=route.name, status=MessageStatus.IGNORED, note="no-show is ignored by the route")
         ctx = Context(event, source_zone, ZoneInfo(route.time_zone))
         try:
             identifiers = evaluate(route.identifier_specs, ctx)
@@ -141,7 +144,7 @@ class Router:
             parameters = evaluate(route.parameters, ctx) if creating else dict(identifiers)
         except MappingError as exc:
             problem = Problem(exc.location, exc.code, str(exc), value=exc.value)
-            return Plan(route=route.name, status="rejected", note=str(exc), problem=problem,
+            return Plan(route=route.name, status=MessageStatus.REJECTED, note=str(exc), problem=problem,
                         accept_anyway=route.content_errors == "accept")  # fmt: skip
 
         def command(kind: str, flow_id: str | None, params: dict[str, str], starts: float | None = start_at) -> Command:

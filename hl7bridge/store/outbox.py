@@ -15,8 +15,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from hl7bridge.core.status import FINAL_STATUSES, OPEN_STATUSES, SUCCEEDED, CommandStatus, MessageStatus
 from hl7bridge.mapping.routing import Command
-from hl7bridge.store.schema import OPEN_STATUSES, appointments, attempts, commands, messages
+from hl7bridge.store.schema import appointments, attempts, commands, messages
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def command_values(command: Command, now: float, sync: bool = False) -> dict[str
         "parameters": _json(command.parameters),
         "identifiers": _json(command.identifiers),
         "start_at": command.start_at,
-        "status": "pending",
+        "status": CommandStatus.PENDING,
         "step": "",
         "attempts": 0,
         "next_attempt_at": now,
@@ -164,7 +165,7 @@ def appointment(conn: Any, key: str) -> AppointmentRow | None:
 _MARK_IN_FLIGHT = (
     commands.update()
     .where(commands.c.id.in_(bindparam("ids", expanding=True)))
-    .values(status="in_flight", updated_at=bindparam("now"))
+    .values(status=CommandStatus.IN_FLIGHT, updated_at=bindparam("now"))
 )
 
 
@@ -191,7 +192,7 @@ _UPDATE_COMMAND = (
 _SETTLE_MESSAGE = (
     messages.update()
     .where(messages.c.id == select(commands.c.message_id).where(commands.c.id == bindparam("u_id")).scalar_subquery())
-    .where(messages.c.status == "pending")
+    .where(messages.c.status == MessageStatus.PENDING)
     .values(status=bindparam("u_message_status"))
 )
 _MEMORY_COLUMNS = ("route", "chat_bot_id", "state", "updated_at", "last_command_id")
@@ -234,7 +235,6 @@ def _upserts(dialect: Any) -> dict[bool, Any]:
 _UPSERT_MEMORY = {"sqlite": _upserts(sqlite), "postgresql": _upserts(postgresql)}
 
 #: Statuses a command never leaves.
-FINAL_STATUSES = frozenset({"done", "annihilated", "dead", "failed"})
 
 
 def apply_updates(conn: Any, updates: list[CommandUpdate], now: float) -> None:
@@ -247,8 +247,8 @@ def apply_updates(conn: Any, updates: list[CommandUpdate], now: float) -> None:
          "u_uncertain": None if u.uncertain is None else int(u.uncertain)}
         for u in updates
     ])  # fmt: skip
-    settled = [{"u_id": u.command_id, "u_message_status": "accepted" if u.status in ("done", "annihilated") else
-                "rejected"} for u in updates if u.status in FINAL_STATUSES]  # fmt: skip
+    settled = [{"u_id": u.command_id, "u_message_status": MessageStatus.ACCEPTED if u.status in SUCCEEDED else
+                MessageStatus.REJECTED} for u in updates if u.status in FINAL_STATUSES]  # fmt: skip
     if settled:
         conn.execute(_SETTLE_MESSAGE, settled)
     tried = [dict(a, command_id=u.command_id) for u in updates for a in u.attempts]
