@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from hl7bridge import store
 from hl7bridge.core.observer import NullObserver, Observer
 from hl7bridge.core.status import FINAL_STATUSES, CommandStatus
-from hl7bridge.dispatch.journeys import ACTIVE_STATUSES, ApiResult, JourneysClient, Verdict
+from hl7bridge.dispatch.journeys import ACTIVE_STATUSES, ApiResult, Verdict
 from hl7bridge.mapping.routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
 from hl7bridge.store import CommandRow, CommandUpdate, Job
 
@@ -61,6 +61,18 @@ class DispatchSettings:
     unrouted: str = "ignore"
     #: "process": the dispatcher runs in a child process of its own; "thread": in the service's.
     run_in: str = "process"
+
+
+class Journeys(Protocol):
+    """The Journeys API as the dispatcher calls it: ``JourneysClient``, or ``testing.journeys.FakeJourneys``."""
+
+    def trigger(
+        self, chat_bot_id: str, flow_id: str | None, time_zone: str, instances: list[dict[str, str]]
+    ) -> ApiResult: ...
+
+    def search(self, chat_bot_id: str, parameters: dict[str, str]) -> ApiResult: ...
+
+    def cancel(self, chat_bot_id: str, instance_id: str) -> ApiResult: ...
 
 
 class JobSink(Protocol):
@@ -98,7 +110,7 @@ class Dispatcher:
         self,
         engine: Engine,
         writer: JobSink,
-        client: JourneysClient,
+        client: Journeys,
         settings: DispatchSettings = DispatchSettings(),
         clock: Callable[[], float] = time.time,
         observer: Observer | None = None,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from twisted.internet import defer, endpoints, interfaces, protocol
+from twisted.internet import defer, endpoints, interfaces, protocol, tcp
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -87,6 +88,8 @@ class MLLPConnection(MLLPReceiver):
     tls_refusal: str | None = None
 
     def __init__(self) -> None:
+        #: The socket, while ACKs may go to it directly: plain TCP, and nothing ever left queued in Twisted.
+        self._socket: socket.socket | None = None
         self._slots: deque[list] = deque()
         self._idle_call = None
         self._frame_call = None
@@ -112,6 +115,8 @@ class MLLPConnection(MLLPReceiver):
             return
         self._counted = True
         self.factory.stats.connections += 1
+        if isinstance(self.transport, tcp.Connection) and not interfaces.ISSLTransport.providedBy(self.transport):
+            self._socket = self.transport.getHandle()
         self.factory.opened(self)
         enable_keepalive(self.transport)
         self._reset_idle()
@@ -120,6 +125,7 @@ class MLLPConnection(MLLPReceiver):
         self._handshake_done = True
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._socket = None
         if not self._counted:
             return
         self.factory.closed(self)
@@ -227,13 +233,32 @@ class MLLPConnection(MLLPReceiver):
         while slots and slots[0][0]:
             _ready, payload, started = slots.popleft()
             if payload is not None and self.transport is not None:
-                self.transport.write(frame(payload))
+                self._send(frame(payload))
                 self.factory.observer.ack_latency(self.factory.config.name, self.factory.clock.seconds() - started)
         if len(slots) < self.factory.config.max_in_flight // 2 + 1:
             self.release("in_flight")
         if not slots:
             self._reset_idle()
         self._close_if_done()
+
+    def _send(self, data: bytes) -> None:
+        """Straight to the socket while nothing waits in Twisted's buffer.
+
+        ``transport.write`` only queues: the bytes leave once the next poll reports the socket writable,
+        which cost every ACK two epoll registrations and a pass of the loop. Only this method writes to the
+        transport, so once the kernel leaves part of an ACK to Twisted, every later ACK of this connection
+        queues behind it there and order holds. Public API only: the socket comes from ``getHandle``."""
+        sock = self._socket
+        if sock is not None:
+            try:
+                sent = sock.send(data)
+            except OSError:  # EAGAIN, or an error that ``write`` meets again and reports as Twisted does
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._socket = None
+        self.transport.write(data)
 
     def _close_if_done(self) -> None:
         if self._read_closed and not self._slots and not self.backlogged:
