@@ -22,6 +22,7 @@ run: $(BIN)/.installed
 test: $(BIN)/.installed interop-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed
@@ -36,7 +37,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/outbox_write.py
 
 # Mutation testing of the pure modules (pyproject [tool.mutmut]); slow, not part of `make test` or CI.
-# MUTANTS narrows it, e.g. MUTANTS='hl7bridge.ack*'; survivors are listed at the end (docs/testing.md).
+# MUTANTS narrows it, e.g. MUTANTS='hl7bridge.hl7.ack*'; survivors are listed at the end (docs/testing.md).
 MUTANTS ?=
 mutation: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[mutation]'

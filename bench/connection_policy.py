@@ -28,7 +28,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hl7bridge.mllp import BlockingClient  # noqa: E402
+from hl7bridge.testing.client import BlockingClient  # noqa: E402
 
 PER_PEER = 20
 MESSAGE = (

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hl7bridge.mllp import BlockingClient  # noqa: E402
+from hl7bridge.testing.client import BlockingClient  # noqa: E402
 from tests.conftest import RunningSandbox, free_port, start_sandbox  # noqa: E402
 from tests.dispatch_support import SANDBOX_TOML, service_toml, siu  # noqa: E402
 

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hl7bridge.mllp import BlockingClient  # noqa: E402
+from hl7bridge.testing.client import BlockingClient  # noqa: E402
 from tests.conftest import free_port, segments  # noqa: E402
 from tests.dispatch_support import service_toml, siu  # noqa: E402
 from tests.reliability.hostile import CRAFTED, crafted  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hl7bridge.routing import BOOK, Command  # noqa: E402
+from hl7bridge.mapping.routing import BOOK, Command  # noqa: E402
 from hl7bridge.store import CommandUpdate, OutboxWrite, command_values, open_engine  # noqa: E402
 from hl7bridge.store.schema import commands, messages  # noqa: E402
 from hl7bridge.store.writer import JOB_SLICE  # noqa: E402

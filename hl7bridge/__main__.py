@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from hl7bridge.app.cli import main
 
 sys.exit(main())

@@ -11,11 +11,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from hl7apy.parser import parse_message
 
-from hl7bridge.ack import FALLBACK_VERSION, AckBuilder, Outcome, ack_code, now_stamp
-from hl7bridge.er7 import Encoding
-from hl7bridge.intake import Intake
-from hl7bridge.problems import Problem
-from hl7bridge.siu import Feed
+from hl7bridge.hl7.ack import FALLBACK_VERSION, AckBuilder, Outcome, ack_code, now_stamp
+from hl7bridge.hl7.er7 import Encoding
+from hl7bridge.hl7.problems import Problem
+from hl7bridge.hl7.siu import Feed
+from hl7bridge.ingest.intake import Intake
 
 
 def header_for(msh15: str, msh16: str):

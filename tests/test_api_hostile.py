@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from hl7bridge.dispatch_child import ChildSpec, EventPipe, LineBuffer
-from hl7bridge.dispatcher import STRANGE_LIMIT, Dispatcher, DispatchSettings
-from hl7bridge.journeys import (
+from hl7bridge.dispatch.child import ChildSpec, EventPipe, LineBuffer
+from hl7bridge.dispatch.dispatcher import STRANGE_LIMIT, Dispatcher, DispatchSettings
+from hl7bridge.dispatch.journeys import (
     DEFAULT_CANCEL_PATH,
     MAX_BODY,
     REASON_CHARS,
@@ -261,7 +261,7 @@ def test_a_dispatcher_process_whose_reader_fails_exits_to_be_restarted(tmp_path:
     spec = ChildSpec(database=database, base_url=api.url, org_id="org", cancel_path=DEFAULT_CANCEL_PATH,
                      connect_timeout=1, read_timeout=2, settings={}, token=TOKEN)  # fmt: skip
     read_events, write_events = os.pipe()
-    child = subprocess.Popen(["bash", "-c", f"exec {sys.executable} -m hl7bridge.dispatch_child 3>&{write_events}"],
+    child = subprocess.Popen(["bash", "-c", f"exec {sys.executable} -m hl7bridge.dispatch.child 3>&{write_events}"],
                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_events,))  # fmt: skip
     os.close(write_events)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hl7bridge.config import ConfigError, load, parse
+from hl7bridge.app.config import ConfigError, load, parse
 
 from .conftest import ROOT
 
@@ -24,8 +24,8 @@ def problems(text: str, tmp_path: Path) -> list[str]:
 def test_example_config_is_valid_and_complete() -> None:
     cfg = load(ROOT / "config" / "hl7bridge.example.toml")
     text = (ROOT / "config" / "hl7bridge.example.toml").read_text()
-    from hl7bridge.config import LISTENER_KEYS, SERVICE_KEYS
-    from hl7bridge.dispatch_config import API_KEYS
+    from hl7bridge.app.config import LISTENER_KEYS, SERVICE_KEYS
+    from hl7bridge.app.dispatch_config import API_KEYS
 
     for key in [*LISTENER_KEYS, *SERVICE_KEYS, *API_KEYS]:
         assert f"\n{key} = " in text, f"{key} is not documented in the example config"

@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from hl7bridge.mllp import BlockingClient
+from hl7bridge.testing.client import BlockingClient
 from tests.conftest import RunningService, fixture_bytes, free_port, segments, start_service, unique_control
 
 BASE = fixture_bytes("siu/s12_epic_v251.hl7")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from hl7bridge.journeys import JourneysClient, TokenSource
+from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
 
 from .conftest import RunningService, free_port, segments, start_service, wait_until
 from .dispatch_support import TOKEN, ack, attempts_of, commands_of, future, service_toml, settled, siu

@@ -16,8 +16,8 @@ import orjson
 import pytest
 import requests
 
-from hl7bridge.dispatch_child import ChildSpec
-from hl7bridge.journeys import DEFAULT_CANCEL_PATH
+from hl7bridge.dispatch.child import ChildSpec
+from hl7bridge.dispatch.journeys import DEFAULT_CANCEL_PATH
 from hl7bridge.store import CommandUpdate, OutboxWrite
 
 from .conftest import ROOT, RunningSandbox, RunningService, free_port, start_service, wait_until
@@ -117,7 +117,7 @@ def test_a_second_dispatcher_on_the_same_log_waits(tmp_path: Path, sandbox: Runn
     try:
         # A delivery proves the service's own dispatcher holds the log before the intruder comes.
         booked(service, sandbox, "DP-3", "DPA-3")
-        command = f"exec {sys.executable} -m hl7bridge.dispatch_child 3>&{write_events}"
+        command = f"exec {sys.executable} -m hl7bridge.dispatch.child 3>&{write_events}"
         intruder = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
                                     pass_fds=(write_events,))  # fmt: skip
         os.close(write_events)
@@ -169,7 +169,7 @@ def sample_writes() -> list[OutboxWrite]:
 
 CHILD_WRITER = """
 import sys
-from hl7bridge.dispatch_child import EventPipe, ServiceWrites
+from hl7bridge.dispatch.child import EventPipe, ServiceWrites
 from hl7bridge.store import Job
 from tests.test_dispatch_process import sample_writes
 sink = ServiceWrites(EventPipe(int(sys.argv[1])))

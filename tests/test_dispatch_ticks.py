@@ -11,8 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from hl7bridge.dispatcher import Dispatcher, DispatchSettings
-from hl7bridge.journeys import JourneysClient, TokenSource
+from hl7bridge.dispatch.dispatcher import Dispatcher, DispatchSettings
+from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
 from hl7bridge.store import Writer, open_engine
 
 

@@ -7,8 +7,8 @@ import re
 import pytest
 from hl7apy.parser import parse_message
 
-from hl7bridge import charsets
-from hl7bridge.er7 import SEGMENT_SPLIT, Er7Message
+from hl7bridge.hl7 import charsets
+from hl7bridge.hl7.er7 import SEGMENT_SPLIT, Er7Message
 
 from .conftest import FIXTURES, MANIFEST
 

@@ -14,8 +14,8 @@ from zoneinfo import ZoneInfo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hl7bridge.er7 import Encoding, Er7Error, Er7Message, Limits
-from hl7bridge.siu import Feed, Header, MessageRejected, read_event
+from hl7bridge.hl7.er7 import Encoding, Er7Error, Er7Message, Limits
+from hl7bridge.hl7.siu import Feed, Header, MessageRejected, read_event
 
 from .dispatch_support import siu
 from .test_er7_limits import LIFTED, routed_intake, scanned

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-from hl7bridge import config
-from hl7bridge.ack import AckBuilder
-from hl7bridge.dispatch_config import router
-from hl7bridge.er7 import Limits
-from hl7bridge.intake import Intake
+from hl7bridge.app import config
+from hl7bridge.app.dispatch_config import router
+from hl7bridge.hl7.ack import AckBuilder
+from hl7bridge.hl7.er7 import Limits
+from hl7bridge.ingest.intake import Intake
 
 from .conftest import RunningService, segments, start_service
 from .dispatch_support import service_toml, siu

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from hl7bridge.er7 import Encoding, Er7Error, Er7Message, unescape
+from hl7bridge.hl7.er7 import Encoding, Er7Error, Er7Message, unescape
 
 TRUNCATING = Encoding(truncation="#")
 

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from hl7bridge.mllp import BlockingClient, frame
+from hl7bridge.mllp.framing import frame
+from hl7bridge.testing.client import BlockingClient
 from tests.conftest import MANIFEST, RunningService, fixture_bytes, segments, start_service, unique_control
 
 BASE = fixture_bytes("siu/s12_epic_v251.hl7")

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from hl7bridge import logs
-from hl7bridge.metrics import Metrics
+from hl7bridge.core import logs
+from hl7bridge.ops.metrics import Metrics
 from hl7bridge.store import open_engine
 
 from .conftest import free_port, start_service, wait_until

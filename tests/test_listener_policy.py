@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from hl7bridge.mllp import BlockingClient, frame
+from hl7bridge.mllp.framing import frame
+from hl7bridge.testing.client import BlockingClient
 from tests.conftest import RunningService, fixture_bytes, free_port, segments, start_service, unique_control
 
 BASE = fixture_bytes("siu/s12_epic_v251.hl7")

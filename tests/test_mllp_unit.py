@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.testing import StringTransport
 
-from hl7bridge.mllp import HEAD_BYTES, MLLPReceiver, frame
+from hl7bridge.mllp.framing import HEAD_BYTES, MLLPReceiver, frame
 
 MSG_A = b"MSH|^~\\&|A|B|C|D|20270101000000||SIU^S12|1|P|2.5.1\rPID|1||111\r"
 MSG_B = b"MSH|^~\\&|A|B|C|D|20270101000000||SIU^S13|2|P|2.5.1\rPID|1||222\r"

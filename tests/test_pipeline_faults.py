@@ -16,10 +16,10 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import select
 
-from hl7bridge.ack import AckBuilder
-from hl7bridge.intake import Intake, Received
-from hl7bridge.pipeline import Pipeline
-from hl7bridge.siu import AppointmentEvent, Feed
+from hl7bridge.hl7.ack import AckBuilder
+from hl7bridge.hl7.siu import AppointmentEvent, Feed
+from hl7bridge.ingest.intake import Intake, Received
+from hl7bridge.ingest.pipeline import Pipeline
 from hl7bridge.store import Writer, open_engine
 from hl7bridge.store.schema import messages
 

@@ -20,7 +20,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hl7bridge.config import ConfigError, parse
+from hl7bridge.app.config import ConfigError, parse
 
 from .conftest import RunningSandbox, control_token, free_port, start_sandbox, start_service, wait_until
 from .dispatch_support import SANDBOX_TOML, ack, future, sandbox_for_module, service_toml, siu

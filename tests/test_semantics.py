@@ -15,13 +15,14 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 
-from hl7bridge.ack import AckBuilder
-from hl7bridge.config import ConfigError, load, parse
-from hl7bridge.er7 import Er7Message
-from hl7bridge.er7 import Path as HL7Path
-from hl7bridge.intake import Intake, Received, intake_for
-from hl7bridge.mapping import Condition, Context, MappingError, ParameterSpec, evaluate
-from hl7bridge.siu import Feed
+from hl7bridge.app.config import ConfigError, load, parse
+from hl7bridge.app.wiring import intake_for
+from hl7bridge.hl7.ack import AckBuilder
+from hl7bridge.hl7.er7 import Er7Message
+from hl7bridge.hl7.er7 import Path as HL7Path
+from hl7bridge.hl7.siu import Feed
+from hl7bridge.ingest.intake import Intake, Received
+from hl7bridge.mapping.parameters import Condition, Context, MappingError, ParameterSpec, evaluate
 
 from .conftest import FIXTURES, MANIFEST, ROOT, RunningService, fixture_bytes, segments, start_service
 from .dispatch_support import TOKEN, service_toml
@@ -282,7 +283,7 @@ def test_msh2_reads_as_sent() -> None:
 
 def test_strict_validation_failure_logs_no_value(caplog: pytest.LogCaptureFixture) -> None:
     """hl7apy raising on a value (here a malformed PID-7) is logged without the value unless log_phi."""
-    from hl7bridge import strict
+    from hl7bridge.hl7 import strict
 
     text = message("SCH|P1|F1", "TQ1|||||||202703140930", "PID|1||M1^^^H^MR||DOE^J||19801399xyz").decode()
     with caplog.at_level("WARNING", logger="hl7bridge.strict"):

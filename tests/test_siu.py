@@ -7,10 +7,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from hl7bridge.ack import AckBuilder
-from hl7bridge.er7 import Encoding, Er7Message, Path, unescape
-from hl7bridge.intake import Intake
-from hl7bridge.siu import Feed, classify
+from hl7bridge.hl7.ack import AckBuilder
+from hl7bridge.hl7.er7 import Encoding, Er7Message, Path, unescape
+from hl7bridge.hl7.siu import Feed, classify
+from hl7bridge.ingest.intake import Intake
 
 CHICAGO = ZoneInfo("America/Chicago")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 
-from hl7bridge import systemd
+from hl7bridge.ops import systemd
 
 WATCHDOG_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
@@ -282,7 +282,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN (Linux >= 6.3)
     print("unsupported")
     sys.exit(0)
-from hl7bridge import systemd
+from hl7bridge.ops import systemd
 print(systemd.write_execute_memory_allowed())
 """
 

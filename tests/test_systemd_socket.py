@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hl7bridge.mllp import BlockingClient
+from hl7bridge.testing.client import BlockingClient
 from tests.conftest import RunningService, fixture_bytes, segments, unique_control
 
 SYSTEMD_ENDPOINT = "systemd:domain=INET:index=0"

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from hl7bridge.cli import build_parser
-from hl7bridge.config import HealthConfig, ListenerConfig
-from hl7bridge.dispatch_config import ApiConfig
-from hl7bridge.service import DESCRIPTOR_BASE
+from hl7bridge.app.cli import build_parser
+from hl7bridge.app.config import HealthConfig, ListenerConfig
+from hl7bridge.app.dispatch_config import ApiConfig
+from hl7bridge.app.service import DESCRIPTOR_BASE
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hl7bridge.mllp import BlockingClient
+from hl7bridge.testing.client import BlockingClient
 from tests.conftest import ROOT, RunningService, fixture_bytes, free_port, segments, start_service, unique_control
 
 BASE = fixture_bytes("siu/s12_epic_v251.hl7")

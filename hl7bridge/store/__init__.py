@@ -6,7 +6,6 @@ updates, ``queries`` serves operators, ``retention`` purges old patient data.
 """
 
 from .outbox import (
-    FINAL_STATUSES,
     AppointmentRow,
     CommandRow,
     CommandUpdate,
@@ -38,7 +37,6 @@ from .queries import (
 from .retention import PurgeCounts, compact, due_for_purge, purge, purge_step
 from .schema import (
     DAMAGED_HINT,
-    OPEN_STATUSES,
     SCHEMA_VERSION,
     StoreError,
     appointments,
@@ -57,9 +55,7 @@ from .writer import Job, Writer, WriteRequest, WriteResult
 
 __all__ = [
     "DAMAGED_HINT",
-    "FINAL_STATUSES",
     "LIST_COLUMNS",
-    "OPEN_STATUSES",
     "SCHEMA_VERSION",
     "AppointmentRow",
     "CommandRow",

@@ -15,23 +15,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..routing import Command
-from .schema import OPEN_STATUSES, appointments, attempts, commands, messages
+from hl7bridge.core.status import FINAL_STATUSES, OPEN_STATUSES, SUCCEEDED, CommandStatus, MessageStatus
+from hl7bridge.mapping.routing import Command
+from hl7bridge.store.schema import appointments, attempts, commands, messages
 
 
 @dataclass(frozen=True)
-class CommandRow:
+class CommandRow(Command):
+    """A command as the log holds it: the routed ``Command``, and where it stands."""
+
     id: int
     message_id: int
-    appointment_key: str
-    kind: str
-    route: str
-    chat_bot_id: str
-    time_zone: str
-    flow_id: str | None
-    parameters: dict[str, str]
-    identifiers: dict[str, str]
-    start_at: float | None
     status: str
     step: str
     attempts: int
@@ -76,7 +70,7 @@ def command_values(command: Command, now: float, sync: bool = False) -> dict[str
         "parameters": _json(command.parameters),
         "identifiers": _json(command.identifiers),
         "start_at": command.start_at,
-        "status": "pending",
+        "status": CommandStatus.PENDING,
         "step": "",
         "attempts": 0,
         "next_attempt_at": now,
@@ -91,9 +85,11 @@ def command_values(command: Command, now: float, sync: bool = False) -> dict[str
 def _command(row: Any) -> CommandRow:
     m = row._mapping
     return CommandRow(
-        m["id"], m["message_id"], m["appointment_key"], m["kind"], m["route"], m["chat_bot_id"], m["time_zone"],
-        m["flow_id"], orjson.loads(m["parameters"]), orjson.loads(m["identifiers"]), m["start_at"], m["status"],
-        m["step"] or "", m["attempts"], bool(m["sync"]), m["created_at"], bool(m["uncertain"]), m["next_attempt_at"],
+        kind=m["kind"], route=m["route"], chat_bot_id=m["chat_bot_id"], time_zone=m["time_zone"], flow_id=m["flow_id"],
+        parameters=orjson.loads(m["parameters"]), identifiers=orjson.loads(m["identifiers"]),
+        appointment_key=m["appointment_key"], start_at=m["start_at"], id=m["id"], message_id=m["message_id"],
+        status=m["status"], step=m["step"] or "", attempts=m["attempts"], sync=bool(m["sync"]),
+        created_at=m["created_at"], uncertain=bool(m["uncertain"]), next_attempt_at=m["next_attempt_at"],
     )  # fmt: skip
 
 
@@ -169,7 +165,7 @@ def appointment(conn: Any, key: str) -> AppointmentRow | None:
 _MARK_IN_FLIGHT = (
     commands.update()
     .where(commands.c.id.in_(bindparam("ids", expanding=True)))
-    .values(status="in_flight", updated_at=bindparam("now"))
+    .values(status=CommandStatus.IN_FLIGHT, updated_at=bindparam("now"))
 )
 
 
@@ -196,7 +192,7 @@ _UPDATE_COMMAND = (
 _SETTLE_MESSAGE = (
     messages.update()
     .where(messages.c.id == select(commands.c.message_id).where(commands.c.id == bindparam("u_id")).scalar_subquery())
-    .where(messages.c.status == "pending")
+    .where(messages.c.status == MessageStatus.PENDING)
     .values(status=bindparam("u_message_status"))
 )
 _MEMORY_COLUMNS = ("route", "chat_bot_id", "state", "updated_at", "last_command_id")
@@ -239,7 +235,6 @@ def _upserts(dialect: Any) -> dict[bool, Any]:
 _UPSERT_MEMORY = {"sqlite": _upserts(sqlite), "postgresql": _upserts(postgresql)}
 
 #: Statuses a command never leaves.
-FINAL_STATUSES = frozenset({"done", "annihilated", "dead", "failed"})
 
 
 def apply_updates(conn: Any, updates: list[CommandUpdate], now: float) -> None:
@@ -252,8 +247,8 @@ def apply_updates(conn: Any, updates: list[CommandUpdate], now: float) -> None:
          "u_uncertain": None if u.uncertain is None else int(u.uncertain)}
         for u in updates
     ])  # fmt: skip
-    settled = [{"u_id": u.command_id, "u_message_status": "accepted" if u.status in ("done", "annihilated") else
-                "rejected"} for u in updates if u.status in FINAL_STATUSES]  # fmt: skip
+    settled = [{"u_id": u.command_id, "u_message_status": MessageStatus.ACCEPTED if u.status in SUCCEEDED else
+                MessageStatus.REJECTED} for u in updates if u.status in FINAL_STATUSES]  # fmt: skip
     if settled:
         conn.execute(_SETTLE_MESSAGE, settled)
     tried = [dict(a, command_id=u.command_id) for u in updates for a in u.attempts]

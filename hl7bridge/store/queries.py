@@ -11,6 +11,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql import Select
+
+from hl7bridge.core.status import DEAD_LETTERS, OPEN_STATUSES, CommandStatus, MessageStatus
 
 from .outbox import AppointmentRow, appointment
 from .schema import NOT_ACCEPTED, attempts, commands, messages
@@ -48,6 +51,11 @@ def list_messages(
     stmt = select(*LIST_COLUMNS).order_by(messages.c.id.desc()).limit(limit)
     if status:
         stmt = _with_status(stmt, status)
+    return _received(engine, stmt, since, event)
+
+
+def _received(engine: Engine, stmt: Select, since: float | None, event: str | None) -> list[dict[str, Any]]:
+    """The messages ``stmt`` selects, of those received since ``since`` with the event ``event`` (if given)."""
     if since is not None:
         stmt = stmt.where(messages.c.received_at >= since)
     if event:
@@ -70,7 +78,7 @@ def count_messages(engine: Engine) -> dict[str, int]:
 def _with_status(stmt: Any, status: str) -> Any:
     """Filter on a status, through the partial index for every status but 'accepted'."""
     stmt = stmt.where(messages.c.status == status)
-    return stmt.where(text(NOT_ACCEPTED)) if status != "accepted" else stmt
+    return stmt.where(text(NOT_ACCEPTED)) if status != MessageStatus.ACCEPTED else stmt
 
 
 def _counts_by_status(conn: Any, since: float | None) -> dict[str, int]:
@@ -82,7 +90,7 @@ def _counts_by_status(conn: Any, since: float | None) -> dict[str, int]:
         others = others.where(messages.c.received_at >= since)
     counts = {status: count for status, count in conn.execute(others)}
     accepted = (conn.execute(total).scalar() or 0) - sum(counts.values())
-    return {"accepted": accepted, **counts} if accepted else counts
+    return {MessageStatus.ACCEPTED.value: accepted, **counts} if accepted else counts
 
 
 def now() -> float:
@@ -116,17 +124,12 @@ def messages_for_replay(
     stmt = select(messages).order_by(messages.c.id)
     if ids:
         stmt = stmt.where(messages.c.id.in_(ids))
-    if status == "rejected":
-        stmt = _with_status(stmt, "rejected")
-    elif status in ("dead", "failed"):
+    if status == MessageStatus.REJECTED:
+        stmt = _with_status(stmt, MessageStatus.REJECTED)
+    elif status in DEAD_LETTERS:
         owners = select(commands.c.message_id).where(commands.c.status == status)
         stmt = stmt.where(messages.c.id.in_(owners))
-    if since is not None:
-        stmt = stmt.where(messages.c.received_at >= since)
-    if event:
-        stmt = stmt.where(messages.c.event == event.upper())
-    with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(stmt)]
+    return _received(engine, stmt, since, event)
 
 
 def record_replay(
@@ -143,7 +146,7 @@ def record_replay(
         conn.execute(
             commands.update()
             .where(commands.c.message_id == original["id"])
-            .where(commands.c.status.in_(("dead", "failed")))
+            .where(commands.c.status.in_(DEAD_LETTERS))
             .values(status="replayed", outcome=f"replayed as message {new_id}", updated_at=now)
         )
     return int(new_id)
@@ -178,7 +181,7 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
             ).all()
         )
         depth, oldest = conn.execute(
-            select(func.count(), func.min(commands.c.created_at)).where(commands.c.status.in_(("pending", "in_flight")))
+            select(func.count(), func.min(commands.c.created_at)).where(commands.c.status.in_(OPEN_STATUSES))
         ).first()
         calls = [
             {
@@ -210,7 +213,7 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
         "last_message_at": last,
         "commands": command_status,
         "outbox": {"depth": int(depth or 0), "oldest_age_s": round(now - oldest, 1) if oldest else None},
-        "dead_letters": int(command_status.get("dead", 0)),
+        "dead_letters": int(command_status.get(CommandStatus.DEAD, 0)),
         "api_calls": calls,
     }
 
@@ -223,7 +226,7 @@ def later_message(engine: Engine, appointment_key: str, after_id: int) -> int | 
         select(func.max(messages.c.id))
         .where(messages.c.appointment_key == appointment_key)
         .where(messages.c.id > after_id)
-        .where(messages.c.status.in_(("accepted", "pending", "ignored")))
+        .where(messages.c.status.in_((MessageStatus.ACCEPTED, MessageStatus.PENDING, MessageStatus.IGNORED)))
         .where((messages.c.replay_of.is_(None)) | (messages.c.replay_of != after_id))
     )
     with engine.connect() as conn:

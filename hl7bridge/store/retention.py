@@ -15,7 +15,9 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
-from .schema import OPEN_STATUSES, appointments, attempts, commands, messages
+from hl7bridge.core.status import OPEN_STATUSES
+
+from .schema import appointments, attempts, commands, messages
 
 
 @dataclass

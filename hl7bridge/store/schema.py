@@ -31,6 +31,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from hl7bridge.core.status import MessageStatus
+
 SCHEMA_VERSION = 3
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
@@ -38,7 +40,7 @@ log = logging.getLogger("hl7bridge.store")
 
 metadata = MetaData()
 #: The partial index's condition; a query must repeat it word for word for SQLite to use the index.
-NOT_ACCEPTED = "status <> 'accepted'"
+NOT_ACCEPTED = f"status <> '{MessageStatus.ACCEPTED}'"
 
 meta = Table(
     "meta",
@@ -151,7 +153,6 @@ appointments = Table(
     Column("last_command_id", Integer),
 )
 
-OPEN_STATUSES = ("pending", "in_flight")
 #: The first 16 bytes of every SQLite 3 database file.
 SQLITE_MAGIC = b"SQLite format 3\x00"
 DAMAGED_HINT = (

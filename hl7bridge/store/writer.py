@@ -20,6 +20,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 
+from hl7bridge.core.status import MessageStatus
+
 from .schema import BUSY_TIMEOUT_MS, _first_line, commands, messages
 
 log = logging.getLogger("hl7bridge.store")
@@ -97,7 +99,7 @@ class Writer:
             .where(messages.c.sending_application == bindparam("app"))
             .where(messages.c.sending_facility == bindparam("fac"))
             .where(messages.c.control_id == bindparam("ctrl"))
-            .where(messages.c.status == "accepted")
+            .where(messages.c.status == MessageStatus.ACCEPTED)
             .order_by(messages.c.id)
             .limit(1)
         )
@@ -362,11 +364,11 @@ class _Plan:
             if key:
                 original = originals.get(key)
                 if original is not None:
-                    row = dict(row, status="duplicate", duplicate_of=original[0], ack_raw=original[1],
+                    row = dict(row, status=MessageStatus.DUPLICATE, duplicate_of=original[0], ack_raw=original[1],
                                ack_code=original[2])  # fmt: skip
                 elif key in first_in_group:
                     original = first_in_group[key]
-                    row = dict(row, status="duplicate")
+                    row = dict(row, status=MessageStatus.DUPLICATE)
                 else:
                     first_in_group[key] = position
             self.rows.append(row)
@@ -447,7 +449,7 @@ def _originals_sql(keys: int) -> str:
         "WITH k(a, f, c) AS (VALUES " + ", ".join(["(?, ?, ?)"] * keys) + ") "
         "SELECT k.a, k.f, k.c, m.id, m.ack_raw, m.ack_code FROM k CROSS JOIN messages AS m "
         "INDEXED BY ix_messages_sender_control ON m.sending_application = k.a AND m.sending_facility = k.f "
-        "AND m.control_id = k.c WHERE m.status = 'accepted' ORDER BY m.id DESC"
+        f"AND m.control_id = k.c WHERE m.status = '{MessageStatus.ACCEPTED}' ORDER BY m.id DESC"
     )
 
 

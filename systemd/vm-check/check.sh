@@ -77,7 +77,7 @@ install_rc=$?
 step "$BIN/hl7bridge --version"
 # pip install succeeding is not enough: every module the service imports must be in the venv.
 # (From /: with the checkout as the working directory, python -c would import the checkout.)
-if step "cd / && $BIN/python -c 'import hl7bridge.cli, hl7bridge.service, hl7bridge.store'"; then
+if step "cd / && $BIN/python -c 'import hl7bridge.app.cli, hl7bridge.app.service, hl7bridge.store'"; then
     result PASS install "pip install $SRC (exit $install_rc); all modules importable"
 else
     result FAIL install "pip install $SRC installs a package that cannot import hl7bridge.store"

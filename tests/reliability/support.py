@@ -28,7 +28,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from hl7bridge.mllp import BlockingClient
+from hl7bridge.testing.client import BlockingClient
 from tests.conftest import RunningSandbox, RunningService, free_port, segments, start_sandbox, start_service
 from tests.dispatch_support import SANDBOX_TOML, TOKEN, iso, service_toml, siu
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from hl7bridge.mllp import BlockingClient
+from hl7bridge.testing.client import BlockingClient
 from tests.conftest import RunningSandbox, segments
 from tests.dispatch_support import siu
 

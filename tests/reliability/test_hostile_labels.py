@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from hl7bridge.mllp import BlockingClient
+from hl7bridge.testing.client import BlockingClient
 from tests.conftest import segments
 from tests.dispatch_support import future, siu
 

@@ -1,0 +1,628 @@
+"""The command line: serve, check-config, check, send, log. Errors are one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hl7bridge import __version__
+from hl7bridge.app.config import Config, ConfigError, load
+from hl7bridge.core.logs import cap, escape, masked
+from hl7bridge.core.status import CommandStatus, MessageStatus
+
+EXIT_USAGE = 2
+#: A cell of `log list` holds at most this much (then "...(+N chars)"): senders choose MSH-3/4/10; `log show` has it all.
+LIST_CELL_CHARS = 80
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+#: SQLite's INTEGER range, for ids and counts given on the command line.
+INT64_MAX = 2**63 - 1
+MAX_DURATION = 100 * 366 * 86400.0
+PHI_KEYS = ("patient_ids", "names", "telecoms", "birth_date", "patient_phone", "patient_email")
+
+
+class CliError(Exception):
+    """A user error: printed as ``hl7bridge: <message>``, exit status 2."""
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION.match(text.strip().lower())
+    if not m:
+        raise CliError(f"{text!r} is not a duration; use e.g. 90s, 30m, 12h, 7d or 2w")
+    seconds = float(m[1]) * _UNITS[m[2]]
+    if seconds > MAX_DURATION:
+        raise CliError(f"{text!r} is longer than 100 years; use e.g. 90s, 30m, 12h, 7d or 2w")
+    return seconds
+
+
+def whole_number(minimum: int, maximum: int = INT64_MAX) -> Any:
+    """An argparse ``type`` for an id or count: a bad or huge value is a usage error, not an OverflowError."""
+
+    def parse(text: str) -> int:
+        value = text.strip()
+        if not (value.isascii() and value.isdigit() and len(value) <= 19 and minimum <= int(value) <= maximum):
+            raise argparse.ArgumentTypeError(f"expected a whole number from {minimum} to {maximum}, got {text[:40]!r}")
+        return int(value)
+
+    return parse
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse ``type`` for a timeout: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from 0 to 86400, got {text[:40]!r}")
+    return value
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get("HL7BRIDGE_CONFIG")
+    cfg = load(path)
+    return cfg.with_overrides(getattr(args, "listen", None), getattr(args, "database", None),
+                              getattr(args, "api_url", None))  # fmt: skip
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from hl7bridge.core import logs
+
+    logs.configure(cfg.service.log_level, cfg.service.log_format, cfg.service.log_phi)
+    from twisted.internet import reactor
+
+    from hl7bridge.app.service import Service, StartupError
+    from hl7bridge.ops import systemd as sd
+
+    if args.sandbox and args.api_url:
+        raise CliError("--sandbox and --api-url exclude each other (the sandbox is the API then)")
+    if args.api_url:
+        logging.getLogger("hl7bridge.service").warning(
+            "--api-url: dispatching to %s instead of api.base_url, with the configured API token", args.api_url
+        )
+    service = Service(cfg, reactor, with_sandbox=args.sandbox, sandbox_listen=args.sandbox_listen)
+    watchdog = sd.Watchdog(reactor, lambda: not service.watchdog_problems(),
+                           describe=lambda: "; ".join(service.watchdog_problems()))  # fmt: skip
+    outcome: dict[str, Any] = {}
+
+    def started(_: object) -> None:
+        line = (f"hl7bridge {__version__}: MLLP listening on {', '.join(service.addresses())}; "
+                f"log in {_safe_url(cfg.service.database)}")  # fmt: skip
+        if service.sandbox is not None:
+            line += f"; sandbox Journeys API on {service.sandbox.url} (see {service.sandbox.url}/_sandbox/instances)"
+        if service.dispatcher is not None:
+            line += f"; dispatching to {service.config.api.base_url}" + (" (--api-url)" if args.api_url else "")
+        print(line, flush=True)
+
+        def before_shutdown() -> None:
+            watchdog.stop()
+            sd.stopping("Stopping: answering what was received, flushing the log")
+
+        # Triggers run in the order added: stop the keep-alives first, then drain the service.
+        reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
+        reactor.addSystemEventTrigger("before", "shutdown", service.stop)
+        signal.signal(signal.SIGHUP, lambda _sig, _frame: reactor.callFromThread(reload))
+        sd.ready(line)
+        watchdog.start()
+
+    def reload() -> None:
+        """SIGHUP: reread the file; a bad new config is refused and the running one kept."""
+        try:
+            fresh = _config(args)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                logging.getLogger("hl7bridge.service").error("reload refused, keeping the running config: %s", problem)
+            sd.status(f"Reload refused: {exc.problems[0]}; running configuration kept")
+            return
+        pending = service.reload(fresh)
+        note = f"; needs a restart to change: {', '.join(pending)}" if pending else ""
+        logging.getLogger("hl7bridge.service").info("configuration reloaded (routes and mappings)%s", note)
+        sd.status("Configuration reloaded" + note)
+
+    def failed(failure: Any) -> None:
+        outcome["error"] = failure.value
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: service.start().addCallbacks(started, failed))
+    reactor.run()
+    error = outcome.get("error")
+    if error is not None:
+        if isinstance(error, StartupError):
+            raise CliError(str(error))
+        raise CliError(f"start-up failed: {error.__class__.__name__}: {error}")
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from twisted.internet import reactor
+
+    from hl7bridge.testing.sandbox import Sandbox
+
+    if not cfg.sandbox.tokens:
+        raise CliError("the sandbox needs [[sandbox.tokens]] in the configuration (see the example config)")
+    sandbox = Sandbox.from_config(reactor, cfg.sandbox, cfg.api.org_id, args.sandbox_listen)
+    state = sandbox.state
+    outcome: dict[str, Any] = {}
+
+    def started(_: object) -> None:
+        print(f"hl7bridge sandbox: Journeys API for org {state.org_id} on {sandbox.url} "
+              f"(journeys: {', '.join(state.journeys) or 'none'}; see {sandbox.url}/_sandbox/calls)", flush=True)  # fmt: skip
+
+    def failed(failure: Any) -> None:
+        outcome["error"] = failure.value
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: sandbox.start().addCallbacks(started, failed))
+    reactor.run()
+    if "error" in outcome:
+        raise CliError(f"the sandbox cannot start on {sandbox.listen_description}: {_first_line(outcome['error'])}")
+    return 0
+
+
+# --- check-config / check -------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from hl7bridge.store import loose_directory
+
+    cfg = _config(args)
+    print(f"{cfg.source}: OK")
+    print(f"  database: {_safe_url(cfg.service.database)}")
+    loose = loose_directory(cfg.service.database)
+    if loose:
+        print(f"  warning: {loose}")
+    for listener in cfg.listeners:
+        print(f"  listener {listener.name}: {listener.endpoint} (ack_mode={listener.ack_mode}, "
+              f"time_zone={listener.time_zone}, validation={listener.validation})")  # fmt: skip
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from hl7bridge.app.diagnose import explain
+
+    cfg = _config(args)
+    listener = cfg.listeners[0]
+    worst = 0
+    for path in _expand(args.files):
+        report, ok = explain(path.read_bytes(), cfg, listener)
+        print(f"== {escape(str(path))}")
+        print(report)
+        worst = max(worst, 0 if ok else 1)
+    return worst
+
+
+# --- send -----------------------------------------------------------------------------------------
+
+
+def _expand(items: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".hl7", ".er7", ".txt")))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise CliError(f"{item}: no such file or directory")
+    if not out:
+        raise CliError("no message files found (give .hl7 files or folders holding them)")
+    return out
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from twisted.internet import task
+
+    from hl7bridge.mllp.sender import client_endpoint_string, send_all
+
+    try:
+        endpoint = client_endpoint_string(args.to, args.endpoint, args.connect_timeout)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    files = _expand(args.files)
+    messages = [(str(p), p.read_bytes()) for p in files]
+    result: dict[str, Any] = {}
+
+    def report(reply: Any) -> None:
+        print(escape(f"{reply.code:3} {reply.name}: {reply.text}"), flush=True)
+
+    def main(reactor: Any) -> Any:
+        d = send_all(reactor, endpoint, messages, args.read_timeout, report)
+
+        def keep(replies: Any) -> None:
+            result["replies"] = replies
+
+        def fail(failure: Any) -> None:
+            result["error"] = failure.value
+
+        return d.addCallbacks(keep, fail)
+
+    try:
+        task.react(main)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    if "error" in result:
+        raise CliError(f"cannot send to {endpoint}: {_first_line(result['error'])}")
+    replies = result.get("replies", [])
+    good = sum(1 for r in replies if r.code in ("AA", "CA"))
+    print(f"{good} of {len(messages)} message(s) accepted", file=sys.stderr)
+    return 0 if good == len(messages) else 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+# --- log ------------------------------------------------------------------------------------------
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    """The existing log: a command never creates one (from another directory it would be a second, empty log)."""
+    from hl7bridge.store import StoreError, open_engine
+
+    cfg = _config(args)
+    args.database_url = cfg.service.database
+    try:
+        return open_engine(cfg.service.database, cfg.service.sqlite_synchronous, create=False)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _database_problem(args: argparse.Namespace, exc: BaseException) -> str | None:
+    """One line for a database error met while a command reads or writes the log (None: not one)."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from hl7bridge.store import DAMAGED_HINT, damaged
+
+    url = getattr(args, "database_url", None)
+    if url is None or not isinstance(exc, (SQLAlchemyError, sqlite3.Error)):
+        return None
+    hint = f"; {DAMAGED_HINT.format(path=make_url(url).database)}" if damaged(exc) else ""
+    return f"the database {_safe_url(url)} failed: {_first_line(exc)}{hint}"
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def cmd_log_list(args: argparse.Namespace) -> int:
+    from hl7bridge.store import list_messages
+
+    since = time.time() - parse_duration(args.since) if args.since else None
+    rows = list_messages(_engine(args), args.status, since, args.event, args.limit)
+    if args.json:
+        for r in rows:
+            r["received_at"] = _when(r["received_at"])
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    header = ("ID", "RECEIVED", "LISTENER", "PEER", "SENDER", "CONTROL ID", "EVENT", "VER", "ACK", "STATUS", "DETAIL")
+    table = [header]
+    for r in rows:
+        kind = f"{r['message_type'] or '?'}^{r['event'] or ''}".rstrip("^")
+        detail = ""
+        if r["duplicate_of"]:
+            detail = f"duplicate of {r['duplicate_of']}"
+        elif r["error"]:
+            detail = f"{r['error_location'] + ': ' if r['error_location'] else ''}{r['error']}"
+        elif r["action"]:
+            detail = r["action"]
+        table.append(tuple(escape(cap(cell, LIST_CELL_CHARS)) for cell in (
+            str(r["id"]), _when(r["received_at"]), r["listener"], r["peer"],
+            f"{r['sending_application'] or ''}/{r['sending_facility'] or ''}", r["control_id"] or "",
+            kind, r["version"] or "", r["ack_code"] or "-", r["status"], detail,
+        )))  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    if len(rows) == 0:
+        print("(no messages match)", file=sys.stderr)
+    return 0
+
+
+def mask(value: Any) -> Any:
+    """The summary's patient data masked as the log masks it, leaving the codes that say what a value is."""
+    if isinstance(value, str):
+        return masked(value)
+    if isinstance(value, list):
+        return [mask(v) for v in value]
+    if isinstance(value, dict):
+        return {k: (mask(v) if k not in ("type_code", "use", "equipment", "source", "name_type") else v)
+                for k, v in value.items()}  # fmt: skip
+    return value
+
+
+def cmd_log_show(args: argparse.Namespace) -> int:
+    from hl7bridge.store import attempts_for_commands, commands_for_messages, get_message
+
+    engine = _engine(args)
+    row = get_message(engine, args.id)
+    if row is None:
+        raise CliError(f"no message with id {args.id} (see 'hl7bridge log list')")
+    summary = json.loads(row["summary"]) if row["summary"] else None
+    if summary and not args.phi:
+        for key in PHI_KEYS:
+            if key in summary:
+                summary[key] = mask(summary[key])
+    charset = row["charset"] or "utf-8"
+    raw, ack = row.pop("raw"), row.pop("ack_raw")
+    row["received_at"] = _when(row["received_at"])
+    row["summary"] = summary
+    row["ack"] = ack.decode(charset, errors="replace").replace("\r", "\n").strip() if ack else None
+    if args.raw:
+        row["raw"] = raw.decode(charset, errors="replace") if raw is not None else None
+    if args.json:
+        commands = commands_for_messages(engine, [row["id"]])
+        for c in commands:
+            c["parameters"] = json.loads(c["parameters"]) if args.phi else "(PHI; --phi shows it)"
+        row["commands"] = commands
+        row["attempts"] = attempts_for_commands(engine, [c["id"] for c in commands])
+        print(json.dumps(row, indent=2, ensure_ascii=False, default=str))
+        return 0
+    for key in ("id", "received_at", "listener", "peer", "sending_application", "sending_facility", "control_id",
+                "message_type", "event", "version", "charset", "status", "action", "appointment_key", "ack_code",
+                "ack_text", "route", "note", "replay_of", "error_location", "error", "duplicate_of"):  # fmt: skip
+        if row.get(key) not in (None, ""):
+            print(f"{key:20} {escape(str(row[key]))}")
+    if summary:
+        print("summary" + ("" if args.phi else " (PHI masked; --phi shows it)") + ":")
+        for key, value in summary.items():
+            if value not in (None, "", [], ()):
+                print(f"  {key:22} {json.dumps(value, ensure_ascii=False)}")
+    commands = commands_for_messages(engine, [row["id"]])
+    attempts = attempts_for_commands(engine, [c["id"] for c in commands])
+    if commands:
+        print("commands:")
+        for c in commands:
+            print(f"  #{c['id']} {c['kind']} via route {c['route']} (chatBotId {c['chat_bot_id']}"
+                  f"{', flowId ' + c['flow_id'] if c['flow_id'] else ''}): {c['status']}"
+                  f"{' - ' + c['outcome'] if c['outcome'] else ''} [attempts {c['attempts']}]")  # fmt: skip
+            if args.phi:
+                print(f"      parameters {c['parameters']}")
+            for a in (a for a in attempts if a["command_id"] == c["id"]):
+                print(f"      {_when(a['at'])} {a['request_summary']} -> {a['status_code'] or '-'} {a['verdict']}"
+                      f" in {a['duration_ms']:.0f} ms{' ' + a['error'] if a['error'] else ''}")  # fmt: skip
+    if row["ack"]:
+        print("ack sent:")
+        for line in row["ack"].splitlines():
+            print(f"  {escape(line)}")
+    if args.raw:
+        print("raw message:")
+        for line in (row["raw"] or "(purged)").replace("\r\n", "\n").replace("\r", "\n").splitlines():
+            print(f"  {escape(line)}")
+    return 0
+
+
+# --- stats / purge --------------------------------------------------------------------------------
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from hl7bridge.store import stats
+
+    since = time.time() - parse_duration(args.since) if args.since else None
+    data = stats(_engine(args), since)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    print(
+        f"messages{' in the last ' + args.since if args.since else ''}: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(data["messages"].items())) or "none")
+    )
+    if data["last_message_at"]:
+        print(f"last message received: {_when(data['last_message_at'])}")
+    for row in data["messages_by_event"]:
+        print(f"  {escape(str(row['event'])):6} {row['ack']:3} {row['count']}")
+    print("commands: " + (", ".join(f"{k} {v}" for k, v in sorted(data["commands"].items())) or "none"))
+    oldest = data["outbox"]["oldest_age_s"]
+    print(f"outbox: {data['outbox']['depth']} waiting" + (f", the oldest for {oldest:.0f} s" if oldest else ""))
+    print(f"dead letters: {data['dead_letters']}")
+    if data["api_calls"]:
+        print("API calls:")
+        for row in data["api_calls"]:
+            print(
+                f"  {row['operation']:8} {row['status']!s:6} {row['count']:7}  avg {row['avg_ms']:.0f} ms, max {row['max_ms']:.0f} ms"
+            )
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from hl7bridge.store import due_for_purge, purge
+
+    cfg = _config(args)
+    age = args.older_than or (f"{cfg.service.retention_days}d" if cfg.service.retention_days else None)
+    if not age:
+        raise CliError("say how old: --older-than 30d (or set service.retention_days)")
+    cutoff = time.time() - parse_duration(age)
+    engine = _engine(args)
+    if args.dry_run:
+        with engine.connect() as conn:
+            due = due_for_purge(conn, cutoff)
+        print(
+            f"would clear patient data older than {age}: {due.messages} message(s), {due.commands} command(s), "
+            f"{due.attempts} attempt response(s), {due.appointments} appointment memory(ies)"
+        )
+        return 0
+    done = purge(engine, cutoff)
+    print(
+        f"cleared patient data older than {age}: {done.messages} message(s), {done.commands} command(s), "
+        f"{done.attempts} attempt response(s), {done.appointments} appointment memory(ies); outcomes kept"
+    )
+    return 0
+
+
+# --- replay -------------------------------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from hl7bridge.app.replay import Replayer
+    from hl7bridge.store import messages_for_replay
+
+    if not args.ids and not args.status:
+        raise CliError("name message ids, or choose with --status dead|rejected|failed [--since 2h] [--event S12]")
+    if args.ids and (args.status or args.since or args.event):
+        raise CliError("give message ids or a selection (--status/--since/--event), not both")
+    cfg = _config(args)
+    engine = _engine(args)
+    since = time.time() - parse_duration(args.since) if args.since else None
+    originals = messages_for_replay(engine, args.ids or None, args.status, since, args.event)
+    if args.ids:
+        missing = sorted(set(args.ids) - {m["id"] for m in originals})
+        if missing:
+            raise CliError(f"no message with id {', '.join(map(str, missing))} (see 'hl7bridge log list')")
+    if not originals:
+        print("nothing to replay: no message matches", file=sys.stderr)
+        return 0
+    replayer = Replayer(engine, cfg)
+    total, queued, problems, skipped = len(originals), 0, 0, 0
+    for number, original in enumerate(originals, 1):
+        result = replayer.replay(original, args.dry_run)
+        prefix = escape(
+            f"[{number}/{total}] message {original['id']} ({original['event'] or '?'} {original['control_id']})"
+        )
+        if result.problem:
+            skipped += 1 if result.skipped else 0
+            problems += 0 if result.skipped else 1
+            print(f"{prefix}: {escape(result.problem)}")
+        elif args.dry_run:
+            print(f"{prefix}: would make:")
+            for call in result.calls:
+                print(f"    {escape(str(call))}")
+        else:
+            queued += result.commands
+            print(f"{prefix}: replayed as message {result.new_message_id} ({result.commands} command(s) queued)")
+    if not args.dry_run:
+        print(f"{queued} command(s) queued from {total - problems - skipped} message(s); the running service dispatches them "
+              "(follow with 'hl7bridge log show ID')", file=sys.stderr)  # fmt: skip
+    return 1 if problems and problems == total - skipped else 0
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hl7bridge", description="HL7 v2 SIU over MLLP to MedChat journeys")
+    parser.add_argument("--version", action="version", version=f"hl7bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", metavar="PATH", help="TOML settings (default: $HL7BRIDGE_CONFIG or built-in)")
+        p.add_argument("--database", metavar="URL", help="SQLAlchemy URL of the message log (overrides the file)")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the MLLP listener(s)"))
+    serve.add_argument("--listen", metavar="ENDPOINT", action="append",
+                       help="endpoint string, e.g. tcp:2575:interface=127.0.0.1 (repeatable; overrides the file)")  # fmt: skip
+    serve.add_argument("--sandbox", action="store_true",
+                       help="start the built-in Journeys API sandbox and dispatch to it")  # fmt: skip
+    serve.add_argument("--sandbox-listen", metavar="ENDPOINT",
+                       help="where the sandbox listens (default: sandbox.listen, 127.0.0.1:8080; loopback unless "
+                            "sandbox.allow_remote)")  # fmt: skip
+    serve.add_argument("--api-url", metavar="URL", help="dispatch to this Journeys API base URL instead")
+    serve.set_defaults(func=cmd_serve)
+
+    sandbox = with_config(sub.add_parser("sandbox", help="run the Journeys API sandbox on its own"))
+    sandbox.add_argument("--listen", dest="sandbox_listen", metavar="ENDPOINT",
+                         help="default: sandbox.listen, 127.0.0.1:8080; loopback unless sandbox.allow_remote")  # fmt: skip
+    sandbox.set_defaults(func=cmd_sandbox)
+
+    check_config = with_config(sub.add_parser("check-config", help="validate the settings and exit"))
+    check_config.set_defaults(func=cmd_check_config)
+
+    check = with_config(sub.add_parser("check", help="explain a message field by field and how it would be answered"))
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.set_defaults(func=cmd_check)
+
+    send = sub.add_parser("send", help="send message files over MLLP and print each ACK")
+    target = send.add_mutually_exclusive_group()
+    target.add_argument("--to", metavar="HOST:PORT", help="default 127.0.0.1:2575")
+    target.add_argument("--endpoint", metavar="STR",
+                        help="Twisted client endpoint, e.g. tls:host=h:port=2575:trustRoots=ca_dir")  # fmt: skip
+    send.add_argument("--connect-timeout", type=seconds_arg, default=10.0, metavar="S")
+    send.add_argument("--read-timeout", type=seconds_arg, default=30.0, metavar="S")
+    send.add_argument("files", nargs="+", metavar="FILE|DIR")
+    send.set_defaults(func=cmd_send)
+
+    stats_p = with_config(sub.add_parser("stats", help="counts, outbox and API calls, from the database"))
+    stats_p.add_argument("--since", metavar="DURATION", help="e.g. 24h (default: everything)")
+    stats_p.add_argument("--json", action="store_true")
+    stats_p.set_defaults(func=cmd_stats)
+
+    purge_p = with_config(sub.add_parser("purge", help="clear patient data older than a duration (retention)"))
+    purge_p.add_argument("--older-than", metavar="DURATION", help="e.g. 30d (default: service.retention_days)")
+    purge_p.add_argument("--dry-run", action="store_true", help="only count what would be cleared")
+    purge_p.set_defaults(func=cmd_purge)
+
+    replay = with_config(sub.add_parser("replay", help="run logged messages again through mapping and dispatch"))
+    replay.add_argument("ids", nargs="*", type=whole_number(1), metavar="ID")
+    replay.add_argument("--status", choices=(CommandStatus.DEAD.value, MessageStatus.REJECTED.value, CommandStatus.FAILED.value),
+                        help="messages that were rejected, or whose commands were dead-lettered or failed")  # fmt: skip
+    replay.add_argument("--since", metavar="DURATION", help="only messages received within, e.g. 2h")
+    replay.add_argument("--event", metavar="S12")
+    replay.add_argument("--dry-run", action="store_true", help="print the exact API calls instead")
+    replay.set_defaults(func=cmd_replay)
+
+    log = sub.add_parser("log", help="look into the message log")
+    log_sub = log.add_subparsers(dest="log_command", required=True)
+    lst = with_config(log_sub.add_parser("list", help="recent messages, newest first"))
+    lst.add_argument("--status", choices=[status.value for status in MessageStatus])
+    lst.add_argument("--since", metavar="DURATION", help="e.g. 30m, 12h, 7d")
+    lst.add_argument("--event", metavar="S12")
+    lst.add_argument("--limit", type=whole_number(1), default=50)
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_log_list)
+    show = with_config(log_sub.add_parser("show", help="one message in full"))
+    show.add_argument("id", type=whole_number(1))
+    show.add_argument("--raw", action="store_true", help="include the raw message (PHI)")
+    show.add_argument("--phi", action="store_true", help="show patient data unmasked")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_log_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"hl7bridge: config error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except CliError as exc:
+        print(f"hl7bridge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); not an error worth a traceback.
+        sys.stderr.close()
+        return 0
+    except Exception as exc:
+        problem = _database_problem(args, exc)
+        if problem is None:
+            raise
+        print(f"hl7bridge: {problem}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,405 @@
+"""Wiring and lifecycle: open the log, start the writer and dispatcher, bind the listeners, stop cleanly."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from sqlalchemy import make_url
+from twisted.internet import defer, endpoints, task, threads
+from twisted.internet.interfaces import IListeningPort
+from twisted.web import server
+
+from hl7bridge.app.config import Config
+from hl7bridge.app.dispatch_config import router
+from hl7bridge.app.wiring import intake_for
+from hl7bridge.dispatch.child import ChildSpec, FixedToken
+from hl7bridge.dispatch.dispatcher import Dispatcher
+from hl7bridge.dispatch.journeys import TokenSource, plain_http_outside_loopback
+from hl7bridge.dispatch.process import DispatcherProcess
+from hl7bridge.hl7 import tables
+from hl7bridge.hl7.ack import AckBuilder
+from hl7bridge.ingest.intake import Intake
+from hl7bridge.ingest.pipeline import Pipeline
+from hl7bridge.mllp.connections import CappedFactory, FdWatch, RefusalLog, raise_descriptor_limit
+from hl7bridge.mllp.listener import MLLPFactory, listen
+from hl7bridge.ops import systemd as sd
+from hl7bridge.ops.health import HealthResource, HealthState, Probes
+from hl7bridge.ops.metrics import Metrics
+from hl7bridge.store import (
+    DAMAGED_HINT,
+    Job,
+    PurgeCounts,
+    StoreError,
+    Writer,
+    compact,
+    integrity_problem,
+    loose_directory,
+    open_engine,
+    purge_step,
+)
+from hl7bridge.testing.sandbox import Sandbox
+
+log = logging.getLogger("hl7bridge.service")
+#: Descriptors the service holds besides connections: database files, pipes, the reactor, the API client.
+DESCRIPTOR_BASE = 128
+#: A health connection that sends no complete request for this long is closed.
+HEALTH_IDLE_TIMEOUT = 30.0
+#: Descriptors short for this long is a leak, not a burst: the watchdog then lets systemd restart.
+FD_RESTART_AFTER = 120.0
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message is one line saying what to fix."""
+
+
+@dataclass
+class Service:
+    config: Config
+    reactor: Any
+    with_sandbox: bool = False
+    sandbox_listen: str | None = None
+    factories: list[MLLPFactory] = field(default_factory=list)
+    #: The listeners' intakes, in listener order: a reload gives them the new routes.
+    intakes: list[Intake] = field(default_factory=list)
+    ports: list[IListeningPort] = field(default_factory=list)
+    writer: Writer | None = None
+    dispatcher: Dispatcher | DispatcherProcess | None = None
+    sandbox: Sandbox | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    health: HealthState | None = None
+    stopping: bool = False
+    _loops: list[task.LoopingCall] = field(default_factory=list)
+    _health_port: IListeningPort | None = None
+    _probes: Probes | None = None
+    fds: FdWatch | None = None
+
+    @defer.inlineCallbacks
+    def start(self):
+        """Open the database, start the sandbox if asked, bind every listener; fails with ``StartupError``."""
+        os.umask(0o077)
+        tables.warm()
+        cfg = self.config
+        tls = [lst.name for lst in cfg.listeners if lst.endpoint.split(":", 1)[0] == "ssl"]
+        if tls and not sd.write_execute_memory_allowed():
+            raise StartupError(
+                f"listener {tls[0]!r} uses TLS, which needs writable+executable memory (pyOpenSSL's cffi "
+                "callbacks); under systemd install systemd/hl7bridge-tls.conf (MemoryDenyWriteExecute=no)"
+            )
+        try:
+            self.engine = open_engine(cfg.service.database, cfg.service.sqlite_synchronous)
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        yield self._check_log()
+        self.writer = Writer(self.engine, self.reactor.callFromThread)
+        self.writer.start()
+        if self.with_sandbox:
+            yield self._start_sandbox()
+        routes = router(self.config.routes, self.config.dispatch)
+        if routes is not None:
+            self._start_dispatcher()
+        # What start-up built (schema tables, Twisted, SQLAlchemy) lives as long as the service: keep it out of
+        # the collector's full passes (one took 0.2 s while the first messages waited), before anything listens.
+        gc.collect()
+        gc.freeze()
+        self._budget_descriptors()
+        self.fds = FdWatch(self.reactor)
+        self.fds.start()
+        acks = AckBuilder(cfg.service.application, cfg.service.facility, cfg.service.ack_phi)
+        for listener in cfg.listeners:
+            sync = listener.ack_mode == "dispatched"
+            intake = intake_for(cfg, listener, acks)
+            self.intakes.append(intake)
+            pipeline = Pipeline(
+                intake,
+                self.writer,
+                listener.name,
+                strict_validation=listener.validation == "strict",
+                verdicts=self.dispatcher if sync else None,
+                reactor=self.reactor,
+                dispatch_timeout=listener.dispatch_timeout,
+                observer=self.metrics,
+            )
+            factory = MLLPFactory(listener, pipeline, self.reactor, self.metrics, self.fds)
+            self.metrics.track_connections(listener.name, lambda f=factory: len(f.open))
+            try:
+                port = yield listen(self.reactor, factory)
+            except Exception as exc:  # noqa: BLE001 - CannotListenError, KeyError for systemd fds, ...
+                yield self.stop()
+                raise StartupError(
+                    f"listener {listener.name!r} cannot listen on {listener.endpoint}: {_why(exc)}"
+                ) from None
+            self.factories.append(factory)
+            self.ports.append(port)
+            log.info("listener %s listening on %s", listener.name, _describe(port))
+        yield self._start_health()
+        self._start_retention()
+
+    @defer.inlineCallbacks
+    def _check_log(self):
+        """Refuse a damaged log before anything is accepted into it; report a directory others can read."""
+        database = self.config.service.database
+        loose = loose_directory(database)
+        if loose:
+            log.warning("%s", loose)
+        if self.config.service.integrity_check == "off":
+            return
+        # quick_check reads every page: about 1 s per GB in the page cache, tens of seconds per GB from disk.
+        # systemd's start timeout is extended while (and only while) it runs.
+        extend = task.LoopingCall(sd.notify, "EXTEND_TIMEOUT_USEC=60000000\nSTATUS=Checking the message log")
+        extend.clock = self.reactor
+        extend.start(20.0)
+        started = time.monotonic()
+        try:
+            problem = yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), integrity_problem,
+                                                      self.engine)  # fmt: skip
+        finally:
+            extend.stop()
+        if problem is not None:
+            self.engine.dispose()
+            path = make_url(database).database or database
+            raise StartupError(
+                f"the message log {path} is damaged (quick_check: {problem}); {DAMAGED_HINT.format(path=path)}"
+            )
+        took = time.monotonic() - started
+        # Worth an operator's attention only when it delays the start noticeably (a large or cold log).
+        log.log(logging.INFO if took >= 1.0 else logging.DEBUG, "message log checked in %.1f s (PRAGMA quick_check)",
+                took)  # fmt: skip
+
+    def _budget_descriptors(self) -> None:
+        """Every listener full at once must fit under RLIMIT_NOFILE, with room for the database,
+        the dispatcher's pipes and the API client: raise the soft limit if the hard one allows."""
+        cfg = self.config
+        wanted = sum(lst.max_connections for lst in cfg.listeners) + cfg.health.max_connections + DESCRIPTOR_BASE
+        soft, hard = raise_descriptor_limit(wanted)
+        if soft < wanted:
+            log.warning("the descriptor limit (RLIMIT_NOFILE %d, hard %d) is below the %d the listeners' "
+                        "max_connections may need: raise LimitNOFILE or lower max_connections", soft, hard, wanted)  # fmt: skip
+
+    def _descriptors(self) -> tuple[bool, str]:
+        return self.fds.status() if self.fds is not None else (True, "not watched")
+
+    def _listeners_up(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "shutting down"
+        if len(self.ports) != len(self.config.listeners):
+            return False, f"{len(self.ports)} of {len(self.config.listeners)} listener(s) bound"
+        return True, ", ".join(f"{f.config.name} on {_describe(p)} ({len(f.open)} connection(s))"
+                               for f, p in zip(self.factories, self.ports, strict=False))  # fmt: skip
+
+    @defer.inlineCallbacks
+    def _start_health(self):
+        cfg = self.config.health
+        self.health = HealthState(
+            self._listeners_up,
+            lambda: self.dispatcher.paused_reason if self.dispatcher is not None else None,
+            cfg.outbox_stuck_after,
+            cfg.heartbeat_interval,
+            descriptors=self._descriptors,
+        )
+        self._probes = Probes(self.reactor, self.health, self.writer, self.engine, self.metrics)
+        self._probes.start()
+        if not cfg.listen:
+            return
+        site = server.Site(HealthResource(self.health, self.metrics), timeout=HEALTH_IDLE_TIMEOUT)
+        site.noisy = False
+        capped = CappedFactory(site, cfg.max_connections, "health", RefusalLog(log, self.reactor))
+        try:
+            self._health_port = yield endpoints.serverFromString(self.reactor, cfg.listen).listen(capped)
+        except Exception as exc:  # noqa: BLE001 - port in use and the like
+            yield self.stop()
+            raise StartupError(f"the health listener cannot listen on {cfg.listen}: {_why(exc)}") from None
+        log.info("health and metrics on http://%s/healthz and /metrics", _describe(self._health_port))
+
+    def _start_retention(self) -> None:
+        days = self.config.service.retention_days
+        if not days:
+            return
+        loop = task.LoopingCall(self.purge_now, days * 86400.0)
+        loop.clock = self.reactor
+        loop.start(86400.0, now=True)
+        self._loops.append(loop)
+
+    def purge_now(self, older_than: float) -> defer.Deferred:
+        """One retention pass, in slices through the writer so ingest is never held for long."""
+        cutoff = time.time() - older_than
+        total = PurgeCounts()
+        done: defer.Deferred = defer.Deferred()
+
+        def step_done(result: PurgeCounts | None, error: BaseException | None) -> None:
+            self.reactor.callFromThread(after_step, result, error)
+
+        def after_step(result: PurgeCounts | None, error: BaseException | None) -> None:
+            if error is not None or result is None or self.writer is None:
+                log.error("retention purge failed: %s", error)
+                done.callback(total)
+                return
+            total.__iadd__(result)
+            if result.total:
+                self.writer.submit_job(Job(lambda conn: purge_step(conn, cutoff), step_done))
+                return
+            threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), compact, self.engine)
+            log.info("retention: cleared patient data of %d message(s), %d command(s), %d attempt(s)",
+                     total.messages, total.commands, total.attempts)  # fmt: skip
+            done.callback(total)
+
+        if self.writer is None:
+            return defer.succeed(total)
+        self.writer.submit_job(Job(lambda conn: purge_step(conn, cutoff), step_done))
+        return done
+
+    def reload(self, config: Config) -> list[str]:
+        """SIGHUP: new routes and mappings take effect for the next message; connections stay open.
+
+        Returns what could not be applied without a restart."""
+        needs_restart = []
+        if [lst.endpoint for lst in config.listeners] != [lst.endpoint for lst in self.config.listeners]:
+            needs_restart.append("listeners")
+        if config.service.database != self.config.service.database:
+            needs_restart.append("service.database")
+        if bool(config.routes) != bool(self.config.routes):
+            needs_restart.append("routes (adding the first route or removing the last)")
+        routes = router(config.routes, config.dispatch)
+        for intake in self.intakes:
+            intake.router = routes
+        self.config = replace(self.config, routes=config.routes, dispatch=config.dispatch)
+        return needs_restart
+
+    def addresses(self) -> list[str]:
+        return [_describe(p) for p in self.ports]
+
+    def watchdog_problems(self) -> list[str]:
+        """What a restart could fix: the listeners, the database, or descriptors short for minutes (a leak;
+        a burst passes sooner). A paused API cannot be fixed so, and a restart would close the MLLP port
+        the engines send to."""
+        if self.health is None:
+            return []
+        checks = self.health.checks(time.time())
+        problems = [f"{n}: {c.detail}" for n, c in checks.items() if n in ("listeners", "database") and not c.ok]
+        fds = self.fds
+        if (
+            fds is not None
+            and fds.short_since is not None
+            and self.reactor.seconds() - fds.short_since > FD_RESTART_AFTER
+        ):
+            problems.append(f"descriptors: {checks['descriptors'].detail} for over {FD_RESTART_AFTER:.0f} s")
+        return problems
+
+    @defer.inlineCallbacks
+    def stop(self, grace: float = 10.0):
+        """Stop accepting, answer what was received (up to ``grace`` s), let API calls finish, flush the log."""
+        self.stopping = True
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        for port in self.ports:
+            yield port.stopListening()
+        self.ports = []
+        if self.fds is not None:
+            self.fds.stop()
+        waited = 0.0
+        # A short pause first: bytes already on their way in count as received.
+        while waited < grace and (waited < 0.25 or any(f.answers_pending() for f in self.factories)):
+            yield _sleep(self.reactor, 0.05)
+            waited += 0.05
+        for factory in self.factories:
+            for conn in list(factory.open):
+                conn.transport.loseConnection()
+        if self.dispatcher is not None:
+            dispatcher, self.dispatcher = self.dispatcher, None
+            if isinstance(dispatcher, DispatcherProcess):
+                yield dispatcher.stop(grace)
+            else:
+                yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), dispatcher.stop, grace)
+        if self._probes is not None:
+            self._probes.stop()
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), writer.stop)
+        if self._health_port is not None:
+            yield self._health_port.stopListening()
+        if self.sandbox is not None:
+            yield self.sandbox.stop()
+
+    @defer.inlineCallbacks
+    def _start_sandbox(self):
+        cfg = self.config
+        self.sandbox = Sandbox.from_config(self.reactor, cfg.sandbox, cfg.api.org_id, self.sandbox_listen)
+        if self.sandbox.state.client_token() is None:
+            raise StartupError("--sandbox needs a [[sandbox.tokens]] entry with the scopes create.journey_instances "
+                               "and read.journey_instances (see the example config)")  # fmt: skip
+        try:
+            yield self.sandbox.start()
+        except Exception as exc:  # noqa: BLE001 - port in use, a remote interface not allowed, and the like
+            raise StartupError(f"the sandbox cannot start on {self.sandbox.listen_description}: {_why(exc)}") from None
+        self.config = replace(cfg, api=replace(cfg.api, base_url=self.sandbox.url))
+        log.info("sandbox Journeys API listening on %s", self.sandbox.url)
+
+    def _start_dispatcher(self) -> None:
+        api, dispatch, service = self.config.api, self.config.dispatch, self.config.service
+        # The sandbox gets its own token, never the configured one: that is the production API's secret.
+        sandbox_token = self.sandbox.state.client_token() if self.sandbox is not None else None
+        tokens: TokenSource | FixedToken = FixedToken(sandbox_token) if sandbox_token else api.tokens()
+        if dispatch.run_in == "process" and _shareable(service.database):
+            spec = ChildSpec(
+                database=service.database,
+                base_url=api.base_url,
+                org_id=api.org_id,
+                cancel_path=api.cancel_path,
+                connect_timeout=api.connect_timeout,
+                read_timeout=api.read_timeout,
+                call_timeout=api.call_timeout,
+                ca_file=api.ca_file,
+                proxy=api.proxy,
+                settings=asdict(dispatch),
+                log_level=service.log_level,
+                log_format=service.log_format,
+                log_phi=service.log_phi,
+                token=tokens.token if isinstance(tokens, FixedToken) else "",
+                token_source=asdict(tokens) if isinstance(tokens, TokenSource) else None,
+            )
+            self.dispatcher = DispatcherProcess(self.reactor, spec, self.metrics, self.writer)
+        else:
+            self.dispatcher = Dispatcher(self.engine, self.writer, api.client(tokens), dispatch, observer=self.metrics)
+        self.writer.on_commands = self.dispatcher.wake
+        self.dispatcher.start()
+        if sandbox_token:
+            log.warning("dispatching to the built-in sandbox at %s (org %s) with the sandbox's own token; nothing "
+                        "reaches MedChat", api.base_url, api.org_id)  # fmt: skip
+        else:
+            log.info("dispatching to %s (org %s) with the configured API token", api.base_url, api.org_id)
+        if plain_http_outside_loopback(api.base_url):
+            log.warning("api.base_url %s is plain http:// to another machine: the token and patient data cross "
+                        "the network unencrypted; use https://", api.base_url)  # fmt: skip
+
+
+def _shareable(database: str) -> bool:
+    """Whether another process can open the same log (not an in-memory SQLite database)."""
+    url = make_url(database)
+    return not (url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"))
+
+
+def _sleep(reactor: Any, seconds: float) -> defer.Deferred:
+    d: defer.Deferred = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+def _describe(port: IListeningPort) -> str:
+    host = port.getHost()
+    if hasattr(host, "port"):
+        return f"{host.host}:{host.port}"
+    return str(host)
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc)
+    if "Address already in use" in text:
+        return "the port is already in use (another hl7bridge or program holds it; use --listen to pick another)"
+    if isinstance(exc, (KeyError, IndexError)) or "LISTEN_FDS" in text:
+        return "no socket was passed by systemd (start it through hl7bridge.socket, or use a tcp: endpoint)"
+    return text.strip().splitlines()[0] if text.strip() else exc.__class__.__name__

@@ -1,0 +1,1 @@
+"""What every stage shares and none owns: the observer interface, the log format and PHI mask, config checks."""

@@ -1,0 +1,155 @@
+"""The service log: JSON lines or journald-friendly text, message ids on every line about a message, no PHI.
+
+Lines about a message pass ``extra={"message_id": ..., "control_id": ...}``;
+both formats show them. Patient data only reaches the log through ``phi()``,
+which masks it unless ``log_phi = true``. Whoever logs, every line is made
+safe by the formatter: each argument and context value is capped at
+``MAX_ARG_CHARS``, the message at ``MAX_MESSAGE_CHARS``, bearer tokens are
+redacted, and control characters are escaped (a CR/LF or ``<2>`` from a sender
+cannot forge a line, a journald priority or a terminal sequence).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+CONTEXT_FIELDS = ("message_id", "control_id", "command_id", "listener", "peer")
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+#: C0 and C1 control characters, and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+MAX_ARG_CHARS = 512
+MAX_MESSAGE_CHARS = 4096
+MAX_TRACEBACK_CHARS = 16384
+_log_phi = False
+
+
+def masked(text: str) -> str:
+    """Patient data shown masked: its first character, enough to tell two values apart in a listing."""
+    return text[:1] + "***" if text else text
+
+
+def phi(value: object) -> str:
+    """Patient data for a log line: masked unless the operator asked for it."""
+    text = "" if value is None else str(value)
+    return text if _log_phi else masked(text)
+
+
+def cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}...(+{len(text) - limit} chars)"
+
+
+def escape(text: str) -> str:
+    """Control characters as visible escapes (``\\n``, ``\\x1b``), so that one record stays one line."""
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m[0]) or _code(ord(m[0])), text)
+
+
+def _code(point: int) -> str:
+    return f"\\x{point:02x}" if point < 0x100 else f"\\u{point:04x}"
+
+
+def _arg(value: object) -> object:
+    """A ``%`` argument capped in length; numbers and short objects stay themselves (for ``%d``, ``%r``)."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = value if isinstance(value, str) else str(value)
+    return value if len(text) <= MAX_ARG_CHARS else cap(text, MAX_ARG_CHARS)
+
+
+def message(record: logging.LogRecord) -> str:
+    """The record's text, capped, with bearer tokens redacted and control characters escaped."""
+    args = record.args
+    if isinstance(args, Mapping):
+        capped: object = {k: _arg(v) for k, v in args.items()}
+    else:
+        capped = tuple(_arg(a) for a in args or ())
+    text = cap(str(record.msg), MAX_MESSAGE_CHARS)
+    if args:
+        try:
+            text = text % capped
+        except (TypeError, ValueError, KeyError):
+            text = record.getMessage()
+    text = cap(text, MAX_MESSAGE_CHARS)
+    if "earer" in text:
+        text = _BEARER.sub(r"\1[redacted]", text)
+    return escape(text)
+
+
+def _traceback(formatter: logging.Formatter, record: logging.LogRecord) -> list[str]:
+    """The traceback's lines, each escaped (an exception's text can quote a sender)."""
+    text = cap(formatter.formatException(record.exc_info), MAX_TRACEBACK_CHARS)  # type: ignore[arg-type]
+    return [escape(_BEARER.sub(r"\1[redacted]", line)) for line in text.split("\n")]
+
+
+def _context(record: logging.LogRecord) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name in CONTEXT_FIELDS:
+        value = getattr(record, name, None)
+        if value is not None:
+            out[name] = value if isinstance(value, int) else escape(cap(str(value), MAX_ARG_CHARS))
+    return out
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": message(record),
+            **_context(record),
+        }
+        if record.exc_info:
+            data["exc"] = "\n".join(_traceback(self, record))
+        return json.dumps(data, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """``<6>`` priority prefixes and no timestamp under journald (it adds its own), a timestamp otherwise.
+
+    A traceback's lines each carry the record's prefix (journald) or an indent, so none can pass for a record."""
+
+    def __init__(self, journald: bool) -> None:
+        super().__init__()
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        context = " ".join(f"{k}={v}" for k, v in _context(record).items())
+        line = f"{record.name}: {message(record)}" + (f" [{context}]" if context else "")
+        if self.journald:
+            prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
+            first, more = prefix, prefix + "  "
+        else:
+            first = datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+            first, more = f"{first} {record.levelname} ", "    "
+        lines = [first + line]
+        if record.exc_info:
+            lines += [more + tb for tb in _traceback(self, record)]
+        return "\n".join(lines)
+
+
+def configure(level: str = "info", fmt: str = "text", log_phi: bool = False) -> None:
+    """Set up the root logger once for the service (stderr, which systemd hands to journald)."""
+    global _log_phi
+    _log_phi = log_phi
+    handler = logging.StreamHandler(sys.stderr)
+    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(journald))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
+    # Third-party chatter stays at warnings unless we debug.
+    for noisy in ("urllib3", "twisted"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)

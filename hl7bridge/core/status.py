@@ -1,0 +1,37 @@
+"""Every status a message or a command can have in the log, spelled once.
+
+They are ``StrEnum``s: the log stores, and the CLI prints, the plain strings.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class MessageStatus(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    IGNORED = "ignored"
+    DUPLICATE = "duplicate"
+    #: Waiting for the Journeys API's verdict (``ack_mode = "dispatched"``).
+    PENDING = "pending"
+
+
+class CommandStatus(StrEnum):
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+    #: Settled without a call: cancelled before its trigger was sent.
+    ANNIHILATED = "annihilated"
+    DEAD = "dead"
+    FAILED = "failed"
+
+
+#: Commands the dispatcher still has to work on.
+OPEN_STATUSES = (CommandStatus.PENDING, CommandStatus.IN_FLIGHT)
+#: Commands settled for good.
+FINAL_STATUSES = frozenset({CommandStatus.DONE, CommandStatus.ANNIHILATED, CommandStatus.DEAD, CommandStatus.FAILED})
+#: Final and successful: what the command asked for holds at the API (or never needed a call).
+SUCCEEDED = (CommandStatus.DONE, CommandStatus.ANNIHILATED)
+#: Final and unsuccessful: the operator's dead letters.
+DEAD_LETTERS = (CommandStatus.DEAD, CommandStatus.FAILED)

@@ -1,0 +1,292 @@
+"""The dispatcher's own process (``python -m hl7bridge.dispatch.child``, started by the service).
+
+Why a process: the listener answers within milliseconds only when no other thread of its process
+holds the GIL, and dispatching (outbox queries, JSON, ``requests``) held it for tens of milliseconds at a
+time under load. This process reads the log itself, but never writes it: its writes (``OutboxWrite``)
+go to the service, whose writer thread stays the log's only writer and puts messages first. (With a
+writer of its own here, a transaction of this process stalled on its GIL or at its lower CPU priority
+held SQLite's write lock while the service's messages waited for it.)
+
+The channel is two pipes of lines. On stdin the parent sends the ``ChildSpec`` (first line, JSON; the
+token never appears on a command line), then ``w`` (commands were committed), ``f ID`` (say when
+command ID is final), ``d N`` / ``e N TEXT`` (write N is committed / failed) and ``s GRACE`` (stop). On
+fd 3 this process sends JSON lines: ``ready``, ``write`` (an ``OutboxWrite`` numbered N), ``paused``,
+``final``, ``metric`` and ``stopped``. End of stdin means the service is gone: this process exits at
+once, so that a restarted service never finds an old dispatcher still sending.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import logging
+import os
+import select as io_select
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import bindparam, make_url, select
+
+from hl7bridge.core import logs
+from hl7bridge.core.observer import NullObserver
+from hl7bridge.core.status import FINAL_STATUSES
+from hl7bridge.dispatch import pipe
+from hl7bridge.dispatch.dispatcher import Dispatcher, DispatchSettings
+from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
+from hl7bridge.dispatch.pipe import LineBuffer
+from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine
+from hl7bridge.store.schema import commands
+
+log = logging.getLogger("hl7bridge.dispatcher")
+
+#: How often the pause state is compared with what the parent was last told.
+PAUSE_POLL = 0.2
+#: Below the service: its answers wait for CPU less while this process catches up after an outage.
+NICE_INCREMENT = 10
+_STATUS = select(commands.c.status, commands.c.outcome).where(commands.c.id == bindparam("id"))
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """Everything the child needs, decided by the parent (CLI overrides, the sandbox's URL and token)."""
+
+    database: str
+    base_url: str
+    org_id: str
+    cancel_path: str
+    connect_timeout: float
+    read_timeout: float
+    #: ``DispatchSettings`` as JSON carries it.
+    settings: dict[str, Any]
+    call_timeout: float = 60.0
+    ca_file: str = ""
+    proxy: str = ""
+    log_level: str = "info"
+    log_format: str = "text"
+    log_phi: bool = False
+    #: A token given by value (the in-process sandbox's); otherwise ``token_source`` is read as configured.
+    token: str = ""
+    token_source: dict[str, str] | None = None
+
+    def to_line(self) -> bytes:
+        return json.dumps(asdict(self)).encode() + b"\n"
+
+    @classmethod
+    def from_line(cls, line: bytes) -> ChildSpec:
+        return cls(**json.loads(line))
+
+
+@dataclass(frozen=True)
+class FixedToken:
+    """A token given by value: the in-process sandbox's own, when no other is configured."""
+
+    token: str
+
+    def read(self) -> str:
+        return self.token
+
+
+class EventPipe(NullObserver):
+    """fd 3 towards the parent; also the dispatcher's metrics observer, so its counts reach /metrics."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, event: dict[str, Any]) -> None:
+        try:
+            data = orjson.dumps(event) + b"\n"
+        except orjson.JSONEncodeError:
+            # Text that is not UTF-8 (a lone surrogate) must not kill the thread that sends it.
+            data = json.dumps(event, ensure_ascii=False).encode("utf-8", errors="replace") + b"\n"
+        with self._lock:
+            try:
+                while data:
+                    data = data[os.write(self.fd, data) :]
+            except OSError:
+                _parent_gone()
+
+    def api_call(self, operation: str, status: int | None, seconds: float) -> None:
+        self.send(pipe.metric("api_call", operation, status, seconds))
+
+    def retry(self) -> None:
+        self.send(pipe.metric("retry"))
+
+    def dead_letter(self) -> None:
+        self.send(pipe.metric("dead_letter"))
+
+
+class WriteFailed(Exception):
+    """The service could not commit a write of this process (the reason is the service's)."""
+
+
+class ServiceWrites:
+    """The dispatcher's ``JobSink`` here: each write goes to the service as a numbered ``write`` event, and
+    its job is done when the service answers ``d N`` (committed) or ``e N TEXT`` (failed)."""
+
+    def __init__(self, events: EventPipe) -> None:
+        self.events = events
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: dict[int, Job] = {}
+
+    def submit_job(self, job: Job) -> None:
+        if not isinstance(job.work, OutboxWrite):
+            raise TypeError(f"only an OutboxWrite can cross to the service, not {job.work!r}")
+        number = next(self._numbers)
+        with self._lock:
+            self._pending[number] = job
+        self.events.send({pipe.WRITE: number, **job.work.to_json()})
+
+    def answered(self, order: pipe.Order) -> None:
+        """The service committed write N (``COMMITTED``), or could not (``FAILED``, with its reason)."""
+        with self._lock:
+            job = self._pending.pop(int(order.number), None)
+        if job is not None:
+            job.on_done(None, WriteFailed(order.text) if order.kind == pipe.FAILED else None)
+
+
+def hold_dispatch_lock(database: str) -> int | None:
+    """One dispatcher per log file: an exclusive ``flock`` on the database file, kept until exit.
+
+    SQLite's own locks are POSIX record locks, which ``flock`` does not touch; the descriptor is never
+    closed before exit (closing any descriptor of the file would drop this process's POSIX locks)."""
+    url = make_url(database)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    fd = os.open(url.database, os.O_RDONLY | os.O_CLOEXEC)
+    parent, waited = os.getppid(), 0.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if os.getppid() != parent:
+                _parent_gone()
+            if waited == 1.0:
+                log.warning("another dispatcher is working on this log; waiting for it to stop")
+            time.sleep(0.1)
+            waited = round(waited + 0.1, 1)
+
+
+class Child:
+    """Reads the parent's lines and answers them; the dispatcher does the work in its own threads."""
+
+    def __init__(self, spec: ChildSpec, events: EventPipe) -> None:
+        self.spec = spec
+        self.events = events
+        self.engine = open_engine(spec.database, read_only=True)
+        self.writes = ServiceWrites(events)
+        tokens = FixedToken(spec.token) if spec.token else TokenSource(**(spec.token_source or {}))
+        client = JourneysClient(spec.base_url, spec.org_id, tokens, spec.cancel_path, spec.connect_timeout,
+                                spec.read_timeout, spec.call_timeout, spec.ca_file, spec.proxy)  # fmt: skip
+        self.dispatcher = Dispatcher(self.engine, self.writes, client, DispatchSettings(**spec.settings),
+                                     observer=events)  # fmt: skip
+        self._told_paused: str | None = None
+
+    def run(self, stdin: int) -> int:
+        """Read the parent's lines until a stop has finished. The stop runs in a thread of its own: the calls
+        it waits for need this loop to read their writes' answers."""
+        self.dispatcher.start()
+        self.events.send({pipe.READY: True})
+        lines = LineBuffer(pipe.MAX_LINE)
+        parent = os.getppid()
+        stopping: threading.Thread | None = None
+        while stopping is None or stopping.is_alive():
+            ready, _, _ = io_select.select([stdin], [], [], PAUSE_POLL if stopping is None else 0.05)
+            self._tell_pause()
+            if not self.dispatcher.alive:
+                raise RuntimeError("the dispatcher's thread has died")
+            if not ready:
+                if os.getppid() != parent:
+                    _parent_gone()
+                continue
+            chunk = os.read(stdin, 65536)
+            if not chunk:
+                _parent_gone()
+            for line in lines.feed(chunk):
+                order = pipe.read_order(line)
+                if order.kind == pipe.STOP:
+                    if stopping is None:
+                        stopping = threading.Thread(target=self.stop, args=(order.number,))
+                        stopping.start()
+                else:
+                    self.handle(order)
+        return 0
+
+    def handle(self, order: pipe.Order) -> None:
+        if order.kind == pipe.WAKE:
+            self.dispatcher.wake()
+        elif order.kind in (pipe.COMMITTED, pipe.FAILED):
+            self.writes.answered(order)
+        elif order.kind == pipe.WAIT_FOR:
+            self.wait_for(int(order.number))
+
+    def wait_for(self, command_id: int) -> None:
+        """Answer when the command is final, including when it became final before the parent asked."""
+        self.dispatcher.wait_for(command_id, self._final)
+        with self.engine.connect() as conn:
+            row = conn.execute(_STATUS, {"id": command_id}).first()
+        if row is not None and row.status in FINAL_STATUSES:
+            self.dispatcher.forget(command_id)
+            self._final(CommandUpdate(command_id, row.status, row.outcome or ""))
+
+    def _final(self, update: CommandUpdate) -> None:
+        self.events.send({pipe.FINAL: {"command_id": update.command_id, "status": update.status,
+                                    "outcome": update.outcome}})  # fmt: skip
+
+    def _tell_pause(self) -> None:
+        reason = self.dispatcher.paused_reason
+        if reason != self._told_paused:
+            self._told_paused = reason
+            self.events.send({pipe.PAUSED: reason})
+
+    def stop(self, grace: float) -> None:
+        self.dispatcher.stop(grace)
+        self.events.send({pipe.STOPPED: True})
+
+
+def _parent_gone() -> None:
+    """The service is gone (SIGKILL, crash): stop now, mid-call if need be, as the service itself did."""
+    logging.getLogger("hl7bridge.dispatcher").warning("the service process is gone; the dispatcher stops")
+    os._exit(1)
+
+
+def main() -> int:
+    # The service coordinates shutdown; a terminal's Ctrl-C or systemd's SIGTERM reaches the whole group.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    # When both want the CPU (catching up after an outage), the service's answers come first.
+    os.nice(NICE_INCREMENT)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(0, 1)
+        if not chunk:
+            return 1
+        line += chunk
+    spec = ChildSpec.from_line(line)
+    logs.configure(spec.log_level, spec.log_format, spec.log_phi)
+    events = EventPipe(pipe.EVENTS_FD)
+    try:
+        hold_dispatch_lock(spec.database)
+        child = Child(spec, events)
+    except (StoreError, OSError) as exc:
+        log.error("the dispatcher cannot start: %s", exc)
+        return 2
+    try:
+        return child.run(0)
+    except Exception:
+        # Other threads would keep a process without its reader alive, dispatching nothing: exit, so the
+        # service notices and starts a new one.
+        log.exception("the dispatcher process failed; it exits to be restarted")
+        os._exit(70)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""From an appointment event to commands: route choice and journey parameters (pure)."""

@@ -1,0 +1,1 @@
+"""Running the service: health endpoint, Prometheus metrics, systemd notification."""
