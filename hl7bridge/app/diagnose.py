@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from hl7bridge.app.config import Config, ListenerConfig
 from hl7bridge.app.wiring import intake_for
+from hl7bridge.core.logs import escape
 from hl7bridge.hl7 import charsets, strict, tables
 from hl7bridge.hl7.ack import Outcome
 from hl7bridge.hl7.er7 import Er7Error, Er7Message, Path
-from hl7bridge.core.logs import escape
 
 PHI_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2"})
 
