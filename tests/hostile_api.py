@@ -15,8 +15,11 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import pytest
 
 REASONS = {200: "OK", 204: "No Content", 301: "Moved Permanently", 302: "Found", 307: "Temporary Redirect",
            400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 503: "Service Unavailable"}  # fmt: skip
@@ -195,3 +198,17 @@ def _answer(conn: socket.socket, answer: Answer) -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.fixture(scope="module", name="server")
+def server_fixture() -> Iterator[HostileApi]:
+    """One hostile API per test module (import ``server_fixture`` and ``api_fixture`` to use it)."""
+    running = HostileApi()
+    yield running
+    running.close()
+
+
+@pytest.fixture(name="api")
+def api_fixture(server: HostileApi) -> HostileApi:
+    server.reset()
+    return server

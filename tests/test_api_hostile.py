@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +31,11 @@ from hl7bridge.store import Writer, open_engine
 from hl7bridge.store.schema import attempts, commands, messages
 
 from .conftest import wait_until
-from .hostile_api import Answer, HostileApi, json_answer
+from .hostile_api import Answer, HostileApi, api_fixture, json_answer, server_fixture  # noqa: F401 (fixtures)
 from .test_outbox_writes import booking
 
 TOKEN = "s3cret-token-for-tests"
 INSTANCE = {"id": "81110ff3-061a", "status": "InProgress", "parameters": {"appointmentId": "A1"}}
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[HostileApi]:
-    running = HostileApi()
-    yield running
-    running.close()
-
-
-@pytest.fixture
-def api(server: HostileApi) -> HostileApi:
-    server.reset()
-    return server
 
 
 @pytest.fixture

@@ -15,22 +15,9 @@ from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
 
 from .conftest import RunningService, free_port, segments, start_service, wait_until
 from .dispatch_support import TOKEN, ack, attempts_of, commands_of, future, service_toml, settled, siu
-from .hostile_api import Answer, HostileApi, json_answer
+from .hostile_api import Answer, HostileApi, api_fixture, json_answer, server_fixture  # noqa: F401 (fixtures)
 
 SECRET = TOKEN["TEST_API_TOKEN"]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[HostileApi]:
-    running = HostileApi()
-    yield running
-    running.close()
-
-
-@pytest.fixture
-def api(server: HostileApi) -> HostileApi:
-    server.reset()
-    return server
 
 
 @pytest.fixture(scope="module")
