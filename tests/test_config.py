@@ -65,6 +65,14 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     assert len(found) == 3
 
 
+def test_a_source_that_is_no_path_beside_a_where_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
+    example = (ROOT / "config" / "hl7bridge.example.toml").read_text()
+    broken = example.replace('source = ["PID-3.1", "patient_id"]', 'source = ["NOT A PATH", "patient_id"]', 1)
+    assert broken != example
+    found = problems(broken, tmp_path)
+    assert any("routes" in p and "NOT A PATH" in p for p in found), found
+
+
 def test_parse_accepts_several_listeners() -> None:
     cfg = parse({"listeners": {"a": {"endpoint": "tcp:0"}, "b": {"endpoint": "tcp:0", "allow": ["10.0.0.0/8"]}}})
     assert [lst.name for lst in cfg.listeners] == ["a", "b"]

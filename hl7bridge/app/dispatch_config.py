@@ -130,6 +130,20 @@ def parse_dispatch(data: Any, problems: list[str]) -> DispatchSettings:
 # --- routes ----------------------------------------------------------------------------------------
 
 
+def _source_fields(sources: list[str]) -> set[tuple[str, int | None]]:
+    """The (segment, field) pairs the sources read; a source that is no path was reported by ``_source``."""
+    fields = set()
+    for text in sources:
+        if is_named(text):
+            continue
+        try:
+            path = Path.parse(text)
+        except ValueError:
+            continue
+        fields.add((path.segment, path.field))
+    return fields
+
+
 def _source(text: str, key: str, problems: list[str]) -> None:
     if is_named(text):
         return
@@ -174,6 +188,7 @@ def _parameter(name: str, data: Any, key: str, problems: list[str]) -> Parameter
     if not isinstance(where_data, dict):
         problems.append(f'{key}.where: expected a table such as {{ "PID-3.5" = "MR" }}')
         where_data = {}
+    fields = _source_fields(sources)
     for path_text, wanted in where_data.items():
         try:
             path = Path.parse(path_text)
@@ -185,7 +200,6 @@ def _parameter(name: str, data: Any, key: str, problems: list[str]) -> Parameter
             problems.append(f"{key}.where: {path_text}: {reason}")
         if path.component is None:
             problems.append(f"{key}.where: {path_text} must name a component, e.g. PID-3.5")
-        fields = {(Path.parse(s).segment, Path.parse(s).field) for s in sources if not is_named(s)}
         if (path.segment, path.field) not in fields:
             problems.append(f"{key}.where: {path_text} is not a component of a source field ({', '.join(sources)})")
         values = _strings(wanted, f"{key}.where.{path_text}", problems)
