@@ -152,23 +152,20 @@ class Intake:
         now = self.clock()
         plan = self.router.plan(event, self.listener, self.feed.time_zone, now)
         notes = "; ".join(n for n in (note, plan.note) if n) or None
-        if plan.problem is not None and not plan.accept_anyway:
-            received = self._judged(
-                raw,
-                charset=charset,
-                header=header,
-                encoding=msg.encoding,
-                outcome=Outcome.ERROR,
-                problem=plan.problem,
-                note=notes,
-                text=text,
-            )
-            received.event, received.route = event, plan.route
-            return received
+        refused = plan.problem is not None and not plan.accept_anyway
         received = self._judged(
-            raw, charset=charset, header=header, encoding=msg.encoding, outcome=Outcome.ACCEPT, note=notes, text=text
+            raw,
+            charset=charset,
+            header=header,
+            encoding=msg.encoding,
+            outcome=Outcome.ERROR if refused else Outcome.ACCEPT,
+            problem=plan.problem if refused else None,
+            note=notes,
+            text=text,
         )
         received.event, received.route = event, plan.route
+        if refused:
+            return received
         if plan.problem is not None:
             # content_errors = "accept": AA to the sender, kept as rejected for operators to fix and replay.
             received.status = MessageStatus.REJECTED
