@@ -246,18 +246,16 @@ class Intake:
         """Each message of the batch read on its own; a batch over the limit is refused whole, as one
         logged row, before any of its messages is read (each one read is held until the batch is answered)."""
         lines = [s for s in SEGMENT_SPLIT.split(text) if s.strip()]
-        envelope = [s for s in lines if s[:3] in ("FHS", "BHS", "BTS", "FTS")]
+        envelope = [s for s in lines if s[:3] in _ENVELOPE]
         limit = self.feed.limits.batch_messages
         count = sum(1 for line in lines if line.startswith("MSH"))
         if count > limit:
             problem = Problem("BHS", SEGMENT_SEQUENCE_ERROR,
                               f"the batch holds {count} messages, more than the {limit} accepted; send smaller batches")  # fmt: skip
-            raw = text.encode(decoded.charset, errors="replace")
-            rejected = self._judged(raw, charset=decoded.charset, outcome=Outcome.REJECT, problem=problem, text=text)
-            return Frame([rejected], envelope, decoded.charset)
+            return Frame([self._batch_refused(text, decoded.charset, problem)], envelope, decoded.charset)
         messages: list[list[str]] = []
         for line in lines:
-            if line[:3] in ("FHS", "BHS", "BTS", "FTS"):
+            if line[:3] in _ENVELOPE:
                 continue
             if line.startswith("MSH") or not messages:
                 messages.append([])
@@ -268,9 +266,13 @@ class Intake:
             out.append(self.read_message(body.encode(decoded.charset, errors="replace"), body, decoded.charset))
         if not out:
             problem = Problem("BHS", REQUIRED_FIELD_MISSING, "the batch holds no message")
-            raw = text.encode(decoded.charset, errors="replace")
-            out.append(self._judged(raw, charset=decoded.charset, outcome=Outcome.REJECT, problem=problem, text=text))
+            out.append(self._batch_refused(text, decoded.charset, problem))
         return Frame(out, envelope, decoded.charset)
+
+    def _batch_refused(self, text: str, charset: str, problem: Problem) -> Received:
+        """The whole batch refused, as one logged row."""
+        raw = text.encode(charset, errors="replace")
+        return self._judged(raw, charset=charset, outcome=Outcome.REJECT, problem=problem, text=text)
 
     def batch_answer(self, frame: Frame, acks: list[bytes]) -> bytes:
         """Acknowledgments of a batch, wrapped in a batch (and file) envelope of our own."""
@@ -292,6 +294,9 @@ class Intake:
         if has_file:
             out += sep.join(["FTS", "1"]) + "\r"
         return out.encode(frame.batch_charset, errors="replace")
+
+
+_ENVELOPE = ("FHS", "BHS", "BTS", "FTS")
 
 
 def _salvage_header(text: str) -> Header | None:
