@@ -281,14 +281,10 @@ class Intake:
         msh2 = first[4:].split(sep, 1)[0] if len(first) > 4 else "^~\\&"
         stamp, ctrl = now_stamp(), self.acks.control_id()
         has_file = any(s.startswith("FHS") for s in frame.batch_header)
-        lines: list[str] = []
-        if has_file:
-            lines.append(
-                sep.join(["FHS", msh2, self.acks.application, self.acks.facility, "", "", stamp, "", "", "", ctrl])
-            )
-        lines.append(
-            sep.join(["BHS", msh2, self.acks.application, self.acks.facility, "", "", stamp, "", "", "", ctrl])
-        )
+        lines = [
+            sep.join([name, msh2, self.acks.application, self.acks.facility, "", "", stamp, "", "", "", ctrl])
+            for name in (("FHS", "BHS") if has_file else ("BHS",))
+        ]
         body = "".join(a.decode(frame.batch_charset, errors="replace") for a in acks)
         out = "\r".join(lines) + "\r" + body + sep.join(["BTS", str(len(acks))]) + "\r"
         if has_file:
