@@ -412,7 +412,7 @@ def _read_schedule(event: AppointmentEvent, sch: Segment) -> None:
     units = sch.get(10, 1, 1).strip().lower()
     if duration.isdigit():
         minutes = int(duration)
-        if units.startswith(("h", "hr")):
+        if units.startswith("h"):
             minutes *= 60
         elif units.startswith("s"):
             minutes //= 60

@@ -152,23 +152,20 @@ class Intake:
         now = self.clock()
         plan = self.router.plan(event, self.listener, self.feed.time_zone, now)
         notes = "; ".join(n for n in (note, plan.note) if n) or None
-        if plan.problem is not None and not plan.accept_anyway:
-            received = self._judged(
-                raw,
-                charset=charset,
-                header=header,
-                encoding=msg.encoding,
-                outcome=Outcome.ERROR,
-                problem=plan.problem,
-                note=notes,
-                text=text,
-            )
-            received.event, received.route = event, plan.route
-            return received
+        refused = plan.problem is not None and not plan.accept_anyway
         received = self._judged(
-            raw, charset=charset, header=header, encoding=msg.encoding, outcome=Outcome.ACCEPT, note=notes, text=text
+            raw,
+            charset=charset,
+            header=header,
+            encoding=msg.encoding,
+            outcome=Outcome.ERROR if refused else Outcome.ACCEPT,
+            problem=plan.problem if refused else None,
+            note=notes,
+            text=text,
         )
         received.event, received.route = event, plan.route
+        if refused:
+            return received
         if plan.problem is not None:
             # content_errors = "accept": AA to the sender, kept as rejected for operators to fix and replay.
             received.status = MessageStatus.REJECTED
@@ -249,18 +246,16 @@ class Intake:
         """Each message of the batch read on its own; a batch over the limit is refused whole, as one
         logged row, before any of its messages is read (each one read is held until the batch is answered)."""
         lines = [s for s in SEGMENT_SPLIT.split(text) if s.strip()]
-        envelope = [s for s in lines if s[:3] in ("FHS", "BHS", "BTS", "FTS")]
+        envelope = [s for s in lines if s[:3] in _ENVELOPE]
         limit = self.feed.limits.batch_messages
         count = sum(1 for line in lines if line.startswith("MSH"))
         if count > limit:
             problem = Problem("BHS", SEGMENT_SEQUENCE_ERROR,
                               f"the batch holds {count} messages, more than the {limit} accepted; send smaller batches")  # fmt: skip
-            raw = text.encode(decoded.charset, errors="replace")
-            rejected = self._judged(raw, charset=decoded.charset, outcome=Outcome.REJECT, problem=problem, text=text)
-            return Frame([rejected], envelope, decoded.charset)
+            return Frame([self._batch_refused(text, decoded.charset, problem)], envelope, decoded.charset)
         messages: list[list[str]] = []
         for line in lines:
-            if line[:3] in ("FHS", "BHS", "BTS", "FTS"):
+            if line[:3] in _ENVELOPE:
                 continue
             if line.startswith("MSH") or not messages:
                 messages.append([])
@@ -271,9 +266,13 @@ class Intake:
             out.append(self.read_message(body.encode(decoded.charset, errors="replace"), body, decoded.charset))
         if not out:
             problem = Problem("BHS", REQUIRED_FIELD_MISSING, "the batch holds no message")
-            raw = text.encode(decoded.charset, errors="replace")
-            out.append(self._judged(raw, charset=decoded.charset, outcome=Outcome.REJECT, problem=problem, text=text))
+            out.append(self._batch_refused(text, decoded.charset, problem))
         return Frame(out, envelope, decoded.charset)
+
+    def _batch_refused(self, text: str, charset: str, problem: Problem) -> Received:
+        """The whole batch refused, as one logged row."""
+        raw = text.encode(charset, errors="replace")
+        return self._judged(raw, charset=charset, outcome=Outcome.REJECT, problem=problem, text=text)
 
     def batch_answer(self, frame: Frame, acks: list[bytes]) -> bytes:
         """Acknowledgments of a batch, wrapped in a batch (and file) envelope of our own."""
@@ -282,19 +281,18 @@ class Intake:
         msh2 = first[4:].split(sep, 1)[0] if len(first) > 4 else "^~\\&"
         stamp, ctrl = now_stamp(), self.acks.control_id()
         has_file = any(s.startswith("FHS") for s in frame.batch_header)
-        lines: list[str] = []
-        if has_file:
-            lines.append(
-                sep.join(["FHS", msh2, self.acks.application, self.acks.facility, "", "", stamp, "", "", "", ctrl])
-            )
-        lines.append(
-            sep.join(["BHS", msh2, self.acks.application, self.acks.facility, "", "", stamp, "", "", "", ctrl])
-        )
+        lines = [
+            sep.join([name, msh2, self.acks.application, self.acks.facility, "", "", stamp, "", "", "", ctrl])
+            for name in (("FHS", "BHS") if has_file else ("BHS",))
+        ]
         body = "".join(a.decode(frame.batch_charset, errors="replace") for a in acks)
         out = "\r".join(lines) + "\r" + body + sep.join(["BTS", str(len(acks))]) + "\r"
         if has_file:
             out += sep.join(["FTS", "1"]) + "\r"
         return out.encode(frame.batch_charset, errors="replace")
+
+
+_ENVELOPE = ("FHS", "BHS", "BTS", "FTS")
 
 
 def _salvage_header(text: str) -> Header | None:

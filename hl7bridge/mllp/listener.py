@@ -110,7 +110,6 @@ class MLLPConnection(MLLPReceiver):
         self.host = str(getattr(peer, "host", "?"))
         self.peer = f"{self.host}:{getattr(peer, 'port', '')}".rstrip(":")
         if self.factory.crowded(self.transport):
-            self._counted = False
             self.transport.abortConnection()
             return
         self._counted = True
