@@ -2,9 +2,11 @@
 
 ``schema`` defines the tables and opens (and upgrades) the database, ``writer``
 is the single writer thread, ``outbox`` holds the dispatcher's queries and
-updates, ``queries`` serves operators, ``retention`` purges old patient data.
+updates, ``queries`` serves operators, ``retention`` purges old patient data, ``audit`` is the operators'
+hash-chained audit log.
 """
 
+from .audit import AuditEntry, ChainCheck
 from .outbox import (
     AppointmentRow,
     CommandRow,
@@ -41,6 +43,7 @@ from .schema import (
     StoreError,
     appointments,
     attempts,
+    audit_log,
     commands,
     damaged,
     heartbeat,
@@ -58,6 +61,8 @@ __all__ = [
     "LIST_COLUMNS",
     "SCHEMA_VERSION",
     "AppointmentRow",
+    "AuditEntry",
+    "ChainCheck",
     "CommandRow",
     "CommandUpdate",
     "Job",
@@ -74,6 +79,7 @@ __all__ = [
     "appointments_for",
     "attempts",
     "attempts_for_commands",
+    "audit_log",
     "command_values",
     "commands",
     "commands_for_messages",

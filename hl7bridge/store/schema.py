@@ -33,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -151,6 +151,23 @@ appointments = Table(
     Column("parameters", Text, doc="JSON of what was last triggered (PHI)"),
     Column("updated_at", Float, nullable=False),
     Column("last_command_id", Integer),
+)
+
+audit_log = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, doc="epoch seconds"),
+    Column("actor", String(128), nullable=False, doc="who: an OS user, or a console account"),
+    Column("channel", String(16), nullable=False, doc="cli, api, console"),
+    Column("action", String(32), nullable=False, doc="retry discard replay purge unmask export ..."),
+    Column("target", String(16), nullable=False, doc="what the ids name: message, command, user, log"),
+    Column("ids", Text, nullable=False, doc="JSON list of the ids acted on"),
+    Column("reason", Text, nullable=False, default=""),
+    Column("details", Text, nullable=False, default="{}", doc="JSON; never patient data"),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False, doc="sha256 over prev_hash and this entry: edits break the chain"),
+    Index("ix_audit_at", "at"),
 )
 
 #: The first 16 bytes of every SQLite 3 database file.
@@ -282,8 +299,12 @@ def _v3_lean_indexes(conn: Any) -> None:
     )
 
 
+def _v4_audit(conn: Any) -> None:
+    audit_log.create(conn, checkfirst=True)
+
+
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
-MIGRATIONS: dict[int, Callable[[Any], None]] = {2: _v2_retention, 3: _v3_lean_indexes}
+MIGRATIONS: dict[int, Callable[[Any], None]] = {2: _v2_retention, 3: _v3_lean_indexes, 4: _v4_audit}
 
 
 def _upgrade(engine: Engine, found: int) -> None:

@@ -1,0 +1,67 @@
+"""The operators' audit log is append-only in effect: any edit or deletion shows in ``verify``."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from hl7bridge.store import audit, open_engine
+from hl7bridge.store.audit import AuditEntry
+
+
+def _append(url: str, actor: str, count: int) -> None:
+    engine = open_engine(url)
+    for i in range(count):
+        with engine.begin() as conn:
+            audit.record(conn, AuditEntry(actor, "cli", "retry", "command", (i,), reason="after the fix"))
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'log.db'}"
+
+
+def test_entries_chain_and_read_back_newest_first(url: str) -> None:
+    _append(url, "alice", 3)
+    engine = open_engine(url)
+    found = audit.entries(engine)
+    assert [e.ids for e in found] == [(2,), (1,), (0,)]
+    assert found[0].prev_hash == found[1].hash and found[2].prev_hash == audit.GENESIS
+    assert found[0].actor == "alice" and found[0].reason == "after the fix"
+    assert audit.verify(engine) == audit.ChainCheck(3)
+    assert [e.ids for e in audit.entries(engine, before=found[0].id, limit=1)] == [(1,)]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "broken_at", "says"),
+    [
+        ("UPDATE audit SET reason = 'nothing to see' WHERE id = 2", 2, "edited"),
+        ("UPDATE audit SET ids = '[99]' WHERE id = 1", 1, "edited"),
+        ("UPDATE audit SET details = 'not json' WHERE id = 3", 3, "edited"),
+        ("DELETE FROM audit WHERE id = 2", 3, "deleted or edited"),
+        ("DELETE FROM audit WHERE id = 4", None, "newest entries were deleted"),
+    ],
+)
+def test_an_edited_or_deleted_entry_breaks_the_chain(url: str, tamper: str, broken_at: int | None, says: str) -> None:
+    _append(url, "alice", 4)
+    engine = open_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(tamper)
+    check = audit.verify(engine)
+    assert check.broken_at == broken_at and says in check.problem
+
+
+def test_appends_from_two_processes_keep_one_chain(url: str) -> None:
+    open_engine(url).dispose()
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_append, args=(url, name, 40)) for name in ("alice", "bob")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    engine = open_engine(url)
+    assert audit.verify(engine) == audit.ChainCheck(80)
+    assert {e.actor for e in audit.entries(engine, limit=100)} == {"alice", "bob"}
