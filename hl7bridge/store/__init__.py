@@ -33,6 +33,7 @@ from .queries import (
     later_message,
     list_messages,
     messages_for_replay,
+    open_dead_letters,
     record_replay,
     stats,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "metadata",
     "next_due",
     "open_cancels",
+    "open_dead_letters",
     "open_engine",
     "outbox_depth",
     "purge",

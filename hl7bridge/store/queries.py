@@ -231,3 +231,14 @@ def later_message(engine: Engine, appointment_key: str, after_id: int) -> int | 
     )
     with engine.connect() as conn:
         return conn.execute(stmt).scalar()
+
+
+def open_dead_letters(conn: Any) -> tuple[int, float | None]:
+    """How many dead letters wait for an operator, and since when the oldest (its last update).
+
+    One definition for ``stats``, ``/status`` and the ``hl7bridge_dead_letters_open`` gauge, so that they
+    never disagree. A discarded or retried command is no longer a dead letter."""
+    count, oldest = conn.execute(
+        select(func.count(), func.min(commands.c.updated_at)).where(commands.c.status.in_(DEAD_LETTERS))
+    ).first()
+    return int(count or 0), oldest
