@@ -16,7 +16,7 @@ from typing import Any
 
 from hl7bridge import __version__
 from hl7bridge.app.config import Config, ConfigError, load
-from hl7bridge.core.logs import cap, escape, masked
+from hl7bridge.core.logs import cap, escape, masked_summary
 from hl7bridge.core.status import CommandStatus, MessageStatus
 
 EXIT_USAGE = 2
@@ -27,7 +27,6 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 #: SQLite's INTEGER range, for ids and counts given on the command line.
 INT64_MAX = 2**63 - 1
 MAX_DURATION = 100 * 366 * 86400.0
-PHI_KEYS = ("patient_ids", "names", "telecoms", "birth_date", "patient_phone", "patient_email")
 
 
 class CliError(Exception):
@@ -311,14 +310,18 @@ def _when(ts: float) -> str:
 
 
 def cmd_log_list(args: argparse.Namespace) -> int:
-    from hl7bridge.store import list_messages
+    from hl7bridge.app.cli_search import filters_from, more_line
+    from hl7bridge.workflow.search import SearchError, search
 
-    since = time.time() - parse_duration(args.since) if args.since else None
-    rows = list_messages(_engine(args), args.status, since, args.event, args.limit)
+    try:
+        page = search(_engine(args), filters_from(args), args.before, args.limit)
+    except SearchError as exc:
+        raise CliError(str(exc)) from None
+    rows = page.rows
     if args.json:
         for r in rows:
             r["received_at"] = _when(r["received_at"])
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        print(json.dumps(page.as_json(), indent=2, ensure_ascii=False))
         return 0
     header = ("ID", "RECEIVED", "LISTENER", "PEER", "SENDER", "CONTROL ID", "EVENT", "VER", "ACK", "STATUS", "DETAIL")
     table = [header]
@@ -341,19 +344,9 @@ def cmd_log_list(args: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
     if len(rows) == 0:
         print("(no messages match)", file=sys.stderr)
+    if page.more:
+        print(more_line(page.next_before), file=sys.stderr)
     return 0
-
-
-def mask(value: Any) -> Any:
-    """The summary's patient data masked as the log masks it, leaving the codes that say what a value is."""
-    if isinstance(value, str):
-        return masked(value)
-    if isinstance(value, list):
-        return [mask(v) for v in value]
-    if isinstance(value, dict):
-        return {k: (mask(v) if k not in ("type_code", "use", "equipment", "source", "name_type") else v)
-                for k, v in value.items()}  # fmt: skip
-    return value
 
 
 def cmd_log_show(args: argparse.Namespace) -> int:
@@ -365,9 +358,7 @@ def cmd_log_show(args: argparse.Namespace) -> int:
         raise CliError(f"no message with id {args.id} (see 'hl7bridge log list')")
     summary = json.loads(row["summary"]) if row["summary"] else None
     if summary and not args.phi:
-        for key in PHI_KEYS:
-            if key in summary:
-                summary[key] = mask(summary[key])
+        summary = masked_summary(summary)
     charset = row["charset"] or "utf-8"
     raw, ack = row.pop("raw"), row.pop("ack_raw")
     row["received_at"] = _when(row["received_at"])
@@ -576,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     purge_p.add_argument("--dry-run", action="store_true", help="only count what would be cleared")
     purge_p.set_defaults(func=cmd_purge)
 
+    from hl7bridge.app.cli_search import add_export_parser, add_filters
+
     replay = with_config(sub.add_parser("replay", help="run logged messages again through mapping and dispatch"))
     replay.add_argument("ids", nargs="*", type=whole_number(1), metavar="ID")
     replay.add_argument("--status", choices=(CommandStatus.DEAD.value, MessageStatus.REJECTED.value, CommandStatus.FAILED.value),
@@ -588,12 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
     log = sub.add_parser("log", help="look into the message log")
     log_sub = log.add_subparsers(dest="log_command", required=True)
     lst = with_config(log_sub.add_parser("list", help="recent messages, newest first"))
-    lst.add_argument("--status", choices=[status.value for status in MessageStatus])
-    lst.add_argument("--since", metavar="DURATION", help="e.g. 30m, 12h, 7d")
-    lst.add_argument("--event", metavar="S12")
-    lst.add_argument("--limit", type=whole_number(1), default=50)
+    add_filters(lst)
+    lst.add_argument("--before", type=whole_number(1), metavar="ID", help="the page after the one ending at this id")
+    lst.add_argument("--limit", type=whole_number(1, 100_000), default=50)
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_log_list)
+    add_export_parser(log_sub, with_config)
     show = with_config(log_sub.add_parser("show", help="one message in full"))
     show.add_argument("id", type=whole_number(1))
     show.add_argument("--raw", action="store_true", help="include the raw message (PHI)")

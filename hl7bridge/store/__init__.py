@@ -54,6 +54,7 @@ from .schema import (
     meta,
     metadata,
     open_engine,
+    search_keys,
 )
 from .writer import Job, Writer, WriteRequest, WriteResult
 
@@ -109,5 +110,6 @@ __all__ = [
     "purge_step",
     "record_ack",
     "record_replay",
+    "search_keys",
     "stats",
 ]

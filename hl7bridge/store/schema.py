@@ -33,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -170,6 +170,82 @@ audit_log = Table(
     Index("ix_audit_at", "at"),
 )
 
+search_keys = Table(
+    "search_keys",
+    metadata,
+    Column(
+        "key",
+        String(420),
+        primary_key=True,
+        doc="kind prefix + value: a: appointment, p: patient (PHI), c: control id, s: sender",
+    ),
+    Column("message_id", Integer, primary_key=True),
+    sqlite_with_rowid=False,
+)
+
+#: Summary fields whose words go into the text index (names, reason, type, provider, place).
+TEXT_FIELDS = ("family", "given", "middle", "reason", "appointment_type", "provider_name", "location", "department")
+
+
+def _text_of(summary: str) -> str:
+    """SQL for the words of a summary the text index holds; deterministic, as FTS5's 'delete' must repeat them."""
+    keys = ", ".join(f"'{k}'" for k in TEXT_FIELDS)
+    return f"(SELECT group_concat(value, ' ') FROM json_tree({summary}) WHERE type = 'text' AND key IN ({keys}))"
+
+
+#: Each search key of a message as (SQL expression over the row ``{r}``, extra FROM item); NULL or a bare prefix
+#: (an empty value) is no key.
+_KEY_PARTS = (
+    ("'c:' || {r}.control_id", ""),
+    ("'s:' || {r}.sending_application", ""),
+    ("'s:' || {r}.sending_application || '^' || coalesce({r}.sending_facility, '')", ""),
+    ("'a:' || json_extract({r}.summary, '$.placer_appointment_id')", ""),
+    ("'a:' || json_extract({r}.summary, '$.filler_appointment_id')", ""),
+    ("'p:' || json_extract(j.value, '$.value')", "json_each({r}.summary, '$.patient_ids') AS j"),
+)
+
+
+def _keys_of(row: str, source: str = "", where: str = "") -> str:
+    """SQL inserting the search keys of the message rows ``row`` names: NEW in the trigger, or ``source``'s rows
+    (``where`` chooses them) in the backfill. One definition, so that both index alike."""
+    parts = []
+    for expr, extra in _KEY_PARTS:
+        items = [i for i in (source, extra.format(r=row)) if i]
+        parts.append(f"SELECT {expr.format(r=row)} AS k, {row}.id AS i" + (f" FROM {', '.join(items)}" if items else "")
+                     + (f" {where}" if where else ""))  # fmt: skip
+    return f"INSERT OR IGNORE INTO search_keys (key, message_id) SELECT k, i FROM ({' UNION ALL '.join(parts)}) WHERE length(k) > 2"
+
+
+#: The search index's DDL beside ``search_keys`` (SQLite): a contentless FTS5 table (words only, no text kept)
+#: and the triggers that fill both from every inserted message and clear the patient data once retention
+#: clears the summary. Triggers, so that every way a message enters the log (the writer's multi-row inserts,
+#: replays) indexes it with no extra statement on the hot path.
+SEARCH_DDL = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(body, content='', detail=none)",
+    f"""CREATE TRIGGER IF NOT EXISTS messages_search_insert AFTER INSERT ON messages BEGIN
+        {_keys_of("NEW")};
+        INSERT INTO messages_text (rowid, body) SELECT NEW.id, t FROM (SELECT {_text_of("NEW.summary")} AS t)
+            WHERE t IS NOT NULL;
+    END""",
+    f"""CREATE TRIGGER IF NOT EXISTS messages_search_purge AFTER UPDATE OF summary ON messages
+        WHEN OLD.summary IS NOT NULL AND NEW.summary IS NULL BEGIN
+        DELETE FROM search_keys WHERE message_id = OLD.id AND key IN
+            (SELECT 'p:' || json_extract(value, '$.value') FROM json_each(OLD.summary, '$.patient_ids'));
+        INSERT INTO messages_text (messages_text, rowid, body) SELECT 'delete', OLD.id, t FROM
+            (SELECT {_text_of("OLD.summary")} AS t) WHERE t IS NOT NULL;
+    END""",
+)
+#: Messages per backfill statement when an older log is upgraded.
+BACKFILL_BATCH = 5000
+
+
+@event.listens_for(search_keys, "after_create")
+def _search_ddl(_table: Any, conn: Any, **_kw: Any) -> None:
+    if conn.dialect.name == "sqlite":
+        for ddl in SEARCH_DDL:
+            conn.exec_driver_sql(ddl)
+
+
 #: The first 16 bytes of every SQLite 3 database file.
 SQLITE_MAGIC = b"SQLite format 3\x00"
 DAMAGED_HINT = (
@@ -303,8 +379,25 @@ def _v4_audit(conn: Any) -> None:
     audit_log.create(conn, checkfirst=True)
 
 
+def _v5_search(conn: Any) -> None:
+    """The search index, backfilled from the messages already logged, a batch of ids per statement."""
+    search_keys.create(conn, checkfirst=True)
+    if conn.dialect.name != "sqlite":
+        return
+    top = conn.exec_driver_sql("SELECT max(id) FROM messages").scalar() or 0
+    for low in range(1, top + 1, BACKFILL_BATCH):
+        bounds = {"low": low, "high": low + BACKFILL_BATCH}
+        where = "WHERE m.id >= :low AND m.id < :high"
+        conn.execute(text(_keys_of("m", "messages AS m", where)), bounds)
+        conn.execute(
+            text(f"INSERT INTO messages_text (rowid, body) SELECT id, t FROM (SELECT m.id, {_text_of('m.summary')} AS t "
+                 f"FROM messages AS m {where}) WHERE t IS NOT NULL"),
+            bounds,
+        )  # fmt: skip
+
+
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
-MIGRATIONS: dict[int, Callable[[Any], None]] = {2: _v2_retention, 3: _v3_lean_indexes, 4: _v4_audit}
+MIGRATIONS: dict[int, Callable[[Any], None]] = {2: _v2_retention, 3: _v3_lean_indexes, 4: _v4_audit, 5: _v5_search}
 
 
 def _upgrade(engine: Engine, found: int) -> None:
