@@ -465,52 +465,6 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- replay -------------------------------------------------------------------------------------
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    from hl7bridge.app.replay import Replayer
-    from hl7bridge.store import messages_for_replay
-
-    if not args.ids and not args.status:
-        raise CliError("name message ids, or choose with --status dead|rejected|failed [--since 2h] [--event S12]")
-    if args.ids and (args.status or args.since or args.event):
-        raise CliError("give message ids or a selection (--status/--since/--event), not both")
-    cfg = _config(args)
-    engine = _engine(args)
-    since = time.time() - parse_duration(args.since) if args.since else None
-    originals = messages_for_replay(engine, args.ids or None, args.status, since, args.event)
-    if args.ids:
-        missing = sorted(set(args.ids) - {m["id"] for m in originals})
-        if missing:
-            raise CliError(f"no message with id {', '.join(map(str, missing))} (see 'hl7bridge log list')")
-    if not originals:
-        print("nothing to replay: no message matches", file=sys.stderr)
-        return 0
-    replayer = Replayer(engine, cfg)
-    total, queued, problems, skipped = len(originals), 0, 0, 0
-    for number, original in enumerate(originals, 1):
-        result = replayer.replay(original, args.dry_run)
-        prefix = escape(
-            f"[{number}/{total}] message {original['id']} ({original['event'] or '?'} {original['control_id']})"
-        )
-        if result.problem:
-            skipped += 1 if result.skipped else 0
-            problems += 0 if result.skipped else 1
-            print(f"{prefix}: {escape(result.problem)}")
-        elif args.dry_run:
-            print(f"{prefix}: would make:")
-            for call in result.calls:
-                print(f"    {escape(str(call))}")
-        else:
-            queued += result.commands
-            print(f"{prefix}: replayed as message {result.new_message_id} ({result.commands} command(s) queued)")
-    if not args.dry_run:
-        print(f"{queued} command(s) queued from {total - problems - skipped} message(s); the running service dispatches them "
-              "(follow with 'hl7bridge log show ID')", file=sys.stderr)  # fmt: skip
-    return 1 if problems and problems == total - skipped else 0
-
-
 # --- parser ---------------------------------------------------------------------------------------
 
 
@@ -567,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge_p.add_argument("--dry-run", action="store_true", help="only count what would be cleared")
     purge_p.set_defaults(func=cmd_purge)
 
+    from hl7bridge.app.cli_replay import add_replay_options
     from hl7bridge.app.cli_search import add_export_parser, add_filters
 
     replay = with_config(sub.add_parser("replay", help="run logged messages again through mapping and dispatch"))
@@ -575,8 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="messages that were rejected, or whose commands were dead-lettered or failed")  # fmt: skip
     replay.add_argument("--since", metavar="DURATION", help="only messages received within, e.g. 2h")
     replay.add_argument("--event", metavar="S12")
-    replay.add_argument("--dry-run", action="store_true", help="print the exact API calls instead")
-    replay.set_defaults(func=cmd_replay)
+    replay.add_argument(
+        "--dry-run", action="store_true", help="print the exact API calls instead (patient data masked)"
+    )
+    add_replay_options(replay)
 
     log = sub.add_parser("log", help="look into the message log")
     log_sub = log.add_subparsers(dest="log_command", required=True)

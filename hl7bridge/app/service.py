@@ -32,6 +32,8 @@ from hl7bridge.ops.health import HealthResource, HealthState, Probes
 from hl7bridge.ops.metrics import Metrics
 from hl7bridge.store import (
     DAMAGED_HINT,
+    DISPATCH_URL_AT_KEY,
+    DISPATCH_URL_KEY,
     Job,
     PurgeCounts,
     StoreError,
@@ -41,6 +43,7 @@ from hl7bridge.store import (
     loose_directory,
     open_engine,
     purge_step,
+    set_meta,
 )
 from hl7bridge.testing.sandbox import Sandbox
 
@@ -367,6 +370,9 @@ class Service:
             self.dispatcher = Dispatcher(self.engine, self.writer, api.client(tokens), dispatch, observer=self.metrics)
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
+        with self.engine.begin() as conn:
+            set_meta(conn, DISPATCH_URL_KEY, api.base_url)
+            set_meta(conn, DISPATCH_URL_AT_KEY, repr(time.time()))
         if sandbox_token:
             log.warning("dispatching to the built-in sandbox at %s (org %s) with the sandbox's own token; nothing "
                         "reaches MedChat", api.base_url, api.org_id)  # fmt: skip

@@ -40,6 +40,8 @@ from .queries import (
 from .retention import PurgeCounts, compact, due_for_purge, purge, purge_step
 from .schema import (
     DAMAGED_HINT,
+    DISPATCH_URL_AT_KEY,
+    DISPATCH_URL_KEY,
     SCHEMA_VERSION,
     StoreError,
     appointments,
@@ -47,6 +49,7 @@ from .schema import (
     audit_log,
     commands,
     damaged,
+    get_meta,
     heartbeat,
     integrity_problem,
     loose_directory,
@@ -55,11 +58,14 @@ from .schema import (
     metadata,
     open_engine,
     search_keys,
+    set_meta,
 )
 from .writer import Job, Writer, WriteRequest, WriteResult
 
 __all__ = [
     "DAMAGED_HINT",
+    "DISPATCH_URL_AT_KEY",
+    "DISPATCH_URL_KEY",
     "LIST_COLUMNS",
     "SCHEMA_VERSION",
     "AppointmentRow",
@@ -91,6 +97,7 @@ __all__ = [
     "due_for_purge",
     "due_heads",
     "get_message",
+    "get_meta",
     "heartbeat",
     "integrity_problem",
     "later_message",
@@ -111,5 +118,6 @@ __all__ = [
     "record_ack",
     "record_replay",
     "search_keys",
+    "set_meta",
     "stats",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import (
@@ -15,6 +16,8 @@ from sqlalchemy.sql import Select
 
 from hl7bridge.core.status import DEAD_LETTERS, OPEN_STATUSES, CommandStatus, MessageStatus
 
+from . import audit
+from .audit import AuditEntry
 from .outbox import AppointmentRow, appointment
 from .schema import NOT_ACCEPTED, attempts, commands, messages
 
@@ -133,9 +136,14 @@ def messages_for_replay(
 
 
 def record_replay(
-    engine: Engine, original: dict[str, Any], row: dict[str, Any], command_rows: list[dict[str, Any]]
+    engine: Engine,
+    original: dict[str, Any],
+    row: dict[str, Any],
+    command_rows: list[dict[str, Any]],
+    entry: AuditEntry | None = None,
 ) -> int:
-    """Log a replay as a new message (``replay_of`` the original) with its commands, in one transaction."""
+    """Log a replay as a new message (``replay_of`` the original) with its commands, in one transaction, and
+    ``entry`` (its ids then the original's and the new message's) in the audit log in the same one."""
     now = time.time()
     with engine.begin() as conn:
         new_id = conn.execute(
@@ -149,6 +157,8 @@ def record_replay(
             .where(commands.c.status.in_(DEAD_LETTERS))
             .values(status="replayed", outcome=f"replayed as message {new_id}", updated_at=now)
         )
+        if entry is not None:
+            audit.record(conn, replace(entry, ids=(original["id"], int(new_id))))
     return int(new_id)
 
 

@@ -474,6 +474,20 @@ def _first_line(exc: BaseException) -> str:
 
 def heartbeat(conn: Any, now: float) -> None:
     """A tiny write that proves the database takes commits (the health check's probe)."""
-    done = conn.execute(meta.update().where(meta.c.key == "heartbeat").values(value=repr(now)))
+    set_meta(conn, "heartbeat", repr(now))
+
+
+def set_meta(conn: Any, key: str, value: str) -> None:
+    done = conn.execute(meta.update().where(meta.c.key == key).values(value=value))
     if done.rowcount == 0:
-        conn.execute(meta.insert().values(key="heartbeat", value=repr(now)))
+        conn.execute(meta.insert().values(key=key, value=value))
+
+
+def get_meta(conn: Any, key: str) -> str | None:
+    return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
+
+
+#: ``meta`` keys: the Journeys API base URL the service dispatches to (``--sandbox`` and ``--api-url`` replace the
+#: config's), and when it recorded it; a separate ``replay`` process reads them.
+DISPATCH_URL_KEY = "dispatch_base_url"
+DISPATCH_URL_AT_KEY = "dispatch_base_url_at"

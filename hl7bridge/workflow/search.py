@@ -7,6 +7,7 @@ million messages as on a small one. Pages are keyset pages: ``before`` is the la
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,6 +26,8 @@ messages_text = table("messages_text", column("rowid"))
 #: but concurrent connections can interleave by a little.
 ARRIVAL_SLACK_S = 60.0
 MAX_LIMIT = 100_000
+#: What FTS5's unicode61 tokenizer keeps as a token: runs of letters and digits.
+_TOKEN = re.compile(r"[^\W_]+")
 
 
 class SearchError(ValueError):
@@ -113,7 +116,8 @@ def query(
 
     The first search key (control id, appointment, patient, sender, in that order of selectivity) drives: its
     index entries come in message-id order, so a page stops after ``limit`` rows. Each further key is a
-    primary-key probe per row. Words come from the FTS5 index, within ids from the window's start."""
+    primary-key probe per row. Words come from the FTS5 index. A window (``since``) also bounds the ids, from
+    the first message received in it, so that no walk goes on past its start."""
     _check(filters)
     keys = _keys(filters)
     stmt = select(*columns)
@@ -126,13 +130,12 @@ def query(
         for key in keys[1:]:
             probe = search_keys.alias()
             stmt = stmt.where(exists().where(probe.c.key == key, probe.c.message_id == messages.c.id))
+    low = _first_id(conn, filters.since - ARRIVAL_SLACK_S) if filters.since is not None else None
     if filters.text:
-        assert filters.since is not None
-        words = (
-            select(messages_text.c.rowid)
-            .where(text("messages_text MATCH :words"))
-            .where(messages_text.c.rowid >= _first_id(conn, filters.since - ARRIVAL_SLACK_S))
-        ).params(words=fts_query(filters.text))
+        words = select(messages_text.c.rowid).where(text("messages_text MATCH :words"))
+        if low is not None:
+            words = words.where(messages_text.c.rowid >= low)
+        words = words.params(words=fts_query(filters.text))
         if keys:
             stmt = stmt.where(messages.c.id.in_(words))
         else:
@@ -146,7 +149,8 @@ def query(
     if filters.event:
         stmt = stmt.where(messages.c.event == filters.event.upper())
     if filters.since is not None:
-        stmt = stmt.where(messages.c.received_at >= filters.since)
+        # The id bound lets an index walk in id order stop at the window's start; the time is the exact test.
+        stmt = stmt.where(order >= low, messages.c.received_at >= filters.since)
     if before is not None:
         stmt = stmt.where(order < before)
     if after is not None:
@@ -166,16 +170,19 @@ def explain(engine: Engine, filters: Filters, before: int | None = None) -> list
 
 
 def fts_query(words: str) -> str:
-    """The operator's words as an FTS5 query: every word must occur; ``word*`` is a prefix. Each word is quoted,
-    so no FTS5 syntax (AND, NEAR, column filters) can be given, or mistyped, by accident."""
+    """The operator's words as an FTS5 query: every word must occur; ``word*`` is a prefix.
+
+    Words are cut where the index's tokenizer cuts them (anything but letters and digits), and each is quoted,
+    so no FTS5 syntax (AND, NEAR, column filters) can be given, or mistyped, by accident. The index keeps no
+    positions (``detail=none``, a fraction of the size), so "post-op" finds "post" and "op" anywhere."""
     terms = []
     for word in words.split():
-        prefix = word.endswith("*")
-        word = word.rstrip("*")
-        if word:
-            terms.append('"' + word.replace('"', '""') + '"' + ("*" if prefix else ""))
+        tokens = _TOKEN.findall(word)
+        for number, token in enumerate(tokens, 1):
+            prefix = number == len(tokens) and word.endswith("*")
+            terms.append(f'"{token}"' + ("*" if prefix else ""))
     if not terms:
-        raise SearchError("--text needs a word to look for")
+        raise SearchError("--text needs a word (letters or digits) to look for")
     return " ".join(terms)
 
 
