@@ -116,6 +116,9 @@ FILTERS = [
     Filters(text="orchard", since=0.0, status="rejected"),
     Filters(patient="MRN-1", text="orchard", since=0.0),
     Filters(appointment="PL-1", patient="MRN-1", sender="EPIC", since=0.0),
+    Filters(status="rejected"),
+    Filters(status="rejected", sender="CERNER", since=0.0),
+    Filters(text="orchard", sender="CERNER", since=0.0),
 ]
 
 

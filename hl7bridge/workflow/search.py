@@ -114,34 +114,40 @@ def query(
 ) -> Select:
     """The statement for ``filters``: driven by the most selective index there is, the rest as lookups.
 
-    The first search key (control id, appointment, patient, sender, in that order of selectivity) drives: its
-    index entries come in message-id order, so a page stops after ``limit`` rows. Each further key is a
-    primary-key probe per row. Words come from the FTS5 index. A window (``since``) also bounds the ids, from
-    the first message received in it, so that no walk goes on past its start."""
+    Every driver yields message ids in order, so a page stops after ``limit`` rows. In order of selectivity: a
+    control id, appointment or patient key; the words (FTS5); a status other than accepted (a few per cent of
+    the log, by their partial index); a sender (up to a whole feed). The other keys are primary-key probes per
+    row, and words not driving are one list of matches. A window (``since``) also bounds the ids, from the
+    first message received in it, so that no walk goes on past its start."""
     _check(filters)
     keys = _keys(filters)
+    narrow = [k for k in keys if not k.startswith("s:")]
+    rare_status = filters.status is not None and filters.status != MessageStatus.ACCEPTED
     stmt = select(*columns)
     order = messages.c.id
-    if keys:
-        driver = search_keys.alias("k")
-        stmt = stmt.select_from(driver.join(messages, messages.c.id == driver.c.message_id))
-        stmt = stmt.where(driver.c.key == keys[0])
-        order = driver.c.message_id
-        for key in keys[1:]:
-            probe = search_keys.alias()
-            stmt = stmt.where(exists().where(probe.c.key == key, probe.c.message_id == messages.c.id))
     low = _first_id(conn, filters.since - ARRIVAL_SLACK_S) if filters.since is not None else None
+    words = None
     if filters.text:
         words = select(messages_text.c.rowid).where(text("messages_text MATCH :words"))
         if low is not None:
             words = words.where(messages_text.c.rowid >= low)
         words = words.params(words=fts_query(filters.text))
-        if keys:
-            stmt = stmt.where(messages.c.id.in_(words))
-        else:
-            matched = words.subquery("t")
-            stmt = stmt.select_from(matched.join(messages, messages.c.id == matched.c.rowid))
-            order = matched.c.rowid
+    if narrow or (keys and words is None and not rare_status):
+        driver = search_keys.alias("k")
+        stmt = stmt.select_from(driver.join(messages, messages.c.id == driver.c.message_id))
+        stmt = stmt.where(driver.c.key == keys[0])
+        order = driver.c.message_id
+        keys = keys[1:]
+    elif words is not None:
+        matched = words.subquery("t")
+        stmt = stmt.select_from(matched.join(messages, messages.c.id == matched.c.rowid))
+        order = matched.c.rowid
+        words = None
+    for key in keys:
+        probe = search_keys.alias()
+        stmt = stmt.where(exists().where(probe.c.key == key, probe.c.message_id == messages.c.id))
+    if words is not None:
+        stmt = stmt.where(messages.c.id.in_(words))
     if filters.status:
         stmt = stmt.where(messages.c.status == filters.status)
         if filters.status != MessageStatus.ACCEPTED:
