@@ -6,7 +6,8 @@ Fills a fresh SQLite log through the real schema (``open_engine``; the insert tr
 as they do for the service's writer) with messages of a realistic shape: 30 days, 40 senders, 150,000 patients
 with two PID-3 identifiers each, an appointment per patient and a half (booked, then modified, moved or
 cancelled), 2,000 family names, 2 % rejected and 1 % ignored. Rows go in with multi-row INSERTs, 5,000 per
-transaction (a bulk load, not the service's path). Then, for each filter, it runs ``workflow.search.search``
+transaction (a bulk load, not the service's path; the search terms are computed as intake computes them, and the
+insert trigger indexes them as for the service). Then, for each filter, it runs ``workflow.search.search``
 (a page of 50, newest first) for ``--queries`` random values, and the second page of each (``before`` the
 first page's last id), and reports p50/p95 in milliseconds. ``--database PATH`` reuses a log filled before.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hl7bridge.store import messages, open_engine
+from hl7bridge.store import messages, open_engine, search_terms
 from hl7bridge.workflow.search import Filters, explain, search
 
 DAYS = 30
@@ -78,6 +79,7 @@ def fill(url: str, total: int, seed: int = 7) -> dict:
                 "location": rng.choice(LOCATIONS),
                 "department": "Outpatient",
             }
+            terms, words = search_terms(f"C{n:09d}", app, fac, summary)
             rows.append({
                 "received_at": start + (n / total) * DAYS * 86400,
                 "listener": "main", "peer": "10.0.0.5", "raw": raw, "charset": "utf-8",
@@ -86,7 +88,7 @@ def fill(url: str, total: int, seed: int = 7) -> dict:
                 "appointment_key": f"{fac}|FI{appointment:07d}", "action": "book", "route": "main", "note": None,
                 "replay_of": None, "summary": json.dumps(summary), "ack_code": "AA" if status == "accepted" else "AE",
                 "ack_text": None, "ack_raw": b"MSH|ACK", "status": status, "error": None, "error_location": None,
-                "duplicate_of": None, "purged_at": None,
+                "duplicate_of": None, "purged_at": None, "search_terms": terms, "search_text": words,
             })  # fmt: skip
         with engine.begin() as conn:
             conn.execute(insert, rows)
@@ -153,6 +155,58 @@ def measure(url: str, total: int, queries: int) -> list[dict]:
     return out
 
 
+def ingest_cost(rounds: int, count: int, group: int = 20) -> dict:
+    """What the search index adds to the ingest hot path, per message: the intake's Python work (``search_terms``)
+    and the writer's CPU (the insert trigger filling the indexes). The real ``Writer`` takes the real intake's
+    rows of the SIU fixtures (unique control ids) in groups of ``group`` (as from 20 connections), into a fresh
+    log with the index and one without (its trigger dropped), in alternating rounds."""
+    import threading
+
+    from hl7bridge.app.config import load
+    from hl7bridge.app.wiring import intake_for
+    from hl7bridge.store import Writer, WriteRequest
+
+    config = load(None)
+    intake = intake_for(config, config.listeners[0])
+    fixtures = sorted((Path(__file__).resolve().parent.parent / "fixtures" / "siu").glob("*.hl7"))
+    received = [m for f in fixtures for m in intake.read_frame(f.read_bytes()).messages if m.header is not None]
+    rows = []
+    for n in range(count):
+        row = dict(received[n % len(received)].row("main", "127.0.0.1", time.time()), control_id=f"COST-{n}")
+        summary = json.loads(row["summary"]) if row["summary"] else None
+        rows.append((row["control_id"], row["sending_application"], row["sending_facility"], summary, row))
+    began = time.process_time()
+    for control, app, fac, summary, row in rows:
+        row["search_terms"], row["search_text"] = search_terms(control, app, fac, summary)
+    intake_us = (time.process_time() - began) / count * 1e6
+    figures: dict[str, list[float]] = {"with": [], "without": []}
+    with tempfile.TemporaryDirectory(prefix="hl7bridge-ingest-cost-") as tmp:
+        for number in range(rounds):
+            for side in ("without", "with") if number % 2 else ("with", "without"):
+                engine = open_engine(f"sqlite:///{tmp}/{side}-{number}.db")
+                if side == "without":
+                    with engine.begin() as conn:
+                        conn.exec_driver_sql("DROP TRIGGER messages_search_insert")
+                writer = Writer(engine, lambda fn, *a: fn(*a))
+                writer.start()
+                began = time.process_time()
+                for first in range(0, count, group):
+                    done = threading.Semaphore(0)
+                    chunk = rows[first : first + group]
+                    for *_, row in chunk:
+                        writer.submit(WriteRequest(row, None, lambda _r, d=done: d.release()))
+                    for _ in chunk:
+                        done.acquire()
+                figures[side].append((time.process_time() - began) / count * 1e6)
+                writer.stop()
+                engine.dispose()
+    out: dict = {side: round(statistics.median(values), 1) for side, values in figures.items()}
+    out["writer_added_us"] = round(out["with"] - out["without"], 1)
+    out["intake_us"] = round(intake_us, 1)
+    out["rounds"] = {side: [round(v, 1) for v in values] for side, values in figures.items()}
+    return out
+
+
 def _pct(values: list[float], pct: int) -> float:
     if not values:
         return 0.0
@@ -168,7 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", metavar="PATH", help="fill this file (or reuse it when it exists)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary log")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
+    parser.add_argument("--ingest-cost", action="store_true",
+                        help="instead: CPU per message the index adds to the writer (with vs without, alternating)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.ingest_cost:
+        cost = ingest_cost(rounds=6, count=20_000)
+        print(f"per message: writer CPU {cost['with']} us with the search index, {cost['without']} us without "
+              f"(+{cost['writer_added_us']} us), and {cost['intake_us']} us in intake (search_terms); medians of "
+              f"{len(cost['rounds']['with'])} alternating rounds: {cost['rounds']}")  # fmt: skip
+        return 0
     tmp = None
     if args.database:
         path = Path(args.database)

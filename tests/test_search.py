@@ -149,6 +149,9 @@ def test_an_older_log_is_backfilled_on_upgrade(fresh_service: RunningService) ->
             conn.execute(f"DROP TRIGGER {name}")
         conn.execute("DROP TABLE messages_text")
         conn.execute("DROP TABLE search_keys")
+        conn.execute("DROP INDEX ix_messages_not_accepted_id")
+        conn.execute("ALTER TABLE messages DROP COLUMN search_terms")
+        conn.execute("ALTER TABLE messages DROP COLUMN search_text")
         conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     assert ids(fresh_service, "--patient", "MRN-7") == ["U-1"]
     assert ids(fresh_service, "--text", "willowmere", "--since", "1h") == ["U-1"]

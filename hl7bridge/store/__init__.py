@@ -58,6 +58,7 @@ from .schema import (
     metadata,
     open_engine,
     search_keys,
+    search_terms,
     set_meta,
 )
 from .writer import Job, Writer, WriteRequest, WriteResult
@@ -118,6 +119,7 @@ __all__ = [
     "record_ack",
     "record_replay",
     "search_keys",
+    "search_terms",
     "set_meta",
     "stats",
 ]

@@ -1,6 +1,7 @@
 """Retention: patient data older than N days leaves the log; outcomes and counts stay.
 
-Raw messages, parsed summaries, journey parameters and API response bodies
+Raw messages, parsed summaries (and the patient ids and words the search index
+holds, by the index's trigger), journey parameters and API response bodies
 (search answers carry parameters) are cleared in small transactions, so the
 writer is never held for long. SQLite then checkpoints its WAL and hands freed
 pages back with an incremental vacuum, so the file does not grow without bound.
@@ -73,7 +74,9 @@ def purge_step(conn: Any, cutoff: float, limit: int = 500) -> PurgeCounts:
     ]
     if ids:
         count.messages = conn.execute(
-            update(messages).where(messages.c.id.in_(ids)).values(raw=None, summary=None, purged_at=now)
+            update(messages)
+            .where(messages.c.id.in_(ids))
+            .values(raw=None, summary=None, search_terms=None, search_text=None, purged_at=now)
         ).rowcount
         count.commands = conn.execute(
             update(commands)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -12,6 +13,7 @@ from pathlib import Path as FsPath
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 from sqlalchemy import (
     Column,
     Float,
@@ -22,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     inspect,
@@ -78,6 +81,8 @@ messages = Table(
     Column("error_location", String(32)),
     Column("duplicate_of", Integer),
     Column("purged_at", Float, doc="when retention removed the raw message and parsed summary"),
+    Column("search_terms", Text, doc="JSON list of the message's search_keys (PHI: patient ids); NULL once purged"),
+    Column("search_text", Text, doc="the words the text index holds (PHI); NULL once purged"),
     Index("ix_messages_sender_control", "sending_application", "sending_facility", "control_id"),
     Index("ix_messages_received_at", "received_at"),
     # Only the messages operators look for (rejected, ignored, duplicate, pending): an accepted message,
@@ -189,55 +194,46 @@ search_keys = Table(
 )
 
 #: Summary fields whose words go into the text index (names, reason, type, provider, place).
-TEXT_FIELDS = ("family", "given", "middle", "reason", "appointment_type", "provider_name", "location", "department")
+TEXT_FIELDS = ("reason", "appointment_type", "provider_name", "location", "department")
+NAME_FIELDS = ("family", "given", "middle")
 
 
-def _text_of(summary: str) -> str:
-    """SQL for the words of a summary the text index holds; deterministic, as FTS5's 'delete' must repeat them."""
-    keys = ", ".join(f"'{k}'" for k in TEXT_FIELDS)
-    return f"(SELECT group_concat(value, ' ') FROM json_tree({summary}) WHERE type = 'text' AND key IN ({keys}))"
-
-
-#: Each search key of a message as (SQL expression over the row ``{r}``, extra FROM item); NULL or a bare prefix
-#: (an empty value) is no key.
-_KEY_PARTS = (
-    ("'c:' || {r}.control_id", ""),
-    ("'s:' || {r}.sending_application", ""),
-    ("'s:' || {r}.sending_application || '^' || coalesce({r}.sending_facility, '')", ""),
-    ("'a:' || json_extract({r}.summary, '$.placer_appointment_id')", ""),
-    ("'a:' || json_extract({r}.summary, '$.filler_appointment_id')", ""),
-    ("'p:' || json_extract(j.value, '$.value')", "json_each({r}.summary, '$.patient_ids') AS j"),
-)
-
-
-def _keys_of(row: str, source: str = "", where: str = "") -> str:
-    """SQL inserting the search keys of the message rows ``row`` names: NEW in the trigger, or ``source``'s rows
-    (``where`` chooses them) in the backfill. One definition, so that both index alike."""
-    parts = []
-    for expr, extra in _KEY_PARTS:
-        items = [i for i in (source, extra.format(r=row)) if i]
-        parts.append(f"SELECT {expr.format(r=row)} AS k, {row}.id AS i" + (f" FROM {', '.join(items)}" if items else "")
-                     + (f" {where}" if where else ""))  # fmt: skip
-    return f"INSERT OR IGNORE INTO search_keys (key, message_id) SELECT k, i FROM ({' UNION ALL '.join(parts)}) WHERE length(k) > 2"
+def search_terms(
+    control_id: str | None, application: str | None, facility: str | None, summary: dict[str, Any] | None
+) -> tuple[str | None, str | None]:
+    """A message's ``search_terms`` (a JSON array of its ``search_keys``) and ``search_text`` (the words of its
+    names, reason, type, provider and place), as intake stores them with the message and the upgrade backfills
+    them: the one definition of what is searchable. The insert trigger only copies them into the indexes."""
+    keys = [f"c:{control_id}" if control_id else ""]
+    if application:
+        keys += [f"s:{application}", f"s:{application}^{facility or ''}"]
+    words = ""
+    if summary:
+        keys += [f"a:{summary.get('placer_appointment_id') or ''}", f"a:{summary.get('filler_appointment_id') or ''}"]
+        keys += [f"p:{p.get('value') or ''}" for p in summary.get("patient_ids") or ()]
+        parts = [n.get(f) for n in summary.get("names") or () for f in NAME_FIELDS]
+        words = " ".join(w for w in (*parts, *(summary.get(f) for f in TEXT_FIELDS)) if w)
+    terms = list(dict.fromkeys(k for k in keys if len(k) > 2))
+    return (orjson.dumps(terms).decode() if terms else None), (words or None)
 
 
 #: The search index's DDL beside ``search_keys`` (SQLite): a contentless FTS5 table (words only, no text kept)
-#: and the triggers that fill both from every inserted message and clear the patient data once retention
-#: clears the summary. Triggers, so that every way a message enters the log (the writer's multi-row inserts,
-#: replays) indexes it with no extra statement on the hot path.
+#: and the triggers that fill both from every inserted message's ``search_terms`` and ``search_text``, and clear
+#: the patient's keys and words once retention clears the summary. Triggers, so that every way a message enters
+#: the log (the writer's multi-row inserts, replays) is indexed with no extra statement on the hot path; they
+#: parse no summary, which cost 60 µs a message (``bench/search.py --ingest-cost``).
 SEARCH_DDL = (
     "CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(body, content='', detail=none)",
-    f"""CREATE TRIGGER IF NOT EXISTS messages_search_insert AFTER INSERT ON messages BEGIN
-        {_keys_of("NEW")};
-        INSERT INTO messages_text (rowid, body) SELECT NEW.id, t FROM (SELECT {_text_of("NEW.summary")} AS t)
-            WHERE t IS NOT NULL;
+    """CREATE TRIGGER IF NOT EXISTS messages_search_insert AFTER INSERT ON messages BEGIN
+        INSERT OR IGNORE INTO search_keys (key, message_id) SELECT value, NEW.id FROM json_each(NEW.search_terms);
+        INSERT INTO messages_text (rowid, body) SELECT NEW.id, NEW.search_text WHERE NEW.search_text IS NOT NULL;
     END""",
-    f"""CREATE TRIGGER IF NOT EXISTS messages_search_purge AFTER UPDATE OF summary ON messages
+    """CREATE TRIGGER IF NOT EXISTS messages_search_purge AFTER UPDATE OF summary ON messages
         WHEN OLD.summary IS NOT NULL AND NEW.summary IS NULL BEGIN
-        DELETE FROM search_keys WHERE message_id = OLD.id AND key IN
-            (SELECT 'p:' || json_extract(value, '$.value') FROM json_each(OLD.summary, '$.patient_ids'));
-        INSERT INTO messages_text (messages_text, rowid, body) SELECT 'delete', OLD.id, t FROM
-            (SELECT {_text_of("OLD.summary")} AS t) WHERE t IS NOT NULL;
+        DELETE FROM search_keys WHERE message_id = OLD.id
+            AND key IN (SELECT value FROM json_each(OLD.search_terms) WHERE value LIKE 'p:%');
+        INSERT INTO messages_text (messages_text, rowid, body)
+            SELECT 'delete', OLD.id, OLD.search_text WHERE OLD.search_text IS NOT NULL;
     END""",
 )
 #: Messages per backfill statement when an older log is upgraded.
@@ -385,23 +381,38 @@ def _v4_audit(conn: Any) -> None:
 
 
 def _v5_search(conn: Any) -> None:
-    """The search index, backfilled from the messages already logged, a batch of ids per statement."""
-    search_keys.create(conn, checkfirst=True)
+    """The search index, backfilled from the messages already logged, a batch of ids at a time."""
+    conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN search_terms TEXT")
+    conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN search_text TEXT")
     conn.exec_driver_sql(
         f"CREATE INDEX IF NOT EXISTS ix_messages_not_accepted_id ON messages (status) WHERE {NOT_ACCEPTED}"
     )
-    if conn.dialect.name != "sqlite":
-        return
-    top = conn.exec_driver_sql("SELECT max(id) FROM messages").scalar() or 0
-    for low in range(1, top + 1, BACKFILL_BATCH):
-        bounds = {"low": low, "high": low + BACKFILL_BATCH}
-        where = "WHERE m.id >= :low AND m.id < :high"
-        conn.execute(text(_keys_of("m", "messages AS m", where)), bounds)
+    search_keys.create(conn, checkfirst=True)
+    last = 0
+    while True:
+        rows = conn.execute(
+            select(messages.c.id, messages.c.control_id, messages.c.sending_application, messages.c.sending_facility,
+                   messages.c.summary).where(messages.c.id > last).order_by(messages.c.id).limit(BACKFILL_BATCH)
+        ).all()  # fmt: skip
+        if not rows:
+            return
+        last = rows[-1].id
+        filled = []
+        for row in rows:
+            summary = json.loads(row.summary) if row.summary else None
+            terms, words = search_terms(row.control_id, row.sending_application, row.sending_facility, summary)
+            filled.append({"i": row.id, "terms": terms, "words": words})
         conn.execute(
-            text(f"INSERT INTO messages_text (rowid, body) SELECT id, t FROM (SELECT m.id, {_text_of('m.summary')} AS t "
-                 f"FROM messages AS m {where}) WHERE t IS NOT NULL"),
-            bounds,
+            messages.update().where(messages.c.id == bindparam("i"))
+            .values(search_terms=bindparam("terms"), search_text=bindparam("words")),
+            filled,
         )  # fmt: skip
+        if conn.dialect.name == "sqlite":
+            bounds = {"low": rows[0].id, "high": last}
+            conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages "
+                              "AS m, json_each(m.search_terms) AS j WHERE m.id BETWEEN :low AND :high"), bounds)  # fmt: skip
+            conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
+                              "WHERE id BETWEEN :low AND :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
 
 
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
