@@ -121,6 +121,8 @@ def query(
     first message received in it, so that no walk goes on past its start."""
     _check(filters)
     keys = _keys(filters)
+    if (keys or filters.text) and conn.dialect.name != "sqlite":
+        raise SearchError("--appointment, --patient, --control-id, --sender and --text need the SQLite message log")
     narrow = [k for k in keys if not k.startswith("s:")]
     rare_status = filters.status is not None and filters.status != MessageStatus.ACCEPTED
     stmt = select(*columns)
