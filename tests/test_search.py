@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from hl7bridge.store import audit as audit_log
-from hl7bridge.store import open_engine
-from hl7bridge.workflow.search import Filters, explain
+from hl7bridge.store import index_step, messages, open_engine, purge, search_terms
+from hl7bridge.workflow.search import Filters, explain, search
 
-from .conftest import RunningService, fixture_bytes, start_service
+from .conftest import RunningService, fixture_bytes, start_service, wait_until
 
 S12 = fixture_bytes("siu/s12_epic_v251.hl7").decode("latin-1")
 
@@ -50,8 +50,21 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> RunningService:
     for raw in sent:
         running.request(raw)
     running.request(fixture_bytes("malformed/s12_no_pid_v251.hl7"))
+    indexed(running)
     yield running
     running.stop()
+
+
+def indexed(service: RunningService) -> None:
+    """Wait for the service's search indexer (a writer job every second) to take every message logged so far."""
+
+    def current() -> bool:
+        with sqlite3.connect(service.database) as conn:
+            (top,) = conn.execute("SELECT max(id) FROM messages").fetchone()
+            done = conn.execute("SELECT value FROM meta WHERE key = 'search_indexed_to'").fetchone()
+        return done is not None and int(done[0]) >= top
+
+    wait_until(current, message="the search index to take every message")
 
 
 def ids(service: RunningService, *args: str) -> list[str]:
@@ -136,6 +149,7 @@ def test_every_filter_is_answered_from_an_index(searched: RunningService, filter
 
 def test_retention_clears_the_patient_index_and_the_words(fresh_service: RunningService) -> None:
     fresh_service.request(booking("R-1", "PL-9", "FI-9", "MRN-9", "HAWTHORN"))
+    indexed(fresh_service)
     assert ids(fresh_service, "--patient", "MRN-9") == ["R-1"]
     fresh_service.cli("purge", "--older-than", "0s")
     assert ids(fresh_service, "--patient", "MRN-9") == []
@@ -150,8 +164,8 @@ def test_an_older_log_is_backfilled_on_upgrade(fresh_service: RunningService) ->
     fresh_service.request(booking("U-1", "PL-7", "FI-7", "MRN-7", "WILLOWMERE"))
     fresh_service.stop()
     with sqlite3.connect(fresh_service.database) as conn:
-        for name in ("messages_search_insert", "messages_search_purge"):
-            conn.execute(f"DROP TRIGGER {name}")
+        conn.execute("DROP TRIGGER messages_search_purge")
+        conn.execute("DELETE FROM meta WHERE key = 'search_indexed_to'")
         conn.execute("DROP TABLE messages_text")
         conn.execute("DROP TABLE search_keys")
         conn.execute("DROP INDEX ix_messages_not_accepted_id")
@@ -192,3 +206,22 @@ def test_a_phi_export_is_audited_and_written_0600(searched: RunningService, tmp_
     assert entry.details["filters"]["patient"] == "(given)" and "MRN-1" not in json.dumps(entry.details)
     again = searched.cli("log", "export", "--since", "1h", "--output", str(target), check=False)
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_a_message_purged_before_it_was_indexed_leaves_the_index_sound(tmp_path: Path) -> None:
+    """Retention's trigger removes words only of indexed messages: FTS5's 'delete' of words it never held would
+    corrupt the contentless index."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    summary = {"patient_ids": [{"value": "MRN-P"}], "names": [{"family": "PURGED"}], "placer_appointment_id": "PL-P"}
+    terms, words = search_terms("P-1", "EPIC", "MAIN", summary)
+    with engine.begin() as conn:
+        conn.execute(messages.insert(), [{"received_at": 1.0, "listener": "main", "peer": "p", "status": "accepted",
+                                          "control_id": "P-1", "summary": json.dumps(summary), "search_terms": terms,
+                                          "search_text": words}])  # fmt: skip
+    purge(engine, cutoff=2.0)
+    with engine.begin() as conn:
+        assert index_step(conn, 100) == 1
+        conn.exec_driver_sql("INSERT INTO messages_text (messages_text, rank) VALUES ('integrity-check', 1)")
+    assert [r["control_id"] for r in search(engine, Filters(control_id="P-1")).rows] == ["P-1"]
+    assert search(engine, Filters(patient="MRN-P")).rows == []
+    assert search(engine, Filters(text="purged", since=0.0)).rows == []

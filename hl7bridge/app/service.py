@@ -39,6 +39,7 @@ from hl7bridge.store import (
     StoreError,
     Writer,
     compact,
+    index_step,
     integrity_problem,
     loose_directory,
     open_engine,
@@ -47,6 +48,8 @@ from hl7bridge.store import (
 )
 from hl7bridge.testing.sandbox import Sandbox
 
+#: Messages per search-index job (``store.index_step``).
+SEARCH_INDEX_BATCH = 100
 log = logging.getLogger("hl7bridge.service")
 #: Descriptors the service holds besides connections: database files, pipes, the reactor, the API client.
 DESCRIPTOR_BASE = 128
@@ -141,6 +144,7 @@ class Service:
             log.info("listener %s listening on %s", listener.name, _describe(port))
         yield self._start_health()
         self._start_retention()
+        self._start_search_index()
 
     @defer.inlineCallbacks
     def _check_log(self):
@@ -217,6 +221,34 @@ class Service:
             yield self.stop()
             raise StartupError(f"the health listener cannot listen on {cfg.listen}: {_why(exc)}") from None
         log.info("health and metrics on http://%s/healthz and /metrics", _describe(self._health_port))
+
+    def _start_search_index(self) -> None:
+        """Every second, the messages logged since are added to the search index, in writer jobs of
+        ``SEARCH_INDEX_BATCH`` (about a millisecond each, so no message waits long behind one)."""
+        busy = False
+
+        def step_done(indexed: int | None, error: BaseException | None) -> None:
+            self.reactor.callFromThread(after_step, indexed, error)
+
+        def after_step(indexed: int | None, error: BaseException | None) -> None:
+            nonlocal busy
+            busy = False
+            if error is not None:
+                log.error("search index: %s", error)
+            elif indexed == SEARCH_INDEX_BATCH:
+                tick()
+
+        def tick() -> None:
+            nonlocal busy
+            if busy or self.writer is None:
+                return
+            busy = True
+            self.writer.submit_job(Job(lambda conn: index_step(conn, SEARCH_INDEX_BATCH), step_done))
+
+        loop = task.LoopingCall(tick)
+        loop.clock = self.reactor
+        loop.start(1.0, now=True)
+        self._loops.append(loop)
 
     def _start_retention(self) -> None:
         days = self.config.service.retention_days

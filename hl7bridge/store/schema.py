@@ -203,7 +203,7 @@ def search_terms(
 ) -> tuple[str | None, str | None]:
     """A message's ``search_terms`` (a JSON array of its ``search_keys``) and ``search_text`` (the words of its
     names, reason, type, provider and place), as intake stores them with the message and the upgrade backfills
-    them: the one definition of what is searchable. The insert trigger only copies them into the indexes."""
+    them: the one definition of what is searchable. ``index_step`` copies them into the indexes."""
     keys = [f"c:{control_id}" if control_id else ""]
     if application:
         keys += [f"s:{application}", f"s:{application}^{facility or ''}"]
@@ -217,25 +217,50 @@ def search_terms(
     return (orjson.dumps(terms).decode() if terms else None), (words or None)
 
 
-#: The search index's DDL beside ``search_keys`` (SQLite): a contentless FTS5 table (words only, no text kept)
-#: and the triggers that fill both from every inserted message's ``search_terms`` and ``search_text``, and clear
-#: the patient's keys and words once retention clears the summary. Triggers, so that every way a message enters
-#: the log (the writer's multi-row inserts, replays) is indexed with no extra statement on the hot path; they
-#: parse no summary, which cost 60 µs a message (``bench/search.py --ingest-cost``).
+#: ``meta`` key: the newest message id the search index holds (every message up to it is indexed).
+INDEXED_KEY = "search_indexed_to"
+#: The search index's DDL beside ``search_keys`` (SQLite): a contentless FTS5 table (words only, no text kept), and
+#: the trigger that removes the patient's keys and words once retention clears a summary. It fires only for
+#: messages already indexed: FTS5's 'delete' of words it never held would corrupt the index.
 SEARCH_DDL = (
     "CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(body, content='', detail=none)",
-    """CREATE TRIGGER IF NOT EXISTS messages_search_insert AFTER INSERT ON messages BEGIN
-        INSERT OR IGNORE INTO search_keys (key, message_id) SELECT value, NEW.id FROM json_each(NEW.search_terms);
-        INSERT INTO messages_text (rowid, body) SELECT NEW.id, NEW.search_text WHERE NEW.search_text IS NOT NULL;
-    END""",
-    """CREATE TRIGGER IF NOT EXISTS messages_search_purge AFTER UPDATE OF summary ON messages
-        WHEN OLD.summary IS NOT NULL AND NEW.summary IS NULL BEGIN
+    f"""CREATE TRIGGER IF NOT EXISTS messages_search_purge AFTER UPDATE OF summary ON messages
+        WHEN OLD.summary IS NOT NULL AND NEW.summary IS NULL
+            AND OLD.id <= coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{INDEXED_KEY}'), 0) BEGIN
         DELETE FROM search_keys WHERE message_id = OLD.id
             AND key IN (SELECT value FROM json_each(OLD.search_terms) WHERE value LIKE 'p:%');
         INSERT INTO messages_text (messages_text, rowid, body)
             SELECT 'delete', OLD.id, OLD.search_text WHERE OLD.search_text IS NOT NULL;
     END""",
 )
+
+
+def index_step(conn: Any, limit: int) -> int:
+    """Copy the ``search_terms`` and ``search_text`` of the next ``limit`` messages not yet indexed into the search
+    index; how many it took (0: the index is current).
+
+    Batches, not a trigger per insert: FTS5 writes a segment per transaction, and the writer commits a lone
+    message on its own, so a trigger cost 140 µs of writer time a message over one connection; a batch pays
+    that once. The service runs this as a writer job every second (``app.service``), so a message is findable
+    about a second after its ACK."""
+    if conn.dialect.name != "sqlite":
+        return 0
+    last = int(get_meta(conn, INDEXED_KEY) or 0)
+    top, count = conn.execute(
+        text("SELECT max(id), count(*) FROM (SELECT id FROM messages WHERE id > :last ORDER BY id LIMIT :n)"),
+        {"last": last, "n": limit},
+    ).one()
+    if not count:
+        return 0
+    bounds = {"low": last, "high": top}
+    conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
+                      "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high"), bounds)  # fmt: skip
+    conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
+                      "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
+    set_meta(conn, INDEXED_KEY, str(top))
+    return int(count)
+
+
 #: Messages per backfill statement when an older log is upgraded.
 BACKFILL_BATCH = 5000
 
@@ -381,7 +406,8 @@ def _v4_audit(conn: Any) -> None:
 
 
 def _v5_search(conn: Any) -> None:
-    """The search index, backfilled from the messages already logged, a batch of ids at a time."""
+    """The search index, backfilled from the messages already logged, a batch of ids at a time (the terms with
+    intake's own ``search_terms``)."""
     conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN search_terms TEXT")
     conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN search_text TEXT")
     conn.exec_driver_sql(
@@ -395,7 +421,7 @@ def _v5_search(conn: Any) -> None:
                    messages.c.summary).where(messages.c.id > last).order_by(messages.c.id).limit(BACKFILL_BATCH)
         ).all()  # fmt: skip
         if not rows:
-            return
+            break
         last = rows[-1].id
         filled = []
         for row in rows:
@@ -407,12 +433,8 @@ def _v5_search(conn: Any) -> None:
             .values(search_terms=bindparam("terms"), search_text=bindparam("words")),
             filled,
         )  # fmt: skip
-        if conn.dialect.name == "sqlite":
-            bounds = {"low": rows[0].id, "high": last}
-            conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages "
-                              "AS m, json_each(m.search_terms) AS j WHERE m.id BETWEEN :low AND :high"), bounds)  # fmt: skip
-            conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
-                              "WHERE id BETWEEN :low AND :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
+    while index_step(conn, BACKFILL_BATCH):
+        pass
 
 
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
