@@ -61,6 +61,12 @@ def test_where_picks_the_repetition_whose_component_matches() -> None:
     assert one(explicit) == "ALIAS9", "an explicit repetition ignores the where table"
 
 
+def test_where_skips_a_blank_matching_repetition_for_a_later_one() -> None:
+    two = ctx(SCH, TQ1, "PID|1||  ^^^HOSP^MR~MRN2^^^HOSP^MR||DOE^JANE")
+    mr = Condition(Path.parse("PID-3.5"), ("MR",))
+    assert one(ParameterSpec("mrn", ("PID-3.1",), where=(mr,)), two) == "MRN2"
+
+
 def test_where_on_another_field_does_not_filter() -> None:
     other = Condition(Path.parse("PID-13.2"), ("NET",))
     assert one(ParameterSpec("mrn", ("PID-3.1",), where=(other,))) == "ALIAS9"

@@ -66,6 +66,11 @@ def test_an_unrouted_event_is_ignored_or_rejected_as_configured(unrouted: str, s
         assert (result.problem.location, result.problem.code) == ("MSH-4", REQUIRED_FIELD_MISSING)
 
 
+def test_event_values_are_compared_without_surrounding_spaces() -> None:
+    spaced = replace(EVENT, sending_facility=" MAIN ", department="cardio ")
+    assert plan(spaced, replace(ROUTE, match=Criteria(sending_facility=("main",), department=("CARDIO",)))).route
+
+
 def test_the_first_route_that_applies_wins() -> None:
     first = replace(ROUTE, name="first", match=Criteria(department=("cardio",)))
     second = replace(ROUTE, name="second")
