@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from hl7bridge.dispatch.child import ChildSpec, EventPipe, LineBuffer
-from hl7bridge.dispatch.dispatcher import STRANGE_LIMIT, Dispatcher, DispatchSettings
+from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import (
     DEFAULT_CANCEL_PATH,
     MAX_BODY,
@@ -27,6 +27,7 @@ from hl7bridge.dispatch.journeys import (
     api_text,
     plain_http_outside_loopback,
 )
+from hl7bridge.dispatch.rules import STRANGE_LIMIT, DispatchSettings
 from hl7bridge.store import Writer, open_engine
 from hl7bridge.store.schema import attempts, commands, messages
 

@@ -11,8 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-from hl7bridge.dispatch.dispatcher import Dispatcher, DispatchSettings
+from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.store import Writer, open_engine
 
 

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from hl7bridge.dispatch.dispatcher import Dispatcher, DispatchSettings
+from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.mapping.routing import BOOK, Command
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, Writer, apply_updates, command_values, open_engine
 from hl7bridge.store.schema import appointments, commands, messages

@@ -24,7 +24,7 @@ from hl7bridge.core.checks import seconds as _seconds
 from hl7bridge.core.checks import string as _str
 from hl7bridge.core.checks import table as _section
 from hl7bridge.core.checks import zone as _zone
-from hl7bridge.dispatch.dispatcher import DispatchSettings
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.hl7 import charsets, tables
 from hl7bridge.hl7.er7 import DEFAULT_LIMITS, Limits, Path
 from hl7bridge.hl7.siu import DEFAULT_START_SOURCES, Feed

@@ -21,8 +21,8 @@ from hl7bridge.core.checks import strings as _strings
 from hl7bridge.core.checks import table as _table
 from hl7bridge.core.checks import unknown_settings as _unknown
 from hl7bridge.core.checks import zone as _zone
-from hl7bridge.dispatch.dispatcher import DispatchSettings
 from hl7bridge.dispatch.journeys import DEFAULT_CANCEL_PATH, JourneysClient, TokenSource
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.hl7 import tables
 from hl7bridge.hl7.er7 import Path
 from hl7bridge.mapping.parameters import NAMED_VALUES, TYPES, Condition, ParameterSpec, is_named

@@ -37,9 +37,10 @@ from hl7bridge.core import logs
 from hl7bridge.core.observer import NullObserver
 from hl7bridge.core.status import FINAL_STATUSES
 from hl7bridge.dispatch import pipe
-from hl7bridge.dispatch.dispatcher import Dispatcher, DispatchSettings
+from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
 from hl7bridge.dispatch.pipe import LineBuffer
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine
 from hl7bridge.store.schema import commands
 
