@@ -10,7 +10,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from hl7bridge.app.dispatch_config import (
-    ApiConfig,
     parse_api,
     parse_dispatch,
     parse_routes,
@@ -24,7 +23,8 @@ from hl7bridge.core.checks import seconds as _seconds
 from hl7bridge.core.checks import string as _str
 from hl7bridge.core.checks import table as _section
 from hl7bridge.core.checks import zone as _zone
-from hl7bridge.dispatch.dispatcher import DispatchSettings
+from hl7bridge.dispatch.journeys import ApiSettings
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.hl7 import charsets, tables
 from hl7bridge.hl7.er7 import DEFAULT_LIMITS, Limits, Path
 from hl7bridge.hl7.siu import DEFAULT_START_SOURCES, Feed
@@ -118,7 +118,7 @@ class HealthConfig:
 class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig("main"),)
-    api: ApiConfig = field(default_factory=ApiConfig)
+    api: ApiSettings = field(default_factory=ApiSettings)
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     routes: tuple[Route, ...] = ()
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from hl7bridge.core.checks import Check
@@ -21,36 +20,13 @@ from hl7bridge.core.checks import strings as _strings
 from hl7bridge.core.checks import table as _table
 from hl7bridge.core.checks import unknown_settings as _unknown
 from hl7bridge.core.checks import zone as _zone
-from hl7bridge.dispatch.dispatcher import DispatchSettings
-from hl7bridge.dispatch.journeys import DEFAULT_CANCEL_PATH, JourneysClient, TokenSource
+from hl7bridge.dispatch.journeys import ApiSettings
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.hl7 import tables
 from hl7bridge.hl7.er7 import Path
 from hl7bridge.mapping.parameters import NAMED_VALUES, TYPES, Condition, ParameterSpec, is_named
 from hl7bridge.mapping.routing import Criteria, Route, Router
 from hl7bridge.testing.sandbox import FAULT_CHECKS, Faults, Journey, SandboxConfig, local_endpoint
-
-
-@dataclass(frozen=True)
-class ApiConfig:
-    base_url: str = "https://medchatapp.com"
-    org_id: str = ""
-    token_file: str = ""
-    token_env: str = "HL7BRIDGE_API_TOKEN"
-    token_credential: str = "medchat-token"
-    cancel_path: str = DEFAULT_CANCEL_PATH
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    call_timeout: float = 60.0
-    ca_file: str = ""
-    proxy: str = ""
-
-    def tokens(self) -> TokenSource:
-        return TokenSource(self.token_file, self.token_env, self.token_credential)
-
-    def client(self, tokens: Any) -> JourneysClient:
-        return JourneysClient(self.base_url, self.org_id, tokens, self.cancel_path, self.connect_timeout,
-                              self.read_timeout, self.call_timeout, self.ca_file, self.proxy)  # fmt: skip
-
 
 # --- checks --------------------------------------------------------------------------------------
 
@@ -110,8 +86,8 @@ DISPATCH_KEYS: dict[str, Check] = {
 CRITERIA_KEYS = ("sending_application", "sending_facility", "location", "department", "appointment_type", "provider")
 
 
-def parse_api(data: Any, problems: list[str]) -> ApiConfig:
-    return ApiConfig(**_table(data, "api", API_KEYS, problems))
+def parse_api(data: Any, problems: list[str]) -> ApiSettings:
+    return ApiSettings(**_table(data, "api", API_KEYS, problems))
 
 
 #: [dispatch] keys whose ``DispatchSettings`` field has another name, and the factor to its unit.

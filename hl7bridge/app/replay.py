@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from hl7bridge import store
 from hl7bridge.app.config import Config, ListenerConfig
 from hl7bridge.app.dispatch_config import router
+from hl7bridge.dispatch.journeys import JourneysClient
 from hl7bridge.hl7.ack import AckBuilder
 from hl7bridge.ingest.intake import Intake
 from hl7bridge.mapping.routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
@@ -41,7 +42,7 @@ class Replayer:
         self.clock = clock
         self.router = router(config.routes, config.dispatch)
         api = config.api
-        self.client = api.client(api.tokens())
+        self.client = JourneysClient(api, api.tokens())
         self.acks = AckBuilder(config.service.application, config.service.facility)
 
     def _listener(self, name: str) -> ListenerConfig:

@@ -19,7 +19,7 @@ from hl7bridge.app.dispatch_config import router
 from hl7bridge.app.wiring import intake_for
 from hl7bridge.dispatch.child import ChildSpec, FixedToken
 from hl7bridge.dispatch.dispatcher import Dispatcher
-from hl7bridge.dispatch.journeys import TokenSource, plain_http_outside_loopback
+from hl7bridge.dispatch.journeys import JourneysClient, TokenSource, plain_http_outside_loopback
 from hl7bridge.dispatch.process import DispatcherProcess
 from hl7bridge.hl7 import tables
 from hl7bridge.hl7.ack import AckBuilder
@@ -347,24 +347,17 @@ class Service:
         if dispatch.run_in == "process" and _shareable(service.database):
             spec = ChildSpec(
                 database=service.database,
-                base_url=api.base_url,
-                org_id=api.org_id,
-                cancel_path=api.cancel_path,
-                connect_timeout=api.connect_timeout,
-                read_timeout=api.read_timeout,
-                call_timeout=api.call_timeout,
-                ca_file=api.ca_file,
-                proxy=api.proxy,
+                api=api,
                 settings=asdict(dispatch),
                 log_level=service.log_level,
                 log_format=service.log_format,
                 log_phi=service.log_phi,
                 token=tokens.token if isinstance(tokens, FixedToken) else "",
-                token_source=asdict(tokens) if isinstance(tokens, TokenSource) else None,
             )
             self.dispatcher = DispatcherProcess(self.reactor, spec, self.metrics, self.writer)
         else:
-            self.dispatcher = Dispatcher(self.engine, self.writer, api.client(tokens), dispatch, observer=self.metrics)
+            client = JourneysClient(api, tokens)
+            self.dispatcher = Dispatcher(self.engine, self.writer, client, dispatch, observer=self.metrics)
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
         if sandbox_token:

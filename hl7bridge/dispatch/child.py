@@ -37,9 +37,10 @@ from hl7bridge.core import logs
 from hl7bridge.core.observer import NullObserver
 from hl7bridge.core.status import FINAL_STATUSES
 from hl7bridge.dispatch import pipe
-from hl7bridge.dispatch.dispatcher import Dispatcher, DispatchSettings
-from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
+from hl7bridge.dispatch.dispatcher import Dispatcher
+from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
 from hl7bridge.dispatch.pipe import LineBuffer
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine
 from hl7bridge.store.schema import commands
 
@@ -57,29 +58,22 @@ class ChildSpec:
     """Everything the child needs, decided by the parent (CLI overrides, the sandbox's URL and token)."""
 
     database: str
-    base_url: str
-    org_id: str
-    cancel_path: str
-    connect_timeout: float
-    read_timeout: float
+    api: ApiSettings
     #: ``DispatchSettings`` as JSON carries it.
     settings: dict[str, Any]
-    call_timeout: float = 60.0
-    ca_file: str = ""
-    proxy: str = ""
     log_level: str = "info"
     log_format: str = "text"
     log_phi: bool = False
-    #: A token given by value (the in-process sandbox's); otherwise ``token_source`` is read as configured.
+    #: A token given by value (the in-process sandbox's); otherwise the one ``api`` names is read.
     token: str = ""
-    token_source: dict[str, str] | None = None
 
     def to_line(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"
 
     @classmethod
     def from_line(cls, line: bytes) -> ChildSpec:
-        return cls(**json.loads(line))
+        data = json.loads(line)
+        return cls(**{**data, "api": ApiSettings(**data["api"])})
 
 
 @dataclass(frozen=True)
@@ -183,9 +177,8 @@ class Child:
         self.events = events
         self.engine = open_engine(spec.database, read_only=True)
         self.writes = ServiceWrites(events)
-        tokens = FixedToken(spec.token) if spec.token else TokenSource(**(spec.token_source or {}))
-        client = JourneysClient(spec.base_url, spec.org_id, tokens, spec.cancel_path, spec.connect_timeout,
-                                spec.read_timeout, spec.call_timeout, spec.ca_file, spec.proxy)  # fmt: skip
+        tokens = FixedToken(spec.token) if spec.token else spec.api.tokens()
+        client = JourneysClient(spec.api, tokens)
         self.dispatcher = Dispatcher(self.engine, self.writes, client, DispatchSettings(**spec.settings),
                                      observer=events)  # fmt: skip
         self._told_paused: str | None = None

@@ -228,13 +228,15 @@ def _clean(value: str, where: str) -> str:
     return token
 
 
-@dataclass
-class JourneysClient:
-    """One pooled session per client; safe to share between threads for independent calls."""
+@dataclass(frozen=True)
+class ApiSettings:
+    """The ``[api]`` section, as the config builds it, the child process receives it and the client uses it."""
 
-    base_url: str
-    org_id: str
-    tokens: TokenSource
+    base_url: str = "https://medchatapp.com"
+    org_id: str = ""
+    token_file: str = ""
+    token_env: str = "HL7BRIDGE_API_TOKEN"
+    token_credential: str = "medchat-token"
     cancel_path: str = DEFAULT_CANCEL_PATH
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
@@ -244,15 +246,27 @@ class JourneysClient:
     ca_file: str = ""
     #: The only proxy used: the environment (HTTPS_PROXY, .netrc, REQUESTS_CA_BUNDLE) is ignored.
     proxy: str = ""
+
+    def tokens(self) -> TokenSource:
+        return TokenSource(self.token_file, self.token_env, self.token_credential)
+
+
+@dataclass
+class JourneysClient:
+    """One pooled session per client; safe to share between threads for independent calls."""
+
+    api: ApiSettings
+    tokens: TokenSource
     session: requests.Session = field(default_factory=requests.Session)
+    base_url: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.base_url = self.base_url.rstrip("/")
+        self.base_url = self.api.base_url.rstrip("/")
         self.session.trust_env = False
-        if self.proxy:
-            self.session.proxies = {"http": self.proxy, "https": self.proxy}
-        if self.ca_file:
-            self.session.verify = self.ca_file
+        if self.api.proxy:
+            self.session.proxies = {"http": self.api.proxy, "https": self.api.proxy}
+        if self.api.ca_file:
+            self.session.verify = self.api.ca_file
         self.session.headers["User-Agent"] = f"hl7bridge/{__version__} (+HL7 v2 SIU to MedChat Journeys)"
         self.session.headers["Accept"] = "application/json"
         # Compressed answers would grow past MAX_BODY after the limit was checked.
@@ -262,7 +276,7 @@ class JourneysClient:
         self.session.mount("https://", adapter)
 
     def _journey_url(self, chat_bot_id: str, suffix: str) -> str:
-        return (f"{self.base_url}/chatbotapi/external/orgs/{_segment(self.org_id)}/journeys/{_segment(chat_bot_id)}"
+        return (f"{self.base_url}/chatbotapi/external/orgs/{_segment(self.api.org_id)}/journeys/{_segment(chat_bot_id)}"
                 f"/instances{suffix}")  # fmt: skip
 
     def trigger_request(
@@ -291,7 +305,7 @@ class JourneysClient:
         """Raises ``ValueError`` for an instance id that is not one plain path segment."""
         if not _PLAIN_ID.fullmatch(instance_id) or instance_id.strip(".") == "":
             raise ValueError("an instance id that is not plain letters, digits and -._~")
-        path = self.cancel_path.format(orgId=_segment(self.org_id), chatBotId=_segment(chat_bot_id),
+        path = self.api.cancel_path.format(orgId=_segment(self.api.org_id), chatBotId=_segment(chat_bot_id),
                                        instanceId=instance_id)  # fmt: skip
         return "DELETE", self.base_url + path, None
 
@@ -334,14 +348,14 @@ class JourneysClient:
         if escaped:
             return ApiResult(operation, Verdict.MALFORMED, None, summary, "", 0.0, (escaped,), error=escaped,
                              reached=False)  # fmt: skip
-        deadline = _CALL.deadline = started + self.call_timeout
+        deadline = _CALL.deadline = started + self.api.call_timeout
         try:
             response = self.session.request(
                 method,
                 url,
                 json=body,
                 headers={"Authorization": f"Bearer {token}"},
-                timeout=(self.connect_timeout, self.read_timeout),
+                timeout=(self.api.connect_timeout, self.api.read_timeout),
                 allow_redirects=False,
                 stream=True,
             )

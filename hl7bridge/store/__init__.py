@@ -23,6 +23,7 @@ from .outbox import (
     outbox_depth,
     record_ack,
 )
+from .planner import WriteRequest, WriteResult
 from .queries import (
     LIST_COLUMNS,
     appointment_state,
@@ -55,7 +56,7 @@ from .schema import (
     metadata,
     open_engine,
 )
-from .writer import Job, Writer, WriteRequest, WriteResult
+from .writer import Job, Writer
 
 __all__ = [
     "DAMAGED_HINT",
