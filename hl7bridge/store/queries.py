@@ -13,10 +13,20 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql import Select
 
-from hl7bridge.core.status import DEAD_LETTERS, OPEN_STATUSES, CommandStatus, MessageStatus
+from hl7bridge.core.status import DEAD_LETTERS, CommandStatus, MessageStatus
 
-from .outbox import AppointmentRow, appointment
+from .outbox import AppointmentRow, appointment, outbox_depth
 from .schema import NOT_ACCEPTED, attempts, commands, messages
+
+#: The message's open dead letters: a message whose command died still says so in ``log list``.
+_OPEN_DEAD = (
+    select(func.count())
+    .where(commands.c.message_id == messages.c.id)
+    .where(commands.c.status.in_(DEAD_LETTERS))
+    .scalar_subquery()
+)
+#: ``log list --status dead``: messages with an open dead letter, a status of their commands, not their own.
+DEAD = CommandStatus.DEAD.value
 
 LIST_COLUMNS = (
     messages.c.id,
@@ -38,6 +48,7 @@ LIST_COLUMNS = (
     messages.c.error_location,
     messages.c.error,
     messages.c.duplicate_of,
+    _OPEN_DEAD.label("dead_letters"),
 )
 
 
@@ -76,7 +87,10 @@ def count_messages(engine: Engine) -> dict[str, int]:
 
 
 def _with_status(stmt: Any, status: str) -> Any:
-    """Filter on a status, through the partial index for every status but 'accepted'."""
+    """Filter on a status, through the partial index for every status but 'accepted'; ``dead`` through the
+    commands' status index."""
+    if status == DEAD:
+        return stmt.where(messages.c.id.in_(select(commands.c.message_id).where(commands.c.status.in_(DEAD_LETTERS))))
     stmt = stmt.where(messages.c.status == status)
     return stmt.where(text(NOT_ACCEPTED)) if status != MessageStatus.ACCEPTED else stmt
 
@@ -158,7 +172,10 @@ def appointment_state(engine: Engine, key: str) -> AppointmentRow | None:
 
 
 def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
-    """The picture /metrics gives, from the database: for operators without Prometheus."""
+    """The picture /metrics gives, from the database: for operators without Prometheus.
+
+    The outbox and the open dead letters come from the same functions as the service's gauges and
+    ``/healthz`` (``outbox_depth``, ``open_dead_letters``), so they agree with them."""
     now = time.time()
 
     def window(stmt: Any, column: Any) -> Any:
@@ -180,9 +197,8 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
                 window(select(commands.c.status, func.count()), commands.c.created_at).group_by(commands.c.status)
             ).all()
         )
-        depth, oldest = conn.execute(
-            select(func.count(), func.min(commands.c.created_at)).where(commands.c.status.in_(OPEN_STATUSES))
-        ).first()
+        dead, dead_since = open_dead_letters(conn)
+        depth, oldest_age = outbox_depth(conn, now)
         calls = [
             {
                 "operation": op,
@@ -212,8 +228,9 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
         "messages_by_event": by_event,
         "last_message_at": last,
         "commands": command_status,
-        "outbox": {"depth": int(depth or 0), "oldest_age_s": round(now - oldest, 1) if oldest else None},
-        "dead_letters": int(command_status.get(CommandStatus.DEAD, 0)),
+        "outbox": {"depth": depth, "oldest_age_s": round(oldest_age, 1) if oldest_age is not None else None},
+        "dead_letters": dead,
+        "dead_letters_since": dead_since,
         "api_calls": calls,
     }
 
