@@ -154,6 +154,7 @@ def test_retry_after_the_fix_sends_it_once_through_the_running_dispatcher(settin
         "alice",
         "phoneNumber added",
     )
+    assert row["attempts"] == 1  # counted from 0 again: the backoff starts afresh
     assert len(setting.sandbox.instances(appointmentId="A-DL-1")) == 1
     assert len(triggers_for(setting.sandbox, "A-DL-1")) == 1
 
@@ -201,6 +202,30 @@ def test_retry_keeps_an_appointments_order(setting: Setting) -> None:
     (active,) = [i for i in setting.sandbox.instances(appointmentId="A-DL-4") if i["status"] == "InProgress"]
     assert active["parameters"]["appointmentDateTime"].replace("-", "").replace(" ", "").replace(":", "") == LATER
     verified(setting)
+
+
+def test_a_failed_sync_command_is_retried_in_the_background(setting: Setting, tmp_path: Path) -> None:
+    """ack_mode "dispatched": an outage fails the command (the sender got AE). Retried while the outage still
+    runs, it is no longer a sync command that fails at once: it waits out the outage, and is sent once."""
+    listener = 'ack_mode = "dispatched"\ndispatch_timeout = 5'
+    service = start_service(tmp_path, service_toml(setting.sandbox.url, listener_extra=listener), env=TOKEN)
+    try:
+        setting.sandbox.faults(outage={"mode": "503", "seconds": 6})
+        assert b"MSA|AE|" in service.request(siu("S12", "DL-SYNC", "A-DL-SYNC", START))
+        (failed,) = settled(service, "DL-SYNC")
+        assert failed["status"] == "failed" and failed["sync"] == 1
+        data = json.loads(service.cli("stats", "--json").stdout)
+        assert data["dead_letters"] == 1
+        cmd = [sys.executable, "-m", "hl7bridge", "dead-letters", "retry", "--all", "--database", service.url]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert setting.sandbox.get("/_sandbox/faults")["outage"] is not None, "the outage ended too soon"
+        (sent,) = settled(service, "DL-SYNC", timeout=30)
+        assert sent["status"] == "done" and sent["sync"] == 0
+        assert len(triggers_for(setting.sandbox, "A-DL-SYNC")) == 1
+    finally:
+        service.stop()
+        setting.sandbox.faults(outage={"mode": "503", "seconds": 0})
 
 
 # ---- discard -----------------------------------------------------------------------------------------
