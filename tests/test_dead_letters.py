@@ -25,7 +25,7 @@ import requests
 from hl7bridge.store import audit, open_engine
 
 from .conftest import ROOT, RunningSandbox, RunningService, free_port, start_sandbox, start_service, wait_until
-from .dispatch_support import SANDBOX_TOML, TOKEN, commands_of, future, query, service_toml, settled, siu
+from .dispatch_support import SANDBOX_TOML, TOKEN, attempts_of, commands_of, future, query, service_toml, settled, siu
 
 START = future(days=20, hour=10, minute=0)
 LATER = future(days=21, hour=14, minute=30)
@@ -210,16 +210,18 @@ def test_a_failed_sync_command_is_retried_in_the_background(setting: Setting, tm
     listener = 'ack_mode = "dispatched"\ndispatch_timeout = 5'
     service = start_service(tmp_path, service_toml(setting.sandbox.url, listener_extra=listener), env=TOKEN)
     try:
-        setting.sandbox.faults(outage={"mode": "503", "seconds": 6})
+        setting.sandbox.faults(outage={"mode": "503", "seconds": 600})
         assert b"MSA|AE|" in service.request(siu("S12", "DL-SYNC", "A-DL-SYNC", START))
         (failed,) = settled(service, "DL-SYNC")
         assert failed["status"] == "failed" and failed["sync"] == 1
-        data = json.loads(service.cli("stats", "--json").stdout)
-        assert data["dead_letters"] == 1
+        assert json.loads(service.cli("stats", "--json").stdout)["dead_letters"] == 1
+        tried = len(attempts_of(service, failed["id"]))
         cmd = [sys.executable, "-m", "hl7bridge", "dead-letters", "retry", "--all", "--database", service.url]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
-        assert setting.sandbox.get("/_sandbox/faults")["outage"] is not None, "the outage ended too soon"
+        wait_until(lambda: len(attempts_of(service, failed["id"])) > tried, message="an attempt in the outage")
+        assert commands_of(service, "DL-SYNC")[0]["status"] == "pending"
+        setting.sandbox.faults(outage={"mode": "503", "seconds": 0})
         (sent,) = settled(service, "DL-SYNC", timeout=30)
         assert sent["status"] == "done" and sent["sync"] == 0
         assert len(triggers_for(setting.sandbox, "A-DL-SYNC")) == 1
@@ -298,6 +300,7 @@ def test_stats_counts_open_dead_letters_as_the_log_holds_them(setting: Setting) 
         data = json.loads(cli(setting, "stats", "--json", *args).stdout)
         assert data["dead_letters"] == open_now, args
         assert data["outbox"]["depth"] == 0
+    assert f"open dead letters: {open_now}, the oldest since " in cli(setting, "stats").stdout
     metrics = f"http://127.0.0.1:{setting.metrics_port}/metrics"
     wait_until(lambda: "hl7bridge_outbox_depth 0.0" in requests.get(metrics, timeout=5).text, message="the gauge")
 

@@ -467,7 +467,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print("commands: " + (", ".join(f"{k} {v}" for k, v in sorted(data["commands"].items())) or "none"))
     oldest = data["outbox"]["oldest_age_s"]
     print(f"outbox: {data['outbox']['depth']} waiting" + (f", the oldest for {oldest:.0f} s" if oldest else ""))
-    print(f"dead letters: {data['dead_letters']}")
+    oldest_dead = f", the oldest since {_when(data['dead_letters_since'])}" if data["dead_letters_since"] else ""
+    print(f"open dead letters: {data['dead_letters']}{oldest_dead}"
+          + (" (see 'hl7bridge dead-letters list')" if oldest_dead else ""))  # fmt: skip
     if data["api_calls"]:
         print("API calls:")
         for row in data["api_calls"]:

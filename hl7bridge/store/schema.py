@@ -116,7 +116,7 @@ commands = Table(
     Column("parameters", Text, nullable=False, doc="JSON (PHI)"),
     Column("identifiers", Text, nullable=False, doc="JSON"),
     Column("start_at", Float),
-    Column("status", String(12), nullable=False, doc="pending in_flight done dead annihilated failed"),
+    Column("status", String(12), nullable=False, doc="pending in_flight done dead annihilated failed discarded"),
     Column("step", String(16), nullable=False, default=""),
     Column("outcome", Text),
     Column("attempts", Integer, nullable=False, default=0),
