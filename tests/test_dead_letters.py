@@ -305,6 +305,28 @@ def test_stats_counts_open_dead_letters_as_the_log_holds_them(setting: Setting) 
     wait_until(lambda: "hl7bridge_outbox_depth 0.0" in requests.get(metrics, timeout=5).text, message="the gauge")
 
 
+def test_stats_counts_api_calls_as_metrics_does(setting: Setting) -> None:
+    """Two dead letters retried together leave in one bulk call, logged as one attempt row per command:
+    `stats` counts that call once, as /metrics does."""
+    six, seven = setting.dead["DL-6"], setting.dead["DL-7"]
+    assert cli(setting, "dead-letters", "retry", str(six), str(seven)).returncode == 0
+    wait_until(lambda: {status_of(setting, c)["status"] for c in (six, seven)} == {"done"}, message="the retries")
+    (call,) = triggers_for(setting.sandbox, "A-DL-6")
+    assert call in triggers_for(setting.sandbox, "A-DL-7"), "the two retries were not coalesced"
+    wait_until(lambda: not query(setting.service, "SELECT id FROM commands WHERE status IN ('pending', 'in_flight')"))
+    calls = json.loads(cli(setting, "stats", "--json").stdout)["api_calls"]
+    assert {"operation": "trigger", "status": 204} in [{k: c[k] for k in ("operation", "status")} for c in calls]
+    for row in calls:
+        labels = {"operation": row["operation"], "status": str(row["status"])}
+        assert row["count"] == metric(setting, "hl7bridge_api_calls_total", **labels), row
+
+
+def metric(setting: Setting, name: str, **labels: str) -> float:
+    text = requests.get(f"http://127.0.0.1:{setting.metrics_port}/metrics", timeout=5).text
+    lines = [line for line in text.splitlines() if line.startswith(name + "{")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+
 # ---- purge -------------------------------------------------------------------------------------------
 
 

@@ -175,7 +175,9 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
     """The picture /metrics gives, from the database: for operators without Prometheus.
 
     The outbox and the open dead letters come from the same functions as the service's gauges and
-    ``/healthz`` (``outbox_depth``, ``open_dead_letters``), so they agree with them."""
+    ``/healthz`` (``outbox_depth``, ``open_dead_letters``), so they agree with them. API calls are counted
+    as ``hl7bridge_api_calls`` counts them, once per call: a bulk call logs one attempt row per command it
+    carried (and a bisected 400 one per command of both halves), the same call id, time and answer in each."""
     now = time.time()
 
     def window(stmt: Any, column: Any) -> Any:
@@ -199,6 +201,11 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
         )
         dead, dead_since = open_dead_letters(conn)
         depth, oldest_age = outbox_depth(conn, now)
+        one_row_per_call = window(
+            select(attempts.c.call_id, attempts.c.at, attempts.c.operation, attempts.c.status_code,
+                   attempts.c.duration_ms).distinct(),
+            attempts.c.at,
+        ).subquery()  # fmt: skip
         calls = [
             {
                 "operation": op,
@@ -208,18 +215,15 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
                 "max_ms": round(top or 0.0, 1),
             }
             for op, status, count, avg, top in conn.execute(
-                window(
-                    select(
-                        attempts.c.operation,
-                        attempts.c.status_code,
-                        func.count(),
-                        func.avg(attempts.c.duration_ms),
-                        func.max(attempts.c.duration_ms),
-                    ),
-                    attempts.c.at,
+                select(
+                    one_row_per_call.c.operation,
+                    one_row_per_call.c.status_code,
+                    func.count(),
+                    func.avg(one_row_per_call.c.duration_ms),
+                    func.max(one_row_per_call.c.duration_ms),
                 )
-                .group_by(attempts.c.operation, attempts.c.status_code)
-                .order_by(attempts.c.operation, attempts.c.status_code)
+                .group_by(one_row_per_call.c.operation, one_row_per_call.c.status_code)
+                .order_by(one_row_per_call.c.operation, one_row_per_call.c.status_code)
             )
         ]
     return {
