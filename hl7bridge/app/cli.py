@@ -20,9 +20,6 @@ from hl7bridge.app.config import Config, ConfigError, load
 from hl7bridge.core.logs import cap, escape, masked
 from hl7bridge.core.status import CommandStatus, MessageStatus
 
-#: The status ``log list`` shows for a message with an open dead letter, and filters on.
-DEAD = CommandStatus.DEAD.value
-
 EXIT_USAGE = 2
 #: A cell of `log list` holds at most this much (then "...(+N chars)"): senders choose MSH-3/4/10; `log show` has it all.
 LIST_CELL_CHARS = 80
@@ -358,7 +355,7 @@ def cmd_log_list(args: argparse.Namespace) -> int:
         table.append(tuple(escape(cap(cell, LIST_CELL_CHARS)) for cell in (
             str(r["id"]), _when(r["received_at"]), r["listener"], r["peer"],
             f"{r['sending_application'] or ''}/{r['sending_facility'] or ''}", r["control_id"] or "",
-            kind, r["version"] or "", r["ack_code"] or "-", DEAD if r["dead_letters"] else r["status"], detail,
+            kind, r["version"] or "", r["ack_code"] or "-", CommandStatus.DEAD.value if r["dead_letters"] else r["status"], detail,
         )))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
@@ -661,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     log = sub.add_parser("log", help="look into the message log")
     log_sub = log.add_subparsers(dest="log_command", required=True)
     lst = with_config(log_sub.add_parser("list", help="recent messages, newest first"))
-    lst.add_argument("--status", choices=[*(status.value for status in MessageStatus), DEAD],
+    lst.add_argument("--status", choices=[*(status.value for status in MessageStatus), CommandStatus.DEAD.value],
                      help="a message's status, or dead: messages with an open dead letter")  # fmt: skip
     lst.add_argument("--since", metavar="DURATION", help="e.g. 30m, 12h, 7d")
     lst.add_argument("--event", metavar="S12")

@@ -25,8 +25,6 @@ _OPEN_DEAD = (
     .where(commands.c.status.in_(DEAD_LETTERS))
     .scalar_subquery()
 )
-#: ``log list --status dead``: messages with an open dead letter, a status of their commands, not their own.
-DEAD = CommandStatus.DEAD.value
 
 LIST_COLUMNS = (
     messages.c.id,
@@ -87,9 +85,9 @@ def count_messages(engine: Engine) -> dict[str, int]:
 
 
 def _with_status(stmt: Any, status: str) -> Any:
-    """Filter on a status, through the partial index for every status but 'accepted'; ``dead`` through the
-    commands' status index."""
-    if status == DEAD:
+    """Filter on a status, through the partial index for every status but 'accepted'. ``dead`` is not a
+    message's own status: it selects the messages with an open dead letter, through the commands' index."""
+    if status == CommandStatus.DEAD:
         return stmt.where(messages.c.id.in_(select(commands.c.message_id).where(commands.c.status.in_(DEAD_LETTERS))))
     stmt = stmt.where(messages.c.status == status)
     return stmt.where(text(NOT_ACCEPTED)) if status != MessageStatus.ACCEPTED else stmt
