@@ -15,6 +15,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,3 +360,33 @@ def test_an_upgraded_log_has_the_same_commands_table_as_a_new_one(tmp_path: Path
     assert {"resolution", "resolved_by", "resolved_at", "resolution_reason", "resolution_audit"} <= {
         name for name, _type in columns[new]
     }
+
+
+def test_a_later_command_committed_while_a_retry_waits_for_the_lock_is_seen(tmp_path: Path) -> None:
+    """The retry's checks and its change are one write transaction: a command the service commits meanwhile
+    (here, while this test holds the write lock) is seen, and the retry refused, instead of checked too early."""
+    path = tmp_path / "log.db"
+    open_engine(f"sqlite:///{path}").dispose()
+    row = ("INSERT INTO commands (message_id, appointment_key, kind, route, chat_bot_id, time_zone, parameters, "
+           "identifiers, status, step, attempts, next_attempt_at, sync, uncertain, created_at, updated_at) "
+           "VALUES (1, 'MAIN|A-RACE', ?, 'reminders', 'reminders', 'UTC', '{}', '{}', ?, '', 1, 0, 0, 0, 0, 0)")  # fmt: skip
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO messages (received_at, listener, peer, status) VALUES (0, 'main', 'p', 'accepted')")
+        dead = conn.execute(row, ("book", "dead")).lastrowid
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    cmd = [sys.executable, "-m", "hl7bridge", "dead-letters", "retry", str(dead), "--database", f"sqlite:///{path}"]
+    retry = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        time.sleep(2.5)  # the retry has started and waits for the lock (up to the log's 5 s busy timeout)
+        later = holder.execute(row, ("cancel", "done")).lastrowid
+        holder.execute("COMMIT")
+        out, err = retry.communicate(timeout=60)
+    finally:
+        holder.close()
+        if retry.poll() is None:
+            retry.kill()
+    assert retry.returncode == 1, err
+    assert f"refused command {dead}: superseded by command {later} (cancel, done)" in out
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT status FROM commands WHERE id = ?", (dead,)).fetchone() == ("dead",)
