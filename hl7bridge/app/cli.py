@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -65,6 +66,24 @@ def seconds_arg(text: str) -> float:
     if not 0 < value <= 86400:
         raise argparse.ArgumentTypeError(f"expected a number of seconds from 0 to 86400, got {text[:40]!r}")
     return value
+
+
+def operator_name(text: str) -> str:
+    """An argparse ``type`` for ``--by``: who acted, as the audit log records it."""
+    name = text.strip()
+    if not 0 < len(name) <= 128 or not name.isprintable():
+        raise argparse.ArgumentTypeError(f"expected a name of 1 to 128 printable characters, got {text[:40]!r}")
+    return name
+
+
+def actor(args: argparse.Namespace) -> str:
+    """Who acts: ``--by``, else the OS user (the audit log's actor)."""
+    if getattr(args, "by", None):
+        return str(args.by)
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return f"uid {os.getuid()}"
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -325,7 +344,9 @@ def cmd_log_list(args: argparse.Namespace) -> int:
     for r in rows:
         kind = f"{r['message_type'] or '?'}^{r['event'] or ''}".rstrip("^")
         detail = ""
-        if r["duplicate_of"]:
+        if r["dead_letters"]:
+            detail = f"{r['dead_letters']} dead letter(s): see 'hl7bridge dead-letters list'"
+        elif r["duplicate_of"]:
             detail = f"duplicate of {r['duplicate_of']}"
         elif r["error"]:
             detail = f"{r['error_location'] + ': ' if r['error_location'] else ''}{r['error']}"
@@ -334,7 +355,7 @@ def cmd_log_list(args: argparse.Namespace) -> int:
         table.append(tuple(escape(cap(cell, LIST_CELL_CHARS)) for cell in (
             str(r["id"]), _when(r["received_at"]), r["listener"], r["peer"],
             f"{r['sending_application'] or ''}/{r['sending_facility'] or ''}", r["control_id"] or "",
-            kind, r["version"] or "", r["ack_code"] or "-", r["status"], detail,
+            kind, r["version"] or "", r["ack_code"] or "-", CommandStatus.DEAD.value if r["dead_letters"] else r["status"], detail,
         )))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
@@ -401,6 +422,10 @@ def cmd_log_show(args: argparse.Namespace) -> int:
             print(f"  #{c['id']} {c['kind']} via route {c['route']} (chatBotId {c['chat_bot_id']}"
                   f"{', flowId ' + c['flow_id'] if c['flow_id'] else ''}): {c['status']}"
                   f"{' - ' + c['outcome'] if c['outcome'] else ''} [attempts {c['attempts']}]")  # fmt: skip
+            if c["resolution"]:
+                why = f": {escape(c['resolution_reason'])}" if c["resolution_reason"] else ""
+                print(f"      {c['resolution']} by {escape(c['resolved_by'] or '?')} at {_when(c['resolved_at'])}{why} "
+                      f"(audit entry {c['resolution_audit']})")  # fmt: skip
             if args.phi:
                 print(f"      parameters {c['parameters']}")
             for a in (a for a in attempts if a["command_id"] == c["id"]):
@@ -439,7 +464,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print("commands: " + (", ".join(f"{k} {v}" for k, v in sorted(data["commands"].items())) or "none"))
     oldest = data["outbox"]["oldest_age_s"]
     print(f"outbox: {data['outbox']['depth']} waiting" + (f", the oldest for {oldest:.0f} s" if oldest else ""))
-    print(f"dead letters: {data['dead_letters']}")
+    oldest_dead = f", the oldest since {_when(data['dead_letters_since'])}" if data["dead_letters_since"] else ""
+    print(f"open dead letters: {data['dead_letters']}{oldest_dead}"
+          + (" (see 'hl7bridge dead-letters list')" if oldest_dead else ""))  # fmt: skip
     if data["api_calls"]:
         print("API calls:")
         for row in data["api_calls"]:
@@ -450,7 +477,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from hl7bridge.store import due_for_purge, purge
+    from hl7bridge.store import AuditEntry, due_for_purge, purge
 
     cfg = _config(args)
     age = args.older_than or (f"{cfg.service.retention_days}d" if cfg.service.retention_days else None)
@@ -466,7 +493,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
             f"{due.attempts} attempt response(s), {due.appointments} appointment memory(ies)"
         )
         return 0
-    done = purge(engine, cutoff)
+    audited = AuditEntry(actor(args), "cli", "purge", "log", details={"older_than": age})
+    done = purge(engine, cutoff, audited=audited)
     print(
         f"cleared patient data older than {age}: {done.messages} message(s), {done.commands} command(s), "
         f"{done.attempts} attempt response(s), {done.appointments} appointment memory(ies); outcomes kept"
@@ -518,6 +546,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"{queued} command(s) queued from {total - problems - skipped} message(s); the running service dispatches them "
               "(follow with 'hl7bridge log show ID')", file=sys.stderr)  # fmt: skip
     return 1 if problems and problems == total - skipped else 0
+
+
+# --- dead-letters -------------------------------------------------------------------------------
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from hl7bridge.app import cli_deadletters
+
+    if args.dl_command == "retry" and bool(args.ids) == bool(args.all):
+        raise CliError(
+            "name the dead letters to retry (command ids, see 'hl7bridge dead-letters list') or --all, not both"
+        )
+    if args.dl_command == "discard" and not (args.reason or "").strip():
+        raise CliError("say why: --reason TEXT (kept with the command and in the audit log)")
+    since = time.time() - parse_duration(args.since) if getattr(args, "since", None) else None
+    return cli_deadletters.run(args, _engine(args), actor(args), since, _when)
 
 
 # --- parser ---------------------------------------------------------------------------------------
@@ -574,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     purge_p = with_config(sub.add_parser("purge", help="clear patient data older than a duration (retention)"))
     purge_p.add_argument("--older-than", metavar="DURATION", help="e.g. 30d (default: service.retention_days)")
     purge_p.add_argument("--dry-run", action="store_true", help="only count what would be cleared")
+    purge_p.add_argument(
+        "--by", type=operator_name, metavar="NAME", help="who purges, for the audit log (default: the OS user)"
+    )
     purge_p.set_defaults(func=cmd_purge)
 
     replay = with_config(sub.add_parser("replay", help="run logged messages again through mapping and dispatch"))
@@ -585,10 +632,34 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true", help="print the exact API calls instead")
     replay.set_defaults(func=cmd_replay)
 
+    dead = sub.add_parser(
+        "dead-letters", help="commands the API refused or that were given up on: list, retry, discard"
+    )
+    dead_sub = dead.add_subparsers(dest="dl_command", required=True)
+    dl_list = with_config(dead_sub.add_parser("list", help="open dead letters, oldest first"))
+    dl_list.add_argument("--since", metavar="DURATION", help="dead within, e.g. 12h")
+    dl_list.add_argument("--route", metavar="NAME")
+    dl_retry = with_config(dead_sub.add_parser("retry", help="back into the outbox, through the running dispatcher"))
+    dl_retry.add_argument("ids", nargs="*", type=whole_number(1), metavar="ID", help="command ids")
+    dl_retry.add_argument("--all", action="store_true", help="every open dead letter")
+    dl_retry.add_argument("--dry-run", action="store_true", help="say what would be queued, change nothing")
+    dl_retry.add_argument("--reason", metavar="TEXT", help="why, for the audit log (e.g. the fix made)")
+    dl_discard = with_config(dead_sub.add_parser("discard", help="settle dead letters for good, unsent"))
+    dl_discard.add_argument("ids", nargs="+", type=whole_number(1), metavar="ID", help="command ids")
+    dl_discard.add_argument("--reason", metavar="TEXT", help="why (required)")
+    for p in (dl_list, dl_retry, dl_discard):
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_dead_letters)
+    for p in (dl_retry, dl_discard):
+        p.add_argument(
+            "--by", type=operator_name, metavar="NAME", help="who acts, for the audit log (default: the OS user)"
+        )
+
     log = sub.add_parser("log", help="look into the message log")
     log_sub = log.add_subparsers(dest="log_command", required=True)
     lst = with_config(log_sub.add_parser("list", help="recent messages, newest first"))
-    lst.add_argument("--status", choices=[status.value for status in MessageStatus])
+    lst.add_argument("--status", choices=[*(status.value for status in MessageStatus), CommandStatus.DEAD.value],
+                     help="a message's status, or dead: messages with an open dead letter")  # fmt: skip
     lst.add_argument("--since", metavar="DURATION", help="e.g. 30m, 12h, 7d")
     lst.add_argument("--event", metavar="S12")
     lst.add_argument("--limit", type=whole_number(1), default=50)

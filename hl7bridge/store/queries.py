@@ -13,10 +13,18 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql import Select
 
-from hl7bridge.core.status import DEAD_LETTERS, OPEN_STATUSES, CommandStatus, MessageStatus
+from hl7bridge.core.status import DEAD_LETTERS, CommandStatus, MessageStatus
 
-from .outbox import AppointmentRow, appointment
+from .outbox import AppointmentRow, appointment, outbox_depth
 from .schema import NOT_ACCEPTED, attempts, commands, messages
+
+#: The message's open dead letters: a message whose command died still says so in ``log list``.
+_OPEN_DEAD = (
+    select(func.count())
+    .where(commands.c.message_id == messages.c.id)
+    .where(commands.c.status.in_(DEAD_LETTERS))
+    .scalar_subquery()
+)
 
 LIST_COLUMNS = (
     messages.c.id,
@@ -38,6 +46,7 @@ LIST_COLUMNS = (
     messages.c.error_location,
     messages.c.error,
     messages.c.duplicate_of,
+    _OPEN_DEAD.label("dead_letters"),
 )
 
 
@@ -76,7 +85,10 @@ def count_messages(engine: Engine) -> dict[str, int]:
 
 
 def _with_status(stmt: Any, status: str) -> Any:
-    """Filter on a status, through the partial index for every status but 'accepted'."""
+    """Filter on a status, through the partial index for every status but 'accepted'. ``dead`` is not a
+    message's own status: it selects the messages with an open dead letter, through the commands' index."""
+    if status == CommandStatus.DEAD:
+        return stmt.where(messages.c.id.in_(select(commands.c.message_id).where(commands.c.status.in_(DEAD_LETTERS))))
     stmt = stmt.where(messages.c.status == status)
     return stmt.where(text(NOT_ACCEPTED)) if status != MessageStatus.ACCEPTED else stmt
 
@@ -158,7 +170,12 @@ def appointment_state(engine: Engine, key: str) -> AppointmentRow | None:
 
 
 def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
-    """The picture /metrics gives, from the database: for operators without Prometheus."""
+    """The picture /metrics gives, from the database: for operators without Prometheus.
+
+    The outbox and the open dead letters come from the same functions as the service's gauges and
+    ``/healthz`` (``outbox_depth``, ``open_dead_letters``), so they agree with them. API calls are counted
+    as ``hl7bridge_api_calls`` counts them, once per call: a bulk call logs one attempt row per command it
+    carried (and a bisected 400 one per command of both halves), the same call id, time and answer in each."""
     now = time.time()
 
     def window(stmt: Any, column: Any) -> Any:
@@ -180,9 +197,13 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
                 window(select(commands.c.status, func.count()), commands.c.created_at).group_by(commands.c.status)
             ).all()
         )
-        depth, oldest = conn.execute(
-            select(func.count(), func.min(commands.c.created_at)).where(commands.c.status.in_(OPEN_STATUSES))
-        ).first()
+        dead, dead_since = open_dead_letters(conn)
+        depth, oldest_age = outbox_depth(conn, now)
+        one_row_per_call = window(
+            select(attempts.c.call_id, attempts.c.at, attempts.c.operation, attempts.c.status_code,
+                   attempts.c.duration_ms).distinct(),
+            attempts.c.at,
+        ).subquery()  # fmt: skip
         calls = [
             {
                 "operation": op,
@@ -192,18 +213,15 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
                 "max_ms": round(top or 0.0, 1),
             }
             for op, status, count, avg, top in conn.execute(
-                window(
-                    select(
-                        attempts.c.operation,
-                        attempts.c.status_code,
-                        func.count(),
-                        func.avg(attempts.c.duration_ms),
-                        func.max(attempts.c.duration_ms),
-                    ),
-                    attempts.c.at,
+                select(
+                    one_row_per_call.c.operation,
+                    one_row_per_call.c.status_code,
+                    func.count(),
+                    func.avg(one_row_per_call.c.duration_ms),
+                    func.max(one_row_per_call.c.duration_ms),
                 )
-                .group_by(attempts.c.operation, attempts.c.status_code)
-                .order_by(attempts.c.operation, attempts.c.status_code)
+                .group_by(one_row_per_call.c.operation, one_row_per_call.c.status_code)
+                .order_by(one_row_per_call.c.operation, one_row_per_call.c.status_code)
             )
         ]
     return {
@@ -212,8 +230,9 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
         "messages_by_event": by_event,
         "last_message_at": last,
         "commands": command_status,
-        "outbox": {"depth": int(depth or 0), "oldest_age_s": round(now - oldest, 1) if oldest else None},
-        "dead_letters": int(command_status.get(CommandStatus.DEAD, 0)),
+        "outbox": {"depth": depth, "oldest_age_s": round(oldest_age, 1) if oldest_age is not None else None},
+        "dead_letters": dead,
+        "dead_letters_since": dead_since,
         "api_calls": calls,
     }
 
