@@ -520,6 +520,30 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if problems and problems == total - skipped else 0
 
 
+# --- reconcile ----------------------------------------------------------------------------------
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from hl7bridge.app.cli_reconcile import run
+
+    if args.dry_run and not args.repair:
+        raise CliError("--dry-run goes with --repair (reconcile alone changes nothing)")
+    cfg = _config(args)
+    if args.route is not None and args.route not in {r.name for r in cfg.routes}:
+        raise CliError(f"no route named {args.route!r} (configured: {', '.join(r.name for r in cfg.routes) or 'none'})")
+    since = time.time() - parse_duration(args.since)
+    return run(cfg, _engine(args), since, args, args.by or _os_user())
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 
@@ -584,6 +608,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--event", metavar="S12")
     replay.add_argument("--dry-run", action="store_true", help="print the exact API calls instead")
     replay.set_defaults(func=cmd_replay)
+
+    rec = with_config(sub.add_parser("reconcile", help="compare the log with the Journeys API; exit 1 on drift"))
+    rec.add_argument("--since", metavar="DURATION", default="7d",
+                     help="appointments whose state changed within, e.g. 7d (the default)")  # fmt: skip
+    rec.add_argument("--route", metavar="NAME", help="only this route's appointments")
+    rec.add_argument("--repair", action="store_true", help="queue the commands that fix the drift (outbox)")
+    rec.add_argument("--dry-run", action="store_true", help="with --repair: show what would be queued")
+    rec.add_argument("--json", action="store_true")
+    rec.add_argument("--by", metavar="NAME", help="who repairs, for the audit log (default: the OS user)")
+    rec.set_defaults(func=cmd_reconcile)
 
     log = sub.add_parser("log", help="look into the message log")
     log_sub = log.add_subparsers(dest="log_command", required=True)
