@@ -31,6 +31,7 @@ RECONCILE = """
 token_env = "RECONCILE_TOKEN"
 calls_per_second = 200
 retry_after_max = 1
+page_size = 2
 """
 #: The appointments of this module, one per kind of drift and one left alone.
 BOOKED = ("RC-OK", "RC-MISS", "RC-DUP", "RC-STALE", "RC-CXL")
@@ -105,6 +106,9 @@ def test_reconcile_finds_exactly_the_injected_drift_and_its_repair_clears_it(
     [cancelled] = sandbox.instances(appointmentId="RC-CXL")
     assert cancelled["status"] == "Cancelled"
     sandbox.post("/_sandbox/drift", {"action": "edit", "id": cancelled["id"], "status": "InProgress"})
+    # A journey that ran to its end before the appointment is no drift: re-triggering it would repeat it.
+    [finished] = active(sandbox, "RC-OK")
+    sandbox.post("/_sandbox/drift", {"action": "edit", "id": finished["id"], "status": "Completed"})
 
     found = reconcile(setting, "--json")
     assert found.returncode == 1, found.stderr

@@ -23,7 +23,7 @@ from hl7bridge.store.reconcile import Expected, expected_page, queue_repair
 
 
 class Drift(StrEnum):
-    #: The log says active; the API has no active instance.
+    #: The log says active; the API has no active instance (nor one with its parameters that ran to its end).
     MISSING = "missing"
     #: More than one active instance for one appointment.
     DOUBLED = "doubled"
@@ -146,10 +146,9 @@ class _Paced:
         return self.calls >= self.settings.max_calls
 
     def search(self, chat_bot_id: str, identifiers: dict[str, str]) -> list[dict[str, Any]] | None:
-        """The instances found; None when the call cap was reached first."""
-        for attempt in range(self.settings.retries + 1):
-            if self.exhausted:
-                return None
+        """The instances found; None when the call cap is reached first."""
+        retried = 0
+        while not self.exhausted:
             wait = self._next - self.clock()
             if wait > 0:
                 self.sleep(wait)
@@ -161,10 +160,11 @@ class _Paced:
             if result.verdict is Verdict.AUTH:
                 raise ReconcileError(f"the Journeys API refused the token ({result.status or 'no token'}): "
                                      f"{result.reason}; reconcile needs the read.journey_instances scope")  # fmt: skip
-            if result.status not in RETRY_STATUSES or attempt == self.settings.retries:
+            if result.status not in RETRY_STATUSES or retried == self.settings.retries:
                 raise ReconcileError(f"the Journeys API's answer to a search could not be used: {result.reason}")
-            self.sleep(min(result.retry_after or 2.0**attempt, self.settings.retry_after_max))
-        raise AssertionError("unreachable")
+            self.sleep(min(result.retry_after or 2.0**retried, self.settings.retry_after_max))
+            retried += 1
+        return None
 
 
 def reconcile(
@@ -193,15 +193,11 @@ def reconcile(
                 page = expected_page(conn, since, route, after, settings.page_size)
             for expected in page:
                 why = _not_judged(expected, at)
-                if why is None and paced.exhausted:
-                    why, report.complete = "cap", False
-                if why is not None:
-                    report.skipped[why] = report.skipped.get(why, 0) + 1
-                    continue
-                found = paced.search(expected.chat_bot_id, expected.identifiers)
+                found = None if why else paced.search(expected.chat_bot_id, expected.identifiers)
                 if found is None:
-                    report.skipped["cap"] = report.skipped.get("cap", 0) + 1
-                    report.complete = False
+                    why = why or "cap"
+                    report.complete = report.complete and why != "cap"
+                    report.skipped[why] = report.skipped.get(why, 0) + 1
                     continue
                 report.checked += 1
                 finding = _judge(expected, found, routes.get(expected.route, RouteFacts()))
@@ -246,7 +242,8 @@ def _judge(expected: Expected, found: list[dict[str, Any]], facts: RouteFacts) -
                            instance_ids=instance_ids)  # fmt: skip
         return None
     if not active:
-        return finding(Drift.MISSING, active_instances=0)
+        ended = [i for i in found if _ended_on_its_own(i, expected)]
+        return None if ended else finding(Drift.MISSING, active_instances=0)
     if len(active) > 1:
         return finding(Drift.DOUBLED, active_instances=len(active), instance_ids=instance_ids)
     if expected.parameters is None:
@@ -257,6 +254,15 @@ def _judge(expected: Expected, found: list[dict[str, Any]], facts: RouteFacts) -
         return None
     kind = Drift.STALE_START if facts.start_parameters & set(differ) else Drift.STALE_PARAMETERS
     return finding(kind, parameters=differ, instance_ids=instance_ids)
+
+
+def _ended_on_its_own(instance: dict[str, Any], expected: Expected) -> bool:
+    """An instance with the log's parameters that is no longer active and was not cancelled: its journey
+    ran to its end (a reminder flow may finish before the appointment), so triggering it again would repeat it."""
+    status = str(instance.get("status", ""))
+    held = instance.get("parameters") or {}
+    mine = all(held.get(k) == v for k, v in (expected.parameters or expected.identifiers).items())
+    return mine and status not in ACTIVE_STATUSES and "cancel" not in status.lower()
 
 
 def repair(
