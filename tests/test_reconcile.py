@@ -18,6 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from hl7bridge.app.cli_reconcile import route_facts, tokens
+from hl7bridge.app.config import load
+from hl7bridge.store import open_engine
+from hl7bridge.workflow.reconcile import reconcile as reconcile_log
+from hl7bridge.workflow.reconcile import repair
+
 from .conftest import RunningSandbox, RunningService, start_service, wait_until
 from .dispatch_support import OPEN, TOKEN, future, iso, query, sandbox_for_module, service_toml, settled, siu
 from .hostile_api import Answer, HostileApi, api_fixture, json_answer, server_fixture  # noqa: F401 (fixtures)
@@ -82,7 +88,7 @@ def active(sandbox: RunningSandbox, appointment: str) -> list[dict]:
 
 
 def commands(setting: Setting) -> list[dict]:
-    return query(setting.service, "SELECT * FROM commands ORDER BY id")
+    return commands_of_log(setting.service)
 
 
 def repairs(setting: Setting) -> list[dict]:
@@ -229,3 +235,36 @@ def test_a_route_filter_checks_only_that_route(setting: Setting) -> None:
 def _base_url(setting: Setting) -> str:
     line = next(ln for ln in setting.config.read_text().splitlines() if ln.startswith("base_url"))
     return line.split('"')[1]
+
+
+def test_a_repair_is_not_queued_for_an_appointment_that_changed_since_it_was_judged(
+    tmp_path: Path, sandbox: RunningSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = start_service(tmp_path, service_toml(sandbox.url) + RECONCILE, env=TOKEN)
+    try:
+        service.request(siu("S12", "RC-RACE-1", "RC-RACE", START))
+        settled(service, "RC-RACE-1")
+        [instance] = active(sandbox, "RC-RACE")
+        sandbox.post("/_sandbox/drift", {"action": "delete", "id": instance["id"]})
+        monkeypatch.setenv(*next(iter(READ_ONLY.items())))
+        config = load(tmp_path / "hl7bridge.toml")
+        engine = open_engine(service.url, create=False)
+        routes = route_facts(config.routes)
+        report = reconcile_log(engine, config.api.client(tokens(config)), 0.0, routes, settings=config.reconcile)
+        assert [f.kind for f in report.findings] == ["missing"]
+
+        service.request(siu("S13", "RC-RACE-2", "RC-RACE", MOVED))  # the sender moves it meanwhile
+        settled(service, "RC-RACE-2")
+        before = commands_of_log(service)
+        repair(engine, report, routes, "ops-anna")
+        assert report.findings[0].repair == {"command": "reschedule", "command_id": None, "queued": False,
+                                             "note": "the appointment changed since it was checked; not queued"}  # fmt: skip
+        assert commands_of_log(service) == before
+        assert query(service, "SELECT * FROM audit") == []
+        assert [i["parameters"]["appointmentDateTime"] for i in active(sandbox, "RC-RACE")] == [iso(MOVED)]
+    finally:
+        service.stop()
+
+
+def commands_of_log(service: RunningService) -> list[dict]:
+    return query(service, "SELECT * FROM commands ORDER BY id")
