@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from hl7bridge.app.cli_reconcile import route_facts, tokens
 from hl7bridge.app.config import load
 from hl7bridge.store import open_engine
 from hl7bridge.workflow.reconcile import reconcile as reconcile_log
-from hl7bridge.workflow.reconcile import repair
+from hl7bridge.workflow.reconcile import repair, route_facts
 
 from .conftest import RunningSandbox, RunningService, start_service, wait_until
 from .dispatch_support import OPEN, TOKEN, future, iso, query, sandbox_for_module, service_toml, settled, siu
@@ -185,6 +184,18 @@ def test_a_rate_limited_api_is_waited_for(setting: Setting, sandbox: RunningSand
     assert report["calls"] > report["checked"]
 
 
+def test_a_rate_limit_asking_for_longer_than_allowed_ends_the_run(setting: Setting, sandbox: RunningSandbox) -> None:
+    sandbox.faults(rate_limit_every=1, retry_after=30)
+    try:
+        result = reconcile(setting, "--repair")
+    finally:
+        sandbox.faults(rate_limit_every=0)
+    assert result.returncode == 3 and result.stdout == ""
+    assert result.stderr.strip() == ("hl7bridge: reconcile stopped, nothing repaired: the Journeys API asks to wait 30 s "
+                                     "(429), longer than reconcile.retry_after_max = 1; run it later")  # fmt: skip
+    assert [c["status"] for c in sandbox.calls() if c["path"].endswith("/search")][-1:] == [429]
+
+
 def test_the_call_cap_stops_the_run_and_says_so(setting: Setting) -> None:
     capped = setting.workdir / "capped.toml"
     capped.write_text(setting.config.read_text() + "max_calls = 2\n", encoding="utf-8")
@@ -250,7 +261,13 @@ def test_a_repair_is_not_queued_for_an_appointment_that_changed_since_it_was_jud
         config = load(tmp_path / "hl7bridge.toml")
         engine = open_engine(service.url, create=False)
         routes = route_facts(config.routes)
-        report = reconcile_log(engine, config.api.client(tokens(config)), 0.0, routes, settings=config.reconcile)
+        report = reconcile_log(
+            engine,
+            config.api.client(config.reconcile.tokens(config.api.tokens())),
+            0.0,
+            routes,
+            settings=config.reconcile,
+        )
         assert [f.kind for f in report.findings] == ["missing"]
 
         service.request(siu("S13", "RC-RACE-2", "RC-RACE", MOVED))  # the sender moves it meanwhile

@@ -609,7 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true", help="print the exact API calls instead")
     replay.set_defaults(func=cmd_replay)
 
-    rec = with_config(sub.add_parser("reconcile", help="compare the log with the Journeys API; exit 1 on drift"))
+    rec = with_config(sub.add_parser(
+        "reconcile", help="compare the log with the Journeys API; exit 1 on drift",
+        epilog="exit status: 0 no drift, 1 drift found (repairs queued with --repair), 2 bad input, "
+               "3 could not finish (the API's answer, or reconcile.max_calls)"))  # fmt: skip
     rec.add_argument("--since", metavar="DURATION", default="7d",
                      help="appointments whose state changed within, e.g. 7d (the default)")  # fmt: skip
     rec.add_argument("--route", metavar="NAME", help="only this route's appointments")

@@ -11,9 +11,7 @@ from sqlalchemy.engine import Engine
 
 from hl7bridge.app.config import Config
 from hl7bridge.core.logs import escape
-from hl7bridge.dispatch.journeys import TokenSource
-from hl7bridge.mapping.routing import Route
-from hl7bridge.workflow.reconcile import ReconcileError, Report, RouteFacts, reconcile, repair
+from hl7bridge.workflow.reconcile import ReconcileError, Report, reconcile, repair, route_facts
 
 #: Exit statuses: drift was found; the check could not finish (the API, or the call cap). 0: no drift.
 EXIT_DRIFT = 1
@@ -28,24 +26,9 @@ DESCRIBE = {
 }
 
 
-def route_facts(routes: tuple[Route, ...]) -> dict[str, RouteFacts]:
-    """Per route, the flow its trigger starts and the parameters that hold the appointment's start."""
-    return {
-        r.name: RouteFacts(r.flow_id, frozenset(p.name for p in r.parameters if "start" in p.sources)) for r in routes
-    }
-
-
-def tokens(cfg: Config) -> TokenSource:
-    """The ``[reconcile]`` read-scope token when one is configured, else the API's own."""
-    rc = cfg.reconcile
-    if rc.token_file or rc.token_env or rc.token_credential:
-        return TokenSource(rc.token_file, rc.token_env, rc.token_credential)
-    return cfg.api.tokens()
-
-
 def run(cfg: Config, engine: Engine, since: float, args: argparse.Namespace, actor: str) -> int:
     routes = route_facts(cfg.routes)
-    client = cfg.api.client(tokens(cfg))
+    client = cfg.api.client(cfg.reconcile.tokens(cfg.api.tokens()))
     try:
         report = reconcile(engine, client, since, routes, args.route, cfg.reconcile)
     except ReconcileError as exc:

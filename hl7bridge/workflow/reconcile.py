@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
 
-from hl7bridge.dispatch.journeys import ACTIVE_STATUSES, ApiResult, Verdict
-from hl7bridge.mapping.routing import CANCEL, RESCHEDULE, Command
+from hl7bridge.dispatch.journeys import ACTIVE_STATUSES, ApiResult, TokenSource, Verdict
+from hl7bridge.mapping.routing import CANCEL, RESCHEDULE, Command, Route
 from hl7bridge.store.audit import AuditEntry, record
 from hl7bridge.store.reconcile import Expected, expected_page, queue_repair
 
@@ -60,9 +60,16 @@ class ReconcileSettings:
     max_calls: int = 10_000
     #: Appointments read from the log at a time.
     page_size: int = 200
-    #: A 408, 429 or 503 is retried this many times, after its Retry-After (at most ``retry_after_max`` s).
+    #: A 408, 429 or 503 is retried this many times, after its Retry-After; one that asks for longer than
+    #: ``retry_after_max`` s ends the run (it is not asked again sooner than it said).
     retries: int = 5
     retry_after_max: float = 60.0
+
+    def tokens(self, fallback: TokenSource) -> TokenSource:
+        """The read-scope token when one is configured, else ``fallback`` (the API's own)."""
+        if self.token_file or self.token_env or self.token_credential:
+            return TokenSource(self.token_file, self.token_env, self.token_credential)
+        return fallback
 
 
 #: Answers that ask to come back later; anything else that is not a list of instances ends the run (rerun it).
@@ -79,6 +86,13 @@ class RouteFacts:
 
     flow_id: str | None = None
     start_parameters: frozenset[str] = frozenset()
+
+
+def route_facts(routes: tuple[Route, ...]) -> dict[str, RouteFacts]:
+    """Per configured route, the flow its trigger starts and the parameters mapped from the appointment's start."""
+    return {
+        r.name: RouteFacts(r.flow_id, frozenset(p.name for p in r.parameters if "start" in p.sources)) for r in routes
+    }
 
 
 class ReconcileError(RuntimeError):
@@ -162,7 +176,11 @@ class _Paced:
                                      f"{result.reason}; reconcile needs the read.journey_instances scope")  # fmt: skip
             if result.status not in RETRY_STATUSES or retried == self.settings.retries:
                 raise ReconcileError(f"the Journeys API's answer to a search could not be used: {result.reason}")
-            self.sleep(min(result.retry_after or 2.0**retried, self.settings.retry_after_max))
+            wait = 2.0**retried if result.retry_after is None else result.retry_after
+            if wait > self.settings.retry_after_max:
+                raise ReconcileError(f"the Journeys API asks to wait {wait:.0f} s ({result.status}), longer than "
+                                     f"reconcile.retry_after_max = {self.settings.retry_after_max:g}; run it later")  # fmt: skip
+            self.sleep(wait)
             retried += 1
         return None
 
