@@ -8,12 +8,14 @@ running service, after which a second run finds nothing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -182,6 +184,11 @@ def test_a_rate_limited_api_is_waited_for(setting: Setting, sandbox: RunningSand
     assert 429 in [c["status"] for c in searches]
     assert [c["status"] for c in searches].count(200) == report["checked"]
     assert report["calls"] > report["checked"]
+    # Each retry waited out the Retry-After (1 s), by the sandbox's own clock.
+    for refused, retried in itertools.pairwise(searches):
+        if refused["status"] == 429:
+            gap = datetime.fromisoformat(retried["at"]) - datetime.fromisoformat(refused["at"])
+            assert gap.total_seconds() >= 0.95, (refused, retried)
 
 
 def test_a_rate_limit_asking_for_longer_than_allowed_ends_the_run(setting: Setting, sandbox: RunningSandbox) -> None:

@@ -309,7 +309,7 @@ def repair(
             plan["note"] = why_not
             continue
         if dry_run:
-            plan["note"] = "dry run: not queued"
+            plan["note"] = "dry run: would be queued"
             continue
         assert expected is not None
         with engine.begin() as conn:
