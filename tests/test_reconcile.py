@@ -292,3 +292,16 @@ def test_a_repair_is_not_queued_for_an_appointment_that_changed_since_it_was_jud
 
 def commands_of_log(service: RunningService) -> list[dict]:
     return query(service, "SELECT * FROM commands ORDER BY id")
+
+
+def test_an_api_that_ignores_the_search_filter_makes_no_other_journey_count(setting: Setting, api: HostileApi) -> None:
+    hostile = setting.workdir / "unfiltered.toml"
+    hostile.write_text(setting.config.read_text().replace(_base_url(setting), api.url), encoding="utf-8")
+    others = [{"id": f"other-{n}", "status": "InProgress", "parameters": {"appointmentId": "SOMEONE-ELSE"}}
+              for n in range(2)]  # fmt: skip
+    api.script("search", json_answer(200, others))
+    result = reconcile(setting, "--json", config=hostile)
+    report = json.loads(result.stdout)
+    assert report["checked"] >= 1
+    assert {f["kind"] for f in report["findings"]} <= {"missing"}
+    assert "MAIN|RC-CXL" not in {f["appointment"] for f in report["findings"]}

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
 
-from hl7bridge.dispatch.journeys import ACTIVE_STATUSES, ApiResult, TokenSource, Verdict
+from hl7bridge.dispatch.journeys import ACTIVE_STATUSES, ApiResult, TokenSource, Verdict, holds
 from hl7bridge.mapping.routing import CANCEL, RESCHEDULE, Command, Route
 from hl7bridge.store.audit import AuditEntry, record
 from hl7bridge.store.reconcile import Expected, expected_page, queue_repair
@@ -243,12 +243,7 @@ def _not_judged(expected: Expected, now: float) -> str | None:
 
 
 def _judge(expected: Expected, found: list[dict[str, Any]], facts: RouteFacts) -> Finding | None:
-    ids = expected.identifiers
-    # Only this appointment's instances: an API that ignores the filter must not make others' journeys drift.
-    active = [
-        i for i in found
-        if i.get("status") in ACTIVE_STATUSES and all((i.get("parameters") or {}).get(k) == v for k, v in ids.items())
-    ]  # fmt: skip
+    active = [i for i in found if i.get("status") in ACTIVE_STATUSES and holds(i, expected.identifiers)]
     instance_ids = [str(i.get("id", "")) for i in active]
 
     def finding(kind: Drift, **details: Any) -> Finding:
@@ -278,8 +273,7 @@ def _ended_on_its_own(instance: dict[str, Any], expected: Expected) -> bool:
     """An instance with the log's parameters that is no longer active and was not cancelled: its journey
     ran to its end (a reminder flow may finish before the appointment), so triggering it again would repeat it."""
     status = str(instance.get("status", ""))
-    held = instance.get("parameters") or {}
-    mine = all(held.get(k) == v for k, v in (expected.parameters or expected.identifiers).items())
+    mine = holds(instance, expected.parameters or expected.identifiers)
     return mine and status not in ACTIVE_STATUSES and "cancel" not in status.lower()
 
 
