@@ -244,6 +244,15 @@ def test_bad_input_is_one_line_and_exit_2(setting: Setting) -> None:
         assert result.stderr.count("\n") == 1 and needle in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_read_token_that_cannot_be_found_is_one_clear_line(setting: Setting) -> None:
+    tokenless = setting.workdir / "tokenless.toml"
+    tokenless.write_text(setting.config.read_text().replace('"RECONCILE_TOKEN"', '"NO_SUCH_TOKEN_VARIABLE"'))
+    result = reconcile(setting, config=tokenless)
+    assert result.returncode == 3 and result.stdout == ""
+    assert result.stderr == ("hl7bridge: reconcile stopped, nothing repaired: no API token: looked in "
+                             "$NO_SUCH_TOKEN_VARIABLE (unset)\n")  # fmt: skip
+
+
 def test_a_route_filter_checks_only_that_route(setting: Setting) -> None:
     result = reconcile(setting, "--route", "reminders", "--json")
     assert json.loads(result.stdout)["route"] == "reminders"

@@ -171,6 +171,8 @@ class _Paced:
             result = self.client.search(chat_bot_id, identifiers)
             if result.ok:
                 return list(result.data)
+            if result.verdict is Verdict.AUTH and result.status is None:
+                raise ReconcileError(result.reason)  # no token could be read; says where it was looked for
             if result.verdict is Verdict.AUTH:
                 raise ReconcileError(f"the Journeys API refused the token ({result.status or 'no token'}): "
                                      f"{result.reason}; reconcile needs the read.journey_instances scope")  # fmt: skip
@@ -299,13 +301,12 @@ def repair(
         expected = report.judged.get(finding.appointment)
         facts = routes.get(finding.route)
         command, why_not = _command(expected, kind, facts)
-        if command is None:
+        if command is None or expected is None:
             plan["note"] = why_not
             continue
         if dry_run:
             plan["note"] = "dry run: would be queued"
             continue
-        assert expected is not None
         with engine.begin() as conn:
             command_id = queue_repair(conn, expected, command, at)
             if command_id is not None:
