@@ -564,6 +564,21 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return cli_deadletters.run(args, _engine(args), actor(args), since, _when)
 
 
+# --- reconcile ----------------------------------------------------------------------------------
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from hl7bridge.app.cli_reconcile import run
+
+    if args.dry_run and not args.repair:
+        raise CliError("--dry-run goes with --repair (reconcile alone changes nothing)")
+    cfg = _config(args)
+    if args.route is not None and args.route not in {r.name for r in cfg.routes}:
+        raise CliError(f"no route named {args.route!r} (configured: {', '.join(r.name for r in cfg.routes) or 'none'})")
+    since = time.time() - parse_duration(args.since)
+    return run(cfg, _engine(args), since, args, actor(args))
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 
@@ -654,6 +669,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--by", type=operator_name, metavar="NAME", help="who acts, for the audit log (default: the OS user)"
         )
+    rec = with_config(sub.add_parser(
+        "reconcile", help="compare the log with the Journeys API; exit 1 on drift",
+        epilog="exit status: 0 no drift, 1 drift found (repairs queued with --repair), 2 bad input, "
+               "3 could not finish (the API's answer, or reconcile.max_calls)"))  # fmt: skip
+    rec.add_argument("--since", metavar="DURATION", default="7d",
+                     help="appointments whose state changed within, e.g. 7d (the default)")  # fmt: skip
+    rec.add_argument("--route", metavar="NAME", help="only this route's appointments")
+    rec.add_argument("--repair", action="store_true", help="queue the commands that fix the drift (outbox)")
+    rec.add_argument("--dry-run", action="store_true", help="with --repair: show what would be queued")
+    rec.add_argument("--json", action="store_true")
+    rec.add_argument(
+        "--by", type=operator_name, metavar="NAME", help="who repairs, for the audit log (default: the OS user)"
+    )
+    rec.set_defaults(func=cmd_reconcile)
 
     log = sub.add_parser("log", help="look into the message log")
     log_sub = log.add_subparsers(dest="log_command", required=True)

@@ -27,6 +27,7 @@ from hl7bridge.hl7.er7 import Path
 from hl7bridge.mapping.parameters import NAMED_VALUES, TYPES, Condition, ParameterSpec, is_named
 from hl7bridge.mapping.routing import Criteria, Route, Router
 from hl7bridge.testing.sandbox import FAULT_CHECKS, Faults, Journey, SandboxConfig, local_endpoint
+from hl7bridge.workflow.reconcile import ReconcileSettings
 
 # --- checks --------------------------------------------------------------------------------------
 
@@ -83,11 +84,26 @@ DISPATCH_KEYS: dict[str, Check] = {
     "run_in": _choice("process", "thread"),
 }
 
+RECONCILE_KEYS: dict[str, Check] = {
+    "token_file": _str,
+    "token_env": _str,
+    "token_credential": _str,
+    "calls_per_second": _number(0.01, 1000),
+    "max_calls": _number(1, 10_000_000, integer=True),
+    "page_size": _number(1, 10_000, integer=True),
+    "retries": _number(0, 100, integer=True),
+    "retry_after_max": _number(0, 3600),
+}
+
 CRITERIA_KEYS = ("sending_application", "sending_facility", "location", "department", "appointment_type", "provider")
 
 
 def parse_api(data: Any, problems: list[str]) -> ApiSettings:
     return ApiSettings(**_table(data, "api", API_KEYS, problems))
+
+
+def parse_reconcile(data: Any, problems: list[str]) -> ReconcileSettings:
+    return ReconcileSettings(**_table(data, "reconcile", RECONCILE_KEYS, problems))
 
 
 #: [dispatch] keys whose ``DispatchSettings`` field has another name, and the factor to its unit.

@@ -482,6 +482,13 @@ def _instances(status: int, data: Any) -> str | None:
     return None
 
 
+def holds(instance: dict[str, Any], parameters: dict[str, str]) -> bool:
+    """Whether an instance the API returned carries these parameter values: an API that ignores a search's
+    filter must not make another appointment's journey count (or be cancelled)."""
+    held = instance.get("parameters") or {}
+    return all(held.get(k) == v for k, v in parameters.items())
+
+
 def _kind(data: Any) -> str:
     if data is NOT_JSON:
         return "a body that is not JSON"

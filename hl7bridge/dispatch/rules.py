@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from hl7bridge import store
 from hl7bridge.core.observer import NullObserver, Observer
 from hl7bridge.core.status import FINAL_STATUSES, CommandStatus
-from hl7bridge.dispatch.journeys import ACTIVE_STATUSES, ApiResult, Verdict
+from hl7bridge.dispatch.journeys import ACTIVE_STATUSES, ApiResult, Verdict, holds
 from hl7bridge.mapping.routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
 from hl7bridge.store import CommandRow, CommandUpdate, Job
 
@@ -372,9 +372,7 @@ class DispatchRules:
             return
         active = [i for i in found.data if i.get("status") in ACTIVE_STATUSES and i.get("id")]
         # Only instances of this appointment: an API that ignores the filter must not cancel others' journeys.
-        targets = [
-            i for i in active if all((i.get("parameters") or {}).get(k) == v for k, v in cmd.identifiers.items())
-        ]
+        targets = [i for i in active if holds(i, cmd.identifiers)]
         cancelled = 0
         for instance in targets:
             result = self._call(self.client.cancel, cmd.chat_bot_id, instance["id"])
