@@ -564,6 +564,16 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return cli_deadletters.run(args, _engine(args), actor(args), since, _when)
 
 
+# --- audit --------------------------------------------------------------------------------------
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from hl7bridge.app import cli_audit
+
+    since = time.time() - parse_duration(args.since) if getattr(args, "since", None) else None
+    return cli_audit.run(args, _engine(args), since, _when)
+
+
 # --- reconcile ----------------------------------------------------------------------------------
 
 
@@ -669,6 +679,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--by", type=operator_name, metavar="NAME", help="who acts, for the audit log (default: the OS user)"
         )
+    audit_p = sub.add_parser("audit", help="the operators' audit log: who did what, when and why")
+    audit_sub = audit_p.add_subparsers(dest="audit_command", required=True)
+    audit_list = with_config(audit_sub.add_parser("list", help="entries, newest first"))
+    audit_list.add_argument("--since", metavar="DURATION", help="e.g. 7d")
+    audit_list.add_argument("--action", metavar="ACTION", help="e.g. retry, discard, replay, purge, repair, export")
+    audit_list.add_argument("--before", type=whole_number(1), metavar="ID", help="the next page: entries older than ID")
+    audit_list.add_argument("--limit", type=whole_number(1, 10000), default=50)
+    audit_verify = with_config(
+        audit_sub.add_parser("verify", help="recompute the hash chain: exit 1 if an entry was edited or deleted")
+    )
+    for p in (audit_list, audit_verify):
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_audit)
+
     rec = with_config(sub.add_parser(
         "reconcile", help="compare the log with the Journeys API; exit 1 on drift",
         epilog="exit status: 0 no drift, 1 drift found (repairs queued with --repair), 2 bad input, "
