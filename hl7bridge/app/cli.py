@@ -477,9 +477,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from hl7bridge.app.cli_status import cmd_status as status
+    from hl7bridge.app.cli_status import run
+    from hl7bridge.workflow.status import LogFacts, log_facts
 
-    return status(args)
+    def from_log() -> tuple[LogFacts | None, str]:
+        try:
+            return log_facts(_engine(args)), _safe_url(args.database_url)
+        except CliError as exc:
+            return None, str(exc)
+
+    return run(args, _config(args), from_log, _when)
 
 
 def cmd_purge(args: argparse.Namespace) -> int:

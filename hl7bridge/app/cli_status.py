@@ -1,23 +1,29 @@
 """``hl7bridge status``: the running service's ``/status`` in a terminal, or what the log alone tells.
 
 The exit status lets a script test the picture: 0 ok, 1 degraded, 3 failing, 4 the service did not answer
-(not running, or no health listener configured); 2 stays a usage error, as for every command.
+(not running, or no health listener configured); 2 stays a usage error, as for every command. ``cli.py``
+parses the arguments and opens the log; this module only asks, judges the answer and prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import requests
 
-from hl7bridge.app.cli import CliError, _config, _engine, _safe_url, _when
+from hl7bridge.app.config import Config
 from hl7bridge.core.logs import escape
 from hl7bridge.core.status import ServiceState
 from hl7bridge.mllp.tls import endpoint_fields
-from hl7bridge.workflow.status import log_facts
+from hl7bridge.workflow.status import LogFacts
+
+Formatter = Callable[[float], str]
+#: The log's facts and the log's (safe) URL, or None and why the log cannot tell.
+LogReader = Callable[[], tuple[LogFacts | None, str]]
 
 EXIT_CODES = {ServiceState.OK: 0, ServiceState.DEGRADED: 1, ServiceState.FAILING: 3}
 EXIT_NOT_RUNNING = 4
@@ -57,8 +63,7 @@ def ask(url: str) -> tuple[dict[str, Any] | None, str]:
     return body, ""
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+def run(args: argparse.Namespace, cfg: Config, read_log: LogReader, when: Formatter) -> int:
     url = status_url(cfg.health.listen)
     if url is None:
         why = ("health.listen is not set" if not cfg.health.listen
@@ -71,25 +76,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"running": True, "url": url, **body}, indent=2))
         else:
-            print_status(body, url or "")
+            print_status(body, url or "", when)
         return EXIT_CODES[state]
-    try:
-        facts = log_facts(_engine(args))
-    except CliError as exc:
-        facts, problem = None, f"{problem}; the log cannot tell either: {exc}"
+    facts, where = read_log()
+    if facts is None:
+        problem = f"{problem}; the log cannot tell either: {where}"
     if args.json:
         print(json.dumps({"running": False, "problem": problem, **(facts.to_json() if facts else {})}, indent=2))
         return EXIT_NOT_RUNNING
     print(f"hl7bridge status: {problem}." if url is None else f"hl7bridge is not running, or not reachable: {problem}.")
     if facts is not None:
-        print(f"From the log alone ({_safe_url(args.database_url)}):")
+        print(f"From the log alone ({where}):")
         print(_outbox_line(facts.outbox_depth, facts.outbox_oldest_age))
-        print(_dead_line(facts.dead_letters_open, _when(facts.dead_letters_since) if facts.dead_letters_since else "-"))
+        print(_dead_line(facts.dead_letters_open, when(facts.dead_letters_since) if facts.dead_letters_since else "-"))
     return EXIT_NOT_RUNNING
 
 
-def print_status(body: dict[str, Any], url: str) -> None:
-    print(f"hl7bridge is {body['state'].upper()} (from {url} at {_local(body.get('at'))})")
+def print_status(body: dict[str, Any], url: str, when: Formatter) -> None:
+    def local(text: str | None) -> str:
+        """An ISO time from ``/status`` in the terminal's zone."""
+        return when(datetime.fromisoformat(text).timestamp()) if text else "-"
+
+    print(f"hl7bridge is {body['state'].upper()} (from {url} at {local(body.get('at'))})")
     for reason in body.get("reasons", []):
         print(f"  - {escape(str(reason))}")
     dispatch = body.get("dispatch")
@@ -98,19 +106,19 @@ def print_status(body: dict[str, Any], url: str) -> None:
     elif not dispatch["running"]:
         print(f"dispatch: NOT RUNNING ({escape(str(dispatch['down_reason']))})")
     else:
-        held = f"HELD since {_local(dispatch['held_since'])}" if dispatch["held"] else "flowing"
-        auth = (f"PAUSED since {_local(dispatch['paused_since'])}, next try {_local(dispatch['paused_until'])}"
+        held = f"HELD since {local(dispatch['held_since'])}" if dispatch["held"] else "flowing"
+        auth = (f"PAUSED since {local(dispatch['paused_since'])}, next try {local(dispatch['paused_until'])}"
                 if dispatch["auth_paused"] else "accepted")  # fmt: skip
         print(f"dispatch: {held}; API token {auth}")
     outbox, dead = body["outbox"], body["dead_letters"]
     print(_outbox_line(outbox["depth"], outbox["oldest_age_s"]))
-    print(_dead_line(dead["open"], _local(dead["oldest_since"])))
+    print(_dead_line(dead["open"], local(dead["oldest_since"])))
     for lst in body.get("listeners", []):
-        last = _local(lst["last_message_at"]) if lst["last_message_at"] else "none yet"
+        last = local(lst["last_message_at"]) if lst["last_message_at"] else "none yet"
         print(f"listener {escape(str(lst['name']))}: {lst['connections']} connection(s), last message {last}")
     token = body.get("api_token") or {}
     if token.get("expires"):
-        print(f"API token: expires {_local(token['expires'])} (in {token['days_left']:.0f} day(s))")
+        print(f"API token: expires {local(token['expires'])} (in {token['days_left']:.0f} day(s))")
     else:
         print("API token: no expiry set (api.token_expires)")
 
@@ -121,8 +129,3 @@ def _outbox_line(depth: int, oldest: float | None) -> str:
 
 def _dead_line(count: int, since: str) -> str:
     return f"dead letters: {count} open" + (f", the oldest since {since}" if count else "")
-
-
-def _local(text: str | None) -> str:
-    """An ISO time from ``/status`` in the terminal's zone."""
-    return _when(datetime.fromisoformat(text).timestamp()) if text else "-"
