@@ -8,11 +8,19 @@ import tomllib
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from twisted.internet import task
+from twisted.internet.error import ProcessTerminated
+from twisted.python.failure import Failure
 
 from hl7bridge.app.cli_status import status_url
 from hl7bridge.app.config import ConfigError, parse
+from hl7bridge.core.observer import NullObserver
 from hl7bridge.core.status import ServiceState
+from hl7bridge.dispatch import pipe
+from hl7bridge.dispatch.child import ChildSpec
+from hl7bridge.dispatch.journeys import ApiSettings
 from hl7bridge.dispatch.pipe import DispatchState
+from hl7bridge.dispatch.process import DispatcherProcess
 from hl7bridge.workflow.status import Facts, ListenerFacts, LogFacts, assess
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC).timestamp()
@@ -161,3 +169,20 @@ def test_no_expiry_by_default() -> None:
 )
 def test_status_url_from_health_listen(listen: str, url: str | None) -> None:
     assert status_url(listen) == url
+
+
+# --- the service's view of its dispatcher process ----------------------------------------------------------
+
+
+def test_a_dead_dispatcher_process_is_down_and_its_last_state_forgotten() -> None:
+    spec = ChildSpec(database="sqlite:///unused.db", api=ApiSettings(base_url="http://127.0.0.1:9"), settings={})
+    clock = task.Clock()
+    process = DispatcherProcess(clock, spec, NullObserver(), writer=None)  # type: ignore[arg-type]
+    held = DispatchState(held_reason="the Journeys API is unavailable (HTTP 503)", held_since=NOW)
+    process.event({pipe.STATE: held.to_json()})
+    assert process.state() == held and process.paused_reason is None
+    process.ended(Failure(ProcessTerminated(exitCode=70)))
+    down = process.state()
+    assert down == DispatchState(down_reason="the dispatcher process exited with status 70; it restarts in 0.5 s")
+    assert assess(Facts(now=NOW, dispatch=down)).state is ServiceState.FAILING
+    assert process.paused_reason == down.down_reason
