@@ -53,8 +53,8 @@ def test_an_api_that_does_not_answer_degrades_naming_the_api_and_since_when() ->
     state, reasons = judged(dispatch=held)
     assert state is ServiceState.DEGRADED
     assert reasons == [
-        "The Journeys API is unreachable since 2026-12-04T11:59:00+00:00 (the Journeys API is unavailable "
-        "(HTTP 503)); dispatching holds to one command at a time until it answers."
+        "Dispatching holds since 2026-12-04T11:59:00+00:00: the Journeys API is unavailable (HTTP 503); one command "
+        "at a time is tried until the Journeys API answers."
     ]
 
 

@@ -56,13 +56,13 @@ def test_an_api_outage_is_degraded_naming_the_api_and_clears(tmp_path: Path, san
         sandbox.faults(outage={"mode": "503", "seconds": 600})
         service.request(siu("S12", "OUT-1", "A-OUT-1", future()))
         body = wait_until(lambda: in_state(port, "degraded"), timeout=OUTAGE_SHOWS_WITHIN, message="degraded")
-        assert [r for r in body["reasons"] if r.startswith("The Journeys API is unreachable since")], body
+        assert [r for r in body["reasons"] if r.startswith("Dispatching holds since") and "Journeys API" in r], body
         assert body["dispatch"]["held"] and body["dispatch"]["held_since"] and not body["dispatch"]["auth_paused"]
         assert status(port)[0] == 200
         assert dispatch_gauges(port) == (1, 0, 1)
         shown = status_cli(service)
         assert shown.returncode == 1, shown.stderr
-        assert shown.stdout.startswith("hl7bridge is DEGRADED") and "The Journeys API is unreachable" in shown.stdout
+        assert shown.stdout.startswith("hl7bridge is DEGRADED") and "  - Dispatching holds since" in shown.stdout
         assert "dispatch: HELD since" in shown.stdout
 
         sandbox.faults(outage={"mode": "503", "seconds": 0})
@@ -89,7 +89,7 @@ def test_a_refused_token_is_failing_and_clears(tmp_path: Path, sandbox: RunningS
         assert dispatch_gauges(port) == (0, 1, 1)
         shown = status_cli(service)
         assert shown.returncode == 3 and shown.stdout.startswith("hl7bridge is FAILING"), shown
-        assert "API token PAUSED since" in shown.stdout
+        assert "dispatch: PAUSED since" in shown.stdout
 
         sandbox.post("/_sandbox/tokens", {"add": {"test-token": ["create.journey_instances",
                                                                  "read.journey_instances"]}})  # fmt: skip

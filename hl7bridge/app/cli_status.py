@@ -105,11 +105,13 @@ def print_status(body: dict[str, Any], url: str, when: Formatter) -> None:
         print("dispatch: none (no routes)")
     elif not dispatch["running"]:
         print(f"dispatch: NOT RUNNING ({escape(str(dispatch['down_reason']))})")
+    elif dispatch["auth_paused"]:
+        print(f"dispatch: PAUSED since {local(dispatch['paused_since'])}, the API refused the token; next try "
+              f"{local(dispatch['paused_until'])}")  # fmt: skip
+    elif dispatch["held"]:
+        print(f"dispatch: HELD since {local(dispatch['held_since'])}, the Journeys API does not answer")
     else:
-        held = f"HELD since {local(dispatch['held_since'])}" if dispatch["held"] else "flowing"
-        auth = (f"PAUSED since {local(dispatch['paused_since'])}, next try {local(dispatch['paused_until'])}"
-                if dispatch["auth_paused"] else "accepted")  # fmt: skip
-        print(f"dispatch: {held}; API token {auth}")
+        print("dispatch: flowing")
     outbox, dead = body["outbox"], body["dead_letters"]
     print(_outbox_line(outbox["depth"], outbox["oldest_age_s"]))
     print(_dead_line(dead["open"], local(dead["oldest_since"])))

@@ -131,8 +131,8 @@ def assess(facts: Facts) -> Status:
     if facts.listeners_problem:
         failing.append(f"Listeners: {facts.listeners_problem}.")
     if dispatch is not None and dispatch.held and not dispatch.down_reason:
-        degraded.append(f"The Journeys API is unreachable since {_when(dispatch.held_since)} "
-                        f"({dispatch.held_reason}); dispatching holds to one command at a time until it answers.")  # fmt: skip
+        degraded.append(f"Dispatching holds since {_when(dispatch.held_since)}: {dispatch.held_reason}; one command "
+                        "at a time is tried until the Journeys API answers.")  # fmt: skip
     log = facts.log
     if log.dead_letters_open:
         degraded.append(f"{log.dead_letters_open} dead letter(s) wait for an operator, the oldest since "
