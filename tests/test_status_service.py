@@ -76,9 +76,11 @@ def test_an_api_outage_is_degraded_naming_the_api_and_clears(tmp_path: Path, san
         service.stop()
 
 
-def test_a_refused_token_is_failing_and_clears(tmp_path: Path, sandbox: RunningSandbox) -> None:
+@pytest.mark.parametrize("run_in", ["process", "thread"])
+def test_a_refused_token_is_failing_and_clears(tmp_path: Path, sandbox: RunningSandbox, run_in: str) -> None:
     port = free_port()
-    service = start_service(tmp_path, service_toml(sandbox.url) + health_toml(port), env=TOKEN)
+    config = service_toml(sandbox.url, dispatch_extra=f'run_in = "{run_in}"') + health_toml(port)
+    service = start_service(tmp_path, config, env=TOKEN)
     try:
         sandbox.post("/_sandbox/tokens", {"revoke": ["test-token"]})
         service.request(siu("S12", "AUTH-1", "A-AUTH-1", future()))
