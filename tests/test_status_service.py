@@ -116,6 +116,14 @@ def test_a_dead_letter_degrades_with_the_count_and_the_log_tells_when_stopped(
         assert metric(port, "hl7bridge_last_message_timestamp_seconds", listener="main") > 0
         shown = status_cli(service)
         assert shown.returncode == 1 and "dead letters: 1 open" in shown.stdout
+        (letter,) = json.loads(service.cli("dead-letters", "list", "--json", "--config", str(service.config),
+                                           "--database", service.url).stdout)  # fmt: skip
+        service.cli("dead-letters", "discard", str(letter["id"]), "--reason", "test", "--config", str(service.config),
+                    "--database", service.url)  # fmt: skip
+        wait_until(lambda: in_state(port, "ok"), message="ok once the dead letter is discarded")
+        assert metric(port, "hl7bridge_dead_letters_open") == 0
+        service.request(siu("S12", "DL-2", "A-DL-2", future(), phone=None))
+        wait_until(lambda: in_state(port, "degraded"), message="degraded by the next dead letter")
     finally:
         service.stop()
 
