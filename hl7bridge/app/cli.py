@@ -476,6 +476,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from hl7bridge.app.cli_status import run
+    from hl7bridge.workflow.status import LogFacts, log_facts
+
+    def from_log() -> tuple[LogFacts | None, str]:
+        try:
+            return log_facts(_engine(args)), _safe_url(args.database_url)
+        except CliError as exc:
+            return None, str(exc)
+
+    return run(args, _config(args), from_log, _when)
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     from hl7bridge.store import AuditEntry, due_for_purge, purge
 
@@ -639,6 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats_p.add_argument("--since", metavar="DURATION", help="e.g. 24h (default: everything)")
     stats_p.add_argument("--json", action="store_true")
     stats_p.set_defaults(func=cmd_stats)
+
+    status_p = with_config(sub.add_parser("status", help="the running service's status (ok, degraded, failing) "
+                                          "and why; exit 0, 1, 3, or 4 when it does not answer"))  # fmt: skip
+    status_p.add_argument("--json", action="store_true")
+    status_p.set_defaults(func=cmd_status)
 
     purge_p = with_config(sub.add_parser("purge", help="clear patient data older than a duration (retention)"))
     purge_p.add_argument("--older-than", metavar="DURATION", help="e.g. 30d (default: service.retention_days)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 from hl7bridge.core.checks import Check
@@ -59,6 +60,25 @@ def _cancel_path(value: Any, key: str, problems: list[str]) -> Any:
     return value
 
 
+def _expiry(value: Any, key: str, problems: list[str]) -> str:
+    """A TOML date or date-time, or the same as an ISO 8601 string; a date means 00:00 UTC that day, a time
+    without an offset is UTC. Kept as ISO 8601 in UTC (``ApiSettings`` crosses to the child as JSON);
+    ``""`` means not known."""
+    if isinstance(value, str) and value:
+        try:
+            value = datetime.fromisoformat(value) if "T" in value or " " in value else date.fromisoformat(value)
+        except ValueError:
+            pass
+    if value == "":
+        return ""
+    if isinstance(value, datetime):
+        return (value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)).isoformat()
+    if isinstance(value, date):
+        return datetime.combine(value, time(), UTC).isoformat()
+    problems.append(f"{key}: expected a date or date-time such as 2027-03-01 or 2027-03-01T12:00:00Z, got {value!r}")
+    return ""
+
+
 API_KEYS: dict[str, Check] = {
     "base_url": _url,
     "org_id": _str,
@@ -71,6 +91,7 @@ API_KEYS: dict[str, Check] = {
     "call_timeout": _number(0.1, 3600),
     "ca_file": _file,
     "proxy": _optional_url,
+    "token_expires": _expiry,
 }
 
 DISPATCH_KEYS: dict[str, Check] = {

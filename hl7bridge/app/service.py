@@ -43,6 +43,7 @@ from hl7bridge.store import (
     purge_step,
 )
 from hl7bridge.testing.sandbox import Sandbox
+from hl7bridge.workflow.status import ListenerFacts
 
 log = logging.getLogger("hl7bridge.service")
 #: Descriptors the service holds besides connections: database files, pipes, the reactor, the API client.
@@ -125,7 +126,7 @@ class Service:
                 observer=self.metrics,
             )
             factory = MLLPFactory(listener, pipeline, self.reactor, self.metrics, self.fds)
-            self.metrics.track_connections(listener.name, lambda f=factory: len(f.open))
+            self.metrics.track_listener(listener.name, lambda f=factory: len(f.open))
             try:
                 port = yield listen(self.reactor, factory)
             except Exception as exc:  # noqa: BLE001 - CannotListenError, KeyError for systemd fds, ...
@@ -191,17 +192,26 @@ class Service:
         return True, ", ".join(f"{f.config.name} on {_describe(p)} ({len(f.open)} connection(s))"
                                for f, p in zip(self.factories, self.ports, strict=False))  # fmt: skip
 
+    def _listener_facts(self) -> list[ListenerFacts]:
+        return [ListenerFacts(f.config.name, len(f.open), self.metrics.last_message_at.get(f.config.name))
+                for f in self.factories]  # fmt: skip
+
     @defer.inlineCallbacks
     def _start_health(self):
         cfg = self.config.health
+        expires = self.config.api.token_expiry()
         self.health = HealthState(
             self._listeners_up,
-            lambda: self.dispatcher.paused_reason if self.dispatcher is not None else None,
+            lambda: self.dispatcher.state() if self.dispatcher is not None else None,
             cfg.outbox_stuck_after,
             cfg.heartbeat_interval,
             descriptors=self._descriptors,
+            listeners=self._listener_facts,
+            token_expires=expires,
         )
-        self._probes = Probes(self.reactor, self.health, self.writer, self.engine, self.metrics)
+        self.metrics.token_expires.set(expires.timestamp() if expires else 0)
+        self._probes = Probes(self.reactor, self.health, self.writer, self.engine, self.metrics,
+                              [lst.name for lst in self.config.listeners])  # fmt: skip
         self._probes.start()
         if not cfg.listen:
             return
@@ -213,7 +223,7 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - port in use and the like
             yield self.stop()
             raise StartupError(f"the health listener cannot listen on {cfg.listen}: {_why(exc)}") from None
-        log.info("health and metrics on http://%s/healthz and /metrics", _describe(self._health_port))
+        log.info("health and metrics on http://%s/healthz, /status and /metrics", _describe(self._health_port))
 
     def _start_retention(self) -> None:
         days = self.config.service.retention_days

@@ -39,3 +39,13 @@ FINAL_STATUSES = frozenset(
 SUCCEEDED = (CommandStatus.DONE, CommandStatus.ANNIHILATED)
 #: Final and unsuccessful: the operator's dead letters.
 DEAD_LETTERS = (CommandStatus.DEAD, CommandStatus.FAILED)
+
+
+class ServiceState(StrEnum):
+    """The service's state as ``GET /status`` and ``hl7bridge status`` report it (``workflow.status``)."""
+
+    OK = "ok"
+    #: Working, but something needs an operator's attention soon (held API, dead letters, token expiring).
+    DEGRADED = "degraded"
+    #: Not doing its job (token refused, dispatcher down, log unwritable, listeners down).
+    FAILING = "failing"

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from hl7bridge.core.observer import Observer
+from hl7bridge.dispatch.pipe import DispatchState
 from hl7bridge.dispatch.rules import DispatchRules, DispatchSettings, JobSink, Journeys
 from hl7bridge.store import CommandUpdate
 
@@ -56,6 +57,14 @@ class Dispatcher(DispatchRules):
     def alive(self) -> bool:
         """Whether the loop thread runs (or has stopped as asked): a dead one would stop dispatch silently."""
         return self._thread.is_alive() or self._stopping.is_set()
+
+    def state(self) -> DispatchState:
+        """What ``/status`` and the gauges report of dispatching; the child sends it whenever it changes."""
+        if not self.alive:
+            return DispatchState(down_reason=self.paused_reason or "the dispatcher's thread has died")
+        held, paused = self.unavailable_reason, self.paused_reason
+        return DispatchState(held, self.held_since if held else None, paused, self.paused_since if paused else None,
+                             self._probe_at if paused else None)  # fmt: skip
 
     def wait_for(self, command_id: int, callback: Callable[[CommandUpdate], None]) -> None:
         """Call back (in a dispatcher thread) once the command reaches a final state."""

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
@@ -246,9 +247,15 @@ class ApiSettings:
     ca_file: str = ""
     #: The only proxy used: the environment (HTTPS_PROXY, .netrc, REQUESTS_CA_BUNDLE) is ignored.
     proxy: str = ""
+    #: When the token expires, ISO 8601 in UTC as the config normalised it ("" = not known); ``/status``
+    #: turns degraded 14 days ahead.
+    token_expires: str = ""
 
     def tokens(self) -> TokenSource:
         return TokenSource(self.token_file, self.token_env, self.token_credential)
+
+    def token_expiry(self) -> datetime | None:
+        return datetime.fromisoformat(self.token_expires) if self.token_expires else None
 
 
 @dataclass

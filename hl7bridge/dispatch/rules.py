@@ -127,6 +127,9 @@ class DispatchRules:
         #: Why dispatching holds to one command at a time (the API is down); health leaves this to the
         #: outbox's age, so a short outage does not turn the service red.
         self.unavailable_reason: str | None = None
+        #: Since when the hold (``unavailable_reason``) and the pause (``paused_reason``) last (epoch seconds).
+        self.held_since: float | None = None
+        self.paused_since: float | None = None
         self._failed_calls = 0
         self._probe_at = 0.0
         self._lock = threading.Lock()
@@ -407,6 +410,7 @@ class DispatchRules:
         if result.verdict is Verdict.AUTH:
             if not self.paused:
                 log.error("the Journeys API refused the token (%s); dispatching paused", result.status or "no token")
+                self.paused_since = self.clock()
             self.paused_reason = f"the API refused the token ({result.status or 'no token'}): {result.reason}"
             self._probe_at = self.clock() + self.settings.probe_interval
         elif result.status is not None and self.paused:
@@ -423,6 +427,7 @@ class DispatchRules:
                 self._failed_calls += 1
                 if self._failed_calls < self.settings.unavailable_after or self.unavailable_reason is not None:
                     return
+                self.held_since = self.clock()
                 self.unavailable_reason = f"the Journeys API is unavailable ({result.reason})"
                 log.warning("%s after %d calls in a row; dispatching holds to one command at a time until it "
                             "answers", self.unavailable_reason, self._failed_calls)  # fmt: skip

@@ -261,3 +261,12 @@ def open_dead_letters(conn: Any) -> tuple[int, float | None]:
         select(func.count(), func.min(commands.c.updated_at)).where(commands.c.status.in_(DEAD_LETTERS))
     ).first()
     return int(count or 0), oldest
+
+
+def last_message_at(conn: Any, listener: str) -> float | None:
+    """When ``listener`` last received a message: the newest row of that listener, walking back by id.
+
+    No index holds the listener (a write per message for a read at start-up): an active listener's last row
+    is near the end, and only one that never received anything costs a scan, once."""
+    stmt = select(messages.c.received_at).where(messages.c.listener == listener).order_by(messages.c.id.desc())
+    return conn.execute(stmt.limit(1)).scalar()
