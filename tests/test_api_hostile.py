@@ -89,11 +89,15 @@ def test_redirects_are_not_followed(client: JourneysClient, api: HostileApi, sta
     assert len(api.requests()) == 1
 
 
-def test_an_interim_103_before_204_is_not_taken_for_the_verdict(client: JourneysClient, api: HostileApi) -> None:
-    api.script("bulk", Answer(204, interim=(103,)))
+@pytest.mark.parametrize("gap", [0.0, 0.3])
+def test_an_interim_103_before_204_is_not_taken_for_the_verdict(
+    client: JourneysClient, api: HostileApi, gap: float
+) -> None:
+    api.script("bulk", Answer(204, interim=(103,), interim_gap=gap))
     result = trigger(client)
     assert result.verdict is Verdict.MALFORMED and result.maybe_processed
-    # The final 204 left on that connection must not answer the next call.
+    # The final 204 left on that connection (sent late: after the connection went back to the pool) must not
+    # answer the next call.
     api.script("bulk", Answer(400, b'["bad"]'))
     assert trigger(client).status == 400
 

@@ -370,6 +370,11 @@ class JourneysClient:
                 raw, cut = _read_body(response, deadline)
             finally:
                 response.close()
+            if response.status_code < 200:
+                # The final answer may still be on its way on that connection, which urllib3 has already
+                # pooled (the interim answer was read to its end): drop every pooled connection, or the next
+                # call could be answered with this call's final answer.
+                self.session.close()
         except (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError) as exc:
             return self._failed(operation, summary, started, f"connect timeout: {_short(exc, token)}", reached=False)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
@@ -452,8 +457,6 @@ def _read_body(response: requests.Response, deadline: float) -> tuple[bytes, str
         return b"", LATE
     body = b"".join(parts)
     response._content, response._content_consumed = body, True  # read here, so the connection is reused
-    if response.status_code < 200:
-        response.raw.close()  # the final answer is still on the connection
     return body, ""
 
 
