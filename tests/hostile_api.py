@@ -34,6 +34,8 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     #: Sent before the final answer: raw interim responses such as ``103 Early Hints``.
     interim: tuple[int, ...] = ()
+    #: Seconds between the interim answers and the final one (the final one then lands on a pooled connection).
+    interim_gap: float = 0.0
     #: Seconds between the bytes of the body (a drip); 0 sends it at once.
     drip: float = 0.0
     #: Drip the status line and headers too.
@@ -170,6 +172,8 @@ def _answer(conn: socket.socket, answer: Answer) -> bool:
     """Send one answer; False when the connection must end (it was an endless or dripped one, or broke)."""
     for status in answer.interim:
         conn.sendall(f"HTTP/1.1 {status} Interim\r\nLink: </style.css>; rel=preload\r\n\r\n".encode())
+    if answer.interim and answer.interim_gap:
+        time.sleep(answer.interim_gap)
     body = answer.payload()
     head = [f"HTTP/1.1 {answer.status} {REASONS.get(answer.status, 'Whatever')}"]
     head += [f"{k}: {v}" for k, v in answer.headers.items()]

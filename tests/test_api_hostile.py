@@ -14,12 +14,13 @@ import pytest
 from sqlalchemy import select
 
 from hl7bridge.dispatch.child import ChildSpec, EventPipe, LineBuffer
-from hl7bridge.dispatch.dispatcher import STRANGE_LIMIT, Dispatcher, DispatchSettings
+from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import (
     DEFAULT_CANCEL_PATH,
     MAX_BODY,
     REASON_CHARS,
     ApiResult,
+    ApiSettings,
     JourneysClient,
     TokenSource,
     Verdict,
@@ -27,6 +28,7 @@ from hl7bridge.dispatch.journeys import (
     api_text,
     plain_http_outside_loopback,
 )
+from hl7bridge.dispatch.rules import STRANGE_LIMIT, DispatchSettings
 from hl7bridge.store import Writer, open_engine
 from hl7bridge.store.schema import attempts, commands, messages
 
@@ -41,7 +43,9 @@ INSTANCE = {"id": "81110ff3-061a", "status": "InProgress", "parameters": {"appoi
 @pytest.fixture
 def client(api: HostileApi) -> JourneysClient:
     os.environ["HOSTILE_API_TOKEN"] = TOKEN
-    return JourneysClient(api.url, "org", TokenSource(env="HOSTILE_API_TOKEN"), read_timeout=2, call_timeout=3)
+    return JourneysClient(
+        ApiSettings(api.url, "org", read_timeout=2, call_timeout=3), TokenSource(env="HOSTILE_API_TOKEN")
+    )
 
 
 def trigger(client: JourneysClient):
@@ -68,8 +72,8 @@ def test_a_plain_instance_id_is_cancelled_at_its_path(client: JourneysClient, ap
 
 def test_a_configured_cancel_path_cannot_leave_the_base(api: HostileApi) -> None:
     os.environ["HOSTILE_API_TOKEN"] = TOKEN
-    client = JourneysClient(api.url + "/api", "org", TokenSource(env="HOSTILE_API_TOKEN"),
-                            cancel_path="/../../admin/{instanceId}/execution")  # fmt: skip
+    client = JourneysClient(ApiSettings(api.url + "/api", "org", cancel_path="/../../admin/{instanceId}/execution"),
+                            TokenSource(env="HOSTILE_API_TOKEN"))  # fmt: skip
     result = client.cancel("bot", "abc")
     assert result.verdict is Verdict.MALFORMED and "leaves the configured base_url" in result.reason
     assert api.requests() == []
@@ -85,11 +89,15 @@ def test_redirects_are_not_followed(client: JourneysClient, api: HostileApi, sta
     assert len(api.requests()) == 1
 
 
-def test_an_interim_103_before_204_is_not_taken_for_the_verdict(client: JourneysClient, api: HostileApi) -> None:
-    api.script("bulk", Answer(204, interim=(103,)))
+@pytest.mark.parametrize("gap", [0.0, 0.3])
+def test_an_interim_103_before_204_is_not_taken_for_the_verdict(
+    client: JourneysClient, api: HostileApi, gap: float
+) -> None:
+    api.script("bulk", Answer(204, interim=(103,), interim_gap=gap))
     result = trigger(client)
     assert result.verdict is Verdict.MALFORMED and result.maybe_processed
-    # The final 204 left on that connection must not answer the next call.
+    # The final 204 left on that connection (sent late: after the connection went back to the pool) must not
+    # answer the next call.
     api.script("bulk", Answer(400, b'["bad"]'))
     assert trigger(client).status == 400
 
@@ -244,8 +252,8 @@ def test_text_that_is_not_utf8_still_crosses_the_pipe() -> None:
 def test_a_dispatcher_process_whose_reader_fails_exits_to_be_restarted(tmp_path: Path, api: HostileApi) -> None:
     database = f"sqlite:///{tmp_path / 'log.db'}"
     open_engine(database).dispose()
-    spec = ChildSpec(database=database, base_url=api.url, org_id="org", cancel_path=DEFAULT_CANCEL_PATH,
-                     connect_timeout=1, read_timeout=2, settings={}, token=TOKEN)  # fmt: skip
+    spec = ChildSpec(database=database, api=ApiSettings(base_url=api.url, org_id="org", cancel_path=DEFAULT_CANCEL_PATH,
+                     connect_timeout=1, read_timeout=2), settings={}, token=TOKEN)  # fmt: skip
     read_events, write_events = os.pipe()
     child = subprocess.Popen(["bash", "-c", f"exec {sys.executable} -m hl7bridge.dispatch.child 3>&{write_events}"],
                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_events,))  # fmt: skip
@@ -285,7 +293,7 @@ def test_an_unexpected_error_is_logged_as_an_attempt_and_ends_in_a_dead_letter(t
     writer.start()
     os.environ["HOSTILE_API_TOKEN"] = TOKEN
     # Its searches are answered (nothing found), so every retry tries the trigger again.
-    client = BrokenClient(api.url, "org", TokenSource(env="HOSTILE_API_TOKEN"))
+    client = BrokenClient(ApiSettings(api.url, "org"), TokenSource(env="HOSTILE_API_TOKEN"))
     dispatcher = Dispatcher(engine, writer, client, DispatchSettings(retry_initial=0.05, retry_max=0.1,
                                                                      batch_window=0.01))  # fmt: skip
     dispatcher.start()
@@ -316,7 +324,7 @@ class DyingDispatcher(Dispatcher):
 def test_a_dispatcher_thread_that_dies_says_so(tmp_path: Path) -> None:
     """In the service's process (run_in = "thread") /healthz reads ``paused_reason``; the child exits instead."""
     engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
-    client = JourneysClient("http://127.0.0.1:9", "org", TokenSource(env="HL7BRIDGE_TEST_NO_TOKEN"))
+    client = JourneysClient(ApiSettings("http://127.0.0.1:9", "org"), TokenSource(env="HL7BRIDGE_TEST_NO_TOKEN"))
     dispatcher = DyingDispatcher(engine, Writer(engine, lambda fn, *args: fn(*args)), client)
     dispatcher.start()
     try:

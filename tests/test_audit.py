@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,28 @@ def test_appends_from_two_processes_keep_one_chain(url: str) -> None:
     engine = open_engine(url)
     assert audit.verify(engine) == audit.ChainCheck(80)
     assert {e.actor for e in audit.entries(engine, limit=100)} == {"alice", "bob"}
+
+
+def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hl7bridge", "audit", *args, "--database", url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_the_audit_cli_lists_pages_and_verifies(url: str) -> None:
+    _append(url, "alice", 3)
+    listed = _cli(url, "list", "--limit", "2")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert "alice" in lines[1] and "retry" in lines[1] and "“after the fix”" in lines[1]
+    assert len(lines) == 4 and lines[-1] == "more entries are older: add --before 2"
+    page = json.loads(_cli(url, "list", "--before", "2", "--json").stdout)
+    assert [e["ids"] for e in page["entries"]] == [[0]] and page["more"] is False
+    ok = _cli(url, "verify")
+    assert (ok.returncode, ok.stdout.strip()) == (0, "audit log intact: 3 entries, each chained to the one before")
+    with open_engine(url).begin() as conn:
+        conn.exec_driver_sql("UPDATE audit SET actor = 'mallory' WHERE id = 2")
+    broken = _cli(url, "verify")
+    assert broken.returncode == 1 and "entry 2 does not match its hash: it was edited" in broken.stderr
+    assert json.loads(_cli(url, "verify", "--json").stdout)["broken_at"] == 2

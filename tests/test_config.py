@@ -25,9 +25,9 @@ def test_example_config_is_valid_and_complete() -> None:
     cfg = load(ROOT / "config" / "hl7bridge.example.toml")
     text = (ROOT / "config" / "hl7bridge.example.toml").read_text()
     from hl7bridge.app.config import LISTENER_KEYS, SERVICE_KEYS
-    from hl7bridge.app.dispatch_config import API_KEYS
+    from hl7bridge.app.dispatch_config import API_KEYS, RECONCILE_KEYS
 
-    for key in [*LISTENER_KEYS, *SERVICE_KEYS, *API_KEYS]:
+    for key in [*LISTENER_KEYS, *SERVICE_KEYS, *API_KEYS, *RECONCILE_KEYS]:
         assert f"\n{key} = " in text, f"{key} is not documented in the example config"
     assert cfg.listeners[0].endpoint == "tcp:2575:interface=127.0.0.1"
 
@@ -52,6 +52,9 @@ def test_example_config_is_valid_and_complete() -> None:
         ("[api]\nca_file = '/no/such/ca.pem'\n", "api.ca_file: expected the path of a readable file"),
         ("[api]\nproxy = 'socks://x'\n", "api.proxy: expected an http(s) URL"),
         ("[api]\ncall_timeout = 0\n", "api.call_timeout: expected a number"),
+        ("[reconcile]\ncalls_per_second = 0\n", "reconcile.calls_per_second: expected a number from 0.01"),
+        ("[reconcile]\nmax_calls = 1.5\n", "reconcile.max_calls: expected an integer, got 1.5"),
+        ("[reconcile]\ntoken = 'x'\n", "reconcile.token: unknown setting"),
         ("[service\n", "not valid TOML"),
     ],
 )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
+from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient, TokenSource
 
 from .conftest import RunningService, free_port, segments, start_service, wait_until
 from .dispatch_support import TOKEN, ack, attempts_of, commands_of, future, service_toml, settled, siu
@@ -192,5 +192,5 @@ def test_plain_http_to_another_machine_is_warned_about_at_start(tmp_path: Path) 
 def test_a_pinned_ca_is_what_the_client_trusts(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
-    client = JourneysClient("https://api.example", "org", TokenSource(env="X"), ca_file=str(ca))
+    client = JourneysClient(ApiSettings("https://api.example", "org", ca_file=str(ca)), TokenSource(env="X"))
     assert client.session.verify == str(ca) and client.session.trust_env is False

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from hl7bridge.dispatch.child import ChildSpec
-from hl7bridge.dispatch.journeys import DEFAULT_CANCEL_PATH
+from hl7bridge.dispatch.journeys import DEFAULT_CANCEL_PATH, ApiSettings
 from hl7bridge.store import CommandUpdate, OutboxWrite
 
 from .conftest import ROOT, RunningSandbox, RunningService, free_port, start_service, wait_until
@@ -110,8 +110,8 @@ def read_until(fd: int, wanted: bytes, timeout: float) -> bytes:
 
 def test_a_second_dispatcher_on_the_same_log_waits(tmp_path: Path, sandbox: RunningSandbox) -> None:
     service, _ = start(tmp_path, sandbox)
-    spec = ChildSpec(database=service.url, base_url=sandbox.url, org_id="test-org",
-                     cancel_path=DEFAULT_CANCEL_PATH, connect_timeout=1, read_timeout=2, settings={}, token="test-token")  # fmt: skip
+    spec = ChildSpec(database=service.url, api=ApiSettings(base_url=sandbox.url, org_id="test-org",
+                     cancel_path=DEFAULT_CANCEL_PATH, connect_timeout=1, read_timeout=2), settings={}, token="test-token")  # fmt: skip
     read_events, write_events = os.pipe()
     intruder = None
     try:

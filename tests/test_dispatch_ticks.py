@@ -11,8 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-from hl7bridge.dispatch.dispatcher import Dispatcher, DispatchSettings
-from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
+from hl7bridge.dispatch.dispatcher import Dispatcher
+from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient, TokenSource
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.store import Writer, open_engine
 
 
@@ -28,7 +29,7 @@ def test_wakes_within_the_tick_gap_are_served_by_one_tick(tmp_path: Path) -> Non
     engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
     writer = Writer(engine, lambda fn, *args: fn(*args))
     writer.start()
-    client = JourneysClient("http://127.0.0.1:9", "org", TokenSource(env="HL7BRIDGE_TEST_NO_TOKEN"))
+    client = JourneysClient(ApiSettings("http://127.0.0.1:9", "org"), TokenSource(env="HL7BRIDGE_TEST_NO_TOKEN"))
     settings = DispatchSettings(tick_gap=0.05, poll_interval=1.0)
     dispatcher = CountingDispatcher(engine, writer, client, settings)
     dispatcher.start()

@@ -10,7 +10,7 @@ import sys
 import pytest
 from twisted.internet.task import Clock
 
-from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
+from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient, TokenSource
 from hl7bridge.mllp.connections import RefusalLog
 from tests.conftest import RunningService, fixture_bytes, segments, unique_control
 from tests.hostile_api import Answer, HostileApi
@@ -88,7 +88,9 @@ def test_a_token_echoed_json_escaped_is_redacted(echo: str, monkeypatch: pytest.
     try:
         body = ('{"message": "Authorization: Bearer ' + echo + ' refused"}').encode()
         api.script("bulk", Answer(401, body, {"Content-Type": "application/json"}))
-        client = JourneysClient(api.url, "org", TokenSource(env="REVIEW_API_TOKEN"), read_timeout=2, call_timeout=3)
+        client = JourneysClient(
+            ApiSettings(api.url, "org", read_timeout=2, call_timeout=3), TokenSource(env="REVIEW_API_TOKEN")
+        )
         result = client.trigger("bot", None, "UTC", [{"appointmentId": "A1"}])
     finally:
         api.close()

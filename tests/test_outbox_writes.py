@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from hl7bridge.dispatch.dispatcher import Dispatcher, DispatchSettings
-from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
+from hl7bridge.dispatch.dispatcher import Dispatcher
+from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient, TokenSource
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.mapping.routing import BOOK, Command
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, Writer, apply_updates, command_values, open_engine
 from hl7bridge.store.schema import appointments, commands, messages
@@ -67,7 +68,7 @@ def test_a_bulk_calls_outcomes_reach_the_log_in_small_writes(tmp_path: Path, san
     writer = Writer(engine, lambda fn, *args: fn(*args))
     writer.start()
     sink = RecordingSink(writer)
-    client = JourneysClient(sandbox.url, "test-org", TokenSource(file=str(token)))
+    client = JourneysClient(ApiSettings(sandbox.url, "test-org"), TokenSource(file=str(token)))
     settings = DispatchSettings(batch_size=100, batch_window=0.2, updates_per_write=16)
     dispatcher = Dispatcher(engine, sink, client, settings)
     calls_before = len(sandbox.get("/_sandbox/calls"))

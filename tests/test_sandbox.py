@@ -72,3 +72,33 @@ def test_search_sees_cancels_and_forgets_instances_on_reset(sandbox: RunningSand
     assert search(sandbox, "dental", appointmentId="D-9") == []
     trigger(sandbox, "dental", dental("D-9", "east"))
     assert [i["parameters"]["clinic"] for i in search(sandbox, "dental", appointmentId="D-9")] == ["east"]
+
+
+def test_drift_controls_change_what_search_answers(sandbox: RunningSandbox) -> None:
+    sandbox.post("/_sandbox/reset", {})
+    trigger(sandbox, "dental", dental("D-20", "north"), dental("D-21", "north"))
+    [first] = search(sandbox, "dental", appointmentId="D-20")
+
+    copy = sandbox.post("/_sandbox/drift", {"action": "duplicate", "id": first["id"]})
+    assert copy["id"] != first["id"] and copy["parameters"] == first["parameters"]
+    assert sorted(i["id"] for i in search(sandbox, "dental", appointmentId="D-20")) == sorted([first["id"], copy["id"]])
+
+    moved = sandbox.post("/_sandbox/drift", {"action": "edit", "id": first["id"],
+                                             "parameters": {"appointmentDateTime": "2027-02-01 08:00:00"}})  # fmt: skip
+    assert moved["parameters"]["appointmentDateTime"] == "2027-02-01 08:00:00"
+    assert [i["id"] for i in search(sandbox, "dental", appointmentDateTime="2027-02-01 08:00:00")] == [first["id"]]
+    assert [i["id"] for i in search(sandbox, "dental", appointmentDateTime="2027-01-05 09:30:00",
+                                    appointmentId="D-20")] == [copy["id"]]  # fmt: skip
+
+    assert sandbox.post("/_sandbox/drift", {"action": "delete", "id": copy["id"]}) == {"deleted": copy["id"]}
+    assert [i["id"] for i in search(sandbox, "dental", appointmentId="D-20")] == [first["id"]]
+
+    cancel = f"{sandbox.url}/chatbotapi/orgs/test-org/journeys/dental/instances/{first['id']}/execution"
+    assert requests.delete(cancel, headers=AUTH, timeout=10).status_code == 204
+    sandbox.post("/_sandbox/drift", {"action": "edit", "id": first["id"], "status": "InProgress"})
+    assert [i["status"] for i in search(sandbox, "dental", appointmentId="D-20")] == ["InProgress"]
+    assert len(search(sandbox, "dental", appointmentId="D-21")) == 1  # the other appointment untouched
+
+    gone = requests.post(sandbox.url + "/_sandbox/drift", json={"action": "delete", "id": copy["id"]},
+                         headers=sandbox.control, timeout=10)  # fmt: skip
+    assert gone.status_code == 404 and "was not found" in gone.json()[0]

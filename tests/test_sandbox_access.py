@@ -35,6 +35,8 @@ CONTROLS = [
     ("POST", "/_sandbox/tokens"),
     ("GET", "/_sandbox/no-such-control"),
 ]
+#: Controls that need a body naming what to act on (``{}`` is a 400 for them).
+TARGETED = [("POST", "/_sandbox/drift")]
 API_TOKEN = {"Authorization": "Bearer test-token"}
 SANDBOX_TABLES = "[sandbox]" + SANDBOX_TOML.split("[sandbox]", 1)[1]
 
@@ -60,7 +62,7 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 # ---- the control token -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "path"), CONTROLS)
+@pytest.mark.parametrize(("method", "path"), CONTROLS + TARGETED)
 @pytest.mark.parametrize("header", [None, "Bearer test-token", "Bearer wrong", "Basic dGVzdA=="])
 def test_controls_need_the_control_token(sandbox: RunningSandbox, method: str, path: str, header: str | None) -> None:
     headers = {"Authorization": header} if header else {}
@@ -274,6 +276,12 @@ BAD = [
     ("POST", "/_sandbox/tokens", b'{"grant": {}}', "tokens.grant: unknown setting"),
     ("POST", "/_sandbox/tokens", json.dumps({"add": {f"t{i}": [] for i in range(1000)}}).encode(), "at most 1000"),
     ("GET", "/_sandbox/reset", None, "GET is not allowed on /_sandbox/reset (allowed: POST)"),
+    ("POST", "/_sandbox/drift", b"{}", "drift: needs action and id"),
+    ("POST", "/_sandbox/drift", b'{"action": "explode", "id": "x"}', "drift.action: expected one of"),
+    ("POST", "/_sandbox/drift", b'{"action": "delete", "id": ""}', "drift.id: expected a non-empty string"),
+    ("POST", "/_sandbox/drift", b'{"action": "delete", "id": "x", "status": "InProgress"}', "with action 'edit'"),
+    ("POST", "/_sandbox/drift", b'{"action": "edit", "id": "x", "parameters": {"a": 1}}', "drift.parameters: expected"),
+    ("POST", "/_sandbox/drift", b'{"action": "edit", "id": "x", "color": "red"}', "drift.color: unknown setting"),
     ("DELETE", "/_sandbox/faults", None, "DELETE is not allowed on /_sandbox/faults"),
 ]
 

@@ -17,8 +17,8 @@ import pytest
 
 from hl7bridge.app.cli import build_parser
 from hl7bridge.app.config import HealthConfig, ListenerConfig
-from hl7bridge.app.dispatch_config import ApiConfig
 from hl7bridge.app.service import DESCRIPTOR_BASE
+from hl7bridge.dispatch.journeys import ApiSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -110,7 +110,7 @@ def test_service_user_state_config_and_credential(service: Unit) -> None:
     assert {key: one(service, "Service", key) for key in expected} == expected
     assert not values(service, "Service", "DynamicUser")
     # The credential's name is the one the app looks for under $CREDENTIALS_DIRECTORY by default.
-    assert one(service, "Service", "LoadCredential").split(":")[0] == ApiConfig().token_credential
+    assert one(service, "Service", "LoadCredential").split(":")[0] == ApiSettings().token_credential
 
 
 def test_service_execstart_is_a_valid_serve_command(service: Unit) -> None:

@@ -14,8 +14,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from hl7bridge.dispatch.dispatcher import Dispatcher, DispatchSettings
+from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import Verdict
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.mapping.routing import BOOK, CANCEL, Command
 from hl7bridge.store import Writer, command_values, open_engine
 from hl7bridge.store.schema import commands, messages

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -64,6 +65,24 @@ def seconds_arg(text: str) -> float:
     if not 0 < value <= 86400:
         raise argparse.ArgumentTypeError(f"expected a number of seconds from 0 to 86400, got {text[:40]!r}")
     return value
+
+
+def operator_name(text: str) -> str:
+    """An argparse ``type`` for ``--by``: who acted, as the audit log records it."""
+    name = text.strip()
+    if not 0 < len(name) <= 128 or not name.isprintable():
+        raise argparse.ArgumentTypeError(f"expected a name of 1 to 128 printable characters, got {text[:40]!r}")
+    return name
+
+
+def actor(args: argparse.Namespace) -> str:
+    """Who acts: ``--by``, else the OS user (the audit log's actor)."""
+    if getattr(args, "by", None):
+        return str(args.by)
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return f"uid {os.getuid()}"
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -328,7 +347,9 @@ def cmd_log_list(args: argparse.Namespace) -> int:
     for r in rows:
         kind = f"{r['message_type'] or '?'}^{r['event'] or ''}".rstrip("^")
         detail = ""
-        if r["duplicate_of"]:
+        if r["dead_letters"]:
+            detail = f"{r['dead_letters']} dead letter(s): see 'hl7bridge dead-letters list'"
+        elif r["duplicate_of"]:
             detail = f"duplicate of {r['duplicate_of']}"
         elif r["error"]:
             detail = f"{r['error_location'] + ': ' if r['error_location'] else ''}{r['error']}"
@@ -337,7 +358,7 @@ def cmd_log_list(args: argparse.Namespace) -> int:
         table.append(tuple(escape(cap(cell, LIST_CELL_CHARS)) for cell in (
             str(r["id"]), _when(r["received_at"]), r["listener"], r["peer"],
             f"{r['sending_application'] or ''}/{r['sending_facility'] or ''}", r["control_id"] or "",
-            kind, r["version"] or "", r["ack_code"] or "-", r["status"], detail,
+            kind, r["version"] or "", r["ack_code"] or "-", CommandStatus.DEAD.value if r["dead_letters"] else r["status"], detail,
         )))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
@@ -392,6 +413,10 @@ def cmd_log_show(args: argparse.Namespace) -> int:
             print(f"  #{c['id']} {c['kind']} via route {c['route']} (chatBotId {c['chat_bot_id']}"
                   f"{', flowId ' + c['flow_id'] if c['flow_id'] else ''}): {c['status']}"
                   f"{' - ' + c['outcome'] if c['outcome'] else ''} [attempts {c['attempts']}]")  # fmt: skip
+            if c["resolution"]:
+                why = f": {escape(c['resolution_reason'])}" if c["resolution_reason"] else ""
+                print(f"      {c['resolution']} by {escape(c['resolved_by'] or '?')} at {_when(c['resolved_at'])}{why} "
+                      f"(audit entry {c['resolution_audit']})")  # fmt: skip
             if args.phi:
                 print(f"      parameters {c['parameters']}")
             for a in (a for a in attempts if a["command_id"] == c["id"]):
@@ -430,7 +455,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print("commands: " + (", ".join(f"{k} {v}" for k, v in sorted(data["commands"].items())) or "none"))
     oldest = data["outbox"]["oldest_age_s"]
     print(f"outbox: {data['outbox']['depth']} waiting" + (f", the oldest for {oldest:.0f} s" if oldest else ""))
-    print(f"dead letters: {data['dead_letters']}")
+    oldest_dead = f", the oldest since {_when(data['dead_letters_since'])}" if data["dead_letters_since"] else ""
+    print(f"open dead letters: {data['dead_letters']}{oldest_dead}"
+          + (" (see 'hl7bridge dead-letters list')" if oldest_dead else ""))  # fmt: skip
     if data["api_calls"]:
         print("API calls:")
         for row in data["api_calls"]:
@@ -440,8 +467,21 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from hl7bridge.app.cli_status import run
+    from hl7bridge.workflow.status import LogFacts, log_facts
+
+    def from_log() -> tuple[LogFacts | None, str]:
+        try:
+            return log_facts(_engine(args)), _safe_url(args.database_url)
+        except CliError as exc:
+            return None, str(exc)
+
+    return run(args, _config(args), from_log, _when)
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
-    from hl7bridge.store import due_for_purge, purge
+    from hl7bridge.store import AuditEntry, due_for_purge, purge
 
     cfg = _config(args)
     age = args.older_than or (f"{cfg.service.retention_days}d" if cfg.service.retention_days else None)
@@ -457,12 +497,54 @@ def cmd_purge(args: argparse.Namespace) -> int:
             f"{due.attempts} attempt response(s), {due.appointments} appointment memory(ies)"
         )
         return 0
-    done = purge(engine, cutoff)
+    audited = AuditEntry(actor(args), "cli", "purge", "log", details={"older_than": age})
+    done = purge(engine, cutoff, audited=audited)
     print(
         f"cleared patient data older than {age}: {done.messages} message(s), {done.commands} command(s), "
         f"{done.attempts} attempt response(s), {done.appointments} appointment memory(ies); outcomes kept"
     )
     return 0
+
+
+# --- dead-letters -------------------------------------------------------------------------------
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from hl7bridge.app import cli_deadletters
+
+    if args.dl_command == "retry" and bool(args.ids) == bool(args.all):
+        raise CliError(
+            "name the dead letters to retry (command ids, see 'hl7bridge dead-letters list') or --all, not both"
+        )
+    if args.dl_command == "discard" and not (args.reason or "").strip():
+        raise CliError("say why: --reason TEXT (kept with the command and in the audit log)")
+    since = time.time() - parse_duration(args.since) if getattr(args, "since", None) else None
+    return cli_deadletters.run(args, _engine(args), actor(args), since, _when)
+
+
+# --- audit --------------------------------------------------------------------------------------
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from hl7bridge.app import cli_audit
+
+    since = time.time() - parse_duration(args.since) if getattr(args, "since", None) else None
+    return cli_audit.run(args, _engine(args), since, _when)
+
+
+# --- reconcile ----------------------------------------------------------------------------------
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from hl7bridge.app.cli_reconcile import run
+
+    if args.dry_run and not args.repair:
+        raise CliError("--dry-run goes with --repair (reconcile alone changes nothing)")
+    cfg = _config(args)
+    if args.route is not None and args.route not in {r.name for r in cfg.routes}:
+        raise CliError(f"no route named {args.route!r} (configured: {', '.join(r.name for r in cfg.routes) or 'none'})")
+    since = time.time() - parse_duration(args.since)
+    return run(cfg, _engine(args), since, args, actor(args))
 
 
 # --- parser ---------------------------------------------------------------------------------------
@@ -516,9 +598,17 @@ def build_parser() -> argparse.ArgumentParser:
     stats_p.add_argument("--json", action="store_true")
     stats_p.set_defaults(func=cmd_stats)
 
+    status_p = with_config(sub.add_parser("status", help="the running service's status (ok, degraded, failing) "
+                                          "and why; exit 0, 1, 3, or 4 when it does not answer"))  # fmt: skip
+    status_p.add_argument("--json", action="store_true")
+    status_p.set_defaults(func=cmd_status)
+
     purge_p = with_config(sub.add_parser("purge", help="clear patient data older than a duration (retention)"))
     purge_p.add_argument("--older-than", metavar="DURATION", help="e.g. 30d (default: service.retention_days)")
     purge_p.add_argument("--dry-run", action="store_true", help="only count what would be cleared")
+    purge_p.add_argument(
+        "--by", type=operator_name, metavar="NAME", help="who purges, for the audit log (default: the OS user)"
+    )
     purge_p.set_defaults(func=cmd_purge)
 
     from hl7bridge.app.cli_replay import add_replay_options
@@ -534,6 +624,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the exact API calls instead (patient data masked)"
     )
     add_replay_options(replay)
+
+    dead = sub.add_parser(
+        "dead-letters", help="commands the API refused or that were given up on: list, retry, discard"
+    )
+    dead_sub = dead.add_subparsers(dest="dl_command", required=True)
+    dl_list = with_config(dead_sub.add_parser("list", help="open dead letters, oldest first"))
+    dl_list.add_argument("--since", metavar="DURATION", help="dead within, e.g. 12h")
+    dl_list.add_argument("--route", metavar="NAME")
+    dl_retry = with_config(dead_sub.add_parser("retry", help="back into the outbox, through the running dispatcher"))
+    dl_retry.add_argument("ids", nargs="*", type=whole_number(1), metavar="ID", help="command ids")
+    dl_retry.add_argument("--all", action="store_true", help="every open dead letter")
+    dl_retry.add_argument("--dry-run", action="store_true", help="say what would be queued, change nothing")
+    dl_retry.add_argument("--reason", metavar="TEXT", help="why, for the audit log (e.g. the fix made)")
+    dl_discard = with_config(dead_sub.add_parser("discard", help="settle dead letters for good, unsent"))
+    dl_discard.add_argument("ids", nargs="+", type=whole_number(1), metavar="ID", help="command ids")
+    dl_discard.add_argument("--reason", metavar="TEXT", help="why (required)")
+    for p in (dl_list, dl_retry, dl_discard):
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_dead_letters)
+    for p in (dl_retry, dl_discard):
+        p.add_argument(
+            "--by", type=operator_name, metavar="NAME", help="who acts, for the audit log (default: the OS user)"
+        )
+    audit_p = sub.add_parser("audit", help="the operators' audit log: who did what, when and why")
+    audit_sub = audit_p.add_subparsers(dest="audit_command", required=True)
+    audit_list = with_config(audit_sub.add_parser("list", help="entries, newest first"))
+    audit_list.add_argument("--since", metavar="DURATION", help="e.g. 7d")
+    audit_list.add_argument("--action", metavar="ACTION", help="e.g. retry, discard, replay, purge, repair, export")
+    audit_list.add_argument("--before", type=whole_number(1), metavar="ID", help="the next page: entries older than ID")
+    audit_list.add_argument("--limit", type=whole_number(1, 10000), default=50)
+    audit_verify = with_config(
+        audit_sub.add_parser("verify", help="recompute the hash chain: exit 1 if an entry was edited or deleted")
+    )
+    for p in (audit_list, audit_verify):
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_audit)
+
+    rec = with_config(sub.add_parser(
+        "reconcile", help="compare the log with the Journeys API; exit 1 on drift",
+        epilog="exit status: 0 no drift, 1 drift found (repairs queued with --repair), 2 bad input, "
+               "3 could not finish (the API's answer, or reconcile.max_calls)"))  # fmt: skip
+    rec.add_argument("--since", metavar="DURATION", default="7d",
+                     help="appointments whose state changed within, e.g. 7d (the default)")  # fmt: skip
+    rec.add_argument("--route", metavar="NAME", help="only this route's appointments")
+    rec.add_argument("--repair", action="store_true", help="queue the commands that fix the drift (outbox)")
+    rec.add_argument("--dry-run", action="store_true", help="with --repair: show what would be queued")
+    rec.add_argument("--json", action="store_true")
+    rec.add_argument(
+        "--by", type=operator_name, metavar="NAME", help="who repairs, for the audit log (default: the OS user)"
+    )
+    rec.set_defaults(func=cmd_reconcile)
 
     log = sub.add_parser("log", help="look into the message log")
     log_sub = log.add_subparsers(dest="log_command", required=True)

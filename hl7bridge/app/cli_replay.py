@@ -4,7 +4,6 @@ The work is ``hl7bridge.app.replay.Replayer``'s."""
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import shlex
 import subprocess
@@ -13,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from hl7bridge.app.cli import CliError, _config, _engine, parse_duration
+from hl7bridge.app.cli import CliError, _config, _engine, actor, parse_duration
 from hl7bridge.core.logs import escape
 
 
@@ -49,7 +48,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     edited = _edit(originals[0]) if args.edit else None
     if args.edit and edited is None:
         return 0
-    replayer = Replayer(engine, cfg, actor=args.by or getpass.getuser(), phi=args.phi)
+    replayer = Replayer(engine, cfg, actor=actor(args), phi=args.phi)
     if args.dry_run:
         print(f"calls as they would go to {escape(replayer.target.describe())}:")
     progress = Progress(len(originals), sys.stderr.isatty())

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import sys
 import time
@@ -12,14 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hl7bridge.app.cli import CliError, _engine, parse_duration
+from hl7bridge.app.cli import CliError, _engine, actor, parse_duration
 from hl7bridge.core.logs import escape
-from hl7bridge.core.status import MessageStatus
+from hl7bridge.core.status import CommandStatus, MessageStatus
 from hl7bridge.workflow.search import Filters, SearchError
 
 
 def add_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--status", choices=[status.value for status in MessageStatus])
+    parser.add_argument("--status", choices=[*(status.value for status in MessageStatus), CommandStatus.DEAD.value],
+                        help="a message's status, or dead: messages with an open dead letter")  # fmt: skip
     parser.add_argument("--since", metavar="DURATION", help="received within, e.g. 30m, 12h, 7d")
     parser.add_argument("--event", metavar="S12")
     parser.add_argument("--appointment", metavar="ID", help="placer or filler appointment id (SCH-1, SCH-2)")
@@ -79,7 +79,7 @@ def cmd_log_export(args: argparse.Namespace) -> int:
         raise CliError(f"cannot create {target}: {exc.strerror}") from None
     try:
         try:
-            export = open_export(engine, filters, args.format, args.phi, args.by or getpass.getuser(),
+            export = open_export(engine, filters, args.format, args.phi, actor(args),
                                  destination=str(target.resolve()) if target else "stdout")  # fmt: skip
         except SearchError as exc:
             raise CliError(str(exc)) from None

@@ -10,9 +10,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from hl7bridge.app.dispatch_config import (
-    ApiConfig,
     parse_api,
     parse_dispatch,
+    parse_reconcile,
     parse_routes,
     parse_sandbox,
 )
@@ -24,13 +24,15 @@ from hl7bridge.core.checks import seconds as _seconds
 from hl7bridge.core.checks import string as _str
 from hl7bridge.core.checks import table as _section
 from hl7bridge.core.checks import zone as _zone
-from hl7bridge.dispatch.dispatcher import DispatchSettings
+from hl7bridge.dispatch.journeys import ApiSettings
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.hl7 import charsets, tables
 from hl7bridge.hl7.er7 import DEFAULT_LIMITS, Limits, Path
 from hl7bridge.hl7.siu import DEFAULT_START_SOURCES, Feed
 from hl7bridge.mapping.routing import Route
 from hl7bridge.mllp.tls import DEFAULT_CIPHERS, MIN_VERSIONS, TlsError, TlsSettings, context_for
 from hl7bridge.testing.sandbox import SandboxConfig
+from hl7bridge.workflow.reconcile import ReconcileSettings
 
 DEFAULT_ENDPOINT = "tcp:2575:interface=127.0.0.1"
 DEFAULT_DATABASE = "sqlite:///var/hl7bridge.db"
@@ -118,11 +120,12 @@ class HealthConfig:
 class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig("main"),)
-    api: ApiConfig = field(default_factory=ApiConfig)
+    api: ApiSettings = field(default_factory=ApiSettings)
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     routes: tuple[Route, ...] = ()
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     source: str = "(built-in defaults)"
 
     def with_overrides(
@@ -322,7 +325,7 @@ LISTENER_KEYS: dict[str, Check] = {
 
 def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
     problems: list[str] = []
-    sections = ("service", "listeners", "api", "dispatch", "routes", "sandbox", "health")
+    sections = ("service", "listeners", "api", "dispatch", "routes", "sandbox", "health", "reconcile")
     for key in data:
         if key not in sections:
             problems.append(f"{key}: unknown section (known: {', '.join(sections)})")
@@ -343,6 +346,7 @@ def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
     routes = parse_routes(data.get("routes"), {lst.name for lst in listeners}, problems)
     sandbox = parse_sandbox(data.get("sandbox"), problems)
     health = HealthConfig(**_section(data.get("health", {}), "health", HEALTH_KEYS, problems))
+    reconcile = parse_reconcile(data.get("reconcile", {}), problems)
     if health.listen:
         _check_endpoint(health.listen, "health.listen", problems)
     if health.heartbeat_interval <= 0:
@@ -354,7 +358,7 @@ def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
             problems.append(f"listeners.{listener.name}.ack_mode: 'dispatched' needs at least one [[routes]] table")
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
-    return Config(service, tuple(listeners), api, dispatch, routes, sandbox, health, source)
+    return Config(service, tuple(listeners), api, dispatch, routes, sandbox, health, reconcile, source)
 
 
 def load(path: str | FsPath | None) -> Config:

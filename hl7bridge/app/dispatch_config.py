@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 from hl7bridge.core.checks import Check
@@ -21,36 +21,14 @@ from hl7bridge.core.checks import strings as _strings
 from hl7bridge.core.checks import table as _table
 from hl7bridge.core.checks import unknown_settings as _unknown
 from hl7bridge.core.checks import zone as _zone
-from hl7bridge.dispatch.dispatcher import DispatchSettings
-from hl7bridge.dispatch.journeys import DEFAULT_CANCEL_PATH, JourneysClient, TokenSource
+from hl7bridge.dispatch.journeys import ApiSettings
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.hl7 import tables
 from hl7bridge.hl7.er7 import Path
 from hl7bridge.mapping.parameters import NAMED_VALUES, TYPES, Condition, ParameterSpec, is_named
 from hl7bridge.mapping.routing import Criteria, Route, Router
 from hl7bridge.testing.sandbox import FAULT_CHECKS, Faults, Journey, SandboxConfig, local_endpoint
-
-
-@dataclass(frozen=True)
-class ApiConfig:
-    base_url: str = "https://medchatapp.com"
-    org_id: str = ""
-    token_file: str = ""
-    token_env: str = "HL7BRIDGE_API_TOKEN"
-    token_credential: str = "medchat-token"
-    cancel_path: str = DEFAULT_CANCEL_PATH
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    call_timeout: float = 60.0
-    ca_file: str = ""
-    proxy: str = ""
-
-    def tokens(self) -> TokenSource:
-        return TokenSource(self.token_file, self.token_env, self.token_credential)
-
-    def client(self, tokens: Any) -> JourneysClient:
-        return JourneysClient(self.base_url, self.org_id, tokens, self.cancel_path, self.connect_timeout,
-                              self.read_timeout, self.call_timeout, self.ca_file, self.proxy)  # fmt: skip
-
+from hl7bridge.workflow.reconcile import ReconcileSettings
 
 # --- checks --------------------------------------------------------------------------------------
 
@@ -82,6 +60,25 @@ def _cancel_path(value: Any, key: str, problems: list[str]) -> Any:
     return value
 
 
+def _expiry(value: Any, key: str, problems: list[str]) -> str:
+    """A TOML date or date-time, or the same as an ISO 8601 string; a date means 00:00 UTC that day, a time
+    without an offset is UTC. Kept as ISO 8601 in UTC (``ApiSettings`` crosses to the child as JSON);
+    ``""`` means not known."""
+    if isinstance(value, str) and value:
+        try:
+            value = datetime.fromisoformat(value) if "T" in value or " " in value else date.fromisoformat(value)
+        except ValueError:
+            pass
+    if value == "":
+        return ""
+    if isinstance(value, datetime):
+        return (value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)).isoformat()
+    if isinstance(value, date):
+        return datetime.combine(value, time(), UTC).isoformat()
+    problems.append(f"{key}: expected a date or date-time such as 2027-03-01 or 2027-03-01T12:00:00Z, got {value!r}")
+    return ""
+
+
 API_KEYS: dict[str, Check] = {
     "base_url": _url,
     "org_id": _str,
@@ -94,6 +91,7 @@ API_KEYS: dict[str, Check] = {
     "call_timeout": _number(0.1, 3600),
     "ca_file": _file,
     "proxy": _optional_url,
+    "token_expires": _expiry,
 }
 
 DISPATCH_KEYS: dict[str, Check] = {
@@ -107,11 +105,26 @@ DISPATCH_KEYS: dict[str, Check] = {
     "run_in": _choice("process", "thread"),
 }
 
+RECONCILE_KEYS: dict[str, Check] = {
+    "token_file": _str,
+    "token_env": _str,
+    "token_credential": _str,
+    "calls_per_second": _number(0.01, 1000),
+    "max_calls": _number(1, 10_000_000, integer=True),
+    "page_size": _number(1, 10_000, integer=True),
+    "retries": _number(0, 100, integer=True),
+    "retry_after_max": _number(0, 3600),
+}
+
 CRITERIA_KEYS = ("sending_application", "sending_facility", "location", "department", "appointment_type", "provider")
 
 
-def parse_api(data: Any, problems: list[str]) -> ApiConfig:
-    return ApiConfig(**_table(data, "api", API_KEYS, problems))
+def parse_api(data: Any, problems: list[str]) -> ApiSettings:
+    return ApiSettings(**_table(data, "api", API_KEYS, problems))
+
+
+def parse_reconcile(data: Any, problems: list[str]) -> ReconcileSettings:
+    return ReconcileSettings(**_table(data, "reconcile", RECONCILE_KEYS, problems))
 
 
 #: [dispatch] keys whose ``DispatchSettings`` field has another name, and the factor to its unit.

@@ -21,6 +21,7 @@ from hl7bridge import store
 from hl7bridge.app.config import Config, ListenerConfig
 from hl7bridge.app.dispatch_config import router
 from hl7bridge.core.logs import masked
+from hl7bridge.dispatch.journeys import JourneysClient
 from hl7bridge.hl7.ack import AckBuilder
 from hl7bridge.ingest.intake import Intake
 from hl7bridge.mapping.routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
@@ -79,7 +80,7 @@ class Replayer:
         self.router = router(config.routes, config.dispatch)
         self.target = dispatch_target(engine, config)
         api = replace(config.api, base_url=self.target.base_url)
-        self.client = api.client(api.tokens())
+        self.client = JourneysClient(api, api.tokens())
         self.acks = AckBuilder(config.service.application, config.service.facility)
         #: Who replays, for the audit log; the dry run's calls show patient data only with ``phi``.
         self.actor = actor

@@ -19,7 +19,7 @@ from hl7bridge.app.dispatch_config import router
 from hl7bridge.app.wiring import intake_for
 from hl7bridge.dispatch.child import ChildSpec, FixedToken
 from hl7bridge.dispatch.dispatcher import Dispatcher
-from hl7bridge.dispatch.journeys import TokenSource, plain_http_outside_loopback
+from hl7bridge.dispatch.journeys import JourneysClient, TokenSource, plain_http_outside_loopback
 from hl7bridge.dispatch.process import DispatcherProcess
 from hl7bridge.hl7 import tables
 from hl7bridge.hl7.ack import AckBuilder
@@ -47,6 +47,7 @@ from hl7bridge.store import (
     set_meta,
 )
 from hl7bridge.testing.sandbox import Sandbox
+from hl7bridge.workflow.status import ListenerFacts
 
 #: Messages per search-index job (``store.index_step``).
 SEARCH_INDEX_BATCH = 100
@@ -131,7 +132,7 @@ class Service:
                 observer=self.metrics,
             )
             factory = MLLPFactory(listener, pipeline, self.reactor, self.metrics, self.fds)
-            self.metrics.track_connections(listener.name, lambda f=factory: len(f.open))
+            self.metrics.track_listener(listener.name, lambda f=factory: len(f.open))
             try:
                 port = yield listen(self.reactor, factory)
             except Exception as exc:  # noqa: BLE001 - CannotListenError, KeyError for systemd fds, ...
@@ -198,17 +199,26 @@ class Service:
         return True, ", ".join(f"{f.config.name} on {_describe(p)} ({len(f.open)} connection(s))"
                                for f, p in zip(self.factories, self.ports, strict=False))  # fmt: skip
 
+    def _listener_facts(self) -> list[ListenerFacts]:
+        return [ListenerFacts(f.config.name, len(f.open), self.metrics.last_message_at.get(f.config.name))
+                for f in self.factories]  # fmt: skip
+
     @defer.inlineCallbacks
     def _start_health(self):
         cfg = self.config.health
+        expires = self.config.api.token_expiry()
         self.health = HealthState(
             self._listeners_up,
-            lambda: self.dispatcher.paused_reason if self.dispatcher is not None else None,
+            lambda: self.dispatcher.state() if self.dispatcher is not None else None,
             cfg.outbox_stuck_after,
             cfg.heartbeat_interval,
             descriptors=self._descriptors,
+            listeners=self._listener_facts,
+            token_expires=expires,
         )
-        self._probes = Probes(self.reactor, self.health, self.writer, self.engine, self.metrics)
+        self.metrics.token_expires.set(expires.timestamp() if expires else 0)
+        self._probes = Probes(self.reactor, self.health, self.writer, self.engine, self.metrics,
+                              [lst.name for lst in self.config.listeners])  # fmt: skip
         self._probes.start()
         if not cfg.listen:
             return
@@ -220,7 +230,7 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - port in use and the like
             yield self.stop()
             raise StartupError(f"the health listener cannot listen on {cfg.listen}: {_why(exc)}") from None
-        log.info("health and metrics on http://%s/healthz and /metrics", _describe(self._health_port))
+        log.info("health and metrics on http://%s/healthz, /status and /metrics", _describe(self._health_port))
 
     def _start_search_index(self) -> None:
         """Every second, the messages logged since are added to the search index, in writer jobs of
@@ -382,24 +392,17 @@ class Service:
         if dispatch.run_in == "process" and _shareable(service.database):
             spec = ChildSpec(
                 database=service.database,
-                base_url=api.base_url,
-                org_id=api.org_id,
-                cancel_path=api.cancel_path,
-                connect_timeout=api.connect_timeout,
-                read_timeout=api.read_timeout,
-                call_timeout=api.call_timeout,
-                ca_file=api.ca_file,
-                proxy=api.proxy,
+                api=api,
                 settings=asdict(dispatch),
                 log_level=service.log_level,
                 log_format=service.log_format,
                 log_phi=service.log_phi,
                 token=tokens.token if isinstance(tokens, FixedToken) else "",
-                token_source=asdict(tokens) if isinstance(tokens, TokenSource) else None,
             )
             self.dispatcher = DispatcherProcess(self.reactor, spec, self.metrics, self.writer)
         else:
-            self.dispatcher = Dispatcher(self.engine, self.writer, api.client(tokens), dispatch, observer=self.metrics)
+            client = JourneysClient(api, tokens)
+            self.dispatcher = Dispatcher(self.engine, self.writer, client, dispatch, observer=self.metrics)
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
         with self.engine.begin() as conn:

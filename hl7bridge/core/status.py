@@ -25,13 +25,27 @@ class CommandStatus(StrEnum):
     ANNIHILATED = "annihilated"
     DEAD = "dead"
     FAILED = "failed"
+    #: A dead letter an operator chose not to send (``dead-letters discard``): final, neither sent nor dead.
+    DISCARDED = "discarded"
 
 
 #: Commands the dispatcher still has to work on.
 OPEN_STATUSES = (CommandStatus.PENDING, CommandStatus.IN_FLIGHT)
 #: Commands settled for good.
-FINAL_STATUSES = frozenset({CommandStatus.DONE, CommandStatus.ANNIHILATED, CommandStatus.DEAD, CommandStatus.FAILED})
+FINAL_STATUSES = frozenset(
+    {CommandStatus.DONE, CommandStatus.ANNIHILATED, CommandStatus.DEAD, CommandStatus.FAILED, CommandStatus.DISCARDED}
+)
 #: Final and successful: what the command asked for holds at the API (or never needed a call).
 SUCCEEDED = (CommandStatus.DONE, CommandStatus.ANNIHILATED)
 #: Final and unsuccessful: the operator's dead letters.
 DEAD_LETTERS = (CommandStatus.DEAD, CommandStatus.FAILED)
+
+
+class ServiceState(StrEnum):
+    """The service's state as ``GET /status`` and ``hl7bridge status`` report it (``workflow.status``)."""
+
+    OK = "ok"
+    #: Working, but something needs an operator's attention soon (held API, dead letters, token expiring).
+    DEGRADED = "degraded"
+    #: Not doing its job (token refused, dispatcher down, log unwritable, listeners down).
+    FAILING = "failing"

@@ -10,7 +10,7 @@ held SQLite's write lock while the service's messages waited for it.)
 The channel is two pipes of lines. On stdin the parent sends the ``ChildSpec`` (first line, JSON; the
 token never appears on a command line), then ``w`` (commands were committed), ``f ID`` (say when
 command ID is final), ``d N`` / ``e N TEXT`` (write N is committed / failed) and ``s GRACE`` (stop). On
-fd 3 this process sends JSON lines: ``ready``, ``write`` (an ``OutboxWrite`` numbered N), ``paused``,
+fd 3 this process sends JSON lines: ``ready``, ``write`` (an ``OutboxWrite`` numbered N), ``state`` (a ``DispatchState``),
 ``final``, ``metric`` and ``stopped``. End of stdin means the service is gone: this process exits at
 once, so that a restarted service never finds an old dispatcher still sending.
 """
@@ -37,16 +37,17 @@ from hl7bridge.core import logs
 from hl7bridge.core.observer import NullObserver
 from hl7bridge.core.status import FINAL_STATUSES
 from hl7bridge.dispatch import pipe
-from hl7bridge.dispatch.dispatcher import Dispatcher, DispatchSettings
-from hl7bridge.dispatch.journeys import JourneysClient, TokenSource
+from hl7bridge.dispatch.dispatcher import Dispatcher
+from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
 from hl7bridge.dispatch.pipe import LineBuffer
+from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine
 from hl7bridge.store.schema import commands
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
-#: How often the pause state is compared with what the parent was last told.
-PAUSE_POLL = 0.2
+#: How often the dispatch state (held, paused) is compared with what the parent was last told.
+STATE_POLL = 0.2
 #: Below the service: its answers wait for CPU less while this process catches up after an outage.
 NICE_INCREMENT = 10
 _STATUS = select(commands.c.status, commands.c.outcome).where(commands.c.id == bindparam("id"))
@@ -57,29 +58,22 @@ class ChildSpec:
     """Everything the child needs, decided by the parent (CLI overrides, the sandbox's URL and token)."""
 
     database: str
-    base_url: str
-    org_id: str
-    cancel_path: str
-    connect_timeout: float
-    read_timeout: float
+    api: ApiSettings
     #: ``DispatchSettings`` as JSON carries it.
     settings: dict[str, Any]
-    call_timeout: float = 60.0
-    ca_file: str = ""
-    proxy: str = ""
     log_level: str = "info"
     log_format: str = "text"
     log_phi: bool = False
-    #: A token given by value (the in-process sandbox's); otherwise ``token_source`` is read as configured.
+    #: A token given by value (the in-process sandbox's); otherwise the one ``api`` names is read.
     token: str = ""
-    token_source: dict[str, str] | None = None
 
     def to_line(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"
 
     @classmethod
     def from_line(cls, line: bytes) -> ChildSpec:
-        return cls(**json.loads(line))
+        data = json.loads(line)
+        return cls(**{**data, "api": ApiSettings(**data["api"])})
 
 
 @dataclass(frozen=True)
@@ -183,12 +177,11 @@ class Child:
         self.events = events
         self.engine = open_engine(spec.database, read_only=True)
         self.writes = ServiceWrites(events)
-        tokens = FixedToken(spec.token) if spec.token else TokenSource(**(spec.token_source or {}))
-        client = JourneysClient(spec.base_url, spec.org_id, tokens, spec.cancel_path, spec.connect_timeout,
-                                spec.read_timeout, spec.call_timeout, spec.ca_file, spec.proxy)  # fmt: skip
+        tokens = FixedToken(spec.token) if spec.token else spec.api.tokens()
+        client = JourneysClient(spec.api, tokens)
         self.dispatcher = Dispatcher(self.engine, self.writes, client, DispatchSettings(**spec.settings),
                                      observer=events)  # fmt: skip
-        self._told_paused: str | None = None
+        self._told: pipe.DispatchState | None = None
 
     def run(self, stdin: int) -> int:
         """Read the parent's lines until a stop has finished. The stop runs in a thread of its own: the calls
@@ -199,8 +192,8 @@ class Child:
         parent = os.getppid()
         stopping: threading.Thread | None = None
         while stopping is None or stopping.is_alive():
-            ready, _, _ = io_select.select([stdin], [], [], PAUSE_POLL if stopping is None else 0.05)
-            self._tell_pause()
+            ready, _, _ = io_select.select([stdin], [], [], STATE_POLL if stopping is None else 0.05)
+            self._tell_state()
             if not self.dispatcher.alive:
                 raise RuntimeError("the dispatcher's thread has died")
             if not ready:
@@ -241,11 +234,11 @@ class Child:
         self.events.send({pipe.FINAL: {"command_id": update.command_id, "status": update.status,
                                     "outcome": update.outcome}})  # fmt: skip
 
-    def _tell_pause(self) -> None:
-        reason = self.dispatcher.paused_reason
-        if reason != self._told_paused:
-            self._told_paused = reason
-            self.events.send({pipe.PAUSED: reason})
+    def _tell_state(self) -> None:
+        state = self.dispatcher.state()
+        if state != self._told:
+            self._told = state
+            self.events.send({pipe.STATE: state.to_json()})
 
     def stop(self, grace: float) -> None:
         self.dispatcher.stop(grace)

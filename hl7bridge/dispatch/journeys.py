@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
@@ -228,13 +229,15 @@ def _clean(value: str, where: str) -> str:
     return token
 
 
-@dataclass
-class JourneysClient:
-    """One pooled session per client; safe to share between threads for independent calls."""
+@dataclass(frozen=True)
+class ApiSettings:
+    """The ``[api]`` section, as the config builds it, the child process receives it and the client uses it."""
 
-    base_url: str
-    org_id: str
-    tokens: TokenSource
+    base_url: str = "https://medchatapp.com"
+    org_id: str = ""
+    token_file: str = ""
+    token_env: str = "HL7BRIDGE_API_TOKEN"
+    token_credential: str = "medchat-token"
     cancel_path: str = DEFAULT_CANCEL_PATH
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
@@ -244,15 +247,33 @@ class JourneysClient:
     ca_file: str = ""
     #: The only proxy used: the environment (HTTPS_PROXY, .netrc, REQUESTS_CA_BUNDLE) is ignored.
     proxy: str = ""
+    #: When the token expires, ISO 8601 in UTC as the config normalised it ("" = not known); ``/status``
+    #: turns degraded 14 days ahead.
+    token_expires: str = ""
+
+    def tokens(self) -> TokenSource:
+        return TokenSource(self.token_file, self.token_env, self.token_credential)
+
+    def token_expiry(self) -> datetime | None:
+        return datetime.fromisoformat(self.token_expires) if self.token_expires else None
+
+
+@dataclass
+class JourneysClient:
+    """One pooled session per client; safe to share between threads for independent calls."""
+
+    api: ApiSettings
+    tokens: TokenSource
     session: requests.Session = field(default_factory=requests.Session)
+    base_url: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.base_url = self.base_url.rstrip("/")
+        self.base_url = self.api.base_url.rstrip("/")
         self.session.trust_env = False
-        if self.proxy:
-            self.session.proxies = {"http": self.proxy, "https": self.proxy}
-        if self.ca_file:
-            self.session.verify = self.ca_file
+        if self.api.proxy:
+            self.session.proxies = {"http": self.api.proxy, "https": self.api.proxy}
+        if self.api.ca_file:
+            self.session.verify = self.api.ca_file
         self.session.headers["User-Agent"] = f"hl7bridge/{__version__} (+HL7 v2 SIU to MedChat Journeys)"
         self.session.headers["Accept"] = "application/json"
         # Compressed answers would grow past MAX_BODY after the limit was checked.
@@ -262,7 +283,7 @@ class JourneysClient:
         self.session.mount("https://", adapter)
 
     def _journey_url(self, chat_bot_id: str, suffix: str) -> str:
-        return (f"{self.base_url}/chatbotapi/external/orgs/{_segment(self.org_id)}/journeys/{_segment(chat_bot_id)}"
+        return (f"{self.base_url}/chatbotapi/external/orgs/{_segment(self.api.org_id)}/journeys/{_segment(chat_bot_id)}"
                 f"/instances{suffix}")  # fmt: skip
 
     def trigger_request(
@@ -291,7 +312,7 @@ class JourneysClient:
         """Raises ``ValueError`` for an instance id that is not one plain path segment."""
         if not _PLAIN_ID.fullmatch(instance_id) or instance_id.strip(".") == "":
             raise ValueError("an instance id that is not plain letters, digits and -._~")
-        path = self.cancel_path.format(orgId=_segment(self.org_id), chatBotId=_segment(chat_bot_id),
+        path = self.api.cancel_path.format(orgId=_segment(self.api.org_id), chatBotId=_segment(chat_bot_id),
                                        instanceId=instance_id)  # fmt: skip
         return "DELETE", self.base_url + path, None
 
@@ -334,14 +355,14 @@ class JourneysClient:
         if escaped:
             return ApiResult(operation, Verdict.MALFORMED, None, summary, "", 0.0, (escaped,), error=escaped,
                              reached=False)  # fmt: skip
-        deadline = _CALL.deadline = started + self.call_timeout
+        deadline = _CALL.deadline = started + self.api.call_timeout
         try:
             response = self.session.request(
                 method,
                 url,
                 json=body,
                 headers={"Authorization": f"Bearer {token}"},
-                timeout=(self.connect_timeout, self.read_timeout),
+                timeout=(self.api.connect_timeout, self.api.read_timeout),
                 allow_redirects=False,
                 stream=True,
             )
@@ -349,6 +370,11 @@ class JourneysClient:
                 raw, cut = _read_body(response, deadline)
             finally:
                 response.close()
+            if response.status_code < 200:
+                # The final answer may still be on its way on that connection, which urllib3 has already
+                # pooled (the interim answer was read to its end): drop every pooled connection, or the next
+                # call could be answered with this call's final answer.
+                self.session.close()
         except (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError) as exc:
             return self._failed(operation, summary, started, f"connect timeout: {_short(exc, token)}", reached=False)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
@@ -431,8 +457,6 @@ def _read_body(response: requests.Response, deadline: float) -> tuple[bytes, str
         return b"", LATE
     body = b"".join(parts)
     response._content, response._content_consumed = body, True  # read here, so the connection is reused
-    if response.status_code < 200:
-        response.raw.close()  # the final answer is still on the connection
     return body, ""
 
 
@@ -466,6 +490,13 @@ def _instances(status: int, data: Any) -> str | None:
         if not isinstance(parameters, dict) or not all(isinstance(v, str) for v in parameters.values()):
             return "an instance whose parameters are not an object of strings"
     return None
+
+
+def holds(instance: dict[str, Any], parameters: dict[str, str]) -> bool:
+    """Whether an instance the API returned carries these parameter values: an API that ignores a search's
+    filter must not make another appointment's journey count (or be cancelled)."""
+    held = instance.get("parameters") or {}
+    return all(held.get(k) == v for k, v in parameters.items())
 
 
 def _kind(data: Any) -> str:

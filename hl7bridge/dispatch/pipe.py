@@ -3,12 +3,13 @@
 The parent writes the child's stdin: the ``ChildSpec`` (one JSON line), then orders of one short line each
 (``w`` wake, ``f N`` answer when command N is final, ``d N`` / ``e N TEXT`` your write N is committed /
 failed, ``s GRACE`` stop). The child writes events to fd ``EVENTS_FD``, one JSON object a line, each with
-one of the keys below.
+one of the keys below. ``state`` carries a ``DispatchState`` whenever it changes, so the service's
+``/status`` and gauges know of a hold or an auth pause within a poll (``child.STATE_POLL``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 EVENTS_FD = 3
@@ -20,7 +21,7 @@ WAKE, WAIT_FOR, COMMITTED, FAILED, STOP = b"w", b"f", b"d", b"e", b"s"
 WAKE_LINE = WAKE + b"\n"
 
 #: Event keys, child to parent.
-READY, WRITE, FINAL, PAUSED, METRIC, STOPPED = "ready", "write", "final", "paused", "metric", "stopped"
+READY, WRITE, FINAL, STATE, METRIC, STOPPED = "ready", "write", "final", "state", "metric", "stopped"
 
 
 def wait_for(command_id: int) -> bytes:
@@ -57,6 +58,35 @@ def read_order(line: bytes) -> Order:
         number, _, text = rest.partition(b" ")
         return Order(kind, int(number), text.decode(errors="replace"))
     return Order(kind)
+
+
+@dataclass(frozen=True)
+class DispatchState:
+    """Whether dispatching flows, as the dispatcher knows it: held (the API does not answer: one command at a
+    time probes it), paused (the API refused the token: nothing is sent until a probe, at ``paused_until``),
+    or down (the dispatcher itself is not running). Times are epoch seconds; reasons name no patient data."""
+
+    held_reason: str | None = None
+    held_since: float | None = None
+    paused_reason: str | None = None
+    paused_since: float | None = None
+    paused_until: float | None = None
+    down_reason: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.held_reason is not None
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_reason is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DispatchState:
+        return cls(**data)
 
 
 def metric(name: str, *args: Any) -> dict[str, Any]:

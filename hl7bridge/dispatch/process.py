@@ -1,7 +1,7 @@
 """The service's side of the dispatcher process: start it, restart it if it dies, and talk to it.
 
 ``DispatcherProcess`` stands in for ``Dispatcher`` in the service (``wake``, ``wait_for``, ``forget``,
-``paused_reason``), so the writer, the pipeline and the health checks do not know where it runs. The
+``paused_reason``, ``state``), so the writer, the pipeline and the health checks do not know where it runs. The
 child's writes arrive here as ``write`` events and go through the service's writer, the log's only one.
 """
 
@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -45,7 +46,10 @@ class DispatcherProcess:
         self.spec = spec
         self.observer = observer
         self.writer = writer
-        self.paused_reason: str | None = None
+        #: What the child last said of its state (held, paused); a new child starts from nothing.
+        self._state = pipe.DispatchState()
+        #: Why there is no child now (it exited and restarts shortly).
+        self.down_reason: str | None = None
         self.restarts = 0
         self._waiters: dict[int, Callable[[CommandUpdate], None]] = {}
         self._lock = threading.Lock()
@@ -88,8 +92,16 @@ class DispatcherProcess:
         log.info("dispatcher process started (pid %d)", self._transport.pid)
 
     @property
+    def paused_reason(self) -> str | None:
+        """Why nothing is dispatched: the child is down, or the API refused the token."""
+        return self.down_reason or self._state.paused_reason
+
+    @property
     def paused(self) -> bool:
         return self.paused_reason is not None
+
+    def state(self) -> pipe.DispatchState:
+        return replace(self._state, down_reason=self.down_reason or self._state.down_reason)
 
     def wake(self) -> None:
         """From any thread (the writer's, after committing commands)."""
@@ -120,8 +132,8 @@ class DispatcherProcess:
             number, generation = event[pipe.WRITE], self._generation
             self.writer.submit_job(Job(lambda conn: OutboxWrite.from_json(event)(conn),
                                        lambda _r, e: self._written(number, e, generation)))  # fmt: skip
-        elif pipe.PAUSED in event:
-            self.paused_reason = event[pipe.PAUSED]
+        elif pipe.STATE in event:
+            self._state = pipe.DispatchState.from_json(event[pipe.STATE])
         elif pipe.FINAL in event:
             update = CommandUpdate(**event[pipe.FINAL])
             waiter = self._waiters.pop(update.command_id, None)
@@ -141,7 +153,8 @@ class DispatcherProcess:
                 self._delay = RESTART_MIN
             delay, self._delay = self._delay, min(self._delay * 2, RESTART_MAX)
             why = _exit_description(reason)
-            self.paused_reason = f"the dispatcher process {why}; it restarts in {delay:g} s"
+            self._state = pipe.DispatchState()
+            self.down_reason = f"the dispatcher process {why}; it restarts in {delay:g} s"
             log.error("the dispatcher process %s; starting it again in %g s", why, delay)
             self.restarts += 1
             self.reactor.callLater(delay, self._restart)
@@ -151,7 +164,7 @@ class DispatcherProcess:
     def _restart(self) -> None:
         if self._stopping:
             return
-        self.paused_reason = None
+        self.down_reason = None
         self.start()
 
     def _kill(self) -> None:

@@ -1,4 +1,6 @@
-"""Health and metrics over HTTP: ``/healthz`` says which check fails, ``/metrics`` speaks Prometheus.
+"""Health and metrics over HTTP: ``/healthz`` says which check fails (liveness), ``/status`` whether the
+service does its job (``ok``, ``degraded`` or ``failing``, judged by ``workflow.status``), ``/metrics`` speaks
+Prometheus.
 
 Nothing here blocks the reactor: the database is probed by a heartbeat write
 through the writer and by a periodic read in the thread pool; the HTTP handlers
@@ -8,16 +10,23 @@ only read the cached results.
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from twisted.internet import task, threads
 from twisted.web import resource, server
 
 from hl7bridge import store
+from hl7bridge.core.status import ServiceState
+from hl7bridge.dispatch.pipe import DispatchState
 from hl7bridge.ops.metrics import Metrics
+from hl7bridge.workflow.status import Facts, ListenerFacts, LogFacts, assess, log_facts
+
+log = logging.getLogger("hl7bridge.health")
 
 
 @dataclass
@@ -31,16 +40,18 @@ class HealthState:
     """Cached facts the checks read; updated by the probes below."""
 
     listeners_up: Callable[[], tuple[bool, str]]
-    paused_reason: Callable[[], str | None]
+    #: None: no dispatcher (no routes).
+    dispatch_state: Callable[[], DispatchState | None]
     stuck_after: float
     heartbeat_interval: float
     last_write_ok: float = 0.0
     last_write_error: str | None = None
-    outbox_depth: int = 0
-    outbox_oldest: float | None = None
+    log: LogFacts = field(default_factory=LogFacts)
     outbox_read_error: str | None = None
     started: float = field(default_factory=time.time)
     descriptors: Callable[[], tuple[bool, str]] = lambda: (True, "not watched")
+    listeners: Callable[[], Sequence[ListenerFacts]] = tuple
+    token_expires: datetime | None = None
 
     def checks(self, now: float) -> dict[str, Check]:
         up, detail = self.listeners_up()
@@ -52,33 +63,58 @@ class HealthState:
             out["database"] = Check(False, f"no successful write for {now - self.last_write_ok:.0f} s")
         else:
             out["database"] = Check(True, "writable")
-        reason = self.paused_reason()
-        out["dispatch"] = Check(reason is None, reason or "not paused")
+        dispatch = self.dispatch_state()
+        reason = dispatch and (dispatch.down_reason or dispatch.paused_reason)
+        out["dispatch"] = Check(not reason, reason or "not paused")
+        depth, oldest = self.log.outbox_depth, self.log.outbox_oldest_age
         if self.outbox_read_error:
             out["outbox"] = Check(False, f"cannot read the outbox: {self.outbox_read_error}")
-        elif self.outbox_oldest is not None and self.outbox_oldest > self.stuck_after:
-            out["outbox"] = Check(False, f"{self.outbox_depth} command(s) waiting, the oldest for "
-                                         f"{self.outbox_oldest:.0f} s (limit {self.stuck_after:.0f} s)")  # fmt: skip
+        elif oldest is not None and oldest > self.stuck_after:
+            out["outbox"] = Check(False, f"{depth} command(s) waiting, the oldest for "
+                                         f"{oldest:.0f} s (limit {self.stuck_after:.0f} s)")  # fmt: skip
         else:
-            age = f", oldest {self.outbox_oldest:.0f} s" if self.outbox_oldest is not None else ""
-            out["outbox"] = Check(True, f"{self.outbox_depth} command(s) waiting{age}")
+            age = f", oldest {oldest:.0f} s" if oldest is not None else ""
+            out["outbox"] = Check(True, f"{depth} command(s) waiting{age}")
         return out
+
+    def facts(self, now: float) -> Facts:
+        """What ``/status`` judges: the checks' findings and the cached reads, nothing read anew."""
+        checks = self.checks(now)
+        database = None if checks["database"].ok else checks["database"].detail
+        if database is None and self.outbox_read_error:
+            database = f"cannot read the outbox: {self.outbox_read_error}"
+        return Facts(
+            now=now,
+            log=self.log,
+            dispatch=self.dispatch_state(),
+            listeners=tuple(self.listeners()),
+            listeners_problem=None if checks["listeners"].ok else checks["listeners"].detail,
+            database_problem=database,
+            descriptors_problem=None if checks["descriptors"].ok else checks["descriptors"].detail,
+            outbox_limit=self.stuck_after,
+            token_expires=self.token_expires,
+        )
 
 
 class Probes:
     """Heartbeat writes and outbox reads on a timer."""
 
-    def __init__(self, reactor: Any, state: HealthState, writer: store.Writer, engine: Any, metrics: Metrics) -> None:
+    def __init__(self, reactor: Any, state: HealthState, writer: store.Writer, engine: Any, metrics: Metrics,
+                 listeners: Sequence[str] = ()) -> None:  # fmt: skip
         self.reactor = reactor
         self.state = state
         self.writer = writer
         self.engine = engine
         self.metrics = metrics
+        self.listeners = tuple(listeners)
         self._loop = task.LoopingCall(self.probe)
         self._loop.clock = reactor
 
     def start(self) -> None:
         self._loop.start(self.state.heartbeat_interval, now=True)
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._read_last_messages)
+        d.addCallbacks(self._last_messages, lambda f: log.warning("cannot read the last message times: %s",
+                                                                  f.getErrorMessage().splitlines()[0]))  # fmt: skip
 
     def stop(self) -> None:
         if self._loop.running:
@@ -100,15 +136,23 @@ class Probes:
                 f"{error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             )
 
-    def _read_outbox(self) -> tuple[int, float | None]:
-        with self.engine.connect() as conn:
-            return store.outbox_depth(conn, time.time())
+    def _read_outbox(self) -> LogFacts:
+        return log_facts(self.engine)
 
-    def _outbox(self, result: tuple[int, float | None]) -> None:
-        self.state.outbox_depth, self.state.outbox_oldest = result
+    def _outbox(self, result: LogFacts) -> None:
+        self.state.log = result
         self.state.outbox_read_error = None
-        self.metrics.outbox_depth.set(result[0])
-        self.metrics.outbox_age.set(result[1] or 0.0)
+        self.metrics.outbox_depth.set(result.outbox_depth)
+        self.metrics.outbox_age.set(result.outbox_oldest_age or 0.0)
+        self.metrics.dead_letters_open.set(result.dead_letters_open)
+
+    def _read_last_messages(self) -> dict[str, float | None]:
+        with self.engine.connect() as conn:
+            return {name: store.last_message_at(conn, name) for name in self.listeners}
+
+    def _last_messages(self, found: dict[str, float | None]) -> None:
+        for name, at in found.items():
+            self.metrics.seen_before(name, at)
 
     def _outbox_failed(self, failure: Any) -> None:
         self.state.outbox_read_error = failure.getErrorMessage().splitlines()[0]
@@ -140,13 +184,22 @@ class HealthResource(resource.Resource):
                 "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()},
             }
             return json.dumps(body).encode()
+        if path == "/status":
+            status = assess(self.state.facts(time.time()))
+            # A load balancer's check reads the code: only a failing service is taken out.
+            request.setResponseCode(503 if status.state is ServiceState.FAILING else 200)
+            request.setHeader("Content-Type", "application/json")
+            return json.dumps(status.to_json()).encode()
         request.setResponseCode(404)
-        return b"not found: use /healthz or /metrics\n"
+        return b"not found: use /healthz, /status or /metrics\n"
 
     def _refresh_gauges(self) -> None:
         checks = self.state.checks(time.time())
         self.metrics.healthy.set(1 if all(c.ok for c in checks.values()) else 0)
-        self.metrics.paused.set(0 if checks["dispatch"].ok else 1)
+        dispatch = self.state.dispatch_state() or DispatchState()
+        self.metrics.held.set(1 if dispatch.held else 0)
+        self.metrics.auth_paused.set(1 if dispatch.paused else 0)
+        self.metrics.paused.set(1 if dispatch.held or dispatch.paused or dispatch.down_reason else 0)
 
 
 def healthy(state: HealthState) -> bool:

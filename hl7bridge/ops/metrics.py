@@ -6,6 +6,7 @@ it, and counts as ``other`` otherwise, so that no sender can grow ``/metrics`` w
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection
 from http import HTTPStatus
 
@@ -48,11 +49,24 @@ class Metrics:
                                      buckets=API_BUCKETS, registry=r)  # fmt: skip
         self.retries = Counter("hl7bridge_api_retries", "Commands scheduled for another attempt", registry=r)
         self.dead_letters = Counter("hl7bridge_dead_letters", "Commands dead-lettered", registry=r)
-        self.paused = Gauge("hl7bridge_dispatch_paused", "1 while the API refuses the token", registry=r)
+        self.paused = Gauge("hl7bridge_dispatch_paused", "1 while nothing flows to the API as usual: held, "
+                            "auth paused, or the dispatcher down", registry=r)  # fmt: skip
+        self.held = Gauge("hl7bridge_dispatch_held", "1 while the API does not answer and dispatching holds to "
+                          "one command at a time", registry=r)  # fmt: skip
+        self.auth_paused = Gauge("hl7bridge_dispatch_auth_paused", "1 while the API refuses the token and "
+                                 "dispatching is paused", registry=r)  # fmt: skip
+        self.dead_letters_open = Gauge("hl7bridge_dead_letters_open", "Dead letters waiting for an operator",
+                                       registry=r)  # fmt: skip
+        self.last_message = Gauge("hl7bridge_last_message_timestamp_seconds", "When the listener last received a "
+                                  "message (epoch seconds; 0 = never)", ["listener"], registry=r)  # fmt: skip
+        self.token_expires = Gauge("hl7bridge_api_token_expiry_timestamp_seconds", "When the API token expires "
+                                   "(epoch seconds; 0 = api.token_expires not set)", registry=r)  # fmt: skip
         self.healthy = Gauge("hl7bridge_healthy", "1 when every health check passes", registry=r)
         # labels() locks and hashes on every call; the per-message series are looked up once.
         self._message_counters: dict[tuple[str, str, str], Counter] = {}
         self._ack_histograms: dict[str, Histogram] = {}
+        #: Per listener, when it last received a message (epoch seconds): ``/status`` and the gauge read it.
+        self.last_message_at: dict[str, float] = {}
         self._events = tables.table_values("0003")
         self._ack_codes = tables.table_values("0008")
 
@@ -62,6 +76,7 @@ class Metrics:
         if counter is None:
             counter = self._message_counters[key] = self.messages.labels(*key)
         counter.inc()
+        self.last_message_at[listener] = time.time()
         if duplicate:
             self.duplicates.labels(listener).inc()
 
@@ -81,8 +96,15 @@ class Metrics:
     def dead_letter(self) -> None:
         self.dead_letters.inc()
 
-    def track_connections(self, listener: str, count: Callable[[], int]) -> None:
+    def track_listener(self, listener: str, count: Callable[[], int]) -> None:
+        """Its open connections and its last message time, read when scraped."""
         self.connections.labels(listener).set_function(count)
+        self.last_message.labels(listener).set_function(lambda: self.last_message_at.get(listener, 0.0))
+
+    def seen_before(self, listener: str, at: float | None) -> None:
+        """The last message time the log holds from before this start (unless one has arrived since)."""
+        if at is not None:
+            self.last_message_at.setdefault(listener, at)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

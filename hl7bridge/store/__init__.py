@@ -23,6 +23,7 @@ from .outbox import (
     outbox_depth,
     record_ack,
 )
+from .planner import WriteRequest, WriteResult
 from .queries import (
     LIST_COLUMNS,
     appointment_state,
@@ -30,12 +31,14 @@ from .queries import (
     commands_for_messages,
     count_messages,
     get_message,
+    last_message_at,
     later_message,
     list_messages,
     messages_for_replay,
     open_dead_letters,
     record_replay,
     stats,
+    with_status,
 )
 from .retention import PurgeCounts, compact, due_for_purge, purge, purge_step
 from .schema import (
@@ -62,7 +65,7 @@ from .schema import (
     search_terms,
     set_meta,
 )
-from .writer import Job, Writer, WriteRequest, WriteResult
+from .writer import Job, Writer
 
 __all__ = [
     "DAMAGED_HINT",
@@ -103,6 +106,7 @@ __all__ = [
     "heartbeat",
     "index_step",
     "integrity_problem",
+    "last_message_at",
     "later_message",
     "list_messages",
     "loose_directory",
@@ -124,4 +128,5 @@ __all__ = [
     "search_terms",
     "set_meta",
     "stats",
+    "with_status",
 ]

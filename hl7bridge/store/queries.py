@@ -14,12 +14,20 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql import Select
 
-from hl7bridge.core.status import DEAD_LETTERS, OPEN_STATUSES, CommandStatus, MessageStatus
+from hl7bridge.core.status import DEAD_LETTERS, CommandStatus, MessageStatus
 
 from . import audit
 from .audit import AuditEntry
-from .outbox import AppointmentRow, appointment
+from .outbox import AppointmentRow, appointment, outbox_depth
 from .schema import NOT_ACCEPTED, attempts, commands, messages
+
+#: The message's open dead letters: a message whose command died still says so in ``log list``.
+_OPEN_DEAD = (
+    select(func.count())
+    .where(commands.c.message_id == messages.c.id)
+    .where(commands.c.status.in_(DEAD_LETTERS))
+    .scalar_subquery()
+)
 
 LIST_COLUMNS = (
     messages.c.id,
@@ -41,6 +49,7 @@ LIST_COLUMNS = (
     messages.c.error_location,
     messages.c.error,
     messages.c.duplicate_of,
+    _OPEN_DEAD.label("dead_letters"),
 )
 
 
@@ -53,7 +62,7 @@ def list_messages(
 ) -> list[dict[str, Any]]:
     stmt = select(*LIST_COLUMNS).order_by(messages.c.id.desc()).limit(limit)
     if status:
-        stmt = _with_status(stmt, status)
+        stmt = with_status(stmt, status)
     return _received(engine, stmt, since, event)
 
 
@@ -78,8 +87,11 @@ def count_messages(engine: Engine) -> dict[str, int]:
         return _counts_by_status(conn, None)
 
 
-def _with_status(stmt: Any, status: str) -> Any:
-    """Filter on a status, through the partial index for every status but 'accepted'."""
+def with_status(stmt: Any, status: str) -> Any:
+    """Filter on a status, through the partial index for every status but 'accepted'. ``dead`` is not a
+    message's own status: it selects the messages with an open dead letter, through the commands' index."""
+    if status == CommandStatus.DEAD:
+        return stmt.where(messages.c.id.in_(select(commands.c.message_id).where(commands.c.status.in_(DEAD_LETTERS))))
     stmt = stmt.where(messages.c.status == status)
     return stmt.where(text(NOT_ACCEPTED)) if status != MessageStatus.ACCEPTED else stmt
 
@@ -128,7 +140,7 @@ def messages_for_replay(
     if ids:
         stmt = stmt.where(messages.c.id.in_(ids))
     if status == MessageStatus.REJECTED:
-        stmt = _with_status(stmt, MessageStatus.REJECTED)
+        stmt = with_status(stmt, MessageStatus.REJECTED)
     elif status in DEAD_LETTERS:
         owners = select(commands.c.message_id).where(commands.c.status == status)
         stmt = stmt.where(messages.c.id.in_(owners))
@@ -168,7 +180,12 @@ def appointment_state(engine: Engine, key: str) -> AppointmentRow | None:
 
 
 def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
-    """The picture /metrics gives, from the database: for operators without Prometheus."""
+    """The picture /metrics gives, from the database: for operators without Prometheus.
+
+    The outbox and the open dead letters come from the same functions as the service's gauges and
+    ``/healthz`` (``outbox_depth``, ``open_dead_letters``), so they agree with them. API calls are counted
+    as ``hl7bridge_api_calls`` counts them, once per call: a bulk call logs one attempt row per command it
+    carried (and a bisected 400 one per command of both halves), the same call id, time and answer in each."""
     now = time.time()
 
     def window(stmt: Any, column: Any) -> Any:
@@ -190,9 +207,13 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
                 window(select(commands.c.status, func.count()), commands.c.created_at).group_by(commands.c.status)
             ).all()
         )
-        depth, oldest = conn.execute(
-            select(func.count(), func.min(commands.c.created_at)).where(commands.c.status.in_(OPEN_STATUSES))
-        ).first()
+        dead, dead_since = open_dead_letters(conn)
+        depth, oldest_age = outbox_depth(conn, now)
+        one_row_per_call = window(
+            select(attempts.c.call_id, attempts.c.at, attempts.c.operation, attempts.c.status_code,
+                   attempts.c.duration_ms).distinct(),
+            attempts.c.at,
+        ).subquery()  # fmt: skip
         calls = [
             {
                 "operation": op,
@@ -202,18 +223,15 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
                 "max_ms": round(top or 0.0, 1),
             }
             for op, status, count, avg, top in conn.execute(
-                window(
-                    select(
-                        attempts.c.operation,
-                        attempts.c.status_code,
-                        func.count(),
-                        func.avg(attempts.c.duration_ms),
-                        func.max(attempts.c.duration_ms),
-                    ),
-                    attempts.c.at,
+                select(
+                    one_row_per_call.c.operation,
+                    one_row_per_call.c.status_code,
+                    func.count(),
+                    func.avg(one_row_per_call.c.duration_ms),
+                    func.max(one_row_per_call.c.duration_ms),
                 )
-                .group_by(attempts.c.operation, attempts.c.status_code)
-                .order_by(attempts.c.operation, attempts.c.status_code)
+                .group_by(one_row_per_call.c.operation, one_row_per_call.c.status_code)
+                .order_by(one_row_per_call.c.operation, one_row_per_call.c.status_code)
             )
         ]
     return {
@@ -222,8 +240,9 @@ def stats(engine: Engine, since: float | None = None) -> dict[str, Any]:
         "messages_by_event": by_event,
         "last_message_at": last,
         "commands": command_status,
-        "outbox": {"depth": int(depth or 0), "oldest_age_s": round(now - oldest, 1) if oldest else None},
-        "dead_letters": int(command_status.get(CommandStatus.DEAD, 0)),
+        "outbox": {"depth": depth, "oldest_age_s": round(oldest_age, 1) if oldest_age is not None else None},
+        "dead_letters": dead,
+        "dead_letters_since": dead_since,
         "api_calls": calls,
     }
 
@@ -252,3 +271,12 @@ def open_dead_letters(conn: Any) -> tuple[int, float | None]:
         select(func.count(), func.min(commands.c.updated_at)).where(commands.c.status.in_(DEAD_LETTERS))
     ).first()
     return int(count or 0), oldest
+
+
+def last_message_at(conn: Any, listener: str) -> float | None:
+    """When ``listener`` last received a message: the newest row of that listener, walking back by id.
+
+    No index holds the listener (a write per message for a read at start-up): an active listener's last row
+    is near the end, and only one that never received anything costs a scan, once."""
+    stmt = select(messages.c.received_at).where(messages.c.listener == listener).order_by(messages.c.id.desc())
+    return conn.execute(stmt.limit(1)).scalar()

@@ -10,7 +10,7 @@ pages back with an incremental vacuum, so the file does not grow without bound.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from sqlalchemy import func, literal_column, select, update
@@ -18,6 +18,8 @@ from sqlalchemy.engine import Engine
 
 from hl7bridge.core.status import OPEN_STATUSES
 
+from . import audit
+from .audit import AuditEntry
 from .schema import appointments, attempts, commands, messages
 
 
@@ -110,12 +112,17 @@ def _without_patients(conn: Any) -> Any:
     )
 
 
-def purge(engine: Engine, cutoff: float, limit: int = 500) -> PurgeCounts:
-    """Purge everything older than ``cutoff`` in slices, then give space back (SQLite)."""
+def purge(engine: Engine, cutoff: float, limit: int = 500, audited: AuditEntry | None = None) -> PurgeCounts:
+    """Purge everything older than ``cutoff`` in slices, then give space back (SQLite).
+
+    ``audited`` (an operator's purge) is recorded with the totals as its details, in the transaction of the
+    last slice: the one that finds nothing left, so the entry commits with the purge's completion."""
     total = PurgeCounts()
     while True:
         with engine.begin() as conn:
             step = purge_step(conn, cutoff, limit)
+            if step.total == 0 and audited is not None:
+                audit.record(conn, replace(audited, details={**audited.details, **asdict(total)}))
         total += step
         if step.total == 0:
             break

@@ -36,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -103,6 +103,15 @@ messages = Table(
 )
 
 
+#: An operator's last decision on a dead letter (``dead-letters retry`` or ``discard``), for ``log show``.
+RESOLUTION_COLUMNS: tuple[tuple[str, Any, str], ...] = (
+    ("resolution", String(16), "retried or discarded"),
+    ("resolved_by", String(128), "the operator (--by, default the OS user)"),
+    ("resolved_at", Float(), "epoch seconds"),
+    ("resolution_reason", Text(), "the operator's reason (--reason)"),
+    ("resolution_audit", Integer(), "the audit entry that records the decision"),
+)
+
 commands = Table(
     "commands",
     metadata,
@@ -117,7 +126,7 @@ commands = Table(
     Column("parameters", Text, nullable=False, doc="JSON (PHI)"),
     Column("identifiers", Text, nullable=False, doc="JSON"),
     Column("start_at", Float),
-    Column("status", String(12), nullable=False, doc="pending in_flight done dead annihilated failed"),
+    Column("status", String(12), nullable=False, doc="pending in_flight done dead annihilated failed discarded"),
     Column("step", String(16), nullable=False, default=""),
     Column("outcome", Text),
     Column("attempts", Integer, nullable=False, default=0),
@@ -127,6 +136,7 @@ commands = Table(
     Column("replay_of", Integer),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    *(Column(name, kind, doc=doc) for name, kind, doc in RESOLUTION_COLUMNS),
     Index("ix_commands_status_due", "status", "next_attempt_at"),
     Index("ix_commands_appointment", "appointment_key", "id"),
     Index("ix_commands_message", "message_id"),
@@ -405,7 +415,12 @@ def _v4_audit(conn: Any) -> None:
     audit_log.create(conn, checkfirst=True)
 
 
-def _v5_search(conn: Any) -> None:
+def _v5_resolutions(conn: Any) -> None:
+    for name, kind, _doc in RESOLUTION_COLUMNS:
+        conn.exec_driver_sql(f"ALTER TABLE commands ADD COLUMN {name} {kind.compile(dialect=conn.dialect)}")
+
+
+def _v6_search(conn: Any) -> None:
     """The search index, backfilled from the messages already logged, a batch of ids at a time (the terms with
     intake's own ``search_terms``)."""
     conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN search_terms TEXT")
@@ -438,7 +453,13 @@ def _v5_search(conn: Any) -> None:
 
 
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
-MIGRATIONS: dict[int, Callable[[Any], None]] = {2: _v2_retention, 3: _v3_lean_indexes, 4: _v4_audit, 5: _v5_search}
+MIGRATIONS: dict[int, Callable[[Any], None]] = {
+    2: _v2_retention,
+    3: _v3_lean_indexes,
+    4: _v4_audit,
+    5: _v5_resolutions,
+    6: _v6_search,
+}
 
 
 def _upgrade(engine: Engine, found: int) -> None:

@@ -32,7 +32,7 @@ from twisted.internet import defer, endpoints, task
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
-from hl7bridge.core.checks import Check, choice, integer, number, strings, table
+from hl7bridge.core.checks import Check, choice, integer, nonempty, number, strings, table
 from hl7bridge.mllp.tls import endpoint_fields
 
 log = logging.getLogger("hl7bridge.sandbox")
@@ -57,6 +57,22 @@ FAULT_CHECKS: dict[str, Check] = {
     "retry_after": number(0, 86_400),
     "slow_every": integer(0, 1_000_000_000),
     "slow_seconds": number(0, 3_600),
+}
+
+
+def _parameters(value: Any, key: str, problems: list[str]) -> Any:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        problems.append(f"{key}: expected an object of parameter names to string values")
+        return {}
+    return value
+
+
+#: The body of POST /_sandbox/drift.
+DRIFT_CHECKS: dict[str, Check] = {
+    "action": choice("delete", "duplicate", "edit"),
+    "id": nonempty,
+    "parameters": _parameters,
+    "status": nonempty,
 }
 _LOOPBACK_INTERFACE = {"tcp": "127.0.0.1", "tcp6": "\\:\\:1"}
 
@@ -134,6 +150,12 @@ class SandboxState:
         for name, value in instance["parameters"].items():
             self._by_parameter.setdefault((bot, name, value), []).append(instance["id"])
 
+    def remove(self, instance_id: str) -> dict[str, Any]:
+        instance = self.instances.pop(instance_id)
+        for name, value in instance["parameters"].items():
+            self._by_parameter[(instance["chatBotId"], name, value)].remove(instance_id)
+        return instance
+
     def matching(self, bot: str, criteria: dict[str, str]) -> list[dict[str, Any]]:
         """Instances of ``bot`` whose parameters equal every criterion, oldest first."""
         if criteria:
@@ -176,6 +198,7 @@ class SandboxResource(resource.Resource):
             "/_sandbox/faults": faults,
             "/_sandbox/reset": {"POST": self._reset},
             "/_sandbox/tokens": {"POST": self._set_tokens},
+            "/_sandbox/drift": {"POST": self._drift},
         }
 
     # -- dispatch -------------------------------------------------------------------------------
@@ -452,6 +475,35 @@ class SandboxResource(resource.Resource):
             return 400, problems
         self.state.tokens = tokens
         return 200, {"tokens": len(tokens)}
+
+    def _drift(self, body: dict[str, Any]) -> tuple[int, Any]:
+        """Make the API differ from what the bridge sent, as a real one may (an instance deleted by hand, a
+        journey triggered twice, a start time changed in the console): ``{"action": "delete" | "duplicate" |
+        "edit", "id": ID, "parameters": {NAME: VALUE}, "status": STATUS}`` (the last two for "edit")."""
+        problems: list[str] = []
+        values = table(body, "drift", DRIFT_CHECKS, problems)
+        action, iid = values.get("action"), values.get("id")
+        if action is None or iid is None:
+            problems.append("drift: needs action and id")
+        if action != "edit" and ("parameters" in values or "status" in values):
+            problems.append("drift: parameters and status go with action 'edit' only")
+        if problems:
+            return 400, problems
+        if iid not in self.state.instances:
+            return 404, [f"Journey instance '{iid}' was not found"]
+        if action == "delete":
+            self.state.remove(iid)
+            return 200, {"deleted": iid}
+        if action == "duplicate":
+            copy = dict(self.state.instances[iid], id=str(uuid.uuid4()), createdDateTime=_now(), startDateTime=_now())
+            copy["parameters"] = dict(copy["parameters"])
+            self.state.add(copy)
+            return 200, copy
+        instance = self.state.remove(iid)
+        instance["parameters"] = {**instance["parameters"], **values.get("parameters", {})}
+        instance["status"] = values.get("status", instance["status"])
+        self.state.add(instance)
+        return 200, instance
 
 
 def _answer(request: server.Request, status: int, payload: Any) -> bytes:

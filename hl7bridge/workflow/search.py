@@ -12,13 +12,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import column, exists, func, select, table, text
+from sqlalchemy import String, bindparam, column, exists, func, select, table, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Select
 
 from hl7bridge.core.status import MessageStatus
-from hl7bridge.store import LIST_COLUMNS, messages, search_keys
-from hl7bridge.store.schema import NOT_ACCEPTED
+from hl7bridge.store import LIST_COLUMNS, messages, search_keys, with_status
 
 #: The FTS5 index of the summary's words (a contentless table: it returns rowids, which are message ids).
 messages_text = table("messages_text", column("rowid"))
@@ -130,10 +129,10 @@ def query(
     low = _first_id(conn, filters.since - ARRIVAL_SLACK_S) if filters.since is not None else None
     words = None
     if filters.text:
-        words = select(messages_text.c.rowid).where(text("messages_text MATCH :words"))
+        match = text("messages_text MATCH :words").bindparams(bindparam("words", fts_query(filters.text), String()))
+        words = select(messages_text.c.rowid).where(match)
         if low is not None:
             words = words.where(messages_text.c.rowid >= low)
-        words = words.params(words=fts_query(filters.text))
     if narrow or (keys and words is None and not rare_status):
         driver = search_keys.alias("k")
         stmt = stmt.select_from(driver.join(messages, messages.c.id == driver.c.message_id))
@@ -151,9 +150,7 @@ def query(
     if words is not None:
         stmt = stmt.where(messages.c.id.in_(words))
     if filters.status:
-        stmt = stmt.where(messages.c.status == filters.status)
-        if filters.status != MessageStatus.ACCEPTED:
-            stmt = stmt.where(text(NOT_ACCEPTED))
+        stmt = with_status(stmt, filters.status)
     if filters.event:
         stmt = stmt.where(messages.c.event == filters.event.upper())
     if filters.since is not None:
@@ -172,9 +169,8 @@ def explain(engine: Engine, filters: Filters, before: int | None = None) -> list
     """SQLite's query plan for a search (what the tests and the benchmark check: an index, not a scan)."""
     with engine.connect() as conn:
         stmt = query(conn, filters, before, ascending=False).limit(51)
-        compiled = stmt.compile(conn, compile_kwargs={"render_postcompile": True})
-        rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", _positional(compiled))
-        return [str(r[-1]) for r in rows]
+        compiled = stmt.compile(conn, compile_kwargs={"literal_binds": True})
+        return [str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}")]
 
 
 def fts_query(words: str) -> str:
@@ -226,7 +222,3 @@ def _first_id(conn: Connection, since: float) -> int:
         select(messages.c.id).where(messages.c.received_at >= since).order_by(messages.c.received_at).limit(1)
     ).scalar()
     return int(found) if found is not None else newest_id(conn) + 1
-
-
-def _positional(compiled: Any) -> tuple[Any, ...]:
-    return tuple(compiled.params[name] for name in compiled.positiontup)

@@ -1,0 +1,133 @@
+"""``hl7bridge status``: the running service's ``/status`` in a terminal, or what the log alone tells.
+
+The exit status lets a script test the picture: 0 ok, 1 degraded, 3 failing, 4 the service did not answer
+(not running, or no health listener configured); 2 stays a usage error, as for every command. ``cli.py``
+parses the arguments and opens the log; this module only asks, judges the answer and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import requests
+
+from hl7bridge.app.config import Config
+from hl7bridge.core.logs import escape
+from hl7bridge.core.status import ServiceState
+from hl7bridge.mllp.tls import endpoint_fields
+from hl7bridge.workflow.status import LogFacts
+
+Formatter = Callable[[float], str]
+#: The log's facts and the log's (safe) URL, or None and why the log cannot tell.
+LogReader = Callable[[], tuple[LogFacts | None, str]]
+
+EXIT_CODES = {ServiceState.OK: 0, ServiceState.DEGRADED: 1, ServiceState.FAILING: 3}
+EXIT_NOT_RUNNING = 4
+#: An address to ask for one the health listener binds on every interface.
+_ANY = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+_DEFAULT_INTERFACE = {"tcp": "127.0.0.1", "tcp6": "::1"}
+ASK_TIMEOUT = 5.0
+
+
+def status_url(listen: str) -> str | None:
+    """Where ``health.listen`` answers ``/status`` (None: not set, or not a tcp:/tcp6: endpoint)."""
+    fields, dangling = endpoint_fields(listen)
+    if dangling or not fields or fields[0] not in ("tcp", "tcp6"):
+        return None
+    args = [f for f in fields[1:] if "=" not in f]
+    options = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+    port = options.get("port") or (args[0] if args else "")
+    host = options.get("interface") or (args[2] if len(args) > 2 else "") or _DEFAULT_INTERFACE[fields[0]]
+    host = _ANY.get(host, host)
+    return f"http://[{host}]:{port}/status" if ":" in host else f"http://{host}:{port}/status"
+
+
+def ask(url: str) -> tuple[dict[str, Any] | None, str]:
+    """The service's ``/status`` body, or None and why there is none."""
+    try:
+        response = requests.get(url, timeout=ASK_TIMEOUT)
+    except requests.ConnectionError:
+        return None, f"nothing answers at {url}"
+    except requests.RequestException as exc:
+        return None, f"{url} did not answer: {exc.__class__.__name__}"
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or body.get("state") not in set(ServiceState):
+        return None, f"{url} answered HTTP {response.status_code} without a status (is it this hl7bridge version?)"
+    return body, ""
+
+
+def run(args: argparse.Namespace, cfg: Config, read_log: LogReader, when: Formatter) -> int:
+    url = status_url(cfg.health.listen)
+    if url is None:
+        why = ("health.listen is not set" if not cfg.health.listen
+               else f"health.listen {cfg.health.listen!r} is not a tcp: endpoint")  # fmt: skip
+        body, problem = None, f"cannot ask the service whether it runs: {why}"
+    else:
+        body, problem = ask(url)
+    if body is not None:
+        state = ServiceState(body["state"])
+        if args.json:
+            print(json.dumps({"running": True, "url": url, **body}, indent=2))
+        else:
+            print_status(body, url or "", when)
+        return EXIT_CODES[state]
+    facts, where = read_log()
+    if facts is None:
+        problem = f"{problem}; the log cannot tell either: {where}"
+    if args.json:
+        print(json.dumps({"running": False, "problem": problem, **(facts.to_json() if facts else {})}, indent=2))
+        return EXIT_NOT_RUNNING
+    print(f"hl7bridge status: {problem}." if url is None else f"hl7bridge is not running, or not reachable: {problem}.")
+    if facts is not None:
+        print(f"From the log alone ({where}):")
+        print(_outbox_line(facts.outbox_depth, facts.outbox_oldest_age))
+        print(_dead_line(facts.dead_letters_open, when(facts.dead_letters_since) if facts.dead_letters_since else "-"))
+    return EXIT_NOT_RUNNING
+
+
+def print_status(body: dict[str, Any], url: str, when: Formatter) -> None:
+    def local(text: str | None) -> str:
+        """An ISO time from ``/status`` in the terminal's zone."""
+        return when(datetime.fromisoformat(text).timestamp()) if text else "-"
+
+    print(f"hl7bridge is {body['state'].upper()} (from {url} at {local(body.get('at'))})")
+    for reason in body.get("reasons", []):
+        print(f"  - {escape(str(reason))}")
+    dispatch = body.get("dispatch")
+    if dispatch is None:
+        print("dispatch: none (no routes)")
+    elif not dispatch["running"]:
+        print(f"dispatch: NOT RUNNING ({escape(str(dispatch['down_reason']))})")
+    elif dispatch["auth_paused"]:
+        print(f"dispatch: PAUSED since {local(dispatch['paused_since'])}, the API refused the token; next try "
+              f"{local(dispatch['paused_until'])}")  # fmt: skip
+    elif dispatch["held"]:
+        print(f"dispatch: HELD since {local(dispatch['held_since'])}, the Journeys API does not answer")
+    else:
+        print("dispatch: flowing")
+    outbox, dead = body["outbox"], body["dead_letters"]
+    print(_outbox_line(outbox["depth"], outbox["oldest_age_s"]))
+    print(_dead_line(dead["open"], local(dead["oldest_since"])))
+    for lst in body.get("listeners", []):
+        last = local(lst["last_message_at"]) if lst["last_message_at"] else "none yet"
+        print(f"listener {escape(str(lst['name']))}: {lst['connections']} connection(s), last message {last}")
+    token = body.get("api_token") or {}
+    if token.get("expires"):
+        print(f"API token: expires {local(token['expires'])} (in {token['days_left']:.0f} day(s))")
+    else:
+        print("API token: no expiry set (api.token_expires)")
+
+
+def _outbox_line(depth: int, oldest: float | None) -> str:
+    return f"outbox: {depth} waiting" + (f", the oldest for {oldest:.0f} s" if oldest else "")
+
+
+def _dead_line(count: int, since: str) -> str:
+    return f"dead letters: {count} open" + (f", the oldest since {since}" if count else "")

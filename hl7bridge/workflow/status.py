@@ -1,0 +1,185 @@
+"""The service's status: from the facts it knows to ``ok``, ``degraded`` or ``failing``, with plain reasons.
+
+``assess`` is pure, so ``GET /status``, ``hl7bridge status`` and the JSON API judge alike, and each rule is
+tested on its own. What decides:
+
+- **failing** (it is not doing its job; someone must act now): the dispatcher is not running, the API refused
+  the token (dispatching paused), the log cannot be written or read, or a listener is not bound.
+- **degraded** (it works, but needs attention soon): the API does not answer (dispatching holds), dead
+  letters wait for an operator, the outbox's oldest command waits longer than ``health.outbox_stuck_after``,
+  descriptors run short, or the API token expires within ``TOKEN_WARNING_DAYS`` (``api.token_expires``).
+- **ok** otherwise.
+
+Reasons are sentences without patient data: they go to monitoring and terminals.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from hl7bridge import store
+from hl7bridge.core.status import ServiceState
+from hl7bridge.dispatch.pipe import DispatchState
+
+#: The token's expiry turns the state ``degraded`` this many days ahead.
+TOKEN_WARNING_DAYS = 14
+
+
+@dataclass(frozen=True)
+class ListenerFacts:
+    name: str
+    connections: int
+    #: Epoch seconds of the last message received (from the log at start-up, then live); None: never.
+    last_message_at: float | None
+
+
+@dataclass(frozen=True)
+class LogFacts:
+    """What the log alone tells: also all ``hl7bridge status`` can say when the service is not running."""
+
+    outbox_depth: int = 0
+    #: Seconds the oldest open command has waited.
+    outbox_oldest_age: float | None = None
+    dead_letters_open: int = 0
+    #: Epoch seconds since when the oldest open dead letter waits.
+    dead_letters_since: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "outbox": {"depth": self.outbox_depth, "oldest_age_s": _round(self.outbox_oldest_age)},
+            "dead_letters": {"open": self.dead_letters_open, "oldest_since": iso(self.dead_letters_since)},
+        }
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the running service knows at ``now``."""
+
+    now: float
+    log: LogFacts = field(default_factory=LogFacts)
+    #: None: no routes, so nothing is dispatched.
+    dispatch: DispatchState | None = None
+    listeners: tuple[ListenerFacts, ...] = ()
+    #: Why the listeners are not all bound (None: they are).
+    listeners_problem: str | None = None
+    #: Why the log is not taking writes, or cannot be read (None: it is fine).
+    database_problem: str | None = None
+    descriptors_problem: str | None = None
+    #: ``health.outbox_stuck_after``: an older open command turns the state degraded.
+    outbox_limit: float = 900.0
+    #: ``api.token_expires``.
+    token_expires: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Status:
+    state: ServiceState
+    reasons: tuple[str, ...]
+    facts: Facts
+
+    def to_json(self) -> dict[str, Any]:
+        facts = self.facts
+        dispatch = facts.dispatch
+        token = facts.token_expires
+        return {
+            "state": self.state.value,
+            "reasons": list(self.reasons),
+            "at": iso(facts.now),
+            "dispatch": None
+            if dispatch is None
+            else {
+                "running": dispatch.down_reason is None,
+                "down_reason": dispatch.down_reason,
+                "held": dispatch.held,
+                "held_since": iso(dispatch.held_since),
+                "held_reason": dispatch.held_reason,
+                "auth_paused": dispatch.paused,
+                "paused_since": iso(dispatch.paused_since),
+                "paused_until": iso(dispatch.paused_until),
+                "paused_reason": dispatch.paused_reason,
+            },
+            **facts.log.to_json(),
+            "listeners": [
+                {"name": lst.name, "connections": lst.connections, "last_message_at": iso(lst.last_message_at)}
+                for lst in facts.listeners
+            ],
+            "database": {"ok": facts.database_problem is None, "problem": facts.database_problem},
+            "api_token": {
+                "expires": token.isoformat() if token else None,
+                "days_left": None if token is None else _round((token.timestamp() - facts.now) / 86400),
+            },
+        }
+
+
+def assess(facts: Facts) -> Status:
+    """The state and its reasons, the worst first."""
+    failing: list[str] = []
+    degraded: list[str] = []
+    dispatch = facts.dispatch
+    if dispatch is not None and dispatch.down_reason:
+        failing.append(f"The dispatcher is not running: {dispatch.down_reason}.")
+    elif dispatch is not None and dispatch.paused:
+        until = f"; the next try is at {_when(dispatch.paused_until)}" if dispatch.paused_until else ""
+        failing.append(f"Dispatching is paused since {_when(dispatch.paused_since)}: {dispatch.paused_reason}{until}.")
+    if facts.database_problem:
+        failing.append(f"The message log: {facts.database_problem}.")
+    if facts.listeners_problem:
+        failing.append(f"Listeners: {facts.listeners_problem}.")
+    if dispatch is not None and dispatch.held and not dispatch.down_reason:
+        degraded.append(f"Dispatching holds since {_when(dispatch.held_since)}: {dispatch.held_reason}; one command "
+                        "at a time is tried until the Journeys API answers.")  # fmt: skip
+    log = facts.log
+    if log.dead_letters_open:
+        degraded.append(f"{log.dead_letters_open} dead letter(s) wait for an operator, the oldest since "
+                        f"{_when(log.dead_letters_since)} (hl7bridge dead-letters list).")  # fmt: skip
+    if log.outbox_oldest_age is not None and log.outbox_oldest_age > facts.outbox_limit:
+        degraded.append(f"{log.outbox_depth} command(s) wait to be dispatched, the oldest for "
+                        f"{log.outbox_oldest_age:.0f} s (health.outbox_stuck_after is {facts.outbox_limit:.0f} s).")  # fmt: skip
+    if facts.descriptors_problem:
+        degraded.append(f"File descriptors: {facts.descriptors_problem}.")
+    token = token_reason(facts.token_expires, facts.now)
+    if token:
+        degraded.append(token)
+    state = ServiceState.FAILING if failing else ServiceState.DEGRADED if degraded else ServiceState.OK
+    return Status(state, tuple(failing + degraded), facts)
+
+
+def token_reason(expires: datetime | None, now: float) -> str | None:
+    """A reason when the API token expires within ``TOKEN_WARNING_DAYS`` (or has expired), naming the date."""
+    if expires is None:
+        return None
+    left = expires.timestamp() - now
+    if left > TOKEN_WARNING_DAYS * 86400:
+        return None
+    day = expires.date().isoformat()
+    if left <= 0:
+        return f"The API token expired on {day} (api.token_expires): renew it, or the API will refuse it."
+    return (f"The API token expires on {day}, in {left / 86400:.0f} day(s) (api.token_expires): renew it "
+            "and update api.token_expires.")  # fmt: skip
+
+
+def log_facts(engine: Engine, now: float | None = None) -> LogFacts:
+    """Outbox depth and age and the open dead letters, in one read of the log (off the reactor thread)."""
+    at = time.time() if now is None else now
+    with engine.connect() as conn:
+        depth, oldest = store.outbox_depth(conn, at)
+        dead, since = store.open_dead_letters(conn)
+    return LogFacts(depth, oldest, dead, since)
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 in UTC, the form ``/status`` gives every time in."""
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _when(ts: float | None) -> str:
+    return iso(ts) or "an unknown time"
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
