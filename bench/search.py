@@ -6,8 +6,8 @@ Fills a fresh SQLite log through the real schema (``open_engine``; the insert tr
 as they do for the service's writer) with messages of a realistic shape: 30 days, 40 senders, 150,000 patients
 with two PID-3 identifiers each, an appointment per patient and a half (booked, then modified, moved or
 cancelled), 2,000 family names, 2 % rejected and 1 % ignored. Rows go in with multi-row INSERTs, 5,000 per
-transaction (a bulk load, not the service's path; the search terms are computed as intake computes them, and the
-insert trigger indexes them as for the service). Then, for each filter, it runs ``workflow.search.search``
+transaction (a bulk load, not the service's path; the search terms are computed as intake computes them, and
+``index_step`` indexes them as the service does, in batches). Then, for each filter, it runs ``workflow.search.search``
 (a page of 50, newest first) for ``--queries`` random values, and the second page of each (``before`` the
 first page's last id), and reports p50/p95 in milliseconds. ``--database PATH`` reuses a log filled before.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hl7bridge.store import messages, open_engine, search_terms
+from hl7bridge.store import index_step, messages, open_engine, search_terms
 from hl7bridge.workflow.search import Filters, explain, search
 
 DAYS = 30
@@ -94,6 +94,10 @@ def fill(url: str, total: int, seed: int = 7) -> dict:
             conn.execute(insert, rows)
         if first and first % 100_000 == 0:
             print(f"  {first:,} messages ({time.monotonic() - began:.0f} s)", flush=True)
+    while True:
+        with engine.begin() as conn:
+            if not index_step(conn, 50_000):
+                break
     with engine.begin() as conn:
         conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
     return {"messages": total, "patients": patients, "fill_s": round(time.monotonic() - began, 1)}
@@ -156,47 +160,53 @@ def measure(url: str, total: int, queries: int) -> list[dict]:
 
 
 def ingest_cost(rounds: int, count: int, group: int = 20) -> dict:
-    """What the search index adds to the ingest hot path, per message: the intake's Python work (``search_terms``)
-    and the writer's CPU (the insert trigger filling the indexes). The real ``Writer`` takes the real intake's
-    rows of the SIU fixtures (unique control ids) in groups of ``group`` (as from 20 connections), into a fresh
-    log with the index and one without (its trigger dropped), in alternating rounds."""
+    """What the search index adds to the ingest hot path, per message: the intake's Python work (``search_terms``),
+    the writer's CPU for the two extra columns, and the indexer's batches (``index_step``, 100 messages a
+    transaction, as the service runs them). The real ``Writer`` takes the real intake's rows of the SIU fixtures
+    (unique control ids) in groups of ``group`` (20: as from 20 connections; 1: one connection, a commit each),
+    into a fresh log, with the terms and indexed, or without either, in alternating rounds."""
     import threading
 
     from hl7bridge.app.config import load
     from hl7bridge.app.wiring import intake_for
-    from hl7bridge.store import Writer, WriteRequest
+    from hl7bridge.store import Writer, WriteRequest, index_step
 
     config = load(None)
     intake = intake_for(config, config.listeners[0])
     fixtures = sorted((Path(__file__).resolve().parent.parent / "fixtures" / "siu").glob("*.hl7"))
     received = [m for f in fixtures for m in intake.read_frame(f.read_bytes()).messages if m.header is not None]
-    rows = []
+    bare = []
     for n in range(count):
         row = dict(received[n % len(received)].row("main", "127.0.0.1", time.time()), control_id=f"COST-{n}")
-        summary = json.loads(row["summary"]) if row["summary"] else None
-        rows.append((row["control_id"], row["sending_application"], row["sending_facility"], summary, row))
+        bare.append(dict(row, search_terms=None, search_text=None))
+    indexed = [dict(row) for row in bare]
     began = time.process_time()
-    for control, app, fac, summary, row in rows:
-        row["search_terms"], row["search_text"] = search_terms(control, app, fac, summary)
+    for row in indexed:
+        summary = json.loads(row["summary"]) if row["summary"] else None
+        row["search_terms"], row["search_text"] = search_terms(row["control_id"], row["sending_application"],
+                                                               row["sending_facility"], summary)  # fmt: skip
     intake_us = (time.process_time() - began) / count * 1e6
     figures: dict[str, list[float]] = {"with": [], "without": []}
     with tempfile.TemporaryDirectory(prefix="hl7bridge-ingest-cost-") as tmp:
         for number in range(rounds):
             for side in ("without", "with") if number % 2 else ("with", "without"):
                 engine = open_engine(f"sqlite:///{tmp}/{side}-{number}.db")
-                if side == "without":
-                    with engine.begin() as conn:
-                        conn.exec_driver_sql("DROP TRIGGER messages_search_insert")
+                rows = indexed if side == "with" else bare
                 writer = Writer(engine, lambda fn, *a: fn(*a))
                 writer.start()
                 began = time.process_time()
                 for first in range(0, count, group):
                     done = threading.Semaphore(0)
                     chunk = rows[first : first + group]
-                    for *_, row in chunk:
+                    for row in chunk:
                         writer.submit(WriteRequest(row, None, lambda _r, d=done: d.release()))
                     for _ in chunk:
                         done.acquire()
+                if side == "with":
+                    while True:
+                        with engine.begin() as conn:
+                            if not index_step(conn, 100):
+                                break
                 figures[side].append((time.process_time() - began) / count * 1e6)
                 writer.stop()
                 engine.dispose()
@@ -226,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead: CPU per message the index adds to the writer (with vs without, alternating)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.ingest_cost:
-        cost = ingest_cost(rounds=6, count=20_000)
-        print(f"per message: writer CPU {cost['with']} us with the search index, {cost['without']} us without "
-              f"(+{cost['writer_added_us']} us), and {cost['intake_us']} us in intake (search_terms); medians of "
-              f"{len(cost['rounds']['with'])} alternating rounds: {cost['rounds']}")  # fmt: skip
+        for group in (20, 1):
+            cost = ingest_cost(rounds=6, count=20_000 if group > 1 else 4_000, group=group)
+            print(f"groups of {group}: writer and indexer CPU {cost['with']} us a message with the search index, "
+                  f"{cost['without']} us without (+{cost['writer_added_us']} us), and {cost['intake_us']} us in intake "
+                  f"(search_terms); medians of {len(cost['rounds']['with'])} alternating rounds: {cost['rounds']}",
+                  flush=True)  # fmt: skip
         return 0
     tmp = None
     if args.database:
