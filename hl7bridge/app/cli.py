@@ -332,8 +332,9 @@ def cmd_log_list(args: argparse.Namespace) -> int:
     from hl7bridge.app.cli_search import filters_from, more_line
     from hl7bridge.workflow.search import SearchError, search
 
+    since = time.time() - parse_duration(args.since) if args.since else None
     try:
-        page = search(_engine(args), filters_from(args), args.before, args.limit)
+        page = search(_engine(args), filters_from(args, since), args.before, args.limit)
     except SearchError as exc:
         raise CliError(str(exc)) from None
     rows = page.rows
@@ -506,6 +507,38 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_log_export(args: argparse.Namespace) -> int:
+    from hl7bridge.app.cli_search import ExportRefused, export, filters_from
+    from hl7bridge.workflow.search import SearchError
+
+    if not args.since:
+        raise CliError("say which window to export: --since 7d (with any of log list's filters)")
+    filters = filters_from(args, time.time() - parse_duration(args.since))
+    try:
+        return export(args, _engine(args), actor(args), filters)
+    except (SearchError, ExportRefused) as exc:
+        raise CliError(str(exc)) from None
+
+
+# --- replay -------------------------------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from hl7bridge.app import cli_replay
+
+    if not args.ids and not args.status:
+        raise CliError("name message ids, or choose with --status dead|rejected|failed [--since 2h] [--event S12]")
+    if args.ids and (args.status or args.since or args.event):
+        raise CliError("give message ids or a selection (--status/--since/--event), not both")
+    if args.edit and len(args.ids) != 1:
+        raise CliError("--edit replays one message: name its id (hl7bridge replay ID --edit)")
+    since = time.time() - parse_duration(args.since) if args.since else None
+    try:
+        return cli_replay.run(args, _config(args), _engine(args), actor(args), since)
+    except cli_replay.ReplayRefused as exc:
+        raise CliError(str(exc)) from None
+
+
 # --- dead-letters -------------------------------------------------------------------------------
 
 
@@ -623,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--dry-run", action="store_true", help="print the exact API calls instead (patient data masked)"
     )
-    add_replay_options(replay)
+    add_replay_options(replay, cmd_replay)
 
     dead = sub.add_parser(
         "dead-letters", help="commands the API refused or that were given up on: list, retry, discard"
@@ -684,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--limit", type=whole_number(1, 100_000), default=50)
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_log_list)
-    add_export_parser(log_sub, with_config)
+    add_export_parser(log_sub, with_config, cmd_log_export)
     show = with_config(log_sub.add_parser("show", help="one message in full"))
     show.add_argument("id", type=whole_number(1))
     show.add_argument("--raw", action="store_true", help="include the raw message (PHI)")

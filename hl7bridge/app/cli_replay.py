@@ -1,5 +1,6 @@
 """``hl7bridge replay``: selection, ``--edit`` in the operator's editor, progress and the summary line.
-The work is ``hl7bridge.app.replay.Replayer``'s."""
+The work is ``hl7bridge.app.replay.Replayer``'s; ``cli.py`` checks the arguments and passes the config and the
+log in, as for the other ``cli_*`` modules (no import cycle)."""
 
 from __future__ import annotations
 
@@ -9,46 +10,43 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from typing import Any
 
-from hl7bridge.app.cli import CliError, _config, _engine, actor, parse_duration
+from sqlalchemy.engine import Engine
+
+from hl7bridge.app.config import Config
 from hl7bridge.core.logs import escape
 
 
-def add_replay_options(parser: argparse.ArgumentParser) -> None:
+class ReplayRefused(ValueError):
+    """A replay that cannot be run as asked; the message says what to change."""
+
+
+def add_replay_options(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
     parser.add_argument("--edit", action="store_true",
                         help="open the message in $EDITOR and replay the edited copy (one ID; the original stays)")  # fmt: skip
     parser.add_argument("--phi", action="store_true", help="show patient data in --dry-run's calls")
     parser.add_argument("--by", metavar="NAME", help="who replays, for the audit log (default: the OS user)")
-    parser.set_defaults(func=cmd_replay)
+    parser.set_defaults(func=handler)
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, cfg: Config, engine: Engine, actor: str, since: float | None) -> int:
     from hl7bridge.app.replay import Replayer
     from hl7bridge.store import messages_for_replay
 
-    if not args.ids and not args.status:
-        raise CliError("name message ids, or choose with --status dead|rejected|failed [--since 2h] [--event S12]")
-    if args.ids and (args.status or args.since or args.event):
-        raise CliError("give message ids or a selection (--status/--since/--event), not both")
-    if args.edit and len(args.ids) != 1:
-        raise CliError("--edit replays one message: name its id (hl7bridge replay ID --edit)")
-    cfg = _config(args)
-    engine = _engine(args)
-    since = time.time() - parse_duration(args.since) if args.since else None
     originals = messages_for_replay(engine, args.ids or None, args.status, since, args.event)
     if args.ids:
         missing = sorted(set(args.ids) - {m["id"] for m in originals})
         if missing:
-            raise CliError(f"no message with id {', '.join(map(str, missing))} (see 'hl7bridge log list')")
+            raise ReplayRefused(f"no message with id {', '.join(map(str, missing))} (see 'hl7bridge log list')")
     if not originals:
         print("nothing to replay: no message matches", file=sys.stderr)
         return 0
     edited = _edit(originals[0]) if args.edit else None
     if args.edit and edited is None:
         return 0
-    replayer = Replayer(engine, cfg, actor=actor(args), phi=args.phi)
+    replayer = Replayer(engine, cfg, actor=actor, phi=args.phi)
     if args.dry_run:
         print(f"calls as they would go to {escape(replayer.target.describe())}:")
     progress = Progress(len(originals), sys.stderr.isatty())
@@ -114,10 +112,10 @@ def _edit(original: dict[str, Any]) -> bytes | None:
 
     The copy is a 0600 temporary file, one segment a line, removed afterwards whatever happens."""
     if original["raw"] is None:
-        raise CliError(f"message {original['id']}'s raw message was purged by retention; there is nothing to edit")
+        raise ReplayRefused(f"message {original['id']}'s raw message was purged by retention; there is nothing to edit")
     editor = os.environ.get("EDITOR", "").strip()
     if not editor:
-        raise CliError("set EDITOR to the editor to use (e.g. EDITOR=nano hl7bridge replay ID --edit)")
+        raise ReplayRefused("set EDITOR to the editor to use (e.g. EDITOR=nano hl7bridge replay ID --edit)")
     charset = original["charset"] or "utf-8"
     before = _segments(original["raw"].decode(charset, errors="replace"))
     fd, path = tempfile.mkstemp(prefix=f"hl7bridge-{original['id']}-", suffix=".hl7")
@@ -127,9 +125,9 @@ def _edit(original: dict[str, Any]) -> bytes | None:
         try:
             ran = subprocess.run([*shlex.split(editor), path], check=False)
         except OSError as exc:
-            raise CliError(f"cannot run the editor {editor!r}: {exc.strerror}") from None
+            raise ReplayRefused(f"cannot run the editor {editor!r}: {exc.strerror}") from None
         if ran.returncode != 0:
-            raise CliError(f"the editor exited with status {ran.returncode}; nothing done")
+            raise ReplayRefused(f"the editor exited with status {ran.returncode}; nothing done")
         with open(path, encoding=charset, errors="replace", newline="") as handle:
             after = _segments(handle.read())
     finally:
@@ -143,7 +141,9 @@ def _edit(original: dict[str, Any]) -> bytes | None:
     try:
         return ("\r".join(after) + "\r").encode(charset)
     except UnicodeEncodeError:
-        raise CliError(f"the edited copy holds characters that {charset} (the message's charset) cannot hold") from None
+        raise ReplayRefused(
+            f"the edited copy holds characters that {charset} (the message's charset) cannot hold"
+        ) from None
 
 
 def _segments(text: str) -> list[str]:

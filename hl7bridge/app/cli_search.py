@@ -1,20 +1,19 @@
 """``log list``'s filters and ``log export``: argument parsing and output only; the work is in
-``hl7bridge.workflow.search`` and ``hl7bridge.workflow.export``."""
+``hl7bridge.workflow.search`` and ``hl7bridge.workflow.export``. ``cli.py`` opens the log and passes it in, as
+for the other ``cli_*`` modules (no import cycle)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hl7bridge.app.cli import CliError, _engine, actor, parse_duration
 from hl7bridge.core.logs import escape
 from hl7bridge.core.status import CommandStatus, MessageStatus
-from hl7bridge.workflow.search import Filters, SearchError
+from hl7bridge.workflow.search import Filters
 
 
 def add_filters(parser: argparse.ArgumentParser) -> None:
@@ -30,11 +29,15 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
                         help="words of the names, reason, type, provider or place (needs --since); word* for a prefix")  # fmt: skip
 
 
-def filters_from(args: argparse.Namespace) -> Filters:
+class ExportRefused(ValueError):
+    """An export that cannot be written as asked; the message says what to change."""
+
+
+def filters_from(args: argparse.Namespace, since: float | None) -> Filters:
     return Filters(
         status=args.status,
         event=args.event,
-        since=time.time() - parse_duration(args.since) if args.since else None,
+        since=since,
         appointment=args.appointment,
         patient=args.patient,
         control_id=args.control_id,
@@ -47,7 +50,11 @@ def more_line(next_before: int | None) -> str:
     return f"(more match: the next page is the same command with --before {next_before})"
 
 
-def add_export_parser(log_sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
+def add_export_parser(
+    log_sub: Any,
+    with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+    handler: Callable[[argparse.Namespace], int],
+) -> None:
     from hl7bridge.workflow.export import FORMATS
 
     export = with_config(log_sub.add_parser("export", help="write matching messages as CSV, JSON Lines or HL7"))
@@ -58,40 +65,32 @@ def add_export_parser(log_sub: Any, with_config: Callable[[argparse.ArgumentPars
     export.add_argument(
         "--output", "-o", metavar="FILE", help="write here (created 0600; must not exist) instead of stdout"
     )
-    export.set_defaults(func=cmd_log_export)
+    export.set_defaults(func=handler)
 
 
-def cmd_log_export(args: argparse.Namespace) -> int:
+def export(args: argparse.Namespace, engine: Any, actor: str, filters: Filters) -> int:
+    """Write the export to ``--output`` (created 0600, never over an existing file) or stdout."""
     from hl7bridge.workflow.export import open_export
 
-    if not args.since:
-        raise CliError("say which window to export: --since 7d (with any of log list's filters)")
     target = Path(args.output) if args.output else None
     try:
-        filters = filters_from(args)
-        engine = _engine(args)
         out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600) if target else None
-    except SearchError as exc:
-        raise CliError(str(exc)) from None
     except FileExistsError:
-        raise CliError(f"{target} exists; name a new file (an export never overwrites one)") from None
+        raise ExportRefused(f"{target} exists; name a new file (an export never overwrites one)") from None
     except OSError as exc:
-        raise CliError(f"cannot create {target}: {exc.strerror}") from None
+        raise ExportRefused(f"cannot create {target}: {exc.strerror}") from None
     try:
-        try:
-            export = open_export(engine, filters, args.format, args.phi, actor(args),
-                                 destination=str(target.resolve()) if target else "stdout")  # fmt: skip
-        except SearchError as exc:
-            raise CliError(str(exc)) from None
+        result = open_export(engine, filters, args.format, args.phi, actor,
+                             destination=str(target.resolve()) if target else "stdout")  # fmt: skip
         with open(out, "w", encoding="utf-8", newline="") if out is not None else _stdout() as sink:
             out = None
-            for record in export.records():
+            for record in result.records():
                 sink.write(record)
     finally:
         if out is not None:
             os.close(out)
     where = f" to {escape(str(target))}" if target else ""
-    print(f"exported {export.count} message(s){where} as {args.format}"
+    print(f"exported {result.count} message(s){where} as {args.format}"
           + ("" if args.phi else " (patient data masked; --phi exports it, audited)"), file=sys.stderr)  # fmt: skip
     return 0
 
