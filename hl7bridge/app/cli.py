@@ -195,7 +195,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     reactor.callWhenRunning(lambda: sandbox.start().addCallbacks(started, failed))
     reactor.run()
     if "error" in outcome:
-        raise CliError(f"the sandbox cannot start on {sandbox.listen_description}: {_first_line(outcome['error'])}")
+        from hl7bridge.app.service import why_not_bound
+
+        why = why_not_bound(outcome["error"], "sandbox.listen (or sandbox --listen)")
+        raise CliError(f"the sandbox cannot start on {sandbox.listen_description}: {why}")
     return 0
 
 
@@ -214,7 +217,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for listener in cfg.listeners:
         print(f"  listener {listener.name}: {listener.endpoint} (ack_mode={listener.ack_mode}, "
               f"time_zone={listener.time_zone}, validation={listener.validation})")  # fmt: skip
-    return 0
+    if not cfg.routes:
+        return 0
+    if not cfg.sandbox.journeys:
+        print("  journeys: not checked (no [[sandbox.journeys]] declares them)")
+        return 0
+    from hl7bridge.app.journey_check import check_routes
+
+    fit = check_routes(cfg.routes, cfg.sandbox.journeys)
+    for line in fit.fitting:
+        print(f"  journeys: {line}")
+    for warning in fit.warnings:
+        print(f"  warning: {warning}")
+    for problem in fit.problems:
+        print(f"hl7bridge: journey mismatch: {problem}", file=sys.stderr)
+    return 1 if fit.problems else 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -1,0 +1,77 @@
+"""The frictions an operator met (issue 18): each fixed at the root, each guarded here."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = (ROOT / "config" / "hl7bridge.example.toml").read_text(encoding="utf-8")
+
+
+def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hl7bridge", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)  # fmt: skip
+
+
+def held_port() -> socket.socket:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    return holder
+
+
+# --- a port conflict names the setting that chooses that port ------------------------------------------------
+
+
+def test_a_port_conflict_names_the_setting_of_the_port_that_is_taken(tmp_path: Path) -> None:
+    with held_port() as holder:
+        port = holder.getsockname()[1]
+        health = tmp_path / "health.toml"
+        health.write_text(f'[health]\nlisten = "tcp:{port}:interface=127.0.0.1"\n')
+        result = cli("serve", "--config", str(health), "--listen", "tcp:0:interface=127.0.0.1",
+                     "--database", f"sqlite:///{tmp_path}/h.db", cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "already in use" in result.stderr and "health.listen" in result.stderr
+        assert "--listen" not in result.stderr, "the health port is not chosen by --listen"
+
+        result = cli("serve", "--listen", f"tcp:{port}:interface=127.0.0.1", "--database",
+                     f"sqlite:///{tmp_path}/l.db", cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 2
+        assert "listeners.main.endpoint (or serve --listen)" in result.stderr
+
+        result = cli("sandbox", "--listen", f"tcp:{port}:interface=127.0.0.1", "--config",
+                     str(ROOT / "config" / "hl7bridge.example.toml"), cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 2
+        assert "sandbox.listen (or sandbox --listen)" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- check-config checks the routes against the journeys -----------------------------------------------------
+
+
+def test_check_config_checks_each_routes_parameters_against_its_journey(tmp_path: Path) -> None:
+    good = cli("check-config", "--config", str(ROOT / "config" / "hl7bridge.example.toml"), cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    assert "route reminders fits journey 'appointment-reminders'" in good.stdout
+    # The example maps phoneNumber without required/default: a message without a phone sends it empty.
+    assert "routes[reminders].parameters.phoneNumber" in good.stdout
+
+    drifted = EXAMPLE.replace("[routes.parameters.phoneNumber]", "[routes.parameters.mobile]").replace(
+        'on_reschedule = "retrigger"\nreschedule_flow_id = ""',
+        'on_reschedule = "subflow"\nreschedule_flow_id = "moved"',
+    )
+    assert drifted.count("mobile") == 1 and 'reschedule_flow_id = "moved"' in drifted
+    config = tmp_path / "drifted.toml"
+    config.write_text(drifted, encoding="utf-8")
+    bad = cli("check-config", "--config", str(config), cwd=tmp_path)
+    assert bad.returncode == 1
+    lines = bad.stderr.splitlines()
+    assert any("routes[reminders].parameters.mobile: not a parameter of journey 'appointment-reminders'" in line
+               for line in lines), bad.stderr  # fmt: skip
+    assert any("routes[reminders].parameters: journey 'appointment-reminders' needs parameter 'phoneNumber'" in line
+               for line in lines), bad.stderr  # fmt: skip
+    assert any("routes[reminders].reschedule_flow_id: journey 'appointment-reminders' has no subflow 'moved'" in line
+               for line in lines), bad.stderr  # fmt: skip
+    assert "fits" not in bad.stdout
