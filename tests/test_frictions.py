@@ -75,3 +75,25 @@ def test_check_config_checks_each_routes_parameters_against_its_journey(tmp_path
     assert any("routes[reminders].reschedule_flow_id: journey 'appointment-reminders' has no subflow 'moved'" in line
                for line in lines), bad.stderr  # fmt: skip
     assert "fits" not in bad.stdout
+
+
+# --- send prints the ACK's text as HL7 means it, escapes decoded ---------------------------------------------
+
+
+def test_send_prints_the_ack_text_decoded(tmp_path: Path) -> None:
+    from tests.conftest import FIXTURES, start_service
+
+    # ack_phi echoes the offending value, which holds HL7 delimiters: the ACK carries it escaped (\T\, \F\).
+    running = start_service(tmp_path, config_text="[service]\nack_phi = true\n")
+    try:
+        booking = (FIXTURES / "demo" / "01_s12_book_A.hl7").read_bytes()
+        bad = tmp_path / "bad_start.hl7"
+        bad.write_bytes(booking.replace(b"TQ1|1||||||20270914093000", b"TQ1|1||||||2027\\T\\09\\F\\14"))
+        result = running.cli("send", "--to", f"127.0.0.1:{running.port}", str(bad), check=False)
+    finally:
+        running.stop()
+    assert result.returncode == 1
+    line = result.stdout.strip()
+    assert line.startswith("AE ") and "TQ1-7" in line, line
+    assert "(sent: '2027&09|14')" in line, line
+    assert "\\T\\" not in line and "\\F\\" not in line

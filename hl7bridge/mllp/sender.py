@@ -11,9 +11,9 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
+from hl7bridge.hl7 import charsets
+from hl7bridge.hl7.er7 import SEGMENT_SPLIT, Encoding, Er7Error, Segment, header_fields
 from hl7bridge.mllp.framing import MLLPReceiver, frame
-
-_MSA = re.compile(r"(?:^|[\r\n])MSA(.)([^\r\n]*)")
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,28 @@ def _describe_failure(reason: Failure) -> str:
 
 
 def parse_ack(payload: bytes) -> tuple[str, str]:
-    """(MSA-1, MSA-3) of an acknowledgment; a batch answer reports its first non-AA code."""
-    text = payload.decode("utf-8", errors="replace")
-    codes = []
-    for sep, rest in _MSA.findall(text):
-        parts = rest.split(sep)
-        codes.append((parts[0] if parts else "", parts[2] if len(parts) > 2 else ""))
-    if not codes:
+    """(MSA-1, text) of an acknowledgment; a batch answer reports its first non-AA code.
+
+    The text is read by the ER7 reader as HL7 means it (``\\F\\`` is ``|``, ``\\.br\\`` a line break): MSA-3, else
+    ERR-8, the only place v2.7+ engines may put it. An operator read the escaped ACK text before."""
+    decoded = charsets.decode(payload)
+    enc = Encoding()
+    answers: list[list[str]] = []  # [MSA-1, text] per answer
+    for line in SEGMENT_SPLIT.split(decoded.text):
+        name = line[:3]
+        if name in ("MSH", "BHS", "FHS") and len(line) > 4:
+            try:
+                enc = Encoding.from_header(line[3], header_fields(line, line[3])[2])
+            except Er7Error:
+                enc = Encoding()
+        elif name == "MSA" and len(line) > 3:
+            segment = Segment(line, enc)
+            answers.append([segment.get(1), segment.get(3)])
+        elif name == "ERR" and answers and not answers[-1][1]:
+            answers[-1][1] = Segment(line, enc).get(8)
+    if not answers:
         return "??", "no MSA segment in the answer"
+    codes = [(code, text) for code, text in answers]
     bad = [c for c in codes if c[0] not in ("AA", "CA")]
     if len(codes) > 1:
         code, text = bad[0] if bad else codes[0]
