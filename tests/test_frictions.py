@@ -97,3 +97,29 @@ def test_send_prints_the_ack_text_decoded(tmp_path: Path) -> None:
     assert line.startswith("AE ") and "TQ1-7" in line, line
     assert "(sent: '2027&09|14')" in line, line
     assert "\\T\\" not in line and "\\F\\" not in line
+
+
+# --- shell completion -----------------------------------------------------------------------------------------
+
+
+def bash_completes(script: str, *words: str) -> list[str]:
+    """What bash offers after ``words`` (the last one being completed), from the printed script."""
+    line = " ".join(words)
+    probe = (f"{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; COMP_LINE='{line}'; COMP_POINT={len(line)}\n"
+             "_shtab_hl7bridge; printf '%s\\n' \"${COMPREPLY[@]}\"\n")  # fmt: skip
+    result = subprocess.run(["bash", "--norc", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_completion_prints_scripts_that_complete_commands_and_options(tmp_path: Path) -> None:
+    bash = cli("completion", "bash", cwd=tmp_path)
+    assert bash.returncode == 0, bash.stderr
+    assert "check-config" in bash_completes(bash.stdout, "hl7bridge", "check-")
+    assert set(bash_completes(bash.stdout, "hl7bridge", "log", "")) >= {"list", "show"}
+    assert "--older-than" in bash_completes(bash.stdout, "hl7bridge", "purge", "--o")
+    zsh = cli("completion", "zsh", cwd=tmp_path)
+    assert zsh.returncode == 0 and zsh.stdout.startswith("#compdef hl7bridge")
+    assert "check-config" in zsh.stdout
+    bad = cli("completion", "fish", cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import shtab
+
 from hl7bridge import __version__
 from hl7bridge.app.config import Config, ConfigError, load
 from hl7bridge.core.logs import cap, escape, masked
@@ -628,7 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", metavar="PATH", help="TOML settings (default: $HL7BRIDGE_CONFIG or built-in)")
+        config = p.add_argument(
+            "--config", metavar="PATH", help="TOML settings (default: $HL7BRIDGE_CONFIG or built-in)"
+        )
+        config.complete = shtab.FILE  # type: ignore[attr-defined]
         p.add_argument("--database", metavar="URL", help="SQLAlchemy URL of the message log (overrides the file)")
         return p
 
@@ -652,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_config.set_defaults(func=cmd_check_config)
 
     check = with_config(sub.add_parser("check", help="explain a message field by field and how it would be answered"))
-    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("files", nargs="+", metavar="FILE").complete = shtab.FILE  # type: ignore[attr-defined]
     check.set_defaults(func=cmd_check)
 
     send = sub.add_parser("send", help="send message files over MLLP and print each ACK")
@@ -662,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Twisted client endpoint, e.g. tls:host=h:port=2575:trustRoots=ca_dir")  # fmt: skip
     send.add_argument("--connect-timeout", type=seconds_arg, default=10.0, metavar="S")
     send.add_argument("--read-timeout", type=seconds_arg, default=30.0, metavar="S")
-    send.add_argument("files", nargs="+", metavar="FILE|DIR")
+    send.add_argument("files", nargs="+", metavar="FILE|DIR").complete = shtab.FILE  # type: ignore[attr-defined]
     send.set_defaults(func=cmd_send)
 
     stats_p = with_config(sub.add_parser("stats", help="counts, outbox and API calls, from the database"))
@@ -759,6 +764,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--phi", action="store_true", help="show patient data unmasked")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_log_show)
+
+    completion = sub.add_parser("completion", help="print the shell completion script (see the README to install it)")
+    completion.add_argument("shell", choices=("bash", "zsh"))
+    completion.set_defaults(func=lambda args: print(shtab.complete(parser, shell=args.shell)) or 0)
     return parser
 
 
