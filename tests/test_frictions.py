@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from .conftest import FIXTURES, segments, start_sandbox, start_service, wait_until
+from .dispatch_support import SANDBOX_TOML, TOKEN, future, service_toml, siu
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = (ROOT / "config" / "hl7bridge.example.toml").read_text(encoding="utf-8")
@@ -81,8 +87,6 @@ def test_check_config_checks_each_routes_parameters_against_its_journey(tmp_path
 
 
 def test_send_prints_the_ack_text_decoded(tmp_path: Path) -> None:
-    from tests.conftest import FIXTURES, start_service
-
     # ack_phi echoes the offending value, which holds HL7 delimiters: the ACK carries it escaped (\T\, \F\).
     running = start_service(tmp_path, config_text="[service]\nack_phi = true\n")
     try:
@@ -123,3 +127,54 @@ def test_completion_prints_scripts_that_complete_commands_and_options(tmp_path: 
     assert "check-config" in zsh.stdout
     bad = cli("completion", "fish", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+# --- hl7bridge reload: a service started by hand, through the same path as systemd's ExecReload -------------
+
+
+def audit_actions(database: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(database) as conn:
+        return conn.execute("SELECT actor, action, target FROM audit ORDER BY id").fetchall()
+
+
+def test_reload_reaches_a_service_started_by_hand_and_refuses_a_bad_config(tmp_path: Path) -> None:
+    sandbox = start_sandbox(tmp_path, SANDBOX_TOML)
+    service = start_service(tmp_path, service_toml(sandbox.url, dispatch_extra='unrouted = "reject"'), env=TOKEN)
+    reload = ("reload", "--config", str(service.config), "--database", service.url, "--by", "ana")
+    try:
+        pid_file = service.database.with_suffix(".pid")
+        assert pid_file.read_text().strip() == str(service.process.pid)
+        assert stat.S_IMODE(pid_file.stat().st_mode) == 0o600
+        with service.client() as client:
+            assert (
+                segments(client.request(siu("S12", "RL-1", "A-RL-1", future(), facility="NEWSITE")))["MSA"][1] == "AA"
+            )
+            narrowed = service.config.read_text().replace(
+                'instance_identifiers = ["appointmentId"]',
+                'instance_identifiers = ["appointmentId"]\n[routes.match]\nsending_facility = ["OTHER"]\n',
+                1,
+            )
+            service.config.write_text(narrowed)
+            done = service.cli(*reload)
+            assert f"reload sent to the service (pid {service.process.pid})" in done.stdout
+            wait_until(lambda: segments(client.request(siu("S12", f"RL-{time.time()}", "A-RL-2", future(),
+                                                           facility="NEWSITE")))["MSA"][1] == "AE",
+                       message="the narrowed route to apply")  # fmt: skip
+
+            service.config.write_text(narrowed.replace("batch_size = 100", "batch_size = 'many'"))
+            refused = service.cli(*reload, check=False)
+            assert refused.returncode == 2
+            assert "dispatch.batch_size" in refused.stderr
+            assert "reload refused; the running service keeps its configuration" in refused.stderr
+            assert "Traceback" not in refused.stderr
+            # Still the narrowed routes: OTHER is routed, NEWSITE is not.
+            assert segments(client.request(siu("S12", "RL-3", "A-RL-3", future(), facility="OTHER")))["MSA"][1] == "AA"
+    finally:
+        output = service.stop()
+        sandbox.stop()
+    assert "configuration reloaded" in output
+    assert audit_actions(service.database) == [("ana", "reload", "service")]
+    assert not pid_file.exists(), "the pid file outlived the service"
+    service.config.write_text(narrowed)
+    gone = service.cli(*reload, check=False)
+    assert gone.returncode == 2 and "no running service" in gone.stderr

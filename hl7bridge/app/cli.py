@@ -106,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
     from hl7bridge.app.service import Service, StartupError
+    from hl7bridge.ops import control
     from hl7bridge.ops import systemd as sd
 
     if args.sandbox and args.api_url:
@@ -120,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     outcome: dict[str, Any] = {}
 
     def started(_: object) -> None:
+        pid_file = _write_pid(cfg)
         line = (f"hl7bridge {__version__}: MLLP listening on {', '.join(service.addresses())}; "
                 f"log in {_safe_url(cfg.service.database)}")  # fmt: skip
         if service.sandbox is not None:
@@ -131,11 +133,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def before_shutdown() -> None:
             watchdog.stop()
             sd.stopping("Stopping: answering what was received, flushing the log")
+            if pid_file is not None:
+                control.remove_pid(pid_file)
 
         # Triggers run in the order added: stop the keep-alives first, then drain the service.
         reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
         reactor.addSystemEventTrigger("before", "shutdown", service.stop)
-        signal.signal(signal.SIGHUP, lambda _sig, _frame: reactor.callFromThread(reload))
+        signal.signal(control.RELOAD, lambda _sig, _frame: reactor.callFromThread(reload))
         sd.ready(line)
         watchdog.start()
 
@@ -165,6 +169,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(str(error))
         raise CliError(f"start-up failed: {error.__class__.__name__}: {error}")
     return 0
+
+
+def _write_pid(cfg: Config) -> Path | None:
+    """The pid file ``reload`` and ``dispatch now`` find the service by; None (and a warning) when none can be kept."""
+    from hl7bridge.ops import control
+
+    try:
+        path = control.pid_path(cfg.service.database, cfg.service.pid_file)
+        control.write_pid(path)
+    except (control.ControlError, OSError) as exc:
+        logging.getLogger("hl7bridge.service").warning("no pid file, so 'hl7bridge reload' and 'dispatch now' "
+                                                       "cannot reach this service: %s", exc)  # fmt: skip
+        return None
+    return path
 
 
 def _safe_url(url: str) -> str:
@@ -621,6 +639,50 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return run(cfg, _engine(args), since, args, actor(args))
 
 
+# --- reload / dispatch now: reaching the running service -----------------------------------------
+
+
+def _service_pid(cfg: Config) -> tuple[Path, int]:
+    from hl7bridge.ops import control
+
+    try:
+        path = control.pid_path(cfg.service.database, cfg.service.pid_file)
+        return path, control.service_pid(path)
+    except control.ControlError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _signal(path: Path, signum: Any) -> int:
+    from hl7bridge.ops import control
+
+    try:
+        return control.send(path, signum)
+    except control.ControlError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Check the file as start-up would, then SIGHUP: a file that fails is refused here, and the service keeps
+    its configuration (it checks again itself and refuses a file that changed meanwhile)."""
+    from hl7bridge.ops import control
+    from hl7bridge.workflow.service import record_reload
+
+    try:
+        cfg = _config(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"hl7bridge: config error: {problem}", file=sys.stderr)
+        print("hl7bridge: reload refused; the running service keeps its configuration", file=sys.stderr)
+        return EXIT_USAGE
+    path, pid = _service_pid(cfg)
+    engine = _engine(args)
+    record_reload(engine, actor(args), "cli", pid, cfg.source)
+    _signal(path, control.RELOAD)
+    print(f"{cfg.source}: OK; reload sent to the service (pid {pid}). Routes, mappings and dispatch settings apply "
+          "to the next message; the service log says what needs a restart.")  # fmt: skip
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 
@@ -764,6 +826,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--phi", action="store_true", help="show patient data unmasked")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_log_show)
+
+    reload_p = with_config(sub.add_parser("reload", help="reread the running service's configuration (SIGHUP)"))
+    reload_p.add_argument(
+        "--by", type=operator_name, metavar="NAME", help="who asks, for the audit log (default: the OS user)"
+    )
+    reload_p.set_defaults(func=cmd_reload)
 
     completion = sub.add_parser("completion", help="print the shell completion script (see the README to install it)")
     completion.add_argument("shell", choices=("bash", "zsh"))

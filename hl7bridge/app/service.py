@@ -282,6 +282,15 @@ class Service:
         self.config = replace(self.config, routes=config.routes, dispatch=config.dispatch)
         return needs_restart
 
+    def dispatch_now(self) -> None:
+        """SIGUSR1 (``hl7bridge dispatch now``): the dispatcher tries what waits now, a held queue's probe included;
+        the backoff in the log was ended by the command that sent the signal."""
+        if self.dispatcher is None:
+            log.warning("dispatch now: no dispatcher runs (no routes are configured)")
+            return
+        log.info("dispatch now: the dispatcher tries what waits")
+        self.dispatcher.dispatch_now()
+
     def addresses(self) -> list[str]:
         return [_describe(p) for p in self.ports]
 

@@ -133,6 +133,18 @@ def next_due(conn: Any) -> float | None:
     return conn.execute(_NEXT_DUE).scalar()
 
 
+def due_now(conn: Any, now: float) -> int:
+    """End every open command's backoff: each is due at ``now`` (per-appointment order still holds). Returns how
+    many were waiting. For when the cause of the failures is known to be gone: the API answers again after
+    an outage, or an operator says so (``hl7bridge dispatch now``)."""
+    return conn.execute(
+        commands.update()
+        .where(commands.c.status.in_(OPEN_STATUSES))
+        .where(commands.c.next_attempt_at > now)
+        .values(next_attempt_at=now)
+    ).rowcount
+
+
 def open_cancels(conn: Any, keys: list[str]) -> dict[str, int]:
     """The first open cancel command of each appointment (for annihilating unsent triggers)."""
     found: dict[str, int] = {}
@@ -287,21 +299,26 @@ class OutboxWrite:
     now: float
     in_flight: list[int] = field(default_factory=list)
     updates: list[CommandUpdate] = field(default_factory=list)
+    #: End every waiting command's backoff (``due_now``), after the updates.
+    all_due: bool = False
 
     def __call__(self, conn: Any) -> None:
         if self.in_flight:
             mark_in_flight(conn, self.in_flight, self.now)
         if self.updates:
             apply_updates(conn, self.updates, self.now)
+        if self.all_due:
+            due_now(conn, self.now)
 
     def to_json(self) -> dict[str, Any]:
-        return {"now": self.now, "in_flight": self.in_flight, "updates": [asdict(u) for u in self.updates]}
+        return {"now": self.now, "in_flight": self.in_flight, "updates": [asdict(u) for u in self.updates],
+                "all_due": self.all_due}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> OutboxWrite:
         updates = [CommandUpdate(**dict(u, remember=tuple(u["remember"]) if u["remember"] else None))
                    for u in data["updates"]]  # fmt: skip
-        return cls(data["now"], list(data["in_flight"]), updates)
+        return cls(data["now"], list(data["in_flight"]), updates, bool(data.get("all_due")))
 
 
 def record_ack(conn: Any, message_id: int, ack: Any, status: str, error: str | None) -> None:
