@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import FIXTURES, segments, start_sandbox, start_service, wait_until
+import requests
+
+from .conftest import FIXTURES, RunningService, free_port, segments, start_sandbox, start_service, wait_until
 from .dispatch_support import SANDBOX_TOML, TOKEN, future, service_toml, siu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,3 +180,56 @@ def test_reload_reaches_a_service_started_by_hand_and_refuses_a_bad_config(tmp_p
     service.config.write_text(narrowed)
     gone = service.cli(*reload, check=False)
     assert gone.returncode == 2 and "no running service" in gone.stderr
+
+
+# --- the demo reruns after a restart --------------------------------------------------------------------------
+
+
+def demo_service(workdir: Path, sandbox_port: int) -> RunningService:
+    config = EXAMPLE.replace('listen = "tcp:9102:interface=127.0.0.1"', 'listen = ""')
+    return start_service(workdir, config, extra=["--sandbox", "--sandbox-listen",
+                                                 f"tcp:{sandbox_port}:interface=127.0.0.1"])  # fmt: skip
+
+
+def journeys(workdir: Path, sandbox_port: int) -> list[tuple[str, str, str]]:
+    token = (workdir / "var" / "sandbox-control.token").read_text().strip()
+    found = requests.get(f"http://127.0.0.1:{sandbox_port}/_sandbox/instances",
+                         headers={"Authorization": f"Bearer {token}"}, timeout=10).json()  # fmt: skip
+    return sorted(
+        (i["parameters"]["appointmentId"], i["parameters"]["appointmentDateTime"], i["status"]) for i in found
+    )
+
+
+def test_the_demo_reruns_after_a_restart(tmp_path: Path) -> None:
+    sandbox_port = free_port()
+    demo = str(FIXTURES / "demo")
+    first_end = [("DEMOAPPT-A", "2027-09-14 09:30:00", "Cancelled"), ("DEMOAPPT-A", "2027-09-21 10:00:00", "InProgress"),
+                 ("DEMOAPPT-C", "2027-09-16 14:00:00", "InProgress")]  # fmt: skip
+    service = demo_service(tmp_path, sandbox_port)
+    try:
+        sent = service.cli("send", "--to", f"127.0.0.1:{service.port}", demo)
+        assert sent.stdout.count("AA ") == 6
+        wait_until(lambda: journeys(tmp_path, sandbox_port) == first_end, message="the demo's journeys")
+    finally:
+        service.stop()
+
+    service = demo_service(tmp_path, sandbox_port)
+    try:
+        # The sandbox kept its journeys across the restart, as the log kept the appointments it started.
+        assert journeys(tmp_path, sandbox_port) == first_end
+        # The same files again are the same messages: answered with their first ACK, nothing triggered.
+        again = service.cli("send", "--to", f"127.0.0.1:{service.port}", demo)
+        assert again.stdout.count("AA ") == 6
+        assert [m["status"] for m in service.log("--status", "duplicate")] == ["duplicate"] * 6
+        # With fresh control ids the story plays again: A booked and moved, B booked and cancelled, C unchanged.
+        rerun = service.cli("send", "--fresh-ids", "--to", f"127.0.0.1:{service.port}", demo)
+        assert rerun.stdout.count("AA ") == 6
+        wait_until(lambda: len(journeys(tmp_path, sandbox_port)) >= 5, message="the rerun's journeys")
+        time.sleep(0.5)
+        now = journeys(tmp_path, sandbox_port)
+    finally:
+        service.stop()
+    assert [j for j in now if j[2] == "InProgress"] == [("DEMOAPPT-A", "2027-09-21 10:00:00", "InProgress"),
+                                                         ("DEMOAPPT-C", "2027-09-16 14:00:00", "InProgress")]  # fmt: skip
+    assert ("DEMOAPPT-A", "2027-09-14 09:30:00", "Cancelled") in now[1:] and len(now) >= 5
+    assert stat.S_IMODE((tmp_path / "var" / "sandbox-state.json").stat().st_mode) == 0o600

@@ -213,6 +213,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: sandbox.start().addCallbacks(started, failed))
+    reactor.addSystemEventTrigger("before", "shutdown", sandbox.stop)
     reactor.run()
     if "error" in outcome:
         from hl7bridge.app.service import why_not_bound
@@ -289,7 +290,7 @@ def _expand(items: list[str]) -> list[Path]:
 def cmd_send(args: argparse.Namespace) -> int:
     from twisted.internet import task
 
-    from hl7bridge.mllp.sender import client_endpoint_string, send_all
+    from hl7bridge.mllp.sender import client_endpoint_string, fresh_suffix, send_all, with_fresh_control_id
 
     try:
         endpoint = client_endpoint_string(args.to, args.endpoint, args.connect_timeout)
@@ -297,6 +298,9 @@ def cmd_send(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     files = _expand(args.files)
     messages = [(str(p), p.read_bytes()) for p in files]
+    if args.fresh_ids:
+        suffix = fresh_suffix(time.time())
+        messages = [(name, with_fresh_control_id(payload, suffix)) for name, payload in messages]
     result: dict[str, Any] = {}
 
     def report(reply: Any) -> None:
@@ -729,6 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Twisted client endpoint, e.g. tls:host=h:port=2575:trustRoots=ca_dir")  # fmt: skip
     send.add_argument("--connect-timeout", type=seconds_arg, default=10.0, metavar="S")
     send.add_argument("--read-timeout", type=seconds_arg, default=30.0, metavar="S")
+    send.add_argument("--fresh-ids", action="store_true",
+                      help="give each message a new control id (MSH-10 + '-' + a suffix for this run), so files sent "
+                           "before are new messages again rather than duplicates (e.g. to rerun fixtures/demo)")  # fmt: skip
     send.add_argument("files", nargs="+", metavar="FILE|DIR").complete = shtab.FILE  # type: ignore[attr-defined]
     send.set_defaults(func=cmd_send)
 

@@ -85,6 +85,29 @@ def parse_ack(payload: bytes) -> tuple[str, str]:
     return codes[0]
 
 
+def fresh_suffix(now: float) -> str:
+    """A control-id suffix for one run of ``send --fresh-ids``: the second it started, in base 36 (7 characters
+    with the dash, so a 13-character id still fits v2.3's 20)."""
+    digits, value = "", int(now)
+    while value:
+        value, rest = divmod(value, 36)
+        digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"[rest] + digits
+    return "-" + (digits or "0")
+
+
+def with_fresh_control_id(payload: bytes, suffix: str) -> bytes:
+    """The message (each one of a batch) with ``suffix`` after its MSH-10 control id: a resend of the same file
+    is a new message to the receiver, which answers a repeated control id as a duplicate."""
+    lines = re.split(rb"(\r\n|\r|\n)", payload)
+    for index, line in enumerate(lines):
+        if line.startswith(b"MSH") and len(line) > 3:
+            fields = line.split(line[3:4])
+            if len(fields) > 9:
+                fields[9] += suffix.encode("ascii")
+                lines[index] = line[3:4].join(fields)
+    return b"".join(lines)
+
+
 def client_endpoint_string(to: str | None, endpoint: str | None, connect_timeout: float) -> str:
     if endpoint:
         return endpoint
