@@ -467,6 +467,10 @@ def cmd_log_show(args: argparse.Namespace) -> int:
                 why = f": {escape(c['resolution_reason'])}" if c["resolution_reason"] else ""
                 print(f"      {c['resolution']} by {escape(c['resolved_by'] or '?')} at {_when(c['resolved_at'])}{why} "
                       f"(audit entry {c['resolution_audit']})")  # fmt: skip
+            if c["status"] == CommandStatus.PENDING and c["next_attempt_at"]:
+                # Read now, from the column: a time written into the outcome went stale ("retrying in 3.0 s").
+                due = c["next_attempt_at"]
+                print(f"      next attempt {'due now' if due <= time.time() else 'at ' + _when(due)}")
             if args.phi:
                 print(f"      parameters {c['parameters']}")
             for a in (a for a in attempts if a["command_id"] == c["id"]):

@@ -299,26 +299,21 @@ class OutboxWrite:
     now: float
     in_flight: list[int] = field(default_factory=list)
     updates: list[CommandUpdate] = field(default_factory=list)
-    #: End every waiting command's backoff (``due_now``), after the updates.
-    all_due: bool = False
 
     def __call__(self, conn: Any) -> None:
         if self.in_flight:
             mark_in_flight(conn, self.in_flight, self.now)
         if self.updates:
             apply_updates(conn, self.updates, self.now)
-        if self.all_due:
-            due_now(conn, self.now)
 
     def to_json(self) -> dict[str, Any]:
-        return {"now": self.now, "in_flight": self.in_flight, "updates": [asdict(u) for u in self.updates],
-                "all_due": self.all_due}  # fmt: skip
+        return {"now": self.now, "in_flight": self.in_flight, "updates": [asdict(u) for u in self.updates]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> OutboxWrite:
         updates = [CommandUpdate(**dict(u, remember=tuple(u["remember"]) if u["remember"] else None))
                    for u in data["updates"]]  # fmt: skip
-        return cls(data["now"], list(data["in_flight"]), updates, bool(data.get("all_due")))
+        return cls(data["now"], list(data["in_flight"]), updates)
 
 
 def record_ack(conn: Any, message_id: int, ack: Any, status: str, error: str | None) -> None:
