@@ -8,12 +8,33 @@ import stat
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import requests
 
-from .conftest import FIXTURES, RunningService, free_port, segments, start_sandbox, start_service, wait_until
-from .dispatch_support import SANDBOX_TOML, TOKEN, future, service_toml, siu
+from .conftest import (
+    FIXTURES,
+    RunningSandbox,
+    RunningService,
+    free_port,
+    segments,
+    start_sandbox,
+    start_service,
+    wait_until,
+)
+from .dispatch_support import (
+    SANDBOX_TOML,
+    TOKEN,
+    attempts_of,
+    commands_of,
+    future,
+    message_row,
+    query,
+    service_toml,
+    settled,
+    siu,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = (ROOT / "config" / "hl7bridge.example.toml").read_text(encoding="utf-8")
@@ -233,3 +254,120 @@ def test_the_demo_reruns_after_a_restart(tmp_path: Path) -> None:
                                                          ("DEMOAPPT-C", "2027-09-16 14:00:00", "InProgress")]  # fmt: skip
     assert ("DEMOAPPT-A", "2027-09-14 09:30:00", "Cancelled") in now[1:] and len(now) >= 5
     assert stat.S_IMODE((tmp_path / "var" / "sandbox-state.json").stat().st_mode) == 0o600
+
+
+# --- the dispatcher: ids in its log lines, true retry text, dispatch now, the probe after an outage ----------
+
+
+def dispatch_bridge(workdir: Path, sandbox: RunningSandbox, retry: str) -> RunningService:
+    toml = service_toml(sandbox.url).replace("retry_initial = 0.2\nretry_max = 1.0\nauth_probe_interval = 0.5", retry)
+    assert retry in toml
+    return start_service(workdir, toml, env=TOKEN)
+
+
+def test_a_dead_letter_line_names_the_message_id_that_log_show_takes(tmp_path: Path) -> None:
+    sandbox = start_sandbox(tmp_path, SANDBOX_TOML)
+    service = start_service(tmp_path, service_toml(sandbox.url), env=TOKEN)
+    try:
+        # No phone: mapped (optional) but refused by the API, so dead-lettered.
+        assert segments(service.request(siu("S12", "DL-1", "A-DL-1", future(), phone=None)))["MSA"][1] == "AA"
+        (command,) = settled(service, "DL-1")
+        assert command["status"] == "dead"
+        message_id = message_row(service, "DL-1")["id"]
+        assert message_id != command["id"], "the test needs the two ids to differ"
+    finally:
+        output = service.stop()
+        sandbox.stop()
+    (line,) = [line for line in output.splitlines() if "dead-lettered" in line]
+    assert f"message_id={message_id}" in line and f"command_id={command['id']}" in line, line
+    assert f"hl7bridge log show {message_id}" in line, line
+
+
+def test_a_retry_says_when_as_a_time_and_log_show_reads_it_live(tmp_path: Path) -> None:
+    sandbox = start_sandbox(tmp_path, SANDBOX_TOML)
+    service = dispatch_bridge(tmp_path, sandbox, "retry_initial = 300\nretry_max = 600\nauth_probe_interval = 300")
+    try:
+        sandbox.faults(outage={"mode": "503", "seconds": 600})
+        assert segments(service.request(siu("S12", "RT-1", "A-RT-1", future())))["MSA"][1] == "AA"
+        (command,) = wait_until(lambda: [c for c in commands_of(service, "RT-1") if c["attempts"]],
+                                message="the first failed attempt")  # fmt: skip
+        shown = service.cli("log", "show", str(command["message_id"])).stdout
+    finally:
+        service.stop()
+        sandbox.stop()
+    assert " in " not in command["outcome"].split(":")[0], command["outcome"]
+    assert "retrying" in command["outcome"] and "503" in command["outcome"]
+    due = datetime.fromtimestamp(command["next_attempt_at"]).astimezone().isoformat(timespec="seconds")
+    assert f"next attempt at {due}" in shown, shown
+
+
+def test_dispatch_now_sends_what_waits_at_once_and_is_audited(tmp_path: Path) -> None:
+    sandbox = start_sandbox(tmp_path, SANDBOX_TOML)
+    # Backoffs of minutes: without 'dispatch now' nothing is tried again within the test.
+    service = dispatch_bridge(tmp_path, sandbox, "retry_initial = 300\nretry_max = 600\nauth_probe_interval = 300")
+    controls = [f"NOW-{i}" for i in range(4)]
+    try:
+        sandbox.faults(outage={"mode": "503", "seconds": 600})
+        with service.client() as client:
+            for i, control in enumerate(controls):
+                assert (
+                    segments(client.request(siu("S12", control, f"A-NOW-{i}", future(days=30 + i))))["MSA"][1] == "AA"
+                )
+        wait_until(lambda: all(c["attempts"] for control in controls for c in commands_of(service, control)),
+                   timeout=30, message="every booking to meet the outage")  # fmt: skip
+        sandbox.faults(outage={"mode": "503", "seconds": 0})
+        time.sleep(1.0)
+        assert not sandbox.instances(), "retried before 'dispatch now'"
+        done = service.cli("dispatch", "now", "--database", service.url, "--config", str(service.config), "--by", "ana")
+        assert f"4 waiting command(s) made due; the service (pid {service.process.pid})" in done.stdout
+        for control in controls:
+            assert settled(service, control)[0]["status"] == "done"
+    finally:
+        output = service.stop()
+        sandbox.stop()
+    assert "dispatch now" in output
+    assert audit_actions(service.database) == [("ana", "dispatch-now", "command")]
+    for i in range(len(controls)):
+        assert len(sandbox.instances(appointmentId=f"A-NOW-{i}")) == 1
+
+
+def test_a_held_queue_probes_the_api_every_probe_interval_not_on_a_growing_backoff(tmp_path: Path) -> None:
+    """After an outage the backlog waited for its probe's next try, on a backoff grown to retry_max (~65 s in the
+    operator's case). Held, the probe is one call: it is tried every auth_probe_interval, so the backlog drains
+    soon after the API returns."""
+    sandbox = start_sandbox(tmp_path, SANDBOX_TOML)
+    service = dispatch_bridge(tmp_path, sandbox, "retry_initial = 0.2\nretry_max = 600\nauth_probe_interval = 0.5")
+    controls = [f"PROBE-{i}" for i in range(6)]
+    try:
+        sandbox.faults(outage={"mode": "503", "seconds": 600})
+        with service.client() as client:
+            for i, control in enumerate(controls):
+                assert (
+                    segments(client.request(siu("S12", control, f"A-PROBE-{i}", future(days=30 + i))))["MSA"][1] == "AA"
+                )
+        head = commands_of(service, controls[0])[0]["id"]
+        # By its eighth attempt the head's backoff would be 0.2 x 2^7 s, jittered to 12.8-25.6 s.
+        wait_until(lambda: len(attempts_of(service, head)) >= 8, timeout=60, message="the probe's eighth attempt")
+        (row,) = query(service, "SELECT next_attempt_at FROM commands WHERE id = ?", head)
+        last = max(a["at"] for a in attempts_of(service, head))
+        sandbox.faults(outage={"mode": "503", "seconds": 0})
+        for control in controls:
+            assert settled(service, control, timeout=30)[0]["status"] == "done"
+    finally:
+        service.stop()
+        sandbox.stop()
+    # Scheduling, not speed: the next probe was set at most one probe interval after the last failure.
+    assert row["next_attempt_at"] - last <= 0.5 + 0.05, (row["next_attempt_at"], last)
+
+
+def test_systemd_reloads_through_hl7bridge_reload_with_the_service_own_config_and_log() -> None:
+    unit = (ROOT / "systemd" / "hl7bridge.service").read_text(encoding="utf-8").splitlines()
+    (start,) = [line.split("=", 1)[1].split() for line in unit if line.startswith("ExecStart=")]
+    (reload,) = [line.split("=", 1)[1].split() for line in unit if line.startswith("ExecReload=")]
+    assert reload[:2] == [start[0], "reload"]
+
+    def option(words: list[str], name: str) -> str:
+        return words[words.index(name) + 1]
+
+    for name in ("--config", "--database"):
+        assert option(reload, name) == option(start, name), name
