@@ -140,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
         reactor.addSystemEventTrigger("before", "shutdown", service.stop)
         signal.signal(control.RELOAD, lambda _sig, _frame: reactor.callFromThread(reload))
+        signal.signal(control.DISPATCH_NOW, lambda _sig, _frame: reactor.callFromThread(service.dispatch_now))
         sd.ready(line)
         watchdog.start()
 
@@ -691,6 +692,19 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dispatch_now(args: argparse.Namespace) -> int:
+    from hl7bridge.ops import control
+    from hl7bridge.workflow.service import dispatch_now
+
+    cfg = _config(args)
+    path, pid = _service_pid(cfg)
+    done = dispatch_now(_engine(args), actor(args), "cli")
+    _signal(path, control.DISPATCH_NOW)
+    print(f"{done.commands_due} waiting command(s) made due; the service (pid {pid}) dispatches now "
+          "(follow with 'hl7bridge stats')")  # fmt: skip
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 
@@ -843,6 +857,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--by", type=operator_name, metavar="NAME", help="who asks, for the audit log (default: the OS user)"
     )
     reload_p.set_defaults(func=cmd_reload)
+
+    dispatch = sub.add_parser("dispatch", help="act on the running service's dispatcher")
+    dispatch_sub = dispatch.add_subparsers(dest="dispatch_command", required=True)
+    now = with_config(dispatch_sub.add_parser("now", help="end the backoff: send what waits now (SIGUSR1)"))
+    now.add_argument(
+        "--by", type=operator_name, metavar="NAME", help="who asks, for the audit log (default: the OS user)"
+    )
+    now.set_defaults(func=cmd_dispatch_now)
 
     completion = sub.add_parser("completion", help="print the shell completion script (see the README to install it)")
     completion.add_argument("shell", choices=("bash", "zsh"))

@@ -46,6 +46,12 @@ class Dispatcher(DispatchRules):
     def wake(self) -> None:
         self._wake.set()
 
+    def dispatch_now(self) -> None:
+        """``hl7bridge dispatch now``: a held or paused queue's probe goes at once, and what that command made due
+        in the log is sent on this pass."""
+        self._probe_at = 0.0
+        self.wake()
+
     def stop(self, deadline: float = 10.0) -> None:
         """Stop taking work, let calls under way finish (up to ``deadline`` s); the rest stays queued."""
         self._stopping.set()
