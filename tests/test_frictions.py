@@ -376,3 +376,18 @@ def test_systemd_reloads_through_hl7bridge_reload_with_the_service_own_config_an
 
     for name in ("--config", "--database"):
         assert option(reload, name) == option(start, name), name
+
+
+def test_reload_refuses_a_config_whose_routes_do_not_fit_their_journeys(tmp_path: Path) -> None:
+    """check-config's verdict is reload's: a mapping the journey would refuse is not sent to the service."""
+    config = EXAMPLE.replace('listen = "tcp:9102:interface=127.0.0.1"', 'listen = ""')
+    service = start_service(tmp_path, config, extra=["--sandbox", "--sandbox-listen", f"tcp:{free_port()}"])
+    try:
+        service.config.write_text(config.replace("[routes.parameters.phoneNumber]", "[routes.parameters.mobile]"))
+        refused = service.cli("reload", "--config", str(service.config), "--database", service.url, check=False)
+    finally:
+        output = service.stop()
+    assert refused.returncode == 2
+    assert "journey mismatch: routes[reminders].parameters.mobile" in refused.stderr
+    assert "reload refused; the running service keeps its configuration" in refused.stderr
+    assert "configuration reloaded" not in output and "reload refused" not in output

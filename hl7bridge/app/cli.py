@@ -239,14 +239,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for listener in cfg.listeners:
         print(f"  listener {listener.name}: {listener.endpoint} (ack_mode={listener.ack_mode}, "
               f"time_zone={listener.time_zone}, validation={listener.validation})")  # fmt: skip
-    if not cfg.routes:
-        return 0
-    if not cfg.sandbox.journeys:
+    if cfg.routes and not cfg.sandbox.journeys:
         print("  journeys: not checked (no [[sandbox.journeys]] declares them)")
-        return 0
-    from hl7bridge.app.journey_check import check_routes
-
-    fit = check_routes(cfg.routes, cfg.sandbox.journeys)
+    fit = _journey_fit(cfg)
     for line in fit.fitting:
         print(f"  journeys: {line}")
     for warning in fit.warnings:
@@ -254,6 +249,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for problem in fit.problems:
         print(f"hl7bridge: journey mismatch: {problem}", file=sys.stderr)
     return 1 if fit.problems else 0
+
+
+def _journey_fit(cfg: Config) -> Any:
+    """The routes against the declared journeys (``app.journey_check``): part of check-config's verdict."""
+    from hl7bridge.app.journey_check import JourneyCheck, check_routes
+
+    return check_routes(cfg.routes, cfg.sandbox.journeys) if cfg.sandbox.journeys else JourneyCheck()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -678,9 +680,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
     try:
         cfg = _config(args)
+        problems = [f"journey mismatch: {problem}" for problem in _journey_fit(cfg).problems]
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"hl7bridge: config error: {problem}", file=sys.stderr)
+        problems = [f"config error: {problem}" for problem in exc.problems]
+    if problems:
+        for problem in problems:
+            print(f"hl7bridge: {problem}", file=sys.stderr)
         print("hl7bridge: reload refused; the running service keeps its configuration", file=sys.stderr)
         return EXIT_USAGE
     path, pid = _service_pid(cfg)
