@@ -362,7 +362,8 @@ def test_a_held_queue_probes_the_api_every_probe_interval_not_on_a_growing_backo
         service.stop()
         sandbox.stop()
     # Scheduling, not speed: the next probe was set at most one probe interval after the last failure.
-    assert row["next_attempt_at"] - last <= 0.5 + 0.05, (row["next_attempt_at"], last)
+    # (Slack for the moments between the attempt being stamped and the retry scheduled; unfixed it was 6.4 s or more.)
+    assert row["next_attempt_at"] - last <= 0.5 + 0.25, (row["next_attempt_at"], last)
 
 
 def test_systemd_reloads_through_hl7bridge_reload_with_the_service_own_config_and_log() -> None:
