@@ -1,0 +1,393 @@
+"""Intake in-process: one frame to its judgement, status, ACK and log row, one MSH problem at a time.
+
+The service tests send these through a socket, which ``make mutation`` cannot follow; here each header
+check, the AR-versus-AE choice, the answer's text and the frame's decoding are pinned value by value."""
+
+from __future__ import annotations
+
+from zoneinfo import ZoneInfo
+
+import orjson
+import pytest
+
+from hl7bridge.core.status import MessageStatus
+from hl7bridge.hl7.ack import AckBuilder, Outcome
+from hl7bridge.hl7.er7 import Encoding, Limits
+from hl7bridge.hl7.problems import (
+    APPLICATION_INTERNAL_ERROR,
+    DATA_TYPE_ERROR,
+    REQUIRED_FIELD_MISSING,
+    SEGMENT_SEQUENCE_ERROR,
+    UNSUPPORTED_EVENT_CODE,
+    UNSUPPORTED_MESSAGE_TYPE,
+    UNSUPPORTED_VERSION_ID,
+    Problem,
+)
+from hl7bridge.hl7.siu import Feed
+from hl7bridge.ingest.intake import Intake, Received
+from hl7bridge.mapping.parameters import ParameterSpec
+from hl7bridge.mapping.routing import Criteria, Route, Router
+
+UTC = ZoneInfo("UTC")
+SCH = "SCH|P1^EPIC|F1^EPIC"
+TQ1 = "TQ1|||||||20270315093000"
+PID = "PID|1||MRN1^^^HOSP^MR||DOE^JANE"
+BODY = (SCH, TQ1, PID)
+
+
+def msh(
+    type_: str = "SIU^S12^SIU_S12", control: str = "C1", version: str = "2.5.1", msh15: str = "", msh16: str = ""
+) -> str:
+    return f"MSH|^~\\&|EPIC^1|HOSP^2|BRIDGE|CLINIC|20270101120000||{type_}|{control}|P|{version}|||{msh15}|{msh16}"
+
+
+def frame(*segments: str) -> bytes:
+    return ("\r".join(segments) + "\r").encode()
+
+
+def intake(router: Router | None = None, sync: bool = False, limits: Limits | None = None) -> Intake:
+    feed = Feed(UTC) if limits is None else Feed(UTC, limits=limits)
+    return Intake(feed, AckBuilder(), router=router, sync=sync, clock=lambda: 1_800_000_000.0)
+
+
+def read(raw: bytes, **kwargs) -> Received:
+    [received] = intake(**kwargs).read_frame(raw).messages
+    return received
+
+
+def answer_lines(received: Received) -> list[str]:
+    """The ACK after its MSH (whose MSH-7 and MSH-10 change per call)."""
+    assert received.ack is not None
+    return received.ack.payload.decode().split("\r")[1:]
+
+
+def ack_msh(received: Received) -> list[str]:
+    assert received.ack is not None
+    return received.ack.payload.decode().split("\r")[0].split("|")
+
+
+# --- the header checks: AR ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "location", "code", "text"),
+    [
+        (msh(control=""), "MSH-10", REQUIRED_FIELD_MISSING, "MSH-10 message control id is empty"),
+        (msh(control="  "), "MSH-10", REQUIRED_FIELD_MISSING, "MSH-10 message control id is empty"),
+        (msh(control="C" * 200), "MSH-10", DATA_TYPE_ERROR, "MSH-10 is longer than 199 characters"),
+        (msh(version=""), "MSH-12", REQUIRED_FIELD_MISSING, "MSH-12 version id is empty"),
+        (msh(version="2.1"), "MSH-12", UNSUPPORTED_VERSION_ID, "version 2.1 is not supported (2.3 to 2.8)"),
+        (msh(type_=""), "MSH-9", REQUIRED_FIELD_MISSING, "MSH-9 message type is empty"),
+        (msh(type_="ADT^A01"), "MSH-9", UNSUPPORTED_MESSAGE_TYPE, "message type ADT is not accepted here (SIU only)"),
+        (msh(type_="SIU^X12"), "MSH-9.2", UNSUPPORTED_EVENT_CODE, "SIU event X12 is not an S-event"),
+        (msh(type_="SIU"), "MSH-9.2", UNSUPPORTED_EVENT_CODE, "SIU event (empty) is not an S-event"),
+        (msh(control="", version=""), "MSH-10", REQUIRED_FIELD_MISSING, "MSH-10 message control id is empty"),
+    ],
+)  # fmt: skip
+def test_a_header_the_bridge_cannot_answer_as_asked_is_refused_with_ar(
+    header: str, location: str, code: int, text: str
+) -> None:
+    received = read(frame(header, *BODY))
+    assert (received.outcome, received.status, received.event) == (Outcome.REJECT, MessageStatus.REJECTED, None)
+    assert received.problem == Problem(location, code, text)
+    assert (received.ack.code, received.ack.text) == ("AR", text)
+    assert answer_lines(received)[0] == f"MSA|AR|{received.header.echoable().control_id}|{text}"
+    assert received.header.sender == ("EPIC", "HOSP")
+    assert received.encoding == Encoding() and received.route is None and received.commands == []
+
+
+def test_a_header_problem_is_answered_with_ar_even_when_the_event_is_also_bad() -> None:
+    received = read(frame(msh(version="2.1"), "NTE|1"))
+    assert (received.ack.code, received.problem.location) == ("AR", "MSH-12")
+
+
+# --- the event checks: AE -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("segments", "location", "text"),
+    [
+        ((TQ1, PID), "SCH", "the SCH segment is missing"),
+        (("SCH|", TQ1, PID), "SCH-1", "no appointment id: SCH-1 and SCH-2 are both empty"),
+        ((SCH, TQ1), "PID", "the PID segment (patient) is missing"),
+        ((SCH, TQ1, "PID|1||^^^HOSP"), "PID-3", "PID-3 patient identifier is empty"),
+        ((SCH, PID), "TQ1-7", "no appointment start time (looked in TQ1-7, SCH-11.4, AIS-4/AIL-6/AIP-6/AIG-8)"),
+    ],
+)
+def test_an_event_the_bridge_cannot_take_is_answered_with_ae(
+    segments: tuple[str, ...], location: str, text: str
+) -> None:
+    received = read(frame(msh(), *segments))
+    assert (received.outcome, received.status, received.event) == (Outcome.ERROR, MessageStatus.REJECTED, None)
+    assert received.problem == Problem(location, REQUIRED_FIELD_MISSING, text)
+    assert (received.ack.code, received.ack.text) == ("AE", text)
+    assert answer_lines(received)[0] == f"MSA|AE|C1|{text}"
+
+
+# --- what cannot be read: AR, header salvaged -----------------------------------------------------------
+
+
+def test_text_without_an_msh_is_refused_with_a_headerless_ar() -> None:
+    received = read(b"PID|1\r")
+    assert (received.outcome, received.status, received.header) == (Outcome.REJECT, MessageStatus.REJECTED, None)
+    assert received.problem == Problem("MSH", SEGMENT_SEQUENCE_ERROR, "the message does not begin with an MSH segment")
+    assert received.ack.code == "AR" and received.encoding == Encoding()
+    assert ack_msh(received)[2:6] == ["HL7BRIDGE", "", "", ""]
+    assert answer_lines(received)[0] == "MSA|AR||the message does not begin with an MSH segment"
+
+
+def test_an_unreadable_message_is_answered_from_its_salvaged_header() -> None:
+    received = read(frame(msh(control="C9"), "pid|1"))
+    assert received.problem == Problem(
+        "MSH",
+        SEGMENT_SEQUENCE_ERROR,
+        "segment 2 (after MSH) has no valid segment ID (3 letters or digits, then the field separator)",
+        value="pid|1",
+    )
+    assert (received.outcome, received.ack.code, received.header.control_id) == (Outcome.REJECT, "AR", "C9")
+    assert received.header.sender == ("EPIC", "HOSP")
+    assert ack_msh(received)[2:6] == ["BRIDGE", "CLINIC", "EPIC^1", "HOSP^2"]
+    assert answer_lines(received)[0].startswith("MSA|AR|C9|segment 2 (after MSH)")
+
+
+def test_a_message_over_a_limit_is_refused_with_ar_naming_the_field() -> None:
+    received = read(frame(msh(), SCH, TQ1, "PID|1||A~B~C"), limits=Limits(repetitions=2))
+    assert received.problem == Problem("PID-3", DATA_TYPE_ERROR, "PID-3 holds 3 repetitions, more than the 2 accepted")
+    assert (received.outcome, received.ack.code) == (Outcome.REJECT, "AR")
+
+
+# --- accepted, ignored, acknowledgments -------------------------------------------------------------------
+
+
+def test_a_booking_is_accepted_with_aa_and_its_event() -> None:
+    received = read(frame(msh(), *BODY))
+    assert (received.outcome, received.status, received.problem) == (Outcome.ACCEPT, MessageStatus.ACCEPTED, None)
+    assert (received.event.action, received.event.filler_appointment_id, received.event.control_id) == (
+        "book",
+        "F1",
+        "C1",
+    )
+    assert (received.ack.code, received.ack.text) == ("AA", "Message accepted")
+    assert answer_lines(received) == ["MSA|AA|C1|Message accepted", ""]
+    assert received.dedupe_key == ("EPIC", "HOSP", "C1")
+    assert (received.note, received.route, received.commands) == (None, None, [])
+
+
+def test_an_event_that_needs_no_action_is_ignored_but_answered_aa() -> None:
+    received = read(frame(msh(type_="SIU^S24"), "SCH|P1"))
+    assert (received.outcome, received.status, received.ack.code) == (Outcome.ACCEPT, MessageStatus.IGNORED, "AA")
+    assert received.event.action == "ignore"
+
+
+def test_an_acknowledgment_received_is_logged_and_never_answered() -> None:
+    raw = frame(msh(type_="ACK^S12"), "MSA|AA|X1")
+    received = read(raw)
+    assert (received.outcome, received.status, received.ack) == (Outcome.ACCEPT, MessageStatus.IGNORED, None)
+    assert received.note == "an acknowledgment was received; it is logged, never answered"
+    assert (received.header.control_id, received.text, received.raw) == ("C1", raw.decode(), raw)
+    assert (received.event, received.problem, received.charset) == (None, None, "utf-8")
+
+
+@pytest.mark.parametrize(
+    ("msh15", "msh16", "segments", "code"),
+    [
+        ("NE", "NE", BODY, None),
+        ("AL", "NE", BODY, "CA"),
+        ("NE", "AL", BODY, "AA"),
+        ("NE", "ER", BODY, None),
+        ("NE", "ER", (SCH,), "AE"),
+        ("SU", "NE", (SCH,), None),
+    ],
+)
+def test_the_enhanced_mode_decides_whether_and_how_to_answer(
+    msh15: str, msh16: str, segments: tuple[str, ...], code: str | None
+) -> None:
+    received = read(frame(msh(msh15=msh15, msh16=msh16), *segments))
+    assert (received.ack.code if received.ack else None) == code
+
+
+def test_a_header_problem_in_enhanced_mode_asking_for_no_answer_is_logged_unanswered() -> None:
+    received = read(frame(msh(version="2.1", msh15="NE", msh16="NE"), *BODY))
+    assert (received.ack, received.status, received.problem.location) == (None, MessageStatus.REJECTED, "MSH-12")
+
+
+# --- answer ---------------------------------------------------------------------------------------------
+
+
+def test_answer_says_accepted_the_problem_or_the_given_text() -> None:
+    it = intake()
+    received = read(frame(msh(), *BODY))
+    problem = Problem("PID-3", REQUIRED_FIELD_MISSING, "PID-3 patient identifier is empty")
+    assert (it.answer(received, Outcome.ACCEPT, None).code, it.answer(received, Outcome.ACCEPT, None).text) == (
+        "AA",
+        "Message accepted",
+    )
+    assert (it.answer(received, Outcome.ERROR, problem).code, it.answer(received, Outcome.ERROR, problem).text) == (
+        "AE",
+        "PID-3 patient identifier is empty",
+    )
+    given = it.answer(received, Outcome.REJECT, problem, "try later")
+    assert (given.code, given.text) == ("AR", "try later")
+    assert given.payload.decode().split("\r")[1] == "MSA|AR|C1|try later"
+
+
+def test_answer_is_none_when_the_sender_asks_for_none() -> None:
+    received = read(frame(msh(msh15="NE", msh16="NE"), *BODY))
+    assert intake().answer(received, Outcome.ERROR, None) is None
+
+
+def test_failed_to_store_asks_for_a_resend() -> None:
+    received = read(frame(msh(), *BODY))
+    ack = intake().failed_to_store(received, "disk full")
+    assert (ack.code, ack.text, received.outcome) == (
+        "AR",
+        "message not stored (disk full); please resend",
+        Outcome.REJECT,
+    )
+
+
+def test_too_long_is_answered_from_the_first_bytes() -> None:
+    received = intake().too_long(frame(msh(control="C5"))[:90], 4096)
+    assert received.problem == Problem(
+        "MSH", APPLICATION_INTERNAL_ERROR, "message exceeds the 4096-byte limit; discarded"
+    )
+    assert (received.ack.code, received.header.control_id, received.note) == (
+        "AR",
+        "C5",
+        "only the first bytes were kept",
+    )
+
+
+def test_a_reader_failure_is_answered_and_logged() -> None:
+    received = intake().failed_to_read(frame(msh(control="C6"), "SCH|\xe9".encode().decode("latin-1")), KeyError("x"))
+    text = "internal error while reading the message (KeyError); please report it"
+    assert received.problem == Problem("MSH", APPLICATION_INTERNAL_ERROR, text)
+    assert (received.ack.code, received.header.control_id, received.charset) == ("AR", "C6", "iso-8859-1")
+
+
+# --- read_frame -----------------------------------------------------------------------------------------
+
+
+def test_leading_line_breaks_and_spaces_before_msh_are_skipped_but_kept_in_the_row() -> None:
+    raw = b"\r\n\t " + frame(msh(), *BODY)
+    received = read(raw)
+    assert (received.status, received.raw, received.text) == (MessageStatus.ACCEPTED, raw, raw.decode())
+
+
+def test_the_frame_is_decoded_as_msh18_declares() -> None:
+    raw = (msh() + "||8859/1\r" + "\r".join(BODY).replace("DOE", "DÖE") + "\r").encode("latin-1")
+    received = read(raw)
+    assert (received.charset, received.note, received.event.names[0].family) == ("iso-8859-1", None, "DÖE")
+
+
+def test_a_charset_that_does_not_fit_is_noted() -> None:
+    raw = (msh() + "||UNICODE UTF-8\r" + "\r".join(BODY).replace("DOE", "DÖE") + "\r").encode("latin-1")
+    received = read(raw)
+    assert (received.charset, received.status) == ("iso-8859-1", MessageStatus.ACCEPTED)
+    assert received.note == "no configured charset fits (utf-8); decoded as iso-8859-1"
+    assert received.row("main", "peer", 1.0)["note"] == received.note
+
+
+@pytest.mark.parametrize("envelope", [("BHS|^~\\&|EPIC",), ("FHS|^~\\&|EPIC", "BHS|^~\\&|EPIC")])
+def test_a_batch_is_read_message_by_message(envelope: tuple[str, ...]) -> None:
+    raw = b"\r\n" + frame(*envelope, msh(control="B1"), *BODY, msh(control="B2"), "PID|1", "BTS|2")
+    result = intake().read_frame(raw)
+    assert [m.header.control_id for m in result.messages] == ["B1", "B2"]
+    assert [m.ack.code for m in result.messages] == ["AA", "AE"]
+    assert (result.batch_header, result.batch_charset) == ([*envelope, "BTS|2"], "utf-8")
+
+
+def test_a_single_message_frame_has_no_batch_envelope() -> None:
+    result = intake().read_frame(frame(msh(), *BODY))
+    assert (len(result.messages), result.batch_header, result.batch_charset) == (1, [], "ascii")
+
+
+# --- the log row ----------------------------------------------------------------------------------------
+
+
+def test_the_row_of_an_accepted_message() -> None:
+    received = read(frame(msh(), *BODY))
+    row = received.row("main", "127.0.0.1:5000", 12.5)
+    assert orjson.loads(row.pop("summary"))["appointment_key"] == "HOSP|F1"
+    assert row.pop("ack_raw") == received.ack.payload
+    assert row == {
+        "received_at": 12.5, "listener": "main", "peer": "127.0.0.1:5000", "raw": received.raw, "charset": "utf-8",
+        "sending_application": "EPIC", "sending_facility": "HOSP", "control_id": "C1", "message_type": "SIU",
+        "event": "S12", "version": "2.5.1", "appointment_key": "HOSP|F1", "action": "book", "route": None,
+        "note": None, "replay_of": None, "ack_code": "AA", "ack_text": "Message accepted",
+        "status": MessageStatus.ACCEPTED, "error": None, "error_location": None, "duplicate_of": None,
+    }  # fmt: skip
+
+
+def test_the_row_of_a_headerless_refusal() -> None:
+    received = read(b"NTE|1\r")
+    row = received.row("east", "peer", 0.0)
+    assert {
+        k: row[k] for k in ("sending_application", "control_id", "message_type", "event", "version")
+    } == dict.fromkeys(("sending_application", "control_id", "message_type", "event", "version"))
+    assert (row["summary"], row["appointment_key"], row["action"], row["ack_code"]) == (None, None, None, "AR")
+    assert (row["error"], row["error_location"], row["status"]) == (
+        "the message does not begin with an MSH segment",
+        "MSH",
+        MessageStatus.REJECTED,
+    )
+    assert received.dedupe_key is None
+
+
+def test_an_unanswered_row_has_no_ack() -> None:
+    row = read(frame(msh(msh15="NE", msh16="NE"), *BODY)).row("main", "peer", 0.0)
+    assert (row["ack_code"], row["ack_text"], row["ack_raw"]) == (None, None, None)
+
+
+def test_a_refused_message_has_no_dedupe_key() -> None:
+    assert read(frame(msh(), SCH)).dedupe_key is None
+
+
+# --- routed -------------------------------------------------------------------------------------------
+
+
+ROUTE = Route("clinic", "bot-1", "America/New_York", (ParameterSpec("appointment_id", ("appointment_id",)),),
+              ("appointment_id",), flow_id="flow-main")  # fmt: skip
+ELSEWHERE = Route("other", "bot-2", "UTC", (), (), match=Criteria(sending_facility=("OTHER",)))
+
+
+def test_a_routed_booking_carries_its_commands() -> None:
+    received = read(frame(msh(), *BODY), router=Router((ROUTE,)))
+    assert (received.status, received.route, received.note, received.ack.code) == (
+        MessageStatus.ACCEPTED, "clinic", "book via route clinic", "AA",
+    )  # fmt: skip
+    [command] = received.commands
+    assert (command["kind"], command["route"], command["parameters"], command["sync"]) == (
+        "book", "clinic", '{"appointment_id":"F1"}', 0,
+    )  # fmt: skip
+    assert (command["next_attempt_at"], command["created_at"]) == (1_800_000_000.0, 1_800_000_000.0)
+
+
+def test_a_routed_booking_waits_for_the_api_when_acks_follow_dispatch() -> None:
+    received = read(frame(msh(), *BODY), router=Router((ROUTE,)), sync=True)
+    assert (received.status, received.commands[0]["sync"], received.ack.code) == (MessageStatus.PENDING, 1, "AA")
+
+
+def test_an_unrouted_event_is_refused_with_ae_when_configured() -> None:
+    received = read(frame(msh(), *BODY), router=Router((ELSEWHERE,), "reject"))
+    assert (received.outcome, received.status, received.ack.code, received.commands) == (
+        Outcome.ERROR, MessageStatus.REJECTED, "AE", [],
+    )  # fmt: skip
+    assert (received.problem.location, received.note, received.route) == (
+        "MSH-4",
+        "no route matches this appointment",
+        None,
+    )
+
+
+def test_an_unrouted_event_is_ignored_with_aa_by_default() -> None:
+    received = read(frame(msh(), *BODY), router=Router((ELSEWHERE,)))
+    assert (received.outcome, received.status, received.ack.code, received.problem) == (
+        Outcome.ACCEPT, MessageStatus.IGNORED, "AA", None,
+    )  # fmt: skip
+
+
+def test_a_routed_message_keeps_the_decoding_note_beside_the_plan_note() -> None:
+    raw = (msh() + "||UNICODE UTF-8\r" + "\r".join(BODY).replace("DOE", "DÖE") + "\r").encode("latin-1")
+    received = read(raw, router=Router((ROUTE,)))
+    assert received.note == "no configured charset fits (utf-8); decoded as iso-8859-1; book via route clinic"
