@@ -5,6 +5,7 @@ check, the AR-versus-AE choice, the answer's text and the frame's decoding are p
 
 from __future__ import annotations
 
+import re
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -23,8 +24,8 @@ from hl7bridge.hl7.problems import (
     UNSUPPORTED_VERSION_ID,
     Problem,
 )
-from hl7bridge.hl7.siu import Feed
-from hl7bridge.ingest.intake import Intake, Received
+from hl7bridge.hl7.siu import Feed, Header
+from hl7bridge.ingest.intake import Frame, Intake, Received
 from hl7bridge.mapping.parameters import ParameterSpec
 from hl7bridge.mapping.routing import Criteria, Route, Router
 
@@ -391,3 +392,142 @@ def test_a_routed_message_keeps_the_decoding_note_beside_the_plan_note() -> None
     raw = (msh() + "||UNICODE UTF-8\r" + "\r".join(BODY).replace("DOE", "DÖE") + "\r").encode("latin-1")
     received = read(raw, router=Router((ROUTE,)))
     assert received.note == "no configured charset fits (utf-8); decoded as iso-8859-1; book via route clinic"
+
+
+# --- the header salvaged from what cannot be read --------------------------------------------------------
+
+
+def salvaged(text: str) -> Header | None:
+    return intake().read_message(text.encode("latin-1"), text, "iso-8859-1").header
+
+
+def test_the_salvaged_header_reads_each_field_with_the_declared_delimiters() -> None:
+    header = salvaged("\r\nMSH#$~\\&#APP$1#FAC$2#RA#RF#2027##siu$s12# C7 #P$T#2.5.1$X###al #ne\rpid#1\r")
+    assert header == Header(
+        sending_application="APP$1", sending_facility="FAC$2", receiving_application="RA", receiving_facility="RF",
+        sent_at="", message_type="SIU", event="", control_id="C7", processing_id="P", version="2.5.1",
+        accept_ack_type="AL", application_ack_type="NE", charset_field="", sender=("APP", "FAC"),
+    )  # fmt: skip
+
+
+def test_a_short_salvaged_header_leaves_the_missing_fields_empty() -> None:
+    header = salvaged("MSH|^~\\&|APP\rpid|1\r")
+    assert (header.sending_application, header.sending_facility, header.control_id, header.version) == (
+        "APP",
+        "",
+        "",
+        "",
+    )
+    assert (header.message_type, header.accept_ack_type, header.sender) == ("", "", ("APP", ""))
+
+
+def test_an_empty_msh2_salvages_with_the_standard_component_separator() -> None:
+    header = salvaged("MSH||A^1|B^2|||||SIU^S12|C1|P|2.5^x\r")
+    assert (header.sender, header.message_type, header.version) == (("A", "B"), "SIU", "2.5")
+
+
+@pytest.mark.parametrize(
+    ("version", "kept"), [("2.8", "2.8"), ("2.5.1", "2.5.1"), ("2.5.10", ""), ("3.0", ""), (" 2.4 ", "2.4")]
+)
+def test_a_salvaged_version_is_kept_only_when_it_looks_like_one(version: str, kept: str) -> None:
+    assert salvaged(f"MSH|^~\\&|A|B|C|D|2027||SIU^S12|C1|P|{version}\rpid|1\r").version == kept
+
+
+@pytest.mark.parametrize("text", ["MSH|^~\\", "PID|1|2|3|4\rMSH|^~\\&|A", "\r\n"])
+def test_nothing_is_salvaged_without_an_msh_line_first(text: str) -> None:
+    assert salvaged(text) is None
+
+
+# --- batches --------------------------------------------------------------------------------------------
+
+
+def test_a_batch_over_the_limit_is_refused_whole_as_one_row() -> None:
+    text = "BHS|^~\\&\r" + "".join(f"{msh(control=f'B{n}')}\r{SCH}\r" for n in range(3)) + "BTS|3\r"
+    result = intake(limits=Limits(batch_messages=2)).read_frame(text.encode())
+    [refused] = result.messages
+    words = "the batch holds 3 messages, more than the 2 accepted; send smaller batches"
+    assert refused.problem == Problem("BHS", SEGMENT_SEQUENCE_ERROR, words)
+    assert (refused.header, refused.outcome, refused.ack.code, refused.raw) == (
+        None,
+        Outcome.REJECT,
+        "AR",
+        text.encode(),
+    )
+    assert result.batch_header == ["BHS|^~\\&", "BTS|3"]
+
+
+def test_a_batch_at_the_limit_is_read() -> None:
+    text = "BHS|^~\\&\r" + "".join(f"{msh(control=f'B{n}')}\r{SCH}\r" for n in range(2))
+    result = intake(limits=Limits(batch_messages=2)).read_frame(text.encode())
+    assert [m.header.control_id for m in result.messages] == ["B0", "B1"]
+
+
+def test_each_message_of_a_batch_keeps_its_own_text() -> None:
+    result = intake().read_frame(f"BHS|^~\\&\n{msh(control='B1')}\n{SCH}\n\n{msh(control='B2')}\nBTS|2\n".encode())
+    assert [m.raw for m in result.messages] == [
+        f"{msh(control='B1')}\r{SCH}\r".encode(),
+        f"{msh(control='B2')}\r".encode(),
+    ]
+    assert [m.text for m in result.messages] == [m.raw.decode() for m in result.messages]
+
+
+def test_segments_before_the_first_msh_of_a_batch_are_a_message_of_their_own() -> None:
+    result = intake().read_frame(f"BHS|^~\\&\rNTE|1\r{msh(control='B1')}\r{SCH}\r".encode())
+    assert [(m.header and m.header.control_id, m.ack.code) for m in result.messages] == [(None, "AR"), ("B1", "AE")]
+    assert result.messages[0].problem.text == "the message does not begin with an MSH segment"
+
+
+def test_an_empty_batch_is_refused() -> None:
+    text = "FHS|^~\\&\rBHS|^~\\&\rBTS|0\rFTS|1\r"
+    [refused] = intake().read_frame(text.encode()).messages
+    assert refused.problem == Problem("BHS", REQUIRED_FIELD_MISSING, "the batch holds no message")
+    assert (refused.ack.code, refused.raw, refused.status) == ("AR", text.encode(), MessageStatus.REJECTED)
+
+
+def test_a_batch_in_latin1_keeps_its_charset() -> None:
+    text = f"BHS|^~\\&\r{msh()}||8859/1\r{SCH}\r{TQ1}\rPID|1||M1^^^H^MR||DÖE^JANE\r"
+    result = intake().read_frame(text.encode("latin-1"))
+    assert (result.batch_charset, result.messages[0].charset) == ("iso-8859-1", "iso-8859-1")
+    assert result.messages[0].event.names[0].family == "DÖE"
+
+
+STAMP = re.compile(r"^\d{14}[+-]\d{4}$")
+
+
+def batch_answer(envelope: list[str], acks: list[bytes], charset: str = "utf-8") -> list[list[str]]:
+    frame = Frame([], envelope, charset)
+    out = Intake(Feed(UTC), AckBuilder("BRIDGE", "FAC")).batch_answer(frame, acks).decode(charset)
+    assert out.endswith("\r")
+    lines = out[:-1].split("\r")
+    sep = lines[0][3]
+    return [line.split(sep) for line in lines]
+
+
+def test_a_batch_answer_wraps_the_acks_in_a_batch_envelope_of_our_own() -> None:
+    [bhs, msa1, msa2, bts] = batch_answer(["BHS|^~\\&|EPIC", "BTS|2"], [b"MSA|AA|B1\r", b"MSA|AE|B2\r"])
+    assert bhs[:6] + bhs[7:10] == ["BHS", "^~\\&", "BRIDGE", "FAC", "", "", "", "", ""]
+    assert STAMP.match(bhs[6]) and re.fullmatch(r"\d{20}", bhs[10]) and len(bhs) == 11
+    assert (msa1, msa2, bts) == (["MSA", "AA", "B1"], ["MSA", "AE", "B2"], ["BTS", "2"])
+
+
+def test_a_file_batch_answer_has_a_file_envelope_too() -> None:
+    lines = batch_answer(["FHS|^~\\&", "BHS|^~\\&", "BTS|1", "FTS|1"], [b"MSA|AA|B1\r"])
+    assert [line[0] for line in lines] == ["FHS", "BHS", "MSA", "BTS", "FTS"]
+    assert (lines[0][1:6], lines[1][1:6], lines[3:]) == (
+        ["^~\\&", "BRIDGE", "FAC", "", ""], ["^~\\&", "BRIDGE", "FAC", "", ""], [["BTS", "1"], ["FTS", "1"]],
+    )  # fmt: skip
+    assert lines[0][10] == lines[1][10]
+
+
+def test_a_batch_answer_uses_the_senders_delimiters_or_the_standard_ones() -> None:
+    assert batch_answer(["BHS#$~\\&#EPIC"], [])[0][:4] == ["BHS", "$~\\&", "BRIDGE", "FAC"]
+    assert batch_answer(["BHS#$~\\&"], [])[1] == ["BTS", "0"]
+    assert batch_answer([], [])[0][:2] == ["BHS", "^~\\&"]
+    assert batch_answer(["BHS"], [])[0][:2] == ["BHS", "^~\\&"]
+    assert batch_answer(["BHS|"], [])[0][:2] == ["BHS", "^~\\&"]
+
+
+def test_a_batch_answer_is_encoded_in_the_batch_charset() -> None:
+    frame = Frame([], ["BHS|^~\\&"], "iso-8859-1")
+    out = Intake(Feed(UTC), AckBuilder()).batch_answer(frame, ["MSA|AE|B1|DÖE\r".encode("latin-1")])
+    assert out.split(b"\r")[1:] == ["MSA|AE|B1|DÖE".encode("latin-1"), b"BTS|1", b""]
