@@ -531,3 +531,137 @@ def test_a_batch_answer_is_encoded_in_the_batch_charset() -> None:
     frame = Frame([], ["BHS|^~\\&"], "iso-8859-1")
     out = Intake(Feed(UTC), AckBuilder()).batch_answer(frame, ["MSA|AE|B1|DÖE\r".encode("latin-1")])
     assert out.split(b"\r")[1:] == ["MSA|AE|B1|DÖE".encode("latin-1"), b"BTS|1", b""]
+
+
+# --- what each path keeps for the log -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("segments", "router", "note"),
+    [
+        (("NTE|1",), None, "n"),  # unreadable
+        ((msh(version="2.1"), *BODY), None, "n"),  # header refused
+        ((msh(), SCH), None, "n"),  # event refused
+        ((msh(), *BODY), None, "n"),  # accepted
+        ((msh(type_="ACK^S12"), "MSA|AA|X"), None, "an acknowledgment was received; it is logged, never answered"),
+        ((msh(), *BODY), Router((ROUTE,)), "n; book via route clinic"),
+        ((msh(), *BODY), Router((ELSEWHERE,), "reject"), "n; no route matches this appointment"),
+    ],
+)
+def test_every_path_keeps_the_raw_bytes_the_text_and_the_note(
+    segments: tuple[str, ...], router: Router | None, note: str
+) -> None:
+    text = "\r".join(segments) + "\r"
+    received = intake(router).read_message(b"raw bytes", text, "utf-8", "n")
+    assert (received.raw, received.text, received.note, received.charset) == (b"raw bytes", text, note, "utf-8")
+
+
+HASH = Encoding("#", "$", "%", "@", "!")
+
+
+@pytest.mark.parametrize(
+    ("segments", "router", "code"),
+    [
+        (("MSH#$%@!#A#B#C#D#2027##ACK$S12#C1#P#2.5.1",), None, None),
+        (("MSH#$%@!#A#B#C#D#2027##SIU$S12#C1#P#2.5.1", "SCH#P1"), None, "AE"),
+        (("MSH#$%@!#A#B#C#D#2027##SIU$S12#C1#P#2.5.1", "SCH#P1$X#F1", "TQ1#######20270315093000", "PID#1##M1"), None, "AA"),
+        (("MSH#$%@!#A#B#C#D#2027##SIU$S12#C1#P#2.5.1", "SCH#P1$X#F1", "TQ1#######20270315093000", "PID#1##M1"),
+         Router((ROUTE,)), "AA"),
+    ],
+)  # fmt: skip
+def test_every_path_keeps_the_messages_delimiters(
+    segments: tuple[str, ...], router: Router | None, code: str | None
+) -> None:
+    received = read(("\r".join(segments) + "\r").encode(), router=router)
+    assert received.encoding == HASH
+    assert (received.ack.code if received.ack else None) == code
+    if received.ack:
+        assert received.ack.payload.decode().split("\r")[1].startswith(f"MSA#{code}#C1#")
+
+
+def test_escapes_are_read_in_the_messages_charset() -> None:
+    raw = (msh() + "||8859/1\r" + "\r".join(BODY).replace("DOE", "D\\XD6\\E") + "\r").encode("latin-1")
+    assert read(raw).event.names[0].family == "DÖE"
+
+
+@pytest.mark.parametrize("raw", [b"\x0b" + frame(msh(), *BODY), b"X" + frame(msh(), *BODY)])
+def test_only_line_breaks_tabs_and_spaces_before_msh_are_skipped(raw: bytes) -> None:
+    received = read(raw)
+    assert (received.ack.code, received.problem.text) == ("AR", "the message does not begin with an MSH segment")
+
+
+def test_a_batch_header_after_other_characters_is_no_batch() -> None:
+    result = intake().read_frame(b"\x0b" + frame("BHS|^~\\&", msh(), *BODY))
+    assert (len(result.messages), result.batch_header, result.messages[0].ack.code) == (1, [], "AR")
+
+
+def test_the_configured_charsets_are_tried_before_the_last_resort() -> None:
+    raw = frame(msh(), SCH, TQ1, "PID|1||M1||DÖE^J").decode().encode("latin-1")
+    it = Intake(Feed(UTC), AckBuilder(), charset_fallback=("utf-8", "cp1252"))
+    [received] = it.read_frame(raw).messages
+    assert (received.charset, received.note, received.event.names[0].family) == ("cp1252", None, "DÖE")
+    too_long = it.too_long(raw, 80)
+    assert (too_long.charset, too_long.note, too_long.raw, too_long.text) == (
+        "cp1252", "only the first bytes were kept", raw, raw.decode("cp1252"),
+    )  # fmt: skip
+
+
+def test_a_reader_failure_keeps_the_bytes_and_their_text() -> None:
+    raw = frame(msh(control="C6"), "SCH|\xe9".encode().decode("latin-1"))
+    received = intake().failed_to_read(raw, KeyError("x"))
+    assert (received.raw, received.text) == (raw, raw.decode("latin-1"))
+
+
+# --- routing from intake --------------------------------------------------------------------------------
+
+
+def test_an_intake_listens_as_main_and_answers_on_receipt_by_default() -> None:
+    bound = Route("clinic", "bot-1", "UTC", ROUTE.parameters, ROUTE.instance_identifiers, listeners=("main",))
+    [received] = Intake(Feed(UTC), AckBuilder(), router=Router((bound,))).read_frame(frame(msh(), *BODY)).messages
+    assert (received.route, received.status, received.commands[0]["sync"]) == ("clinic", MessageStatus.ACCEPTED, 0)
+
+
+def test_an_intake_routes_as_its_listener() -> None:
+    bound = Route("clinic", "bot-1", "UTC", ROUTE.parameters, ROUTE.instance_identifiers, listeners=("east",))
+    it = Intake(Feed(UTC), AckBuilder(), router=Router((bound,)), listener="east")
+    assert it.read_frame(frame(msh(), *BODY)).messages[0].route == "clinic"
+
+
+def test_routing_reads_naive_times_in_the_feed_zone_and_judges_start_by_the_clock() -> None:
+    when = Route("clinic", "bot-1", "UTC", (ParameterSpec("when", ("TQ1-7",), type="datetime"),), ())
+    chicago = Intake(Feed(ZoneInfo("America/Chicago")), AckBuilder(), router=Router((when,)), clock=lambda: 0.0)
+    [received] = chicago.read_frame(frame(msh(), *BODY)).messages
+    assert orjson.loads(received.commands[0]["parameters"]) == {"when": "2027-03-15 14:30:00"}
+    later = Intake(Feed(UTC), AckBuilder(), router=Router((when,)), clock=lambda: 4_000_000_000.0)
+    [received] = later.read_frame(frame(msh(), *BODY)).messages
+    assert (received.status, received.note, received.commands) == (
+        MessageStatus.IGNORED, "the appointment has already started", [],
+    )  # fmt: skip
+
+
+def test_a_content_error_accepted_anyway_is_answered_aa_plainly_and_kept_as_rejected() -> None:
+    route = Route("clinic", "bot-1", "UTC", (ParameterSpec("mail", ("PID-19",), required=True),), (),
+                  content_errors="accept")  # fmt: skip
+    received = read(frame(msh(), *BODY), router=Router((route,)))
+    assert (received.ack.code, received.ack.text, received.outcome) == ("AA", "Message accepted", Outcome.ACCEPT)
+    assert answer_lines(received) == ["MSA|AA|C1|Message accepted", ""]
+    assert (received.status, received.problem.location, received.commands) == (MessageStatus.REJECTED, "PID-19", [])
+
+
+# --- answers in the message's charset -------------------------------------------------------------------
+
+
+def test_an_answer_is_encoded_in_the_messages_charset() -> None:
+    raw = (msh() + "||8859/1\r" + "\r".join(BODY) + "\r").encode("latin-1")
+    received = read(raw)
+    ack = intake().answer(received, Outcome.ERROR, None, "DÖE")
+    assert ack.payload.split(b"\r")[1] == "MSA|AE|C1|DÖE".encode("latin-1")
+
+
+def test_a_failure_to_store_is_an_application_error_of_the_header() -> None:
+    received = read(frame(msh(), *BODY))
+    intake().failed_to_store(received, "disk full")
+    ack = intake().failed_to_store(received, "disk full")
+    assert ack.payload.decode().split("\r")[2] == (
+        "ERR||MSH^1|207^Application internal error^HL70357|E||||message not stored (disk full); please resend"
+    )
