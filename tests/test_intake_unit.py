@@ -665,3 +665,12 @@ def test_a_failure_to_store_is_an_application_error_of_the_header() -> None:
     assert ack.payload.decode().split("\r")[2] == (
         "ERR||MSH^1|207^Application internal error^HL70357|E||||message not stored (disk full); please resend"
     )
+
+
+def test_a_strict_check_failure_turns_an_accepted_message_into_ae() -> None:
+    received = read(frame(msh(), *BODY))
+    problem = Problem("PID-7", DATA_TYPE_ERROR, "PID-7 is not a date")
+    intake().strict_failed(received, problem)
+    assert (received.outcome, received.status, received.problem) == (Outcome.ERROR, MessageStatus.REJECTED, problem)
+    assert (received.ack.code, received.ack.text) == ("AE", "PID-7 is not a date")
+    assert answer_lines(received)[0] == "MSA|AE|C1|PID-7 is not a date"
