@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import pytest
 
-from hl7bridge.hl7.er7 import Encoding, Er7Error, Er7Message, Limits, Path, Segment, component_of, value_of
+from hl7bridge.hl7.er7 import (
+    _VALID_NAMES,
+    Encoding,
+    Er7Error,
+    Er7Message,
+    Limits,
+    Path,
+    Segment,
+    component_of,
+    value_of,
+)
 
 MSH = "MSH|^~\\&|EPIC|HOSP|BRIDGE|X|20270101||SIU^S12|C1|P|2.5.1"
 PID = "PID|1|2^b|M1~M2^^^H&1.2&ISO~|x|DOE^JOHN"
@@ -409,3 +419,67 @@ def test_reader_errors_default_to_msh_and_a_sequence_error() -> None:
 
 def test_the_encoding_characters_print_as_msh2() -> None:
     assert (Encoding().msh2, TRUNCATING.msh2) == ("^~\\&", "^~\\&#")
+
+
+# --- survivors of the first full run (docs/testing.md) -----------------------------------------------------
+
+
+def test_the_reader_defaults_to_utf8() -> None:
+    assert value_of("\\XC3A9\\", Encoding()) == "é"
+    assert Er7Message.parse(message(MSH, "NTE|1|\\XC3A9\\")).get("NTE-2") == "é"
+    assert Er7Message([Segment(MSH, Encoding())], Encoding()).unescape("\\XC3A9\\") == "é"
+
+
+def test_a_wrong_number_of_encoding_characters_is_reported_with_them() -> None:
+    with pytest.raises(Er7Error) as raised:
+        Encoding.from_header("|", "^~")
+    assert (str(raised.value), raised.value.value) == ("MSH-2 must hold 4 or 5 encoding characters, found 2", "^~")
+
+
+def test_repeated_encoding_characters_are_reported_in_words() -> None:
+    with pytest.raises(Er7Error) as raised:
+        Encoding.from_header("|", "^^\\&")
+    assert str(raised.value) == "MSH-1/MSH-2 encoding characters must be distinct, non-alphanumeric characters"
+
+
+def test_an_empty_msh2_is_reported_as_empty() -> None:
+    with pytest.raises(Er7Error) as raised:
+        Er7Message.parse("MSH||A|B|C\r")
+    assert (str(raised.value), raised.value.value) == ("MSH-2 must hold 4 or 5 encoding characters, found 0", "")
+
+
+def test_a_segment_id_seen_for_the_first_time_is_checked_like_a_known_one() -> None:
+    """The reader caches the names it has seen; each case starts from a name it has not."""
+    for name in ("ZZ1", "ZZ2"):
+        _VALID_NAMES.discard(name)
+    assert segments(message(MSH, "ZZ1")) == [MSH, "ZZ1"]
+    with pytest.raises(Er7Error) as raised:
+        Er7Message.parse(message(MSH, "ZZ2^"))
+    assert raised.value.value == "ZZ2^"
+    segments(message(MSH, "PID|1"))
+    with pytest.raises(Er7Error) as raised:
+        Er7Message.parse(message(MSH, "PID^"))
+    assert raised.value.value == "PID^"
+
+
+def test_msh3_counts_toward_the_limits_unlike_msh1_and_msh2() -> None:
+    error = refused(message("MSH|^~\\&|A~B~C|F"), Limits(repetitions=2))
+    assert (str(error), error.location) == ("MSH-3 holds 3 repetitions, more than the 2 accepted", "MSH-3")
+
+
+def test_message_get_leaves_the_delimiters_as_they_are() -> None:
+    msg = Er7Message.parse("MSH|^~\\&#|A#\rNTE|1|B#\r")
+    assert (msg.get("MSH-1"), msg.get("MSH-2"), msg.get("MSH-3"), msg.get("NTE-2")) == ("|", "^~\\&#", "A", "B")
+
+
+def test_walk_yields_the_header_delimiters_whole_and_splits_the_rest() -> None:
+    msg = Er7Message.parse("MSH|^~\\&|A^B&C|F~G\r")
+    assert list(msg.walk()) == [
+        ("MSH", 1, 1, 1, 1, 1, "|"),
+        ("MSH", 1, 2, 1, 1, 1, "^~\\&"),
+        ("MSH", 1, 3, 1, 1, 1, "A"),
+        ("MSH", 1, 3, 1, 2, 1, "B"),
+        ("MSH", 1, 3, 1, 2, 2, "C"),
+        ("MSH", 1, 4, 1, 1, 1, "F"),
+        ("MSH", 1, 4, 2, 1, 1, "G"),
+    ]
