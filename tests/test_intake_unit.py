@@ -433,7 +433,9 @@ def test_a_salvaged_version_is_kept_only_when_it_looks_like_one(version: str, ke
     assert salvaged(f"MSH|^~\\&|A|B|C|D|2027||SIU^S12|C1|P|{version}\rpid|1\r").version == kept
 
 
-@pytest.mark.parametrize("text", ["MSH|^~\\", "PID|1|2|3|4\rMSH|^~\\&|A", "\r\n"])
+@pytest.mark.parametrize(
+    "text", ["MSH|^~\\", "PID|1|2|3|4\rMSH|^~\\&|A", "\r\n", "\x0bMSH|^~\\&|A|B\rpid|1\r", "XMSH|^~\\&|A|B\rpid|1\r"]
+)
 def test_nothing_is_salvaged_without_an_msh_line_first(text: str) -> None:
     assert salvaged(text) is None
 
@@ -590,8 +592,9 @@ def test_only_line_breaks_tabs_and_spaces_before_msh_are_skipped(raw: bytes) -> 
     assert (received.ack.code, received.problem.text) == ("AR", "the message does not begin with an MSH segment")
 
 
-def test_a_batch_header_after_other_characters_is_no_batch() -> None:
-    result = intake().read_frame(b"\x0b" + frame("BHS|^~\\&", msh(), *BODY))
+@pytest.mark.parametrize("prefix", [b"\x0b", b"X"])
+def test_a_batch_header_after_other_characters_is_no_batch(prefix: bytes) -> None:
+    result = intake().read_frame(prefix + frame("BHS|^~\\&", msh(), *BODY))
     assert (len(result.messages), result.batch_header, result.messages[0].ack.code) == (1, [], "AR")
 
 
@@ -674,3 +677,34 @@ def test_a_strict_check_failure_turns_an_accepted_message_into_ae() -> None:
     assert (received.outcome, received.status, received.problem) == (Outcome.ERROR, MessageStatus.REJECTED, problem)
     assert (received.ack.code, received.ack.text) == ("AE", "PID-7 is not a date")
     assert answer_lines(received)[0] == "MSA|AE|C1|PID-7 is not a date"
+
+
+def test_the_shortest_header_is_salvaged_empty() -> None:
+    header = salvaged("MSH|^~\\&\rpid|1\r")
+    assert (header.sender, header.control_id, header.message_type) == (("", ""), "", "")
+
+
+def test_a_refused_batch_keeps_its_charset_text_and_bytes() -> None:
+    text = "BHS|^~\\&|DÖE\r" + "".join(f"{msh(control=f'B{n}')}||8859/1\r{SCH}\r" for n in range(2))
+    result = intake(limits=Limits(batch_messages=1)).read_frame(text.encode("latin-1"))
+    [refused] = result.messages
+    assert (result.batch_charset, refused.charset) == ("iso-8859-1", "iso-8859-1")
+    assert (refused.raw, refused.text) == (text.encode("latin-1"), text)
+
+
+def test_a_message_of_a_latin1_batch_is_logged_in_latin1() -> None:
+    text = f"BHS|^~\\&\r{msh()}||8859/1\r{SCH}\rNTE|1|DÖE\r"
+    [received] = intake().read_frame(text.encode("latin-1")).messages
+    assert received.raw == f"{msh()}||8859/1\r{SCH}\rNTE|1|DÖE\r".encode("latin-1")
+
+
+def test_a_batch_answer_replaces_what_its_charset_cannot_hold() -> None:
+    frame = Frame([], ["BHS|^~\\&"], "ascii")
+    out = Intake(Feed(UTC), AckBuilder()).batch_answer(frame, [b"MSA|AE|B1|D\xe9E\r"])
+    assert out.split(b"\r")[1] == b"MSA|AE|B1|D?E"
+
+
+def test_a_batch_answer_takes_msh2_up_to_the_next_separator_only() -> None:
+    assert batch_answer(["BHS#$~\\&#EPIC#FAC"], [])[0][:4] == ["BHS", "$~\\&", "BRIDGE", "FAC"]
+    assert batch_answer(["BHS#"], [])[0][:2] == ["BHS", "^~\\&"]
+    assert batch_answer(["BHS#$"], [])[0][:2] == ["BHS", "$"]
