@@ -58,12 +58,10 @@ def read(raw: bytes, **kwargs) -> Received:
 
 def answer_lines(received: Received) -> list[str]:
     """The ACK after its MSH (whose MSH-7 and MSH-10 change per call)."""
-    assert received.ack is not None
     return received.ack.payload.decode().split("\r")[1:]
 
 
 def ack_msh(received: Received) -> list[str]:
-    assert received.ack is not None
     return received.ack.payload.decode().split("\r")[0].split("|")
 
 
