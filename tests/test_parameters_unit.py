@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -138,3 +139,78 @@ def test_every_parameter_is_a_string_and_order_is_kept() -> None:
 )
 def test_an_error_names_the_first_field_a_parameter_reads(spec: ParameterSpec, location: str) -> None:
     assert spec.location == location
+
+
+# Survivors of `make mutation` (docs/testing.md): each case below fails under one of them.
+
+
+def test_an_error_names_the_field_even_for_a_subcomponent_source() -> None:
+    assert ParameterSpec("x", ("PID-3.4.1",)).location == "PID-3"
+
+
+def test_a_default_is_converted_for_text_and_phone_and_kept_as_written_for_dates() -> None:
+    assert one(ParameterSpec("d", ("PID-19",), default="  none   given ")) == "none given"
+    assert one(ParameterSpec("d", ("PID-19",), type="phone", default="+1 (800) 555")) == "1800555"
+    assert one(ParameterSpec("d", ("PID-19",), type="datetime", default="not yet known")) == "not yet known"
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        (ParameterSpec("c", constant="", required=True), "journey parameter 'c': required, but empty (looked in (constant))"),
+        (ParameterSpec("t", template="{PID-19}", required=True), "journey parameter 't': required, but empty (looked in {PID-19})"),
+    ],
+)  # fmt: skip
+def test_a_required_parameter_without_sources_says_what_it_looked_in(spec: ParameterSpec, words: str) -> None:
+    with pytest.raises(MappingError) as caught:
+        evaluate((spec,), CTX)
+    assert (str(caught.value), caught.value.value, caught.value.code) == (words, "", REQUIRED_FIELD_MISSING)
+
+
+def test_a_template_converts_timestamps_and_names_a_bad_one() -> None:
+    assert one(ParameterSpec("t", template="at {TQ1-7}", type="datetime")) == "at 2027-03-15 10:30:00"
+    with pytest.raises(MappingError) as caught:
+        evaluate((ParameterSpec("t", template="at {NTE-3}", type="datetime"),), ctx(SCH, TQ1, PID, "NTE|1|P|2027031X"))
+    assert (caught.value.parameter, caught.value.location, caught.value.code) == ("t", "NTE-3", DATA_TYPE_ERROR)
+    assert str(caught.value).startswith("journey parameter 't': NTE-3 ")
+
+
+def test_digits_stay_text_inside_a_template() -> None:
+    assert one(ParameterSpec("t", template="call {PID-13.1}", type="digits")) == "call (555) 555-0123"
+
+
+def test_an_event_without_its_message_reads_no_path() -> None:
+    bare = Context(replace(CTX.event, message=None), CHICAGO, NEW_YORK)
+    assert one(ParameterSpec("x", ("PID-3.1",)), bare) == ""
+    assert one(ParameterSpec("x", ("PID-3.1",), where=(Condition(Path.parse("PID-3.5"), ("MR",)),)), bare) == ""
+
+
+def test_where_reads_the_indexed_segment_and_nothing_from_a_missing_one() -> None:
+    two = ctx(SCH, TQ1, PID, "AIS|1||A1^^^X", "AIS|2||A2^^^X")
+    x = Condition(Path.parse("AIS-3.4"), ("X",))
+    assert one(ParameterSpec("ais", ("AIS[2]-3.1",), where=(x,)), two) == "A2"
+    assert one(ParameterSpec("ail", ("AIL-3.1",), where=(Condition(Path.parse("AIL-3.4"), ("X",)),))) == ""
+
+
+def test_where_takes_the_first_matching_repetition_of_several() -> None:
+    two = ctx(SCH, TQ1, "PID|1||FIRST^^^HOSP^MR~SECOND^^^HOSP^MR||DOE^JANE")
+    assert one(ParameterSpec("mrn", ("PID-3.1",), where=(Condition(Path.parse("PID-3.5"), ("MR",)),)), two) == "FIRST"
+
+
+def test_where_and_source_reach_subcomponents() -> None:
+    hd = ctx(SCH, TQ1, "PID|1||A^^^OLD&1.1&ISO^MR~B^^^HOSP&1.2&ISO^MR||DOE^JANE")
+    hosp = Condition(Path.parse("PID-3.4.1"), ("HOSP",))
+    assert one(ParameterSpec("mrn", ("PID-3.1",), where=(hosp,)), hd) == "B"
+    mr = Condition(Path.parse("PID-3.5"), ("MR",))
+    assert one(ParameterSpec("oid", ("PID-3.4.2",), where=(mr,)), hd) == "1.1"
+
+
+def test_an_empty_or_absent_value_falls_back_before_conversion() -> None:
+    assert one(ParameterSpec("s", ("PID-19", "TQ1-7"), type="datetime")) == "2027-03-15 10:30:00"
+    untimed = ctx("SCH|P1^EPIC|F1^EPIC", TQ1, PID)
+    assert one(ParameterSpec("d", ("duration_minutes", "SCH-1.1")), untimed) == "P1"
+
+
+def test_a_timestamp_parameter_accepts_a_day() -> None:
+    day = ctx(SCH, TQ1, PID, "NTE|1|P|20270315")
+    assert one(ParameterSpec("d", ("NTE-3",), type="datetime"), day) == "2027-03-15 01:00:00"

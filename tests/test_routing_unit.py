@@ -9,7 +9,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from hl7bridge.core.status import MessageStatus
-from hl7bridge.hl7.problems import REQUIRED_FIELD_MISSING
+from hl7bridge.hl7.er7 import Er7Message
+from hl7bridge.hl7.problems import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, Problem
 from hl7bridge.hl7.siu import AppointmentEvent, PatientId
 from hl7bridge.mapping.parameters import ParameterSpec
 from hl7bridge.mapping.routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW, Criteria, Route, Router
@@ -193,3 +194,62 @@ def test_a_required_parameter_only_fails_a_creating_command() -> None:
     route = replace(ROUTE, parameters=(*PARAMS, ParameterSpec("phone", ("patient_phone",), required=True)))
     assert plan(EVENT, route).status == MessageStatus.REJECTED
     assert [c.kind for c in plan(replace(EVENT, action="cancel"), route).commands] == [CANCEL]
+
+
+# Survivors of `make mutation` (docs/testing.md): each case below fails under one of them.
+
+
+def test_an_unrouted_rejection_says_why_to_the_sender() -> None:
+    elsewhere = replace(ROUTE, match=Criteria(sending_facility=("OTHER",)))
+    problem = plan(EVENT, elsewhere, unrouted="reject").problem
+    assert problem == Problem("MSH-4", REQUIRED_FIELD_MISSING, "no route matches this appointment")
+
+
+def test_without_a_clock_reading_the_plan_uses_the_current_time() -> None:
+    future = Router((ROUTE,)).plan(replace(EVENT, start=datetime(2999, 1, 1, tzinfo=UTC)), "main", CHICAGO)
+    past = Router((ROUTE,)).plan(replace(EVENT, start=datetime(2000, 1, 1, tzinfo=UTC)), "main", CHICAGO)
+    assert ([c.kind for c in future.commands], past.note) == ([BOOK], "the appointment has already started")
+
+
+def test_a_cancel_without_a_start_has_no_start() -> None:
+    [command] = plan(replace(EVENT, action="cancel", start=None)).commands
+    assert (command.kind, command.start_at) == (CANCEL, None)
+
+
+def test_a_route_that_ignores_an_event_is_still_named() -> None:
+    started = plan(replace(EVENT, start=datetime.fromtimestamp(NOW, UTC)))
+    noshow = plan(replace(EVENT, action="noshow"), replace(ROUTE, noshow="ignore"))
+    assert (started.route, noshow.route) == ("clinic", "clinic")
+
+
+def test_naive_hl7_timestamps_are_read_in_the_feed_zone() -> None:
+    message = Er7Message.parse("MSH|^~\\&|EPIC|MAIN|||20270101120000||SIU^S12|C1|P|2.5.1\rTQ1|||||||20270315093000\r")
+    route = replace(ROUTE, parameters=(ParameterSpec("when", ("TQ1-7",), type="datetime"),))
+    [command] = plan(replace(EVENT, message=message), route).commands
+    assert command.parameters == {"when": "2027-03-15 10:30:00"}
+
+
+def test_an_empty_identifier_is_rejected_with_its_name_and_reason_under_the_route() -> None:
+    result = plan(replace(EVENT, patient_ids=()), replace(ROUTE, instance_identifiers=("mrn",)))
+    text = "journey parameter 'mrn': instance identifier is empty"
+    assert result.problem == Problem("PID-3", REQUIRED_FIELD_MISSING, text)
+    assert (result.note, result.route) == (text, "clinic")
+
+
+def test_a_bad_parameter_value_reaches_the_problem_but_not_its_text() -> None:
+    message = Er7Message.parse("MSH|^~\\&|EPIC|MAIN|||20270101120000||SIU^S12|C1|P|2.5.1\rNTE|1|P|2027031X\r")
+    route = replace(ROUTE, parameters=(ParameterSpec("when", ("NTE-3",), type="datetime"),))
+    problem = plan(replace(EVENT, message=message), route).problem
+    assert (problem.location, problem.code, problem.value) == ("NTE-3", DATA_TYPE_ERROR, "2027031X")
+    assert problem.text.startswith("journey parameter 'when': NTE-3 ") and "2027031X" not in problem.text
+
+
+def test_a_rescheduling_subflow_carries_the_mapped_parameters() -> None:
+    route = replace(ROUTE, reschedule="subflow", reschedule_flow_id="flow-moved")
+    [command] = plan(replace(EVENT, action="reschedule"), route).commands
+    assert command.parameters == {"appointment_id": "F1", "when": "2027-03-15 10:30:00", "mrn": "MRN1"}
+
+
+def test_a_cancel_stays_a_cancel_on_a_route_with_a_noshow_subflow() -> None:
+    [command] = plan(replace(EVENT, action="cancel"), replace(ROUTE, noshow_flow_id="flow-missed")).commands
+    assert (command.kind, command.flow_id) == (CANCEL, None)

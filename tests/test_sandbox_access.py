@@ -115,7 +115,9 @@ def test_a_generated_token_is_logged_once_and_kept_in_a_private_file(tmp_path: P
 
 def test_a_configured_token_is_used_and_not_logged(tmp_path: Path) -> None:
     configured = "configured-control-token-0123456789"
-    text = SANDBOX_TOML.replace("[sandbox]\n", f'[sandbox]\ncontrol_token = "{configured}"\ncontrol_token_file = ""\n')
+    text = SANDBOX_TOML.replace(
+        "[sandbox]\n", f'[sandbox]\ncontrol_token = "{configured}"\ncontrol_token_file = ""\nstate_file = ""\n'
+    )
     port = free_port()
     (tmp_path / "sandbox.toml").write_text(text, encoding="utf-8")
     process = subprocess.Popen([sys.executable, "-m", "hl7bridge", "sandbox", "--config", "sandbox.toml", "--listen",

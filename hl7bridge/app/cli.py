@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import shtab
+
 from hl7bridge import __version__
 from hl7bridge.app.config import Config, ConfigError, load
 from hl7bridge.core.logs import cap, escape, masked_summary
@@ -103,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
     from hl7bridge.app.service import Service, StartupError
+    from hl7bridge.ops import control
     from hl7bridge.ops import systemd as sd
 
     if args.sandbox and args.api_url:
@@ -117,6 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     outcome: dict[str, Any] = {}
 
     def started(_: object) -> None:
+        pid_file = _write_pid(cfg)
         line = (f"hl7bridge {__version__}: MLLP listening on {', '.join(service.addresses())}; "
                 f"log in {_safe_url(cfg.service.database)}")  # fmt: skip
         if service.sandbox is not None:
@@ -128,11 +132,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def before_shutdown() -> None:
             watchdog.stop()
             sd.stopping("Stopping: answering what was received, flushing the log")
+            if pid_file is not None:
+                control.remove_pid(pid_file)
 
         # Triggers run in the order added: stop the keep-alives first, then drain the service.
         reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
         reactor.addSystemEventTrigger("before", "shutdown", service.stop)
-        signal.signal(signal.SIGHUP, lambda _sig, _frame: reactor.callFromThread(reload))
+        signal.signal(control.RELOAD, lambda _sig, _frame: reactor.callFromThread(reload))
+        signal.signal(control.DISPATCH_NOW, lambda _sig, _frame: reactor.callFromThread(service.dispatch_now))
         sd.ready(line)
         watchdog.start()
 
@@ -164,6 +171,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_pid(cfg: Config) -> Path | None:
+    """The pid file ``reload`` and ``dispatch now`` find the service by; None (and a warning) when none can be kept."""
+    from hl7bridge.ops import control
+
+    try:
+        path = control.pid_path(cfg.service.database, cfg.service.pid_file)
+        control.write_pid(path)
+    except (control.ControlError, OSError) as exc:
+        logging.getLogger("hl7bridge.service").warning("no pid file, so 'hl7bridge reload' and 'dispatch now' "
+                                                       "cannot reach this service: %s", exc)  # fmt: skip
+        return None
+    return path
+
+
 def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -192,9 +213,13 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: sandbox.start().addCallbacks(started, failed))
+    reactor.addSystemEventTrigger("before", "shutdown", sandbox.stop)
     reactor.run()
     if "error" in outcome:
-        raise CliError(f"the sandbox cannot start on {sandbox.listen_description}: {_first_line(outcome['error'])}")
+        from hl7bridge.app.service import why_not_bound
+
+        why = why_not_bound(outcome["error"], "sandbox.listen (or sandbox --listen)")
+        raise CliError(f"the sandbox cannot start on {sandbox.listen_description}: {why}")
     return 0
 
 
@@ -213,7 +238,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for listener in cfg.listeners:
         print(f"  listener {listener.name}: {listener.endpoint} (ack_mode={listener.ack_mode}, "
               f"time_zone={listener.time_zone}, validation={listener.validation})")  # fmt: skip
-    return 0
+    if cfg.routes and not cfg.sandbox.journeys:
+        print("  journeys: not checked (no [[sandbox.journeys]] declares them)")
+    fit = _journey_fit(cfg)
+    for line in fit.fitting:
+        print(f"  journeys: {line}")
+    for warning in fit.warnings:
+        print(f"  warning: {warning}")
+    for problem in fit.problems:
+        print(f"hl7bridge: journey mismatch: {problem}", file=sys.stderr)
+    return 1 if fit.problems else 0
+
+
+def _journey_fit(cfg: Config) -> Any:
+    """The routes against the declared journeys (``app.journey_check``): part of check-config's verdict."""
+    from hl7bridge.app.journey_check import JourneyCheck, check_routes
+
+    return check_routes(cfg.routes, cfg.sandbox.journeys) if cfg.sandbox.journeys else JourneyCheck()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -251,7 +292,7 @@ def _expand(items: list[str]) -> list[Path]:
 def cmd_send(args: argparse.Namespace) -> int:
     from twisted.internet import task
 
-    from hl7bridge.mllp.sender import client_endpoint_string, send_all
+    from hl7bridge.mllp.sender import client_endpoint_string, fresh_suffix, send_all, with_fresh_control_id
 
     try:
         endpoint = client_endpoint_string(args.to, args.endpoint, args.connect_timeout)
@@ -259,6 +300,9 @@ def cmd_send(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     files = _expand(args.files)
     messages = [(str(p), p.read_bytes()) for p in files]
+    if args.fresh_ids:
+        suffix = fresh_suffix(time.time())
+        messages = [(name, with_fresh_control_id(payload, suffix)) for name, payload in messages]
     result: dict[str, Any] = {}
 
     def report(reply: Any) -> None:
@@ -418,6 +462,10 @@ def cmd_log_show(args: argparse.Namespace) -> int:
                 why = f": {escape(c['resolution_reason'])}" if c["resolution_reason"] else ""
                 print(f"      {c['resolution']} by {escape(c['resolved_by'] or '?')} at {_when(c['resolved_at'])}{why} "
                       f"(audit entry {c['resolution_audit']})")  # fmt: skip
+            if c["status"] == CommandStatus.PENDING and c["next_attempt_at"]:
+                # Read now, from the column: a time written into the outcome went stale ("retrying in 3.0 s").
+                due = c["next_attempt_at"]
+                print(f"      next attempt {'due now' if due <= time.time() else 'at ' + _when(due)}")
             if args.phi:
                 print(f"      parameters {c['parameters']}")
             for a in (a for a in attempts if a["command_id"] == c["id"]):
@@ -580,6 +628,66 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return run(cfg, _engine(args), since, args, actor(args))
 
 
+# --- reload / dispatch now: reaching the running service -----------------------------------------
+
+
+def _service_pid(cfg: Config) -> tuple[Path, int]:
+    from hl7bridge.ops import control
+
+    try:
+        path = control.pid_path(cfg.service.database, cfg.service.pid_file)
+        return path, control.service_pid(path)
+    except control.ControlError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _signal(path: Path, signum: Any) -> int:
+    from hl7bridge.ops import control
+
+    try:
+        return control.send(path, signum)
+    except control.ControlError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Check the file as start-up would, then SIGHUP: a file that fails is refused here, and the service keeps
+    its configuration (it checks again itself and refuses a file that changed meanwhile)."""
+    from hl7bridge.ops import control
+    from hl7bridge.workflow.service import record_reload
+
+    try:
+        cfg = _config(args)
+        problems = [f"journey mismatch: {problem}" for problem in _journey_fit(cfg).problems]
+    except ConfigError as exc:
+        problems = [f"config error: {problem}" for problem in exc.problems]
+    if problems:
+        for problem in problems:
+            print(f"hl7bridge: {problem}", file=sys.stderr)
+        print("hl7bridge: reload refused; the running service keeps its configuration", file=sys.stderr)
+        return EXIT_USAGE
+    path, pid = _service_pid(cfg)
+    engine = _engine(args)
+    record_reload(engine, actor(args), "cli", pid, cfg.source)
+    _signal(path, control.RELOAD)
+    print(f"{cfg.source}: OK; reload sent to the service (pid {pid}). Routes, mappings and dispatch settings apply "
+          "to the next message; the service log says what needs a restart.")  # fmt: skip
+    return 0
+
+
+def cmd_dispatch_now(args: argparse.Namespace) -> int:
+    from hl7bridge.ops import control
+    from hl7bridge.workflow.service import dispatch_now
+
+    cfg = _config(args)
+    path, pid = _service_pid(cfg)
+    done = dispatch_now(_engine(args), actor(args), "cli")
+    _signal(path, control.DISPATCH_NOW)
+    print(f"{done.commands_due} waiting command(s) made due; the service (pid {pid}) dispatches now "
+          "(follow with 'hl7bridge stats')")  # fmt: skip
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 
@@ -589,7 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", metavar="PATH", help="TOML settings (default: $HL7BRIDGE_CONFIG or built-in)")
+        config = p.add_argument(
+            "--config", metavar="PATH", help="TOML settings (default: $HL7BRIDGE_CONFIG or built-in)"
+        )
+        config.complete = shtab.FILE  # type: ignore[attr-defined]
         p.add_argument("--database", metavar="URL", help="SQLAlchemy URL of the message log (overrides the file)")
         return p
 
@@ -613,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_config.set_defaults(func=cmd_check_config)
 
     check = with_config(sub.add_parser("check", help="explain a message field by field and how it would be answered"))
-    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("files", nargs="+", metavar="FILE").complete = shtab.FILE  # type: ignore[attr-defined]
     check.set_defaults(func=cmd_check)
 
     send = sub.add_parser("send", help="send message files over MLLP and print each ACK")
@@ -623,7 +734,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Twisted client endpoint, e.g. tls:host=h:port=2575:trustRoots=ca_dir")  # fmt: skip
     send.add_argument("--connect-timeout", type=seconds_arg, default=10.0, metavar="S")
     send.add_argument("--read-timeout", type=seconds_arg, default=30.0, metavar="S")
-    send.add_argument("files", nargs="+", metavar="FILE|DIR")
+    send.add_argument("--fresh-ids", action="store_true",
+                      help="give each message a new control id (MSH-10 + '-' + a suffix for this run), so files sent "
+                           "before are new messages again rather than duplicates (e.g. to rerun fixtures/demo)")  # fmt: skip
+    send.add_argument("files", nargs="+", metavar="FILE|DIR").complete = shtab.FILE  # type: ignore[attr-defined]
     send.set_defaults(func=cmd_send)
 
     stats_p = with_config(sub.add_parser("stats", help="counts, outbox and API calls, from the database"))
@@ -724,6 +838,24 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--phi", action="store_true", help="show patient data unmasked")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_log_show)
+
+    reload_p = with_config(sub.add_parser("reload", help="reread the running service's configuration (SIGHUP)"))
+    reload_p.add_argument(
+        "--by", type=operator_name, metavar="NAME", help="who asks, for the audit log (default: the OS user)"
+    )
+    reload_p.set_defaults(func=cmd_reload)
+
+    dispatch = sub.add_parser("dispatch", help="act on the running service's dispatcher")
+    dispatch_sub = dispatch.add_subparsers(dest="dispatch_command", required=True)
+    now = with_config(dispatch_sub.add_parser("now", help="end the backoff: send what waits now (SIGUSR1)"))
+    now.add_argument(
+        "--by", type=operator_name, metavar="NAME", help="who asks, for the audit log (default: the OS user)"
+    )
+    now.set_defaults(func=cmd_dispatch_now)
+
+    completion = sub.add_parser("completion", help="print the shell completion script (see the README to install it)")
+    completion.add_argument("shell", choices=("bash", "zsh"))
+    completion.set_defaults(func=lambda args: print(shtab.complete(parser, shell=args.shell)) or 0)
     return parser
 
 

@@ -106,6 +106,8 @@ class ServiceConfig:
     ack_phi: bool = False
     retention_days: int = 0
     integrity_check: str = "quick"
+    #: Where ``serve`` keeps its pid for ``reload`` and ``dispatch now``; "" beside the SQLite log.
+    pid_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,7 @@ SERVICE_KEYS: dict[str, Check] = {
     "ack_phi": _bool,
     "retention_days": _int(0, 36500),
     "integrity_check": _choice("quick", "off"),
+    "pid_file": _str,
 }
 
 HEALTH_KEYS: dict[str, Check] = {

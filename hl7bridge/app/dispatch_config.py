@@ -337,7 +337,7 @@ def parse_sandbox(data: Any, problems: list[str]) -> SandboxConfig:
         problems.append("sandbox: expected a table")
         return SandboxConfig()
     _unknown(data, ("listen", "org_id", "tokens", "journeys", "faults", "control_token", "control_token_file",
-                    "allow_remote"), "sandbox", problems)  # fmt: skip
+                    "allow_remote", "state_file"), "sandbox", problems)  # fmt: skip
     tokens: dict[str, frozenset[str]] = {}
     for index, item in enumerate(data.get("tokens", [])):
         if not isinstance(item, dict) or not isinstance(item.get("token"), str) or not item["token"]:
@@ -377,5 +377,6 @@ def parse_sandbox(data: Any, problems: list[str]) -> SandboxConfig:
         problems.append("sandbox.control_token: must differ from every sandbox.tokens token (it opens /_sandbox/ only)")
     token_file = _str(data.get("control_token_file", SandboxConfig.control_token_file), "sandbox.control_token_file",
                       problems)  # fmt: skip
+    state_file = _str(data.get("state_file", SandboxConfig.state_file), "sandbox.state_file", problems)
     return SandboxConfig(listen, str(data.get("org_id", "")), tokens, tuple(journeys), faults, str(control),
-                         str(token_file), allow_remote is True)  # fmt: skip
+                         str(token_file), allow_remote is True, str(state_file))  # fmt: skip

@@ -138,7 +138,8 @@ class Service:
             except Exception as exc:  # noqa: BLE001 - CannotListenError, KeyError for systemd fds, ...
                 yield self.stop()
                 raise StartupError(
-                    f"listener {listener.name!r} cannot listen on {listener.endpoint}: {_why(exc)}"
+                    f"listener {listener.name!r} cannot listen on {listener.endpoint}: "
+                    f"{why_not_bound(exc, f'listeners.{listener.name}.endpoint (or serve --listen)')}"
                 ) from None
             self.factories.append(factory)
             self.ports.append(port)
@@ -229,7 +230,9 @@ class Service:
             self._health_port = yield endpoints.serverFromString(self.reactor, cfg.listen).listen(capped)
         except Exception as exc:  # noqa: BLE001 - port in use and the like
             yield self.stop()
-            raise StartupError(f"the health listener cannot listen on {cfg.listen}: {_why(exc)}") from None
+            raise StartupError(
+                f"the health listener cannot listen on {cfg.listen}: {why_not_bound(exc, 'health.listen')}"
+            ) from None
         log.info("health and metrics on http://%s/healthz, /status and /metrics", _describe(self._health_port))
 
     def _start_search_index(self) -> None:
@@ -314,6 +317,15 @@ class Service:
         self.config = replace(self.config, routes=config.routes, dispatch=config.dispatch)
         return needs_restart
 
+    def dispatch_now(self) -> None:
+        """SIGUSR1 (``hl7bridge dispatch now``): the dispatcher tries what waits now, a held queue's probe included;
+        the backoff in the log was ended by the command that sent the signal."""
+        if self.dispatcher is None:
+            log.warning("dispatch now: no dispatcher runs (no routes are configured)")
+            return
+        log.info("dispatch now: the dispatcher tries what waits")
+        self.dispatcher.dispatch_now()
+
     def addresses(self) -> list[str]:
         return [_describe(p) for p in self.ports]
 
@@ -380,7 +392,10 @@ class Service:
         try:
             yield self.sandbox.start()
         except Exception as exc:  # noqa: BLE001 - port in use, a remote interface not allowed, and the like
-            raise StartupError(f"the sandbox cannot start on {self.sandbox.listen_description}: {_why(exc)}") from None
+            raise StartupError(
+                f"the sandbox cannot start on {self.sandbox.listen_description}: "
+                f"{why_not_bound(exc, 'sandbox.listen (or serve --sandbox-listen)')}"
+            ) from None
         self.config = replace(cfg, api=replace(cfg.api, base_url=self.sandbox.url))
         log.info("sandbox Journeys API listening on %s", self.sandbox.url)
 
@@ -437,10 +452,12 @@ def _describe(port: IListeningPort) -> str:
     return str(host)
 
 
-def _why(exc: BaseException) -> str:
+def why_not_bound(exc: BaseException, setting: str) -> str:
+    """One line on why a port could not be bound; a conflict names the ``setting`` that chooses that port (each
+    listener has its own: pointing at ``--listen`` for the health port sent operators to the wrong one)."""
     text = str(exc)
     if "Address already in use" in text:
-        return "the port is already in use (another hl7bridge or program holds it; use --listen to pick another)"
+        return f"the port is already in use (another hl7bridge or program holds it; choose another with {setting})"
     if isinstance(exc, (KeyError, IndexError)) or "LISTEN_FDS" in text:
         return "no socket was passed by systemd (start it through hl7bridge.socket, or use a tcp: endpoint)"
     return text.strip().splitlines()[0] if text.strip() else exc.__class__.__name__

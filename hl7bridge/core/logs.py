@@ -1,7 +1,9 @@
 """The service log: JSON lines or journald-friendly text, message ids on every line about a message, no PHI.
 
 Lines about a message pass ``extra={"message_id": ..., "control_id": ...}``;
-both formats show them. Patient data only reaches the log through ``phi()``,
+lines about a command pass its ``command_id`` and its ``message_id`` too, the id
+``hl7bridge log show`` takes (a bare command id was read as a message's). Both
+formats show them by name. Patient data only reaches the log through ``phi()``,
 which masks it unless ``log_phi = true``. Whoever logs, every line is made
 safe by the formatter: each argument and context value is capped at
 ``MAX_ARG_CHARS``, the message at ``MAX_MESSAGE_CHARS``, bearer tokens are

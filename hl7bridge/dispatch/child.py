@@ -216,6 +216,8 @@ class Child:
     def handle(self, order: pipe.Order) -> None:
         if order.kind == pipe.WAKE:
             self.dispatcher.wake()
+        elif order.kind == pipe.NOW:
+            self.dispatcher.dispatch_now()
         elif order.kind in (pipe.COMMITTED, pipe.FAILED):
             self.writes.answered(order)
         elif order.kind == pipe.WAIT_FOR:

@@ -46,6 +46,12 @@ class Dispatcher(DispatchRules):
     def wake(self) -> None:
         self._wake.set()
 
+    def dispatch_now(self) -> None:
+        """``hl7bridge dispatch now``: a held or paused queue's probe goes at once, and what that command made due
+        in the log is sent on this pass."""
+        self._probe_at = 0.0
+        self.wake()
+
     def stop(self, deadline: float = 10.0) -> None:
         """Stop taking work, let calls under way finish (up to ``deadline`` s); the rest stays queued."""
         self._stopping.set()
@@ -119,7 +125,8 @@ class Dispatcher(DispatchRules):
         try:
             fn(arg)
         except Exception as exc:
-            log.exception("dispatch of command(s) %s failed unexpectedly", [c.id for c in cmds])
+            log.exception("dispatch of command_id(s) %s (message_id(s) %s) failed unexpectedly", [c.id for c in cmds],
+                          sorted({c.message_id for c in cmds}))  # fmt: skip
             error = f"internal error ({exc.__class__.__name__}); see the service log"
             attempt = {"call_id": str(uuid.uuid4()), "at": time.time(), "operation": "dispatch", "request_summary": "",
                        "status_code": None, "verdict": "internal", "response_body": "", "error": error,
@@ -132,7 +139,8 @@ class Dispatcher(DispatchRules):
             try:
                 self._apply(updates)
             except Exception:
-                log.exception("the outcome of command(s) %s could not be written", [c.id for c in cmds])
+                log.exception("the outcome of command_id(s) %s (message_id(s) %s) could not be written",
+                              [c.id for c in cmds], sorted({c.message_id for c in cmds}))  # fmt: skip
         finally:
             self._release(cmds)
             self.wake()

@@ -107,6 +107,9 @@ class DispatcherProcess:
         """From any thread (the writer's, after committing commands)."""
         self._send(pipe.WAKE_LINE)
 
+    def dispatch_now(self) -> None:
+        self._send(pipe.NOW_LINE)
+
     def wait_for(self, command_id: int, callback: Callable[[CommandUpdate], None]) -> None:
         self._waiters[command_id] = callback
         self._send(pipe.wait_for(command_id))

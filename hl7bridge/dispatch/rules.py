@@ -475,21 +475,32 @@ class DispatchRules:
             delay = max(delay, min(result.retry_after, self.settings.retry_max))
         # A refused connection, 408, 429 or 503 changed nothing; a timeout after sending might have.
         uncertain = cmd.uncertain or result is None or result.maybe_processed
-        retry_at = self.clock() + delay
+        if self.unavailable_reason is not None:
+            # Held, this command is the one probe of a down API: a call every probe_interval does not hammer it,
+            # while its backoff grown toward retry_max kept the backlog waiting long after the API was back.
+            delay = min(delay, max(self.settings.probe_interval, result.retry_after or 0.0 if result else 0.0))
+        now = self.clock()
+        retry_at = now + delay
         if self.unavailable_reason is not None:
             self._probe_at = retry_at  # the held queue's next probe: this command, when its backoff ends
-        return CommandUpdate(cmd.id, CommandStatus.PENDING, f"retrying in {delay:.1f} s: {messages}",
+        # A time, not "in 3.0 s": the outcome is read long after it is written ('log show' says when it is due).
+        failed_at = time.strftime("%H:%M:%S", time.localtime(now))
+        return CommandUpdate(cmd.id, CommandStatus.PENDING, f"retrying; the attempt at {failed_at} failed: {messages}",
                              next_attempt_at=retry_at, count_attempt=True, uncertain=uncertain)  # fmt: skip
 
     # -- recording -----------------------------------------------------------------------------
     def _apply(self, updates: list[CommandUpdate]) -> None:
         if not updates:
             return
-        for update in updates:
-            if update.status == CommandStatus.DEAD:
+        dead = [u.command_id for u in updates if u.status == CommandStatus.DEAD]
+        if dead:
+            with self.engine.connect() as conn:
+                owners = store.messages_of(conn, dead)
+            for command_id in dead:
                 self.observer.dead_letter()
-                log.warning("command dead-lettered (the reason is in 'hl7bridge log show')",
-                            extra={"command_id": update.command_id})  # fmt: skip
+                message_id = owners.get(command_id)
+                log.warning("command dead-lettered; 'hl7bridge log show %s' has the reason", message_id,
+                            extra={"message_id": message_id, "command_id": command_id})  # fmt: skip
         now = self.clock()
         size = self.settings.updates_per_write
         self._commit(*(store.OutboxWrite(now, updates=updates[i : i + size]) for i in range(0, len(updates), size)))

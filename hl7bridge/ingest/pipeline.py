@@ -243,7 +243,7 @@ class Pipeline:
 
         def committed(_result: Any, failure: BaseException | None) -> None:
             if failure is not None:
-                log.error("could not record the ACK of message %s: %s", message_id, failure)
+                log.error("could not record the ACK sent: %s", failure, extra={"message_id": message_id})
             self.reactor.callFromThread(_fire, recorded, ack.payload)
 
         self.writer.submit_job(Job(lambda conn: store.record_ack(conn, message_id, ack, status, error), committed))

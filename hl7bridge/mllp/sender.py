@@ -11,9 +11,9 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
+from hl7bridge.hl7 import charsets
+from hl7bridge.hl7.er7 import SEGMENT_SPLIT, Encoding, Er7Error, Segment, header_fields
 from hl7bridge.mllp.framing import MLLPReceiver, frame
-
-_MSA = re.compile(r"(?:^|[\r\n])MSA(.)([^\r\n]*)")
 
 
 @dataclass(frozen=True)
@@ -56,19 +56,56 @@ def _describe_failure(reason: Failure) -> str:
 
 
 def parse_ack(payload: bytes) -> tuple[str, str]:
-    """(MSA-1, MSA-3) of an acknowledgment; a batch answer reports its first non-AA code."""
-    text = payload.decode("utf-8", errors="replace")
-    codes = []
-    for sep, rest in _MSA.findall(text):
-        parts = rest.split(sep)
-        codes.append((parts[0] if parts else "", parts[2] if len(parts) > 2 else ""))
-    if not codes:
+    """(MSA-1, text) of an acknowledgment; a batch answer reports its first non-AA code.
+
+    The text is read by the ER7 reader as HL7 means it (``\\F\\`` is ``|``, ``\\.br\\`` a line break): MSA-3, else
+    ERR-8, the only place v2.7+ engines may put it. An operator read the escaped ACK text before."""
+    decoded = charsets.decode(payload)
+    enc = Encoding()
+    answers: list[list[str]] = []  # [MSA-1, text] per answer
+    for line in SEGMENT_SPLIT.split(decoded.text):
+        name = line[:3]
+        if name in ("MSH", "BHS", "FHS") and len(line) > 4:
+            try:
+                enc = Encoding.from_header(line[3], header_fields(line, line[3])[2])
+            except Er7Error:
+                enc = Encoding()
+        elif name == "MSA" and len(line) > 3:
+            segment = Segment(line, enc)
+            answers.append([segment.get(1), segment.get(3)])
+        elif name == "ERR" and answers and not answers[-1][1]:
+            answers[-1][1] = Segment(line, enc).get(8)
+    if not answers:
         return "??", "no MSA segment in the answer"
+    codes = [(code, text) for code, text in answers]
     bad = [c for c in codes if c[0] not in ("AA", "CA")]
     if len(codes) > 1:
         code, text = bad[0] if bad else codes[0]
         return code, f"batch of {len(codes)}: " + ", ".join(c for c, _ in codes) + (f" ({text})" if bad else "")
     return codes[0]
+
+
+def fresh_suffix(now: float) -> str:
+    """A control-id suffix for one run of ``send --fresh-ids``: the second it started, in base 36 (7 characters
+    with the dash, so a 13-character id still fits v2.3's 20)."""
+    digits, value = "", int(now)
+    while value:
+        value, rest = divmod(value, 36)
+        digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"[rest] + digits
+    return "-" + (digits or "0")
+
+
+def with_fresh_control_id(payload: bytes, suffix: str) -> bytes:
+    """The message (each one of a batch) with ``suffix`` after its MSH-10 control id: a resend of the same file
+    is a new message to the receiver, which answers a repeated control id as a duplicate."""
+    lines = re.split(rb"(\r\n|\r|\n)", payload)
+    for index, line in enumerate(lines):
+        if line.startswith(b"MSH") and len(line) > 3:
+            fields = line.split(line[3:4])
+            if len(fields) > 9:
+                fields[9] += suffix.encode("ascii")
+                lines[index] = line[3:4].join(fields)
+    return b"".join(lines)
 
 
 def client_endpoint_string(to: str | None, endpoint: str | None, connect_timeout: float) -> str:

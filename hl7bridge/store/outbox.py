@@ -133,6 +133,24 @@ def next_due(conn: Any) -> float | None:
     return conn.execute(_NEXT_DUE).scalar()
 
 
+def messages_of(conn: Any, command_ids: list[int]) -> dict[int, int]:
+    """The message id of each command (for log lines, which must name the id ``log show`` takes)."""
+    rows = conn.execute(select(commands.c.id, commands.c.message_id).where(commands.c.id.in_(command_ids)))
+    return {command_id: message_id for command_id, message_id in rows}
+
+
+def due_now(conn: Any, now: float) -> int:
+    """End every open command's backoff: each is due at ``now`` (per-appointment order still holds). Returns how
+    many were waiting. For when the cause of the failures is known to be gone: the API answers again after
+    an outage, or an operator says so (``hl7bridge dispatch now``)."""
+    return conn.execute(
+        commands.update()
+        .where(commands.c.status.in_(OPEN_STATUSES))
+        .where(commands.c.next_attempt_at > now)
+        .values(next_attempt_at=now)
+    ).rowcount
+
+
 def open_cancels(conn: Any, keys: list[str]) -> dict[str, int]:
     """The first open cancel command of each appointment (for annihilating unsent triggers)."""
     found: dict[str, int] = {}

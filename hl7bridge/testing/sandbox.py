@@ -122,6 +122,9 @@ class SandboxConfig:
     control_token: str = field(default="", repr=False)
     control_token_file: str = "var/sandbox-control.token"
     allow_remote: bool = False
+    #: The journey instances, kept from one run to the next (0600): the bridge's log remembers what it
+    #: started, so a sandbox that forgot it at each restart contradicted the log. "": kept in memory only.
+    state_file: str = "var/sandbox-state.json"
 
 
 @dataclass
@@ -654,8 +657,9 @@ class Sandbox:
     """The sandbox server: bind, stop, and close the port for "refuse" outages."""
 
     def __init__(self, reactor: Any, listen: str, state: SandboxState, allow_remote: bool = False,
-                 control_token_file: str = "", token_generated: bool = True) -> None:  # fmt: skip
+                 control_token_file: str = "", token_generated: bool = True, state_file: str = "") -> None:  # fmt: skip
         self.reactor = reactor
+        self.state_file = state_file
         self.listen_description = listen
         self.allow_remote = allow_remote
         self.control_token_file = control_token_file
@@ -674,7 +678,7 @@ class Sandbox:
         state = SandboxState(cfg.org_id or org_id, dict(cfg.tokens), {j.chat_bot_id: j for j in cfg.journeys},
                              replace(cfg.faults), cfg.control_token or secrets.token_urlsafe(32))  # fmt: skip
         return cls(reactor, listen or cfg.listen, state, cfg.allow_remote, cfg.control_token_file,
-                   token_generated=not cfg.control_token)  # fmt: skip
+                   token_generated=not cfg.control_token, state_file=cfg.state_file)  # fmt: skip
 
     @defer.inlineCallbacks
     def start(self):
@@ -686,6 +690,7 @@ class Sandbox:
             except OSError as exc:
                 raise OSError(f"cannot write the control token to {self.control_token_file}: {exc.strerror or exc} "
                               "(set sandbox.control_token_file, or \"\" to only log it)") from None  # fmt: skip
+        self._load()
         endpoint = endpoints.serverFromString(self.reactor, description)
         self.port = yield endpoint.listen(self.site)
         if remote:
@@ -717,4 +722,29 @@ class Sandbox:
         d.addCallback(lambda _: self.reactor.callLater(seconds, reopen))
 
     def stop(self) -> defer.Deferred:
-        return defer.maybeDeferred(self.port.stopListening) if self.port else defer.succeed(None)
+        """Close the port and keep the instances for the next run (``state_file``)."""
+        port = self.port
+        if port is None:
+            return defer.succeed(None)
+        if self.state_file:
+            try:
+                write_secret(self.state_file, json.dumps({"instances": list(self.state.instances.values())}))
+            except OSError as exc:
+                log.error("the sandbox's instances could not be kept in %s: %s", self.state_file, exc.strerror or exc)
+        return defer.maybeDeferred(port.stopListening)
+
+    def _load(self) -> None:
+        """The instances a previous run kept; an unreadable file is set aside (logged), never fatal."""
+        path = Path(self.state_file) if self.state_file else None
+        if path is None or not path.exists():
+            return
+        try:
+            kept = json.loads(path.read_text(encoding="utf-8"))["instances"]
+            for instance in kept:
+                self.state.add(instance)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.state.clear()
+            log.error("the sandbox's kept instances in %s are unreadable (%s); starting without them", path,
+                      exc.__class__.__name__)  # fmt: skip
+            return
+        log.info("sandbox: %d journey instance(s) kept from the previous run (%s)", len(kept), path)
