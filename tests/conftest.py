@@ -62,7 +62,7 @@ class RunningService:
         return result
 
     def log(self, *args: str) -> list[dict]:
-        return json.loads(self.cli("log", "list", "--json", "--limit", "100000", *args).stdout)
+        return json.loads(self.cli("log", "list", "--json", "--limit", "100000", *args).stdout)["messages"]
 
     def stop(self) -> str:
         if self.process.poll() is None:

@@ -280,7 +280,7 @@ def test_bad_input_is_one_line_and_exit_2(setting: Setting) -> None:
 def test_log_list_shows_and_filters_messages_with_a_dead_letter(setting: Setting) -> None:
     dead_message = commands_of(setting.service, "DL-2")[0]["message_id"]
     cancel_message = commands_of(setting.service, "DL-3C")[0]["message_id"]
-    listed = json.loads(cli(setting, "log", "list", "--status", "dead", "--json").stdout)
+    listed = json.loads(cli(setting, "log", "list", "--status", "dead", "--json").stdout)["messages"]
     ids = [m["id"] for m in listed]
     assert dead_message in ids and cancel_message not in ids
     assert all(m["dead_letters"] >= 1 for m in listed)

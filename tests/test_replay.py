@@ -8,6 +8,7 @@ the sandbox (its own process, over HTTP) shows what was triggered.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -133,8 +134,13 @@ def test_rejected_message_is_replayed_once_the_config_is_fixed(setting: Setting,
     service, original = setting.service, setting.noname_id
     messages_before = len(query(service, "SELECT id FROM messages"))
 
-    # Dry run: the exact call, and nothing written or sent.
-    dry = replay(setting, "--status", "rejected", "--dry-run")
+    # Dry run: the exact call (patient data masked unless --phi), and nothing written or sent.
+    masked = replay(setting, "--status", "rejected", "--dry-run")
+    assert masked.returncode == 0, masked.stderr
+    assert f"calls as they would go to {sandbox.url} (where the service started at " in masked.stdout
+    assert "/instances/bulk " in masked.stdout and '"patientId": "M***"' in masked.stdout
+    assert "MRN100" not in masked.stdout and "5550101" not in masked.stdout
+    dry = replay(setting, "--status", "rejected", "--dry-run", "--phi")
     assert dry.returncode == 0, dry.stderr
     assert re.search(rf"^\[\d+/\d+\] message {original} \(S12 RP-NONAME\): would make:$", dry.stdout, re.M)
     _, body = bulk_line(sandbox, dry.stdout, "A-RP-NONAME")
@@ -152,6 +158,8 @@ def test_rejected_message_is_replayed_once_the_config_is_fixed(setting: Setting,
     assert done.returncode == 0, done.stderr
     (new,) = replays_of(service, original)
     assert f"message {original} (S12 RP-NONAME): replayed as message {new['id']} (1 command(s) queued)" in done.stdout
+    assert "[1/1] 1 replayed (1 command(s) queued), 0 superseded, 0 not replayable" in done.stderr
+    assert "\r" not in done.stderr  # not a terminal: no progress line, the summary only
     assert new["status"] == "accepted" and new["control_id"] == "RP-NONAME" and new["peer"] == "replay"
     found = wait_until(lambda: sandbox.instances(appointmentId="A-RP-NONAME"), message="the replayed journey")
     assert found[0]["parameters"] == expected_parameters("A-RP-NONAME", name="Valued Patient")
@@ -179,7 +187,7 @@ def test_dead_lettered_message_is_replayed_by_id(setting: Setting, sandbox: Runn
     (dead,) = commands_of_message(service, original)
     assert dead["status"] == "dead"
 
-    dry = replay(setting, str(original), "--dry-run")
+    dry = replay(setting, str(original), "--dry-run", "--phi")
     assert dry.returncode == 0, dry.stderr
     _, body = bulk_line(sandbox, dry.stdout, "A-RP-NOPHONE")
     assert body["instances"] == [{"parameters": expected_parameters("A-RP-NOPHONE", phone="5550000")}]
@@ -242,3 +250,95 @@ def test_replayed_booking_of_a_since_cancelled_appointment_starts_no_journey(
     (dead,) = commands_of_message(service, original)
     assert dead["status"] == "dead"  # left as it was: not marked replayed
     assert sandbox.instances(appointmentId="A-RP-STALE") == []
+
+
+EDITOR = """
+import os, sys
+path = sys.argv[1]
+with open(os.environ["EDIT_SEEN"], "a") as seen:
+    seen.write(f"{path} {os.stat(path).st_mode & 0o777:o}\\n")
+text = open(path).read()
+open(path, "w").write({action})
+"""
+
+
+def editor(tmp_path: Path, name: str, action: str) -> dict[str, str]:
+    script = tmp_path / f"{name}.py"
+    script.write_text(EDITOR.replace("{action}", action), encoding="utf-8")
+    return {"EDITOR": f"{sys.executable} {script}", "EDIT_SEEN": str(tmp_path / "seen.txt")}
+
+
+def replay_with(setting: Setting, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "hl7bridge", "replay", *args, "--config", str(setting.fixed_config),
+           "--database", setting.service.url]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=setting.workdir,
+                          env={**os.environ, **env})  # fmt: skip
+
+
+def audit_rows(service: RunningService) -> list[dict]:
+    return query(service, "SELECT * FROM audit WHERE action = 'replay' ORDER BY id")
+
+
+def test_replay_edit_runs_the_edited_copy_as_a_new_message(setting: Setting, tmp_path: Path) -> None:
+    service = setting.service
+    assert segments(service.request(siu("S12", "RP-EDIT", "A-RP-EDIT", START, family="MISSPELT")))["MSA"][1] == "AA"
+    original = message_row(service, "RP-EDIT")
+    env = editor(tmp_path, "fix", 'text.replace("MISSPELT", "CORRECTED")')
+    done = replay_with(setting, env, str(original["id"]), "--edit", "--by", "erin")
+    assert done.returncode == 0, done.stderr
+    (new,) = replays_of(service, original["id"])
+    assert "from the edited copy" in done.stdout and f"replayed as message {new['id']}" in done.stdout
+    assert b"CORRECTED^ALICE" in new["raw"] and b"MISSPELT" not in new["raw"] and new["raw"].count(b"\r") == 4
+    assert message_row(service, "RP-EDIT")["raw"] == original["raw"]  # the original never changes
+    [(path, mode)] = [line.split() for line in (tmp_path / "seen.txt").read_text().splitlines()]
+    assert mode == "600" and not Path(path).exists()
+    entry = audit_rows(service)[-1]
+    assert entry["actor"] == "erin" and json.loads(entry["ids"]) == [original["id"], new["id"]]
+    assert json.loads(entry["details"]) == {"edited": True}
+
+
+@pytest.mark.parametrize(("action", "says"), [("text", "was left unchanged"), ('""', "is empty")])
+def test_replay_edit_left_unchanged_or_emptied_does_nothing(
+    setting: Setting, tmp_path: Path, action: str, says: str
+) -> None:
+    service = setting.service
+    control = f"RP-KEEP-{len(action)}"
+    assert segments(service.request(siu("S12", control, f"A-{control}", START)))["MSA"][1] == "AA"
+    original = message_row(service, control)
+    before = (query(service, "SELECT count(*) AS n FROM messages")[0]["n"], len(audit_rows(service)))
+    result = replay_with(setting, editor(tmp_path, "keep", action), str(original["id"]), "--edit")
+    assert result.returncode == 0 and "nothing done: " in result.stderr and says in result.stderr, result.stderr
+    assert (query(service, "SELECT count(*) AS n FROM messages")[0]["n"], len(audit_rows(service))) == before
+    [(path, _mode)] = [line.split() for line in (tmp_path / "seen.txt").read_text().splitlines()]
+    assert not Path(path).exists()
+
+
+def test_replay_edit_needs_one_id_and_an_editor(setting: Setting) -> None:
+    many = replay_with(setting, {}, "1", "2", "--edit")
+    assert many.returncode == 2 and "--edit replays one message" in many.stderr
+    none = replay_with(setting, {"EDITOR": ""}, str(setting.noname_id), "--edit")
+    assert none.returncode == 2 and "set EDITOR" in none.stderr
+
+
+def test_dry_run_names_the_url_the_service_dispatches_to(sandbox: RunningSandbox, tmp_path: Path) -> None:
+    """Started with --api-url, the service dispatches elsewhere than the config says; replay must know."""
+    config = service_toml("http://127.0.0.1:9")
+    service = start_service(tmp_path, config, env=TOKEN, extra=["--api-url", sandbox.url])
+    try:
+        assert segments(service.request(siu("S15", "RP-URL", "A-RP-URL", None)))["MSA"][1] == "AA"
+        original = message_row(service, "RP-URL")["id"]
+        cmd = [sys.executable, "-m", "hl7bridge", "replay", str(original), "--config", str(service.config),
+               "--database", service.url]  # fmt: skip
+        dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert dry.returncode == 0, dry.stderr
+        assert f"calls as they would go to {sandbox.url} (where the service started at" in dry.stdout
+        assert "127.0.0.1:9/" not in dry.stdout and f"POST {sandbox.url}/" in dry.stdout
+        assert '"A-RP-URL"' not in dry.stdout and '"A***"' in dry.stdout  # the identifiers searched for, masked
+        done = subprocess.run([*cmd, "--by", "sam"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        (new,) = replays_of(service, original)
+        (entry,) = audit_rows(service)
+        assert entry["actor"] == "sam" and json.loads(entry["ids"]) == [original, new["id"]]
+        assert json.loads(entry["details"]) == {"edited": False}
+    finally:
+        service.stop()

@@ -19,7 +19,7 @@ import shtab
 
 from hl7bridge import __version__
 from hl7bridge.app.config import Config, ConfigError, load
-from hl7bridge.core.logs import cap, escape, masked
+from hl7bridge.core.logs import cap, escape, masked_summary
 from hl7bridge.core.status import CommandStatus, MessageStatus
 
 EXIT_USAGE = 2
@@ -30,7 +30,6 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 #: SQLite's INTEGER range, for ids and counts given on the command line.
 INT64_MAX = 2**63 - 1
 MAX_DURATION = 100 * 366 * 86400.0
-PHI_KEYS = ("patient_ids", "names", "telecoms", "birth_date", "patient_phone", "patient_email")
 
 
 class CliError(Exception):
@@ -374,14 +373,19 @@ def _when(ts: float) -> str:
 
 
 def cmd_log_list(args: argparse.Namespace) -> int:
-    from hl7bridge.store import list_messages
+    from hl7bridge.app.cli_search import filters_from, more_line
+    from hl7bridge.workflow.search import SearchError, search
 
     since = time.time() - parse_duration(args.since) if args.since else None
-    rows = list_messages(_engine(args), args.status, since, args.event, args.limit)
+    try:
+        page = search(_engine(args), filters_from(args, since), args.before, args.limit)
+    except SearchError as exc:
+        raise CliError(str(exc)) from None
+    rows = page.rows
     if args.json:
         for r in rows:
             r["received_at"] = _when(r["received_at"])
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        print(json.dumps(page.as_json(), indent=2, ensure_ascii=False))
         return 0
     header = ("ID", "RECEIVED", "LISTENER", "PEER", "SENDER", "CONTROL ID", "EVENT", "VER", "ACK", "STATUS", "DETAIL")
     table = [header]
@@ -406,19 +410,9 @@ def cmd_log_list(args: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
     if len(rows) == 0:
         print("(no messages match)", file=sys.stderr)
+    if page.more:
+        print(more_line(page.next_before), file=sys.stderr)
     return 0
-
-
-def mask(value: Any) -> Any:
-    """The summary's patient data masked as the log masks it, leaving the codes that say what a value is."""
-    if isinstance(value, str):
-        return masked(value)
-    if isinstance(value, list):
-        return [mask(v) for v in value]
-    if isinstance(value, dict):
-        return {k: (mask(v) if k not in ("type_code", "use", "equipment", "source", "name_type") else v)
-                for k, v in value.items()}  # fmt: skip
-    return value
 
 
 def cmd_log_show(args: argparse.Namespace) -> int:
@@ -430,9 +424,7 @@ def cmd_log_show(args: argparse.Namespace) -> int:
         raise CliError(f"no message with id {args.id} (see 'hl7bridge log list')")
     summary = json.loads(row["summary"]) if row["summary"] else None
     if summary and not args.phi:
-        for key in PHI_KEYS:
-            if key in summary:
-                summary[key] = mask(summary[key])
+        summary = masked_summary(summary)
     charset = row["charset"] or "utf-8"
     raw, ack = row.pop("raw"), row.pop("ack_raw")
     row["received_at"] = _when(row["received_at"])
@@ -563,50 +555,36 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_log_export(args: argparse.Namespace) -> int:
+    from hl7bridge.app.cli_search import ExportRefused, export, filters_from
+    from hl7bridge.workflow.search import SearchError
+
+    if not args.since:
+        raise CliError("say which window to export: --since 7d (with any of log list's filters)")
+    filters = filters_from(args, time.time() - parse_duration(args.since))
+    try:
+        return export(args, _engine(args), actor(args), filters)
+    except (SearchError, ExportRefused) as exc:
+        raise CliError(str(exc)) from None
+
+
 # --- replay -------------------------------------------------------------------------------------
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from hl7bridge.app.replay import Replayer
-    from hl7bridge.store import messages_for_replay
+    from hl7bridge.app import cli_replay
 
     if not args.ids and not args.status:
         raise CliError("name message ids, or choose with --status dead|rejected|failed [--since 2h] [--event S12]")
     if args.ids and (args.status or args.since or args.event):
         raise CliError("give message ids or a selection (--status/--since/--event), not both")
-    cfg = _config(args)
-    engine = _engine(args)
+    if args.edit and len(args.ids) != 1:
+        raise CliError("--edit replays one message: name its id (hl7bridge replay ID --edit)")
     since = time.time() - parse_duration(args.since) if args.since else None
-    originals = messages_for_replay(engine, args.ids or None, args.status, since, args.event)
-    if args.ids:
-        missing = sorted(set(args.ids) - {m["id"] for m in originals})
-        if missing:
-            raise CliError(f"no message with id {', '.join(map(str, missing))} (see 'hl7bridge log list')")
-    if not originals:
-        print("nothing to replay: no message matches", file=sys.stderr)
-        return 0
-    replayer = Replayer(engine, cfg)
-    total, queued, problems, skipped = len(originals), 0, 0, 0
-    for number, original in enumerate(originals, 1):
-        result = replayer.replay(original, args.dry_run)
-        prefix = escape(
-            f"[{number}/{total}] message {original['id']} ({original['event'] or '?'} {original['control_id']})"
-        )
-        if result.problem:
-            skipped += 1 if result.skipped else 0
-            problems += 0 if result.skipped else 1
-            print(f"{prefix}: {escape(result.problem)}")
-        elif args.dry_run:
-            print(f"{prefix}: would make:")
-            for call in result.calls:
-                print(f"    {escape(str(call))}")
-        else:
-            queued += result.commands
-            print(f"{prefix}: replayed as message {result.new_message_id} ({result.commands} command(s) queued)")
-    if not args.dry_run:
-        print(f"{queued} command(s) queued from {total - problems - skipped} message(s); the running service dispatches them "
-              "(follow with 'hl7bridge log show ID')", file=sys.stderr)  # fmt: skip
-    return 1 if problems and problems == total - skipped else 0
+    try:
+        return cli_replay.run(args, _config(args), _engine(args), actor(args), since)
+    except cli_replay.ReplayRefused as exc:
+        raise CliError(str(exc)) from None
 
 
 # --- dead-letters -------------------------------------------------------------------------------
@@ -780,14 +758,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     purge_p.set_defaults(func=cmd_purge)
 
+    from hl7bridge.app.cli_replay import add_replay_options
+    from hl7bridge.app.cli_search import add_export_parser, add_filters
+
     replay = with_config(sub.add_parser("replay", help="run logged messages again through mapping and dispatch"))
     replay.add_argument("ids", nargs="*", type=whole_number(1), metavar="ID")
     replay.add_argument("--status", choices=(CommandStatus.DEAD.value, MessageStatus.REJECTED.value, CommandStatus.FAILED.value),
                         help="messages that were rejected, or whose commands were dead-lettered or failed")  # fmt: skip
     replay.add_argument("--since", metavar="DURATION", help="only messages received within, e.g. 2h")
     replay.add_argument("--event", metavar="S12")
-    replay.add_argument("--dry-run", action="store_true", help="print the exact API calls instead")
-    replay.set_defaults(func=cmd_replay)
+    replay.add_argument(
+        "--dry-run", action="store_true", help="print the exact API calls instead (patient data masked)"
+    )
+    add_replay_options(replay, cmd_replay)
 
     dead = sub.add_parser(
         "dead-letters", help="commands the API refused or that were given up on: list, retry, discard"
@@ -843,13 +826,12 @@ def build_parser() -> argparse.ArgumentParser:
     log = sub.add_parser("log", help="look into the message log")
     log_sub = log.add_subparsers(dest="log_command", required=True)
     lst = with_config(log_sub.add_parser("list", help="recent messages, newest first"))
-    lst.add_argument("--status", choices=[*(status.value for status in MessageStatus), CommandStatus.DEAD.value],
-                     help="a message's status, or dead: messages with an open dead letter")  # fmt: skip
-    lst.add_argument("--since", metavar="DURATION", help="e.g. 30m, 12h, 7d")
-    lst.add_argument("--event", metavar="S12")
-    lst.add_argument("--limit", type=whole_number(1), default=50)
+    add_filters(lst)
+    lst.add_argument("--before", type=whole_number(1), metavar="ID", help="the page after the one ending at this id")
+    lst.add_argument("--limit", type=whole_number(1, 100_000), default=50)
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_log_list)
+    add_export_parser(log_sub, with_config, cmd_log_export)
     show = with_config(log_sub.add_parser("show", help="one message in full"))
     show.add_argument("id", type=whole_number(1))
     show.add_argument("--raw", action="store_true", help="include the raw message (PHI)")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -19,6 +20,7 @@ from sqlalchemy.engine import Engine
 from hl7bridge import store
 from hl7bridge.app.config import Config, ListenerConfig
 from hl7bridge.app.dispatch_config import router
+from hl7bridge.core.logs import masked
 from hl7bridge.dispatch.journeys import JourneysClient
 from hl7bridge.hl7.ack import AckBuilder
 from hl7bridge.ingest.intake import Intake
@@ -35,22 +37,64 @@ class ReplayResult:
     skipped: bool = False
 
 
+@dataclass(frozen=True)
+class DispatchTarget:
+    """The base URL replayed commands go to, and why that one."""
+
+    base_url: str
+    #: When the service recorded it at its start (epoch seconds); None: the config's ``api.base_url``.
+    recorded_at: float | None = None
+
+    def describe(self) -> str:
+        if self.recorded_at is None:
+            return f"{self.base_url} (api.base_url; no service has recorded where it dispatches)"
+        since = datetime.fromtimestamp(self.recorded_at).astimezone().isoformat(timespec="seconds")
+        return f"{self.base_url} (where the service started at {since} dispatches)"
+
+
+def dispatch_target(engine: Engine, config: Config) -> DispatchTarget:
+    """Where the service dispatches: recorded by it at start, since ``--sandbox`` and ``--api-url`` replace the
+    config's URL; the config's when no service has recorded one."""
+    with engine.connect() as conn:
+        url, at = store.get_meta(conn, store.DISPATCH_URL_KEY), store.get_meta(conn, store.DISPATCH_URL_AT_KEY)
+    if not url:
+        return DispatchTarget(config.api.base_url)
+    try:
+        return DispatchTarget(url, float(at or 0.0))
+    except ValueError:
+        return DispatchTarget(url, 0.0)
+
+
 class Replayer:
-    def __init__(self, engine: Engine, config: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        config: Config,
+        clock: Callable[[], float] = time.time,
+        actor: str = "",
+        phi: bool = False,
+    ) -> None:
         self.engine = engine
         self.config = config
         self.clock = clock
         self.router = router(config.routes, config.dispatch)
-        api = config.api
+        self.target = dispatch_target(engine, config)
+        api = replace(config.api, base_url=self.target.base_url)
         self.client = JourneysClient(api, api.tokens())
         self.acks = AckBuilder(config.service.application, config.service.facility)
+        #: Who replays, for the audit log; the dry run's calls show patient data only with ``phi``.
+        self.actor = actor
+        self.phi = phi
 
     def _listener(self, name: str) -> ListenerConfig:
         return next((lst for lst in self.config.listeners if lst.name == name), self.config.listeners[0])
 
-    def replay(self, original: dict[str, Any], dry_run: bool) -> ReplayResult:
+    def replay(self, original: dict[str, Any], dry_run: bool, edited: bytes | None = None) -> ReplayResult:
+        """Run the original again, or ``edited`` (an operator's corrected copy) in its place; the original row
+        never changes. A replay that is done is audited in the same transaction."""
         result = ReplayResult(original["id"])
-        if original["raw"] is None:
+        raw = edited if edited is not None else original["raw"]
+        if raw is None:
             result.problem = "the raw message was purged by retention; it cannot be replayed"
             return result
         if self.router is None:
@@ -64,7 +108,7 @@ class Replayer:
             return result
         listener = self._listener(original["listener"])
         intake = Intake(listener.feed(), self.acks, listener.charset_fallback, self.router, listener.name)
-        received = intake.read_frame(original["raw"]).messages[0]
+        received = intake.read_frame(raw).messages[0]
         if received.problem is not None and not received.commands:
             result.problem = f"still not dispatchable: {received.problem.describe()}"
             return result
@@ -77,13 +121,15 @@ class Replayer:
                 result.calls.extend(self.describe(command))
             return result
         row = received.row(original["listener"], "replay", self.clock())
-        result.new_message_id = store.record_replay(self.engine, original, row, received.commands)
+        entry = store.AuditEntry(self.actor, "cli", "replay", "message", details={"edited": edited is not None})
+        result.new_message_id = store.record_replay(self.engine, original, row, received.commands, entry)
         return result
 
     def describe(self, command: dict[str, Any]) -> list[str]:
         """The API calls a command would make now, given what the bridge remembers of the appointment."""
         params = json.loads(command["parameters"])
         identifiers = json.loads(command["identifiers"])
+        shown_params, shown_ids = (params, identifiers) if self.phi else (_masked(params), _masked(identifiers))
         bot, kind = command["chat_bot_id"], command["kind"]
         memory = store.appointment_state(self.engine, command["appointment_key"])
         active = memory is not None and memory.state == "active"
@@ -93,12 +139,19 @@ class Replayer:
             return ["no call: already triggered with these parameters"]
         calls = []
         if kind == CANCEL or kind in (RESCHEDULE, MODIFY) or (kind == BOOK and active):
-            calls.append(_render(*self.client.search_request(bot, identifiers)))
+            calls.append(_render(*self.client.search_request(bot, shown_ids)))
             method, url, body = self.client.cancel_request(bot, "__id__")
             calls.append(_render(method, url.replace("__id__", "{id}"), body) + "   (for each active instance found)")
         if kind != CANCEL:
-            calls.append(_render(*self.client.trigger_request(bot, command["flow_id"], command["time_zone"], [params])))
+            calls.append(
+                _render(*self.client.trigger_request(bot, command["flow_id"], command["time_zone"], [shown_params]))
+            )
         return calls
+
+
+def _masked(values: dict[str, Any]) -> dict[str, Any]:
+    """Journey parameters masked: any of them may be patient data (the routes decide what they carry)."""
+    return {k: masked(v) if isinstance(v, str) else v for k, v in values.items()}
 
 
 def _render(method: str, url: str, body: Any) -> str:

@@ -32,19 +32,25 @@ from hl7bridge.ops.health import HealthResource, HealthState, Probes
 from hl7bridge.ops.metrics import Metrics
 from hl7bridge.store import (
     DAMAGED_HINT,
+    DISPATCH_URL_AT_KEY,
+    DISPATCH_URL_KEY,
     Job,
     PurgeCounts,
     StoreError,
     Writer,
     compact,
+    index_step,
     integrity_problem,
     loose_directory,
     open_engine,
     purge_step,
+    set_meta,
 )
 from hl7bridge.testing.sandbox import Sandbox
 from hl7bridge.workflow.status import ListenerFacts
 
+#: Messages per search-index job (``store.index_step``).
+SEARCH_INDEX_BATCH = 100
 log = logging.getLogger("hl7bridge.service")
 #: Descriptors the service holds besides connections: database files, pipes, the reactor, the API client.
 DESCRIPTOR_BASE = 128
@@ -140,6 +146,7 @@ class Service:
             log.info("listener %s listening on %s", listener.name, _describe(port))
         yield self._start_health()
         self._start_retention()
+        self._start_search_index()
 
     @defer.inlineCallbacks
     def _check_log(self):
@@ -227,6 +234,34 @@ class Service:
                 f"the health listener cannot listen on {cfg.listen}: {why_not_bound(exc, 'health.listen')}"
             ) from None
         log.info("health and metrics on http://%s/healthz, /status and /metrics", _describe(self._health_port))
+
+    def _start_search_index(self) -> None:
+        """Every second, the messages logged since are added to the search index, in writer jobs of
+        ``SEARCH_INDEX_BATCH`` (about a millisecond each, so no message waits long behind one)."""
+        busy = False
+
+        def step_done(indexed: int | None, error: BaseException | None) -> None:
+            self.reactor.callFromThread(after_step, indexed, error)
+
+        def after_step(indexed: int | None, error: BaseException | None) -> None:
+            nonlocal busy
+            busy = False
+            if error is not None:
+                log.error("search index: %s", error)
+            elif indexed == SEARCH_INDEX_BATCH:
+                tick()
+
+        def tick() -> None:
+            nonlocal busy
+            if busy or self.writer is None:
+                return
+            busy = True
+            self.writer.submit_job(Job(lambda conn: index_step(conn, SEARCH_INDEX_BATCH), step_done))
+
+        loop = task.LoopingCall(tick)
+        loop.clock = self.reactor
+        loop.start(1.0, now=True)
+        self._loops.append(loop)
 
     def _start_retention(self) -> None:
         days = self.config.service.retention_days
@@ -385,6 +420,9 @@ class Service:
             self.dispatcher = Dispatcher(self.engine, self.writer, client, dispatch, observer=self.metrics)
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
+        with self.engine.begin() as conn:
+            set_meta(conn, DISPATCH_URL_KEY, api.base_url)
+            set_meta(conn, DISPATCH_URL_AT_KEY, repr(time.time()))
         if sandbox_token:
             log.warning("dispatching to the built-in sandbox at %s (org %s) with the sandbox's own token; nothing "
                         "reaches MedChat", api.base_url, api.org_id)  # fmt: skip

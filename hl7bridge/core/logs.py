@@ -20,6 +20,7 @@ import re
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 CONTEXT_FIELDS = ("message_id", "control_id", "command_id", "listener", "peer")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
@@ -36,6 +37,28 @@ _log_phi = False
 def masked(text: str) -> str:
     """Patient data shown masked: its first character, enough to tell two values apart in a listing."""
     return text[:1] + "***" if text else text
+
+
+#: The parsed summary's keys that hold patient data.
+PHI_KEYS = ("patient_ids", "names", "telecoms", "birth_date", "patient_phone", "patient_email")
+#: Keys inside those values that say what a value is (codes), not who: left unmasked.
+_CODE_KEYS = ("type_code", "use", "equipment", "source", "name_type")
+
+
+def mask(value: Any) -> Any:
+    """Patient data masked as the log masks it, leaving the codes that say what a value is."""
+    if isinstance(value, str):
+        return masked(value)
+    if isinstance(value, list):
+        return [mask(v) for v in value]
+    if isinstance(value, dict):
+        return {k: (mask(v) if k not in _CODE_KEYS else v) for k, v in value.items()}
+    return value
+
+
+def masked_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a message's parsed summary with its patient data masked."""
+    return {k: (mask(v) if k in PHI_KEYS else v) for k, v in summary.items()}
 
 
 def phi(value: object) -> str:

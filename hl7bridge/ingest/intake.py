@@ -19,7 +19,7 @@ from hl7bridge.hl7.er7 import DEFAULT_ENCODING, SEGMENT_SPLIT, Encoding, Er7Erro
 from hl7bridge.hl7.problems import APPLICATION_INTERNAL_ERROR, REQUIRED_FIELD_MISSING, SEGMENT_SEQUENCE_ERROR, Problem
 from hl7bridge.hl7.siu import AppointmentEvent, Feed, Header, MessageRejected, read_event
 from hl7bridge.mapping.routing import Router
-from hl7bridge.store import command_values
+from hl7bridge.store import command_values, search_terms
 
 
 @dataclass(slots=True)
@@ -50,6 +50,9 @@ class Received:
     def row(self, listener: str, peer: str, received_at: float) -> dict:
         h = self.header
         event = self.event
+        summary = event.summary() if event else None
+        terms, words = search_terms(h.control_id if h else None, h.sender[0] if h else None, h.sender[1] if h else None,
+                                    summary)  # fmt: skip
         return {
             "received_at": received_at,
             "listener": listener,
@@ -67,7 +70,7 @@ class Received:
             "route": self.route,
             "note": self.note,
             "replay_of": None,
-            "summary": orjson.dumps(event.summary()).decode() if event else None,
+            "summary": orjson.dumps(summary).decode() if summary is not None else None,
             "ack_code": self.ack.code if self.ack else None,
             "ack_text": self.ack.text if self.ack else None,
             "ack_raw": self.ack.payload if self.ack else None,
@@ -75,6 +78,8 @@ class Received:
             "error": self.problem.text if self.problem else None,
             "error_location": self.problem.location if self.problem else None,
             "duplicate_of": None,
+            "search_terms": terms,
+            "search_text": words,
         }
 
 

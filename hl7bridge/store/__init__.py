@@ -40,10 +40,13 @@ from .queries import (
     open_dead_letters,
     record_replay,
     stats,
+    with_status,
 )
 from .retention import PurgeCounts, compact, due_for_purge, purge, purge_step
 from .schema import (
     DAMAGED_HINT,
+    DISPATCH_URL_AT_KEY,
+    DISPATCH_URL_KEY,
     SCHEMA_VERSION,
     StoreError,
     appointments,
@@ -51,18 +54,25 @@ from .schema import (
     audit_log,
     commands,
     damaged,
+    get_meta,
     heartbeat,
+    index_step,
     integrity_problem,
     loose_directory,
     messages,
     meta,
     metadata,
     open_engine,
+    search_keys,
+    search_terms,
+    set_meta,
 )
 from .writer import Job, Writer
 
 __all__ = [
     "DAMAGED_HINT",
+    "DISPATCH_URL_AT_KEY",
+    "DISPATCH_URL_KEY",
     "LIST_COLUMNS",
     "SCHEMA_VERSION",
     "AppointmentRow",
@@ -95,7 +105,9 @@ __all__ = [
     "due_heads",
     "due_now",
     "get_message",
+    "get_meta",
     "heartbeat",
+    "index_step",
     "integrity_problem",
     "last_message_at",
     "later_message",
@@ -116,5 +128,9 @@ __all__ = [
     "purge_step",
     "record_ack",
     "record_replay",
+    "search_keys",
+    "search_terms",
+    "set_meta",
     "stats",
+    "with_status",
 ]

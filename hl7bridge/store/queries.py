@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import (
@@ -15,6 +16,8 @@ from sqlalchemy.sql import Select
 
 from hl7bridge.core.status import DEAD_LETTERS, CommandStatus, MessageStatus
 
+from . import audit
+from .audit import AuditEntry
 from .outbox import AppointmentRow, appointment, outbox_depth
 from .schema import NOT_ACCEPTED, attempts, commands, messages
 
@@ -59,7 +62,7 @@ def list_messages(
 ) -> list[dict[str, Any]]:
     stmt = select(*LIST_COLUMNS).order_by(messages.c.id.desc()).limit(limit)
     if status:
-        stmt = _with_status(stmt, status)
+        stmt = with_status(stmt, status)
     return _received(engine, stmt, since, event)
 
 
@@ -84,7 +87,7 @@ def count_messages(engine: Engine) -> dict[str, int]:
         return _counts_by_status(conn, None)
 
 
-def _with_status(stmt: Any, status: str) -> Any:
+def with_status(stmt: Any, status: str) -> Any:
     """Filter on a status, through the partial index for every status but 'accepted'. ``dead`` is not a
     message's own status: it selects the messages with an open dead letter, through the commands' index."""
     if status == CommandStatus.DEAD:
@@ -137,7 +140,7 @@ def messages_for_replay(
     if ids:
         stmt = stmt.where(messages.c.id.in_(ids))
     if status == MessageStatus.REJECTED:
-        stmt = _with_status(stmt, MessageStatus.REJECTED)
+        stmt = with_status(stmt, MessageStatus.REJECTED)
     elif status in DEAD_LETTERS:
         owners = select(commands.c.message_id).where(commands.c.status == status)
         stmt = stmt.where(messages.c.id.in_(owners))
@@ -145,9 +148,14 @@ def messages_for_replay(
 
 
 def record_replay(
-    engine: Engine, original: dict[str, Any], row: dict[str, Any], command_rows: list[dict[str, Any]]
+    engine: Engine,
+    original: dict[str, Any],
+    row: dict[str, Any],
+    command_rows: list[dict[str, Any]],
+    entry: AuditEntry | None = None,
 ) -> int:
-    """Log a replay as a new message (``replay_of`` the original) with its commands, in one transaction."""
+    """Log a replay as a new message (``replay_of`` the original) with its commands, in one transaction, and
+    ``entry`` (its ids then the original's and the new message's) in the audit log in the same one."""
     now = time.time()
     with engine.begin() as conn:
         new_id = conn.execute(
@@ -161,6 +169,8 @@ def record_replay(
             .where(commands.c.status.in_(DEAD_LETTERS))
             .values(status="replayed", outcome=f"replayed as message {new_id}", updated_at=now)
         )
+        if entry is not None:
+            audit.record(conn, replace(entry, ids=(original["id"], int(new_id))))
     return int(new_id)
 
 

@@ -1,6 +1,7 @@
 """Retention: patient data older than N days leaves the log; outcomes and counts stay.
 
-Raw messages, parsed summaries, journey parameters and API response bodies
+Raw messages, parsed summaries (and the patient ids and words the search index
+holds, by the index's trigger), journey parameters and API response bodies
 (search answers carry parameters) are cleared in small transactions, so the
 writer is never held for long. SQLite then checkpoints its WAL and hands freed
 pages back with an incremental vacuum, so the file does not grow without bound.
@@ -12,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, literal_column, select, update
 from sqlalchemy.engine import Engine
 
 from hl7bridge.core.status import OPEN_STATUSES
@@ -75,7 +76,9 @@ def purge_step(conn: Any, cutoff: float, limit: int = 500) -> PurgeCounts:
     ]
     if ids:
         count.messages = conn.execute(
-            update(messages).where(messages.c.id.in_(ids)).values(raw=None, summary=None, purged_at=now)
+            update(messages)
+            .where(messages.c.id.in_(ids))
+            .values(raw=None, summary=None, search_terms=_without_patients(conn), search_text=None, purged_at=now)
         ).rowcount
         count.commands = conn.execute(
             update(commands)
@@ -97,6 +100,16 @@ def purge_step(conn: Any, cutoff: float, limit: int = 500) -> PurgeCounts:
         update(appointments).where(appointments.c.appointment_key.in_(old_memory)).values(parameters=None)
     ).rowcount
     return count
+
+
+def _without_patients(conn: Any) -> Any:
+    """A purged message's search terms: its control id, sender and appointment keys stay (findable, and still to
+    be indexed if the indexer has not taken it yet); its patient ids go."""
+    if conn.dialect.name != "sqlite":
+        return None
+    return literal_column(
+        "(SELECT json_group_array(value) FROM json_each(messages.search_terms) WHERE value NOT LIKE 'p:%')"
+    )
 
 
 def purge(engine: Engine, cutoff: float, limit: int = 500, audited: AuditEntry | None = None) -> PurgeCounts:

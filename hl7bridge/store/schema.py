@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -12,6 +13,7 @@ from pathlib import Path as FsPath
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 from sqlalchemy import (
     Column,
     Float,
@@ -22,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     inspect,
@@ -33,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -78,6 +81,8 @@ messages = Table(
     Column("error_location", String(32)),
     Column("duplicate_of", Integer),
     Column("purged_at", Float, doc="when retention removed the raw message and parsed summary"),
+    Column("search_terms", Text, doc="JSON list of the message's search_keys (PHI: patient ids); NULL once purged"),
+    Column("search_text", Text, doc="the words the text index holds (PHI); NULL once purged"),
     Index("ix_messages_sender_control", "sending_application", "sending_facility", "control_id"),
     Index("ix_messages_received_at", "received_at"),
     # Only the messages operators look for (rejected, ignored, duplicate, pending): an accepted message,
@@ -90,6 +95,11 @@ messages = Table(
         postgresql_where=text(NOT_ACCEPTED),
     ),
     Index("ix_messages_appointment", "appointment_key"),
+    # The same few messages in id order (an index ends in the rowid): `log list --status rejected` pages through
+    # them newest first without sorting every one.
+    Index(
+        "ix_messages_not_accepted_id", "status", sqlite_where=text(NOT_ACCEPTED), postgresql_where=text(NOT_ACCEPTED)
+    ),
 )
 
 
@@ -179,6 +189,98 @@ audit_log = Table(
     Column("hash", String(64), nullable=False, doc="sha256 over prev_hash and this entry: edits break the chain"),
     Index("ix_audit_at", "at"),
 )
+
+search_keys = Table(
+    "search_keys",
+    metadata,
+    Column(
+        "key",
+        String(420),
+        primary_key=True,
+        doc="kind prefix + value: a: appointment, p: patient (PHI), c: control id, s: sender",
+    ),
+    Column("message_id", Integer, primary_key=True),
+    sqlite_with_rowid=False,
+)
+
+#: Summary fields whose words go into the text index (names, reason, type, provider, place).
+TEXT_FIELDS = ("reason", "appointment_type", "provider_name", "location", "department")
+NAME_FIELDS = ("family", "given", "middle")
+
+
+def search_terms(
+    control_id: str | None, application: str | None, facility: str | None, summary: dict[str, Any] | None
+) -> tuple[str | None, str | None]:
+    """A message's ``search_terms`` (a JSON array of its ``search_keys``) and ``search_text`` (the words of its
+    names, reason, type, provider and place), as intake stores them with the message and the upgrade backfills
+    them: the one definition of what is searchable. ``index_step`` copies them into the indexes."""
+    keys = [f"c:{control_id}" if control_id else ""]
+    if application:
+        keys += [f"s:{application}", f"s:{application}^{facility or ''}"]
+    words = ""
+    if summary:
+        keys += [f"a:{summary.get('placer_appointment_id') or ''}", f"a:{summary.get('filler_appointment_id') or ''}"]
+        keys += [f"p:{p.get('value') or ''}" for p in summary.get("patient_ids") or ()]
+        parts = [n.get(f) for n in summary.get("names") or () for f in NAME_FIELDS]
+        words = " ".join(w for w in (*parts, *(summary.get(f) for f in TEXT_FIELDS)) if w)
+    terms = list(dict.fromkeys(k for k in keys if len(k) > 2))
+    return (orjson.dumps(terms).decode() if terms else None), (words or None)
+
+
+#: ``meta`` key: the newest message id the search index holds (every message up to it is indexed).
+INDEXED_KEY = "search_indexed_to"
+#: The search index's DDL beside ``search_keys`` (SQLite): a contentless FTS5 table (words only, no text kept), and
+#: the trigger that removes the patient's keys and words once retention clears a summary. It fires only for
+#: messages already indexed: FTS5's 'delete' of words it never held would corrupt the index.
+SEARCH_DDL = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(body, content='', detail=none)",
+    f"""CREATE TRIGGER IF NOT EXISTS messages_search_purge AFTER UPDATE OF summary ON messages
+        WHEN OLD.summary IS NOT NULL AND NEW.summary IS NULL
+            AND OLD.id <= coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{INDEXED_KEY}'), 0) BEGIN
+        DELETE FROM search_keys WHERE message_id = OLD.id
+            AND key IN (SELECT value FROM json_each(OLD.search_terms) WHERE value LIKE 'p:%');
+        INSERT INTO messages_text (messages_text, rowid, body)
+            SELECT 'delete', OLD.id, OLD.search_text WHERE OLD.search_text IS NOT NULL;
+    END""",
+)
+
+
+def index_step(conn: Any, limit: int) -> int:
+    """Copy the ``search_terms`` and ``search_text`` of the next ``limit`` messages not yet indexed into the search
+    index; how many it took (0: the index is current).
+
+    Batches, not a trigger per insert: FTS5 writes a segment per transaction, and the writer commits a lone
+    message on its own, so a trigger cost 140 µs of writer time a message over one connection; a batch pays
+    that once. The service runs this as a writer job every second (``app.service``), so a message is findable
+    about a second after its ACK."""
+    if conn.dialect.name != "sqlite":
+        return 0
+    last = int(get_meta(conn, INDEXED_KEY) or 0)
+    top, count = conn.execute(
+        text("SELECT max(id), count(*) FROM (SELECT id FROM messages WHERE id > :last ORDER BY id LIMIT :n)"),
+        {"last": last, "n": limit},
+    ).one()
+    if not count:
+        return 0
+    bounds = {"low": last, "high": top}
+    conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
+                      "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high"), bounds)  # fmt: skip
+    conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
+                      "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
+    set_meta(conn, INDEXED_KEY, str(top))
+    return int(count)
+
+
+#: Messages per backfill statement when an older log is upgraded.
+BACKFILL_BATCH = 5000
+
+
+@event.listens_for(search_keys, "after_create")
+def _search_ddl(_table: Any, conn: Any, **_kw: Any) -> None:
+    if conn.dialect.name == "sqlite":
+        for ddl in SEARCH_DDL:
+            conn.exec_driver_sql(ddl)
+
 
 #: The first 16 bytes of every SQLite 3 database file.
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -318,12 +420,45 @@ def _v5_resolutions(conn: Any) -> None:
         conn.exec_driver_sql(f"ALTER TABLE commands ADD COLUMN {name} {kind.compile(dialect=conn.dialect)}")
 
 
+def _v6_search(conn: Any) -> None:
+    """The search index, backfilled from the messages already logged, a batch of ids at a time (the terms with
+    intake's own ``search_terms``)."""
+    conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN search_terms TEXT")
+    conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN search_text TEXT")
+    conn.exec_driver_sql(
+        f"CREATE INDEX IF NOT EXISTS ix_messages_not_accepted_id ON messages (status) WHERE {NOT_ACCEPTED}"
+    )
+    search_keys.create(conn, checkfirst=True)
+    last = 0
+    while True:
+        rows = conn.execute(
+            select(messages.c.id, messages.c.control_id, messages.c.sending_application, messages.c.sending_facility,
+                   messages.c.summary).where(messages.c.id > last).order_by(messages.c.id).limit(BACKFILL_BATCH)
+        ).all()  # fmt: skip
+        if not rows:
+            break
+        last = rows[-1].id
+        filled = []
+        for row in rows:
+            summary = json.loads(row.summary) if row.summary else None
+            terms, words = search_terms(row.control_id, row.sending_application, row.sending_facility, summary)
+            filled.append({"i": row.id, "terms": terms, "words": words})
+        conn.execute(
+            messages.update().where(messages.c.id == bindparam("i"))
+            .values(search_terms=bindparam("terms"), search_text=bindparam("words")),
+            filled,
+        )  # fmt: skip
+    while index_step(conn, BACKFILL_BATCH):
+        pass
+
+
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
 MIGRATIONS: dict[int, Callable[[Any], None]] = {
     2: _v2_retention,
     3: _v3_lean_indexes,
     4: _v4_audit,
     5: _v5_resolutions,
+    6: _v6_search,
 }
 
 
@@ -401,6 +536,20 @@ def _first_line(exc: BaseException) -> str:
 
 def heartbeat(conn: Any, now: float) -> None:
     """A tiny write that proves the database takes commits (the health check's probe)."""
-    done = conn.execute(meta.update().where(meta.c.key == "heartbeat").values(value=repr(now)))
+    set_meta(conn, "heartbeat", repr(now))
+
+
+def set_meta(conn: Any, key: str, value: str) -> None:
+    done = conn.execute(meta.update().where(meta.c.key == key).values(value=value))
     if done.rowcount == 0:
-        conn.execute(meta.insert().values(key="heartbeat", value=repr(now)))
+        conn.execute(meta.insert().values(key=key, value=value))
+
+
+def get_meta(conn: Any, key: str) -> str | None:
+    return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
+
+
+#: ``meta`` keys: the Journeys API base URL the service dispatches to (``--sandbox`` and ``--api-url`` replace the
+#: config's), and when it recorded it; a separate ``replay`` process reads them.
+DISPATCH_URL_KEY = "dispatch_base_url"
+DISPATCH_URL_AT_KEY = "dispatch_base_url_at"

@@ -162,7 +162,7 @@ class Bridge:
             check=False,
         )
         assert out.returncode == 0, f"hl7bridge log list failed: {out.stderr.decode(errors='replace')}"
-        return json.loads(out.stdout)
+        return json.loads(out.stdout)["messages"]
 
     def wait_for_log(self, count: int, timeout: float = 5.0) -> list[dict]:
         deadline = time.monotonic() + timeout

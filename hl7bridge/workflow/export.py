@@ -1,0 +1,114 @@
+"""Export messages for audits and vendor tickets: CSV, JSON Lines or the HL7 messages themselves.
+
+An export streams in keyset batches (bounded memory, however many messages match) and masks patient data
+unless asked for it; an export with patient data is an audit entry (its filters and count, never the data),
+committed before the first record leaves.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from hl7bridge.core.logs import masked, masked_summary
+from hl7bridge.store import LIST_COLUMNS, messages
+from hl7bridge.store.audit import AuditEntry, record
+
+from .search import Filters, count, newest_id, stream
+
+FORMATS = ("csv", "jsonl", "hl7")
+#: Segments that carry patient data; without ``phi`` every field of theirs is masked in exported HL7.
+PHI_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2", "IN3", "PV1", "PV2", "NTE", "OBX", "DG1"})
+_COLUMNS = (*LIST_COLUMNS, messages.c.appointment_key, messages.c.charset, messages.c.summary, messages.c.raw)
+CSV_FIELDS = (
+    "id", "received_at", "listener", "peer", "sending_application", "sending_facility", "control_id",
+    "message_type", "event", "version", "status", "ack_code", "action", "route", "appointment_key",
+    "error_location", "error", "duplicate_of", "replay_of", "patient_id", "patient_name", "start",
+)  # fmt: skip
+_SEGMENT_END = re.compile(r"\r\n|\r|\n")
+
+
+@dataclass
+class Export:
+    """What an export will write: ``count`` messages (those up to id ``upto``), and the records to write."""
+
+    engine: Engine
+    filters: Filters
+    format: str
+    phi: bool
+    count: int
+    upto: int
+
+    def records(self) -> Iterator[str]:
+        """Each record as text with its line end; CSV starts with its header."""
+        if self.format == "csv":
+            yield _csv_line(CSV_FIELDS)
+        with self.engine.connect() as conn:
+            for row in stream(conn, self.filters, _COLUMNS, self.upto):
+                yield self._render(row)
+
+    def _render(self, row: dict[str, Any]) -> str:
+        raw, charset, summary_text = row.pop("raw"), row.pop("charset"), row.pop("summary")
+        er7 = raw.decode(charset or "utf-8", errors="replace") if raw is not None else None
+        if er7 is not None and not self.phi:
+            er7 = masked_er7(er7)
+        if self.format == "hl7":
+            return "\r".join(s for s in _SEGMENT_END.split(er7 or "") if s) + "\r\n" if er7 else ""
+        summary = json.loads(summary_text) if summary_text else None
+        if summary is not None and not self.phi:
+            summary = masked_summary(summary)
+        row["received_at"] = datetime.fromtimestamp(row["received_at"], UTC).isoformat(timespec="milliseconds")
+        if self.format == "jsonl":
+            return json.dumps({**row, "summary": summary, "raw": er7}, ensure_ascii=False) + "\n"
+        summary = summary or {}
+        ids = summary.get("patient_ids") or [{}]
+        names = summary.get("names") or [{}]
+        row["patient_id"] = ids[0].get("value", "")
+        row["patient_name"] = " ".join(n for n in (names[0].get("given"), names[0].get("family")) if n)
+        row["start"] = summary.get("start") or ""
+        return _csv_line(tuple("" if row.get(f) is None else row[f] for f in CSV_FIELDS))
+
+
+def open_export(
+    engine: Engine, filters: Filters, fmt: str, phi: bool, actor: str, channel: str = "cli", destination: str = ""
+) -> Export:
+    """Count what matches now (later arrivals are left out), and audit an export with patient data."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+    with engine.connect() as conn:
+        upto = newest_id(conn)
+        total = count(conn, filters, upto)
+    if phi:
+        details = {"format": fmt, "count": total, "filters": filters.described(), "upto_id": upto}
+        if destination:
+            details["to"] = destination
+        with engine.begin() as conn:
+            record(conn, AuditEntry(actor, channel, "export", "message", (), details=details))
+    return Export(engine, filters, fmt, phi, total, upto)
+
+
+def masked_er7(text: str) -> str:
+    """An ER7 message with every field of its patient segments masked (segment names and field counts stay,
+    so a vendor can still see the message's shape)."""
+    separator = text[3] if text.startswith("MSH") and len(text) > 3 else "|"
+    segments = []
+    for segment in _SEGMENT_END.split(text):
+        if segment[:3] in PHI_SEGMENTS:
+            name, *fields = segment.split(separator)
+            segment = separator.join([name, *(masked(f) for f in fields)])
+        segments.append(segment)
+    return "\r".join(segments)
+
+
+def _csv_line(values: tuple[Any, ...]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(values)
+    return out.getvalue()
