@@ -5,6 +5,7 @@ Real writer, real SQLite file, the real ``Dispatcher``; only the HTTP client is 
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,10 @@ from sqlalchemy.engine import Engine
 
 from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import Verdict
-from hl7bridge.dispatch.rules import DispatchSettings
+from hl7bridge.dispatch.rules import STRANGE_LIMIT, DispatchSettings
 from hl7bridge.mapping.routing import BOOK, CANCEL, Command
-from hl7bridge.store import Writer, command_values, open_engine
-from hl7bridge.store.schema import commands, messages
+from hl7bridge.store import Job, OutboxWrite, Writer, command_values, open_engine
+from hl7bridge.store.schema import attempts, commands, messages
 from hl7bridge.testing.journeys import FakeJourneys
 
 from .conftest import wait_until
@@ -86,3 +87,42 @@ def test_an_injected_503_is_retried_and_then_succeeds(bridge) -> None:
     # A 503 did nothing at the API, so the trigger is simply sent again (no search first).
     assert [c.operation for c in api.calls] == ["trigger", "trigger"]
     assert len(api.active("reminders")) == 1
+
+
+class RefusingLog:
+    """The service's writer, but the log refuses the first ``refusals`` outcome writes (as when another
+    process holds it locked): in-flight marks go through, so each refusal comes after a real API call."""
+
+    def __init__(self, writer: Writer, refusals: int) -> None:
+        self.writer, self.refusals = writer, refusals
+
+    def submit_job(self, job: Job) -> None:
+        if isinstance(job.work, OutboxWrite) and job.work.updates and self.refusals > 0:
+            self.refusals -= 1
+            job.on_done(None, sqlite3.OperationalError("database is locked"))
+            return
+        self.writer.submit_job(job)
+
+
+def test_a_log_that_refuses_writes_never_dead_letters_a_command(tmp_path: Path) -> None:
+    """The log's trouble is not the command's: more refusals than a command's strange-answer limit still end
+    in one journey, sent once, with no 'internal error' attempt and no dead letter."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    writer = Writer(engine, lambda fn, *args: fn(*args))
+    writer.start()
+    api = FakeJourneys()
+    settings = DispatchSettings(batch_window=0.01, retry_initial=0.01, retry_max=0.05, poll_interval=0.05)
+    dispatcher = Dispatcher(engine, RefusingLog(writer, 2 * STRANGE_LIMIT + 1), api, settings)
+    dispatcher.start()
+    try:
+        _queue(engine, dispatcher, [_command(BOOK, 1, 1, time.time())])
+        wait_until(lambda: _statuses(engine) == ["done"], timeout=30, message="the booking done once the log writes")
+        assert [c.operation for c in api.calls].count("trigger") == 1
+        assert len(api.active("reminders")) == 1
+        with engine.connect() as conn:
+            verdicts = [v for (v,) in conn.execute(select(attempts.c.verdict))]
+        assert "internal" not in verdicts, verdicts
+    finally:
+        dispatcher.stop()
+        writer.stop()
+        engine.dispose()

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 
 from hl7bridge.core.observer import Observer
 from hl7bridge.dispatch.pipe import DispatchState
-from hl7bridge.dispatch.rules import DispatchRules, DispatchSettings, JobSink, Journeys
+from hl7bridge.dispatch.rules import DispatchRules, DispatchSettings, JobSink, Journeys, LogUnwritable
 from hl7bridge.store import CommandUpdate
 
 log = logging.getLogger("hl7bridge.dispatcher")
@@ -37,6 +37,8 @@ class Dispatcher(DispatchRules):
         self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="hl7bridge-api")
         self._running: set[Future] = set()
+        #: ``time.monotonic()`` before which no tick starts: the log refused a write (see ``LogUnwritable``).
+        self._log_wait_until = 0.0
         self._thread = threading.Thread(target=self._loop, name="hl7bridge-dispatcher", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ class Dispatcher(DispatchRules):
         while not self._stopping.is_set():
             # Wakes come with every committed command and every finished call; ticking on each one made
             # the outbox queries the dispatcher's main cost and took the GIL from the listener.
-            gap = last + self.settings.tick_gap - time.monotonic()
+            gap = max(last + self.settings.tick_gap, self._log_wait_until) - time.monotonic()
             if gap > 0 and self._stopping.wait(gap):
                 break
             last = time.monotonic()
@@ -124,6 +126,12 @@ class Dispatcher(DispatchRules):
         cmds = arg if isinstance(arg, list) else [arg]
         try:
             fn(arg)
+        except LogUnwritable as exc:
+            # Nothing is recorded (the log would refuse that too) and nothing is counted against the commands:
+            # they stay as the log has them (an in-flight one is searched for before it is sent again).
+            self._log_wait_until = time.monotonic() + self.settings.poll_interval
+            log.warning("the log refused a write for command_id(s) %s; tried again once it takes writes: %s",
+                        [c.id for c in cmds], exc)  # fmt: skip
         except Exception as exc:
             log.exception("dispatch of command_id(s) %s (message_id(s) %s) failed unexpectedly", [c.id for c in cmds],
                           sorted({c.message_id for c in cmds}))  # fmt: skip

@@ -81,6 +81,12 @@ class JobSink(Protocol):
     def submit_job(self, job: Job) -> None: ...
 
 
+class LogUnwritable(Exception):
+    """The log did not take a write of the dispatcher's (locked, full, read-only): the store's trouble, not the
+    command's. The command is left as the log has it and tried again once the log takes writes; it never counts
+    towards a dead letter."""
+
+
 @dataclass
 class Bucket:
     """Triggers gathering for one bulk call. It leaves once full, once no trigger has joined for one
@@ -527,7 +533,7 @@ class DispatchRules:
         for _ in writes:
             done.acquire()
         if failure:
-            raise failure[0]
+            raise LogUnwritable(str(failure[0])) from failure[0]
 
     def _release(self, cmds: list[CommandRow]) -> None:
         with self._lock:
