@@ -41,7 +41,7 @@ def add_messages(path: Path, summaries: list[Any]) -> None:
         for number, summary in enumerate(summaries, 1):
             conn.execute(
                 "INSERT INTO messages (received_at, listener, peer, status, control_id, summary) "
-                "VALUES (1, 'main', 'p', 'accepted', ?, ?)",
+                "VALUES (1, 'main', 'p', 'accepted', ?, CAST(? AS TEXT))",  # bytes: text, not UTF-8
                 (f"C-{number}", json.dumps(summary) if isinstance(summary, dict) else summary),
             )
 
