@@ -15,7 +15,8 @@ from sqlalchemy import create_engine
 
 from hl7bridge.store import SCHEMA_VERSION, StoreError, open_engine, schema
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import ROOT, start_service
+
 GOOD = {"placer_appointment_id": "PL-1", "patient_ids": [{"value": "MRN-1"}], "names": [{"family": "ORCHARD"}]}
 #: Summaries a damaged log may hold: not JSON, not UTF-8, not an object, an object of the wrong shape.
 DAMAGED: tuple[Any, ...] = ("{not json", b"\xff\xfe{", "[1, 2]", json.dumps({"patient_ids": "MRN-2", "names": 3}))
@@ -25,6 +26,7 @@ def log_at(path: Path, version: int) -> str:
     """A log at an older schema version, as the releases of that version left it: the first released schema and
     the upgrade steps up to ``version``."""
     with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript((ROOT / "tests" / "data" / "schema_v1.sql").read_text())
     engine = create_engine(f"sqlite:///{path}")
     with engine.begin() as conn:
@@ -155,3 +157,31 @@ def test_upgrade_never_creates_a_log(tmp_path: Path) -> None:
     done = cli("upgrade", "--database", f"sqlite:///{tmp_path / 'nowhere.db'}", cwd=tmp_path)
     assert done.returncode == 2 and "there is no message log" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "nowhere.db").exists()
+
+
+def test_serve_upgrades_the_log_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "log.db"
+    path.parent.mkdir(mode=0o700)
+    log_at(path, 5)
+    add_messages(path, [GOOD])
+    running = start_service(tmp_path)
+    try:
+        assert version(path) == SCHEMA_VERSION
+        assert [m["control_id"] for m in running.log("--patient", "MRN-1")] == ["C-1"]
+    finally:
+        running.stop()
+
+
+def test_an_upgrade_that_cannot_get_the_write_lock_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    url = log_at(path, 5)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        done = cli("upgrade", "--database", url, cwd=tmp_path)
+    finally:
+        holder.close()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert "from schema 5 to 6" in line and "database is locked" in line and "left whole at schema 5" in line
+    assert version(path) == 5 and "search_terms" not in columns(path, "messages")
