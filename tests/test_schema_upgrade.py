@@ -169,7 +169,7 @@ def test_serve_upgrades_the_log_in_place(tmp_path: Path) -> None:
         assert version(path) == SCHEMA_VERSION
         assert [m["control_id"] for m in running.log("--patient", "MRN-1")] == ["C-1"]
     finally:
-        running.stop()
+        assert f"upgraded the message log to schema version {SCHEMA_VERSION}" in running.stop()
 
 
 def test_an_upgrade_that_cannot_get_the_write_lock_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
