@@ -522,7 +522,9 @@ def _ddl_transaction(conn: Any) -> Iterator[None]:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
             yield
     finally:
-        driver.isolation_level = saved
+        # A connection the failure closed: the step's own error is the one to tell.
+        with contextlib.suppress(sqlite3.ProgrammingError):
+            driver.isolation_level = saved
 
 
 def _upgrade(engine: Engine, found: int, url: str) -> None:
