@@ -172,6 +172,7 @@ def test_an_older_log_is_backfilled_on_upgrade(fresh_service: RunningService) ->
         conn.execute("ALTER TABLE messages DROP COLUMN search_terms")
         conn.execute("ALTER TABLE messages DROP COLUMN search_text")
         conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION - 1),))
+    fresh_service.cli("upgrade", "--database", fresh_service.url)
     assert ids(fresh_service, "--patient", "MRN-7") == ["U-1"]
     assert ids(fresh_service, "--text", "willowmere", "--since", "1h") == ["U-1"]
     assert ids(fresh_service, "--sender", "EPIC^MAINCLINIC") == ["U-1"]

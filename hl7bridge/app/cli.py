@@ -482,6 +482,22 @@ def cmd_log_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- upgrade --------------------------------------------------------------------------------------
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """The explicit upgrade of an existing log (other commands refuse an older schema: upgrading is ``serve``'s)."""
+    from hl7bridge.store import StoreError, upgrade_log
+
+    cfg = _config(args)
+    try:
+        old, new = upgrade_log(cfg.service.database, cfg.service.sqlite_synchronous)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    print(f"upgraded the log from schema {old} to {new}" if old != new else f"the log is at schema {new}, current")
+    return 0
+
+
 # --- stats / purge --------------------------------------------------------------------------------
 
 
@@ -739,6 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "before are new messages again rather than duplicates (e.g. to rerun fixtures/demo)")  # fmt: skip
     send.add_argument("files", nargs="+", metavar="FILE|DIR").complete = shtab.FILE  # type: ignore[attr-defined]
     send.set_defaults(func=cmd_send)
+
+    upgrade_p = with_config(sub.add_parser("upgrade", help="upgrade the log's schema in place (as `serve` does)"))
+    upgrade_p.set_defaults(func=cmd_upgrade)
 
     stats_p = with_config(sub.add_parser("stats", help="counts, outbox and API calls, from the database"))
     stats_p.add_argument("--since", metavar="DURATION", help="e.g. 24h (default: everything)")

@@ -66,6 +66,7 @@ from .schema import (
     search_keys,
     search_terms,
     set_meta,
+    upgrade_log,
 )
 from .writer import Job, Writer
 
@@ -132,5 +133,6 @@ __all__ = [
     "search_terms",
     "set_meta",
     "stats",
+    "upgrade_log",
     "with_status",
 ]

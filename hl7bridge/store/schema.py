@@ -8,7 +8,7 @@ import logging
 import os
 import sqlite3
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path as FsPath
 from typing import Any
 from urllib.parse import quote
@@ -25,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    cast,
     create_engine,
     event,
     inspect,
@@ -298,9 +299,24 @@ def open_engine(url: str, synchronous: str = "FULL", read_only: bool = False, cr
     """An engine for the log; SQLite files are created 0600 and run in WAL mode.
 
     An existing file that is not a SQLite database is refused untouched. ``create=False`` (the CLI's
-    commands) refuses a missing file instead of creating an empty log beside the real one. ``read_only`` (a
-    SQLite file that the service has opened): for the dispatcher's process, which reads the outbox and hands
-    its writes to the service, so that SQLite itself refuses any write from it."""
+    commands) refuses a missing file instead of creating an empty log beside the real one, and an older schema
+    instead of upgrading it: between ``pip install --upgrade`` and the restart the old service still runs on the
+    log, and an upgrade under it would hold the write lock through the backfill. Upgrading is the job of
+    ``serve`` (``create=True``) and of ``hl7bridge upgrade`` (``upgrade_log``). ``read_only`` (a SQLite file
+    that the service has opened): for the dispatcher's process, which reads the outbox and hands its writes to
+    the service, so that SQLite itself refuses any write from it."""
+    return _open(url, synchronous, read_only, create, upgrade=create)[0]
+
+
+def upgrade_log(url: str, synchronous: str = "FULL") -> tuple[int, int]:
+    """Upgrade an existing log in place (``hl7bridge upgrade``): the schema version it was at, and the current."""
+    engine, found = _open(url, synchronous, read_only=False, create=False, upgrade=True)
+    engine.dispose()
+    return (found or SCHEMA_VERSION), SCHEMA_VERSION
+
+
+def _open(url: str, synchronous: str, read_only: bool, create: bool, upgrade: bool) -> tuple[Engine, int | None]:
+    """``open_engine``, also telling the schema version the log was at (None: a new log)."""
     parsed = make_url(url)
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if read_only:
@@ -317,7 +333,7 @@ def open_engine(url: str, synchronous: str = "FULL", read_only: bool = False, cr
             raise StoreError(f"cannot read the database {_safe(url)}: {_first_line(exc)}") from None
         if found != SCHEMA_VERSION:
             raise StoreError(f"the database {_safe(url)} has schema {found}, this release {SCHEMA_VERSION}")
-        return engine
+        return engine, found
     if is_sqlite and parsed.database and parsed.database != ":memory:":
         _prepare_sqlite_file(FsPath(parsed.database), create)
     engine = create_engine(url, future=True)
@@ -349,17 +365,22 @@ def open_engine(url: str, synchronous: str = "FULL", read_only: bool = False, cr
                 f"knows {SCHEMA_VERSION}); upgrade hl7bridge or point --database at another file"
             )
         if found is not None and found < SCHEMA_VERSION:
-            _upgrade(engine, found)
-        metadata.create_all(engine)
-        if found is None:
-            with engine.begin() as conn:
+            if not upgrade:
+                raise StoreError(
+                    f"the log is at schema {found} and this hl7bridge writes {SCHEMA_VERSION}: restart the service "
+                    "(`serve` upgrades the log in place) or run `hl7bridge upgrade`"
+                )
+            _upgrade(engine, found, url)
+        with engine.connect() as conn, _ddl_transaction(conn):
+            metadata.create_all(conn)
+            if found is None:
                 conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
     except SQLAlchemyError as exc:
         hint = f"; {DAMAGED_HINT.format(path=parsed.database)}" if damaged(exc) else ""
         raise StoreError(
             f"cannot open the database {_safe(url)}: {exc.__class__.__name__}: {_first_line(exc)}{hint}"
         ) from None
-    return engine
+    return engine, found
 
 
 def damaged(exc: BaseException) -> bool:
@@ -397,9 +418,15 @@ def _schema_version(conn: Any, url: str) -> int | None:
     return int(text)
 
 
+def _add_column(conn: Any, table: str, name: str, ddl: str) -> None:
+    """``ALTER TABLE ADD COLUMN`` unless the column is there: a step must be safe to run again."""
+    if name not in {c["name"] for c in inspect(conn).get_columns(table)}:
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}")
+
+
 def _v2_retention(conn: Any) -> None:
-    conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN purged_at FLOAT")
-    conn.exec_driver_sql("ALTER TABLE commands ADD COLUMN uncertain INTEGER NOT NULL DEFAULT 0")
+    _add_column(conn, "messages", "purged_at", "FLOAT")
+    _add_column(conn, "commands", "uncertain", "INTEGER NOT NULL DEFAULT 0")
     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_commands_status_updated ON commands (status, updated_at)")
 
 
@@ -417,31 +444,46 @@ def _v4_audit(conn: Any) -> None:
 
 def _v5_resolutions(conn: Any) -> None:
     for name, kind, _doc in RESOLUTION_COLUMNS:
-        conn.exec_driver_sql(f"ALTER TABLE commands ADD COLUMN {name} {kind.compile(dialect=conn.dialect)}")
+        _add_column(conn, "commands", name, str(kind.compile(dialect=conn.dialect)))
+
+
+def _readable_summary(raw: bytes | None) -> dict[str, Any] | None:
+    """A logged summary as intake wrote it, or None when it is missing or damaged (not JSON, not UTF-8, not an
+    object): one unreadable row must not stop the upgrade of the whole log."""
+    try:
+        summary = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 def _v6_search(conn: Any) -> None:
     """The search index, backfilled from the messages already logged, a batch of ids at a time (the terms with
-    intake's own ``search_terms``)."""
-    conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN search_terms TEXT")
-    conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN search_text TEXT")
+    intake's own ``search_terms``). A damaged summary gives its message no patient terms, not a failed upgrade."""
+    _add_column(conn, "messages", "search_terms", "TEXT")
+    _add_column(conn, "messages", "search_text", "TEXT")
     conn.exec_driver_sql(
         f"CREATE INDEX IF NOT EXISTS ix_messages_not_accepted_id ON messages (status) WHERE {NOT_ACCEPTED}"
     )
     search_keys.create(conn, checkfirst=True)
     last = 0
     while True:
+        # As bytes: a summary that is not UTF-8 would make the driver fail the whole batch as text.
         rows = conn.execute(
             select(messages.c.id, messages.c.control_id, messages.c.sending_application, messages.c.sending_facility,
-                   messages.c.summary).where(messages.c.id > last).order_by(messages.c.id).limit(BACKFILL_BATCH)
+                   cast(messages.c.summary, LargeBinary).label("summary"))
+            .where(messages.c.id > last).order_by(messages.c.id).limit(BACKFILL_BATCH)
         ).all()  # fmt: skip
         if not rows:
             break
         last = rows[-1].id
         filled = []
         for row in rows:
-            summary = json.loads(row.summary) if row.summary else None
-            terms, words = search_terms(row.control_id, row.sending_application, row.sending_facility, summary)
+            fields = (row.control_id, row.sending_application, row.sending_facility)
+            try:
+                terms, words = search_terms(*fields, _readable_summary(row.summary))
+            except (AttributeError, TypeError):  # a JSON object of the wrong shape
+                terms, words = search_terms(*fields, None)
             filled.append({"i": row.id, "terms": terms, "words": words})
         conn.execute(
             messages.update().where(messages.c.id == bindparam("i"))
@@ -462,12 +504,44 @@ MIGRATIONS: dict[int, Callable[[Any], None]] = {
 }
 
 
-def _upgrade(engine: Engine, found: int) -> None:
-    """Apply each step in its own transaction, recording the version reached after each."""
+@contextlib.contextmanager
+def _ddl_transaction(conn: Any) -> Iterator[None]:
+    """One transaction that holds DDL too. Python's sqlite3 (before ``autocommit``) begins a transaction only
+    before INSERT/UPDATE/DELETE, so each ``ALTER``/``CREATE`` would commit by itself and a step failing half-way
+    would leave its first columns behind: here the driver's own transaction control is off and the step runs in
+    an explicit ``BEGIN IMMEDIATE`` (the write lock at once, waiting ``busy_timeout`` for it), all or nothing."""
+    if conn.dialect.name != "sqlite":
+        with conn.begin():
+            yield
+        return
+    driver = conn.connection.driver_connection
+    saved = driver.isolation_level
+    driver.isolation_level = None
+    try:
+        with conn.begin():
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield
+    finally:
+        # A connection the failure closed: the step's own error is the one to tell.
+        with contextlib.suppress(sqlite3.ProgrammingError):
+            driver.isolation_level = saved
+
+
+def _upgrade(engine: Engine, found: int, url: str) -> None:
+    """Apply each step in its own transaction together with the version it reaches, so that a failed or killed
+    upgrade leaves the log at the last version completed, whole, and the next open resumes from there."""
     for version in range(found + 1, SCHEMA_VERSION + 1):
-        with engine.begin() as conn:
-            MIGRATIONS[version](conn)
-            conn.execute(meta.update().where(meta.c.key == "schema_version").values(value=str(version)))
+        try:
+            with engine.connect() as conn, _ddl_transaction(conn):
+                MIGRATIONS[version](conn)
+                conn.execute(meta.update().where(meta.c.key == "schema_version").values(value=str(version)))
+        except Exception as exc:  # noqa: BLE001 - any failure: the step rolled back, one line, never a traceback
+            hint = f"; {DAMAGED_HINT.format(path=make_url(url).database)}" if damaged(exc) else ""
+            raise StoreError(
+                f"cannot upgrade the log {_safe(url)} from schema {version - 1} to {version} ({exc.__class__.__name__}: "
+                f"{_first_line(exc)}); the log is left whole at schema {version - 1}: fix the cause and run "
+                f"`hl7bridge upgrade` or start the service again{hint}"
+            ) from None
         log.info("upgraded the message log to schema version %d", version)
 
 
