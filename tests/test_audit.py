@@ -33,7 +33,8 @@ def test_entries_chain_and_read_back_newest_first(url: str) -> None:
     assert [e.ids for e in found] == [(2,), (1,), (0,)]
     assert found[0].prev_hash == found[1].hash and found[2].prev_hash == audit.GENESIS
     assert found[0].actor == "alice" and found[0].reason == "after the fix"
-    assert audit.verify(engine) == audit.ChainCheck(3)
+    check = audit.verify(engine)
+    assert (check.checked, check.broken_at, check.problem, check.head) == (3, None, "", found[0].hash)
     assert [e.ids for e in audit.entries(engine, before=found[0].id, limit=1)] == [(1,)]
 
 
@@ -66,7 +67,8 @@ def test_appends_from_two_processes_keep_one_chain(url: str) -> None:
         worker.join(120)
         assert worker.exitcode == 0
     engine = open_engine(url)
-    assert audit.verify(engine) == audit.ChainCheck(80)
+    check = audit.verify(engine)
+    assert (check.checked, check.problem) == (80, "")
     assert {e.actor for e in audit.entries(engine, limit=100)} == {"alice", "bob"}
 
 
@@ -87,9 +89,48 @@ def test_the_audit_cli_lists_pages_and_verifies(url: str) -> None:
     page = json.loads(_cli(url, "list", "--before", "2", "--json").stdout)
     assert [e["ids"] for e in page["entries"]] == [[0]] and page["more"] is False
     ok = _cli(url, "verify")
-    assert (ok.returncode, ok.stdout.strip()) == (0, "audit log intact: 3 entries, each chained to the one before")
+    head = audit.entries(open_engine(url), limit=1)[0].hash
+    assert ok.returncode == 0 and ok.stdout.splitlines() == [
+        "audit log intact: 3 entries, each chained to the one before",
+        f"head {head} (keep it elsewhere; 'audit verify --expect' checks it later)",
+    ]
     with open_engine(url).begin() as conn:
         conn.exec_driver_sql("UPDATE audit SET actor = 'mallory' WHERE id = 2")
     broken = _cli(url, "verify")
     assert broken.returncode == 1 and "entry 2 does not match its hash: it was edited" in broken.stderr
     assert json.loads(_cli(url, "verify", "--json").stdout)["broken_at"] == 2
+
+
+def test_an_anchored_head_exposes_a_rewritten_history(url: str) -> None:
+    """Whoever can write the database can rewrite every hash after an edit; a head kept elsewhere cannot be."""
+    _append(url, "alice", 3)
+    engine = open_engine(url)
+    anchor = audit.verify(engine).head
+    _append(url, "bob", 2)
+    assert audit.verify(engine, expect=anchor).problem == ""
+    with engine.begin() as conn:
+        rows = conn.exec_driver_sql("SELECT * FROM audit ORDER BY id").mappings().all()
+        conn.exec_driver_sql("DELETE FROM audit")
+        conn.exec_driver_sql("DELETE FROM meta WHERE key = 'audit_head'")
+        for row in rows:
+            forged = AuditEntry(
+                "mallory" if row["id"] == 2 else row["actor"], row["channel"], row["action"], row["target"],
+                tuple(json.loads(row["ids"])), row["reason"], json.loads(row["details"]),
+            )  # fmt: skip
+            audit.record(conn, forged, now=row["at"])
+    rewritten = audit.verify(engine)
+    assert rewritten.problem == "", "a full rewrite is invisible to the chain alone"
+    check = audit.verify(engine, expect=anchor)
+    assert "the expected hash is not in the chain" in check.problem
+    assert _cli(url, "verify", "--expect", anchor).returncode == 1
+
+
+def test_appends_after_a_deleted_last_entry_show_the_gap(url: str) -> None:
+    _append(url, "alice", 3)
+    engine = open_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM audit WHERE id = 3")
+    _append(url, "bob", 1)
+    check = audit.verify(engine)
+    assert check.broken_at == 4 and "deleted or edited" in check.problem
+    assert [e.id for e in audit.entries(engine)] == [4, 2, 1]

@@ -77,6 +77,13 @@ def operator_name(text: str) -> str:
     return name
 
 
+def _sha256(text: str) -> str:
+    value = text.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise argparse.ArgumentTypeError(f"expected a SHA-256 hash (64 hex digits), got {text[:70]!r}")
+    return value
+
+
 def actor(args: argparse.Namespace) -> str:
     """Who acts: ``--by``, else the OS user (the audit log's actor)."""
     if getattr(args, "by", None):
@@ -823,6 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verify = with_config(
         audit_sub.add_parser("verify", help="recompute the hash chain: exit 1 if an entry was edited or deleted")
     )
+    audit_verify.add_argument("--expect", type=_sha256, metavar="HASH",
+                              help="a head hash printed by an earlier verify and kept elsewhere: it must still be in the chain")  # fmt: skip
     for p in (audit_list, audit_verify):
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_audit)

@@ -22,7 +22,7 @@ REASON_CHARS = 120
 
 def run(args: argparse.Namespace, engine: Engine, since: float | None, when: Callable[[float], str]) -> int:
     if args.audit_command == "verify":
-        return _verify(engine, args.json)
+        return _verify(engine, args.json, args.expect)
     found = audit.entries(engine, since=since, action=args.action, before=args.before, limit=args.limit + 1)
     more, shown = len(found) > args.limit, found[: args.limit]
     if args.json:
@@ -42,12 +42,13 @@ def run(args: argparse.Namespace, engine: Engine, since: float | None, when: Cal
     return 0
 
 
-def _verify(engine: Engine, as_json: bool) -> int:
-    check = audit.verify(engine)
+def _verify(engine: Engine, as_json: bool, expect: str | None) -> int:
+    check = audit.verify(engine, expect=expect)
     if as_json:
         print(json.dumps({"intact": check.broken_at is None and not check.problem, **asdict(check)}))
     elif check.problem:
         print(f"audit log BROKEN after {check.checked} good entries: {check.problem}", file=sys.stderr)
     else:
         print(f"audit log intact: {check.checked} entries, each chained to the one before")
+        print(f"head {check.head} (keep it elsewhere; 'audit verify --expect' checks it later)")
     return 1 if check.problem else 0

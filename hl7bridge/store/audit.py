@@ -1,9 +1,11 @@
 """The operators' audit log: append-only, each entry chained to the one before by a SHA-256 hash.
 
-Every operator action (retry, discard, replay, purge, repair; later the console's unmask and export)
-appends one entry. ``verify`` recomputes the chain, so an entry edited, inserted or deleted anywhere but
-at the very end shows as the first entry whose hash no longer follows. Entries name ids and reasons,
-never patient data.
+Every operator action (retry, discard, replay, purge, repair, reload, unmask, export) appends one entry.
+``verify`` recomputes the chain: an entry edited, inserted or deleted (at the end too: ``meta.audit_head``
+holds the newest hash) shows as the first entry whose hash no longer follows. What it cannot see alone is a
+writer of the database who rewrites every later hash as well; against that, keep the head hash outside the
+database (``hl7bridge audit verify`` prints it; ``--expect HASH`` later proves that entry is still in the
+chain, unchanged, with everything before it). Entries name ids and reasons, never patient data.
 """
 
 from __future__ import annotations
@@ -54,9 +56,16 @@ def chained(prev_hash: str, entry: AuditEntry) -> str:
 def record(conn: Connection, entry: AuditEntry, now: float | None = None) -> AuditEntry:
     """Append ``entry`` inside the caller's transaction, so the action and its audit commit together.
 
-    The row is inserted before the previous hash is read: the insert takes SQLite's write lock, so no other
-    writer can append between the read and this entry (two appends never follow the same predecessor)."""
+    The head row is written first: that takes SQLite's write lock (and the row's lock on a database server),
+    so no other writer can append between reading the head and moving it (two appends never follow the same
+    predecessor)."""
     at = time.time() if now is None else now
+    head = meta.c.key == HEAD_KEY
+    if conn.execute(meta.update().where(head).values(value=meta.c.value)).rowcount == 0:
+        conn.execute(meta.insert().values(key=HEAD_KEY, value=GENESIS))
+    prev_hash = conn.execute(select(meta.c.value).where(head)).scalar_one()
+    done = AuditEntry(**{**entry.__dict__, "at": at, "prev_hash": prev_hash})
+    digest = chained(prev_hash, done)
     row_id = conn.execute(
         audit.insert().values(
             at=at,
@@ -67,18 +76,12 @@ def record(conn: Connection, entry: AuditEntry, now: float | None = None) -> Aud
             ids=json.dumps(list(entry.ids)),
             reason=entry.reason,
             details=json.dumps(entry.details, sort_keys=True),
-            prev_hash="",
-            hash="",
+            prev_hash=prev_hash,
+            hash=digest,
         )
     ).inserted_primary_key[0]
-    prev = conn.execute(select(audit.c.hash).where(audit.c.id < row_id).order_by(audit.c.id.desc()).limit(1))
-    prev_hash = prev.scalar() or GENESIS
-    done = AuditEntry(**{**entry.__dict__, "at": at, "id": row_id, "prev_hash": prev_hash})
-    digest = chained(prev_hash, done)
-    conn.execute(audit.update().where(audit.c.id == row_id).values(prev_hash=prev_hash, hash=digest))
-    if conn.execute(meta.update().where(meta.c.key == HEAD_KEY).values(value=digest)).rowcount == 0:
-        conn.execute(meta.insert().values(key=HEAD_KEY, value=digest))
-    return AuditEntry(**{**done.__dict__, "hash": digest})
+    conn.execute(meta.update().where(head).values(value=digest))
+    return AuditEntry(**{**done.__dict__, "id": row_id, "hash": digest})
 
 
 def _entry(row: Any) -> AuditEntry:
@@ -115,11 +118,14 @@ class ChainCheck:
     #: The first entry whose hash does not follow, and why; None when the whole chain holds.
     broken_at: int | None = None
     problem: str = ""
+    #: The last good hash: worth keeping outside the database, for a later ``verify(expect=...)``.
+    head: str = GENESIS
 
 
-def verify(engine: Engine, batch: int = 5000) -> ChainCheck:
-    """Walk the chain in id order, in batches (bounded memory however long the log)."""
-    prev_hash, last_id, checked = GENESIS, 0, 0
+def verify(engine: Engine, batch: int = 5000, expect: str | None = None) -> ChainCheck:
+    """Walk the chain in id order, in batches (bounded memory however long the log). ``expect``: a head hash
+    kept outside the database earlier, which must be found in the chain."""
+    prev_hash, last_id, checked, seen = GENESIS, 0, 0, expect is None
     with engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(audit)).scalar() or 0
         head = conn.execute(select(meta.c.value).where(meta.c.key == HEAD_KEY)).scalar() or GENESIS
@@ -129,13 +135,20 @@ def verify(engine: Engine, batch: int = 5000) -> ChainCheck:
                 break
             for problem, row in _breaks(rows, prev_hash):
                 if problem:
-                    return ChainCheck(checked, row.id, problem)
+                    return ChainCheck(checked, row.id, problem, prev_hash)
                 prev_hash, last_id, checked = row.hash, row.id, checked + 1
+                seen = seen or row.hash == expect
     if checked != total:
-        return ChainCheck(checked, None, f"{total - checked} entries could not be read in order")
+        return ChainCheck(checked, None, f"{total - checked} entries could not be read in order", prev_hash)
     if prev_hash != head:
-        return ChainCheck(checked, None, "the newest entries were deleted: the last entry is not the recorded head")
-    return ChainCheck(checked)
+        return ChainCheck(
+            checked, None, "the newest entries were deleted: the last entry is not the recorded head", prev_hash
+        )
+    if not seen:
+        return ChainCheck(
+            checked, None, "the expected hash is not in the chain: entries up to it were rewritten", prev_hash
+        )
+    return ChainCheck(checked, head=prev_hash)
 
 
 def _breaks(rows: Sequence[Any], prev_hash: str) -> Iterable[tuple[str, Any]]:

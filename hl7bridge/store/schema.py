@@ -189,6 +189,8 @@ audit_log = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False, doc="sha256 over prev_hash and this entry: edits break the chain"),
     Index("ix_audit_at", "at"),
+    # Ids never reused: an entry deleted at the end is not replaced by the next one under its id.
+    sqlite_autoincrement=True,
 )
 
 search_keys = Table(
