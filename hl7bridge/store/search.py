@@ -246,6 +246,8 @@ def _terms(words: str) -> list[tuple[str, bool]]:
 
 def _folded(token: str) -> str:
     """A token as unicode61 compares it: case folded, diacritics removed."""
+    if token.isascii():
+        return token.lower()
     return "".join(c for c in unicodedata.normalize("NFKD", token.casefold()) if not unicodedata.combining(c))
 
 
@@ -269,7 +271,7 @@ def _tail_matches(conn: Connection, filters: Filters, indexed_to: int) -> tuple[
         if wanted and not wanted <= set(orjson.loads(row.search_terms or "[]")):
             continue
         if terms:
-            tokens = {_folded(t) for t in _TOKEN.findall(row.search_text or "")}
+            tokens = set(_TOKEN.findall(_folded(row.search_text or "")))
             if not all(any(t.startswith(term) for t in tokens) if prefix else term in tokens for term, prefix in terms):
                 continue
         found.append(row.id)
