@@ -196,3 +196,33 @@ def test_a_write_crosses_to_the_service_unchanged() -> None:
     events = [orjson.loads(line) for line in lines]
     assert [e["write"] for e in events] == [1, 2]
     assert [OutboxWrite.from_json(e) for e in events] == sample_writes()
+
+
+def test_the_child_answers_at_once_for_a_command_already_final(tmp_path: Path) -> None:
+    """The parent may ask to wait for a command that settled before it asked: the child reads its status from
+    the log and answers with it, rather than waiting for an update that never comes."""
+    from hl7bridge.dispatch.child import Child, EventPipe
+    from hl7bridge.store import commands, open_engine
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    with open_engine(url).begin() as conn:
+        conn.execute(commands.insert().values(message_id=1, appointment_key="MAIN|A-1", kind="trigger", route="r",
+                                              chat_bot_id="bot", time_zone="UTC", parameters="{}", identifiers="{}",
+                                              status="done", outcome="triggered instance 7", next_attempt_at=0.0,
+                                              created_at=0.0, updated_at=0.0))  # fmt: skip
+    read_events, write_events = os.pipe()
+    try:
+        spec = ChildSpec(database=url, api=ApiSettings(base_url="http://127.0.0.1:9"), settings={}, token="t")
+        child = Child(spec, EventPipe(write_events))
+        child.wait_for(1)
+        child.wait_for(2)
+        os.close(write_events)
+        write_events = -1
+        events = [orjson.loads(line) for line in read_until(read_events, b"\x00", 5).splitlines() if line.strip()]
+    finally:
+        os.close(read_events)
+        if write_events >= 0:
+            os.close(write_events)
+    assert [e["final"] for e in events if "final" in e] == [
+        {"command_id": 1, "status": "done", "outcome": "triggered instance 7"}
+    ]

@@ -9,12 +9,18 @@ import json
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import Engine
 
 from hl7bridge.store import SCHEMA_VERSION, index_step, messages, open_engine, purge, search_terms
 from hl7bridge.store import audit as audit_log
+from hl7bridge.store.search import TAIL_MAX
+from hl7bridge.workflow.export import open_export
 from hl7bridge.workflow.search import Filters, explain, search
 
 from .conftest import RunningService, fixture_bytes, start_service, wait_until
@@ -226,3 +232,84 @@ def test_a_message_purged_before_it_was_indexed_leaves_the_index_sound(tmp_path:
     assert [r["control_id"] for r in search(engine, Filters(control_id="P-1")).rows] == ["P-1"]
     assert search(engine, Filters(patient="MRN-P")).rows == []
     assert search(engine, Filters(text="purged", since=0.0)).rows == []
+
+
+# --- messages the index has not reached yet ----------------------------------------------------------------
+
+
+def logged(engine: Engine, *rows: tuple[str, str, str], received_at: float = 1000.0) -> None:
+    """Log messages as intake does (control id, patient id, family name), without indexing them."""
+    values = []
+    for control, patient, family in rows:
+        summary = {"patient_ids": [{"value": patient}], "names": [{"family": family}]}
+        terms, words = search_terms(control, "EPIC", "MAIN", summary)
+        values.append({"received_at": received_at, "listener": "main", "peer": "p", "status": "accepted",
+                       "control_id": control, "summary": json.dumps(summary), "search_terms": terms,
+                       "search_text": words})  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(messages.insert(), values)
+
+
+def test_messages_past_the_index_are_searched_directly(tmp_path: Path) -> None:
+    """With the indexer behind (service stopped, its job failing, CLI replays meanwhile), a search by key or
+    words still finds every message, in one newest-first order and across keyset pages; so does an export."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    logged(engine, ("T-1", "MRN-T", "ROWAN"), ("T-2", "MRN-T", "ASPEN"))
+    with engine.begin() as conn:
+        index_step(conn, 100)
+    logged(engine, ("T-3", "MRN-T", "Rowän"), ("T-4", "MRN-U", "ROWAN"), ("T-5", "MRN-T", "OTHER"))
+
+    def found(filters: Filters, limit: int = 50) -> list[str]:
+        return [r["control_id"] for r in search(engine, filters, limit=limit).rows]
+
+    assert found(Filters(patient="MRN-T")) == ["T-5", "T-3", "T-2", "T-1"]
+    assert found(Filters(control_id="T-4")) == ["T-4"]
+    assert found(Filters(text="rowan", since=0.0)) == ["T-4", "T-3", "T-1"]  # case and accents as FTS5 folds them
+    assert found(Filters(text="ROW*", patient="MRN-T", since=0.0)) == ["T-3", "T-1"]
+    assert found(Filters(text="rowan", since=2000.0)) == []
+    first = search(engine, Filters(patient="MRN-T"), limit=3)
+    assert [r["control_id"] for r in first.rows] == ["T-5", "T-3", "T-2"] and first.unindexed == 0
+    rest = search(engine, Filters(patient="MRN-T"), before=first.next_before, limit=3)
+    assert [r["control_id"] for r in rest.rows] == ["T-1"] and not rest.more
+    export = open_export(engine, Filters(patient="MRN-T", since=0.0), "jsonl", False, "test")
+    assert export.count == 4 and export.unindexed == 0
+    assert [json.loads(line)["control_id"] for line in export.records()] == ["T-1", "T-2", "T-3", "T-5"]
+
+
+def test_a_long_unindexed_tail_is_reported_not_silent(tmp_path: Path) -> None:
+    """Past ``TAIL_MAX`` unindexed messages a search reads only the index, and says how many it did not search:
+    the page's ``unindexed``, in ``--json`` and as a note on stderr."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    logged(engine, ("L-1", "MRN-L", "LARCH"))
+    with engine.begin() as conn:
+        index_step(conn, 100)
+    logged(engine, *((f"N-{n}", "MRN-L", "LARCH") for n in range(TAIL_MAX + 1)))
+    page = search(engine, Filters(patient="MRN-L"))
+    assert [r["control_id"] for r in page.rows] == ["L-1"] and page.unindexed == TAIL_MAX + 1
+    assert search(engine, Filters(since=0.0), limit=1).unindexed == 0  # not a search of the index
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    listed = subprocess.run([sys.executable, "-m", "hl7bridge", "log", "list", "--patient", "MRN-L", "--json",
+                             "--database", url], capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert json.loads(listed.stdout)["unindexed"] == TAIL_MAX + 1
+    assert f"{TAIL_MAX + 1} newest message(s) are not in the search index" in listed.stderr
+    table = subprocess.run([sys.executable, "-m", "hl7bridge", "log", "list", "--patient", "MRN-L", "--database", url],
+                           capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert table.stderr.count("not in the search index") == 1
+    with engine.begin() as conn:
+        while index_step(conn, 1000):
+            pass
+    assert search(engine, Filters(patient="MRN-L")).unindexed == 0
+    quiet = subprocess.run([sys.executable, "-m", "hl7bridge", "log", "list", "--patient", "MRN-L", "--database", url],
+                           capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert "search index" not in quiet.stderr
+
+
+def test_a_failing_indexer_logs_once_a_minute(fresh_service: RunningService) -> None:
+    """The index job runs every second; its failure is one log line with a count of repeats, not one a second."""
+    with sqlite3.connect(fresh_service.database) as conn:
+        conn.execute("DROP TABLE messages_text")
+    fresh_service.request(booking("F-1", "PL-F", "FI-F", "MRN-F", "FIR"))
+    assert ids(fresh_service, "--patient", "MRN-F") == ["F-1"]  # searched directly meanwhile
+    time.sleep(3.5)
+    lines = [line for line in fresh_service.stop().splitlines() if "search index:" in line]
+    assert len(lines) == 1 and "messages_text" in lines[0], lines

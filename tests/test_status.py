@@ -180,9 +180,8 @@ def test_a_dead_dispatcher_process_is_down_and_its_last_state_forgotten() -> Non
     process = DispatcherProcess(clock, spec, NullObserver(), writer=None)  # type: ignore[arg-type]
     held = DispatchState(held_reason="the Journeys API is unavailable (HTTP 503)", held_since=NOW)
     process.event({pipe.STATE: held.to_json()})
-    assert process.state() == held and process.paused_reason is None
+    assert process.state() == held
     process.ended(Failure(ProcessTerminated(exitCode=70)))
     down = process.state()
     assert down == DispatchState(down_reason="the dispatcher process exited with status 70; it restarts in 0.5 s")
     assert assess(Facts(now=NOW, dispatch=down)).state is ServiceState.FAILING
-    assert process.paused_reason == down.down_reason

@@ -381,13 +381,15 @@ def _when(ts: float) -> str:
 
 def cmd_log_list(args: argparse.Namespace) -> int:
     from hl7bridge.app.cli_search import filters_from, more_line
-    from hl7bridge.workflow.search import SearchError, search
+    from hl7bridge.workflow.search import SearchError, search, unindexed_note
 
     since = time.time() - parse_duration(args.since) if args.since else None
     try:
         page = search(_engine(args), filters_from(args, since), args.before, args.limit)
     except SearchError as exc:
         raise CliError(str(exc)) from None
+    if note := unindexed_note(page.unindexed):
+        print(note, file=sys.stderr)
     rows = page.rows
     if args.json:
         for r in rows:

@@ -13,7 +13,7 @@ from typing import Any
 
 from hl7bridge.core.logs import escape
 from hl7bridge.core.status import CommandStatus, MessageStatus
-from hl7bridge.workflow.search import Filters
+from hl7bridge.workflow.search import Filters, unindexed_note
 
 
 def add_filters(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +92,8 @@ def export(args: argparse.Namespace, engine: Any, actor: str, filters: Filters) 
     where = f" to {escape(str(target))}" if target else ""
     print(f"exported {result.count} message(s){where} as {args.format}"
           + ("" if args.phi else " (patient data masked; --phi exports it, audited)"), file=sys.stderr)  # fmt: skip
+    if note := unindexed_note(result.unindexed):
+        print(note, file=sys.stderr)
     return 0
 
 

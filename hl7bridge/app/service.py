@@ -237,8 +237,10 @@ class Service:
 
     def _start_search_index(self) -> None:
         """Every second, the messages logged since are added to the search index, in writer jobs of
-        ``SEARCH_INDEX_BATCH`` (about a millisecond each, so no message waits long behind one)."""
+        ``SEARCH_INDEX_BATCH`` (about a millisecond each, so no message waits long behind one). A failing job
+        is logged once a minute with the count of repeats, not every second."""
         busy = False
+        failures = RefusalLog(log, self.reactor)
 
         def step_done(indexed: int | None, error: BaseException | None) -> None:
             self.reactor.callFromThread(after_step, indexed, error)
@@ -247,7 +249,8 @@ class Service:
             nonlocal busy
             busy = False
             if error is not None:
-                log.error("search index: %s", error)
+                failures.warn(("search-index",), "search index: new messages cannot be indexed (searches by key "
+                              "or words read them directly while few, then miss them): %s", error)  # fmt: skip
             elif indexed == SEARCH_INDEX_BATCH:
                 tick()
 

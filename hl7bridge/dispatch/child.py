@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, make_url, select
+from sqlalchemy import make_url
 
 from hl7bridge.core import logs
 from hl7bridge.core.observer import NullObserver
@@ -42,7 +42,7 @@ from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
 from hl7bridge.dispatch.pipe import LineBuffer
 from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine
-from hl7bridge.store.schema import commands
+from hl7bridge.store.outbox import command_status
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
@@ -50,7 +50,6 @@ log = logging.getLogger("hl7bridge.dispatcher")
 STATE_POLL = 0.2
 #: Below the service: its answers wait for CPU less while this process catches up after an outage.
 NICE_INCREMENT = 10
-_STATUS = select(commands.c.status, commands.c.outcome).where(commands.c.id == bindparam("id"))
 
 
 @dataclass(frozen=True)
@@ -227,10 +226,10 @@ class Child:
         """Answer when the command is final, including when it became final before the parent asked."""
         self.dispatcher.wait_for(command_id, self._final)
         with self.engine.connect() as conn:
-            row = conn.execute(_STATUS, {"id": command_id}).first()
-        if row is not None and row.status in FINAL_STATUSES:
+            found = command_status(conn, command_id)
+        if found is not None and found[0] in FINAL_STATUSES:
             self.dispatcher.forget(command_id)
-            self._final(CommandUpdate(command_id, row.status, row.outcome or ""))
+            self._final(CommandUpdate(command_id, *found))
 
     def _final(self, update: CommandUpdate) -> None:
         self.events.send({pipe.FINAL: {"command_id": update.command_id, "status": update.status,

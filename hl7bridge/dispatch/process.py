@@ -1,7 +1,7 @@
 """The service's side of the dispatcher process: start it, restart it if it dies, and talk to it.
 
 ``DispatcherProcess`` stands in for ``Dispatcher`` in the service (``wake``, ``wait_for``, ``forget``,
-``paused_reason``, ``state``), so the writer, the pipeline and the health checks do not know where it runs. The
+``state``), so the writer, the pipeline and the health checks do not know where it runs. The
 child's writes arrive here as ``write`` events and go through the service's writer, the log's only one.
 """
 
@@ -90,15 +90,6 @@ class DispatcherProcess:
         for command_id in list(self._waiters):
             self._send(pipe.wait_for(command_id))
         log.info("dispatcher process started (pid %d)", self._transport.pid)
-
-    @property
-    def paused_reason(self) -> str | None:
-        """Why nothing is dispatched: the child is down, or the API refused the token."""
-        return self.down_reason or self._state.paused_reason
-
-    @property
-    def paused(self) -> bool:
-        return self.paused_reason is not None
 
     def state(self) -> pipe.DispatchState:
         return replace(self._state, down_reason=self.down_reason or self._state.down_reason)

@@ -2,8 +2,9 @@
 
 ``schema`` defines the tables and opens (and upgrades) the database, ``writer``
 is the single writer thread, ``outbox`` holds the dispatcher's queries and
-updates, ``queries`` serves operators, ``retention`` purges old patient data, ``audit`` is the operators'
-hash-chained audit log.
+updates, ``queries`` serves operators, ``search`` finds messages through the search index, ``deadletters`` and
+``reconcile`` hold the queries of those operator workflows, ``retention`` purges old patient data, ``audit`` is
+the operators' hash-chained audit log.
 """
 
 from .audit import AuditEntry, ChainCheck
@@ -31,11 +32,9 @@ from .queries import (
     appointment_state,
     attempts_for_commands,
     commands_for_messages,
-    count_messages,
     get_message,
     last_message_at,
     later_message,
-    list_messages,
     messages_for_replay,
     open_dead_letters,
     record_replay,
@@ -100,7 +99,6 @@ __all__ = [
     "commands",
     "commands_for_messages",
     "compact",
-    "count_messages",
     "damaged",
     "due_for_purge",
     "due_heads",
@@ -112,7 +110,6 @@ __all__ = [
     "integrity_problem",
     "last_message_at",
     "later_message",
-    "list_messages",
     "loose_directory",
     "mark_in_flight",
     "messages",

@@ -139,6 +139,12 @@ def messages_of(conn: Any, command_ids: list[int]) -> dict[int, int]:
     return {command_id: message_id for command_id, message_id in rows}
 
 
+def command_status(conn: Any, command_id: int) -> tuple[str, str] | None:
+    """A command's status and outcome (None: no such command)."""
+    row = conn.execute(select(commands.c.status, commands.c.outcome).where(commands.c.id == command_id)).first()
+    return (row.status, row.outcome or "") if row is not None else None
+
+
 def due_now(conn: Any, now: float) -> int:
     """End every open command's backoff: each is due at ``now`` (per-appointment order still holds). Returns how
     many were waiting. For when the cause of the failures is known to be gone: the API answers again after

@@ -53,19 +53,6 @@ LIST_COLUMNS = (
 )
 
 
-def list_messages(
-    engine: Engine,
-    status: str | None = None,
-    since: float | None = None,
-    event: str | None = None,
-    limit: int = 50,
-) -> list[dict[str, Any]]:
-    stmt = select(*LIST_COLUMNS).order_by(messages.c.id.desc()).limit(limit)
-    if status:
-        stmt = with_status(stmt, status)
-    return _received(engine, stmt, since, event)
-
-
 def _received(engine: Engine, stmt: Select, since: float | None, event: str | None) -> list[dict[str, Any]]:
     """The messages ``stmt`` selects, of those received since ``since`` with the event ``event`` (if given)."""
     if since is not None:
@@ -80,11 +67,6 @@ def get_message(engine: Engine, message_id: int) -> dict[str, Any] | None:
     with engine.connect() as conn:
         row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
     return dict(row._mapping) if row else None
-
-
-def count_messages(engine: Engine) -> dict[str, int]:
-    with engine.connect() as conn:
-        return _counts_by_status(conn, None)
 
 
 def with_status(stmt: Any, status: str) -> Any:

@@ -18,16 +18,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
 
 from hl7bridge.core.status import DEAD_LETTERS, CommandStatus
 from hl7bridge.store import audit
 from hl7bridge.store.audit import AuditEntry
-from hl7bridge.store.schema import commands, meta
+from hl7bridge.store.deadletters import (
+    appointment_commands,
+    commands_by_id,
+    dead_letters,
+    settle_dead_letters,
+    take_write_lock,
+)
 
-#: Ids per ``IN (...)`` list, under every database's limit on bound values.
-CHUNK = 500
 RETRIED = "retried"
 
 
@@ -84,21 +87,12 @@ def _letter(row: Any) -> DeadLetter:
                       row.outcome or "", row.updated_at, row.attempts)  # fmt: skip
 
 
-_COLUMNS = (commands.c.id, commands.c.message_id, commands.c.appointment_key, commands.c.route, commands.c.kind,
-            commands.c.status, commands.c.outcome, commands.c.updated_at, commands.c.attempts)  # fmt: skip
-
-
 def list_open(
     engine: Engine, *, since: float | None = None, route: str | None = None, limit: int = 1000
 ) -> list[DeadLetter]:
     """Open dead letters, oldest first (command order), dead since ``since`` and of ``route`` when given."""
-    query = select(*_COLUMNS).where(commands.c.status.in_(DEAD_LETTERS)).order_by(commands.c.id).limit(limit)
-    if since is not None:
-        query = query.where(commands.c.updated_at >= since)
-    if route:
-        query = query.where(commands.c.route == route)
     with engine.connect() as conn:
-        return [_letter(row) for row in conn.execute(query)]
+        return [_letter(row) for row in dead_letters(conn, since=since, route=route, limit=limit)]
 
 
 def retry(
@@ -123,7 +117,7 @@ def retry(
             queued, refused = _retry_plan(conn, ids)
         return RetryResult(queued, refused, dry_run=True)
     with engine.begin() as conn:
-        _take_write_lock(conn)
+        take_write_lock(conn)
         queued, refused = _retry_plan(conn, ids)
         if not queued:
             return RetryResult([], refused)
@@ -136,7 +130,7 @@ def retry(
             "outcome": f"queued again by {actor} (audit entry {entry.id})", "resolution": RETRIED,
             "resolved_by": actor, "resolved_at": now, "resolution_reason": reason, "resolution_audit": entry.id,
         }  # fmt: skip
-        _update(conn, [d.id for d in queued], values)
+        settle_dead_letters(conn, [d.id for d in queued], values)
     return RetryResult(queued, refused, audit_id=entry.id)
 
 
@@ -148,33 +142,19 @@ def discard(engine: Engine, ids: Sequence[int], actor: str, reason: str, *, chan
         raise ValueError("a reason is required to discard a dead letter")
     now = time.time()
     with engine.begin() as conn:
-        _take_write_lock(conn)
-        rows = _commands(conn, ids)
+        take_write_lock(conn)
+        rows = commands_by_id(conn, ids)
         refused = _not_dead_letters(ids, rows)
         chosen = [_letter(row) for row in rows if row.status in DEAD_LETTERS]
         if not chosen:
             return DiscardResult([], refused)
         entry = audit.record(conn, AuditEntry(actor, channel, "discard", "command", tuple(d.id for d in chosen),
                                               reason, {"discarded": len(chosen)}), now)  # fmt: skip
-        _update(conn, [d.id for d in chosen], {
+        settle_dead_letters(conn, [d.id for d in chosen], {
             "status": CommandStatus.DISCARDED, "updated_at": now, "resolution": CommandStatus.DISCARDED.value,
             "resolved_by": actor, "resolved_at": now, "resolution_reason": reason, "resolution_audit": entry.id,
         })  # fmt: skip
     return DiscardResult(chosen, refused, audit_id=entry.id)
-
-
-def _take_write_lock(conn: Connection) -> None:
-    """Begin with a write, so the checks that follow and the change commit as one: SQLite begins a transaction
-    as a reader, and the dispatcher could settle a command between the read and the first write."""
-    conn.execute(meta.update().where(meta.c.key == "schema_version").values(value=meta.c.value))
-
-
-def _commands(conn: Connection, ids: Iterable[int]) -> list[Any]:
-    wanted = sorted(set(ids))
-    rows: list[Any] = []
-    for start in range(0, len(wanted), CHUNK):
-        rows += conn.execute(select(*_COLUMNS).where(commands.c.id.in_(wanted[start : start + CHUNK]))).all()
-    return sorted(rows, key=lambda row: row.id)
 
 
 def _not_dead_letters(ids: Iterable[int], rows: list[Any]) -> list[Refusal]:
@@ -188,13 +168,13 @@ def _not_dead_letters(ids: Iterable[int], rows: list[Any]) -> list[Refusal]:
 def _retry_plan(conn: Connection, ids: Sequence[int] | None) -> tuple[list[DeadLetter], list[Refusal]]:
     """Which dead letters may go back into the outbox, in command order, and why the others may not."""
     if ids is None:
-        rows = conn.execute(select(*_COLUMNS).where(commands.c.status.in_(DEAD_LETTERS)).order_by(commands.c.id)).all()
+        rows = dead_letters(conn)
         refused: dict[int, str] = {}
     else:
-        rows = _commands(conn, ids)
+        rows = commands_by_id(conn, ids)
         refused = {r.id: r.reason for r in _not_dead_letters(ids, rows)}
     candidates = [row for row in rows if row.id not in refused]
-    later = _appointment_commands(conn, {row.appointment_key for row in candidates})
+    later = appointment_commands(conn, {row.appointment_key for row in candidates})
     chosen = {row.id for row in candidates}
     # A refusal can strand an earlier dead letter of the same appointment: repeat until nothing changes.
     changed = True
@@ -216,26 +196,3 @@ def _retry_plan(conn: Connection, ids: Sequence[int] | None) -> tuple[list[DeadL
                                    "same appointment: retrying would undo it; discard this one")  # fmt: skip
     queued = [_letter(row) for row in candidates if row.id in chosen]
     return queued, [Refusal(i, why) for i, why in sorted(refused.items())]
-
-
-def _appointment_commands(conn: Connection, keys: set[str]) -> dict[str, list[Any]]:
-    """Every command of these appointments, in order (the appointment index serves it)."""
-    found: dict[str, list[Any]] = {key: [] for key in keys}
-    wanted = sorted(keys)
-    for start in range(0, len(wanted), CHUNK):
-        query = (select(commands.c.id, commands.c.appointment_key, commands.c.kind, commands.c.status)
-                 .where(commands.c.appointment_key.in_(wanted[start : start + CHUNK])).order_by(commands.c.id))  # fmt: skip
-        for row in conn.execute(query):
-            found[row.appointment_key].append(row)
-    return found
-
-
-def _update(conn: Connection, ids: list[int], values: dict[str, Any]) -> None:
-    """Change only what is still a dead letter (the write lock holds that true; this states it)."""
-    for start in range(0, len(ids), CHUNK):
-        conn.execute(
-            commands.update()
-            .where(commands.c.id.in_(ids[start : start + CHUNK]))
-            .where(commands.c.status.in_(DEAD_LETTERS))
-            .values(values)
-        )

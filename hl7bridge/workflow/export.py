@@ -21,8 +21,9 @@ from sqlalchemy.engine import Engine
 from hl7bridge.core.logs import masked, masked_summary
 from hl7bridge.store import LIST_COLUMNS, messages
 from hl7bridge.store.audit import AuditEntry, record
+from hl7bridge.store.search import count, newest_id, stream
 
-from .search import Filters, count, newest_id, stream
+from .search import Filters, check
 
 FORMATS = ("csv", "jsonl", "hl7")
 #: Segments that carry patient data; without ``phi`` every field of theirs is masked in exported HL7.
@@ -38,7 +39,10 @@ _SEGMENT_END = re.compile(r"\r\n|\r|\n")
 
 @dataclass
 class Export:
-    """What an export will write: ``count`` messages (those up to id ``upto``), and the records to write."""
+    """What an export will write: ``count`` messages (those up to id ``upto``), and the records to write.
+
+    ``unindexed``: messages past the search index that were not searched (a search by key or words may miss
+    them)."""
 
     engine: Engine
     filters: Filters
@@ -46,6 +50,7 @@ class Export:
     phi: bool
     count: int
     upto: int
+    unindexed: int = 0
 
     def records(self) -> Iterator[str]:
         """Each record as text with its line end; CSV starts with its header."""
@@ -83,16 +88,17 @@ def open_export(
     """Count what matches now (later arrivals are left out), and audit an export with patient data."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+    check(filters)
     with engine.connect() as conn:
         upto = newest_id(conn)
-        total = count(conn, filters, upto)
+        total, unindexed = count(conn, filters, upto)
     if phi:
         details = {"format": fmt, "count": total, "filters": filters.described(), "upto_id": upto}
         if destination:
             details["to"] = destination
         with engine.begin() as conn:
             record(conn, AuditEntry(actor, channel, "export", "message", (), details=details))
-    return Export(engine, filters, fmt, phi, total, upto)
+    return Export(engine, filters, fmt, phi, total, upto, unindexed)
 
 
 def masked_er7(text: str) -> str:
