@@ -821,6 +821,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument(
         "--by", type=operator_name, metavar="NAME", help="who repairs, for the audit log (default: the OS user)"
     )
+    rec.add_argument("--api-url", dest="reconcile_api_url", metavar="URL",
+                     help="the API to search; needed when the service dispatches elsewhere than api.base_url "
+                          "(serve --api-url/--sandbox): give that URL")  # fmt: skip
     rec.set_defaults(func=cmd_reconcile)
 
     log = sub.add_parser("log", help="look into the message log")
