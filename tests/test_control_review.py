@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from hl7bridge.ops import control
 from hl7bridge.store import AuditEntry, audit, open_engine, purge
 from hl7bridge.workflow.dispatch_target import dispatch_target
 
-from .conftest import RunningService, segments, start_sandbox, start_service, wait_until
+from .conftest import ROOT, RunningService, free_port, segments, start_sandbox, start_service, wait_until
 from .dispatch_support import SANDBOX_TOML, TOKEN, future, service_toml, settled, siu
 
 
@@ -105,3 +109,92 @@ def test_reconcile_searches_where_the_service_dispatches_not_the_config(tmp_path
     finally:
         service.stop()
         sandbox.stop()
+
+
+# --- reload and the pid file ---------------------------------------------------------------------------------
+
+EXAMPLE = (
+    (ROOT / "config" / "hl7bridge.example.toml")
+    .read_text(encoding="utf-8")
+    .replace('listen = "tcp:9102:interface=127.0.0.1"', 'listen = ""')
+)
+
+
+def sandboxed(tmp_path: Path) -> RunningService:
+    return start_service(tmp_path, EXAMPLE, extra=["--sandbox", "--sandbox-listen", f"tcp:{free_port()}"])
+
+
+def test_reload_by_pid_reaches_a_service_without_a_pid_file(tmp_path: Path) -> None:
+    """systemd's ``reload --pid $MAINPID``: a service started before pid files (or unable to write one)."""
+    service = sandboxed(tmp_path)
+    try:
+        service.database.with_suffix(".pid").unlink()
+        args = ("reload", "--config", str(service.config), "--database", service.url, "--by", "systemd")
+        done = service.cli(*args, "--pid", str(service.process.pid))
+        assert f"reload sent to the service (pid {service.process.pid})" in done.stdout
+        other = service.cli(*args, "--pid", str(os.getpid()), check=False)
+        assert other.returncode == 2 and "is not 'hl7bridge serve'" in other.stderr, other.stderr
+        assert len(other.stderr.splitlines()) == 1
+    finally:
+        output = service.stop()
+    assert output.count("configuration reloaded") == 1, output
+
+
+def test_sighup_refuses_what_check_config_refuses(tmp_path: Path) -> None:
+    """``kill -HUP`` (or a file changed after ``hl7bridge reload`` checked it) gets check-config's verdict too."""
+    service = sandboxed(tmp_path)
+    try:
+        service.config.write_text(EXAMPLE.replace("[routes.parameters.phoneNumber]", "[routes.parameters.mobile]"))
+        checked = service.cli("check-config", "--config", str(service.config), check=False)
+        assert checked.returncode == 1 and "journey mismatch: routes[reminders].parameters.mobile" in checked.stderr
+        # Handled before the stop that follows it: both reach the reactor in order (SIGHUP is the lower signal).
+        service.process.send_signal(signal.SIGHUP)
+    finally:
+        output = service.stop()
+    assert "reload refused, keeping the running config: journey mismatch: routes[reminders].parameters.mobile" in output
+    assert "configuration reloaded" not in output
+
+
+@pytest.fixture
+def impostor() -> Iterator[subprocess.Popen]:
+    """A process whose command line holds ``hl7bridge`` and ``serve``, as ``hl7bridge log list --text serve``."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "hl7bridge", "log", "list",
+                                "--text", "serve"])  # fmt: skip
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_only_hl7bridge_serve_itself_is_signalled(tmp_path: Path, impostor: subprocess.Popen) -> None:
+    pid_file = tmp_path / "hl7bridge.pid"
+    pid_file.write_text(f"{impostor.pid}\n")
+    with pytest.raises(control.ControlError, match="is not 'hl7bridge serve'"):
+        control.service_pid(pid_file)
+
+
+def test_a_pid_file_naming_a_later_process_is_refused(tmp_path: Path) -> None:
+    """The start time recorded with the pid: a pid reused after a crash is not signalled."""
+    service = start_service(tmp_path)
+    try:
+        pid_file = service.database.with_suffix(".pid")
+        assert control.service_pid(pid_file) == service.process.pid
+        pid, started = pid_file.read_text().split()
+        pid_file.write_text(f"{pid} {int(started) - 1}\n")
+        with pytest.raises(control.ControlError, match="not the process that wrote it"):
+            control.service_pid(pid_file)
+    finally:
+        service.stop()
+
+
+def test_the_pid_file_is_not_written_through_a_planted_link(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    pid_file = tmp_path / "run" / "hl7bridge.pid"
+    pid_file.parent.mkdir()
+    pid_file.with_name(f".{pid_file.name}.{os.getpid()}").symlink_to(victim)
+    control.write_pid(pid_file)
+    assert victim.read_text() == "keep\n"
+    assert pid_file.read_text().split()[0] == str(os.getpid())
+    assert stat.S_IMODE(pid_file.stat().st_mode) == 0o600
