@@ -343,7 +343,8 @@ def test_purge_is_audited_with_its_counts(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     (entry,) = audit.entries(engine)
     assert (entry.action, entry.actor, entry.target) == ("purge", "carol", "log")
-    assert entry.details == {"older_than": "30d", "messages": 0, "commands": 0, "attempts": 0, "appointments": 0}
+    assert entry.details == {"older_than": "30d", "cutoff": entry.details["cutoff"], "found_messages": 0,
+                             "found_commands": 0, "found_attempts": 0, "found_appointments": 0}  # fmt: skip
     assert audit.verify(engine) == audit.ChainCheck(1)
 
 

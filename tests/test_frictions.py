@@ -14,6 +14,8 @@ from pathlib import Path
 
 import requests
 
+from hl7bridge.ops import control
+
 from .conftest import (
     FIXTURES,
     RunningSandbox,
@@ -167,7 +169,8 @@ def test_reload_reaches_a_service_started_by_hand_and_refuses_a_bad_config(tmp_p
     reload = ("reload", "--config", str(service.config), "--database", service.url, "--by", "ana")
     try:
         pid_file = service.database.with_suffix(".pid")
-        assert pid_file.read_text().strip() == str(service.process.pid)
+        pid, started = pid_file.read_text().split()
+        assert int(pid) == service.process.pid and started == control.start_time(service.process.pid)
         assert stat.S_IMODE(pid_file.stat().st_mode) == 0o600
         with service.client() as client:
             assert (
@@ -377,6 +380,7 @@ def test_systemd_reloads_through_hl7bridge_reload_with_the_service_own_config_an
 
     for name in ("--config", "--database"):
         assert option(reload, name) == option(start, name), name
+    assert option(reload, "--pid") == "$MAINPID", "systemd knows the pid: no pid file needed"
 
 
 def test_reload_refuses_a_config_whose_routes_do_not_fit_their_journeys(tmp_path: Path) -> None:

@@ -226,7 +226,7 @@ def test_a_hostile_api_answer_is_one_clear_line(setting: Setting, api: HostileAp
     hostile.write_text(setting.config.read_text().replace(_base_url(setting), api.url), encoding="utf-8")
     api.script("search", answer)
     before = commands(setting)
-    result = reconcile(setting, "--repair", config=hostile)
+    result = reconcile(setting, "--repair", "--api-url", api.url, config=hostile)
     assert result.returncode == 3
     assert result.stdout == "" and "Traceback" not in result.stderr
     [line] = result.stderr.splitlines()
@@ -310,7 +310,7 @@ def test_an_api_that_ignores_the_search_filter_makes_no_other_journey_count(sett
     others = [{"id": f"other-{n}", "status": "InProgress", "parameters": {"appointmentId": "SOMEONE-ELSE"}}
               for n in range(2)]  # fmt: skip
     api.script("search", json_answer(200, others))
-    result = reconcile(setting, "--json", config=hostile)
+    result = reconcile(setting, "--json", "--api-url", api.url, config=hostile)
     report = json.loads(result.stdout)
     assert report["checked"] >= 1
     assert {f["kind"] for f in report["findings"]} <= {"missing"}

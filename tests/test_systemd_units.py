@@ -92,7 +92,7 @@ def test_service_lifecycle(service: Unit) -> None:
         "RestartSec": "5",
         "KillSignal": "SIGTERM",
         "TimeoutStopSec": "30",
-        "ExecReload": "/opt/hl7bridge/venv/bin/hl7bridge reload --by systemd --config /etc/hl7bridge/hl7bridge.toml "
+        "ExecReload": "/opt/hl7bridge/venv/bin/hl7bridge reload --pid $MAINPID --by systemd --config /etc/hl7bridge/hl7bridge.toml "
         "--database sqlite:////var/lib/hl7bridge/hl7bridge.db",
     }
     assert {key: one(service, "Service", key) for key in expected} == expected

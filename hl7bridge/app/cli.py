@@ -127,6 +127,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     outcome: dict[str, Any] = {}
 
     def started(_: object) -> None:
+        # Handlers first: until then SIGHUP/SIGUSR1 would end the process, and the pid file invites them.
+        signal.signal(control.RELOAD, lambda _sig, _frame: reactor.callFromThread(reload))
+        signal.signal(control.DISPATCH_NOW, lambda _sig, _frame: reactor.callFromThread(service.dispatch_now))
         pid_file = _write_pid(cfg)
         line = (f"hl7bridge {__version__}: MLLP listening on {', '.join(service.addresses())}; "
                 f"log in {_safe_url(cfg.service.database)}")  # fmt: skip
@@ -145,20 +148,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Triggers run in the order added: stop the keep-alives first, then drain the service.
         reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
         reactor.addSystemEventTrigger("before", "shutdown", service.stop)
-        signal.signal(control.RELOAD, lambda _sig, _frame: reactor.callFromThread(reload))
-        signal.signal(control.DISPATCH_NOW, lambda _sig, _frame: reactor.callFromThread(service.dispatch_now))
         sd.ready(line)
         watchdog.start()
 
     def reload() -> None:
-        """SIGHUP: reread the file; a bad new config is refused and the running one kept."""
-        try:
-            fresh = _config(args)
-        except ConfigError as exc:
-            for problem in exc.problems:
+        """SIGHUP: reread the file; one check-config refuses (``journey_check.verdict``) is not installed."""
+        from hl7bridge.app.journey_check import verdict
+
+        judged = verdict(lambda: _config(args))
+        if judged.config is None or judged.problems:
+            for problem in judged.problems:
                 logging.getLogger("hl7bridge.service").error("reload refused, keeping the running config: %s", problem)
-            sd.status(f"Reload refused: {exc.problems[0]}; running configuration kept")
+            sd.status(f"Reload refused: {judged.problems[0]}; running configuration kept")
             return
+        fresh = judged.config
         pending = service.reload(fresh)
         note = f"; needs a restart to change: {', '.join(pending)}" if pending else ""
         logging.getLogger("hl7bridge.service").info("configuration reloaded (routes and mappings)%s", note)
@@ -236,7 +239,12 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from hl7bridge.store import loose_directory
 
-    cfg = _config(args)
+    judged = _verdict(args)
+    if judged.config is None:
+        for problem in judged.problems:
+            print(f"hl7bridge: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    cfg, fit = judged.config, judged.fit
     print(f"{cfg.source}: OK")
     print(f"  database: {_safe_url(cfg.service.database)}")
     loose = loose_directory(cfg.service.database)
@@ -247,21 +255,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
               f"time_zone={listener.time_zone}, validation={listener.validation})")  # fmt: skip
     if cfg.routes and not cfg.sandbox.journeys:
         print("  journeys: not checked (no [[sandbox.journeys]] declares them)")
-    fit = _journey_fit(cfg)
     for line in fit.fitting:
         print(f"  journeys: {line}")
     for warning in fit.warnings:
         print(f"  warning: {warning}")
-    for problem in fit.problems:
-        print(f"hl7bridge: journey mismatch: {problem}", file=sys.stderr)
-    return 1 if fit.problems else 0
+    for problem in judged.problems:
+        print(f"hl7bridge: {problem}", file=sys.stderr)
+    return 1 if judged.problems else 0
 
 
-def _journey_fit(cfg: Config) -> Any:
-    """The routes against the declared journeys (``app.journey_check``): part of check-config's verdict."""
-    from hl7bridge.app.journey_check import JourneyCheck, check_routes
+def _verdict(args: argparse.Namespace) -> Any:
+    """check-config's verdict on the file ``args`` name (``journey_check.verdict``), shared with reload."""
+    from hl7bridge.app.journey_check import verdict
 
-    return check_routes(cfg.routes, cfg.sandbox.journeys) if cfg.sandbox.journeys else JourneyCheck()
+    return verdict(lambda: _config(args))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -666,35 +673,40 @@ def _service_pid(cfg: Config) -> tuple[Path, int]:
         raise CliError(str(exc)) from None
 
 
-def _signal(path: Path, signum: Any) -> int:
+def _signal(pid: int, signum: Any) -> int:
     from hl7bridge.ops import control
 
     try:
-        return control.send(path, signum)
+        return control.send(pid, signum)
     except control.ControlError as exc:
         raise CliError(str(exc)) from None
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    """Check the file as start-up would, then SIGHUP: a file that fails is refused here, and the service keeps
-    its configuration (it checks again itself and refuses a file that changed meanwhile)."""
+    """check-config's verdict on the file, then SIGHUP to the service (``--pid``, else its pid file): a file
+    that fails is refused here and the service keeps its configuration; the service judges the file again
+    itself (the same verdict), so one changed in between is refused there too."""
     from hl7bridge.ops import control
     from hl7bridge.workflow.service import record_reload
 
-    try:
-        cfg = _config(args)
-        problems = [f"journey mismatch: {problem}" for problem in _journey_fit(cfg).problems]
-    except ConfigError as exc:
-        problems = [f"config error: {problem}" for problem in exc.problems]
-    if problems:
-        for problem in problems:
+    judged = _verdict(args)
+    if judged.config is None or judged.problems:
+        for problem in judged.problems:
             print(f"hl7bridge: {problem}", file=sys.stderr)
         print("hl7bridge: reload refused; the running service keeps its configuration", file=sys.stderr)
         return EXIT_USAGE
-    path, pid = _service_pid(cfg)
+    cfg = judged.config
+    if args.pid is not None:
+        try:
+            control.check_service(args.pid)
+        except control.ControlError as exc:
+            raise CliError(str(exc)) from None
+        pid = args.pid
+    else:
+        _path, pid = _service_pid(cfg)
     engine = _engine(args)
     record_reload(engine, actor(args), "cli", pid, cfg.source)
-    _signal(path, control.RELOAD)
+    _signal(pid, control.RELOAD)
     print(f"{cfg.source}: OK; reload sent to the service (pid {pid}). Routes, mappings and dispatch settings apply "
           "to the next message; the service log says what needs a restart.")  # fmt: skip
     return 0
@@ -705,9 +717,9 @@ def cmd_dispatch_now(args: argparse.Namespace) -> int:
     from hl7bridge.workflow.service import dispatch_now
 
     cfg = _config(args)
-    path, pid = _service_pid(cfg)
+    _path, pid = _service_pid(cfg)
     done = dispatch_now(_engine(args), actor(args), "cli")
-    _signal(path, control.DISPATCH_NOW)
+    _signal(pid, control.DISPATCH_NOW)
     print(f"{done.commands_due} waiting command(s) made due; the service (pid {pid}) dispatches now "
           "(follow with 'hl7bridge stats')")  # fmt: skip
     return 0
@@ -851,6 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument(
         "--by", type=operator_name, metavar="NAME", help="who repairs, for the audit log (default: the OS user)"
     )
+    rec.add_argument("--api-url", dest="reconcile_api_url", metavar="URL",
+                     help="the API to search; needed when the service dispatches elsewhere than api.base_url "
+                          "(serve --api-url/--sandbox): give that URL")  # fmt: skip
     rec.set_defaults(func=cmd_reconcile)
 
     log = sub.add_parser("log", help="look into the message log")
@@ -873,6 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
     reload_p.add_argument(
         "--by", type=operator_name, metavar="NAME", help="who asks, for the audit log (default: the OS user)"
     )
+    reload_p.add_argument("--pid", type=whole_number(1, 2**22), metavar="PID",
+                          help="the service's pid instead of its pid file (systemd: --pid $MAINPID)")  # fmt: skip
     reload_p.set_defaults(func=cmd_reload)
 
     dispatch = sub.add_parser("dispatch", help="act on the running service's dispatcher")

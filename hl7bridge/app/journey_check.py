@@ -7,8 +7,10 @@ any other, so a mapping that disagrees with it fails on every message; this says
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hl7bridge.app.config import Config, ConfigError
 from hl7bridge.mapping.routing import Route
 from hl7bridge.testing.sandbox import Journey
 
@@ -57,3 +59,26 @@ def check_routes(routes: tuple[Route, ...], journeys: tuple[Journey, ...]) -> Jo
         if len(out.problems) == before:
             out.fitting.append(f"route {route.name} fits journey {journey.chat_bot_id!r}")
     return out
+
+
+@dataclass
+class Verdict:
+    """check-config's verdict on a file; ``reload`` and the service's SIGHUP handler install only what passes."""
+
+    #: None when the file does not load.
+    config: Config | None
+    fit: JourneyCheck
+    #: Why the file is refused, each "config error: ..." or "journey mismatch: ...", naming its key.
+    problems: list[str]
+
+
+def verdict(load: Callable[[], Config]) -> Verdict:
+    """Load the file and check its routes against the declared journeys: one judgement for the three callers,
+    so neither ``kill -HUP`` nor a file changed after ``hl7bridge reload`` checked it installs what
+    check-config refuses."""
+    try:
+        config = load()
+    except ConfigError as exc:
+        return Verdict(None, JourneyCheck(), [f"config error: {problem}" for problem in exc.problems])
+    fit = check_routes(config.routes, config.sandbox.journeys) if config.sandbox.journeys else JourneyCheck()
+    return Verdict(config, fit, [f"journey mismatch: {problem}" for problem in fit.problems])

@@ -12,7 +12,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -25,6 +24,7 @@ from hl7bridge.dispatch.journeys import JourneysClient
 from hl7bridge.hl7.ack import AckBuilder
 from hl7bridge.ingest.intake import Intake
 from hl7bridge.mapping.routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
+from hl7bridge.workflow.dispatch_target import dispatch_target
 
 
 @dataclass
@@ -35,34 +35,6 @@ class ReplayResult:
     calls: list[str] = field(default_factory=list)
     problem: str = ""
     skipped: bool = False
-
-
-@dataclass(frozen=True)
-class DispatchTarget:
-    """The base URL replayed commands go to, and why that one."""
-
-    base_url: str
-    #: When the service recorded it at its start (epoch seconds); None: the config's ``api.base_url``.
-    recorded_at: float | None = None
-
-    def describe(self) -> str:
-        if self.recorded_at is None:
-            return f"{self.base_url} (api.base_url; no service has recorded where it dispatches)"
-        since = datetime.fromtimestamp(self.recorded_at).astimezone().isoformat(timespec="seconds")
-        return f"{self.base_url} (where the service started at {since} dispatches)"
-
-
-def dispatch_target(engine: Engine, config: Config) -> DispatchTarget:
-    """Where the service dispatches: recorded by it at start, since ``--sandbox`` and ``--api-url`` replace the
-    config's URL; the config's when no service has recorded one."""
-    with engine.connect() as conn:
-        url, at = store.get_meta(conn, store.DISPATCH_URL_KEY), store.get_meta(conn, store.DISPATCH_URL_AT_KEY)
-    if not url:
-        return DispatchTarget(config.api.base_url)
-    try:
-        return DispatchTarget(url, float(at or 0.0))
-    except ValueError:
-        return DispatchTarget(url, 0.0)
 
 
 class Replayer:
@@ -78,7 +50,7 @@ class Replayer:
         self.config = config
         self.clock = clock
         self.router = router(config.routes, config.dispatch)
-        self.target = dispatch_target(engine, config)
+        self.target = dispatch_target(engine, config.api.base_url)
         api = replace(config.api, base_url=self.target.base_url)
         self.client = JourneysClient(api, api.tokens())
         self.acks = AckBuilder(config.service.application, config.service.facility)

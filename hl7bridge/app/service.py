@@ -32,8 +32,6 @@ from hl7bridge.ops.health import HealthResource, HealthState, Probes
 from hl7bridge.ops.metrics import Metrics
 from hl7bridge.store import (
     DAMAGED_HINT,
-    DISPATCH_URL_AT_KEY,
-    DISPATCH_URL_KEY,
     Job,
     PurgeCounts,
     StoreError,
@@ -44,9 +42,9 @@ from hl7bridge.store import (
     loose_directory,
     open_engine,
     purge_step,
-    set_meta,
 )
 from hl7bridge.testing.sandbox import Sandbox
+from hl7bridge.workflow.dispatch_target import record_dispatch_target
 from hl7bridge.workflow.status import ListenerFacts
 
 #: Messages per search-index job (``store.index_step``).
@@ -423,9 +421,8 @@ class Service:
             self.dispatcher = Dispatcher(self.engine, self.writer, client, dispatch, observer=self.metrics)
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
-        with self.engine.begin() as conn:
-            set_meta(conn, DISPATCH_URL_KEY, api.base_url)
-            set_meta(conn, DISPATCH_URL_AT_KEY, repr(time.time()))
+        started = time.time()
+        self.writer.submit_job(Job(lambda conn: record_dispatch_target(conn, api.base_url, started), _target_recorded))
         if sandbox_token:
             log.warning("dispatching to the built-in sandbox at %s (org %s) with the sandbox's own token; nothing "
                         "reaches MedChat", api.base_url, api.org_id)  # fmt: skip
@@ -464,3 +461,10 @@ def why_not_bound(exc: BaseException, setting: str) -> str:
     if isinstance(exc, (KeyError, IndexError)) or "LISTEN_FDS" in text:
         return "no socket was passed by systemd (start it through hl7bridge.socket, or use a tcp: endpoint)"
     return text.strip().splitlines()[0] if text.strip() else exc.__class__.__name__
+
+
+def _target_recorded(_result: object, error: BaseException | None) -> None:
+    """Never fatal: the service dispatches all the same; replay and reconcile then read an older record (they
+    print its time) or api.base_url."""
+    if error is not None:
+        log.error("cannot record where the service dispatches (for replay and reconcile): %s", error)

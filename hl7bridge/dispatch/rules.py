@@ -255,7 +255,7 @@ class DispatchRules:
         if remember is not None:
             c, state, params = remember
             memo = (c.appointment_key, c.route, c.chat_bot_id, state, params)
-        return CommandUpdate(cmd.id, status, outcome, remember=memo)
+        return CommandUpdate(cmd.id, status, outcome, remember=memo, message_id=cmd.message_id)
 
     # -- triggers ----------------------------------------------------------------------------------
     def _bucket(self, cmd: CommandRow, now: float) -> None:
@@ -451,7 +451,7 @@ class DispatchRules:
         if result.verdict is Verdict.REJECTED:
             self.stats.dead += 1
             return CommandUpdate(cmd.id, CommandStatus.DEAD, f"rejected by the API ({result.status}): {messages}",
-                                 count_attempt=True)  # fmt: skip
+                                 count_attempt=True, message_id=cmd.message_id)  # fmt: skip
         if result.verdict is Verdict.AUTH:
             if cmd.sync:
                 return CommandUpdate(
@@ -468,7 +468,8 @@ class DispatchRules:
             return None
         self.stats.dead += 1
         return CommandUpdate(cmd.id, CommandStatus.DEAD, f"given up after {count} such attempts: {messages}", count_attempt=True,
-                             uncertain=cmd.uncertain or result is None or result.maybe_processed)  # fmt: skip
+                             uncertain=cmd.uncertain or result is None or result.maybe_processed,
+                             message_id=cmd.message_id)  # fmt: skip
 
     def _retry(self, cmd: CommandRow, result: ApiResult | None, messages: str) -> CommandUpdate:
         if cmd.sync:
@@ -498,15 +499,10 @@ class DispatchRules:
     def _apply(self, updates: list[CommandUpdate]) -> None:
         if not updates:
             return
-        dead = [u.command_id for u in updates if u.status == CommandStatus.DEAD]
-        if dead:
-            with self.engine.connect() as conn:
-                owners = store.messages_of(conn, dead)
-            for command_id in dead:
-                self.observer.dead_letter()
-                message_id = owners.get(command_id)
-                log.warning("command dead-lettered; 'hl7bridge log show %s' has the reason", message_id,
-                            extra={"message_id": message_id, "command_id": command_id})  # fmt: skip
+        for dead in (u for u in updates if u.status == CommandStatus.DEAD):
+            self.observer.dead_letter()
+            log.warning("command dead-lettered; 'hl7bridge log show %s' has the reason", dead.message_id,
+                        extra={"message_id": dead.message_id, "command_id": dead.command_id})  # fmt: skip
         now = self.clock()
         size = self.settings.updates_per_write
         self._commit(*(store.OutboxWrite(now, updates=updates[i : i + size]) for i in range(0, len(updates), size)))

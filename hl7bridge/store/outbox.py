@@ -56,6 +56,8 @@ class CommandUpdate:
     remember: tuple[str, str, str, str, dict[str, str] | None] | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
     uncertain: bool | None = None
+    #: The command's message, for the dead-letter log line (which names the id ``log show`` takes); not written.
+    message_id: int | None = None
 
 
 def command_values(command: Command, now: float, sync: bool = False) -> dict[str, Any]:
@@ -131,12 +133,6 @@ def due_heads(conn: Any, now: float, limit: int, busy: set[str]) -> list[Command
 
 def next_due(conn: Any) -> float | None:
     return conn.execute(_NEXT_DUE).scalar()
-
-
-def messages_of(conn: Any, command_ids: list[int]) -> dict[int, int]:
-    """The message id of each command (for log lines, which must name the id ``log show`` takes)."""
-    rows = conn.execute(select(commands.c.id, commands.c.message_id).where(commands.c.id.in_(command_ids)))
-    return {command_id: message_id for command_id, message_id in rows}
 
 
 def command_status(conn: Any, command_id: int) -> tuple[str, str] | None:

@@ -115,14 +115,17 @@ def _without_patients(conn: Any) -> Any:
 def purge(engine: Engine, cutoff: float, limit: int = 500, audited: AuditEntry | None = None) -> PurgeCounts:
     """Purge everything older than ``cutoff`` in slices, then give space back (SQLite).
 
-    ``audited`` (an operator's purge) is recorded with the totals as its details, in the transaction of the
-    last slice: the one that finds nothing left, so the entry commits with the purge's completion."""
+    ``audited`` (an operator's purge) is recorded in the first slice's transaction, with the cutoff and what
+    there was to clear: a purge interrupted after any slice has deleted patient data is on the record."""
     total = PurgeCounts()
+    first = True
     while True:
         with engine.begin() as conn:
+            if first and audited is not None:
+                found = {f"found_{name}": n for name, n in asdict(due_for_purge(conn, cutoff)).items()}
+                audit.record(conn, replace(audited, details={**audited.details, "cutoff": cutoff, **found}))
             step = purge_step(conn, cutoff, limit)
-            if step.total == 0 and audited is not None:
-                audit.record(conn, replace(audited, details={**audited.details, **asdict(total)}))
+        first = False
         total += step
         if step.total == 0:
             break
