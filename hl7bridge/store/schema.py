@@ -373,10 +373,12 @@ def _open(url: str, synchronous: str, read_only: bool, create: bool, upgrade: bo
                     "(`serve` upgrades the log in place) or run `hl7bridge upgrade`"
                 )
             _upgrade(engine, found, url)
-        with engine.connect() as conn, _ddl_transaction(conn):
-            metadata.create_all(conn)
-            if found is None:
-                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+        if found != SCHEMA_VERSION:
+            # A current log is only read here: opening it must not wait for (or take) the write lock.
+            with engine.connect() as conn, _ddl_transaction(conn):
+                metadata.create_all(conn)
+                if found is None:
+                    conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
     except SQLAlchemyError as exc:
         hint = f"; {DAMAGED_HINT.format(path=parsed.database)}" if damaged(exc) else ""
         raise StoreError(
