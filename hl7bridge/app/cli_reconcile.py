@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
 
 from sqlalchemy.engine import Engine
 
+from hl7bridge.app.cli_format import when
 from hl7bridge.app.config import Config
 from hl7bridge.core.logs import escape
 from hl7bridge.dispatch.journeys import JourneysClient
@@ -49,7 +49,7 @@ def run(cfg: Config, engine: Engine, since: float, args: argparse.Namespace, act
 
 
 def print_report(report: Report) -> None:
-    since = datetime.fromtimestamp(report.since).astimezone().isoformat(timespec="seconds")
+    since = when(report.since)
     skipped = ", ".join(f"{why} {n}" for why, n in sorted(report.skipped.items()))
     print(f"checked {report.checked} appointment(s) changed since {since} with {report.calls} search(es)"
           + (f"; not checked: {skipped}" if skipped else ""))  # fmt: skip

@@ -12,12 +12,12 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from hl7bridge import store
+from hl7bridge.app.cli_format import when
 from hl7bridge.app.config import Config, ListenerConfig
 from hl7bridge.app.dispatch_config import router
 from hl7bridge.core.logs import masked
@@ -48,8 +48,7 @@ class DispatchTarget:
     def describe(self) -> str:
         if self.recorded_at is None:
             return f"{self.base_url} (api.base_url; no service has recorded where it dispatches)"
-        since = datetime.fromtimestamp(self.recorded_at).astimezone().isoformat(timespec="seconds")
-        return f"{self.base_url} (where the service started at {since} dispatches)"
+        return f"{self.base_url} (where the service started at {when(self.recorded_at)} dispatches)"
 
 
 def dispatch_target(engine: Engine, config: Config) -> DispatchTarget:

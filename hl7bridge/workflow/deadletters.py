@@ -89,10 +89,18 @@ _COLUMNS = (commands.c.id, commands.c.message_id, commands.c.appointment_key, co
 
 
 def list_open(
-    engine: Engine, *, since: float | None = None, route: str | None = None, limit: int = 1000
+    engine: Engine,
+    *,
+    since: float | None = None,
+    route: str | None = None,
+    limit: int = 1000,
+    after: int | None = None,
 ) -> list[DeadLetter]:
-    """Open dead letters, oldest first (command order), dead since ``since`` and of ``route`` when given."""
+    """Open dead letters, oldest first (command order), dead since ``since`` and of ``route`` when given; a page
+    goes on from the command id ``after``."""
     query = select(*_COLUMNS).where(commands.c.status.in_(DEAD_LETTERS)).order_by(commands.c.id).limit(limit)
+    if after is not None:
+        query = query.where(commands.c.id > after)
     if since is not None:
         query = query.where(commands.c.updated_at >= since)
     if route:
