@@ -824,13 +824,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_by(show, "looks (with --phi or --raw)")
     show.set_defaults(func=cmd_log_show)
 
-    reload_p = with_config(sub.add_parser("reload", help="reread the running service's configuration (SIGHUP)"))
+    acted = "exit status: 0 done, 2 bad input (arguments, the configuration), 3 could not act (no running service, the database)"
+    reload_p = with_config(sub.add_parser("reload", help="reread the running service's configuration (SIGHUP)",
+                                          epilog=acted))  # fmt: skip
     add_by(reload_p, "asks")
     reload_p.set_defaults(func=cmd_reload)
 
     dispatch = sub.add_parser("dispatch", help="act on the running service's dispatcher")
     dispatch_sub = dispatch.add_subparsers(dest="dispatch_command", required=True)
-    now = with_config(dispatch_sub.add_parser("now", help="end the backoff: send what waits now (SIGUSR1)"))
+    now = with_config(
+        dispatch_sub.add_parser("now", help="end the backoff: send what waits now (SIGUSR1)", epilog=acted)
+    )
     add_by(now, "asks")
     now.set_defaults(func=cmd_dispatch_now)
 
