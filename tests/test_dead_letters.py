@@ -112,7 +112,9 @@ def verified(setting: Setting) -> None:
 def test_list_shows_open_dead_letters_oldest_first_with_the_apis_reason(setting: Setting) -> None:
     listed = cli(setting, "dead-letters", "list", "--json")
     assert listed.returncode == 0, listed.stderr
-    letters = json.loads(listed.stdout)
+    page = json.loads(listed.stdout)
+    letters = page["dead_letters"]
+    assert page["more"] is False and page["next_after"] is None
     ids = [d["id"] for d in letters]
     assert ids == sorted(ids)
     (two,) = [d for d in letters if d["id"] == setting.dead["DL-2"]]
@@ -131,8 +133,30 @@ def test_list_shows_open_dead_letters_oldest_first_with_the_apis_reason(setting:
     assert f" {message_id} " in row and "MAIN|A-DL-2" in row and "phoneNumber" in row
     assert "open dead letter(s)" in text.stderr
 
-    assert json.loads(cli(setting, "dead-letters", "list", "--json", "--route", "nosuchroute").stdout) == []
-    assert json.loads(cli(setting, "dead-letters", "list", "--json", "--since", "1h").stdout) != []
+    assert (
+        json.loads(cli(setting, "dead-letters", "list", "--json", "--route", "nosuchroute").stdout)["dead_letters"]
+        == []
+    )
+    assert json.loads(cli(setting, "dead-letters", "list", "--json", "--since", "1h").stdout)["dead_letters"] != []
+
+
+def test_list_pages_oldest_first_and_says_when_more_remain(setting: Setting) -> None:
+    everything = json.loads(cli(setting, "dead-letters", "list", "--json").stdout)["dead_letters"]
+    assert len(everything) >= 3
+    seen: list[int] = []
+    after: list[str] = []
+    while True:
+        page = json.loads(cli(setting, "dead-letters", "list", "--json", "--limit", "2", *after).stdout)
+        seen += [d["id"] for d in page["dead_letters"]]
+        if not page["more"]:
+            assert page["next_after"] is None
+            break
+        assert page["next_after"] == page["dead_letters"][-1]["id"]
+        after = ["--after", str(page["next_after"])]
+    assert seen == [d["id"] for d in everything]
+    text = cli(setting, "dead-letters", "list", "--limit", "1")
+    assert len(text.stdout.splitlines()) == 2  # the header and one
+    assert f"the next page is the same command with --after {everything[0]['id']}" in text.stderr
 
 
 # ---- retry -------------------------------------------------------------------------------------------
@@ -256,7 +280,7 @@ def test_discard_needs_a_reason_and_records_who_when_and_why(setting: Setting) -
     assert row["resolution_audit"] == entry.id
     verified(setting)
 
-    listed = json.loads(cli(setting, "dead-letters", "list", "--json").stdout)
+    listed = json.loads(cli(setting, "dead-letters", "list", "--json").stdout)["dead_letters"]
     assert command not in [d["id"] for d in listed]
     shown = cli(setting, "log", "show", str(row["message_id"]))
     assert "discarded by bob at " in shown.stdout and ": patient moved away" in shown.stdout

@@ -204,7 +204,7 @@ def test_reload_reaches_a_service_started_by_hand_and_refuses_a_bad_config(tmp_p
     assert not pid_file.exists(), "the pid file outlived the service"
     service.config.write_text(narrowed)
     gone = service.cli(*reload, check=False)
-    assert gone.returncode == 2 and "no running service" in gone.stderr
+    assert gone.returncode == 3 and "no running service" in gone.stderr
 
 
 # --- the demo reruns after a restart --------------------------------------------------------------------------

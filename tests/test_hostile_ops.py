@@ -32,9 +32,10 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd)  # fmt: skip
 
 
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    """The CLI's answer to a user error: exit 2, no traceback, the last stderr line says it."""
-    assert result.returncode == 2, (result.returncode, result.stderr)
+def one_line_error(result: subprocess.CompletedProcess, status: int = 2) -> str:
+    """The CLI's answer to a user error (exit 2) or a failure to act (exit 3): no traceback, the last stderr line
+    says it."""
+    assert result.returncode == status, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines, "no error message"
@@ -248,7 +249,7 @@ def test_a_damaged_log_is_refused_at_start_and_every_command_says_so(tmp_path: P
     assert f"the message log {path} is damaged" in line and "restore the log from a backup" in line
     assert ".recover" in line
     for command in (["stats"], ["log", "list"], ["log", "show", "5"], ["purge", "--dry-run", "--older-than", "1d"]):
-        line = one_line_error(run(*command, "--database", url, cwd=tmp_path))
+        line = one_line_error(run(*command, "--database", url, cwd=tmp_path), status=3)
         assert "malformed" in line and "restore the log from a backup" in line, command
 
 

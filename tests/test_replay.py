@@ -187,10 +187,17 @@ def test_dead_lettered_message_is_replayed_by_id(setting: Setting, sandbox: Runn
     (dead,) = commands_of_message(service, original)
     assert dead["status"] == "dead"
 
-    dry = replay(setting, str(original), "--dry-run", "--phi")
+    unmasked_before = unmask_rows(service)
+    masked = replay(setting, str(original), "--dry-run")
+    assert masked.returncode == 0 and unmask_rows(service) == unmasked_before  # masked: nothing to audit
+    dry = replay(setting, str(original), "--dry-run", "--phi", "--by", "finn")
     assert dry.returncode == 0, dry.stderr
     _, body = bulk_line(sandbox, dry.stdout, "A-RP-NOPHONE")
     assert body["instances"] == [{"parameters": expected_parameters("A-RP-NOPHONE", phone="5550000")}]
+    # Patient data shown to an operator is audited, as a --phi export is: who, which messages, why.
+    (entry,) = unmask_rows(service)[len(unmasked_before) :]
+    assert (entry["actor"], entry["target"], json.loads(entry["ids"]), entry["reason"]) == (
+        "finn", "message", [original], "replay dry run")  # fmt: skip
 
     done = replay(setting, str(original))
     assert done.returncode == 0, done.stderr
@@ -273,6 +280,10 @@ def replay_with(setting: Setting, env: dict[str, str], *args: str) -> subprocess
            "--database", setting.service.url]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=setting.workdir,
                           env={**os.environ, **env})  # fmt: skip
+
+
+def unmask_rows(service: RunningService) -> list[dict]:
+    return query(service, "SELECT * FROM audit WHERE action = 'unmask' ORDER BY id")
 
 
 def audit_rows(service: RunningService) -> list[dict]:

@@ -215,6 +215,41 @@ def test_a_phi_export_is_audited_and_written_0600(searched: RunningService, tmp_
     assert again.returncode == 2 and "exists" in again.stderr
 
 
+def test_a_failed_export_leaves_no_file_and_the_rerun_writes_it(searched: RunningService, tmp_path: Path) -> None:
+    target = tmp_path / "failed.csv"
+    failed = searched.cli("log", "export", "--since", "1h", "--text", "!!!", "--output", str(target), check=False)
+    assert failed.returncode == 2 and "--text needs a word" in failed.stderr
+    assert not target.exists()
+    searched.cli("log", "export", "--since", "1h", "--format", "csv", "--output", str(target))
+    assert target.read_text().startswith("id,received_at,")
+
+
+def test_csv_cells_from_the_feed_are_never_formulas(fresh_service: RunningService) -> None:
+    fresh_service.request(booking("=1+2", "PL-F", "FI-F", "@SUM(A1)", "-ORCHARD", sender="+APP|-EAST"))
+    indexed(fresh_service)
+    exported = fresh_service.cli("log", "export", "--since", "1h", "--format", "csv", "--phi").stdout
+    (row,) = csv.DictReader(io.StringIO(exported))
+    assert row["control_id"] == "'=1+2" and row["sending_application"] == "'+APP"
+    assert row["sending_facility"] == "'-EAST" and row["patient_id"] == "'@SUM(A1)"
+    assert row["patient_name"] == "ALICE -ORCHARD" and row["id"].isdigit()
+    jsonl = json.loads(fresh_service.cli("log", "export", "--since", "1h", "--phi").stdout)
+    assert jsonl["control_id"] == "=1+2"  # only CSV is read by spreadsheets
+
+
+def test_log_show_with_patient_data_is_audited_as_unmask(searched: RunningService) -> None:
+    (message,) = [r["id"] for r in searched.log("--control-id", "Q-2")]
+    engine = open_engine(f"sqlite:///{searched.database}", create=False)
+    searched.cli("log", "show", str(message))
+    assert audit_log.entries(engine, action="unmask") == []
+    shown = searched.cli("log", "show", str(message), "--phi", "--by", "erin")
+    assert "BRAMBLE" in shown.stdout
+    searched.cli("log", "show", str(message), "--raw", "--json", "--by", "erin")
+    entries = audit_log.entries(engine, action="unmask")
+    assert [(e.actor, e.target, e.ids, e.reason) for e in entries] == [("erin", "message", (message,), "log show")] * 2
+    assert sorted((e.details["phi"], e.details["raw"]) for e in entries) == [(False, True), (True, False)]
+    assert "BRAMBLE" not in json.dumps([e.details for e in entries])
+
+
 def test_a_message_purged_before_it_was_indexed_leaves_the_index_sound(tmp_path: Path) -> None:
     """Retention's trigger removes words only of indexed messages: FTS5's 'delete' of words it never held would
     corrupt the contentless index."""

@@ -117,7 +117,7 @@ def test_a_dead_letter_degrades_with_the_count_and_the_log_tells_when_stopped(
         shown = status_cli(service)
         assert shown.returncode == 1 and "dead letters: 1 open" in shown.stdout
         (letter,) = json.loads(service.cli("dead-letters", "list", "--json", "--config", str(service.config),
-                                           "--database", service.url).stdout)  # fmt: skip
+                                           "--database", service.url).stdout)["dead_letters"]  # fmt: skip
         service.cli("dead-letters", "discard", str(letter["id"]), "--reason", "test", "--config", str(service.config),
                     "--database", service.url)  # fmt: skip
         wait_until(lambda: in_state(port, "ok"), message="ok once the dead letter is discarded")

@@ -7,43 +7,36 @@ import getpass
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import shtab
 
 from hl7bridge import __version__
+from hl7bridge.app.cli_format import add_by, outbox_line, parse_duration, print_table, since_arg, when
 from hl7bridge.app.config import Config, ConfigError, load
 from hl7bridge.core.logs import cap, escape, masked_summary
 from hl7bridge.core.status import CommandStatus, MessageStatus
 
+#: Exit statuses shared by every command: bad input (usage, arguments, the config), and a runtime failure
+#: that kept the command from acting (the service not running, the database failing or locked).
 EXIT_USAGE = 2
+EXIT_FAILED = 3
 #: A cell of `log list` holds at most this much (then "...(+N chars)"): senders choose MSH-3/4/10; `log show` has it all.
 LIST_CELL_CHARS = 80
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 #: SQLite's INTEGER range, for ids and counts given on the command line.
 INT64_MAX = 2**63 - 1
-MAX_DURATION = 100 * 366 * 86400.0
 
 
 class CliError(Exception):
     """A user error: printed as ``hl7bridge: <message>``, exit status 2."""
 
 
-def parse_duration(text: str) -> float:
-    m = _DURATION.match(text.strip().lower())
-    if not m:
-        raise CliError(f"{text!r} is not a duration; use e.g. 90s, 30m, 12h, 7d or 2w")
-    seconds = float(m[1]) * _UNITS[m[2]]
-    if seconds > MAX_DURATION:
-        raise CliError(f"{text!r} is longer than 100 years; use e.g. 90s, 30m, 12h, 7d or 2w")
-    return seconds
+class CouldNotAct(CliError):
+    """A runtime failure, not the input's: printed the same way, exit status 3."""
 
 
 def whole_number(minimum: int, maximum: int = INT64_MAX) -> Any:
@@ -67,14 +60,6 @@ def seconds_arg(text: str) -> float:
     if not 0 < value <= 86400:
         raise argparse.ArgumentTypeError(f"expected a number of seconds from 0 to 86400, got {text[:40]!r}")
     return value
-
-
-def operator_name(text: str) -> str:
-    """An argparse ``type`` for ``--by``: who acted, as the audit log records it."""
-    name = text.strip()
-    if not 0 < len(name) <= 128 or not name.isprintable():
-        raise argparse.ArgumentTypeError(f"expected a name of 1 to 128 printable characters, got {text[:40]!r}")
-    return name
 
 
 def _sha256(text: str) -> str:
@@ -382,17 +367,12 @@ def _database_problem(args: argparse.Namespace, exc: BaseException) -> str | Non
     return f"the database {_safe_url(url)} failed: {_first_line(exc)}{hint}"
 
 
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
-
-
 def cmd_log_list(args: argparse.Namespace) -> int:
     from hl7bridge.app.cli_search import filters_from, more_line
     from hl7bridge.workflow.search import SearchError, search, unindexed_note
 
-    since = time.time() - parse_duration(args.since) if args.since else None
     try:
-        page = search(_engine(args), filters_from(args, since), args.before, args.limit)
+        page = search(_engine(args), filters_from(args), args.before, args.limit)
     except SearchError as exc:
         raise CliError(str(exc)) from None
     if note := unindexed_note(page.unindexed):
@@ -400,11 +380,11 @@ def cmd_log_list(args: argparse.Namespace) -> int:
     rows = page.rows
     if args.json:
         for r in rows:
-            r["received_at"] = _when(r["received_at"])
+            r["received_at"] = when(r["received_at"])
         print(json.dumps(page.as_json(), indent=2, ensure_ascii=False))
         return 0
     header = ("ID", "RECEIVED", "LISTENER", "PEER", "SENDER", "CONTROL ID", "EVENT", "VER", "ACK", "STATUS", "DETAIL")
-    table = [header]
+    table = []
     for r in rows:
         kind = f"{r['message_type'] or '?'}^{r['event'] or ''}".rstrip("^")
         detail = ""
@@ -417,13 +397,11 @@ def cmd_log_list(args: argparse.Namespace) -> int:
         elif r["action"]:
             detail = r["action"]
         table.append(tuple(escape(cap(cell, LIST_CELL_CHARS)) for cell in (
-            str(r["id"]), _when(r["received_at"]), r["listener"], r["peer"],
+            str(r["id"]), when(r["received_at"]), r["listener"], r["peer"],
             f"{r['sending_application'] or ''}/{r['sending_facility'] or ''}", r["control_id"] or "",
             kind, r["version"] or "", r["ack_code"] or "-", CommandStatus.DEAD.value if r["dead_letters"] else r["status"], detail,
         )))  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    print_table(header, table)
     if len(rows) == 0:
         print("(no messages match)", file=sys.stderr)
     if page.more:
@@ -438,12 +416,16 @@ def cmd_log_show(args: argparse.Namespace) -> int:
     row = get_message(engine, args.id)
     if row is None:
         raise CliError(f"no message with id {args.id} (see 'hl7bridge log list')")
+    if args.phi or args.raw:
+        from hl7bridge.workflow.unmask import record_unmask
+
+        record_unmask(engine, actor(args), [args.id], "log show", phi=args.phi, raw=args.raw)
     summary = json.loads(row["summary"]) if row["summary"] else None
     if summary and not args.phi:
         summary = masked_summary(summary)
     charset = row["charset"] or "utf-8"
     raw, ack = row.pop("raw"), row.pop("ack_raw")
-    row["received_at"] = _when(row["received_at"])
+    row["received_at"] = when(row["received_at"])
     row["summary"] = summary
     row["ack"] = ack.decode(charset, errors="replace").replace("\r", "\n").strip() if ack else None
     if args.raw:
@@ -476,16 +458,16 @@ def cmd_log_show(args: argparse.Namespace) -> int:
                   f"{' - ' + c['outcome'] if c['outcome'] else ''} [attempts {c['attempts']}]")  # fmt: skip
             if c["resolution"]:
                 why = f": {escape(c['resolution_reason'])}" if c["resolution_reason"] else ""
-                print(f"      {c['resolution']} by {escape(c['resolved_by'] or '?')} at {_when(c['resolved_at'])}{why} "
+                print(f"      {c['resolution']} by {escape(c['resolved_by'] or '?')} at {when(c['resolved_at'])}{why} "
                       f"(audit entry {c['resolution_audit']})")  # fmt: skip
             if c["status"] == CommandStatus.PENDING and c["next_attempt_at"]:
                 # Read now, from the column: a time written into the outcome went stale ("retrying in 3.0 s").
                 due = c["next_attempt_at"]
-                print(f"      next attempt {'due now' if due <= time.time() else 'at ' + _when(due)}")
+                print(f"      next attempt {'due now' if due <= time.time() else 'at ' + when(due)}")
             if args.phi:
                 print(f"      parameters {c['parameters']}")
             for a in (a for a in attempts if a["command_id"] == c["id"]):
-                print(f"      {_when(a['at'])} {a['request_summary']} -> {a['status_code'] or '-'} {a['verdict']}"
+                print(f"      {when(a['at'])} {a['request_summary']} -> {a['status_code'] or '-'} {a['verdict']}"
                       f" in {a['duration_ms']:.0f} ms{' ' + a['error'] if a['error'] else ''}")  # fmt: skip
     if row["ack"]:
         print("ack sent:")
@@ -520,23 +502,21 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from hl7bridge.store import stats
 
-    since = time.time() - parse_duration(args.since) if args.since else None
-    data = stats(_engine(args), since)
+    data = stats(_engine(args), args.since)
     if args.json:
         print(json.dumps(data, indent=2, default=str))
         return 0
     print(
-        f"messages{' in the last ' + args.since if args.since else ''}: "
+        f"messages{' since ' + when(args.since) if args.since else ''}: "
         + (", ".join(f"{k} {v}" for k, v in sorted(data["messages"].items())) or "none")
     )
     if data["last_message_at"]:
-        print(f"last message received: {_when(data['last_message_at'])}")
+        print(f"last message received: {when(data['last_message_at'])}")
     for row in data["messages_by_event"]:
         print(f"  {escape(str(row['event'])):6} {row['ack']:3} {row['count']}")
     print("commands: " + (", ".join(f"{k} {v}" for k, v in sorted(data["commands"].items())) or "none"))
-    oldest = data["outbox"]["oldest_age_s"]
-    print(f"outbox: {data['outbox']['depth']} waiting" + (f", the oldest for {oldest:.0f} s" if oldest else ""))
-    oldest_dead = f", the oldest since {_when(data['dead_letters_since'])}" if data["dead_letters_since"] else ""
+    print(outbox_line(data["outbox"]["depth"], data["outbox"]["oldest_age_s"]))
+    oldest_dead = f", the oldest since {when(data['dead_letters_since'])}" if data["dead_letters_since"] else ""
     print(f"open dead letters: {data['dead_letters']}{oldest_dead}"
           + (" (see 'hl7bridge dead-letters list')" if oldest_dead else ""))  # fmt: skip
     if data["api_calls"]:
@@ -558,7 +538,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         except CliError as exc:
             return None, str(exc)
 
-    return run(args, _config(args), from_log, _when)
+    return run(args, _config(args), from_log)
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -568,7 +548,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
     age = args.older_than or (f"{cfg.service.retention_days}d" if cfg.service.retention_days else None)
     if not age:
         raise CliError("say how old: --older-than 30d (or set service.retention_days)")
-    cutoff = time.time() - parse_duration(age)
+    try:
+        cutoff = time.time() - parse_duration(age)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     engine = _engine(args)
     if args.dry_run:
         with engine.connect() as conn:
@@ -593,7 +576,7 @@ def cmd_log_export(args: argparse.Namespace) -> int:
 
     if not args.since:
         raise CliError("say which window to export: --since 7d (with any of log list's filters)")
-    filters = filters_from(args, time.time() - parse_duration(args.since))
+    filters = filters_from(args)
     try:
         return export(args, _engine(args), actor(args), filters)
     except (SearchError, ExportRefused) as exc:
@@ -612,9 +595,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError("give message ids or a selection (--status/--since/--event), not both")
     if args.edit and len(args.ids) != 1:
         raise CliError("--edit replays one message: name its id (hl7bridge replay ID --edit)")
-    since = time.time() - parse_duration(args.since) if args.since else None
     try:
-        return cli_replay.run(args, _config(args), _engine(args), actor(args), since)
+        return cli_replay.run(args, _config(args), _engine(args), actor(args), args.since)
     except cli_replay.ReplayRefused as exc:
         raise CliError(str(exc)) from None
 
@@ -631,8 +613,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         )
     if args.dl_command == "discard" and not (args.reason or "").strip():
         raise CliError("say why: --reason TEXT (kept with the command and in the audit log)")
-    since = time.time() - parse_duration(args.since) if getattr(args, "since", None) else None
-    return cli_deadletters.run(args, _engine(args), actor(args), since, _when)
+    return cli_deadletters.run(args, _engine(args), actor(args), getattr(args, "since", None))
 
 
 # --- audit --------------------------------------------------------------------------------------
@@ -641,8 +622,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from hl7bridge.app import cli_audit
 
-    since = time.time() - parse_duration(args.since) if getattr(args, "since", None) else None
-    return cli_audit.run(args, _engine(args), since, _when)
+    return cli_audit.run(args, _engine(args), getattr(args, "since", None), when)
 
 
 # --- reconcile ----------------------------------------------------------------------------------
@@ -656,8 +636,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.route is not None and args.route not in {r.name for r in cfg.routes}:
         raise CliError(f"no route named {args.route!r} (configured: {', '.join(r.name for r in cfg.routes) or 'none'})")
-    since = time.time() - parse_duration(args.since)
-    return run(cfg, _engine(args), since, args, actor(args))
+    return run(cfg, _engine(args), args.since, args, actor(args))
 
 
 # --- reload / dispatch now: reaching the running service -----------------------------------------
@@ -670,7 +649,7 @@ def _service_pid(cfg: Config) -> tuple[Path, int]:
         path = control.pid_path(cfg.service.database, cfg.service.pid_file)
         return path, control.service_pid(path)
     except control.ControlError as exc:
-        raise CliError(str(exc)) from None
+        raise CouldNotAct(str(exc)) from None
 
 
 def _signal(pid: int, signum: Any) -> int:
@@ -679,7 +658,7 @@ def _signal(pid: int, signum: Any) -> int:
     try:
         return control.send(pid, signum)
     except control.ControlError as exc:
-        raise CliError(str(exc)) from None
+        raise CouldNotAct(str(exc)) from None
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -728,8 +707,16 @@ def cmd_dispatch_now(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------------
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr saying what to fix, exit 2, as every other input error; the usage
+    is ``--help``'s. Subcommands' parsers are of this class too (argparse makes them of their parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hl7bridge", description="HL7 v2 SIU over MLLP to MedChat journeys")
+    parser = OneLineParser(prog="hl7bridge", description="HL7 v2 SIU over MLLP to MedChat journeys")
     parser.add_argument("--version", action="version", version=f"hl7bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -781,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade_p.set_defaults(func=cmd_upgrade)
 
     stats_p = with_config(sub.add_parser("stats", help="counts, outbox and API calls, from the database"))
-    stats_p.add_argument("--since", metavar="DURATION", help="e.g. 24h (default: everything)")
+    stats_p.add_argument("--since", type=since_arg, metavar="DURATION", help="e.g. 24h (default: everything)")
     stats_p.add_argument("--json", action="store_true")
     stats_p.set_defaults(func=cmd_stats)
 
@@ -793,9 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge_p = with_config(sub.add_parser("purge", help="clear patient data older than a duration (retention)"))
     purge_p.add_argument("--older-than", metavar="DURATION", help="e.g. 30d (default: service.retention_days)")
     purge_p.add_argument("--dry-run", action="store_true", help="only count what would be cleared")
-    purge_p.add_argument(
-        "--by", type=operator_name, metavar="NAME", help="who purges, for the audit log (default: the OS user)"
-    )
+    add_by(purge_p, "purges")
     purge_p.set_defaults(func=cmd_purge)
 
     from hl7bridge.app.cli_replay import add_replay_options
@@ -805,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("ids", nargs="*", type=whole_number(1), metavar="ID")
     replay.add_argument("--status", choices=(CommandStatus.DEAD.value, MessageStatus.REJECTED.value, CommandStatus.FAILED.value),
                         help="messages that were rejected, or whose commands were dead-lettered or failed")  # fmt: skip
-    replay.add_argument("--since", metavar="DURATION", help="only messages received within, e.g. 2h")
+    replay.add_argument("--since", type=since_arg, metavar="DURATION", help="only messages received within, e.g. 2h")
     replay.add_argument("--event", metavar="S12")
     replay.add_argument(
         "--dry-run", action="store_true", help="print the exact API calls instead (patient data masked)"
@@ -817,8 +802,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dead_sub = dead.add_subparsers(dest="dl_command", required=True)
     dl_list = with_config(dead_sub.add_parser("list", help="open dead letters, oldest first"))
-    dl_list.add_argument("--since", metavar="DURATION", help="dead within, e.g. 12h")
+    dl_list.add_argument("--since", type=since_arg, metavar="DURATION", help="dead within, e.g. 12h")
     dl_list.add_argument("--route", metavar="NAME")
+    dl_list.add_argument("--after", type=whole_number(1), metavar="ID",
+                         help="the page after the one ending at this command id")  # fmt: skip
+    dl_list.add_argument("--limit", type=whole_number(1, 100_000), default=100)
     dl_retry = with_config(dead_sub.add_parser("retry", help="back into the outbox, through the running dispatcher"))
     dl_retry.add_argument("ids", nargs="*", type=whole_number(1), metavar="ID", help="command ids")
     dl_retry.add_argument("--all", action="store_true", help="every open dead letter")
@@ -831,13 +819,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_dead_letters)
     for p in (dl_retry, dl_discard):
-        p.add_argument(
-            "--by", type=operator_name, metavar="NAME", help="who acts, for the audit log (default: the OS user)"
-        )
+        add_by(p, "acts")
     audit_p = sub.add_parser("audit", help="the operators' audit log: who did what, when and why")
     audit_sub = audit_p.add_subparsers(dest="audit_command", required=True)
     audit_list = with_config(audit_sub.add_parser("list", help="entries, newest first"))
-    audit_list.add_argument("--since", metavar="DURATION", help="e.g. 7d")
+    audit_list.add_argument("--since", type=since_arg, metavar="DURATION", help="e.g. 7d")
     audit_list.add_argument("--action", metavar="ACTION", help="e.g. retry, discard, replay, purge, repair, export")
     audit_list.add_argument("--before", type=whole_number(1), metavar="ID", help="the next page: entries older than ID")
     audit_list.add_argument("--limit", type=whole_number(1, 10000), default=50)
@@ -854,15 +840,13 @@ def build_parser() -> argparse.ArgumentParser:
         "reconcile", help="compare the log with the Journeys API; exit 1 on drift",
         epilog="exit status: 0 no drift, 1 drift found (repairs queued with --repair), 2 bad input, "
                "3 could not finish (the API's answer, or reconcile.max_calls)"))  # fmt: skip
-    rec.add_argument("--since", metavar="DURATION", default="7d",
+    rec.add_argument("--since", type=since_arg, metavar="DURATION", default="7d",
                      help="appointments whose state changed within, e.g. 7d (the default)")  # fmt: skip
     rec.add_argument("--route", metavar="NAME", help="only this route's appointments")
     rec.add_argument("--repair", action="store_true", help="queue the commands that fix the drift (outbox)")
     rec.add_argument("--dry-run", action="store_true", help="with --repair: show what would be queued")
     rec.add_argument("--json", action="store_true")
-    rec.add_argument(
-        "--by", type=operator_name, metavar="NAME", help="who repairs, for the audit log (default: the OS user)"
-    )
+    add_by(rec, "repairs")
     rec.add_argument("--api-url", dest="reconcile_api_url", metavar="URL",
                      help="the API to search; needed when the service dispatches elsewhere than api.base_url "
                           "(serve --api-url/--sandbox): give that URL")  # fmt: skip
@@ -882,22 +866,23 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--raw", action="store_true", help="include the raw message (PHI)")
     show.add_argument("--phi", action="store_true", help="show patient data unmasked")
     show.add_argument("--json", action="store_true")
+    add_by(show, "looks (with --phi or --raw)")
     show.set_defaults(func=cmd_log_show)
 
-    reload_p = with_config(sub.add_parser("reload", help="reread the running service's configuration (SIGHUP)"))
-    reload_p.add_argument(
-        "--by", type=operator_name, metavar="NAME", help="who asks, for the audit log (default: the OS user)"
-    )
+    acted = "exit status: 0 done, 2 bad input (arguments, the configuration), 3 could not act (no running service, the database)"
+    reload_p = with_config(sub.add_parser("reload", help="reread the running service's configuration (SIGHUP)",
+                                          epilog=acted))  # fmt: skip
+    add_by(reload_p, "asks")
     reload_p.add_argument("--pid", type=whole_number(1, 2**22), metavar="PID",
                           help="the service's pid instead of its pid file (systemd: --pid $MAINPID)")  # fmt: skip
     reload_p.set_defaults(func=cmd_reload)
 
     dispatch = sub.add_parser("dispatch", help="act on the running service's dispatcher")
     dispatch_sub = dispatch.add_subparsers(dest="dispatch_command", required=True)
-    now = with_config(dispatch_sub.add_parser("now", help="end the backoff: send what waits now (SIGUSR1)"))
-    now.add_argument(
-        "--by", type=operator_name, metavar="NAME", help="who asks, for the audit log (default: the OS user)"
+    now = with_config(
+        dispatch_sub.add_parser("now", help="end the backoff: send what waits now (SIGUSR1)", epilog=acted)
     )
+    add_by(now, "asks")
     now.set_defaults(func=cmd_dispatch_now)
 
     completion = sub.add_parser("completion", help="print the shell completion script (see the README to install it)")
@@ -916,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except CliError as exc:
         print(f"hl7bridge: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_FAILED if isinstance(exc, CouldNotAct) else EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -928,4 +913,4 @@ def main(argv: list[str] | None = None) -> int:
         if problem is None:
             raise
         print(f"hl7bridge: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_FAILED

@@ -9,24 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from hl7bridge.app.cli_format import print_table, when
 from hl7bridge.core.logs import cap, escape
 from hl7bridge.workflow import deadletters
 from hl7bridge.workflow.deadletters import DeadLetter, Refusal
 
-#: ``list`` shows at most this many (oldest first) and says how many more there are.
-LIST_LIMIT = 1000
 REASON_CHARS = 160
-Formatter = Callable[[float], str]
 
 
-def run(args: argparse.Namespace, engine: Engine, actor: str, since: float | None, when: Formatter) -> int:
+def run(args: argparse.Namespace, engine: Engine, actor: str, since: float | None) -> int:
     if args.dl_command == "list":
-        return _list(engine, args, since, when)
+        return _list(engine, args, since)
     if args.dl_command == "retry":
         ids = None if args.all else args.ids
         result = deadletters.retry(engine, ids, actor, reason=args.reason or "", dry_run=args.dry_run)
@@ -57,26 +54,29 @@ def run(args: argparse.Namespace, engine: Engine, actor: str, since: float | Non
     return 1 if result.refused else 0
 
 
-def _list(engine: Engine, args: argparse.Namespace, since: float | None, when: Formatter) -> int:
-    letters = deadletters.list_open(engine, since=since, route=args.route, limit=LIST_LIMIT)
+def _list(engine: Engine, args: argparse.Namespace, since: float | None) -> int:
+    """A page, oldest first: ``--limit`` letters after ``--after``; the JSON is shaped as ``log list``'s."""
+    found = deadletters.list_open(engine, since=since, route=args.route, limit=args.limit + 1, after=args.after)
+    letters, more = found[: args.limit], len(found) > args.limit
+    next_after = letters[-1].id if more else None
     if args.json:
-        print(json.dumps([dict(d.to_json(), since=when(d.since)) for d in letters], indent=2, ensure_ascii=False))
+        page = {"dead_letters": [dict(d.to_json(), since=when(d.since)) for d in letters], "more": more,
+                "next_after": next_after}  # fmt: skip
+        print(json.dumps(page, indent=2, ensure_ascii=False))
         return 0
     if not letters:
         print("(no open dead letters)", file=sys.stderr)
         return 0
     header = ("ID", "MESSAGE", "APPOINTMENT", "ROUTE", "KIND", "STATUS", "DEAD SINCE", "ATTEMPTS", "REASON")
-    table = [header] + [
+    print_table(header, [
         tuple(escape(cap(str(cell), REASON_CHARS)) for cell in (d.id, d.message_id, d.appointment, d.route, d.kind,
                                                                d.status, when(d.since), d.attempts, d.reason))
         for d in letters
-    ]  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
-    more = "" if len(letters) < LIST_LIMIT else f" (the oldest {LIST_LIMIT} shown; narrow with --since or --route)"
-    print(f"{len(letters)} open dead letter(s){more}: 'hl7bridge dead-letters retry ID...' once the cause is fixed, "
+    ])  # fmt: skip
+    print(f"{len(letters)} open dead letter(s) shown: 'hl7bridge dead-letters retry ID...' once the cause is fixed, "
           "or 'hl7bridge dead-letters discard ID... --reason TEXT'", file=sys.stderr)  # fmt: skip
+    if more:
+        print(f"(more remain: the next page is the same command with --after {next_after})", file=sys.stderr)
     return 0
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
 
 from sqlalchemy.engine import Engine
 
+from hl7bridge.app.cli_format import when
 from hl7bridge.app.config import Config
 from hl7bridge.core.logs import escape
 from hl7bridge.dispatch.journeys import JourneysClient
@@ -78,7 +78,7 @@ def _differ(one: str, other: str) -> bool:
 
 
 def print_report(report: Report) -> None:
-    since = datetime.fromtimestamp(report.since).astimezone().isoformat(timespec="seconds")
+    since = when(report.since)
     skipped = ", ".join(f"{why} {n}" for why, n in sorted(report.skipped.items()))
     print(f"checked {report.checked} appointment(s) changed since {since} with {report.calls} search(es)"
           + (f"; not checked: {skipped}" if skipped else ""))  # fmt: skip

@@ -15,8 +15,10 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from hl7bridge.app.cli_format import add_by
 from hl7bridge.app.config import Config
 from hl7bridge.core.logs import escape
+from hl7bridge.workflow.unmask import record_unmask
 
 
 class ReplayRefused(ValueError):
@@ -27,7 +29,7 @@ def add_replay_options(parser: argparse.ArgumentParser, handler: Callable[[argpa
     parser.add_argument("--edit", action="store_true",
                         help="open the message in $EDITOR and replay the edited copy (one ID; the original stays)")  # fmt: skip
     parser.add_argument("--phi", action="store_true", help="show patient data in --dry-run's calls")
-    parser.add_argument("--by", metavar="NAME", help="who replays, for the audit log (default: the OS user)")
+    add_by(parser, "replays")
     parser.set_defaults(func=handler)
 
 
@@ -47,6 +49,8 @@ def run(args: argparse.Namespace, cfg: Config, engine: Engine, actor: str, since
     if args.edit and edited is None:
         return 0
     replayer = Replayer(engine, cfg, actor=actor, phi=args.phi)
+    if args.dry_run and args.phi:
+        record_unmask(engine, actor, [m["id"] for m in originals], "replay dry run", edited=edited is not None)
     if args.dry_run:
         print(f"calls as they would go to {escape(replayer.target.describe())}:")
     progress = Progress(len(originals), sys.stderr.isatty())

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hl7bridge.app.cli_format import add_by, since_arg
 from hl7bridge.core.logs import escape
 from hl7bridge.core.status import CommandStatus, MessageStatus
 from hl7bridge.workflow.search import Filters, unindexed_note
@@ -19,7 +20,7 @@ from hl7bridge.workflow.search import Filters, unindexed_note
 def add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status", choices=[*(status.value for status in MessageStatus), CommandStatus.DEAD.value],
                         help="a message's status, or dead: messages with an open dead letter")  # fmt: skip
-    parser.add_argument("--since", metavar="DURATION", help="received within, e.g. 30m, 12h, 7d")
+    parser.add_argument("--since", type=since_arg, metavar="DURATION", help="received within, e.g. 30m, 12h, 7d")
     parser.add_argument("--event", metavar="S12")
     parser.add_argument("--appointment", metavar="ID", help="placer or filler appointment id (SCH-1, SCH-2)")
     parser.add_argument("--patient", metavar="ID", help="any patient identifier (PID-3)")
@@ -33,11 +34,11 @@ class ExportRefused(ValueError):
     """An export that cannot be written as asked; the message says what to change."""
 
 
-def filters_from(args: argparse.Namespace, since: float | None) -> Filters:
+def filters_from(args: argparse.Namespace) -> Filters:
     return Filters(
         status=args.status,
         event=args.event,
-        since=since,
+        since=args.since,
         appointment=args.appointment,
         patient=args.patient,
         control_id=args.control_id,
@@ -61,7 +62,7 @@ def add_export_parser(
     add_filters(export)
     export.add_argument("--format", choices=FORMATS, default="jsonl")
     export.add_argument("--phi", action="store_true", help="patient data unmasked (recorded in the audit log)")
-    export.add_argument("--by", metavar="NAME", help="who exports, for the audit log (default: the OS user)")
+    add_by(export, "exports")
     export.add_argument(
         "--output", "-o", metavar="FILE", help="write here (created 0600; must not exist) instead of stdout"
     )
@@ -79,6 +80,7 @@ def export(args: argparse.Namespace, engine: Any, actor: str, filters: Filters) 
         raise ExportRefused(f"{target} exists; name a new file (an export never overwrites one)") from None
     except OSError as exc:
         raise ExportRefused(f"cannot create {target}: {exc.strerror}") from None
+    written = False
     try:
         result = open_export(engine, filters, args.format, args.phi, actor,
                              destination=str(target.resolve()) if target else "stdout")  # fmt: skip
@@ -86,9 +88,13 @@ def export(args: argparse.Namespace, engine: Any, actor: str, filters: Filters) 
             out = None
             for record in result.records():
                 sink.write(record)
+        written = True
     finally:
         if out is not None:
             os.close(out)
+        if target is not None and not written:
+            # A failed export leaves no file: neither a partial one nor one that refuses the rerun ("exists").
+            target.unlink(missing_ok=True)
     where = f" to {escape(str(target))}" if target else ""
     print(f"exported {result.count} message(s){where} as {args.format}"
           + ("" if args.phi else " (patient data masked; --phi exports it, audited)"), file=sys.stderr)  # fmt: skip

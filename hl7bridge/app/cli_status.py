@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import requests
 
+from hl7bridge.app.cli_format import outbox_line, when
 from hl7bridge.app.config import Config
 from hl7bridge.core.logs import escape
 from hl7bridge.core.status import ServiceState
 from hl7bridge.mllp.tls import endpoint_fields
 from hl7bridge.workflow.status import LogFacts
 
-Formatter = Callable[[float], str]
 #: The log's facts and the log's (safe) URL, or None and why the log cannot tell.
 LogReader = Callable[[], tuple[LogFacts | None, str]]
 
@@ -30,7 +31,9 @@ EXIT_NOT_RUNNING = 4
 #: An address to ask for one the health listener binds on every interface.
 _ANY = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 _DEFAULT_INTERFACE = {"tcp": "127.0.0.1", "tcp6": "::1"}
+#: The whole question, connecting to the last byte; and the most of an answer read (``/status`` is a few kB).
 ASK_TIMEOUT = 5.0
+MAX_BODY = 1 << 20
 
 
 def status_url(listen: str) -> str | None:
@@ -47,23 +50,46 @@ def status_url(listen: str) -> str | None:
 
 
 def ask(url: str) -> tuple[dict[str, Any] | None, str]:
-    """The service's ``/status`` body, or None and why there is none."""
+    """The service's ``/status`` body, or None and why there is none.
+
+    The service is local: a proxy from the operator's environment (HTTP_PROXY, .netrc) is never asked in its
+    place, and whatever answers on the port gets ``MAX_BODY`` bytes and ``ASK_TIMEOUT`` seconds in all."""
+    deadline = time.monotonic() + ASK_TIMEOUT
+    with requests.Session() as session:
+        session.trust_env = False
+        try:
+            with session.get(url, timeout=ASK_TIMEOUT, stream=True) as response:
+                content = _capped(response, deadline)
+                status_code = response.status_code
+        except requests.ConnectionError:
+            return None, f"nothing answers at {url}"
+        except requests.RequestException as exc:
+            return None, f"{url} did not answer: {exc.__class__.__name__}"
+    if content is None:
+        return None, f"{url} answered more than {MAX_BODY} bytes, or not within {ASK_TIMEOUT:.0f} s"
     try:
-        response = requests.get(url, timeout=ASK_TIMEOUT)
-    except requests.ConnectionError:
-        return None, f"nothing answers at {url}"
-    except requests.RequestException as exc:
-        return None, f"{url} did not answer: {exc.__class__.__name__}"
-    try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
         body = None
     if not isinstance(body, dict) or body.get("state") not in set(ServiceState):
-        return None, f"{url} answered HTTP {response.status_code} without a status (is it this hl7bridge version?)"
+        return None, f"{url} answered HTTP {status_code} without a status (is it this hl7bridge version?)"
     return body, ""
 
 
-def run(args: argparse.Namespace, cfg: Config, read_log: LogReader, when: Formatter) -> int:
+def _capped(response: requests.Response, deadline: float) -> bytes | None:
+    """The body, or None once it passes ``MAX_BODY`` bytes or the deadline. ``read1`` returns what has come
+    (``iter_content`` waits for a whole chunk, so a trickle would never reach the deadline check)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := response.raw.read1(64 * 1024, decode_content=True):
+        size += len(chunk)
+        if size > MAX_BODY or time.monotonic() > deadline:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def run(args: argparse.Namespace, cfg: Config, read_log: LogReader) -> int:
     url = status_url(cfg.health.listen)
     if url is None:
         why = ("health.listen is not set" if not cfg.health.listen
@@ -76,7 +102,7 @@ def run(args: argparse.Namespace, cfg: Config, read_log: LogReader, when: Format
         if args.json:
             print(json.dumps({"running": True, "url": url, **body}, indent=2))
         else:
-            print_status(body, url or "", when)
+            print_status(body, url or "")
         return EXIT_CODES[state]
     facts, where = read_log()
     if facts is None:
@@ -87,12 +113,12 @@ def run(args: argparse.Namespace, cfg: Config, read_log: LogReader, when: Format
     print(f"hl7bridge status: {problem}." if url is None else f"hl7bridge is not running, or not reachable: {problem}.")
     if facts is not None:
         print(f"From the log alone ({where}):")
-        print(_outbox_line(facts.outbox_depth, facts.outbox_oldest_age))
+        print(outbox_line(facts.outbox_depth, facts.outbox_oldest_age))
         print(_dead_line(facts.dead_letters_open, when(facts.dead_letters_since) if facts.dead_letters_since else "-"))
     return EXIT_NOT_RUNNING
 
 
-def print_status(body: dict[str, Any], url: str, when: Formatter) -> None:
+def print_status(body: dict[str, Any], url: str) -> None:
     def local(text: str | None) -> str:
         """An ISO time from ``/status`` in the terminal's zone."""
         return when(datetime.fromisoformat(text).timestamp()) if text else "-"
@@ -113,7 +139,7 @@ def print_status(body: dict[str, Any], url: str, when: Formatter) -> None:
     else:
         print("dispatch: flowing")
     outbox, dead = body["outbox"], body["dead_letters"]
-    print(_outbox_line(outbox["depth"], outbox["oldest_age_s"]))
+    print(outbox_line(outbox["depth"], outbox["oldest_age_s"]))
     print(_dead_line(dead["open"], local(dead["oldest_since"])))
     for lst in body.get("listeners", []):
         last = local(lst["last_message_at"]) if lst["last_message_at"] else "none yet"
@@ -123,10 +149,6 @@ def print_status(body: dict[str, Any], url: str, when: Formatter) -> None:
         print(f"API token: expires {local(token['expires'])} (in {token['days_left']:.0f} day(s))")
     else:
         print("API token: no expiry set (api.token_expires)")
-
-
-def _outbox_line(depth: int, oldest: float | None) -> str:
-    return f"outbox: {depth} waiting" + (f", the oldest for {oldest:.0f} s" if oldest else "")
 
 
 def _dead_line(count: int, since: str) -> str:

@@ -22,10 +22,18 @@ COLUMNS = (commands.c.id, commands.c.message_id, commands.c.appointment_key, com
 
 
 def dead_letters(
-    conn: Connection, *, since: float | None = None, route: str | None = None, limit: int | None = None
+    conn: Connection,
+    *,
+    since: float | None = None,
+    route: str | None = None,
+    limit: int | None = None,
+    after: int | None = None,
 ) -> list[Any]:
-    """Open dead letters in command order, dead since ``since`` and of ``route`` when given."""
+    """Open dead letters in command order, dead since ``since`` and of ``route`` when given; a page goes on from
+    the command id ``after``."""
     query = select(*COLUMNS).where(commands.c.status.in_(DEAD_LETTERS)).order_by(commands.c.id).limit(limit)
+    if after is not None:
+        query = query.where(commands.c.id > after)
     if since is not None:
         query = query.where(commands.c.updated_at >= since)
     if route:

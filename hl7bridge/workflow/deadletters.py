@@ -88,11 +88,17 @@ def _letter(row: Any) -> DeadLetter:
 
 
 def list_open(
-    engine: Engine, *, since: float | None = None, route: str | None = None, limit: int = 1000
+    engine: Engine,
+    *,
+    since: float | None = None,
+    route: str | None = None,
+    limit: int = 1000,
+    after: int | None = None,
 ) -> list[DeadLetter]:
-    """Open dead letters, oldest first (command order), dead since ``since`` and of ``route`` when given."""
+    """Open dead letters, oldest first (command order), dead since ``since`` and of ``route`` when given; a page
+    goes on from the command id ``after``."""
     with engine.connect() as conn:
-        return [_letter(row) for row in dead_letters(conn, since=since, route=route, limit=limit)]
+        return [_letter(row) for row in dead_letters(conn, since=since, route=route, limit=limit, after=after)]
 
 
 def retry(

@@ -34,6 +34,8 @@ CSV_FIELDS = (
     "message_type", "event", "version", "status", "ack_code", "action", "route", "appointment_key",
     "error_location", "error", "duplicate_of", "replay_of", "patient_id", "patient_name", "start",
 )  # fmt: skip
+#: What makes a spreadsheet read a CSV cell as a formula (OWASP's CSV injection list).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _SEGMENT_END = re.compile(r"\r\n|\r|\n")
 
 
@@ -116,5 +118,10 @@ def masked_er7(text: str) -> str:
 
 def _csv_line(values: tuple[Any, ...]) -> str:
     out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerow(values)
+    csv.writer(out, lineterminator="\n").writerow(tuple(_inert(v) for v in values))
     return out.getvalue()
+
+
+def _inert(value: Any) -> Any:
+    """A cell a spreadsheet will not run: text from the feed starting like a formula gets a leading ``'``."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
