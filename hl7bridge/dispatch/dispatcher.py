@@ -12,30 +12,20 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy.engine import Engine
-
-from hl7bridge.core.observer import Observer
 from hl7bridge.dispatch.pipe import DispatchState
-from hl7bridge.dispatch.rules import DispatchRules, DispatchSettings, JobSink, Journeys, LogUnwritable
+from hl7bridge.dispatch.rules import DispatchRules, LogUnwritable
 from hl7bridge.store import CommandUpdate
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
 
 class Dispatcher(DispatchRules):
-    def __init__(
-        self,
-        engine: Engine,
-        writer: JobSink,
-        client: Journeys,
-        settings: DispatchSettings = DispatchSettings(),
-        clock: Callable[[], float] = time.time,
-        observer: Observer | None = None,
-    ) -> None:
-        super().__init__(engine, writer, client, settings, clock, observer)
+    """``DispatchRules`` run by threads: a loop that ticks and a small pool for the API calls."""
+
+    def _prepare(self) -> None:
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="hl7bridge-api")
+        self._pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="hl7bridge-api")
         self._running: set[Future] = set()
         #: ``time.monotonic()`` before which no tick starts: the log refused a write (see ``LogUnwritable``).
         self._log_wait_until = 0.0

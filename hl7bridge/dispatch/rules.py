@@ -144,6 +144,10 @@ class DispatchRules:
         self._waiters: dict[int, Callable[[CommandUpdate], None]] = {}
         #: Per open command: answers of the wrong shape and unexpected errors so far (``STRANGE_LIMIT``).
         self._strange: dict[int, int] = {}
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """What a runner adds once the rules are set up (``Dispatcher``: its threads)."""
 
     @property
     def paused(self) -> bool:
