@@ -315,6 +315,7 @@ def test_the_row_of_an_accepted_message() -> None:
         "event": "S12", "version": "2.5.1", "appointment_key": "HOSP|F1", "action": "book", "route": None,
         "note": None, "replay_of": None, "ack_code": "AA", "ack_text": "Message accepted",
         "status": MessageStatus.ACCEPTED, "error": None, "error_location": None, "duplicate_of": None,
+        "search_terms": '["c:C1","s:EPIC","s:EPIC^HOSP","a:P1","a:F1","p:MRN1"]', "search_text": "DOE JANE",
     }  # fmt: skip
 
 
