@@ -7,7 +7,8 @@ import argparse
 import re
 import time
 from collections.abc import Sequence
-from datetime import datetime
+
+from hl7bridge.core.logs import local_time
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -52,9 +53,8 @@ def add_by(parser: argparse.ArgumentParser, verb: str) -> None:
     )
 
 
-def when(ts: float) -> str:
-    """An epoch time in the terminal's zone, to the second."""
-    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+#: An epoch time in the terminal's zone, to the second.
+when = local_time
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

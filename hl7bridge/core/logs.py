@@ -178,3 +178,8 @@ def configure(level: str = "info", fmt: str = "text", log_phi: bool = False) -> 
     # Third-party chatter stays at warnings unless we debug.
     for noisy in ("urllib3", "twisted"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+def local_time(ts: float) -> str:
+    """Epoch seconds in this machine's zone, to the second: how every operator-facing text shows a time."""
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")

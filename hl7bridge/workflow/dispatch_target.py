@@ -8,12 +8,12 @@ URL it really uses in the log's meta table at start; a separate CLI process read
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from hl7bridge import store
+from hl7bridge.core.logs import local_time
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,7 @@ class DispatchTarget:
     def describe(self) -> str:
         if self.recorded_at is None:
             return f"{self.base_url} (api.base_url; no service has recorded where it dispatches)"
-        since = datetime.fromtimestamp(self.recorded_at).astimezone().isoformat(timespec="seconds")
-        return f"{self.base_url} (where the service started at {since} dispatches)"
+        return f"{self.base_url} (where the service started at {local_time(self.recorded_at)} dispatches)"
 
     def to_json(self) -> dict[str, Any]:
         return {"base_url": self.base_url, "recorded_at": self.recorded_at}
