@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
-from hl7bridge.store import SCHEMA_VERSION, index_step, messages, open_engine, purge, search_terms
 from hl7bridge.store import audit as audit_log
+from hl7bridge.store import index_step, messages, open_engine, purge, search_terms
 from hl7bridge.store.search import TAIL_MAX
 from hl7bridge.workflow.export import open_export
 from hl7bridge.workflow.search import Filters, explain, search
@@ -177,7 +177,7 @@ def test_an_older_log_is_backfilled_on_upgrade(fresh_service: RunningService) ->
         conn.execute("DROP INDEX ix_messages_not_accepted_id")
         conn.execute("ALTER TABLE messages DROP COLUMN search_terms")
         conn.execute("ALTER TABLE messages DROP COLUMN search_text")
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION - 1),))
+        conn.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")  # before the search index (step 6)
     fresh_service.cli("upgrade", "--database", fresh_service.url)
     assert ids(fresh_service, "--patient", "MRN-7") == ["U-1"]
     assert ids(fresh_service, "--text", "willowmere", "--since", "1h") == ["U-1"]

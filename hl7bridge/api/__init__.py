@@ -1,1 +1,1 @@
-"""The HTTP side on ``[console] listen``: the JSON API (``/api/v1``) and the console's pages."""
+"""The JSON API (``/api/v1``) and the operators' console, served on the console listener (``[console] listen``)."""

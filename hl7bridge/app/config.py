@@ -119,6 +119,23 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The JSON API and console listener (``hl7bridge.api``); off while ``listen`` is empty."""
+
+    listen: str = ""
+    max_connections: int = 64
+    #: A connection that sends no complete request for this long is closed.
+    idle_timeout: float = 60.0
+    #: A session unused this long ends; none lasts longer than ``session_absolute``.
+    session_idle: float = 1800.0
+    session_absolute: float = 43200.0
+
+    @property
+    def tls(self) -> bool:
+        return self.listen.split(":", 1)[0] == "ssl"
+
+
+@dataclass(frozen=True)
 class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig("main"),)
@@ -128,6 +145,7 @@ class Config:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     source: str = "(built-in defaults)"
 
     def with_overrides(
@@ -298,6 +316,14 @@ HEALTH_KEYS: dict[str, Check] = {
     "max_connections": _int(1, 10_000),
 }
 
+CONSOLE_KEYS: dict[str, Check] = {
+    "listen": _str,
+    "max_connections": _int(1, 10_000),
+    "idle_timeout": _seconds,
+    "session_idle": _seconds,
+    "session_absolute": _seconds,
+}
+
 LISTENER_KEYS: dict[str, Check] = {
     "endpoint": _endpoint,
     "tls_client_ca": _str,
@@ -328,7 +354,7 @@ LISTENER_KEYS: dict[str, Check] = {
 
 def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
     problems: list[str] = []
-    sections = ("service", "listeners", "api", "dispatch", "routes", "sandbox", "health", "reconcile")
+    sections = ("service", "listeners", "api", "dispatch", "routes", "sandbox", "health", "reconcile", "console")
     for key in data:
         if key not in sections:
             problems.append(f"{key}: unknown section (known: {', '.join(sections)})")
@@ -350,6 +376,8 @@ def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
     sandbox = parse_sandbox(data.get("sandbox"), problems)
     health = HealthConfig(**_section(data.get("health", {}), "health", HEALTH_KEYS, problems))
     reconcile = parse_reconcile(data.get("reconcile", {}), problems)
+    console = ConsoleConfig(**_section(data.get("console", {}), "console", CONSOLE_KEYS, problems))
+    _check_console(console, problems)
     if health.listen:
         _check_endpoint(health.listen, "health.listen", problems)
     if health.heartbeat_interval <= 0:
@@ -361,7 +389,21 @@ def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
             problems.append(f"listeners.{listener.name}.ack_mode: 'dispatched' needs at least one [[routes]] table")
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
-    return Config(service, tuple(listeners), api, dispatch, routes, sandbox, health, reconcile, source)
+    return Config(service, tuple(listeners), api, dispatch, routes, sandbox, health, reconcile, console, source)
+
+
+def _check_console(console: ConsoleConfig, problems: list[str]) -> None:
+    if console.listen:
+        _check_endpoint(console.listen, "console.listen", problems)
+    if any(p.startswith("console.") for p in problems):
+        return
+    if console.idle_timeout <= 0:
+        problems.append("console.idle_timeout: expected a number of seconds > 0")
+    if console.session_idle <= 0:
+        problems.append("console.session_idle: expected a number of seconds > 0")
+    if console.session_absolute < console.session_idle:
+        problems.append(f"console.session_absolute: expected at least session_idle ({console.session_idle:g} s), "
+                        f"got {console.session_absolute:g}")  # fmt: skip
 
 
 def load(path: str | FsPath | None) -> Config:

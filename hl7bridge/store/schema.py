@@ -17,6 +17,7 @@ import orjson
 from sqlalchemy import (
     Column,
     Float,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -37,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -204,6 +205,46 @@ search_keys = Table(
     ),
     Column("message_id", Integer, primary_key=True),
     sqlite_with_rowid=False,
+)
+
+#: Console and API accounts (``workflow.accounts``). A name is an operator's, not a patient's.
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(64), primary_key=True, doc="[A-Za-z0-9._@-], 1 to 64 characters"),
+    Column("role", String(16), nullable=False, doc="viewer operator admin"),
+    Column("password_hash", String(256), nullable=False, doc="argon2id, PHC string; never the password"),
+    Column("created_at", Float, nullable=False),
+    Column("password_changed_at", Float, nullable=False),
+    Column("last_login_at", Float),
+)
+
+#: API tokens: only the SHA-256 of each secret is kept (the secret is shown once, when issued).
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_name", String(64), ForeignKey("users.name", ondelete="CASCADE"), nullable=False),
+    Column("secret_sha256", String(64), nullable=False, unique=True),
+    Column("label", String(128), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float),
+    Index("ix_api_tokens_user", "user_name"),
+)
+
+#: Console sessions, keyed by the SHA-256 of the cookie's secret.
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("secret_sha256", String(64), primary_key=True),
+    Column("user_name", String(64), ForeignKey("users.name", ondelete="CASCADE"), nullable=False),
+    Column("csrf", String(64), nullable=False, doc="random per session; forms and the JSON API echo it"),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen_at", Float, nullable=False, doc="written at most once a minute"),
+    Column("idle_seconds", Float, nullable=False, doc="ends when unused this long"),
+    Column("expires_at", Float, nullable=False, doc="ends then, however used"),
+    Index("ix_sessions_user", "user_name"),
+    Index("ix_sessions_expires", "expires_at"),
 )
 
 #: Summary fields whose words go into the text index (names, reason, type, provider, place).
@@ -498,6 +539,11 @@ def _v6_search(conn: Any) -> None:
         pass
 
 
+def _v7_accounts(conn: Any) -> None:
+    for table in (users, api_tokens, sessions):
+        table.create(conn, checkfirst=True)
+
+
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
 MIGRATIONS: dict[int, Callable[[Any], None]] = {
     2: _v2_retention,
@@ -505,6 +551,7 @@ MIGRATIONS: dict[int, Callable[[Any], None]] = {
     4: _v4_audit,
     5: _v5_resolutions,
     6: _v6_search,
+    7: _v7_accounts,
 }
 
 
