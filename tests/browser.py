@@ -60,7 +60,9 @@ def chromium(tmp_path: Path) -> Iterator[object]:
     options.add_argument(f"--user-data-dir={profile}")
     driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
     driver.set_page_load_timeout(30)
-    driver.set_window_size(WIDTH, HEIGHT)
+    # The page itself is WIDTH×HEIGHT (a window's size includes its frame): the screenshots' size.
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
     try:
         yield driver
     finally:

@@ -34,10 +34,15 @@ TOKEN_PREFIX = "hb_"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-def same_origin(origin: str | None, host: str | None, secure: bool) -> bool:
-    """A request without ``Origin`` (not from a browser's cross-site context) or from this server's own origin."""
+def same_origin(origin: str | None, host: str | None, secure: bool, fetch_site: str | None = None) -> bool:
+    """A request without ``Origin`` (not from a browser's cross-site context) or from this server's own origin.
+
+    Under ``Referrer-Policy: no-referrer`` Chromium sends ``Origin: null`` with a form its own page posts; then
+    the browser's ``Sec-Fetch-Site`` must say ``same-origin`` (a sandboxed or foreign page says otherwise)."""
     if origin is None:
         return True
+    if origin == "null":
+        return fetch_site == "same-origin"
     if not host:
         return False
     return origin == f"{'https' if secure else 'http'}://{host}"

@@ -8,18 +8,18 @@ the reply is written on the reactor, unless the client went away meanwhile.
 
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from twisted.internet import threads
 from twisted.python.failure import Failure
 from twisted.web import resource, server, static
 
 from hl7bridge.api import auth
+from hl7bridge.api.console.pages import error_page
 from hl7bridge.api.http import MAX_BODY, MAX_DISCARD, SECURITY_HEADERS, ApiContext, ApiError, Call, Reply, redirect
 from hl7bridge.api.routes import Route, Router
 
@@ -73,7 +73,9 @@ class Dispatcher(resource.Resource):
             if getattr(request, "too_large", False):
                 raise ApiError(413, f"the body is larger than {MAX_BODY // 1024} KiB")
             headers = _headers(request)
-            if not auth.same_origin(headers.get("origin"), headers.get("host"), request.isSecure()):
+            if not auth.same_origin(
+                headers.get("origin"), headers.get("host"), request.isSecure(), headers.get("sec-fetch-site")
+            ):
                 raise ApiError(403, "cross-origin request refused (the Origin header names another site)")
             query = parse_qs(url.query, keep_blank_values=True, max_num_fields=100)
         except ApiError as exc:
@@ -89,7 +91,7 @@ class Dispatcher(resource.Resource):
         d = threads.deferToThreadPool(self.reactor, self.ctx.pool, _prepare, route, call)
         if not route.blocking:
             d.addCallback(lambda ready: route.handler(ready) if isinstance(ready, Call) else ready)
-        d.addCallbacks(lambda reply: reply, lambda failure: _failed(route, failure))
+        d.addCallbacks(lambda reply: reply, lambda failure: _failed(route, failure, call.path))
         d.addCallback(lambda reply: None if gone else self._write(request, route, reply))
         d.addErrback(lambda failure: log.error("api: writing the answer failed: %s", failure.getErrorMessage()))
         return server.NOT_DONE_YET
@@ -115,21 +117,24 @@ def _prepare(route: Route, call: Call) -> Call | Reply:
     return route.handler(ready)
 
 
-def _failed(route: Route, failure: Failure) -> Reply:
+def _failed(route: Route, failure: Failure, path: str = "") -> Reply:
     if failure.check(ApiError):
-        return _error_reply(route, failure.value)
+        return _error_reply(route, failure.value, path)
     # The type and the route only: an exception's text may quote what a message carries.
     log.error("api: %s %s failed: %s", route.method, route.path, failure.type.__name__)
     return _error_reply(route, ApiError(500, "internal error; the service log has its type"))
 
 
-def _error_reply(route: Route | None, exc: ApiError) -> Reply:
+def _error_reply(route: Route | None, exc: ApiError, path: str = "") -> Reply:
     headers = list(exc.headers.items())
     if route is not None and route.kind == "page":
         if exc.status == 401:
-            return redirect(LOGIN_PAGE)
-        page = f"<!doctype html><title>{exc.status}</title><p>{html.escape(exc.message)}</p>".encode()
-        return Reply(exc.status, page, "text/html; charset=utf-8", headers)
+            # Back to the page asked for after logging in; an ended session's cookie is cleared (else /login,
+            # which reads it too, would send the browser round again).
+            reply = redirect(LOGIN_PAGE + (f"?{urlencode({'next': path})}" if path and path != "/" else ""))
+            reply.headers.extend(h for h in headers if h[0] == "Set-Cookie")
+            return reply
+        return error_page(None, exc.status, exc.message, headers)
     return Reply(exc.status, exc.body(), headers=headers)
 
 

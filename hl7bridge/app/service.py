@@ -246,6 +246,7 @@ class Service:
             return
         from hl7bridge.api.http import POOL_THREADS, ApiContext
         from hl7bridge.api.server import build_site
+        from hl7bridge.api.console.pages import PAGES, STATIC
         from hl7bridge.api.v1 import ROUTES
 
         pool = ThreadPool(minthreads=0, maxthreads=POOL_THREADS, name="hl7bridge-api")
@@ -261,7 +262,7 @@ class Service:
             session_idle=cfg.session_idle,
             session_absolute=cfg.session_absolute,
         )
-        site = build_site(context, ROUTES, self.reactor, idle_timeout=cfg.idle_timeout)
+        site = build_site(context, [*ROUTES, *PAGES], self.reactor, idle_timeout=cfg.idle_timeout, static_dir=STATIC)
         capped = CappedFactory(site, cfg.max_connections, "console", RefusalLog(log, self.reactor))
         try:
             self._console_port = yield endpoints.serverFromString(self.reactor, cfg.listen).listen(capped)

@@ -9,11 +9,12 @@ viewer's zone, and without JavaScript the UTC text stays readable.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
-from markupsafe import Markup, escape
+from markupsafe import Markup
 
 ENV = Environment(
     loader=PackageLoader("hl7bridge.api.console", "templates"),
@@ -65,14 +66,13 @@ def pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
 
 
-def segments(raw: str | None) -> Markup:
-    """Raw HL7 as one line per segment, the segment id emphasised (the text escaped)."""
+def segments(raw: str | Sequence[str] | None) -> Markup:
+    """HL7 (text, or its segments) as one line per segment, the segment id emphasised (the text escaped)."""
     if not raw:
         return Markup("")
-    lines = [line for line in raw.replace("\r\n", "\r").replace("\n", "\r").split("\r") if line]
+    lines = raw.replace("\r\n", "\r").replace("\n", "\r").split("\r") if isinstance(raw, str) else raw
     return Markup("\n").join(
-        Markup('<span class="seg">{}</span>{}').format(line[:3], line[3:]) if len(line) >= 3 else escape(line)
-        for line in lines
+        Markup('<span class="seg">{}</span>{}').format(line[:3], line[3:]) for line in lines if line
     )
 
 
