@@ -280,3 +280,52 @@ def test_user_input_is_checked_naming_the_field(setting: Setting) -> None:
         assert answer.status_code == 400 and answer.json()["field"] == field, answer.text
     short = api.post("/api/v1/users", {"name": "a", "role": "viewer", "password": "short"}, role="admin")
     assert short.status_code == 400 and "at least 12" in short.json()["error"]
+
+
+# ---- replay (last: it settles API-2's dead letter as replayed) -----------------------------------------------
+
+
+def test_a_viewer_may_not_replay(setting: Setting) -> None:
+    message, _ = setting.sent["API-2"]
+    answer = setting.api.post("/api/v1/replay", {"ids": [message], "dry_run": True}, role="viewer")
+    assert answer.status_code == 403 and "'act'" in answer.json()["error"]
+
+
+def test_replay_dry_run_describes_the_calls_masked_and_changes_nothing(setting: Setting) -> None:
+    api = setting.api
+    message, _ = setting.sent["API-2"]
+    answer = api.post("/api/v1/replay", {"ids": [message], "dry_run": True}, role="operator")
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["dry_run"] is True and result["counts"]["checked"] == 1
+    assert result["target"]["base_url"] == setting.sandbox.url
+    (one,) = result["results"]
+    assert one["message_id"] == message and one["new_message_id"] is None
+    assert any(call.startswith("POST ") and "/bulk" in call for call in one["calls"]), one["calls"]
+    assert "\"patientId\": \"M***\"" in " ".join(one["calls"])  # the journey parameters, masked
+    by_filter = api.post("/api/v1/replay", {"filter": {"status": "dead", "since": "1h"}, "dry_run": True},
+                         role="operator").json()  # fmt: skip
+    assert message in [r["message_id"] for r in by_filter["results"]]
+
+
+def test_replay_is_audited_with_the_apis_channel_and_reason(setting: Setting) -> None:
+    api = setting.api
+    message, _ = setting.sent["API-2"]
+    answer = api.post("/api/v1/replay", {"ids": [message], "reason": "journey fixed"}, role="operator")
+    assert answer.status_code == 200, answer.text
+    (one,) = answer.json()["results"]
+    assert one["new_message_id"] and one["commands"] == 1, one
+    entries = api.get("/api/v1/audit?action=replay", role="viewer").json()["entries"]
+    assert any(e["ids"] == [message, one["new_message_id"]] and e["channel"] == "api" and e["actor"] == "operator"
+               and e["reason"] == "journey fixed" for e in entries), entries  # fmt: skip
+    replayed = api.get("/api/v1/messages?control_id=API-2", role="viewer").json()["messages"]
+    assert one["new_message_id"] in [m["id"] for m in replayed]
+
+
+def test_replay_input_is_checked(setting: Setting) -> None:
+    api = setting.api
+    cases = [({}, "ids"), ({"ids": [1], "filter": {"status": "dead"}}, "ids"), ({"filter": {"status": "all"}},
+             "filter.status"), ({"filter": {"status": "dead", "colour": 1}}, "colour"), ({"ids": [999999]}, "ids")]  # fmt: skip
+    for body, field in cases:
+        answer = api.post("/api/v1/replay", {**body, "dry_run": True}, role="operator")
+        assert answer.status_code in (400, 404) and answer.json()["field"] == field, (body, answer.text)
