@@ -302,7 +302,7 @@ def test_replay_dry_run_describes_the_calls_masked_and_changes_nothing(setting: 
     (one,) = result["results"]
     assert one["message_id"] == message and one["new_message_id"] is None
     assert any(call.startswith("POST ") and "/bulk" in call for call in one["calls"]), one["calls"]
-    assert "\"patientId\": \"M***\"" in " ".join(one["calls"])  # the journey parameters, masked
+    assert '"patientId": "M***"' in " ".join(one["calls"])  # the journey parameters, masked
     by_filter = api.post("/api/v1/replay", {"filter": {"status": "dead", "since": "1h"}, "dry_run": True},
                          role="operator").json()  # fmt: skip
     assert message in [r["message_id"] for r in by_filter["results"]]

@@ -124,7 +124,7 @@ def post_replay(call: Call) -> Reply:
     else:
         chosen = data["filter"]
         if not isinstance(chosen, dict):
-            raise ApiError(400, "filter: expected an object such as {\"status\": \"dead\", \"since\": \"2h\"}", "filter")
+            raise ApiError(400, 'filter: expected an object such as {"status": "dead", "since": "2h"}', "filter")
         unknown_keys(chosen, {"status", "since", "event"})
         status = chosen.get("status")
         if status not in REPLAY_STATUSES:
