@@ -49,6 +49,8 @@ class Api:
         headers = dict(kwargs.pop("headers", {}) or {})
         if role is not None:
             headers["Authorization"] = f"Bearer {self.tokens[role]}"
+        if session is None:
+            headers.setdefault("Connection", "close")  # the listener takes so many connections at once
         sender = session or requests.Session()
         sender.trust_env = False
         response = sender.request(method, self.url + path, headers=headers, timeout=30, allow_redirects=False,

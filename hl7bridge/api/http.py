@@ -21,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 
 from hl7bridge.core.checks import parse_duration
 from hl7bridge.workflow.accounts import LoginLimiter, Principal, Session
+from hl7bridge.workflow.replay import Replayer
 
 #: A request body is read up to this many bytes; a longer one is answered 413.
 MAX_BODY = 64 * 1024
@@ -45,8 +46,9 @@ class ApiContext:
     pool: ThreadPool
     #: The same JSON as the health listener's ``/status`` (read on the reactor: it reads the service's state).
     status: Callable[[], dict[str, Any]]
-    #: The operator's replay (``app.replay``, the CLI's own), given by the service: ``None`` when it cannot run.
-    replay: Callable[..., Any] | None = None
+    #: The CLI's own replayer, built by the service from its current configuration (``app.wiring.replayer_for``)
+    #: with the options given (actor, channel, reason); None: replay is not offered.
+    replayer: Callable[..., Replayer] | None = None
     secure_cookies: bool = False
     limiter: LoginLimiter = field(default_factory=LoginLimiter)
     clock: Callable[[], float] = time.time

@@ -23,7 +23,7 @@ from hl7bridge.api.http import (
 )
 from hl7bridge.api.routes import Param, Route
 from hl7bridge.core.status import CommandStatus, MessageStatus, Permission, Role
-from hl7bridge.store import audit, stats
+from hl7bridge.store import audit, messages_for_replay, stats
 from hl7bridge.workflow import accounts, deadletters
 from hl7bridge.workflow.search import Filters, SearchError, search
 
@@ -103,6 +103,54 @@ def post_discard(call: Call) -> Reply:
 def _channel(call: Call) -> str:
     """The audit log's channel: the console's pages act as "console", scripts and the API as "api"."""
     return "api" if call.path.startswith("/api/") else "console"
+
+
+# --- replay -------------------------------------------------------------------------------------------------
+
+#: Messages one replay request may select: a larger selection is narrowed (``since``, ``event``) or sent in parts.
+MAX_REPLAY = 500
+REPLAY_STATUSES = (CommandStatus.DEAD.value, MessageStatus.REJECTED.value, CommandStatus.FAILED.value)
+
+
+def post_replay(call: Call) -> Reply:
+    """``hl7bridge replay``: by ids or a selection, dry run (calls masked) or real (audited, one entry a message)."""
+    data = call.json()
+    unknown_keys(data, {"ids", "filter", "dry_run", "reason"})
+    if ("ids" in data) == ("filter" in data):
+        raise ApiError(400, "ids: name the messages to replay, or give a filter (not both)", "ids")
+    ids, status, since, event = None, None, None, None
+    if "ids" in data:
+        ids = ids_arg(data["ids"], limit=MAX_REPLAY)
+    else:
+        chosen = data["filter"]
+        if not isinstance(chosen, dict):
+            raise ApiError(400, 'filter: expected an object such as {"status": "dead", "since": "2h"}', "filter")
+        unknown_keys(chosen, {"status", "since", "event"})
+        status = chosen.get("status")
+        if status not in REPLAY_STATUSES:
+            raise ApiError(400, f"filter.status: expected one of {', '.join(REPLAY_STATUSES)}", "filter.status")
+        since = since_arg(chosen.get("since"), "filter.since", call.ctx.clock())
+        event = text_arg(chosen.get("event"), "filter.event", max_chars=16)
+    dry_run = bool_arg(data.get("dry_run"), "dry_run")
+    reason = text_arg(data.get("reason"), "reason", max_chars=MAX_REASON) or ""
+    if call.ctx.replayer is None:
+        raise ApiError(503, "replay is not available on this service")
+    originals = messages_for_replay(call.ctx.engine, ids, status, since, event)
+    if ids is not None:
+        missing = sorted(set(ids) - {m["id"] for m in originals})
+        if missing:
+            raise ApiError(404, f"no message with id {', '.join(map(str, missing[:20]))}", "ids")
+    if len(originals) > MAX_REPLAY:
+        raise ApiError(400, f"filter: {len(originals)} messages match, more than {MAX_REPLAY} at once; narrow it "
+                            "with since or event", "filter")  # fmt: skip
+    replayer = call.ctx.replayer(actor=call.actor, channel=_channel(call), reason=reason)
+    results = [replayer.replay(original, dry_run) for original in originals]
+    counts = {"replayed": sum(1 for r in results if r.new_message_id is not None),
+              "checked": sum(1 for r in results if dry_run and not r.problem),
+              "skipped": sum(1 for r in results if r.skipped),
+              "failed": sum(1 for r in results if r.problem and not r.skipped)}  # fmt: skip
+    return Reply(200, {"dry_run": dry_run, "target": replayer.target.to_json(), "counts": counts,
+                       "results": [r.to_json() for r in results]})  # fmt: skip
 
 
 # --- stats, audit -------------------------------------------------------------------------------------------
@@ -230,6 +278,11 @@ ROUTES: list[Route] = [
     Route("POST", "/api/v1/dead-letters/discard", post_discard, ACT, "Settle dead letters unsent, with a reason "
           "(audited)", (_b("ids", "command ids", "array", items="integer", required=True),
                         Param("reason", "body", "string", _REASON.description, required=True)), tag="dead letters"),
+    Route("POST", "/api/v1/replay", post_replay, ACT, "Run logged messages again through mapping and dispatch, or "
+          "describe the calls (dry run, patient data masked); audited", (
+              _b("ids", "message ids", "array", items="integer"),
+              Param("filter", "body", "object", "a selection: status (dead, rejected, failed), since, event"),
+              _b("dry_run", "describe the calls, change nothing", "boolean"), _REASON), tag="messages"),
     Route("GET", "/api/v1/stats", get_stats, READ, "Messages by status, event and ACK; outbox; dead letters; API "
           "calls (hl7bridge stats)", (_SINCE,), tag="service"),
     Route("GET", "/api/v1/status", get_status, READ, "The service's state (ok, degraded, failing) with reasons "

@@ -17,7 +17,7 @@ from twisted.web import server
 
 from hl7bridge.app.config import Config
 from hl7bridge.app.dispatch_config import router
-from hl7bridge.app.wiring import intake_for
+from hl7bridge.app.wiring import intake_for, replayer_for
 from hl7bridge.dispatch.child import ChildSpec, FixedToken
 from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import JourneysClient, TokenSource, plain_http_outside_loopback
@@ -258,6 +258,7 @@ class Service:
             engine=self.engine,
             pool=pool,
             status=lambda: assess(health.facts(time.time())).to_json(),
+            replayer=lambda **options: replayer_for(self.engine, self.config, **options),
             secure_cookies=cfg.tls,
             session_idle=cfg.session_idle,
             session_absolute=cfg.session_absolute,
