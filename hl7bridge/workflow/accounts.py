@@ -313,6 +313,10 @@ def close_session(engine: Engine, secret: str, *, channel: str = "api") -> None:
 # --- login throttling ----------------------------------------------------------------------------
 
 
+#: A name or peer as the limiter keeps it: longer ones are not names, nor addresses, and must not cost memory.
+_KEY_CHARS = 128
+
+
 class LoginLimiter:
     """Failed logins, in memory, per name and per peer: after ``failures`` within ``window`` seconds, that name
     (or peer) is refused for ``lockout`` seconds. A success clears its name's count, not its peer's: one valid
@@ -329,7 +333,7 @@ class LoginLimiter:
 
     @staticmethod
     def _keys_of(name: str, peer: str) -> tuple[tuple[str, str], tuple[str, str]]:
-        return ("name", str(name)[:MAX_SECRET_CHARS]), ("peer", str(peer)[:MAX_SECRET_CHARS])
+        return ("name", str(name)[:_KEY_CHARS]), ("peer", str(peer)[:_KEY_CHARS])
 
     def retry_after(self, name: str, peer: str, now: float) -> float | None:
         """Seconds until a login for ``name`` from ``peer`` is taken again (for ``Retry-After``); None: now."""
