@@ -244,9 +244,9 @@ class Service:
         cfg = self.config.console
         if not cfg.listen:
             return
+        from hl7bridge.api.console.pages import PAGES, STATIC
         from hl7bridge.api.http import POOL_THREADS, ApiContext
         from hl7bridge.api.server import build_site
-        from hl7bridge.api.console.pages import PAGES, STATIC
         from hl7bridge.api.v1 import ROUTES
 
         pool = ThreadPool(minthreads=0, maxthreads=POOL_THREADS, name="hl7bridge-api")
