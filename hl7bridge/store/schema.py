@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -46,6 +46,8 @@ log = logging.getLogger("hl7bridge.store")
 metadata = MetaData()
 #: The partial index's condition; a query must repeat it word for word for SQLite to use the index.
 NOT_ACCEPTED = f"status <> '{MessageStatus.ACCEPTED}'"
+#: The replay index's condition (only replays are indexed).
+REPLAYED = "replay_of IS NOT NULL"
 
 meta = Table(
     "meta",
@@ -86,7 +88,9 @@ messages = Table(
     Column("search_terms", Text, doc="JSON list of the message's search_keys (PHI: patient ids); NULL once purged"),
     Column("search_text", Text, doc="the words the text index holds (PHI); NULL once purged"),
     Index("ix_messages_sender_control", "sending_application", "sending_facility", "control_id"),
-    Index("ix_messages_received_at", "received_at"),
+    # Time ranges, and covering for the dashboard's counts per minute by ACK code and per listener: the same one
+    # B-tree per insert as an index of received_at alone, and a window is counted without reading a message row.
+    Index("ix_messages_received", "received_at", "ack_code", "listener"),
     # Only the messages operators look for (rejected, ignored, duplicate, pending): an accepted message,
     # nearly every one, writes no entry here. Every B-tree an insert touches is one more WAL page.
     Index(
@@ -97,6 +101,8 @@ messages = Table(
         postgresql_where=text(NOT_ACCEPTED),
     ),
     Index("ix_messages_appointment", "appointment_key"),
+    # The replays of a message (its timeline); intake writes no replay, so no entry is added on the hot path.
+    Index("ix_messages_replay_of", "replay_of", sqlite_where=text(REPLAYED), postgresql_where=text(REPLAYED)),
     # The same few messages in id order (an index ends in the rowid): `log list --status rejected` pages through
     # them newest first without sorting every one.
     Index(
@@ -192,6 +198,17 @@ audit_log = Table(
     Index("ix_audit_at", "at"),
     # Ids never reused: an entry deleted at the end is not replaced by the next one under its id.
     sqlite_autoincrement=True,
+)
+
+#: Which ids each audit entry names, one row each: "the entries naming this message or its commands" is then an
+#: index lookup, however long the audit log (``ids`` in ``audit`` is a JSON list, which no index reaches).
+audit_refs = Table(
+    "audit_refs",
+    metadata,
+    Column("target", String(16), primary_key=True, doc="what the id names: message, command, user, ..."),
+    Column("ref", String(128), primary_key=True, doc="the id, as text (user names are ids too)"),
+    Column("audit_id", Integer, primary_key=True),
+    sqlite_with_rowid=False,
 )
 
 search_keys = Table(
@@ -544,6 +561,44 @@ def _v7_accounts(conn: Any) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _v8_timeline(conn: Any) -> None:
+    """The timeline's lookups: the replays of a message (a partial index), the audit entries naming an id
+    (``audit_refs``, backfilled from the entries already written, a batch at a time), and the received-time
+    index made covering for the dashboard (it replaces ``ix_messages_received_at``: still one index per insert)."""
+    conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_messages_replay_of ON messages (replay_of) WHERE {REPLAYED}")
+    conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS ix_messages_received ON messages (received_at, ack_code, listener)"
+    )
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_messages_received_at")
+    audit_refs.create(conn, checkfirst=True)
+    last = 0
+    while True:
+        rows = conn.execute(
+            select(audit_log.c.id, audit_log.c.target, audit_log.c.ids)
+            .where(audit_log.c.id > last).order_by(audit_log.c.id).limit(BACKFILL_BATCH)
+        ).all()  # fmt: skip
+        if not rows:
+            break
+        last = rows[-1].id
+        refs = [ref for row in rows for ref in audit_ref_rows(row.id, row.target, _readable_ids(row.ids))]
+        if refs:
+            conn.execute(audit_refs.insert().prefix_with("OR IGNORE", dialect="sqlite"), refs)
+
+
+def audit_ref_rows(audit_id: int, target: str, ids: Any) -> list[dict[str, Any]]:
+    """The ``audit_refs`` rows of one entry: one per distinct id it names."""
+    return [{"target": target, "ref": ref, "audit_id": audit_id} for ref in dict.fromkeys(str(i) for i in ids)]
+
+
+def _readable_ids(raw: str | None) -> list[Any]:
+    """An entry's ids as written, or none when they were edited into something else (``audit verify`` says so)."""
+    try:
+        ids = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    return [i for i in ids if isinstance(i, (int, str))] if isinstance(ids, list) else []
+
+
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
 MIGRATIONS: dict[int, Callable[[Any], None]] = {
     2: _v2_retention,
@@ -552,6 +607,7 @@ MIGRATIONS: dict[int, Callable[[Any], None]] = {
     5: _v5_resolutions,
     6: _v6_search,
     7: _v7_accounts,
+    8: _v8_timeline,
 }
 
 
