@@ -116,6 +116,55 @@ def test_text_search_within_a_window_and_status_dead(setting: Setting) -> None:
     assert {m["control_id"] for m in dead} >= set(setting.sent)
 
 
+def test_a_timeline_is_masked_for_every_role_without_an_unmask(setting: Setting) -> None:
+    api = setting.api
+    message, command = setting.sent["API-1"]
+    for role in ("viewer", "operator", "admin"):
+        answer = api.get(f"/api/v1/messages/{message}", role=role)
+        assert answer.status_code == 200, answer.text
+        found = answer.json()
+        assert found["masked"] is True and found["message"]["id"] == message
+        assert [s[:3] for s in found["raw"]][:2] == ["MSH", "SCH"] and any(s.startswith("PID") for s in found["raw"])
+        (shown,) = found["commands"]
+        assert shown["id"] == command and shown["attempts"] and shown["attempts"][0]["status_code"] == 400
+        assert found["ack"] and "MSA" in found["ack"]
+    missing = api.get("/api/v1/messages/999999", role="viewer")
+    assert missing.status_code == 404 and missing.json()["field"] == "id"
+    assert api.get("/api/v1/messages/abc", role="viewer").json()["field"] == "id"
+
+
+def test_a_viewer_may_not_unmask(setting: Setting) -> None:
+    message, _ = setting.sent["API-1"]
+    answer = setting.api.post(f"/api/v1/messages/{message}/unmask", {"reason": "curious"}, role="viewer")
+    assert answer.status_code == 403 and "'unmask'" in answer.json()["error"]
+
+
+def test_an_unmask_needs_a_reason_and_is_audited_before_the_data_is_shown(setting: Setting) -> None:
+    api = setting.api
+    message, _ = setting.sent["API-1"]
+
+    def unmasks() -> list[dict]:
+        entries = api.get("/api/v1/audit?action=unmask", role="viewer").json()["entries"]
+        return [e for e in entries if e["ids"] == [message]]
+
+    before = unmasks()
+    for body in ({}, {"reason": "   "}, {"reason": "r" * 501}):
+        refused = api.post(f"/api/v1/messages/{message}/unmask", body, role="operator")
+        assert refused.status_code == 400 and refused.json()["field"] == "reason", refused.text
+        assert not any(value in refused.text for value in PHI)
+    assert unmasks() == before
+    answer = api.post(f"/api/v1/messages/{message}/unmask", {"reason": "patient called about SMS"}, role="operator")
+    assert answer.status_code == 200, answer.text
+    found = answer.json()
+    assert found["masked"] is False
+    assert PATIENT["family"] in "".join(found["raw"]) and PATIENT["patient"] in answer.text
+    (entry,) = [e for e in unmasks() if e not in before]
+    assert entry["actor"] == "operator" and entry["channel"] == "api" and entry["reason"] == "patient called about SMS"
+    assert entry["id"] in [e["id"] for e in found["audit"]]
+    # The next plain read is masked again: the unmask held for that one answer.
+    assert api.get(f"/api/v1/messages/{message}", role="operator").json()["masked"] is True
+
+
 # ---- dead letters --------------------------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from hl7bridge.core.status import CommandStatus, MessageStatus, Permission, Role
 from hl7bridge.store import audit, messages_for_replay, stats
 from hl7bridge.workflow import accounts, deadletters
 from hl7bridge.workflow.search import Filters, SearchError, search
+from hl7bridge.workflow.timeline import Timeline, Unmask, UnmaskError, timeline
 
 READ, UNMASK, ACT, ADMIN = Permission.READ, Permission.UNMASK, Permission.ACT, Permission.ADMIN
 #: A page of the API holds at most this many rows (the CLI's bound is higher: it writes to a terminal or file).
@@ -62,6 +63,32 @@ def get_messages(call: Call) -> Reply:
     except SearchError as exc:
         raise ApiError(400, str(exc)) from None
     return Reply(200, page.as_json())
+
+
+def get_message(call: Call) -> Reply:
+    """The timeline, patient data masked."""
+    return Reply(200, _timeline(call, None).to_json())
+
+
+def post_unmask(call: Call) -> Reply:
+    """The timeline unmasked, in this answer only; the reason is audited before anything is read."""
+    data = call.json()
+    unknown_keys(data, {"reason"})
+    reason = text_arg(data.get("reason"), "reason", max_chars=MAX_REASON, required=True)
+    assert reason is not None
+    try:
+        return Reply(200, _timeline(call, Unmask(call.actor, reason, _channel(call))).to_json())
+    except UnmaskError as exc:
+        raise ApiError(400, str(exc), "reason") from None
+
+
+def _timeline(call: Call, unmask: Unmask | None) -> Timeline:
+    message_id = int_arg(call.params["id"], "id")
+    assert message_id is not None
+    found = timeline(call.ctx.engine, message_id, unmask=unmask)
+    if found is None:
+        raise ApiError(404, f"no message with id {message_id}", "id")
+    return found
 
 
 # --- dead letters -------------------------------------------------------------------------------------------
@@ -269,6 +296,13 @@ ROUTES: list[Route] = [
               _q("event", "trigger event, e.g. S12"), _SINCE,
               _q("before", "the next page: next_before of the previous one", "integer"),
               _q("limit", f"1 to {MAX_PAGE} (default 50)", "integer")), tag="messages"),
+    Route("GET", "/api/v1/messages/{id}", get_message, READ, "A message's timeline: received, raw, summary, ACK, "
+          "commands with every API attempt, replays, audit entries; patient data masked",
+          (Param("id", "path", "integer", "message id"),), tag="messages"),
+    Route("POST", "/api/v1/messages/{id}/unmask", post_unmask, UNMASK, "The timeline with patient data, in this "
+          "answer only; the reason is audited before anything is read", (
+              Param("id", "path", "integer", "message id"),
+              Param("reason", "body", "string", _REASON.description, required=True)), tag="messages"),
     Route("GET", "/api/v1/dead-letters", get_dead_letters, READ, "Open dead letters, oldest first, a page at a time",
           (_SINCE, _q("route", "the route's name"), _q("after", "the next page: next_after of the previous one",
            "integer"), _q("limit", f"1 to {MAX_PAGE} (default 100)", "integer")), tag="dead letters"),
