@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import sqlite3
 import subprocess
 import sys
 import time
@@ -155,3 +156,15 @@ def test_on_a_terminal_the_password_is_typed_twice(url: str, engine: Engine, aga
         assert "the two passwords differ" in rest and accounts.list_users(engine) == []
     else:
         assert accounts.check_password(engine, "dora", PASSWORD) is not None
+
+
+def test_a_locked_log_is_exit_3_and_nothing_changes(url: str, engine: Engine, tmp_path: Path) -> None:
+    assert user(url, "add", "alice", "--role", "admin", "--password-stdin", stdin=PASSWORD).returncode == 0
+    holder = sqlite3.connect(tmp_path / "log.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        done = user(url, "token", "alice")
+    finally:
+        holder.close()
+    assert done.returncode == 3 and "database is locked" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == "" and accounts.list_users(engine)[0].tokens == 0
