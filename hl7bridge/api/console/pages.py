@@ -154,8 +154,8 @@ class Chart:
     bars: list[Bar]
     peak: int
     total: int
-    #: (x, epoch seconds) of the minutes labelled under the chart.
-    ticks: list[tuple[float, float]]
+    #: (x, label) of the minutes labelled under the chart, counted back from the current one.
+    ticks: list[tuple[float, str]]
     kinds: list[str]
 
 
@@ -184,8 +184,10 @@ def chart(per_minute: Sequence[tuple[float, dict[str, int]]], width: int = 1000,
                 base -= h
                 bars.append(Bar(round(i * step + 1, 1), round(base, 1), round(max(1.0, step - 2), 1), round(h, 1),
                                 kind, f"{label}: {merged[kind]} {kind}"))  # fmt: skip
-    every = max(1, len(stacks) // 6)
-    ticks = [(round(i * step, 1), stacks[i][0]) for i in range(0, len(stacks), every)]
+    every = 10 if len(stacks) > 20 else max(1, len(stacks) // 4)
+    last = len(stacks) - 1
+    ticks = [(round(i * step, 1), "now" if i == last else f"−{last - i} min")
+             for i in range(len(stacks)) if (last - i) % every == 0]  # fmt: skip
     total = sum(sum(m.values()) for _, m in stacks)
     return Chart(width, height, bars, peak, total, ticks, [k for k in CHART_KINDS if any(b.kind == k for b in bars)])
 
@@ -195,7 +197,7 @@ def get_dashboard(call: Call) -> Reply:
     board = dashboard(call.ctx.engine, now=now)
     service = blockingCallFromThread(reactor, call.ctx.status)
     data = board.to_json()
-    return page(call, "dashboard.html", current="/", board=data, service=service, now=now,
+    return page(call, "dashboard.html", current="/", board=data, service=service,
                 chart=chart([(m["minute"], m["counts"]) for m in data["per_minute"]]))  # fmt: skip
 
 
