@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 import requests
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
@@ -216,6 +217,25 @@ def test_a_viewer_sees_no_actions_and_is_refused_when_posting_one(console: Conso
                            cookies={"hb_session": cookie["value"]}, allow_redirects=False, timeout=10)  # fmt: skip
     assert answer.status_code == 403, answer.text
     assert all(two not in e.ids for e in entries(console, "discard"))
+
+
+def test_keyboard_shortcuts_move_between_pages_and_focus_the_search(console: Console, chromium: WebDriver) -> None:
+    driver = chromium
+    log_in(driver, console, "victor", then="/")
+    wait(driver, "#chart")
+    body = driver.find_element(By.TAG_NAME, "body")
+    body.send_keys("g")
+    body.send_keys("m")
+    WebDriverWait(driver, 10).until(lambda d: d.current_url.endswith("/messages"))
+    wait(driver, "[data-search]")
+    driver.find_element(By.TAG_NAME, "body").send_keys("/")
+    assert driver.switch_to.active_element.get_attribute("name") == "appointment"
+    driver.switch_to.active_element.send_keys("A-CON-3\n")
+    wait(driver, "#results")
+    driver.find_element(By.TAG_NAME, "body").send_keys("j")
+    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ENTER)
+    wait(driver, "#masked")
+    assert re.search(r"/messages/\d+$", driver.current_url)
 
 
 def test_an_admin_adds_a_user_and_issues_a_token_shown_once(console: Console, chromium: WebDriver) -> None:
