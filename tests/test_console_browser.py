@@ -26,7 +26,7 @@ from hl7bridge.store import audit, open_engine
 from hl7bridge.workflow import accounts
 
 from .browser import chromium, screenshot
-from .conftest import RunningSandbox, RunningService, free_port, start_sandbox, start_service
+from .conftest import RunningSandbox, RunningService, free_port, start_sandbox, start_service, wait_until
 from .dispatch_support import SANDBOX_TOML, TOKEN, future, service_toml, settled, siu
 
 __all__ = ["chromium"]
@@ -46,6 +46,8 @@ class Console:
     port: int
     #: Control id -> command id of the dead letters made at start.
     dead: dict[str, int]
+    #: Control id -> message id.
+    messages: dict[str, int]
 
     @property
     def url(self) -> str:
@@ -65,6 +67,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     service = start_service(tmp_path_factory.mktemp("console"), service_toml(sandbox.url) + extra, env=TOKEN)
     try:
         dead: dict[str, int] = {}
+        messages: dict[str, int] = {}
         for n in range(1, 4):
             control = f"CON-{n}"
             assert (
@@ -76,11 +79,12 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
             (command,) = settled(service, control)
             assert command["status"] == "dead", command
             dead[control] = command["id"]
+            messages[control] = command["message_id"]
         # An AE for the chart and the browser: a booking without its start time.
         assert b"MSA|AE|" in service.request(siu("S12", "CON-AE", "A-CON-AE", None))
         for name, role in (("olivia", "operator"), ("victor", "viewer"), ("ada", "admin")):
             user_add(service, name, role)
-        yield Console(service, sandbox, port, dead)
+        yield Console(service, sandbox, port, dead, messages)
     finally:
         service.stop()
         sandbox.stop()
@@ -217,6 +221,11 @@ def test_a_viewer_sees_no_actions_and_is_refused_when_posting_one(console: Conso
                            cookies={"hb_session": cookie["value"]}, allow_redirects=False, timeout=10)  # fmt: skip
     assert answer.status_code == 403, answer.text
     assert all(two not in e.ids for e in entries(console, "discard"))
+    message_id = console.messages["CON-3"]
+    answer = requests.post(f"{console.url}/messages/{message_id}/unmask", data={"csrf": csrf, "reason": "curious"},
+                           cookies={"hb_session": cookie["value"]}, allow_redirects=False, timeout=10)  # fmt: skip
+    assert answer.status_code == 403 and "LOVELACE" not in answer.text
+    assert all(e.actor != "victor" for e in entries(console, "unmask"))
 
 
 def test_keyboard_shortcuts_move_between_pages_and_focus_the_search(console: Console, chromium: WebDriver) -> None:
@@ -335,6 +344,29 @@ def test_a_form_posted_from_another_site_is_refused(console: Console) -> None:
         answer = requests.post(console.url + "/login", data={"name": "ada", "password": PASSWORD}, headers=headers,
                                allow_redirects=False, timeout=10)  # fmt: skip
         assert answer.status_code == 403 and "hb_session" not in answer.headers.get("Set-Cookie", ""), headers
+
+
+def test_the_dashboard_shows_dispatch_paused_with_its_reason(tmp_path_factory: pytest.TempPathFactory) -> None:
+    sandbox = start_sandbox(tmp_path_factory.mktemp("sandbox"), SANDBOX_TOML)
+    port = free_port()
+    extra = f'\n[console]\nlisten = "tcp:{port}:interface=127.0.0.1"\n'
+    service = start_service(tmp_path_factory.mktemp("paused"), service_toml(sandbox.url) + extra,
+                            env={"TEST_API_TOKEN": "a-revoked-token"})  # fmt: skip
+    try:
+        user_add(service, "victor", "viewer")
+        assert b"MSA|AA|" in service.request(siu("S12", "PAUSE-1", "A-PAUSE-1", START))
+        http = session_for(Console(service, sandbox, port, {}, {}), "victor")
+
+        def paused() -> str | None:
+            page = http.get(f"http://127.0.0.1:{port}/", timeout=10).text
+            return page if 'id="dispatch">paused<' in page else None
+
+        page = wait_until(paused, message="the dashboard to show dispatch paused")
+        assert "401" in page and "failing" in page
+        assert re.search(r'id="outbox">1<', page), "the booking waits in the outbox"
+    finally:
+        service.stop()
+        sandbox.stop()
 
 
 # Last in the module: it throttles logins from 127.0.0.1 for 15 minutes.
