@@ -27,7 +27,7 @@ from hl7bridge.hl7.ack import AckBuilder
 from hl7bridge.ingest.intake import Intake
 from hl7bridge.ingest.pipeline import Pipeline
 from hl7bridge.mllp.connections import CappedFactory, FdWatch, RefusalLog, raise_descriptor_limit
-from hl7bridge.mllp.listener import MLLPFactory, listen
+from hl7bridge.mllp.listener import MLLPFactory, listen, listen_on
 from hl7bridge.ops import systemd as sd
 from hl7bridge.ops.health import HealthResource, HealthState, Probes
 from hl7bridge.ops.metrics import Metrics
@@ -93,6 +93,7 @@ class Service:
         tables.warm()
         cfg = self.config
         tls = [lst.name for lst in cfg.listeners if lst.endpoint.split(":", 1)[0] == "ssl"]
+        tls += ["console"] if cfg.console.tls else []
         if tls and not sd.write_execute_memory_allowed():
             raise StartupError(
                 f"listener {tls[0]!r} uses TLS, which needs writable+executable memory (pyOpenSSL's cffi "
@@ -265,7 +266,7 @@ class Service:
         site = build_site(context, ROUTES, self.reactor, idle_timeout=cfg.idle_timeout)
         capped = CappedFactory(site, cfg.max_connections, "console", RefusalLog(log, self.reactor))
         try:
-            self._console_port = yield endpoints.serverFromString(self.reactor, cfg.listen).listen(capped)
+            self._console_port = yield listen_on(self.reactor, cfg.listen, capped)
         except Exception as exc:  # noqa: BLE001 - port in use and the like
             yield self.stop()
             raise StartupError(
