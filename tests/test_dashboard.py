@@ -1,0 +1,97 @@
+"""The dashboard's data (``workflow.dashboard``) against a real SQLite log filled with known ACK codes and times."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from hl7bridge.store import commands, messages, open_engine
+from hl7bridge.store.dashboard import explain
+from hl7bridge.workflow.dashboard import dashboard
+
+#: A minute boundary, so the expected buckets are plain arithmetic.
+NOW = 1_800_000_000.0 + 30.0
+CURRENT = (NOW // 60) * 60
+
+
+def _message(at: float, code: str | None, listener: str = "main") -> dict:
+    return {"received_at": at, "listener": listener, "peer": "p", "ack_code": code,
+            "status": "accepted" if code == "AA" else "rejected"}  # fmt: skip
+
+
+def _command(status: str, created: float) -> dict:
+    return {"message_id": 1, "appointment_key": f"K{created}", "kind": "book", "route": "r", "chat_bot_id": "b",
+            "time_zone": "UTC", "parameters": "{}", "identifiers": "{}", "status": status, "next_attempt_at": created,
+            "created_at": created, "updated_at": created}  # fmt: skip
+
+
+@pytest.fixture
+def filled(tmp_path: Path):  # type: ignore[no-untyped-def]
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    rng = random.Random(19)
+    expected: dict[float, dict[str, int]] = {}
+    rows = []
+    for back in range(70):  # 70 minutes: 10 of them before the window
+        minute = CURRENT - back * 60
+        for _ in range(rng.randrange(0, 6)):
+            code = rng.choice(["AA", "AA", "AA", "AE", "AR", None])
+            rows.append(_message(minute + rng.uniform(0, 59.999), code, rng.choice(["main", "east"])))
+            if back < 60:
+                bucket = expected.setdefault(minute, {})
+                bucket[code or "-"] = bucket.get(code or "-", 0) + 1
+    rows.append(_message(CURRENT + 60.0, "AA", "later"))  # after now's minute: outside the window
+    rows.append(_message(CURRENT - 60 * 60 - 0.001, "AE", "older"))  # just before the window
+    rng.shuffle(rows)
+    with engine.begin() as conn:
+        conn.execute(messages.insert(), rows)
+        conn.execute(commands.insert(), [_command("pending", NOW - 120), _command("in_flight", NOW - 30),
+                                         _command("dead", NOW - 500), _command("done", NOW - 900)])  # fmt: skip
+    return engine, expected, rows
+
+
+def test_per_minute_counts_match_the_log(filled) -> None:  # type: ignore[no-untyped-def]
+    engine, expected, rows = filled
+    shown = dashboard(engine, now=NOW, minutes=60)
+    assert len(shown.per_minute) == 60
+    assert shown.per_minute[-1]["minute"] == CURRENT and shown.per_minute[0]["minute"] == CURRENT - 59 * 60
+    assert {b["minute"]: b["counts"] for b in shown.per_minute} == {
+        CURRENT - back * 60: expected.get(CURRENT - back * 60, {}) for back in range(60)
+    }
+    totals: dict[str, int] = {}
+    for bucket in expected.values():
+        for code, count in bucket.items():
+            totals[code] = totals.get(code, 0) + count
+    assert shown.window_counts == dict(sorted(totals.items())) and shown.window_total == sum(totals.values())
+    assert (shown.outbox_depth, shown.outbox_oldest_age_s) == (2, 120.0)
+    assert (shown.dead_letters, shown.dead_letters_since) == (1, NOW - 500)
+    window = [r for r in rows if CURRENT - 59 * 60 <= r["received_at"] < CURRENT + 60]
+    assert shown.listeners == [
+        {"name": name, "last_message_at": max(r["received_at"] for r in window if r["listener"] == name)}
+        for name in sorted({r["listener"] for r in window})
+    ]
+    assert shown.messages_logged == len(rows) and shown.last_message_at == CURRENT + 60.0
+    assert set(shown.to_json()) >= {"per_minute", "window", "outbox", "dead_letters", "listeners"}
+
+
+def test_a_shorter_window_and_bad_windows(filled) -> None:  # type: ignore[no-untyped-def]
+    engine, expected, _rows = filled
+    shown = dashboard(engine, now=NOW, minutes=5)
+    assert [b["counts"] for b in shown.per_minute] == [
+        expected.get(CURRENT - back * 60, {}) for back in range(4, -1, -1)
+    ]
+    for bad in (0, -1, 1441, True, 2.5):
+        with pytest.raises(ValueError, match="minutes must be"):
+            dashboard(engine, now=NOW, minutes=bad)  # type: ignore[arg-type]
+
+
+def test_the_window_is_read_from_the_covering_index(filled) -> None:  # type: ignore[no-untyped-def]
+    engine, _expected, _rows = filled
+    with engine.connect() as conn:
+        plans = explain(conn, CURRENT - 3600, CURRENT + 60)
+    assert plans and all(
+        "USING COVERING INDEX ix_messages_received" in p for p in plans if "SEARCH" in p or "SCAN" in p
+    ), plans
+    assert any(p.startswith("SEARCH messages USING COVERING INDEX ix_messages_received (received_at>? AND received_at<?)")
+               for p in plans), plans  # fmt: skip
