@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import make_url
 from twisted.internet import defer, endpoints, task, threads
 from twisted.internet.interfaces import IListeningPort
+from twisted.python.threadable import isInIOThread
 from twisted.python.threadpool import ThreadPool
 from twisted.web import server
 
@@ -257,7 +258,7 @@ class Service:
         context = ApiContext(
             engine=self.engine,
             pool=pool,
-            status=lambda: assess(health.facts(time.time())).to_json(),
+            status=lambda: self._status_json(health),
             replayer=lambda **options: replayer_for(self.engine, self.config, **options),
             secure_cookies=cfg.tls,
             session_idle=cfg.session_idle,
@@ -274,6 +275,12 @@ class Service:
             ) from None
         scheme = "https" if cfg.tls else "http"
         log.info("console on %s://%s/ (JSON API at /api/v1/)", scheme, _describe(self._console_port))
+
+    def _status_json(self, health: HealthState) -> dict[str, Any]:
+        """``/status``'s JSON, read on the reactor (the facts are the reactor's), from whichever thread asks."""
+        if not isInIOThread():
+            return threads.blockingCallFromThread(self.reactor, self._status_json, health)
+        return assess(health.facts(time.time())).to_json()
 
     def _start_search_index(self) -> None:
         """Every second, the messages logged since are added to the search index, in writer jobs of
