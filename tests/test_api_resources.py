@@ -378,3 +378,16 @@ def test_replay_input_is_checked(setting: Setting) -> None:
     for body, field in cases:
         answer = api.post("/api/v1/replay", {**body, "dry_run": True}, role="operator")
         assert answer.status_code in (400, 404) and answer.json()["field"] == field, (body, answer.text)
+
+
+def test_dashboard_counts_the_messages_by_ack_code_with_the_services_state(setting: Setting) -> None:
+    api = setting.api
+    answer = api.get("/api/v1/dashboard?minutes=30", role="viewer")
+    assert answer.status_code == 200, answer.text
+    picture = answer.json()
+    assert len(picture["per_minute"]) == 30 and picture["minutes"] == 30
+    assert picture["window"]["counts"].get("AA", 0) >= len(setting.sent)
+    assert picture["dead_letters"]["open"] >= 1 and picture["messages_logged"] >= len(setting.sent)
+    assert picture["service"]["state"] in ("ok", "degraded", "failing") and "listeners" in picture["service"]
+    assert api.get("/api/v1/dashboard?minutes=0", role="viewer").json()["field"] == "minutes"
+    assert api.get("/api/v1/dashboard").status_code == 401

@@ -44,7 +44,7 @@ class ApiContext:
 
     engine: Engine
     pool: ThreadPool
-    #: The same JSON as the health listener's ``/status`` (read on the reactor: it reads the service's state).
+    #: The same JSON as the health listener's ``/status``; callable from any thread (it reads on the reactor).
     status: Callable[[], dict[str, Any]]
     #: The CLI's own replayer, built by the service from its current configuration (``app.wiring.replayer_for``)
     #: with the options given (actor, channel, reason); None: replay is not offered.

@@ -25,6 +25,7 @@ from hl7bridge.api.routes import Param, Route
 from hl7bridge.core.status import CommandStatus, MessageStatus, Permission, Role
 from hl7bridge.store import audit, messages_for_replay, stats
 from hl7bridge.workflow import accounts, deadletters
+from hl7bridge.workflow.dashboard import MAX_MINUTES, dashboard
 from hl7bridge.workflow.search import Filters, SearchError, search
 from hl7bridge.workflow.timeline import Timeline, Unmask, UnmaskError, timeline
 
@@ -188,6 +189,15 @@ def get_stats(call: Call) -> Reply:
     return Reply(200, stats(call.ctx.engine, since_arg(call.arg("since"), "since", call.ctx.clock())))
 
 
+def get_dashboard(call: Call) -> Reply:
+    """The log's picture (``workflow.dashboard``) with the service's own state (``/status``: held or paused
+    dispatch and why, connections), which only the running service knows."""
+    unknown_keys(dict.fromkeys(call.query), {"minutes"})
+    minutes = int_arg(call.arg("minutes"), "minutes", maximum=MAX_MINUTES) or 60
+    picture = dashboard(call.ctx.engine, now=call.ctx.clock(), minutes=minutes).to_json()
+    return Reply(200, {**picture, "service": call.ctx.status()})
+
+
 def get_audit(call: Call) -> Reply:
     unknown_keys(dict.fromkeys(call.query), {"since", "action", "before", "limit"})
     limit = int_arg(call.arg("limit"), "limit", maximum=MAX_PAGE) or 100
@@ -321,6 +331,9 @@ ROUTES: list[Route] = [
           "calls (hl7bridge stats)", (_SINCE,), tag="service"),
     Route("GET", "/api/v1/status", get_status, READ, "The service's state (ok, degraded, failing) with reasons "
           "and facts, as the health listener's /status", blocking=False, tag="service"),
+    Route("GET", "/api/v1/dashboard", get_dashboard, READ, "Messages per minute by ACK code, outbox, dead letters, "
+          "listeners, totals, and the service's state", (_q("minutes", f"the window, 1 to {MAX_MINUTES} (default 60)",
+          "integer"),), tag="service"),
     Route("GET", "/api/v1/audit", get_audit, READ, "The audit log, newest first, a page at a time",
           (_SINCE, _q("action", "e.g. unmask, retry, discard, replay"),
            _q("before", "the next page: next_before of the previous one", "integer"),

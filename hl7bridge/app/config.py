@@ -397,6 +397,11 @@ def _check_console(console: ConsoleConfig, problems: list[str]) -> None:
         _check_endpoint(console.listen, "console.listen", problems)
     if any(p.startswith("console.") for p in problems):
         return
+    if console.tls:
+        try:
+            context_for(console.listen, TlsSettings())
+        except TlsError as exc:
+            problems.append(f"console.listen: {exc}")
     if console.idle_timeout <= 0:
         problems.append("console.idle_timeout: expected a number of seconds > 0")
     if console.session_idle <= 0:

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import make_url
 from twisted.internet import defer, endpoints, task, threads
 from twisted.internet.interfaces import IListeningPort
+from twisted.python.threadable import isInIOThread
 from twisted.python.threadpool import ThreadPool
 from twisted.web import server
 
@@ -27,7 +28,7 @@ from hl7bridge.hl7.ack import AckBuilder
 from hl7bridge.ingest.intake import Intake
 from hl7bridge.ingest.pipeline import Pipeline
 from hl7bridge.mllp.connections import CappedFactory, FdWatch, RefusalLog, raise_descriptor_limit
-from hl7bridge.mllp.listener import MLLPFactory, listen
+from hl7bridge.mllp.listener import MLLPFactory, listen, listen_on
 from hl7bridge.ops import systemd as sd
 from hl7bridge.ops.health import HealthResource, HealthState, Probes
 from hl7bridge.ops.metrics import Metrics
@@ -93,6 +94,7 @@ class Service:
         tables.warm()
         cfg = self.config
         tls = [lst.name for lst in cfg.listeners if lst.endpoint.split(":", 1)[0] == "ssl"]
+        tls += ["console"] if cfg.console.tls else []
         if tls and not sd.write_execute_memory_allowed():
             raise StartupError(
                 f"listener {tls[0]!r} uses TLS, which needs writable+executable memory (pyOpenSSL's cffi "
@@ -257,7 +259,7 @@ class Service:
         context = ApiContext(
             engine=self.engine,
             pool=pool,
-            status=lambda: assess(health.facts(time.time())).to_json(),
+            status=lambda: self._status_json(health),
             replayer=lambda **options: replayer_for(self.engine, self.config, **options),
             secure_cookies=cfg.tls,
             session_idle=cfg.session_idle,
@@ -266,7 +268,7 @@ class Service:
         site = build_site(context, [*ROUTES, *PAGES], self.reactor, idle_timeout=cfg.idle_timeout, static_dir=STATIC)
         capped = CappedFactory(site, cfg.max_connections, "console", RefusalLog(log, self.reactor))
         try:
-            self._console_port = yield endpoints.serverFromString(self.reactor, cfg.listen).listen(capped)
+            self._console_port = yield listen_on(self.reactor, cfg.listen, capped)
         except Exception as exc:  # noqa: BLE001 - port in use and the like
             yield self.stop()
             raise StartupError(
@@ -274,6 +276,12 @@ class Service:
             ) from None
         scheme = "https" if cfg.tls else "http"
         log.info("console on %s://%s/ (JSON API at /api/v1/)", scheme, _describe(self._console_port))
+
+    def _status_json(self, health: HealthState) -> dict[str, Any]:
+        """``/status``'s JSON, read on the reactor (the facts are the reactor's), from whichever thread asks."""
+        if not isInIOThread():
+            return threads.blockingCallFromThread(self.reactor, self._status_json, health)
+        return assess(health.facts(time.time())).to_json()
 
     def _start_search_index(self) -> None:
         """Every second, the messages logged since are added to the search index, in writer jobs of
