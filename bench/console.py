@@ -8,6 +8,11 @@ viewer with a token, and asks ``GET /api/v1/messages`` by appointment, control i
 random values each, one keep-alive connection, as a script would) and ``GET /api/v1/dashboard``. It reports
 each request's p50/p95 in milliseconds as the client sees it: HTTP, authentication (a token lookup), the thread
 pool hop, the search and the JSON. Goals: searches p95 <= 50 ms, the dashboard <= 200 ms.
+
+Then the console's pages as a browser gets them (an operator's session cookie, the HTML rendered server-side):
+``/`` (the dashboard page: ``workflow.dashboard``, the service's status and the chart), ``/messages`` searched by
+appointment, and a message's timeline page. ``--busy N`` first adds N messages to the last hour (``bench/timeline.py``'s
+``busy_hour``: 180,000 is 50 a second), the dashboard's worst case.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from search import _pct, fill
+from timeline import busy_hour
 
 from hl7bridge.store import open_engine
 from hl7bridge.workflow import accounts
@@ -109,11 +115,51 @@ def measure(port: int, token: str, total: int, queries: int) -> list[dict]:
     return out
 
 
+def measure_pages(port: int, url: str, total: int, queries: int) -> list[dict]:
+    """The console's pages over one keep-alive connection with an operator's session."""
+    engine = open_engine(url, create=False)
+    try:
+        name = f"pages{int(time.time())}"
+        accounts.add_user(engine, name, "operator", PASSWORD, actor="bench")
+    finally:
+        engine.dispose()
+    session = requests.Session()
+    session.trust_env = False
+    base = f"http://127.0.0.1:{port}"
+    login = session.post(base + "/login", data={"name": name, "password": PASSWORD}, allow_redirects=False, timeout=30)
+    if login.status_code != 303:
+        raise SystemExit(f"logging in answered {login.status_code}: {login.text[:200]}")
+    patients = max(total * 3 // 20, 10)
+    rng = random.Random(17)
+    pages = {
+        "GET / (dashboard page)": lambda: "/",
+        "GET /messages?appointment=… (page)": lambda: (
+            f"/messages?search=1&appointment=PL{rng.randrange(patients) * 3 // 2:07d}"
+        ),
+        "GET /messages/ID (timeline page)": lambda: f"/messages/{rng.randrange(1, total)}",
+    }
+    out = []
+    for request, make in pages.items():
+        times = []
+        for _ in range(max(queries // 4, 10)):
+            began = time.perf_counter()
+            answer = session.get(base + make(), timeout=30)
+            times.append((time.perf_counter() - began) * 1000)
+            if answer.status_code != 200:
+                raise SystemExit(f"{request} answered {answer.status_code}: {answer.text[:200]}")
+        out.append({"request": request, "p50_ms": _pct(times, 50), "p95_ms": _pct(times, 95),
+                    "max_ms": round(max(times), 2), "queries": len(times), "bytes": len(answer.content)})  # fmt: skip
+        print(f"{request:40} p50 {out[-1]['p50_ms']:7.2f} ms  p95 {out[-1]['p95_ms']:7.2f} ms  max {out[-1]['max_ms']:7.2f} ms",
+              flush=True)  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=200, help="random values per search")
     parser.add_argument("--database", metavar="PATH", help="fill this file (or reuse it when it exists)")
+    parser.add_argument("--busy", type=int, default=0, help="messages added to the last hour of a new log")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="hl7bridge-console-bench-"))
@@ -123,11 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     if not path.exists():
         print(f"filling {path} with {args.messages:,} messages", flush=True)
         filled = fill(url, args.messages)
+        if args.busy:
+            filled["busy_fill_s"] = busy_hour(url, args.busy)
         print(f"filled in {filled['fill_s']} s; {path.stat().st_size / 2**20:.0f} MiB", flush=True)
     token = token_for(url)
     process, port = start(path, tmp)
     try:
         results = measure(port, token, args.messages, args.queries)
+        results += measure_pages(port, url, args.messages, args.queries)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
@@ -136,9 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     if not args.database:
         shutil.rmtree(tmp, ignore_errors=True)
-    worst = max(r["p95_ms"] for r in results if "messages" in r["request"])
+    worst = max(r["p95_ms"] for r in results if "/api/v1/messages" in r["request"])
     dashboard = next(r["p95_ms"] for r in results if "dashboard" in r["request"])
-    print(f"searches: worst p95 {worst:.1f} ms (goal <= 50 ms); dashboard p95 {dashboard:.1f} ms (goal <= 200 ms)")
+    page = next(r["p95_ms"] for r in results if "dashboard page" in r["request"])
+    print(
+        f"searches: worst p95 {worst:.1f} ms (goal <= 50 ms); dashboard p95 {dashboard:.1f} ms, its page "
+        f"{page:.1f} ms (goal <= 200 ms)"
+    )
     return 0
 
 

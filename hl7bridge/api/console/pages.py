@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from twisted.internet import reactor
-from twisted.internet.threads import blockingCallFromThread
-
 from hl7bridge.api import auth
 from hl7bridge.api.http import ApiError, Call, Reply, int_arg, redirect, since_arg, text_arg
 from hl7bridge.api.routes import Param, Route
@@ -195,7 +192,7 @@ def chart(per_minute: Sequence[tuple[float, dict[str, int]]], width: int = 1000,
 def get_dashboard(call: Call) -> Reply:
     now = call.ctx.clock()
     board = dashboard(call.ctx.engine, now=now)
-    service = blockingCallFromThread(reactor, call.ctx.status)
+    service = call.ctx.status()
     data = board.to_json()
     return page(call, "dashboard.html", current="/", board=data, service=service,
                 chart=chart([(m["minute"], m["counts"]) for m in data["per_minute"]]))  # fmt: skip
