@@ -191,6 +191,8 @@ def test_an_operator_searches_unmasks_with_a_reason_discards_and_finds_it_audite
 
     driver.find_element(By.ID, "logout").click()
     wait(driver, "#login")
+    assert [e.channel for e in entries(console, "logout") if e.actor == "olivia"] == ["console"]
+    assert {e.channel for e in entries(console, "login") if e.actor == "olivia"} == {"console"}
     driver.get(console.url + "/dead-letters")
     wait(driver, "#login")
     assert "/login" in driver.current_url, "after logging out the pages ask to log in again"

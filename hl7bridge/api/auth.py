@@ -129,7 +129,7 @@ def expired_cookie(call: Call) -> str:
     return f"{COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{secure}"
 
 
-def login(call: Call, name: str, password: str) -> Session:
+def login(call: Call, name: str, password: str, channel: str = "api") -> Session:
     """A new session for ``name``, or 401; 429 with Retry-After while that name or peer is throttled. The
     answer is the same for an unknown name and a wrong password."""
     ctx = call.ctx
@@ -145,7 +145,9 @@ def login(call: Call, name: str, password: str) -> Session:
         ctx.limiter.succeeded(name, call.peer)
     if principal is None:
         raise ApiError(401, "wrong name or password")
-    return open_session(ctx.engine, principal, now=now, idle=ctx.session_idle, absolute=ctx.session_absolute)
+    return open_session(
+        ctx.engine, principal, now=now, idle=ctx.session_idle, absolute=ctx.session_absolute, channel=channel
+    )
 
 
 # --- the session resource ------------------------------------------------------------------------------------

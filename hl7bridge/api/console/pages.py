@@ -108,7 +108,7 @@ def post_login(call: Call) -> Reply:
         return page(call, "login.html", status=400, next=target, name=name[:64],
                     notices=[("error", "Enter your name and password.")])  # fmt: skip
     try:
-        session = auth.login(call, name, password)
+        session = auth.login(call, name, password, CHANNEL)
     except ApiError as exc:
         text = (
             "Too many failed logins: wait a while, then try again." if exc.status == 429 else "Wrong name or password."
@@ -122,7 +122,7 @@ def post_login(call: Call) -> Reply:
 
 def post_logout(call: Call) -> Reply:
     assert call.session is not None
-    accounts.close_session(call.ctx.engine, call.session.secret)
+    accounts.close_session(call.ctx.engine, call.session.secret, channel=CHANNEL)
     reply = redirect("/login")
     reply.headers.append(("Set-Cookie", auth.expired_cookie(call)))
     return reply
