@@ -26,6 +26,10 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
 # ---- authentication ------------------------------------------------------------------------------------------
 
 
+def test_the_start_up_line_names_the_console(api: Api) -> None:
+    assert f"console on http://127.0.0.1:{api.port}/" in api.service.banner
+
+
 def test_without_credentials_is_401_naming_how_to_authenticate(api: Api) -> None:
     answer = api.get("/api/v1/status")
     assert answer.status_code == 401

@@ -52,6 +52,9 @@ def setting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting]:
             if "/unmask" not in response.url:
                 leaked = [value for value in PHI if value in response.text]
                 assert not leaked, f"{response.request.method} {response.url} answered patient data {leaked}"
+        logged = api.service.stop()
+        assert "console on http://127.0.0.1:" in logged
+        assert not [value for value in PHI if value in logged], "the service's log holds patient data"
     finally:
         api.service.stop()
         sandbox.stop()

@@ -156,14 +156,13 @@ class Call:
 
 
 def text_arg(value: Any, name: str, *, max_chars: int = 1000, required: bool = False) -> str | None:
-    if value is None or (isinstance(value, str) and not value.strip() and not required):
-        if required:
-            raise ApiError(400, f"{name}: required", name)
-        return None
-    if not isinstance(value, str):
+    """A string parameter; blank counts as not given (400 when ``required``)."""
+    if value is not None and not isinstance(value, str):
         raise ApiError(400, f"{name}: expected a string", name)
-    if required and not value.strip():
-        raise ApiError(400, f"{name}: required (not blank)", name)
+    if value is None or not value.strip():
+        if required:
+            raise ApiError(400, f"{name}: required (and not blank)", name)
+        return None
     if len(value) > max_chars:
         raise ApiError(400, f"{name}: at most {max_chars} characters", name)
     return value
@@ -222,5 +221,6 @@ def since_arg(value: Any, name: str, now: float) -> float | None:
 
 
 def unknown_keys(data: dict[str, Any], known: set[str]) -> None:
-    for key in sorted(set(data) - known):
-        raise ApiError(400, f"{key}: unknown field (known: {', '.join(sorted(known))})", key)
+    extra = sorted(set(data) - known)
+    if extra:
+        raise ApiError(400, f"{extra[0]}: unknown field (known: {', '.join(sorted(known))})", extra[0])

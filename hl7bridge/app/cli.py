@@ -120,6 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"log in {_safe_url(cfg.service.database)}")  # fmt: skip
         if service.sandbox is not None:
             line += f"; sandbox Journeys API on {service.sandbox.url} (see {service.sandbox.url}/_sandbox/instances)"
+        if service.console_url():
+            line += f"; console on {service.console_url()}"
         if service.dispatcher is not None:
             line += f"; dispatching to {service.config.api.base_url}" + (" (--api-url)" if args.api_url else "")
         print(line, flush=True)

@@ -274,8 +274,7 @@ class Service:
             raise StartupError(
                 f"the console cannot listen on {cfg.listen}: {why_not_bound(exc, 'console.listen')}"
             ) from None
-        scheme = "https" if cfg.tls else "http"
-        log.info("console on %s://%s/ (JSON API at /api/v1/)", scheme, _describe(self._console_port))
+        log.info("console on %s (JSON API at /api/v1/)", self.console_url())
 
     def _status_json(self, health: HealthState) -> dict[str, Any]:
         """``/status``'s JSON, read on the reactor (the facts are the reactor's), from whichever thread asks."""
@@ -376,6 +375,12 @@ class Service:
             return
         log.info("dispatch now: the dispatcher tries what waits")
         self.dispatcher.dispatch_now()
+
+    def console_url(self) -> str | None:
+        """Where the console and the JSON API answer; None when ``[console] listen`` is off."""
+        if self._console_port is None:
+            return None
+        return f"{'https' if self.config.console.tls else 'http'}://{_describe(self._console_port)}/"
 
     def addresses(self) -> list[str]:
         return [_describe(p) for p in self.ports]
