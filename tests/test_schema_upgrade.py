@@ -64,10 +64,12 @@ def tables(path: Path) -> set[str]:
 
 
 def shape(path: Path, table: str) -> tuple[list[Any], ...]:
-    """A table's columns, indexes and foreign keys as SQLite reports them."""
+    """A table's columns, indexes and foreign keys as SQLite reports them (indexes by name: SQLAlchemy creates
+    them in no fixed order)."""
     with sqlite3.connect(path) as conn:
-        return tuple(conn.execute(f"PRAGMA {pragma}({table})").fetchall() for pragma in
-                     ("table_info", "index_list", "foreign_key_list"))  # fmt: skip
+        return (conn.execute(f"PRAGMA table_info({table})").fetchall(),
+                sorted(row[1:] for row in conn.execute(f"PRAGMA index_list({table})")),
+                conn.execute(f"PRAGMA foreign_key_list({table})").fetchall())  # fmt: skip
 
 
 def keys(path: Path) -> dict[str, list[str]]:
