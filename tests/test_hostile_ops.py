@@ -229,10 +229,10 @@ def test_an_odd_schema_version_is_one_line(tmp_path: Path, version: str) -> None
 
 
 def corrupt(path: Path) -> None:
-    """Overwrite one interior page of the messages table's received-time index with junk."""
+    """Overwrite one interior page of the messages table's received_at index with junk."""
     with sqlite3.connect(path) as conn:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'ix_messages_received'").fetchone()[0]
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'ix_messages_received_at'").fetchone()[0]
         table = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
     with open(path, "r+b") as f:
         for page in (root, table):

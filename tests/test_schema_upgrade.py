@@ -133,7 +133,7 @@ def test_a_step_failing_half_way_leaves_the_log_whole_and_a_second_open_upgrades
     url = log_at(path, 5)
     add_messages(path, [GOOD])
 
-    def fail(conn: Any, limit: int) -> int:
+    def fail(conn: Any, limit: int, count_minutes: bool = True) -> int:
         raise RuntimeError("disk on fire")
 
     # The last thing step 6 does, after its ALTERs, CREATEs and the backfill's UPDATEs.

@@ -17,7 +17,16 @@ from hypothesis import strategies as st
 from sqlalchemy import event, func, select
 
 from hl7bridge.hl7.phi import mask_segments
-from hl7bridge.store import SCHEMA_VERSION, audit_log, get_message, messages, open_engine, record_replay, upgrade_log
+from hl7bridge.store import (
+    SCHEMA_VERSION,
+    audit_log,
+    get_message,
+    index_step,
+    messages,
+    open_engine,
+    record_replay,
+    upgrade_log,
+)
 from hl7bridge.store.audit import AuditEntry, entries, record
 from hl7bridge.workflow.timeline import MAX_REASON_CHARS, Unmask, UnmaskError, timeline
 
@@ -309,26 +318,29 @@ def test_a_purged_message_has_no_raw(tmp_path: Path) -> None:
     assert unmasked is not None and unmasked.raw is None
 
 
-def test_an_older_log_gets_the_audit_references_on_upgrade(tmp_path: Path) -> None:
+def test_an_older_log_gets_the_audit_references_and_minute_counts_on_upgrade(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'log.db'}"
     engine = open_engine(url)
     with engine.begin() as conn:
-        conn.execute(messages.insert(), [{"received_at": 1.0, "listener": "main", "peer": "p", "status": "accepted"}])
+        conn.execute(messages.insert(), [{"received_at": 1.0, "listener": "main", "peer": "p", "status": "accepted",
+                                          "ack_code": "AA"}])  # fmt: skip
+        index_step(conn, 10)
         record(conn, AuditEntry("ann", "cli", "unmask", "message", (1, 1), "before the upgrade"))
         record(conn, AuditEntry("ann", "cli", "reload", "service", (4242,), "another target"))
     engine.dispose()
     with sqlite3.connect(tmp_path / "log.db") as conn:
         conn.execute("DROP TABLE audit_refs")
+        conn.execute("DROP TABLE message_minutes")
         conn.execute("DROP INDEX ix_messages_replay_of")
-        conn.execute("DROP INDEX ix_messages_received")
-        conn.execute("CREATE INDEX ix_messages_received_at ON messages (received_at)")
         conn.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
     assert upgrade_log(url) == (6, SCHEMA_VERSION)
     engine = open_engine(url, create=False)
     shown = timeline(engine, 1)
     assert shown is not None and [e["reason"] for e in shown.audit] == ["before the upgrade"]
     with sqlite3.connect(tmp_path / "log.db") as conn:
-        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         refs = conn.execute("SELECT target, ref FROM audit_refs ORDER BY target").fetchall()
-    assert "ix_messages_received_at" not in names and {"ix_messages_received", "ix_messages_replay_of"} <= names
+        minutes = conn.execute("SELECT minute, ack_code, listener, count FROM message_minutes").fetchall()
+    assert {"ix_messages_replay_of", "messages_minutes_ack"} <= names
     assert refs == [("message", "1"), ("service", "4242")]
+    assert minutes == [(0, "AA", "main", 1)]

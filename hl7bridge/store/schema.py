@@ -88,9 +88,7 @@ messages = Table(
     Column("search_terms", Text, doc="JSON list of the message's search_keys (PHI: patient ids); NULL once purged"),
     Column("search_text", Text, doc="the words the text index holds (PHI); NULL once purged"),
     Index("ix_messages_sender_control", "sending_application", "sending_facility", "control_id"),
-    # Time ranges, and covering for the dashboard's counts per minute by ACK code and per listener: the same one
-    # B-tree per insert as an index of received_at alone, and a window is counted without reading a message row.
-    Index("ix_messages_received", "received_at", "ack_code", "listener"),
+    Index("ix_messages_received_at", "received_at"),
     # Only the messages operators look for (rejected, ignored, duplicate, pending): an accepted message,
     # nearly every one, writes no entry here. Every B-tree an insert touches is one more WAL page.
     Index(
@@ -211,6 +209,20 @@ audit_refs = Table(
     sqlite_with_rowid=False,
 )
 
+#: Messages per minute, ACK code ('' when none was sent) and listener, for the dashboard: counted by ``index_step``
+#: with the search index (a batch a second, off the writer's hot path), kept right by a trigger when a dispatched
+#: message's ACK is decided later. A window is then read in a few hundred rows, however busy the hour was.
+message_minutes = Table(
+    "message_minutes",
+    metadata,
+    Column("minute", Integer, primary_key=True, doc="epoch seconds // 60"),
+    Column("ack_code", String(2), primary_key=True),
+    Column("listener", String(64), primary_key=True),
+    Column("count", Integer, nullable=False),
+    Column("last_at", Float, nullable=False, doc="the newest message counted here"),
+    sqlite_with_rowid=False,
+)
+
 search_keys = Table(
     "search_keys",
     metadata,
@@ -306,14 +318,36 @@ SEARCH_DDL = (
 )
 
 
-def index_step(conn: Any, limit: int) -> int:
+#: Counts the messages of an id range into ``message_minutes`` (SQLite's upsert; the WHERE keeps it unambiguous).
+MINUTES_UPSERT = """INSERT INTO message_minutes (minute, ack_code, listener, count, last_at)
+    SELECT CAST(received_at / 60 AS INTEGER), coalesce(ack_code, ''), listener, count(*), max(received_at)
+    FROM messages WHERE id > :low AND id <= :high GROUP BY 1, 2, 3
+    ON CONFLICT (minute, ack_code, listener) DO UPDATE
+    SET count = count + excluded.count, last_at = max(last_at, excluded.last_at)"""
+#: A counted message's ACK decided later (``ack_mode = "dispatched"``): it moves to its new code's count.
+MINUTES_DDL = (
+    f"""CREATE TRIGGER IF NOT EXISTS messages_minutes_ack AFTER UPDATE OF ack_code ON messages
+        WHEN OLD.ack_code IS NOT NEW.ack_code
+            AND OLD.id <= coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{INDEXED_KEY}'), 0) BEGIN
+        UPDATE message_minutes SET count = count - 1 WHERE minute = CAST(OLD.received_at / 60 AS INTEGER)
+            AND ack_code = coalesce(OLD.ack_code, '') AND listener = OLD.listener;
+        INSERT INTO message_minutes (minute, ack_code, listener, count, last_at)
+            VALUES (CAST(NEW.received_at / 60 AS INTEGER), coalesce(NEW.ack_code, ''), NEW.listener, 1, NEW.received_at)
+            ON CONFLICT (minute, ack_code, listener) DO UPDATE SET count = count + 1,
+            last_at = max(last_at, excluded.last_at);
+    END""",
+)
+
+
+def index_step(conn: Any, limit: int, count_minutes: bool = True) -> int:
     """Copy the ``search_terms`` and ``search_text`` of the next ``limit`` messages not yet indexed into the search
     index; how many it took (0: the index is current).
 
     Batches, not a trigger per insert: FTS5 writes a segment per transaction, and the writer commits a lone
     message on its own, so a trigger cost 140 µs of writer time a message over one connection; a batch pays
     that once. The service runs this as a writer job every second (``app.service``), so a message is findable
-    about a second after its ACK."""
+    about a second after its ACK. The same batch is counted into ``message_minutes`` (the dashboard's counts), but
+    by the schema 6 upgrade, which runs before that table exists (the schema 7 step counts what is indexed then)."""
     if conn.dialect.name != "sqlite":
         return 0
     last = int(get_meta(conn, INDEXED_KEY) or 0)
@@ -328,12 +362,21 @@ def index_step(conn: Any, limit: int) -> int:
                       "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high"), bounds)  # fmt: skip
     conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
                       "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
+    if count_minutes:
+        conn.execute(text(MINUTES_UPSERT), bounds)
     set_meta(conn, INDEXED_KEY, str(top))
     return int(count)
 
 
 #: Messages per backfill statement when an older log is upgraded.
 BACKFILL_BATCH = 5000
+
+
+@event.listens_for(message_minutes, "after_create")
+def _minutes_ddl(_table: Any, conn: Any, **_kw: Any) -> None:
+    if conn.dialect.name == "sqlite":
+        for ddl in MINUTES_DDL:
+            conn.exec_driver_sql(ddl)
 
 
 @event.listens_for(search_keys, "after_create")
@@ -552,7 +595,7 @@ def _v6_search(conn: Any) -> None:
             .values(search_terms=bindparam("terms"), search_text=bindparam("words")),
             filled,
         )  # fmt: skip
-    while index_step(conn, BACKFILL_BATCH):
+    while index_step(conn, BACKFILL_BATCH, count_minutes=False):
         pass
 
 
@@ -562,14 +605,11 @@ def _v7_accounts(conn: Any) -> None:
 
 
 def _v8_timeline(conn: Any) -> None:
-    """The timeline's lookups: the replays of a message (a partial index), the audit entries naming an id
-    (``audit_refs``, backfilled from the entries already written, a batch at a time), and the received-time
-    index made covering for the dashboard (it replaces ``ix_messages_received_at``: still one index per insert)."""
+    """The timeline's and the dashboard's lookups: the replays of a message (a partial index), the audit entries
+    naming an id (``audit_refs``, backfilled from the entries already written, a batch at a time), and the
+    messages per minute (``message_minutes``, counted for every message the search index holds, as
+    ``index_step`` counts the ones after them)."""
     conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_messages_replay_of ON messages (replay_of) WHERE {REPLAYED}")
-    conn.exec_driver_sql(
-        "CREATE INDEX IF NOT EXISTS ix_messages_received ON messages (received_at, ack_code, listener)"
-    )
-    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_messages_received_at")
     audit_refs.create(conn, checkfirst=True)
     last = 0
     while True:
@@ -583,6 +623,11 @@ def _v8_timeline(conn: Any) -> None:
         refs = [ref for row in rows for ref in audit_ref_rows(row.id, row.target, _readable_ids(row.ids))]
         if refs:
             conn.execute(audit_refs.insert().prefix_with("OR IGNORE", dialect="sqlite"), refs)
+    if not inspect(conn).has_table("message_minutes"):
+        message_minutes.create(conn)
+        if conn.dialect.name == "sqlite":
+            indexed = int(get_meta(conn, INDEXED_KEY) or 0)
+            conn.execute(text(MINUTES_UPSERT), {"low": 0, "high": indexed})
 
 
 def audit_ref_rows(audit_id: int, target: str, ids: Any) -> list[dict[str, Any]]:
