@@ -309,6 +309,22 @@ def test_every_page_is_no_store_and_every_form_carries_the_csrf_token(console: C
         assert "<script>" not in answer.text and " style=" not in answer.text, "CSP allows no inline script or style"
 
 
+def test_the_message_browser_pages_by_keyset_without_gaps_or_repeats(console: Console) -> None:
+    with console.service.client() as client:
+        for n in range(55):
+            assert b"MSA|AE|" in client.request(siu("S12", f"PAGE-{n}", f"A-PAGE-{n}", None))
+    http = session_for(console, "victor")
+    url, seen, pages = console.url + "/messages?search=1&event=S12", [], 0
+    while url and pages < 5:
+        page = http.get(url, timeout=10).text
+        seen += [int(i) for i in re.findall(r'<td class="num"><a href="/messages/(\d+)">', page)]
+        older = re.search(r'id="older" href="([^"]+)"', page)
+        url = console.url + older[1].replace("&amp;", "&") if older else ""
+        pages += 1
+    assert pages == 2 and len(seen) == len(set(seen)) == 59, (pages, len(seen))
+    assert seen == sorted(seen, reverse=True), "newest first across pages"
+
+
 def test_a_post_without_the_csrf_token_is_refused(console: Console) -> None:
     http = session_for(console, "olivia")
     two = console.dead["CON-2"]
