@@ -63,6 +63,15 @@ def tables(path: Path) -> set[str]:
         return {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
 
 
+def shape(path: Path, table: str) -> tuple[list[Any], ...]:
+    """A table's columns, indexes and foreign keys as SQLite reports them (indexes by name: SQLAlchemy creates
+    them in no fixed order)."""
+    with sqlite3.connect(path) as conn:
+        return (conn.execute(f"PRAGMA table_info({table})").fetchall(),
+                sorted(row[1:] for row in conn.execute(f"PRAGMA index_list({table})")),
+                conn.execute(f"PRAGMA foreign_key_list({table})").fetchall())  # fmt: skip
+
+
 def keys(path: Path) -> dict[str, list[str]]:
     with sqlite3.connect(path) as conn:
         found: dict[str, list[str]] = {}
@@ -109,6 +118,10 @@ def test_a_v6_log_gets_the_accounts_tables_and_keeps_its_messages_and_audit_chai
     assert {"users", "api_tokens", "sessions", "ix_api_tokens_user", "ix_sessions_user"} <= tables(path)
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT control_id FROM messages").fetchall() == [("C-1",)]
+    fresh = tmp_path / "new.db"
+    open_engine(f"sqlite:///{fresh}").dispose()
+    for table in ("users", "api_tokens", "sessions"):
+        assert shape(path, table) == shape(fresh, table)
     verified = cli("audit", "verify", "--database", url, cwd=tmp_path)
     assert verified.returncode == 0 and "intact: 1 entries" in verified.stdout
 

@@ -576,6 +576,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return cli_audit.run(args, _engine(args), getattr(args, "since", None), when)
 
 
+# --- user ---------------------------------------------------------------------------------------
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from hl7bridge.app import cli_users
+    from hl7bridge.workflow.accounts import AccountError
+
+    try:
+        return cli_users.run(args, _engine(args), actor(args))
+    except AccountError as exc:
+        raise CliError(str(exc)) from None
+
+
 # --- reconcile ----------------------------------------------------------------------------------
 
 
@@ -786,6 +799,10 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (audit_list, audit_verify):
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_audit)
+
+    from hl7bridge.app.cli_users import add_parser as add_user_parser
+
+    add_user_parser(sub, with_config, cmd_user)
 
     rec = with_config(sub.add_parser(
         "reconcile", help="compare the log with the Journeys API; exit 1 on drift",

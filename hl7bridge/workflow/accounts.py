@@ -121,7 +121,7 @@ def csrf_matches(session: Session, given: str | None) -> bool:
 
 
 def add_user(engine: Engine, name: str, role: Role | str, password: str, *, actor: str, channel: str = "cli") -> None:
-    _check_name(name)
+    check_name(name)
     chosen = _role(role)
     hashed = _HASHER.hash(_checked_password(password))
     now = time.time()
@@ -135,7 +135,7 @@ def add_user(engine: Engine, name: str, role: Role | str, password: str, *, acto
 
 def set_password(engine: Engine, name: str, password: str, *, actor: str, channel: str = "cli") -> None:
     """A new password; the user's sessions end (whoever held one must log in with it). API tokens stay."""
-    _check_name(name)
+    check_name(name)
     hashed = _HASHER.hash(_checked_password(password))
     with engine.begin() as conn:
         store.take_write_lock(conn)
@@ -147,7 +147,7 @@ def set_password(engine: Engine, name: str, password: str, *, actor: str, channe
 
 def set_role(engine: Engine, name: str, role: Role | str, *, actor: str, channel: str = "cli") -> None:
     """Change a user's role; it holds from the user's next request (sessions and tokens read it each time)."""
-    _check_name(name)
+    check_name(name)
     chosen = _role(role)
     with engine.begin() as conn:
         store.take_write_lock(conn)
@@ -163,7 +163,7 @@ def set_role(engine: Engine, name: str, role: Role | str, *, actor: str, channel
 
 def remove_user(engine: Engine, name: str, *, actor: str, channel: str = "cli") -> None:
     """Remove the user, its API tokens and its sessions."""
-    _check_name(name)
+    check_name(name)
     with engine.begin() as conn:
         store.take_write_lock(conn)
         row = _existing(conn, name)
@@ -205,7 +205,7 @@ def check_password(engine: Engine, name: str, password: str) -> Principal | None
 
 def issue_token(engine: Engine, name: str, *, actor: str, channel: str = "cli", label: str = "") -> str:
     """A new API token for ``name``, as shown to its holder (``hb_<secret>``): shown once, only its SHA-256 kept."""
-    _check_name(name)
+    check_name(name)
     if len(label) > MAX_LABEL_CHARS or not label.isprintable():
         raise AccountError(f"a token's label takes at most {MAX_LABEL_CHARS} printable characters")
     secret = secrets.token_urlsafe(32)
@@ -223,7 +223,7 @@ def issue_token(engine: Engine, name: str, *, actor: str, channel: str = "cli", 
 
 def revoke_tokens(engine: Engine, name: str, *, actor: str, channel: str = "cli") -> int:
     """Revoke every API token of ``name``; how many there were."""
-    _check_name(name)
+    check_name(name)
     with engine.begin() as conn:
         store.take_write_lock(conn)
         _existing(conn, name)
@@ -313,6 +313,10 @@ def close_session(engine: Engine, secret: str, *, channel: str = "api") -> None:
 # --- login throttling ----------------------------------------------------------------------------
 
 
+#: A name or peer as the limiter keeps it: longer ones are not names, nor addresses, and must not cost memory.
+_KEY_CHARS = 128
+
+
 class LoginLimiter:
     """Failed logins, in memory, per name and per peer: after ``failures`` within ``window`` seconds, that name
     (or peer) is refused for ``lockout`` seconds. A success clears its name's count, not its peer's: one valid
@@ -329,7 +333,7 @@ class LoginLimiter:
 
     @staticmethod
     def _keys_of(name: str, peer: str) -> tuple[tuple[str, str], tuple[str, str]]:
-        return ("name", str(name)[:MAX_SECRET_CHARS]), ("peer", str(peer)[:MAX_SECRET_CHARS])
+        return ("name", str(name)[:_KEY_CHARS]), ("peer", str(peer)[:_KEY_CHARS])
 
     def retry_after(self, name: str, peer: str, now: float) -> float | None:
         """Seconds until a login for ``name`` from ``peer`` is taken again (for ``Retry-After``); None: now."""
@@ -384,7 +388,8 @@ def _needs_rehash(stored: str) -> bool:
         return False
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """Refuse a name that breaks the rules, saying them (before asking for a password)."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise AccountError(f"a user name is 1 to 64 of A-Z a-z 0-9 . _ @ -, not {str(name)[:70]!r}")
 
