@@ -51,6 +51,7 @@ def test_status_with_a_viewers_token_is_the_services_status(api: Api) -> None:
     assert status["state"] in ("ok", "degraded", "failing")
     assert {"reasons", "listeners", "outbox", "dead_letters"} <= set(status)
     assert answer.headers["Content-Type"] == "application/json"
+    assert answer.headers["Content-Length"] == str(len(answer.content)) and answer.headers["Server"] == "hl7bridge"
 
 
 def test_login_sets_a_strict_http_only_cookie_and_answers_the_csrf_token(api: Api) -> None:
