@@ -51,6 +51,7 @@ def test_status_with_a_viewers_token_is_the_services_status(api: Api) -> None:
     assert status["state"] in ("ok", "degraded", "failing")
     assert {"reasons", "listeners", "outbox", "dead_letters"} <= set(status)
     assert answer.headers["Content-Type"] == "application/json"
+    assert answer.headers["Content-Length"] == str(len(answer.content)) and answer.headers["Server"] == "hl7bridge"
 
 
 def test_login_sets_a_strict_http_only_cookie_and_answers_the_csrf_token(api: Api) -> None:
@@ -176,3 +177,15 @@ def test_openapi_document_is_valid_openapi_31_and_needs_no_credentials(api: Api)
     status = document["paths"]["/api/v1/status"]["get"]
     assert status["x-permission"] == "read" and "401" in status["responses"]
     assert document["paths"]["/api/v1/openapi.json"]["get"]["security"] == []
+
+
+def test_openapi_lists_every_route_of_the_table_with_its_permission(api: Api) -> None:
+    from hl7bridge.api.v1 import ROUTES
+
+    document = api.get("/api/v1/openapi.json").json()
+    for route in ROUTES:
+        operation = document["paths"][route.path][route.method.lower()]
+        expected = route.permission.value if route.permission is not None else None
+        assert operation.get("x-permission", None if not route.session_only else "a session") in (expected, "a session")
+        declared = {p["name"] for p in operation.get("parameters", [])}
+        assert declared == {p.name for p in route.params if p.where in ("path", "query")}

@@ -48,6 +48,20 @@ def test_console_is_off_unless_configured_and_checked_naming_the_key(tmp_path: P
 
 
 @pytest.mark.parametrize(
+    ("listen", "warned"),
+    [("tcp:8081:interface=127.0.0.1", False), ("tcp6:8081:interface=\\:\\:1", False), ("tcp:8081", True),
+     ("tcp:8081:interface=0.0.0.0", True), ("ssl:8443:privateKey=k.pem", False), ("unix:/run/hb.sock", False)],
+)  # fmt: skip
+def test_a_cleartext_console_beyond_loopback_is_warned_about(listen: str, warned: bool) -> None:
+    from hl7bridge.app.config import ConsoleConfig
+
+    warning = ConsoleConfig(listen=listen).cleartext_warning()
+    assert (warning is not None) == warned
+    if warned:
+        assert "use an ssl: endpoint" in warning
+
+
+@pytest.mark.parametrize(
     ("text", "needle"),
     [
         ("[service]\ndatabse = 'x'\n", "service.databse: unknown setting"),

@@ -115,7 +115,7 @@ def check_csrf(call: Call, session: Session) -> None:
     if sent is None:
         sent = call.form().get(CSRF_FIELD)
     if not csrf_matches(session, sent):
-        raise ApiError(403, f"missing or wrong CSRF token: send the session's csrf in the {CSRF_HEADER} header")
+        raise ApiError(403, "missing or wrong CSRF token: send the session's csrf in the X-CSRF-Token header")
 
 
 def cookie(call: Call, session: Session) -> str:

@@ -104,6 +104,8 @@ class Dispatcher(resource.Resource):
         if getattr(request, "too_large", False):
             request.setHeader("Connection", "close")
         body = reply.encoded()
+        request.setHeader("Content-Length", str(len(body)))
+        request.setHeader("Server", "hl7bridge")
         if request.method != b"HEAD":
             request.write(body)
         request.finish()

@@ -240,6 +240,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for listener in cfg.listeners:
         print(f"  listener {listener.name}: {listener.endpoint} (ack_mode={listener.ack_mode}, "
               f"time_zone={listener.time_zone}, validation={listener.validation})")  # fmt: skip
+    if cfg.console.listen:
+        print(f"  console: {cfg.console.listen} (JSON API at /api/v1, max_connections={cfg.console.max_connections})")
+        if warning := cfg.console.cleartext_warning():
+            print(f"  warning: {warning}")
     if cfg.routes and not cfg.sandbox.journeys:
         print("  journeys: not checked (no [[sandbox.journeys]] declares them)")
     for line in fit.fitting:

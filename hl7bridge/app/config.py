@@ -30,7 +30,7 @@ from hl7bridge.hl7 import charsets, tables
 from hl7bridge.hl7.er7 import DEFAULT_LIMITS, Limits, Path
 from hl7bridge.hl7.siu import DEFAULT_START_SOURCES, Feed
 from hl7bridge.mapping.routing import Route
-from hl7bridge.mllp.tls import DEFAULT_CIPHERS, MIN_VERSIONS, TlsError, TlsSettings, context_for
+from hl7bridge.mllp.tls import DEFAULT_CIPHERS, MIN_VERSIONS, TlsError, TlsSettings, context_for, endpoint_fields
 from hl7bridge.testing.sandbox import SandboxConfig
 from hl7bridge.workflow.reconcile import ReconcileSettings
 
@@ -133,6 +133,21 @@ class ConsoleConfig:
     @property
     def tls(self) -> bool:
         return self.listen.split(":", 1)[0] == "ssl"
+
+    def cleartext_warning(self) -> str | None:
+        """A plain ``tcp:`` console reachable from other machines sends passwords and session cookies in clear."""
+        parts, _ = endpoint_fields(self.listen)
+        if parts[0] not in ("tcp", "tcp6"):
+            return None
+        interface = next((p.partition("=")[2] for p in parts[1:] if p.startswith("interface=")), "")
+        try:
+            if interface and ipaddress.ip_address(interface).is_loopback:
+                return None
+        except ValueError:
+            pass
+        return (f"console.listen {self.listen} serves plain http beyond this machine: passwords, session cookies and "
+                "unmasked patient data cross the network unencrypted; use an ssl: endpoint (or a loopback interface "
+                "behind a TLS proxy)")  # fmt: skip
 
 
 @dataclass(frozen=True)

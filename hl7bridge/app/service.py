@@ -275,6 +275,8 @@ class Service:
                 f"the console cannot listen on {cfg.listen}: {why_not_bound(exc, 'console.listen')}"
             ) from None
         log.info("console on %s (JSON API at /api/v1/)", self.console_url())
+        if warning := cfg.cleartext_warning():
+            log.warning("%s", warning)
 
     def _status_json(self, health: HealthState) -> dict[str, Any]:
         """``/status``'s JSON, read on the reactor (the facts are the reactor's), from whichever thread asks."""
