@@ -6,12 +6,15 @@ import random
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from hl7bridge.hl7.ack import Ack
 from hl7bridge.store import commands, index_step, messages, open_engine, record_ack
+from hl7bridge.store.schema import message_minutes
 from hl7bridge.store.search import TAIL_MAX
 from hl7bridge.workflow.dashboard import dashboard
+
+from .conftest import fixture_bytes, start_service, unique_control, wait_until
 
 #: A minute boundary, so the expected buckets are plain arithmetic.
 NOW = 1_800_000_000.0 + 30.0
@@ -123,3 +126,24 @@ def test_a_tail_past_the_bound_is_reported_not_counted(tmp_path: Path) -> None:
         index_step(conn, 100_000)
     shown = dashboard(engine, now=NOW, minutes=1)
     assert (shown.window_total, shown.uncounted) == (TAIL_MAX + 10, 0)
+
+
+def test_the_running_service_counts_its_messages_into_the_dashboard(tmp_path: Path) -> None:
+    """The service's own index job (a batch a second) fills the counts the dashboard reads."""
+    service = start_service(tmp_path)
+    try:
+        for control in ("D-1", "D-2"):
+            service.request(unique_control(fixture_bytes("siu/s12_epic_v251.hl7"), control))
+        service.request(fixture_bytes("malformed/s12_no_pid_v251.hl7"))
+        engine = open_engine(service.url, create=False)
+
+        def counted() -> int:
+            with engine.connect() as conn:
+                return conn.execute(select(func.sum(message_minutes.c.count))).scalar() or 0
+
+        wait_until(lambda: counted() == 3, message="the index job counting all three")
+        shown = dashboard(engine)
+    finally:
+        service.stop()
+    assert shown.uncounted == 0 and shown.window_counts == {"AA": 2, "AE": 1}
+    assert [listener["name"] for listener in shown.listeners] == ["main"]
