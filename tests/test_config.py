@@ -24,12 +24,41 @@ def problems(text: str, tmp_path: Path) -> list[str]:
 def test_example_config_is_valid_and_complete() -> None:
     cfg = load(ROOT / "config" / "hl7bridge.example.toml")
     text = (ROOT / "config" / "hl7bridge.example.toml").read_text()
-    from hl7bridge.app.config import LISTENER_KEYS, SERVICE_KEYS
+    from hl7bridge.app.config import CONSOLE_KEYS, LISTENER_KEYS, SERVICE_KEYS
     from hl7bridge.app.dispatch_config import API_KEYS, RECONCILE_KEYS
 
-    for key in [*LISTENER_KEYS, *SERVICE_KEYS, *API_KEYS, *RECONCILE_KEYS]:
+    for key in [*LISTENER_KEYS, *SERVICE_KEYS, *API_KEYS, *RECONCILE_KEYS, *CONSOLE_KEYS]:
         assert f"\n{key} = " in text, f"{key} is not documented in the example config"
     assert cfg.listeners[0].endpoint == "tcp:2575:interface=127.0.0.1"
+    assert cfg.console.listen == "tcp:8081:interface=127.0.0.1"
+
+
+def test_console_is_off_unless_configured_and_checked_naming_the_key(tmp_path: Path) -> None:
+    assert parse({}).console.listen == ""
+    found = problems("[console]\nlisten = 'http:80'\nmax_connections = 0\nsession_idle = 600\n"
+                     "session_absolute = 60\nidle_timeout = 0\nsecret = 1\n", tmp_path)  # fmt: skip
+    text = "\n".join(found)
+    for needle in ("console.listen: endpoint 'http:80' must start with tcp:", "console.max_connections: expected an "
+                   "integer from 1", "console.secret: unknown setting"):  # fmt: skip
+        assert needle in text, text
+    found = problems("[console]\nsession_idle = 600\nsession_absolute = 60\nidle_timeout = 0\n", tmp_path)
+    text = "\n".join(found)
+    assert "console.session_absolute: expected at least session_idle (600 s)" in text
+    assert "console.idle_timeout: expected a number of seconds > 0" in text
+
+
+@pytest.mark.parametrize(
+    ("listen", "warned"),
+    [("tcp:8081:interface=127.0.0.1", False), ("tcp6:8081:interface=\\:\\:1", False), ("tcp:8081", True),
+     ("tcp:8081:interface=0.0.0.0", True), ("ssl:8443:privateKey=k.pem", False), ("unix:/run/hb.sock", False)],
+)  # fmt: skip
+def test_a_cleartext_console_beyond_loopback_is_warned_about(listen: str, warned: bool) -> None:
+    from hl7bridge.app.config import ConsoleConfig
+
+    warning = ConsoleConfig(listen=listen).cleartext_warning()
+    assert (warning is not None) == warned
+    if warned:
+        assert "use an ssl: endpoint" in warning
 
 
 @pytest.mark.parametrize(

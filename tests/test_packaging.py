@@ -36,4 +36,9 @@ def test_the_wheel_holds_every_module_of_the_package(tmp_path: Path) -> None:
     packed = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("hl7bridge/")}
     expected = {path.relative_to(ROOT).as_posix() for path in (ROOT / "hl7bridge").rglob("*.py")}
     assert expected, "no modules found in the source tree"
+    # The console's templates and static files are data, not modules: a wheel without them serves no page.
+    console = ROOT / "hl7bridge" / "api" / "console"
+    data = {p.relative_to(ROOT).as_posix() for d in ("templates", "static") for p in (console / d).iterdir()}
+    assert data, "no console templates or static files found"
+    expected |= data
     assert expected - packed == set(), f"missing from the wheel: {sorted(expected - packed)}"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine
 
-from hl7bridge.store import SCHEMA_VERSION, StoreError, open_engine, schema
+from hl7bridge.store import SCHEMA_VERSION, StoreError, audit, open_engine, schema
 
 from .conftest import ROOT, start_service
 
@@ -63,6 +63,15 @@ def tables(path: Path) -> set[str]:
         return {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
 
 
+def shape(path: Path, table: str) -> tuple[list[Any], ...]:
+    """A table's columns, indexes and foreign keys as SQLite reports them (indexes by name: SQLAlchemy creates
+    them in no fixed order)."""
+    with sqlite3.connect(path) as conn:
+        return (conn.execute(f"PRAGMA table_info({table})").fetchall(),
+                sorted(row[1:] for row in conn.execute(f"PRAGMA index_list({table})")),
+                conn.execute(f"PRAGMA foreign_key_list({table})").fetchall())  # fmt: skip
+
+
 def keys(path: Path) -> dict[str, list[str]]:
     with sqlite3.connect(path) as conn:
         found: dict[str, list[str]] = {}
@@ -88,9 +97,33 @@ def test_an_older_log_with_damaged_summaries_upgrades_to_current(tmp_path: Path,
     assert {"purged_at", "search_terms", "search_text"} <= columns(path, "messages")
     assert {"resolution", "resolution_audit", "uncertain"} <= columns(path, "commands")
     assert {"audit", "search_keys", "messages_text", "messages_search_purge"} <= tables(path)
+    assert {"users", "api_tokens", "sessions", "ix_api_tokens_user", "ix_sessions_user"} <= tables(path)
     found = keys(path)
     assert found.pop("C-1") == ["a:PL-1", "c:C-1", "p:MRN-1"]
     assert found == {f"C-{n}": [f"c:C-{n}"] for n in range(2, len(DAMAGED) + 2)}  # no patient terms, still listed
+
+
+def test_a_v6_log_gets_the_accounts_tables_and_keeps_its_messages_and_audit_chain(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    url = log_at(path, 6)
+    add_messages(path, [GOOD])
+    engine = create_engine(url)  # not open_engine: that would upgrade
+    with engine.begin() as conn:
+        # Today's audit.record also writes the timeline's audit_refs (a later step): give the v6 log that table.
+        schema.audit_refs.create(conn, checkfirst=True)
+        audit.record(conn, audit.AuditEntry("alice", "cli", "retry", "command", (1,)))
+    engine.dispose()
+    done = cli("upgrade", "--database", url, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout == f"upgraded the log from schema 6 to {SCHEMA_VERSION}\n"
+    assert {"users", "api_tokens", "sessions", "ix_api_tokens_user", "ix_sessions_user"} <= tables(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT control_id FROM messages").fetchall() == [("C-1",)]
+    fresh = tmp_path / "new.db"
+    open_engine(f"sqlite:///{fresh}").dispose()
+    for table in ("users", "api_tokens", "sessions"):
+        assert shape(path, table) == shape(fresh, table)
+    verified = cli("audit", "verify", "--database", url, cwd=tmp_path)
+    assert verified.returncode == 0 and "intact: 1 entries" in verified.stdout
 
 
 def test_a_step_failing_half_way_leaves_the_log_whole_and_a_second_open_upgrades(
@@ -100,7 +133,7 @@ def test_a_step_failing_half_way_leaves_the_log_whole_and_a_second_open_upgrades
     url = log_at(path, 5)
     add_messages(path, [GOOD])
 
-    def fail(conn: Any, limit: int) -> int:
+    def fail(conn: Any, limit: int, count_minutes: bool = True) -> int:
         raise RuntimeError("disk on fire")
 
     # The last thing step 6 does, after its ALTERs, CREATEs and the backfill's UPDATEs.

@@ -130,7 +130,7 @@ def test_log_show_masks_phi_unless_asked(service: RunningService) -> None:
     assert "MSA|AA|SHOW-1" in masked
     full = json.loads(service.cli("log", "show", str(row["id"]), "--raw", "--phi", "--json").stdout)
     assert full["summary"]["names"][0]["family"] == "TESTPATIENT"
-    assert full["raw"].startswith("MSH|")
+    assert full["raw"][0].startswith("MSH|") and full["masked"] is False
     missing = service.cli("log", "show", "999999", check=False)
     assert missing.returncode == 2 and "no message with id 999999" in missing.stderr
 

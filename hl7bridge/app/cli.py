@@ -18,7 +18,7 @@ import shtab
 from hl7bridge import __version__
 from hl7bridge.app.cli_format import add_by, outbox_line, parse_duration, print_table, since_arg, when
 from hl7bridge.app.config import Config, ConfigError, load
-from hl7bridge.core.logs import cap, escape, masked_summary
+from hl7bridge.core.logs import cap, escape
 from hl7bridge.core.status import CommandStatus, MessageStatus
 
 #: Exit statuses shared by every command: bad input (usage, arguments, the config), and a runtime failure
@@ -120,6 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"log in {_safe_url(cfg.service.database)}")  # fmt: skip
         if service.sandbox is not None:
             line += f"; sandbox Journeys API on {service.sandbox.url} (see {service.sandbox.url}/_sandbox/instances)"
+        if service.console_url():
+            line += f"; console on {service.console_url()}"
         if service.dispatcher is not None:
             line += f"; dispatching to {service.config.api.base_url}" + (" (--api-url)" if args.api_url else "")
         print(line, flush=True)
@@ -238,6 +240,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for listener in cfg.listeners:
         print(f"  listener {listener.name}: {listener.endpoint} (ack_mode={listener.ack_mode}, "
               f"time_zone={listener.time_zone}, validation={listener.validation})")  # fmt: skip
+    if cfg.console.listen:
+        print(f"  console: {cfg.console.listen} (JSON API at /api/v1, max_connections={cfg.console.max_connections})")
+        if warning := cfg.console.cleartext_warning():
+            print(f"  warning: {warning}")
     if cfg.routes and not cfg.sandbox.journeys:
         print("  journeys: not checked (no [[sandbox.journeys]] declares them)")
     for line in fit.fitting:
@@ -410,73 +416,22 @@ def cmd_log_list(args: argparse.Namespace) -> int:
 
 
 def cmd_log_show(args: argparse.Namespace) -> int:
-    from hl7bridge.store import attempts_for_commands, commands_for_messages, get_message
+    from hl7bridge.app.cli_timeline import print_timeline
+    from hl7bridge.workflow.timeline import Unmask, UnmaskError, timeline
 
-    engine = _engine(args)
-    row = get_message(engine, args.id)
-    if row is None:
+    if args.reason is not None and not args.phi:
+        raise CliError("--reason goes with --phi (the reason for seeing the patient data)")
+    unmask = Unmask(actor(args), "log show" if args.reason is None else args.reason, "cli") if args.phi else None
+    try:
+        shown = timeline(_engine(args), args.id, unmask=unmask)
+    except UnmaskError as exc:
+        raise CliError(f"--reason: {exc}") from None
+    if shown is None:
         raise CliError(f"no message with id {args.id} (see 'hl7bridge log list')")
-    if args.phi or args.raw:
-        from hl7bridge.workflow.unmask import record_unmask
-
-        record_unmask(engine, actor(args), [args.id], "log show", phi=args.phi, raw=args.raw)
-    summary = json.loads(row["summary"]) if row["summary"] else None
-    if summary and not args.phi:
-        summary = masked_summary(summary)
-    charset = row["charset"] or "utf-8"
-    raw, ack = row.pop("raw"), row.pop("ack_raw")
-    row["received_at"] = when(row["received_at"])
-    row["summary"] = summary
-    row["ack"] = ack.decode(charset, errors="replace").replace("\r", "\n").strip() if ack else None
-    if args.raw:
-        row["raw"] = raw.decode(charset, errors="replace") if raw is not None else None
     if args.json:
-        commands = commands_for_messages(engine, [row["id"]])
-        for c in commands:
-            c["parameters"] = json.loads(c["parameters"]) if args.phi else "(PHI; --phi shows it)"
-        row["commands"] = commands
-        row["attempts"] = attempts_for_commands(engine, [c["id"] for c in commands])
-        print(json.dumps(row, indent=2, ensure_ascii=False, default=str))
-        return 0
-    for key in ("id", "received_at", "listener", "peer", "sending_application", "sending_facility", "control_id",
-                "message_type", "event", "version", "charset", "status", "action", "appointment_key", "ack_code",
-                "ack_text", "route", "note", "replay_of", "error_location", "error", "duplicate_of"):  # fmt: skip
-        if row.get(key) not in (None, ""):
-            print(f"{key:20} {escape(str(row[key]))}")
-    if summary:
-        print("summary" + ("" if args.phi else " (PHI masked; --phi shows it)") + ":")
-        for key, value in summary.items():
-            if value not in (None, "", [], ()):
-                print(f"  {key:22} {json.dumps(value, ensure_ascii=False)}")
-    commands = commands_for_messages(engine, [row["id"]])
-    attempts = attempts_for_commands(engine, [c["id"] for c in commands])
-    if commands:
-        print("commands:")
-        for c in commands:
-            print(f"  #{c['id']} {c['kind']} via route {c['route']} (chatBotId {c['chat_bot_id']}"
-                  f"{', flowId ' + c['flow_id'] if c['flow_id'] else ''}): {c['status']}"
-                  f"{' - ' + c['outcome'] if c['outcome'] else ''} [attempts {c['attempts']}]")  # fmt: skip
-            if c["resolution"]:
-                why = f": {escape(c['resolution_reason'])}" if c["resolution_reason"] else ""
-                print(f"      {c['resolution']} by {escape(c['resolved_by'] or '?')} at {when(c['resolved_at'])}{why} "
-                      f"(audit entry {c['resolution_audit']})")  # fmt: skip
-            if c["status"] == CommandStatus.PENDING and c["next_attempt_at"]:
-                # Read now, from the column: a time written into the outcome went stale ("retrying in 3.0 s").
-                due = c["next_attempt_at"]
-                print(f"      next attempt {'due now' if due <= time.time() else 'at ' + when(due)}")
-            if args.phi:
-                print(f"      parameters {c['parameters']}")
-            for a in (a for a in attempts if a["command_id"] == c["id"]):
-                print(f"      {when(a['at'])} {a['request_summary']} -> {a['status_code'] or '-'} {a['verdict']}"
-                      f" in {a['duration_ms']:.0f} ms{' ' + a['error'] if a['error'] else ''}")  # fmt: skip
-    if row["ack"]:
-        print("ack sent:")
-        for line in row["ack"].splitlines():
-            print(f"  {escape(line)}")
-    if args.raw:
-        print("raw message:")
-        for line in (row["raw"] or "(purged)").replace("\r\n", "\n").replace("\r", "\n").splitlines():
-            print(f"  {escape(line)}")
+        print(json.dumps(shown.to_json(), indent=2, ensure_ascii=False, default=str))
+    else:
+        print_timeline(shown, args.raw)
     return 0
 
 
@@ -623,6 +578,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from hl7bridge.app import cli_audit
 
     return cli_audit.run(args, _engine(args), getattr(args, "since", None), when)
+
+
+# --- user ---------------------------------------------------------------------------------------
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from hl7bridge.app import cli_users
+    from hl7bridge.workflow.accounts import AccountError
+
+    try:
+        return cli_users.run(args, _engine(args), actor(args))
+    except AccountError as exc:
+        raise CliError(str(exc)) from None
 
 
 # --- reconcile ----------------------------------------------------------------------------------
@@ -836,6 +804,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_audit)
 
+    from hl7bridge.app.cli_users import add_parser as add_user_parser
+
+    add_user_parser(sub, with_config, cmd_user)
+
     rec = with_config(sub.add_parser(
         "reconcile", help="compare the log with the Journeys API; exit 1 on drift",
         epilog="exit status: 0 no drift, 1 drift found (repairs queued with --repair), 2 bad input, "
@@ -863,10 +835,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(log_sub, with_config, cmd_log_export)
     show = with_config(log_sub.add_parser("show", help="one message in full"))
     show.add_argument("id", type=whole_number(1))
-    show.add_argument("--raw", action="store_true", help="include the raw message (PHI)")
-    show.add_argument("--phi", action="store_true", help="show patient data unmasked")
-    show.add_argument("--json", action="store_true")
-    add_by(show, "looks (with --phi or --raw)")
+    show.add_argument("--raw", action="store_true", help="include the raw message (masked unless --phi)")
+    show.add_argument("--phi", action="store_true", help="show patient data unmasked (recorded in the audit log)")
+    show.add_argument("--reason", metavar="TEXT", help="why you need the patient data (with --phi; default 'log show')")
+    show.add_argument("--json", action="store_true", help="the whole timeline as JSON (raw segments included)")
+    add_by(show, "looks (with --phi)")
     show.set_defaults(func=cmd_log_show)
 
     acted = "exit status: 0 done, 2 bad input (arguments, the configuration), 3 could not act (no running service, the database)"

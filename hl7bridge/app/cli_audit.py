@@ -31,11 +31,11 @@ def run(args: argparse.Namespace, engine: Engine, since: float | None, when: Cal
     if not shown:
         print("no audit entries" + (" match" if since or args.action or args.before else ""))
         return 0
-    print(f"{'ID':>6}  {'WHEN':25}  {'WHO':16} {'VIA':7} {'ACTION':10} {'ON':8} IDS / REASON")
+    print(f"{'ID':>6}  {'WHEN':25}  {'WHO':16} {'VIA':7} {'ACTION':12} {'ON':8} IDS / REASON")
     for e in shown:
         ids = ",".join(str(i) for i in e.ids[:10]) + (f",… ({len(e.ids)})" if len(e.ids) > 10 else "")
         reason = f"  “{cap(escape(e.reason), REASON_CHARS)}”" if e.reason else ""
-        print(f"{e.id:>6}  {when(e.at):25}  {cap(escape(e.actor), 16):16} {e.channel:7} {e.action:10} "
+        print(f"{e.id:>6}  {when(e.at):25}  {cap(escape(e.actor), 16):16} {e.channel:7} {e.action:12} "
               f"{e.target:8} {ids or '-'}{reason}")  # fmt: skip
     if more:
         print(f"more entries are older: add --before {shown[-1].id}")

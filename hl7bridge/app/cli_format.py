@@ -4,28 +4,14 @@ column table, the outbox line). ``cli.py`` and the ``cli_*`` modules import it; 
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from collections.abc import Sequence
 
+from hl7bridge.core.checks import parse_duration
 from hl7bridge.core.logs import local_time
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-MAX_DURATION = 100 * 366 * 86400.0
 #: ``--by`` at most: the audit log's actor is a name, not a document.
 MAX_NAME_CHARS = 128
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``90s``, ``30m``, ``12h``, ``7d`` or ``2w``; ValueError saying so otherwise."""
-    m = _DURATION.match(text.strip().lower())
-    if not m:
-        raise ValueError(f"{text[:40]!r} is not a duration; use e.g. 90s, 30m, 12h, 7d or 2w")
-    seconds = float(m[1]) * _UNITS[m[2]]
-    if seconds > MAX_DURATION:
-        raise ValueError(f"{text[:40]!r} is longer than 100 years; use e.g. 90s, 30m, 12h, 7d or 2w")
-    return seconds
 
 
 def since_arg(text: str) -> float:

@@ -1,5 +1,5 @@
 """``hl7bridge replay``: selection, ``--edit`` in the operator's editor, progress and the summary line.
-The work is ``hl7bridge.app.replay.Replayer``'s; ``cli.py`` checks the arguments and passes the config and the
+The work is ``hl7bridge.workflow.replay.Replayer``'s; ``cli.py`` checks the arguments and passes the config and the
 log in, as for the other ``cli_*`` modules (no import cycle)."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def add_replay_options(parser: argparse.ArgumentParser, handler: Callable[[argpa
 
 
 def run(args: argparse.Namespace, cfg: Config, engine: Engine, actor: str, since: float | None) -> int:
-    from hl7bridge.app.replay import Replayer
+    from hl7bridge.app.wiring import replayer_for
     from hl7bridge.store import messages_for_replay
 
     originals = messages_for_replay(engine, args.ids or None, args.status, since, args.event)
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, cfg: Config, engine: Engine, actor: str, since
     edited = _edit(originals[0]) if args.edit else None
     if args.edit and edited is None:
         return 0
-    replayer = Replayer(engine, cfg, actor=actor, phi=args.phi)
+    replayer = replayer_for(engine, cfg, actor=actor, phi=args.phi)
     if args.dry_run and args.phi:
         record_unmask(engine, actor, [m["id"] for m in originals], "replay dry run", edited=edited is not None)
     if args.dry_run:

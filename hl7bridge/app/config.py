@@ -30,7 +30,7 @@ from hl7bridge.hl7 import charsets, tables
 from hl7bridge.hl7.er7 import DEFAULT_LIMITS, Limits, Path
 from hl7bridge.hl7.siu import DEFAULT_START_SOURCES, Feed
 from hl7bridge.mapping.routing import Route
-from hl7bridge.mllp.tls import DEFAULT_CIPHERS, MIN_VERSIONS, TlsError, TlsSettings, context_for
+from hl7bridge.mllp.tls import DEFAULT_CIPHERS, MIN_VERSIONS, TlsError, TlsSettings, context_for, endpoint_fields
 from hl7bridge.testing.sandbox import SandboxConfig
 from hl7bridge.workflow.reconcile import ReconcileSettings
 
@@ -119,6 +119,38 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The JSON API and console listener (``hl7bridge.api``); off while ``listen`` is empty."""
+
+    listen: str = ""
+    max_connections: int = 64
+    #: A connection that sends no complete request for this long is closed.
+    idle_timeout: float = 60.0
+    #: A session unused this long ends; none lasts longer than ``session_absolute``.
+    session_idle: float = 1800.0
+    session_absolute: float = 43200.0
+
+    @property
+    def tls(self) -> bool:
+        return self.listen.split(":", 1)[0] == "ssl"
+
+    def cleartext_warning(self) -> str | None:
+        """A plain ``tcp:`` console reachable from other machines sends passwords and session cookies in clear."""
+        parts, _ = endpoint_fields(self.listen)
+        if parts[0] not in ("tcp", "tcp6"):
+            return None
+        interface = next((p.partition("=")[2] for p in parts[1:] if p.startswith("interface=")), "")
+        try:
+            if interface and ipaddress.ip_address(interface).is_loopback:
+                return None
+        except ValueError:
+            pass
+        return (f"console.listen {self.listen} serves plain http beyond this machine: passwords, session cookies and "
+                "unmasked patient data cross the network unencrypted; use an ssl: endpoint (or a loopback interface "
+                "behind a TLS proxy)")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig("main"),)
@@ -128,6 +160,7 @@ class Config:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     source: str = "(built-in defaults)"
 
     def with_overrides(
@@ -298,6 +331,14 @@ HEALTH_KEYS: dict[str, Check] = {
     "max_connections": _int(1, 10_000),
 }
 
+CONSOLE_KEYS: dict[str, Check] = {
+    "listen": _str,
+    "max_connections": _int(1, 10_000),
+    "idle_timeout": _seconds,
+    "session_idle": _seconds,
+    "session_absolute": _seconds,
+}
+
 LISTENER_KEYS: dict[str, Check] = {
     "endpoint": _endpoint,
     "tls_client_ca": _str,
@@ -328,7 +369,7 @@ LISTENER_KEYS: dict[str, Check] = {
 
 def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
     problems: list[str] = []
-    sections = ("service", "listeners", "api", "dispatch", "routes", "sandbox", "health", "reconcile")
+    sections = ("service", "listeners", "api", "dispatch", "routes", "sandbox", "health", "reconcile", "console")
     for key in data:
         if key not in sections:
             problems.append(f"{key}: unknown section (known: {', '.join(sections)})")
@@ -350,6 +391,8 @@ def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
     sandbox = parse_sandbox(data.get("sandbox"), problems)
     health = HealthConfig(**_section(data.get("health", {}), "health", HEALTH_KEYS, problems))
     reconcile = parse_reconcile(data.get("reconcile", {}), problems)
+    console = ConsoleConfig(**_section(data.get("console", {}), "console", CONSOLE_KEYS, problems))
+    _check_console(console, problems)
     if health.listen:
         _check_endpoint(health.listen, "health.listen", problems)
     if health.heartbeat_interval <= 0:
@@ -361,7 +404,26 @@ def parse(data: dict[str, Any], source: str = "(inline)") -> Config:
             problems.append(f"listeners.{listener.name}.ack_mode: 'dispatched' needs at least one [[routes]] table")
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
-    return Config(service, tuple(listeners), api, dispatch, routes, sandbox, health, reconcile, source)
+    return Config(service, tuple(listeners), api, dispatch, routes, sandbox, health, reconcile, console, source)
+
+
+def _check_console(console: ConsoleConfig, problems: list[str]) -> None:
+    if console.listen:
+        _check_endpoint(console.listen, "console.listen", problems)
+    if any(p.startswith("console.") for p in problems):
+        return
+    if console.tls:
+        try:
+            context_for(console.listen, TlsSettings())
+        except TlsError as exc:
+            problems.append(f"console.listen: {exc}")
+    if console.idle_timeout <= 0:
+        problems.append("console.idle_timeout: expected a number of seconds > 0")
+    if console.session_idle <= 0:
+        problems.append("console.session_idle: expected a number of seconds > 0")
+    if console.session_absolute < console.session_idle:
+        problems.append(f"console.session_absolute: expected at least session_idle ({console.session_idle:g} s), "
+                        f"got {console.session_absolute:g}")  # fmt: skip
 
 
 def load(path: str | FsPath | None) -> Config:

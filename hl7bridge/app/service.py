@@ -12,11 +12,13 @@ from typing import Any
 from sqlalchemy import make_url
 from twisted.internet import defer, endpoints, task, threads
 from twisted.internet.interfaces import IListeningPort
+from twisted.python.threadable import isInIOThread
+from twisted.python.threadpool import ThreadPool
 from twisted.web import server
 
 from hl7bridge.app.config import Config
 from hl7bridge.app.dispatch_config import router
-from hl7bridge.app.wiring import intake_for
+from hl7bridge.app.wiring import intake_for, replayer_for
 from hl7bridge.dispatch.child import ChildSpec, FixedToken
 from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import JourneysClient, TokenSource, plain_http_outside_loopback
@@ -26,7 +28,7 @@ from hl7bridge.hl7.ack import AckBuilder
 from hl7bridge.ingest.intake import Intake
 from hl7bridge.ingest.pipeline import Pipeline
 from hl7bridge.mllp.connections import CappedFactory, FdWatch, RefusalLog, raise_descriptor_limit
-from hl7bridge.mllp.listener import MLLPFactory, listen
+from hl7bridge.mllp.listener import MLLPFactory, listen, listen_on
 from hl7bridge.ops import systemd as sd
 from hl7bridge.ops.health import HealthResource, HealthState, Probes
 from hl7bridge.ops.metrics import Metrics
@@ -45,7 +47,7 @@ from hl7bridge.store import (
 )
 from hl7bridge.testing.sandbox import Sandbox
 from hl7bridge.workflow.dispatch_target import record_dispatch_target
-from hl7bridge.workflow.status import ListenerFacts
+from hl7bridge.workflow.status import ListenerFacts, assess
 
 #: Messages per search-index job (``store.index_step``).
 SEARCH_INDEX_BATCH = 100
@@ -82,6 +84,8 @@ class Service:
     _health_port: IListeningPort | None = None
     _probes: Probes | None = None
     fds: FdWatch | None = None
+    _console_port: IListeningPort | None = None
+    _console_pool: ThreadPool | None = None
 
     @defer.inlineCallbacks
     def start(self):
@@ -90,6 +94,7 @@ class Service:
         tables.warm()
         cfg = self.config
         tls = [lst.name for lst in cfg.listeners if lst.endpoint.split(":", 1)[0] == "ssl"]
+        tls += ["console"] if cfg.console.tls else []
         if tls and not sd.write_execute_memory_allowed():
             raise StartupError(
                 f"listener {tls[0]!r} uses TLS, which needs writable+executable memory (pyOpenSSL's cffi "
@@ -143,6 +148,7 @@ class Service:
             self.ports.append(port)
             log.info("listener %s listening on %s", listener.name, _describe(port))
         yield self._start_health()
+        yield self._start_console()
         self._start_retention()
         self._start_search_index()
 
@@ -181,7 +187,8 @@ class Service:
         """Every listener full at once must fit under RLIMIT_NOFILE, with room for the database,
         the dispatcher's pipes and the API client: raise the soft limit if the hard one allows."""
         cfg = self.config
-        wanted = sum(lst.max_connections for lst in cfg.listeners) + cfg.health.max_connections + DESCRIPTOR_BASE
+        wanted = (sum(lst.max_connections for lst in cfg.listeners) + cfg.health.max_connections
+                  + (cfg.console.max_connections if cfg.console.listen else 0) + DESCRIPTOR_BASE)  # fmt: skip
         soft, hard = raise_descriptor_limit(wanted)
         if soft < wanted:
             log.warning("the descriptor limit (RLIMIT_NOFILE %d, hard %d) is below the %d the listeners' "
@@ -232,6 +239,50 @@ class Service:
                 f"the health listener cannot listen on {cfg.listen}: {why_not_bound(exc, 'health.listen')}"
             ) from None
         log.info("health and metrics on http://%s/healthz, /status and /metrics", _describe(self._health_port))
+
+    @defer.inlineCallbacks
+    def _start_console(self):
+        """The JSON API and console on ``[console] listen``, with a thread pool of its own for their blocking work."""
+        cfg = self.config.console
+        if not cfg.listen:
+            return
+        from hl7bridge.api.console.pages import PAGES, STATIC
+        from hl7bridge.api.http import POOL_THREADS, ApiContext
+        from hl7bridge.api.server import build_site
+        from hl7bridge.api.v1 import ROUTES
+
+        pool = ThreadPool(minthreads=0, maxthreads=POOL_THREADS, name="hl7bridge-api")
+        pool.start()
+        self._console_pool = pool
+        health = self.health
+        assert health is not None
+        context = ApiContext(
+            engine=self.engine,
+            pool=pool,
+            status=lambda: self._status_json(health),
+            replayer=lambda **options: replayer_for(self.engine, self.config, **options),
+            secure_cookies=cfg.tls,
+            session_idle=cfg.session_idle,
+            session_absolute=cfg.session_absolute,
+        )
+        site = build_site(context, [*ROUTES, *PAGES], self.reactor, idle_timeout=cfg.idle_timeout, static_dir=STATIC)
+        capped = CappedFactory(site, cfg.max_connections, "console", RefusalLog(log, self.reactor))
+        try:
+            self._console_port = yield listen_on(self.reactor, cfg.listen, capped)
+        except Exception as exc:  # noqa: BLE001 - port in use and the like
+            yield self.stop()
+            raise StartupError(
+                f"the console cannot listen on {cfg.listen}: {why_not_bound(exc, 'console.listen')}"
+            ) from None
+        log.info("console on %s (JSON API at /api/v1/)", self.console_url())
+        if warning := cfg.cleartext_warning():
+            log.warning("%s", warning)
+
+    def _status_json(self, health: HealthState) -> dict[str, Any]:
+        """``/status``'s JSON, read on the reactor (the facts are the reactor's), from whichever thread asks."""
+        if not isInIOThread():
+            return threads.blockingCallFromThread(self.reactor, self._status_json, health)
+        return assess(health.facts(time.time())).to_json()
 
     def _start_search_index(self) -> None:
         """Every second, the messages logged since are added to the search index, in writer jobs of
@@ -327,6 +378,12 @@ class Service:
         log.info("dispatch now: the dispatcher tries what waits")
         self.dispatcher.dispatch_now()
 
+    def console_url(self) -> str | None:
+        """Where the console and the JSON API answer; None when ``[console] listen`` is off."""
+        if self._console_port is None:
+            return None
+        return f"{'https' if self.config.console.tls else 'http'}://{_describe(self._console_port)}/"
+
     def addresses(self) -> list[str]:
         return [_describe(p) for p in self.ports]
 
@@ -357,6 +414,9 @@ class Service:
         for port in self.ports:
             yield port.stopListening()
         self.ports = []
+        if self._console_port is not None:
+            port, self._console_port = self._console_port, None
+            yield port.stopListening()
         if self.fds is not None:
             self.fds.stop()
         waited = 0.0
@@ -378,6 +438,9 @@ class Service:
         if self.writer is not None:
             writer, self.writer = self.writer, None
             yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), writer.stop)
+        if self._console_pool is not None:
+            pool, self._console_pool = self._console_pool, None
+            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), pool.stop)
         if self._health_port is not None:
             yield self._health_port.stopListening()
         if self.sandbox is not None:

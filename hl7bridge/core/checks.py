@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Collection
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 Check = Callable[[Any, str, list[str]], Any]
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_DURATION = 100 * 366 * 86400.0
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90s``, ``30m``, ``12h``, ``7d`` or ``2w``; ValueError saying so otherwise."""
+    m = _DURATION.match(text.strip().lower())
+    if not m:
+        raise ValueError(f"{text[:40]!r} is not a duration; use e.g. 90s, 30m, 12h, 7d or 2w")
+    seconds = float(m[1]) * _UNITS[m[2]]
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{text[:40]!r} is longer than 100 years; use e.g. 90s, 30m, 12h, 7d or 2w")
+    return seconds
 
 
 def integer(minimum: int, maximum: int | None = None) -> Check:

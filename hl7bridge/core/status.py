@@ -49,3 +49,21 @@ class ServiceState(StrEnum):
     DEGRADED = "degraded"
     #: Not doing its job (token refused, dispatcher down, log unwritable, listeners down).
     FAILING = "failing"
+
+
+class Role(StrEnum):
+    """An account's role (``workflow.accounts``): what its holder may do is ``workflow.accounts.may``."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+
+class Permission(StrEnum):
+    """What a request needs: reading (patient data masked), unmasking one message with a reason, acting on the
+    log (retry, discard, replay), administering accounts."""
+
+    READ = "read"
+    UNMASK = "unmask"
+    ACT = "act"
+    ADMIN = "admin"

@@ -343,18 +343,26 @@ class MLLPFactory(protocol.Factory):
         return ""
 
 
-def server_endpoint(reactor: object, config: ListenerSettings) -> interfaces.IStreamServerEndpoint:
-    """The listener's endpoint. For ``ssl:`` the TLS layer is added by ``listen``."""
-    if not config.endpoint.startswith("ssl:"):
-        return endpoints.serverFromString(reactor, config.endpoint)
-    port, options = tls.split_endpoint(config.endpoint)
+def server_endpoint(reactor: object, description: str) -> interfaces.IStreamServerEndpoint:
+    """The endpoint to bind. For ``ssl:`` that is plain TCP: the TLS layer is added by ``listen_on``."""
+    if not description.startswith("ssl:"):
+        return endpoints.serverFromString(reactor, description)
+    port, options = tls.split_endpoint(description)
     return endpoints.serverFromString(reactor, tls.tcp_description(port, options))
+
+
+def listen_on(reactor: object, description: str, factory: protocol.Factory,
+              settings: TlsSettings | None = None) -> defer.Deferred:  # fmt: skip
+    """Bind an endpoint string; an ``ssl:`` one gets this package's TLS context (``tls.py``: Twisted's own ``ssl:``
+    defaults allow static-RSA and CBC suites). The MLLP listeners and the console listener both bind through here.
+    The Deferred fires with the IListeningPort."""
+    endpoint = server_endpoint(reactor, description)
+    if not description.startswith("ssl:"):
+        return endpoint.listen(factory)
+    creator = tls.ServerConnections(tls.context_for(description, settings or TlsSettings()))
+    return endpoint.listen(TLSMemoryBIOFactory(creator, False, factory))
 
 
 def listen(reactor: object, factory: MLLPFactory) -> defer.Deferred:
     """Bind the listener's endpoint; the Deferred fires with the IListeningPort."""
-    endpoint = server_endpoint(reactor, factory.config)
-    if not factory.tls:
-        return endpoint.listen(factory)
-    creator = tls.ServerConnections(tls.context_for(factory.config.endpoint, factory.config.tls_settings()))
-    return endpoint.listen(TLSMemoryBIOFactory(creator, False, factory))
+    return listen_on(reactor, factory.config.endpoint, factory, factory.config.tls_settings())

@@ -3,8 +3,9 @@
 ``schema`` defines the tables and opens (and upgrades) the database, ``writer``
 is the single writer thread, ``outbox`` holds the dispatcher's queries and
 updates, ``queries`` serves operators, ``search`` finds messages through the search index, ``deadletters`` and
-``reconcile`` hold the queries of those operator workflows, ``retention`` purges old patient data, ``audit`` is
-the operators' hash-chained audit log.
+``reconcile`` hold the queries of those operator workflows, ``timeline`` and ``dashboard`` what one message's
+timeline and the dashboard read, ``retention`` purges old patient data, ``audit`` is the operators' hash-chained
+audit log, ``accounts`` the console's and the API's users, tokens and sessions.
 """
 
 from .audit import AuditEntry, ChainCheck

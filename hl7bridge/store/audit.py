@@ -17,11 +17,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Connection, Engine
 
 from .schema import audit_log as audit
-from .schema import meta
+from .schema import audit_ref_rows, audit_refs, meta
 
 #: The hash the first entry follows.
 GENESIS = "0" * 64
@@ -80,6 +80,8 @@ def record(conn: Connection, entry: AuditEntry, now: float | None = None) -> Aud
             hash=digest,
         )
     ).inserted_primary_key[0]
+    if refs := audit_ref_rows(row_id, entry.target, entry.ids):
+        conn.execute(audit_refs.insert(), refs)
     conn.execute(meta.update().where(head).values(value=digest))
     return AuditEntry(**{**done.__dict__, "id": row_id, "hash": digest})
 
@@ -110,6 +112,20 @@ def entries(
         query = query.where(audit.c.id < before)
     with engine.connect() as conn:
         return [_entry(row) for row in conn.execute(query)]
+
+
+def naming(conn: Connection, refs: dict[str, Sequence[int | str]], limit: int) -> list[AuditEntry]:
+    """The newest ``limit`` entries (newest first) that name any of ``refs`` (target -> ids), through
+    ``audit_refs``: an index lookup per id, however long the audit log."""
+    wanted = [(target, str(i)) for target, ids in refs.items() for i in ids]
+    if not wanted:
+        return []
+    matching = select(audit_refs.c.audit_id).where(
+        or_(*(and_(audit_refs.c.target == target, audit_refs.c.ref.in_([r for t, r in wanted if t == target]))
+              for target in dict.fromkeys(t for t, _ in wanted)))
+    )  # fmt: skip
+    query = select(audit).where(audit.c.id.in_(matching)).order_by(audit.c.id.desc()).limit(limit)
+    return [_entry(row) for row in conn.execute(query)]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import orjson
 from sqlalchemy import (
     Column,
     Float,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -37,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -45,6 +46,8 @@ log = logging.getLogger("hl7bridge.store")
 metadata = MetaData()
 #: The partial index's condition; a query must repeat it word for word for SQLite to use the index.
 NOT_ACCEPTED = f"status <> '{MessageStatus.ACCEPTED}'"
+#: The replay index's condition (only replays are indexed).
+REPLAYED = "replay_of IS NOT NULL"
 
 meta = Table(
     "meta",
@@ -96,6 +99,8 @@ messages = Table(
         postgresql_where=text(NOT_ACCEPTED),
     ),
     Index("ix_messages_appointment", "appointment_key"),
+    # The replays of a message (its timeline); intake writes no replay, so no entry is added on the hot path.
+    Index("ix_messages_replay_of", "replay_of", sqlite_where=text(REPLAYED), postgresql_where=text(REPLAYED)),
     # The same few messages in id order (an index ends in the rowid): `log list --status rejected` pages through
     # them newest first without sorting every one.
     Index(
@@ -193,6 +198,31 @@ audit_log = Table(
     sqlite_autoincrement=True,
 )
 
+#: Which ids each audit entry names, one row each: "the entries naming this message or its commands" is then an
+#: index lookup, however long the audit log (``ids`` in ``audit`` is a JSON list, which no index reaches).
+audit_refs = Table(
+    "audit_refs",
+    metadata,
+    Column("target", String(16), primary_key=True, doc="what the id names: message, command, user, ..."),
+    Column("ref", String(128), primary_key=True, doc="the id, as text (user names are ids too)"),
+    Column("audit_id", Integer, primary_key=True),
+    sqlite_with_rowid=False,
+)
+
+#: Messages per minute, ACK code ('' when none was sent) and listener, for the dashboard: counted by ``index_step``
+#: with the search index (a batch a second, off the writer's hot path), kept right by a trigger when a dispatched
+#: message's ACK is decided later. A window is then read in a few hundred rows, however busy the hour was.
+message_minutes = Table(
+    "message_minutes",
+    metadata,
+    Column("minute", Integer, primary_key=True, doc="epoch seconds // 60"),
+    Column("ack_code", String(2), primary_key=True),
+    Column("listener", String(64), primary_key=True),
+    Column("count", Integer, nullable=False),
+    Column("last_at", Float, nullable=False, doc="the newest message counted here"),
+    sqlite_with_rowid=False,
+)
+
 search_keys = Table(
     "search_keys",
     metadata,
@@ -204,6 +234,46 @@ search_keys = Table(
     ),
     Column("message_id", Integer, primary_key=True),
     sqlite_with_rowid=False,
+)
+
+#: Console and API accounts (``workflow.accounts``). A name is an operator's, not a patient's.
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(64), primary_key=True, doc="[A-Za-z0-9._@-], 1 to 64 characters"),
+    Column("role", String(16), nullable=False, doc="viewer operator admin"),
+    Column("password_hash", String(256), nullable=False, doc="argon2id, PHC string; never the password"),
+    Column("created_at", Float, nullable=False),
+    Column("password_changed_at", Float, nullable=False),
+    Column("last_login_at", Float),
+)
+
+#: API tokens: only the SHA-256 of each secret is kept (the secret is shown once, when issued).
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_name", String(64), ForeignKey("users.name", ondelete="CASCADE"), nullable=False),
+    Column("secret_sha256", String(64), nullable=False, unique=True),
+    Column("label", String(128), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float),
+    Index("ix_api_tokens_user", "user_name"),
+)
+
+#: Console sessions, keyed by the SHA-256 of the cookie's secret.
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("secret_sha256", String(64), primary_key=True),
+    Column("user_name", String(64), ForeignKey("users.name", ondelete="CASCADE"), nullable=False),
+    Column("csrf", String(64), nullable=False, doc="random per session; forms and the JSON API echo it"),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen_at", Float, nullable=False, doc="written at most once a minute"),
+    Column("idle_seconds", Float, nullable=False, doc="ends when unused this long"),
+    Column("expires_at", Float, nullable=False, doc="ends then, however used"),
+    Index("ix_sessions_user", "user_name"),
+    Index("ix_sessions_expires", "expires_at"),
 )
 
 #: Summary fields whose words go into the text index (names, reason, type, provider, place).
@@ -248,14 +318,36 @@ SEARCH_DDL = (
 )
 
 
-def index_step(conn: Any, limit: int) -> int:
+#: Counts the messages of an id range into ``message_minutes`` (SQLite's upsert; the WHERE keeps it unambiguous).
+MINUTES_UPSERT = """INSERT INTO message_minutes (minute, ack_code, listener, count, last_at)
+    SELECT CAST(received_at / 60 AS INTEGER), coalesce(ack_code, ''), listener, count(*), max(received_at)
+    FROM messages WHERE id > :low AND id <= :high GROUP BY 1, 2, 3
+    ON CONFLICT (minute, ack_code, listener) DO UPDATE
+    SET count = count + excluded.count, last_at = max(last_at, excluded.last_at)"""
+#: A counted message's ACK decided later (``ack_mode = "dispatched"``): it moves to its new code's count.
+MINUTES_DDL = (
+    f"""CREATE TRIGGER IF NOT EXISTS messages_minutes_ack AFTER UPDATE OF ack_code ON messages
+        WHEN OLD.ack_code IS NOT NEW.ack_code
+            AND OLD.id <= coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{INDEXED_KEY}'), 0) BEGIN
+        UPDATE message_minutes SET count = count - 1 WHERE minute = CAST(OLD.received_at / 60 AS INTEGER)
+            AND ack_code = coalesce(OLD.ack_code, '') AND listener = OLD.listener;
+        INSERT INTO message_minutes (minute, ack_code, listener, count, last_at)
+            VALUES (CAST(NEW.received_at / 60 AS INTEGER), coalesce(NEW.ack_code, ''), NEW.listener, 1, NEW.received_at)
+            ON CONFLICT (minute, ack_code, listener) DO UPDATE SET count = count + 1,
+            last_at = max(last_at, excluded.last_at);
+    END""",
+)
+
+
+def index_step(conn: Any, limit: int, count_minutes: bool = True) -> int:
     """Copy the ``search_terms`` and ``search_text`` of the next ``limit`` messages not yet indexed into the search
     index; how many it took (0: the index is current).
 
     Batches, not a trigger per insert: FTS5 writes a segment per transaction, and the writer commits a lone
     message on its own, so a trigger cost 140 µs of writer time a message over one connection; a batch pays
     that once. The service runs this as a writer job every second (``app.service``), so a message is findable
-    about a second after its ACK."""
+    about a second after its ACK. The same batch is counted into ``message_minutes`` (the dashboard's counts), but
+    by the schema 6 upgrade, which runs before that table exists (the schema 7 step counts what is indexed then)."""
     if conn.dialect.name != "sqlite":
         return 0
     last = int(get_meta(conn, INDEXED_KEY) or 0)
@@ -270,12 +362,21 @@ def index_step(conn: Any, limit: int) -> int:
                       "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high"), bounds)  # fmt: skip
     conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
                       "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
+    if count_minutes:
+        conn.execute(text(MINUTES_UPSERT), bounds)
     set_meta(conn, INDEXED_KEY, str(top))
     return int(count)
 
 
 #: Messages per backfill statement when an older log is upgraded.
 BACKFILL_BATCH = 5000
+
+
+@event.listens_for(message_minutes, "after_create")
+def _minutes_ddl(_table: Any, conn: Any, **_kw: Any) -> None:
+    if conn.dialect.name == "sqlite":
+        for ddl in MINUTES_DDL:
+            conn.exec_driver_sql(ddl)
 
 
 @event.listens_for(search_keys, "after_create")
@@ -494,8 +595,53 @@ def _v6_search(conn: Any) -> None:
             .values(search_terms=bindparam("terms"), search_text=bindparam("words")),
             filled,
         )  # fmt: skip
-    while index_step(conn, BACKFILL_BATCH):
+    while index_step(conn, BACKFILL_BATCH, count_minutes=False):
         pass
+
+
+def _v7_accounts(conn: Any) -> None:
+    for table in (users, api_tokens, sessions):
+        table.create(conn, checkfirst=True)
+
+
+def _v8_timeline(conn: Any) -> None:
+    """The timeline's and the dashboard's lookups: the replays of a message (a partial index), the audit entries
+    naming an id (``audit_refs``, backfilled from the entries already written, a batch at a time), and the
+    messages per minute (``message_minutes``, counted for every message the search index holds, as
+    ``index_step`` counts the ones after them)."""
+    conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_messages_replay_of ON messages (replay_of) WHERE {REPLAYED}")
+    audit_refs.create(conn, checkfirst=True)
+    last = 0
+    while True:
+        rows = conn.execute(
+            select(audit_log.c.id, audit_log.c.target, audit_log.c.ids)
+            .where(audit_log.c.id > last).order_by(audit_log.c.id).limit(BACKFILL_BATCH)
+        ).all()  # fmt: skip
+        if not rows:
+            break
+        last = rows[-1].id
+        refs = [ref for row in rows for ref in audit_ref_rows(row.id, row.target, _readable_ids(row.ids))]
+        if refs:
+            conn.execute(audit_refs.insert().prefix_with("OR IGNORE", dialect="sqlite"), refs)
+    if not inspect(conn).has_table("message_minutes"):
+        message_minutes.create(conn)
+        if conn.dialect.name == "sqlite":
+            indexed = int(get_meta(conn, INDEXED_KEY) or 0)
+            conn.execute(text(MINUTES_UPSERT), {"low": 0, "high": indexed})
+
+
+def audit_ref_rows(audit_id: int, target: str, ids: Any) -> list[dict[str, Any]]:
+    """The ``audit_refs`` rows of one entry: one per distinct id it names."""
+    return [{"target": target, "ref": ref, "audit_id": audit_id} for ref in dict.fromkeys(str(i) for i in ids)]
+
+
+def _readable_ids(raw: str | None) -> list[Any]:
+    """An entry's ids as written, or none when they were edited into something else (``audit verify`` says so)."""
+    try:
+        ids = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    return [i for i in ids if isinstance(i, (int, str))] if isinstance(ids, list) else []
 
 
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
@@ -505,6 +651,8 @@ MIGRATIONS: dict[int, Callable[[Any], None]] = {
     4: _v4_audit,
     5: _v5_resolutions,
     6: _v6_search,
+    7: _v7_accounts,
+    8: _v8_timeline,
 }
 
 

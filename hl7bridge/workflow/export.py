@@ -18,7 +18,8 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from hl7bridge.core.logs import masked, masked_summary
+from hl7bridge.core.logs import masked_summary
+from hl7bridge.hl7.phi import mask_segments
 from hl7bridge.store import LIST_COLUMNS, messages
 from hl7bridge.store.audit import AuditEntry, record
 from hl7bridge.store.search import count, newest_id, stream
@@ -26,8 +27,6 @@ from hl7bridge.store.search import count, newest_id, stream
 from .search import Filters, check
 
 FORMATS = ("csv", "jsonl", "hl7")
-#: Segments that carry patient data; without ``phi`` every field of theirs is masked in exported HL7.
-PHI_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2", "IN3", "PV1", "PV2", "NTE", "OBX", "DG1"})
 _COLUMNS = (*LIST_COLUMNS, messages.c.appointment_key, messages.c.charset, messages.c.summary, messages.c.raw)
 CSV_FIELDS = (
     "id", "received_at", "listener", "peer", "sending_application", "sending_facility", "control_id",
@@ -66,7 +65,7 @@ class Export:
         raw, charset, summary_text = row.pop("raw"), row.pop("charset"), row.pop("summary")
         er7 = raw.decode(charset or "utf-8", errors="replace") if raw is not None else None
         if er7 is not None and not self.phi:
-            er7 = masked_er7(er7)
+            er7 = mask_segments(er7)
         if self.format == "hl7":
             return "\r".join(s for s in _SEGMENT_END.split(er7 or "") if s) + "\r\n" if er7 else ""
         summary = json.loads(summary_text) if summary_text else None
@@ -101,19 +100,6 @@ def open_export(
         with engine.begin() as conn:
             record(conn, AuditEntry(actor, channel, "export", "message", (), details=details))
     return Export(engine, filters, fmt, phi, total, upto, unindexed)
-
-
-def masked_er7(text: str) -> str:
-    """An ER7 message with every field of its patient segments masked (segment names and field counts stay,
-    so a vendor can still see the message's shape)."""
-    separator = text[3] if text.startswith("MSH") and len(text) > 3 else "|"
-    segments = []
-    for segment in _SEGMENT_END.split(text):
-        if segment[:3] in PHI_SEGMENTS:
-            name, *fields = segment.split(separator)
-            segment = separator.join([name, *(masked(f) for f in fields)])
-        segments.append(segment)
-    return "\r".join(segments)
 
 
 def _csv_line(values: tuple[Any, ...]) -> str:

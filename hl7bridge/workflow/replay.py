@@ -2,8 +2,10 @@
 
 A replay is logged as a new message (``replay_of`` the original) with its own
 commands; the running service's dispatcher sends them, guarded by the
-appointment memory so nothing is triggered twice. ``--dry-run`` prints the
-exact API calls instead.
+appointment memory so nothing is triggered twice. A dry run describes the
+exact API calls instead. ``hl7bridge replay`` and ``POST /api/v1/replay`` both
+run ``Replayer.replay``; the intakes come from the configuration
+(``app.wiring.replayer_for``), which this layer does not read.
 """
 
 from __future__ import annotations
@@ -11,17 +13,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from hl7bridge import store
-from hl7bridge.app.config import Config, ListenerConfig
-from hl7bridge.app.dispatch_config import router
 from hl7bridge.core.logs import masked
-from hl7bridge.dispatch.journeys import JourneysClient
-from hl7bridge.hl7.ack import AckBuilder
+from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
 from hl7bridge.ingest.intake import Intake
 from hl7bridge.mapping.routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
 from hl7bridge.workflow.dispatch_target import dispatch_target
@@ -36,30 +35,35 @@ class ReplayResult:
     problem: str = ""
     skipped: bool = False
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 class Replayer:
     def __init__(
         self,
         engine: Engine,
-        config: Config,
+        intake_for: Callable[[str], Intake],
+        api: ApiSettings,
         clock: Callable[[], float] = time.time,
         actor: str = "",
         phi: bool = False,
+        channel: str = "cli",
+        reason: str = "",
     ) -> None:
+        """``intake_for``: the intake that judges a message of the named listener now (the current routes)."""
         self.engine = engine
-        self.config = config
+        self.intake_for = intake_for
         self.clock = clock
-        self.router = router(config.routes, config.dispatch)
-        self.target = dispatch_target(engine, config.api.base_url)
-        api = replace(config.api, base_url=self.target.base_url)
+        self.target = dispatch_target(engine, api.base_url)
+        api = replace(api, base_url=self.target.base_url)
         self.client = JourneysClient(api, api.tokens())
-        self.acks = AckBuilder(config.service.application, config.service.facility)
-        #: Who replays, for the audit log; the dry run's calls show patient data only with ``phi``.
+        #: Who replays, through what and why, for the audit log; the dry run's calls show patient data only with
+        #: ``phi``.
         self.actor = actor
         self.phi = phi
-
-    def _listener(self, name: str) -> ListenerConfig:
-        return next((lst for lst in self.config.listeners if lst.name == name), self.config.listeners[0])
+        self.channel = channel
+        self.reason = reason
 
     def replay(self, original: dict[str, Any], dry_run: bool, edited: bytes | None = None) -> ReplayResult:
         """Run the original again, or ``edited`` (an operator's corrected copy) in its place; the original row
@@ -69,7 +73,8 @@ class Replayer:
         if raw is None:
             result.problem = "the raw message was purged by retention; it cannot be replayed"
             return result
-        if self.router is None:
+        intake = self.intake_for(original["listener"])
+        if intake.router is None:
             result.problem = "no [[routes]] are configured; there is nothing to dispatch"
             return result
         newer = store.later_message(self.engine, original["appointment_key"] or "", original["id"])
@@ -78,8 +83,6 @@ class Replayer:
             result.problem = f"superseded by message {newer} for the same appointment; not replayed"
             result.skipped = True
             return result
-        listener = self._listener(original["listener"])
-        intake = Intake(listener.feed(), self.acks, listener.charset_fallback, self.router, listener.name)
         received = intake.read_frame(raw).messages[0]
         if received.problem is not None and not received.commands:
             result.problem = f"still not dispatchable: {received.problem.describe()}"
@@ -93,7 +96,8 @@ class Replayer:
                 result.calls.extend(self.describe(command))
             return result
         row = received.row(original["listener"], "replay", self.clock())
-        entry = store.AuditEntry(self.actor, "cli", "replay", "message", details={"edited": edited is not None})
+        entry = store.AuditEntry(self.actor, self.channel, "replay", "message", reason=self.reason,
+                                 details={"edited": edited is not None})  # fmt: skip
         result.new_message_id = store.record_replay(self.engine, original, row, received.commands, entry)
         return result
 

@@ -1,0 +1,1 @@
+"""The JSON API (``/api/v1``) and the operators' console, served on the console listener (``[console] listen``)."""
