@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from hl7bridge.app.config import ConfigError, parse
 
+from .api_support import console_toml
 from .conftest import RunningSandbox, control_token, free_port, start_sandbox, start_service, wait_until
 from .dispatch_support import SANDBOX_TOML, ack, future, sandbox_for_module, service_toml, siu
 
@@ -242,6 +243,42 @@ def test_serve_says_where_it_dispatches(tmp_path: Path, sandbox: RunningSandbox)
     log = elsewhere.stop()
     assert f"dispatching to {sandbox.url} (--api-url)" in elsewhere.banner
     assert f"--api-url: dispatching to {sandbox.url} instead of api.base_url" in log
+
+
+def _login(port: int, name: str, password: str) -> requests.Response:
+    session = requests.Session()
+    session.trust_env = False
+    return session.post(f"http://127.0.0.1:{port}/api/v1/session", json={"name": name, "password": password},
+                        timeout=30)  # fmt: skip
+
+
+def test_serve_sandbox_makes_a_demo_console_account_once(tmp_path: Path) -> None:
+    """`make run` is a newcomer's first look: with no account yet, `--sandbox` makes an admin `demo` whose
+    random password is in a 0600 file (never in the log); a second start keeps it; without `--sandbox`, none."""
+    config = service_toml("https://api.example.invalid") + SANDBOX_TABLES + console_toml(console := free_port())
+    service = start_service(tmp_path, config, extra=["--sandbox", "--sandbox-listen", f"tcp:{free_port()}"])
+    secret = tmp_path / "var" / "console-demo.password"
+    try:
+        password = secret.read_text(encoding="utf-8").strip()
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(password) >= 20
+        answer = _login(console, "demo", password)
+        assert answer.status_code == 200 and answer.json()["role"] == "admin"
+    finally:
+        log = service.stop()
+    assert "console demo account" in log and "console-demo.password" in log and password not in log
+
+    again = start_service(tmp_path, config, extra=["--sandbox", "--sandbox-listen", f"tcp:{free_port()}"])
+    try:
+        assert secret.read_text(encoding="utf-8").strip() == password
+        assert _login(console, "demo", password).status_code == 200
+    finally:
+        assert "console demo account" not in again.stop()
+
+    (tmp_path / "plain").mkdir()
+    plain = start_service(tmp_path / "plain", service_toml("https://api.example.invalid") + console_toml(free_port()),
+                          env={"TEST_API_TOKEN": "t"})  # fmt: skip
+    plain.stop()
+    assert not (tmp_path / "plain" / "var" / "console-demo.password").exists()
 
 
 # ---- bad control requests: a JSON 400 that says what is wrong ----------------------------------------------

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import secrets
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import make_url
@@ -19,6 +21,7 @@ from twisted.web import server
 from hl7bridge.app.config import Config
 from hl7bridge.app.dispatch_config import router
 from hl7bridge.app.wiring import intake_for, replayer_for
+from hl7bridge.core.status import Role
 from hl7bridge.dispatch.child import ChildSpec, FixedToken
 from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import JourneysClient, TokenSource, plain_http_outside_loopback
@@ -45,7 +48,8 @@ from hl7bridge.store import (
     open_engine,
     purge_step,
 )
-from hl7bridge.testing.sandbox import Sandbox
+from hl7bridge.testing.sandbox import Sandbox, write_secret
+from hl7bridge.workflow.accounts import AccountError, add_user, list_users
 from hl7bridge.workflow.dispatch_target import record_dispatch_target
 from hl7bridge.workflow.status import ListenerFacts, assess
 
@@ -56,6 +60,9 @@ log = logging.getLogger("hl7bridge.service")
 DESCRIPTOR_BASE = 128
 #: A health connection that sends no complete request for this long is closed.
 HEALTH_IDLE_TIMEOUT = 30.0
+#: The ``--sandbox`` demo's console account, and the file beside the control token holding its password.
+DEMO_USER = "demo"
+DEMO_PASSWORD_FILE = "console-demo.password"
 #: Descriptors short for this long is a leak, not a burst: the watchdog then lets systemd restart.
 FD_RESTART_AFTER = 120.0
 
@@ -277,6 +284,27 @@ class Service:
         log.info("console on %s (JSON API at /api/v1/)", self.console_url())
         if warning := cfg.cleartext_warning():
             log.warning("%s", warning)
+        if self.sandbox is not None:
+            yield threads.deferToThreadPool(self.reactor, pool, self._demo_account)
+
+    def _demo_account(self) -> None:
+        """``--sandbox`` is a newcomer's demo: with the console on and no account yet, an admin ``demo`` with a
+        random password (written 0600 beside the sandbox's control token) lets them log in at once. Never
+        without ``--sandbox``, and never beside an existing account."""
+        assert self.sandbox is not None and self.engine is not None
+        if list_users(self.engine):
+            return
+        password = secrets.token_urlsafe(18)
+        database = make_url(self.config.service.database).database or "."
+        target = Path(self.sandbox.control_token_file or database).parent / DEMO_PASSWORD_FILE
+        try:
+            write_secret(str(target), password)
+            add_user(self.engine, DEMO_USER, Role.ADMIN, password, actor="hl7bridge serve --sandbox")
+        except (OSError, AccountError) as exc:
+            log.warning("no console demo account (%s): add one with 'hl7bridge user add'", exc)
+            return
+        log.warning("console demo account: log in at %s as %r with the password in %s (mode 0600); add your own "
+                    "with 'hl7bridge user add'", self.console_url(), DEMO_USER, target)  # fmt: skip
 
     def _status_json(self, health: HealthState) -> dict[str, Any]:
         """``/status``'s JSON, read on the reactor (the facts are the reactor's), from whichever thread asks."""
