@@ -19,6 +19,14 @@ import requests
 from hl7bridge.testing.client import BlockingClient
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The example configuration as a test service runs it: its fixed health and console ports are off, so that
+#: tests (and a `make run` beside them) never compete for them.
+EXAMPLE_SERVED = (
+    (ROOT / "config" / "hl7bridge.example.toml")
+    .read_text(encoding="utf-8")
+    .replace('listen = "tcp:9102:interface=127.0.0.1"', 'listen = ""')
+    .replace('listen = "tcp:8081:interface=127.0.0.1"', 'listen = ""')
+)
 FIXTURES = ROOT / "fixtures"
 MANIFEST: dict = json.loads((FIXTURES / "manifest.json").read_text(encoding="utf-8"))
 

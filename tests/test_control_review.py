@@ -20,7 +20,15 @@ from hl7bridge.ops import control
 from hl7bridge.store import AuditEntry, audit, open_engine, purge
 from hl7bridge.workflow.dispatch_target import dispatch_target
 
-from .conftest import ROOT, RunningService, free_port, segments, start_sandbox, start_service, wait_until
+from .conftest import (
+    EXAMPLE_SERVED,
+    RunningService,
+    free_port,
+    segments,
+    start_sandbox,
+    start_service,
+    wait_until,
+)
 from .dispatch_support import SANDBOX_TOML, TOKEN, future, service_toml, settled, siu
 
 
@@ -113,11 +121,7 @@ def test_reconcile_searches_where_the_service_dispatches_not_the_config(tmp_path
 
 # --- reload and the pid file ---------------------------------------------------------------------------------
 
-EXAMPLE = (
-    (ROOT / "config" / "hl7bridge.example.toml")
-    .read_text(encoding="utf-8")
-    .replace('listen = "tcp:9102:interface=127.0.0.1"', 'listen = ""')
-)
+EXAMPLE = EXAMPLE_SERVED
 
 
 def sandboxed(tmp_path: Path) -> RunningService:

@@ -17,6 +17,7 @@ import requests
 from hl7bridge.ops import control
 
 from .conftest import (
+    EXAMPLE_SERVED,
     FIXTURES,
     RunningSandbox,
     RunningService,
@@ -211,7 +212,7 @@ def test_reload_reaches_a_service_started_by_hand_and_refuses_a_bad_config(tmp_p
 
 
 def demo_service(workdir: Path, sandbox_port: int) -> RunningService:
-    config = EXAMPLE.replace('listen = "tcp:9102:interface=127.0.0.1"', 'listen = ""')
+    config = EXAMPLE_SERVED
     return start_service(workdir, config, extra=["--sandbox", "--sandbox-listen",
                                                  f"tcp:{sandbox_port}:interface=127.0.0.1"])  # fmt: skip
 
@@ -234,7 +235,7 @@ def test_the_demo_reruns_after_a_restart(tmp_path: Path) -> None:
     try:
         sent = service.cli("send", "--to", f"127.0.0.1:{service.port}", demo)
         assert sent.stdout.count("AA ") == 6
-        wait_until(lambda: journeys(tmp_path, sandbox_port) == first_end, message="the demo's journeys")
+        wait_until(lambda: journeys(tmp_path, sandbox_port) == first_end, timeout=30.0, message="the demo's journeys")
     finally:
         service.stop()
 
@@ -385,7 +386,7 @@ def test_systemd_reloads_through_hl7bridge_reload_with_the_service_own_config_an
 
 def test_reload_refuses_a_config_whose_routes_do_not_fit_their_journeys(tmp_path: Path) -> None:
     """check-config's verdict is reload's: a mapping the journey would refuse is not sent to the service."""
-    config = EXAMPLE.replace('listen = "tcp:9102:interface=127.0.0.1"', 'listen = ""')
+    config = EXAMPLE_SERVED
     service = start_service(tmp_path, config, extra=["--sandbox", "--sandbox-listen", f"tcp:{free_port()}"])
     try:
         service.config.write_text(config.replace("[routes.parameters.phoneNumber]", "[routes.parameters.mobile]"))
