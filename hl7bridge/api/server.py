@@ -22,11 +22,14 @@ from hl7bridge.api import auth
 from hl7bridge.api.console.pages import error_page
 from hl7bridge.api.http import MAX_BODY, MAX_DISCARD, SECURITY_HEADERS, ApiContext, ApiError, Call, Reply, redirect
 from hl7bridge.api.routes import Route, Router
+from hl7bridge.core.logs import escape
 
 log = logging.getLogger("hl7bridge.api")
 
 #: Where the console's pages send a visitor who is not logged in.
 LOGIN_PAGE = "/login"
+#: ``/static/``'s caching; every other answer is ``no-store`` (``SECURITY_HEADERS``).
+STATIC_CACHE = "public, max-age=3600"
 
 
 class BoundedRequest(server.Request):
@@ -116,7 +119,11 @@ def _prepare(route: Route, call: Call) -> Call | Reply:
     ready = auth.authorize(call, route)
     if not route.blocking:
         return ready
-    return route.handler(ready)
+    try:
+        return route.handler(ready)
+    except ApiError as exc:
+        exc.call = exc.call or ready
+        raise
 
 
 def _failed(route: Route, failure: Failure, path: str = "") -> Reply:
@@ -136,7 +143,7 @@ def _error_reply(route: Route | None, exc: ApiError, path: str = "") -> Reply:
             reply = redirect(LOGIN_PAGE + (f"?{urlencode({'next': path})}" if path and path != "/" else ""))
             reply.headers.extend(h for h in headers if h[0] == "Set-Cookie")
             return reply
-        return error_page(None, exc.status, exc.message, headers)
+        return error_page(exc.call, exc.status, exc.message, headers)
     return Reply(exc.status, exc.body(), headers=headers)
 
 
@@ -163,6 +170,8 @@ class Root(resource.Resource):
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)
         if path == b"static" and self.static is not None and request.method in (b"GET", b"HEAD"):
+            # The stylesheet, script and icon hold no patient data: a browser may keep them for an hour.
+            request.setHeader("Cache-Control", STATIC_CACHE)
             return self.static
         request.postpath.insert(0, request.prepath.pop())
         return self.dispatcher
@@ -173,9 +182,20 @@ class Root(resource.Resource):
         return self.dispatcher.render(request)
 
 
+def access_line(timestamp: str, request: server.Request) -> str:
+    """Twisted's access log line (shown with ``log_level = "debug"``) without the query string: searches carry
+    patient ids and names there (``?patient=…``), which never go into a log."""
+    path, _, query = request.uri.partition(b"?")
+    shown = escape(path[:200].decode("utf-8", "backslashreplace")) + ("?…" if query else "")
+    peer = getattr(request.getClientAddress(), "host", "-")
+    return (f'{peer} - - {timestamp} "{escape(request.method.decode("latin-1"))} {shown}" {request.code} '
+            f"{request.sentLength or '-'}")  # fmt: skip
+
+
 def build_site(ctx: ApiContext, routes: Iterable[Route], reactor: Any, *, idle_timeout: float = 60.0,
                static_dir: Path | None = None) -> server.Site:  # fmt: skip
-    site = server.Site(Root(Dispatcher(ctx, Router(routes), reactor), static_dir), timeout=idle_timeout)
+    site = server.Site(Root(Dispatcher(ctx, Router(routes), reactor), static_dir), timeout=idle_timeout,
+                       logFormatter=access_line)  # fmt: skip
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
     site.noisy = False

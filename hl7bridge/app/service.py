@@ -250,6 +250,7 @@ class Service:
         from hl7bridge.api.http import POOL_THREADS, ApiContext
         from hl7bridge.api.server import build_site
         from hl7bridge.api.v1 import ROUTES
+        from hl7bridge.app.settings_view import settings_json
 
         pool = ThreadPool(minthreads=0, maxthreads=POOL_THREADS, name="hl7bridge-api")
         pool.start()
@@ -260,6 +261,9 @@ class Service:
             engine=self.engine,
             pool=pool,
             status=lambda: self._status_json(health),
+            settings=lambda: settings_json(self.config),
+            count_login=self.metrics.login,
+            login_log=RefusalLog(logging.getLogger("hl7bridge.api"), self.reactor),
             replayer=lambda **options: replayer_for(self.engine, self.config, **options),
             secure_cookies=cfg.tls,
             session_idle=cfg.session_idle,
