@@ -8,6 +8,7 @@ edge cases (methods, sizes, encodings, framing, idle connections)."""
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -92,7 +93,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     running = start_api(tmp_path_factory.mktemp("authz"), config)
     running.health_port = health  # type: ignore[attr-defined]
     try:
-        body = f'{{"name": "admin", "password": "{WRONG_PASSWORD}"}}'.encode()
+        body = f'{{"name": "not-a-user", "password": "{WRONG_PASSWORD}"}}'.encode()
         answers = [running.raw("POST", "/api/v1/session", body, {"Content-Type": "application/json"}, ATTACKER)[0]
                    for _ in range(6)]  # fmt: skip
         assert answers == [401] * 5 + [429]
@@ -201,3 +202,116 @@ def test_failed_logins_are_counted_by_result(api: Api) -> None:
     before = _metric(api, "ok")
     api.login("viewer")
     assert _metric(api, "ok") == before + 1
+
+
+# ---- sessions: fixation, logout, CSRF rotation -----------------------------------------------------------------
+
+
+def test_a_login_never_adopts_a_session_id_the_browser_brought(api: Api) -> None:
+    planted = "attacker-chosen-session-id-0123456789"
+    session = requests.Session()
+    session.trust_env = False
+    session.cookies.set("hb_session", planted)
+    answer = session.post(f"{api.url}/login", data={"name": "operator", "password": PASSWORD}, allow_redirects=False,
+                          timeout=30)  # fmt: skip
+    assert answer.status_code == 303
+    issued = answer.cookies.get("hb_session")
+    assert issued and issued != planted
+    fixed = api.get("/api/v1/session", headers={"Cookie": f"hb_session={planted}"})
+    assert fixed.status_code == 401
+
+
+def test_each_login_has_its_own_csrf_token_and_logout_clears_the_cookie(api: Api) -> None:
+    first, one = api.login("operator")
+    second, two = api.login("operator")
+    assert one["csrf"] != two["csrf"]
+    ended = api.call("DELETE", "/api/v1/session", session=first, headers={"X-CSRF-Token": one["csrf"]})
+    assert ended.status_code == 204
+    cookie = ended.headers["Set-Cookie"]
+    assert cookie.startswith("hb_session=;") and "Max-Age=0" in cookie and "HttpOnly" in cookie
+    assert api.get("/api/v1/session", session=first).status_code == 401
+    assert api.get("/api/v1/session", session=second).status_code == 200, "the other session lives on"
+
+
+# ---- the request's edges ---------------------------------------------------------------------------------------
+
+
+def test_the_user_removal_asks_first(api: Api) -> None:
+    from hl7bridge.store import open_engine
+    from hl7bridge.workflow import accounts
+
+    engine = open_engine(api.service.url, create=False)
+    try:
+        accounts.add_user(engine, "leaving", "viewer", PASSWORD, actor="test")
+        browser = _browser(api, "admin")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', browser.get(f"{api.url}/users", timeout=30).text)
+        assert csrf
+        asked = browser.post(f"{api.url}/users/leaving/remove", data={"csrf": csrf.group(1)}, timeout=30)
+        assert asked.status_code == 200 and "Remove leaving?" in asked.text and 'name="confirm"' in asked.text
+        assert "leaving" in [u.name for u in accounts.list_users(engine)]
+        done = browser.post(f"{api.url}/users/leaving/remove", data={"csrf": csrf.group(1), "confirm": "yes"},
+                            timeout=30)  # fmt: skip
+        assert done.status_code == 200 and "Removed leaving" in done.text
+        assert "leaving" not in [u.name for u in accounts.list_users(engine)]
+    finally:
+        engine.dispose()
+
+
+def test_the_settings_view_for_an_admin(api: Api) -> None:
+    answer = api.get("/api/v1/settings", role="admin")
+    assert answer.status_code == 200, answer.text
+    shown = answer.json()
+    assert shown["console"]["listen"] == f"tcp:{api.port}:interface=127.0.0.1"
+    assert shown["sandbox"]["control_token"] in ("", "[redacted]")
+    page = _browser(api, "admin").get(f"{api.url}/settings", timeout=30)
+    assert page.status_code == 200 and 'id="settings-listeners"' in page.text and 'href="/settings"' in page.text
+    assert 'href="/settings"' not in _browser(api, "operator").get(f"{api.url}/", timeout=30).text
+
+
+def test_head_and_options(api: Api) -> None:
+    head = api.call("HEAD", "/api/v1/status", role="viewer")
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["Content-Length"]) > 0
+    options = api.call("OPTIONS", "/api/v1/status", role="viewer")
+    assert options.status_code == 405 and options.headers["Allow"] == "GET"
+
+
+def test_json_bodies_that_are_not_plain_objects_are_400(api: Api) -> None:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api.tokens['operator']}"}
+    for body in (b"[" * 30_000 + b"]" * 30_000, b'{"ids": [1], "ids": [2], "reason": "x"}', b"\xff\xfe{}",
+                 b'{"reason": "\xe9t\xe9"}'):  # fmt: skip
+        status, _, answer = api.raw("POST", "/api/v1/dead-letters/discard", body, headers)
+        assert status == 400, (body[:40], status, answer[:200])
+
+
+def test_many_query_fields_or_a_huge_request_line_are_refused_plainly(api: Api) -> None:
+    many = "&".join(f"f{i}=1" for i in range(150))
+    answer = api.get(f"/api/v1/messages?{many}", role="viewer")
+    assert answer.status_code == 400 and "UTF-8" not in answer.json()["error"], answer.text
+    # Past Twisted's line limit (16 KiB) the connection is closed unread: nothing is buffered or parsed.
+    with pytest.raises(ConnectionError):
+        api.raw(
+            "GET", "/api/v1/messages?text=" + "x" * 70_000, headers={"Authorization": f"Bearer {api.tokens['viewer']}"}
+        )
+    assert api.get("/api/v1/status", role="viewer").status_code == 200
+
+
+def test_content_length_with_chunked_is_refused(api: Api) -> None:
+    request = (b"POST /api/v1/session HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /api/v1/openapi.json HTTP/1.1\r\n"
+               b"Host: 127.0.0.1\r\n\r\n")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1, "nothing smuggled behind it was answered"
+
+
+@pytest.mark.parametrize("target", ["/\t/evil.example/", "/\n/evil.example", "/\r\n/evil.example", " //evil.example",
+                                    "/\x0b/evil.example", "//evil.example", "https://evil.example/"])  # fmt: skip
+def test_after_login_the_browser_stays_on_this_site(api: Api, target: str) -> None:
+    answer = api.call("POST", "/login", data={"name": "viewer", "password": PASSWORD, "next": target})
+    assert answer.status_code == 303 and answer.headers["Location"] == "/", repr(target)
+    kept = api.call("POST", "/login", data={"name": "viewer", "password": PASSWORD, "next": "/audit?before=5"})
+    assert kept.headers["Location"] == "/audit?before=5"

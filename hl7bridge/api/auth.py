@@ -93,9 +93,16 @@ def identify(call: Call) -> tuple[Principal | None, Session | None]:
 
 def authorize(call: Call, route: Route) -> Call:
     """The call with its principal, once it may run ``route``; raises 401, 403 (naming the permission) otherwise."""
-    principal, session = identify(call)
+    public = route.permission is None and not route.session_only
+    try:
+        principal, session = identify(call)
+    except ApiError:
+        if not public:
+            raise
+        # A stale cookie or token must not stand between a visitor and the login form (or its post).
+        principal, session = None, None
     call = Call(**{**call.__dict__, "principal": principal, "session": session})
-    if route.permission is None and not route.session_only:
+    if public:
         return call
     if principal is None:
         raise ApiError(401, "log in (POST /api/v1/session) or send Authorization: Bearer hb_…",

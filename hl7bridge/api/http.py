@@ -137,9 +137,11 @@ class Call:
         if kind != "application/json":
             raise ApiError(415, "send the body as JSON (Content-Type: application/json)")
         try:
-            data = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the body is not valid JSON") from None
+            data = json.loads(self.body, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            raise ApiError(400, f"{exc}: given twice in the body", str(exc)) from None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ApiError(400, "the body is not valid JSON (UTF-8, nested at most a few hundred deep)") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
         return data
@@ -162,6 +164,20 @@ class Call:
         if len(values) > 1:
             raise ApiError(400, f"{name}: give it once", name)
         return values[0]
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: parsers disagree on which of two ``reason``s counts."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key[:64])
+        out[key] = value
+    return out
 
 
 # --- parameters --------------------------------------------------------------------------------------------

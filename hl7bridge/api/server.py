@@ -28,6 +28,8 @@ log = logging.getLogger("hl7bridge.api")
 
 #: Where the console's pages send a visitor who is not logged in.
 LOGIN_PAGE = "/login"
+#: A query string holds at most this many fields (every filter of a search is a dozen).
+MAX_QUERY_FIELDS = 100
 #: ``/static/``'s caching; every other answer is ``no-store`` (``SECURITY_HEADERS``).
 STATIC_CACHE = "public, max-age=3600"
 
@@ -80,12 +82,16 @@ class Dispatcher(resource.Resource):
                 headers.get("origin"), headers.get("host"), request.isSecure(), headers.get("sec-fetch-site")
             ):
                 raise ApiError(403, "cross-origin request refused (the Origin header names another site)")
-            query = parse_qs(url.query, keep_blank_values=True, max_num_fields=100)
+            query = parse_qs(url.query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
         except ApiError as exc:
             self._write(request, route, _error_reply(route, exc))
             return server.NOT_DONE_YET
-        except (UnicodeDecodeError, ValueError):
+        except UnicodeDecodeError:
             self._write(request, route, _error_reply(route, ApiError(400, "the request line is not valid UTF-8")))
+            return server.NOT_DONE_YET
+        except ValueError:
+            message = f"the query has more than {MAX_QUERY_FIELDS} fields"
+            self._write(request, route, _error_reply(route, ApiError(400, message)))
             return server.NOT_DONE_YET
         peer = getattr(request.getClientAddress(), "host", "") or ""
         call = Call(self.ctx, method, url.path, params, query, headers, request.content.read(), peer)

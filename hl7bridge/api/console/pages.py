@@ -85,8 +85,11 @@ def _one(fields: dict[str, list[str]], name: str) -> str:
 
 
 def _safe_next(target: str | None) -> str:
-    """Where to go after logging in: a path of this site only (never ``//host`` or a scheme)."""
+    """Where to go after logging in: a path of this site only (never ``//host`` or a scheme). Browsers drop tabs
+    and line breaks from a URL, so ``/<tab>/host`` is ``//host`` to them: no whitespace or control character."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target or len(target) > 500:
+        return "/"
+    if any(c.isspace() or not c.isprintable() for c in target):
         return "/"
     return target
 
