@@ -176,6 +176,7 @@ def test_static_files_are_cacheable_and_nothing_else_is(api: Api) -> None:
     assert css.status_code == 200 and css.headers["Cache-Control"] == "public, max-age=3600"
     assert css.headers["X-Content-Type-Options"] == "nosniff"
     assert api.get("/login").headers["Cache-Control"] == "no-store"
+    assert "Strict-Transport-Security" not in css.headers, "plain http: no HSTS (the TLS console sends it)"
     assert api.get("/api/v1/status", role="viewer").headers["Cache-Control"] == "no-store"
 
 

@@ -54,6 +54,7 @@ def test_over_tls_the_session_cookie_is_secure(tls_console: tuple[RunningService
         assert login.status_code == 200, login.text
         cookie = login.headers["Set-Cookie"]
         assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert login.headers["Strict-Transport-Security"] == "max-age=31536000"
         assert all(login.headers[k] == v for k, v in SECURITY_HEADERS.items())
         csrf = login.json()["csrf"]
         # The page's own origin is https here; the http spelling of it is another origin.

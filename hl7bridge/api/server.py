@@ -30,6 +30,8 @@ log = logging.getLogger("hl7bridge.api")
 LOGIN_PAGE = "/login"
 #: A query string holds at most this many fields (every filter of a search is a dozen).
 MAX_QUERY_FIELDS = 100
+#: On an ``ssl:`` console: browsers use https only, for a year.
+HSTS = "max-age=31536000"
 #: ``/static/``'s caching; every other answer is ``no-store`` (``SECURITY_HEADERS``).
 STATIC_CACHE = "public, max-age=3600"
 
@@ -173,8 +175,7 @@ class Root(resource.Resource):
             self.static.directoryListing = lambda: resource.NoResource("no listing")  # type: ignore[method-assign]
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.Resource:
-        for name, value in SECURITY_HEADERS.items():
-            request.setHeader(name, value)
+        _security_headers(request)
         if path == b"static" and self.static is not None and request.method in (b"GET", b"HEAD"):
             # The stylesheet, script and icon hold no patient data: a browser may keep them for an hour.
             request.setHeader("Cache-Control", STATIC_CACHE)
@@ -183,9 +184,16 @@ class Root(resource.Resource):
         return self.dispatcher
 
     def render(self, request: server.Request) -> Any:
-        for name, value in SECURITY_HEADERS.items():
-            request.setHeader(name, value)
+        _security_headers(request)
         return self.dispatcher.render(request)
+
+
+def _security_headers(request: server.Request) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        request.setHeader(name, value)
+    if request.isSecure():
+        # Over TLS, the browser is to come back only over TLS (a session cookie is never sent in clear).
+        request.setHeader("Strict-Transport-Security", HSTS)
 
 
 def access_line(timestamp: str, request: server.Request) -> str:
