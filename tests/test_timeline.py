@@ -375,3 +375,23 @@ def test_an_outcome_keeps_what_happened_and_masks_what_the_api_said(prefix: str)
 )  # fmt: skip
 def test_an_outcome_of_our_own_words_stays_readable(outcome: str | None) -> None:
     assert masked_outcome(outcome) == outcome
+
+
+def test_an_ack_echoing_the_offending_value_is_masked_there(tmp_path: Path) -> None:
+    """With ``ack_phi = true`` the ACK's text quotes what was sent (a name, a birth date): MSA and ERR are kept in a
+    masked view, but not that value."""
+    running = start_service(tmp_path, config_text="[service]\nack_phi = true\n")
+    try:
+        ack = running.request(unique_control(fixture_bytes("malformed/s12_start_month13_v251.hl7"), "TL-PHI"))
+        assert b"(sent: '20271305093000')" in ack
+        engine = open_engine(running.url, create=False)
+        (message_id,) = [r["id"] for r in running.log() if r["control_id"] == "TL-PHI"]
+        shown = timeline(engine, message_id)
+        assert shown is not None
+        assert "(sent: '2***')" in shown.ack and "(sent: '2***')" in shown.message["ack_text"]
+        assert "20271305093000" not in shown.ack + shown.message["ack_text"]
+        assert "TQ1-7" in shown.ack, "the field at fault stays readable"
+        full = timeline(engine, message_id, unmask=Unmask("tester", "vendor ticket", "cli"))
+        assert full is not None and "(sent: '20271305093000')" in full.message["ack_text"]
+    finally:
+        running.stop()
