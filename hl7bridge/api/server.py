@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from twisted.internet import threads
 from twisted.python.failure import Failure
-from twisted.web import resource, server, static
+from twisted.web import http, resource, server, static
 
 from hl7bridge.api import auth
 from hl7bridge.api.console.pages import error_page
@@ -58,6 +58,39 @@ class BoundedRequest(server.Request):
             return
         if not self.too_large:
             super().handleContentChunk(data)
+
+
+class DeadlineChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel that gives each request ``request_timeout`` seconds from its first line to its last byte.
+
+    The idle timeout restarts with every byte, so a client dripping a header line a minute (slowloris) would hold
+    its connection, and one of ``max_connections``, for ever."""
+
+    request_timeout = 30.0
+    _deadline: Any = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._deadline is None and line:
+            self._deadline = self.callLater(self.request_timeout, self._too_slow)
+        super().lineReceived(line)
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport is not None:
+            self.transport.abortConnection()
 
 
 class Dispatcher(resource.Resource):
@@ -207,9 +240,10 @@ def access_line(timestamp: str, request: server.Request) -> str:
 
 
 def build_site(ctx: ApiContext, routes: Iterable[Route], reactor: Any, *, idle_timeout: float = 60.0,
-               static_dir: Path | None = None) -> server.Site:  # fmt: skip
+               request_timeout: float = 30.0, static_dir: Path | None = None) -> server.Site:  # fmt: skip
     site = server.Site(Root(Dispatcher(ctx, Router(routes), reactor), static_dir), timeout=idle_timeout,
                        logFormatter=access_line)  # fmt: skip
+    site.protocol = type("ConsoleChannel", (DeadlineChannel,), {"request_timeout": request_timeout})
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
     site.noisy = False

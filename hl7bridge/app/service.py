@@ -269,7 +269,8 @@ class Service:
             session_idle=cfg.session_idle,
             session_absolute=cfg.session_absolute,
         )
-        site = build_site(context, [*ROUTES, *PAGES], self.reactor, idle_timeout=cfg.idle_timeout, static_dir=STATIC)
+        site = build_site(context, [*ROUTES, *PAGES], self.reactor, idle_timeout=cfg.idle_timeout,
+                          request_timeout=cfg.request_timeout, static_dir=STATIC)  # fmt: skip
         capped = CappedFactory(site, cfg.max_connections, "console", RefusalLog(log, self.reactor))
         try:
             self._console_port = yield listen_on(self.reactor, cfg.listen, capped)
