@@ -316,3 +316,17 @@ def test_after_login_the_browser_stays_on_this_site(api: Api, target: str) -> No
     assert answer.status_code == 303 and answer.headers["Location"] == "/", repr(target)
     kept = api.call("POST", "/login", data={"name": "viewer", "password": PASSWORD, "next": "/audit?before=5"})
     assert kept.headers["Location"] == "/audit?before=5"
+
+
+@pytest.mark.parametrize(("fetch_site", "refused"), [(None, True), ("cross-site", True), ("same-site", True),
+                                                     ("none", True), ("same-origin", False)])  # fmt: skip
+def test_origin_null_is_accepted_only_from_this_sites_own_page(api: Api, fetch_site: str | None, refused: bool) -> None:
+    """A sandboxed iframe or a data: page sends ``Origin: null`` too; only ``Sec-Fetch-Site: same-origin`` (which no
+    page's script can set) tells this site's own form apart."""
+    headers = {"Origin": "null", "Content-Type": "application/x-www-form-urlencoded"}
+    if fetch_site is not None:
+        headers["Sec-Fetch-Site"] = fetch_site
+    status, answer_headers, _ = api.raw("POST", "/login", b"name=viewer&password=" + PASSWORD.replace(" ", "+").encode(),
+                                        headers)  # fmt: skip
+    assert (status == 403) is refused, (fetch_site, status)
+    assert refused or (status == 303 and "hb_session=" in answer_headers.get("Set-Cookie", ""))
