@@ -19,6 +19,8 @@ from .test_tls import Pki, make_pki
 MAX_CONNECTIONS = 3
 #: Long enough that a connection closed well before it was refused by the cap, not timed out.
 IDLE = 8
+#: A request must be whole this long after its first line, however steadily it drips.
+REQUEST = 3
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,8 @@ def tls_console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runn
     pki = make_pki(workdir / "pki")
     port = free_port()
     endpoint = f"ssl:{port}:interface=127.0.0.1:privateKey={pki.server_key}:certKey={pki.server_cert}"
-    config = f'[console]\nlisten = "{endpoint}"\nmax_connections = {MAX_CONNECTIONS}\nidle_timeout = {IDLE}\n'
+    config = (f'[console]\nlisten = "{endpoint}"\nmax_connections = {MAX_CONNECTIONS}\nidle_timeout = {IDLE}\n'
+              f"request_timeout = {REQUEST}\n")  # fmt: skip
     service = start_service(workdir, config)
     engine = open_engine(service.url, create=False)
     accounts.add_user(engine, "olivia", "operator", PASSWORD, actor="test")
@@ -54,6 +57,7 @@ def test_over_tls_the_session_cookie_is_secure(tls_console: tuple[RunningService
         assert login.status_code == 200, login.text
         cookie = login.headers["Set-Cookie"]
         assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert login.headers["Strict-Transport-Security"] == "max-age=31536000"
         assert all(login.headers[k] == v for k, v in SECURITY_HEADERS.items())
         csrf = login.json()["csrf"]
         # The page's own origin is https here; the http spelling of it is another origin.
@@ -117,3 +121,23 @@ def test_tls_marks_cookies_secure_only_for_ssl_endpoints(tmp_path: Path) -> None
 
     assert ConsoleConfig(listen="ssl:8443:privateKey=k.pem:certKey=c.pem").tls
     assert not ConsoleConfig(listen="tcp:8081:interface=127.0.0.1").tls
+
+
+def test_a_request_dripping_a_header_line_at_a_time_is_cut_off(tls_console: tuple[RunningService, int, Pki]) -> None:
+    """Slowloris: each line arrives well within idle_timeout, so only the request's own deadline ends it."""
+    _, port, pki = tls_console
+    with _tls_socket(port, pki) as sock:
+        sock.sendall(b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        closed = False
+        for n in range(IDLE * 2):
+            try:
+                sock.sendall(f"X-Drip-{n}: 1\r\n".encode())
+            except (ConnectionError, ssl.SSLError, OSError):
+                closed = True
+                break
+            if _closed_by_server(sock, 1.0):
+                closed = True
+                break
+        assert closed and n < IDLE, "cut off by request_timeout, long before the drip would have ended"
+    with https(port, pki) as session:
+        assert _get(session, port) is not None and _get(session, port).status_code == 200  # type: ignore[union-attr]

@@ -130,6 +130,9 @@ def test_a_timeline_is_masked_for_every_role_without_an_unmask(setting: Setting)
         assert [s[:3] for s in found["raw"]][:2] == ["MSH", "SCH"] and any(s.startswith("PID") for s in found["raw"])
         (shown,) = found["commands"]
         assert shown["id"] == command and shown["attempts"] and shown["attempts"][0]["status_code"] == 400
+        # The API's words may quote what was sent (a name, a phone): masked as its answer's body is.
+        assert shown["outcome"].startswith("rejected by the API (400): i***")
+        assert "not a parameter of the journey" not in answer.text
         assert found["ack"] and "MSA" in found["ack"]
     missing = api.get("/api/v1/messages/999999", role="viewer")
     assert missing.status_code == 404 and missing.json()["field"] == "id"
@@ -161,6 +164,7 @@ def test_an_unmask_needs_a_reason_and_is_audited_before_the_data_is_shown(settin
     found = answer.json()
     assert found["masked"] is False
     assert PATIENT["family"] in "".join(found["raw"]) and PATIENT["patient"] in answer.text
+    assert "parameter 'phoneNumber' is not a parameter of the journey" in found["commands"][0]["outcome"]
     (entry,) = [e for e in unmasks() if e not in before]
     assert entry["actor"] == "operator" and entry["channel"] == "api" and entry["reason"] == "patient called about SMS"
     assert entry["id"] in [e["id"] for e in found["audit"]]
@@ -178,7 +182,8 @@ def test_dead_letters_list_for_a_viewer_oldest_first_in_pages(setting: Setting) 
     page = answer.json()
     assert page["more"] is True and len(page["dead_letters"]) == 2
     first = page["dead_letters"][0]
-    assert first["id"] == setting.sent["API-1"][1] and "phoneNumber" in first["reason"]
+    assert first["id"] == setting.sent["API-1"][1] and first["reason"].startswith("rejected by the API (400): i***")
+    assert "not a parameter" not in answer.text, "the API's words are masked: they may quote a patient's values"
     rest = api.get(f"/api/v1/dead-letters?after={page['next_after']}", role="viewer").json()
     assert [d["id"] for d in rest["dead_letters"]][:2] == [setting.sent["API-3"][1], setting.sent["API-4"][1]]
 

@@ -41,10 +41,12 @@ def test_console_is_off_unless_configured_and_checked_naming_the_key(tmp_path: P
     for needle in ("console.listen: endpoint 'http:80' must start with tcp:", "console.max_connections: expected an "
                    "integer from 1", "console.secret: unknown setting"):  # fmt: skip
         assert needle in text, text
-    found = problems("[console]\nsession_idle = 600\nsession_absolute = 60\nidle_timeout = 0\n", tmp_path)
+    found = problems("[console]\nsession_idle = 600\nsession_absolute = 60\nidle_timeout = 0\nrequest_timeout = 0\n",
+                     tmp_path)  # fmt: skip
     text = "\n".join(found)
     assert "console.session_absolute: expected at least session_idle (600 s)" in text
     assert "console.idle_timeout: expected a number of seconds > 0" in text
+    assert "console.request_timeout: expected a number of seconds > 0" in text
 
 
 @pytest.mark.parametrize(

@@ -272,6 +272,15 @@ def test_an_admin_adds_a_user_and_issues_a_token_shown_once(console: Console, ch
     assert token not in driver.page_source
 
 
+def test_an_admin_sees_the_settings_with_secrets_redacted(console: Console, chromium: WebDriver) -> None:
+    driver = chromium
+    log_in(driver, console, "ada", then="/")
+    driver.find_element(By.CSS_SELECTOR, "nav a[href='/settings']").click()
+    listeners = wait(driver, "#settings-listeners")
+    assert "endpoint" in listeners.text and wait(driver, "#settings-console").text
+    screenshot(driver, "settings")
+
+
 def test_the_login_page(console: Console, chromium: WebDriver) -> None:
     driver = chromium
     driver.get(console.url + "/")
@@ -285,7 +294,7 @@ def test_the_login_page(console: Console, chromium: WebDriver) -> None:
 
 
 def pages_of(console: Console) -> list[str]:
-    return ["/", "/messages", "/messages?search=1", "/dead-letters", "/audit", "/users", "/login"]
+    return ["/", "/messages", "/messages?search=1", "/dead-letters", "/audit", "/users", "/settings", "/login"]
 
 
 def session_for(console: Console, name: str) -> requests.Session:

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import event, func, select
 
+from hl7bridge.dispatch.rules import masked_outcome
 from hl7bridge.hl7.phi import mask_segments
 from hl7bridge.store import (
     SCHEMA_VERSION,
@@ -155,6 +156,11 @@ def _phi_values(shown: dict[str, Any]) -> set[str]:
             fields = segment.split(segment[3])
             if len(fields) > 11:
                 found |= {part for part in _leaves(fields[11]) if len(part) >= 3}
+        if segment.startswith("SCH") and len(segment) > 3:
+            fields = segment.split(segment[3])
+            if len(fields) > 7 and fields[7].strip("^"):
+                # The reason for the visit (SCH-7): clinical free text ("HIV follow-up") and its code.
+                found |= {summary.get("reason"), summary.get("reason_code")}
     # Values of one or two characters (a middle initial) occur anywhere; the others must not.
     return {v for v in found if isinstance(v, str) and len(v) >= 3}
 
@@ -344,3 +350,48 @@ def test_an_older_log_gets_the_audit_references_and_minute_counts_on_upgrade(tmp
     assert {"ix_messages_replay_of", "messages_minutes_ack"} <= names
     assert refs == [("message", "1"), ("service", "4242")]
     assert minutes == [(0, "AA", "main", 1)]
+
+
+# --- command outcomes: the API's words masked --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["rejected by the API (400): ", "given up after 5 such attempts: ", "API unavailable: ", "paused: ",
+     "retrying; the attempt at 10:11:12 failed: ", "API refused the token: "],
+)  # fmt: skip
+def test_an_outcome_keeps_what_happened_and_masks_what_the_api_said(prefix: str) -> None:
+    said = "instances[0]: no active instance matches {'patientId': 'MRN-4417'}; 'QUIMBLEDORF' is not valid"
+    shown = masked_outcome(prefix + said)
+    assert shown == prefix + "i***; '***"
+    assert "MRN-4417" not in shown and "QUIMBLEDORF" not in shown
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    ["triggered", "cancelled 1 instance(s)", "API unavailable: connection error: [Errno 111] Connection refused",
+     "retrying; the attempt at 10:11:12 failed: timeout: ReadTimeout", "rejected by the API (400): HTTP 400",
+     "given up after 5 such attempts: expected 204 No Content, got 200", None, ""],
+)  # fmt: skip
+def test_an_outcome_of_our_own_words_stays_readable(outcome: str | None) -> None:
+    assert masked_outcome(outcome) == outcome
+
+
+def test_an_ack_echoing_the_offending_value_is_masked_there(tmp_path: Path) -> None:
+    """With ``ack_phi = true`` the ACK's text quotes what was sent (a name, a birth date): MSA and ERR are kept in a
+    masked view, but not that value."""
+    running = start_service(tmp_path, config_text="[service]\nack_phi = true\n")
+    try:
+        ack = running.request(unique_control(fixture_bytes("malformed/s12_start_month13_v251.hl7"), "TL-PHI"))
+        assert b"(sent: '20271305093000')" in ack
+        engine = open_engine(running.url, create=False)
+        (message_id,) = [r["id"] for r in running.log() if r["control_id"] == "TL-PHI"]
+        shown = timeline(engine, message_id)
+        assert shown is not None
+        assert "(sent: '2***')" in shown.ack and "(sent: '2***')" in shown.message["ack_text"]
+        assert "20271305093000" not in shown.ack + shown.message["ack_text"]
+        assert "TQ1-7" in shown.ack, "the field at fault stays readable"
+        full = timeline(engine, message_id, unmask=Unmask("tester", "vendor ticket", "cli"))
+        assert full is not None and "(sent: '20271305093000')" in full.message["ack_text"]
+    finally:
+        running.stop()

@@ -93,18 +93,31 @@ def identify(call: Call) -> tuple[Principal | None, Session | None]:
 
 def authorize(call: Call, route: Route) -> Call:
     """The call with its principal, once it may run ``route``; raises 401, 403 (naming the permission) otherwise."""
-    principal, session = identify(call)
+    public = route.permission is None and not route.session_only
+    try:
+        principal, session = identify(call)
+    except ApiError:
+        if not public:
+            raise
+        # A stale cookie or token must not stand between a visitor and the login form (or its post).
+        principal, session = None, None
     call = Call(**{**call.__dict__, "principal": principal, "session": session})
-    if route.permission is None and not route.session_only:
+    if public:
         return call
     if principal is None:
         raise ApiError(401, "log in (POST /api/v1/session) or send Authorization: Bearer hb_…",
                        headers={"WWW-Authenticate": 'Bearer realm="hl7bridge"'})  # fmt: skip
-    if session is not None and call.method in UNSAFE_METHODS:
-        check_csrf(call, session)
-    if route.permission is not None and not may(principal.role, route.permission):
-        raise ApiError(403, f"this needs the permission {route.permission.value!r}, which the role "
-                            f"{principal.role.value!r} of {principal.name!r} does not have")  # fmt: skip
+    if route.session_only and session is None:
+        raise ApiError(400, "no session to end: this request carries a bearer token, not the session cookie")
+    try:
+        if session is not None and call.method in UNSAFE_METHODS:
+            check_csrf(call, session)
+        if route.permission is not None and not may(principal.role, route.permission):
+            raise ApiError(403, f"this needs the permission {route.permission.value!r}, which the role "
+                                f"{principal.role.value!r} of {principal.name!r} does not have")  # fmt: skip
+    except ApiError as exc:
+        exc.call = call
+        raise
     return call
 
 
@@ -136,15 +149,22 @@ def login(call: Call, name: str, password: str, channel: str = "api") -> Session
     now = ctx.clock()
     wait = ctx.limiter.retry_after(name, call.peer, now)
     if wait is not None:
+        ctx.count_login("throttled")
+        if ctx.login_log is not None:
+            ctx.login_log.warn(("throttled", call.peer), "login refused from %s: too many failed logins (%s)",
+                               call.peer, channel)  # fmt: skip
         raise ApiError(429, "too many failed logins: wait before trying again",
                        headers={"Retry-After": str(max(1, int(wait + 0.999)))})  # fmt: skip
     principal = check_password(ctx.engine, name, password)
     if principal is None:
         ctx.limiter.failed(name, call.peer, now)
-    else:
-        ctx.limiter.succeeded(name, call.peer)
-    if principal is None:
+        ctx.count_login("failed")
+        if ctx.login_log is not None:
+            ctx.login_log.warn(("failed", call.peer), "login failed from %s: wrong name or password (%s)", call.peer,
+                               channel)  # fmt: skip
         raise ApiError(401, "wrong name or password")
+    ctx.limiter.succeeded(name, call.peer)
+    ctx.count_login("ok")
     return open_session(
         ctx.engine, principal, now=now, idle=ctx.session_idle, absolute=ctx.session_absolute, channel=channel
     )
@@ -166,8 +186,7 @@ def post_session(call: Call) -> Reply:
 
 
 def delete_session(call: Call) -> Reply:
-    if call.session is None:
-        raise ApiError(400, "no session to end: this request carries a bearer token, not the session cookie")
+    assert call.session is not None  # authorize: session_only
     close_session(call.ctx.engine, call.session.secret)
     return Reply(204, None, headers=[("Set-Cookie", expired_cookie(call))])
 

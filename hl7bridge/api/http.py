@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from twisted.python.threadpool import ThreadPool
 
 from hl7bridge.core.checks import parse_duration
+from hl7bridge.mllp.connections import RefusalLog
 from hl7bridge.workflow.accounts import LoginLimiter, Principal, Session
 from hl7bridge.workflow.replay import Replayer
 
@@ -49,11 +50,19 @@ class ApiContext:
     #: The CLI's own replayer, built by the service from its current configuration (``app.wiring.replayer_for``)
     #: with the options given (actor, channel, reason); None: replay is not offered.
     replayer: Callable[..., Replayer] | None = None
+    #: The effective configuration, secrets redacted (``app.settings_view``); callable from any thread (the
+    #: configuration is immutable, a reload swaps it whole). None: not offered.
+    settings: Callable[[], dict[str, Any]] | None = None
     secure_cookies: bool = False
     limiter: LoginLimiter = field(default_factory=LoginLimiter)
     clock: Callable[[], float] = time.time
     session_idle: float = 1800.0
     session_absolute: float = 43200.0
+    #: Counts each login by result: "ok", "failed", "throttled" (the service's ``hl7bridge_console_logins_total``).
+    count_login: Callable[[str], None] = lambda result: None
+    #: Failed and throttled logins, one line per peer a minute with the count (never a password or the name typed,
+    #: which may be a password typed in the wrong field). None: not logged.
+    login_log: RefusalLog | None = None
 
 
 class ApiError(Exception):
@@ -66,6 +75,9 @@ class ApiError(Exception):
         self.message = message
         self.parameter = parameter
         self.headers = headers or {}
+        #: The call as far as it was authenticated, when it was: an error page then keeps the navigation (and
+        #: the logout form) of who is logged in.
+        self.call: Call | None = None
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"error": self.message}
@@ -125,9 +137,11 @@ class Call:
         if kind != "application/json":
             raise ApiError(415, "send the body as JSON (Content-Type: application/json)")
         try:
-            data = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the body is not valid JSON") from None
+            data = json.loads(self.body, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            raise ApiError(400, f"{exc}: given twice in the body", str(exc)) from None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ApiError(400, "the body is not valid JSON (UTF-8, nested at most a few hundred deep)") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
         return data
@@ -150,6 +164,20 @@ class Call:
         if len(values) > 1:
             raise ApiError(400, f"{name}: give it once", name)
         return values[0]
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: parsers disagree on which of two ``reason``s counts."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key[:64])
+        out[key] = value
+    return out
 
 
 # --- parameters --------------------------------------------------------------------------------------------

@@ -16,17 +16,24 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from twisted.internet import threads
 from twisted.python.failure import Failure
-from twisted.web import resource, server, static
+from twisted.web import http, resource, server, static
 
 from hl7bridge.api import auth
 from hl7bridge.api.console.pages import error_page
 from hl7bridge.api.http import MAX_BODY, MAX_DISCARD, SECURITY_HEADERS, ApiContext, ApiError, Call, Reply, redirect
 from hl7bridge.api.routes import Route, Router
+from hl7bridge.core.logs import escape
 
 log = logging.getLogger("hl7bridge.api")
 
 #: Where the console's pages send a visitor who is not logged in.
 LOGIN_PAGE = "/login"
+#: A query string holds at most this many fields (every filter of a search is a dozen).
+MAX_QUERY_FIELDS = 100
+#: On an ``ssl:`` console: browsers use https only, for a year.
+HSTS = "max-age=31536000"
+#: ``/static/``'s caching; every other answer is ``no-store`` (``SECURITY_HEADERS``).
+STATIC_CACHE = "public, max-age=3600"
 
 
 class BoundedRequest(server.Request):
@@ -53,6 +60,39 @@ class BoundedRequest(server.Request):
             super().handleContentChunk(data)
 
 
+class DeadlineChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel that gives each request ``request_timeout`` seconds from its first line to its last byte.
+
+    The idle timeout restarts with every byte, so a client dripping a header line a minute (slowloris) would hold
+    its connection, and one of ``max_connections``, for ever."""
+
+    request_timeout = 30.0
+    _deadline: Any = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._deadline is None and line:
+            self._deadline = self.callLater(self.request_timeout, self._too_slow)
+        super().lineReceived(line)
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
 class Dispatcher(resource.Resource):
     """Every path but ``/static/``: matched against the route table."""
 
@@ -77,12 +117,16 @@ class Dispatcher(resource.Resource):
                 headers.get("origin"), headers.get("host"), request.isSecure(), headers.get("sec-fetch-site")
             ):
                 raise ApiError(403, "cross-origin request refused (the Origin header names another site)")
-            query = parse_qs(url.query, keep_blank_values=True, max_num_fields=100)
+            query = parse_qs(url.query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
         except ApiError as exc:
             self._write(request, route, _error_reply(route, exc))
             return server.NOT_DONE_YET
-        except (UnicodeDecodeError, ValueError):
+        except UnicodeDecodeError:
             self._write(request, route, _error_reply(route, ApiError(400, "the request line is not valid UTF-8")))
+            return server.NOT_DONE_YET
+        except ValueError:
+            message = f"the query has more than {MAX_QUERY_FIELDS} fields"
+            self._write(request, route, _error_reply(route, ApiError(400, message)))
             return server.NOT_DONE_YET
         peer = getattr(request.getClientAddress(), "host", "") or ""
         call = Call(self.ctx, method, url.path, params, query, headers, request.content.read(), peer)
@@ -116,7 +160,11 @@ def _prepare(route: Route, call: Call) -> Call | Reply:
     ready = auth.authorize(call, route)
     if not route.blocking:
         return ready
-    return route.handler(ready)
+    try:
+        return route.handler(ready)
+    except ApiError as exc:
+        exc.call = exc.call or ready
+        raise
 
 
 def _failed(route: Route, failure: Failure, path: str = "") -> Reply:
@@ -136,7 +184,7 @@ def _error_reply(route: Route | None, exc: ApiError, path: str = "") -> Reply:
             reply = redirect(LOGIN_PAGE + (f"?{urlencode({'next': path})}" if path and path != "/" else ""))
             reply.headers.extend(h for h in headers if h[0] == "Set-Cookie")
             return reply
-        return error_page(None, exc.status, exc.message, headers)
+        return error_page(exc.call, exc.status, exc.message, headers)
     return Reply(exc.status, exc.body(), headers=headers)
 
 
@@ -160,22 +208,42 @@ class Root(resource.Resource):
             self.static.directoryListing = lambda: resource.NoResource("no listing")  # type: ignore[method-assign]
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.Resource:
-        for name, value in SECURITY_HEADERS.items():
-            request.setHeader(name, value)
+        _security_headers(request)
         if path == b"static" and self.static is not None and request.method in (b"GET", b"HEAD"):
+            # The stylesheet, script and icon hold no patient data: a browser may keep them for an hour.
+            request.setHeader("Cache-Control", STATIC_CACHE)
             return self.static
         request.postpath.insert(0, request.prepath.pop())
         return self.dispatcher
 
     def render(self, request: server.Request) -> Any:
-        for name, value in SECURITY_HEADERS.items():
-            request.setHeader(name, value)
+        _security_headers(request)
         return self.dispatcher.render(request)
 
 
+def _security_headers(request: server.Request) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        request.setHeader(name, value)
+    if request.isSecure():
+        # Over TLS, the browser is to come back only over TLS (a session cookie is never sent in clear).
+        request.setHeader("Strict-Transport-Security", HSTS)
+
+
+def access_line(timestamp: str, request: server.Request) -> str:
+    """Twisted's access log line (shown with ``log_level = "debug"``) without the query string: searches carry
+    patient ids and names there (``?patient=…``), which never go into a log."""
+    path, _, query = request.uri.partition(b"?")
+    shown = escape(path[:200].decode("utf-8", "backslashreplace")) + ("?…" if query else "")
+    peer = getattr(request.getClientAddress(), "host", "-")
+    return (f'{peer} - - {timestamp} "{escape(request.method.decode("latin-1"))} {shown}" {request.code} '
+            f"{request.sentLength or '-'}")  # fmt: skip
+
+
 def build_site(ctx: ApiContext, routes: Iterable[Route], reactor: Any, *, idle_timeout: float = 60.0,
-               static_dir: Path | None = None) -> server.Site:  # fmt: skip
-    site = server.Site(Root(Dispatcher(ctx, Router(routes), reactor), static_dir), timeout=idle_timeout)
+               request_timeout: float = 30.0, static_dir: Path | None = None) -> server.Site:  # fmt: skip
+    site = server.Site(Root(Dispatcher(ctx, Router(routes), reactor), static_dir), timeout=idle_timeout,
+                       logFormatter=access_line)  # fmt: skip
+    site.protocol = type("ConsoleChannel", (DeadlineChannel,), {"request_timeout": request_timeout})
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
     site.noisy = False

@@ -102,7 +102,7 @@ def get_dead_letters(call: Call) -> Reply:
                                   route=text_arg(call.arg("route"), "route", max_chars=200), limit=limit + 1,
                                   after=int_arg(call.arg("after"), "after"))  # fmt: skip
     letters, more = found[:limit], len(found) > limit
-    return Reply(200, {"dead_letters": [d.to_json() for d in letters], "more": more,
+    return Reply(200, {"dead_letters": [d.to_json(masked=True) for d in letters], "more": more,
                        "next_after": letters[-1].id if more else None})  # fmt: skip
 
 
@@ -116,7 +116,7 @@ def post_retry(call: Call) -> Reply:
     reason = text_arg(data.get("reason"), "reason", max_chars=MAX_REASON) or ""
     result = deadletters.retry(call.ctx.engine, ids, call.actor, reason=reason,
                                dry_run=bool_arg(data.get("dry_run"), "dry_run"), channel=_channel(call))  # fmt: skip
-    return Reply(200, result.to_json())
+    return Reply(200, result.to_json(masked=True))
 
 
 def post_discard(call: Call) -> Reply:
@@ -125,7 +125,9 @@ def post_discard(call: Call) -> Reply:
     ids = ids_arg(data.get("ids"))
     reason = text_arg(data.get("reason"), "reason", max_chars=MAX_REASON, required=True)
     assert reason is not None
-    return Reply(200, deadletters.discard(call.ctx.engine, ids, call.actor, reason, channel=_channel(call)).to_json())
+    return Reply(
+        200, deadletters.discard(call.ctx.engine, ids, call.actor, reason, channel=_channel(call)).to_json(masked=True)
+    )
 
 
 def _channel(call: Call) -> str:
@@ -268,6 +270,13 @@ def get_session(call: Call) -> Reply:
     return Reply(200, auth.whoami(call))
 
 
+def get_settings(call: Call) -> Reply:
+    """The configuration the service runs with (a reload included), secrets redacted."""
+    if call.ctx.settings is None:
+        raise ApiError(503, "the settings are not available on this service")
+    return Reply(200, call.ctx.settings())
+
+
 def get_openapi(call: Call) -> Reply:
     return Reply(200, _openapi())
 
@@ -348,5 +357,7 @@ ROUTES: list[Route] = [
     Route("POST", "/api/v1/users/{name}/tokens", post_user_token, ADMIN, "Issue an API token for a user: shown "
           "once (audited)", (Param("name", "path", description="the user's name"), _b("label", "what it is for")),
           responses={201: "Issued"}, tag="users"),
+    Route("GET", "/api/v1/settings", get_settings, ADMIN, "The effective configuration (listeners, routes, mapping, "
+          "dispatch, console, retention...), every secret redacted", tag="service"),
     Route("GET", "/api/v1/openapi.json", get_openapi, None, "This document", blocking=False, tag="api"),
 ]  # fmt: skip

@@ -126,6 +126,8 @@ class ConsoleConfig:
     max_connections: int = 64
     #: A connection that sends no complete request for this long is closed.
     idle_timeout: float = 60.0
+    #: A request not complete (its first line to its last byte) this long after it began is cut off.
+    request_timeout: float = 30.0
     #: A session unused this long ends; none lasts longer than ``session_absolute``.
     session_idle: float = 1800.0
     session_absolute: float = 43200.0
@@ -335,6 +337,7 @@ CONSOLE_KEYS: dict[str, Check] = {
     "listen": _str,
     "max_connections": _int(1, 10_000),
     "idle_timeout": _seconds,
+    "request_timeout": _seconds,
     "session_idle": _seconds,
     "session_absolute": _seconds,
 }
@@ -419,6 +422,8 @@ def _check_console(console: ConsoleConfig, problems: list[str]) -> None:
             problems.append(f"console.listen: {exc}")
     if console.idle_timeout <= 0:
         problems.append("console.idle_timeout: expected a number of seconds > 0")
+    if console.request_timeout <= 0:
+        problems.append("console.request_timeout: expected a number of seconds > 0")
     if console.session_idle <= 0:
         problems.append("console.session_idle: expected a number of seconds > 0")
     if console.session_absolute < console.session_idle:

@@ -257,6 +257,7 @@ class Service:
         from hl7bridge.api.http import POOL_THREADS, ApiContext
         from hl7bridge.api.server import build_site
         from hl7bridge.api.v1 import ROUTES
+        from hl7bridge.app.settings_view import settings_json
 
         pool = ThreadPool(minthreads=0, maxthreads=POOL_THREADS, name="hl7bridge-api")
         pool.start()
@@ -267,12 +268,16 @@ class Service:
             engine=self.engine,
             pool=pool,
             status=lambda: self._status_json(health),
+            settings=lambda: settings_json(self.config),
+            count_login=self.metrics.login,
+            login_log=RefusalLog(logging.getLogger("hl7bridge.api"), self.reactor),
             replayer=lambda **options: replayer_for(self.engine, self.config, **options),
             secure_cookies=cfg.tls,
             session_idle=cfg.session_idle,
             session_absolute=cfg.session_absolute,
         )
-        site = build_site(context, [*ROUTES, *PAGES], self.reactor, idle_timeout=cfg.idle_timeout, static_dir=STATIC)
+        site = build_site(context, [*ROUTES, *PAGES], self.reactor, idle_timeout=cfg.idle_timeout,
+                          request_timeout=cfg.request_timeout, static_dir=STATIC)  # fmt: skip
         capped = CappedFactory(site, cfg.max_connections, "console", RefusalLog(log, self.reactor))
         try:
             self._console_port = yield listen_on(self.reactor, cfg.listen, capped)

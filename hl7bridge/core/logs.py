@@ -39,8 +39,10 @@ def masked(text: str) -> str:
     return text[:1] + "***" if text else text
 
 
-#: The parsed summary's keys that hold patient data.
-PHI_KEYS = ("patient_ids", "names", "telecoms", "birth_date", "patient_phone", "patient_email")
+#: The parsed summary's keys that hold patient data: who the patient is, and the reason for the visit (SCH-7, often
+#: clinical free text such as "HIV follow-up", and its code). Kept: the appointment's ids, type (table 0277), status,
+#: timing, provider and place, which say nothing about who the patient is (docs/architecture.md, hl7/phi.py).
+PHI_KEYS = ("patient_ids", "names", "telecoms", "birth_date", "patient_phone", "patient_email", "reason", "reason_code")
 #: Keys inside those values that say what a value is (codes), not who: left unmasked.
 _CODE_KEYS = ("type_code", "use", "equipment", "source", "name_type")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import threading
 import time
 import uuid
@@ -23,13 +24,42 @@ from typing import Any, Protocol
 from sqlalchemy.engine import Engine
 
 from hl7bridge import store
+from hl7bridge.core.logs import masked
 from hl7bridge.core.observer import NullObserver, Observer
 from hl7bridge.core.status import FINAL_STATUSES, CommandStatus
-from hl7bridge.dispatch.journeys import ACTIVE_STATUSES, ApiResult, Verdict, holds
+from hl7bridge.dispatch.journeys import ACTIVE_STATUSES, LATE, ApiResult, Verdict, holds
 from hl7bridge.mapping.routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
 from hl7bridge.store import CommandRow, CommandUpdate, Job
 
 log = logging.getLogger("hl7bridge.dispatcher")
+
+#: The outcomes that end in what the API said (``ApiResult.reason``: its messages, which may quote the
+#: parameters sent, such as a patient's name or phone; else our own error text), as the failure paths below
+#: write them.
+_API_TEXT = re.compile(
+    r"(rejected by the API \(\d+\): |API refused the token: |paused: |given up after \d+ such attempts: "
+    r"|API unavailable: |retrying; the attempt at [0-9:]+ failed: )(.*)\Z",
+    re.DOTALL,
+)
+#: How our own error texts (``journeys.py``) begin: they carry no patient data, and on-call needs them.
+_OWN_ERRORS = ("timeout: ", "connection error: ", "request error: ", LATE, "internal error (", "HTTP ",
+               "expected ", "an interim ", "redirected (", "not sent: ", "an instance whose ", "no API token",
+               "the API token ")  # fmt: skip
+
+
+def masked_outcome(outcome: str | None) -> str | None:
+    """A command's outcome with the API's own words masked (each message, ``core.logs.masked``), for views
+    without patient data; our part of it (what happened, the status code) stays readable."""
+    if not outcome:
+        return outcome
+    found = _API_TEXT.match(outcome)
+    if found is None:
+        return outcome
+    said = found[2]
+    if said.startswith(_OWN_ERRORS):
+        return outcome
+    return found[1] + "; ".join(masked(m) for m in said.split("; "))
+
 
 #: A command whose calls met this many answers of the wrong shape, or unexpected errors here, is
 #: dead-lettered: retrying it further would be an endless loop.

@@ -14,9 +14,12 @@ import re
 from functools import lru_cache
 
 from hl7bridge.core.logs import masked
+from hl7bridge.hl7.problems import without_told_value
 
 #: Segments shown as sent: headers, acknowledgements and the appointment's resources and timing.
 KEPT_SEGMENTS = frozenset({"MSH", "BHS", "FHS", "EVN", "TQ1", "AIS", "AIG", "AIL", "AIP", "RGS", "MSA", "ERR"})
+#: The acknowledgement's segments, whose text may echo an offending value (``Problem.told``).
+ACK_SEGMENTS = frozenset({"MSA", "ERR"})
 #: Segments whose encoding characters follow the field separator (MSH-1/MSH-2 and their batch twins).
 HEADERS = ("MSH", "BHS", "FHS")
 #: SCH fields kept: ids (1-5, 23, 24, 26, 27), codes (6, 8, 25) and timing (9-11). SCH-7 (the reason, often
@@ -71,6 +74,9 @@ def _mask_segment(segment: str, separators: str) -> str:
     head = segment[:3]
     if not (_SEGMENT_ID.fullmatch(head) and (len(segment) == 3 or segment[3] == field)):
         return _mask_values(segment, separators)
+    if head in ACK_SEGMENTS:
+        # Kept, but for the offending value an ACK echoes under ``ack_phi = true``.
+        return without_told_value(segment, masked)
     if head in KEPT_SEGMENTS:
         return segment
     if head == "SCH":

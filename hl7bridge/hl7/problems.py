@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # HL7 table 0357, message error condition codes.
@@ -20,6 +22,15 @@ APPLICATION_INTERNAL_ERROR = 207
 
 #: Characters of an offending value an ACK may echo (with ``ack_phi``).
 VALUE_SHOWN = 40
+#: The offending value as ``Problem.told`` appends it, within one ER7 field (a ``|`` in a value is escaped).
+_TOLD_VALUE = re.compile(r"(?P<head> \(sent: (?P<quote>['\"]))(?P<value>[^|\r\n]*)(?P<tail>(?P=quote)\))")
+
+
+def without_told_value(text: str, mask: Callable[[str], str]) -> str:
+    """An ACK's text (or segment) with the value ``told`` echoed (``ack_phi = true``) replaced by ``mask(value)``:
+    the rest of the text names the field and the error, which a view without patient data keeps."""
+    return _TOLD_VALUE.sub(lambda m: m["head"] + mask(m["value"]) + m["tail"], text)
+
 
 CODE_TEXT = {
     0: "Message accepted",

@@ -18,6 +18,7 @@ ACK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.
 API_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 HTTP_STATUSES = frozenset(str(int(status)) for status in HTTPStatus)
 OTHER = "other"
+LOGIN_RESULTS = ("ok", "failed", "throttled")
 
 
 def known(value: str, allowed: Collection[str]) -> str:
@@ -62,6 +63,11 @@ class Metrics:
         self.token_expires = Gauge("hl7bridge_api_token_expiry_timestamp_seconds", "When the API token expires "
                                    "(epoch seconds; 0 = api.token_expires not set)", registry=r)  # fmt: skip
         self.healthy = Gauge("hl7bridge_healthy", "1 when every health check passes", registry=r)
+        self.console_logins = Counter("hl7bridge_console_logins", "Console and API logins by result: ok, failed "
+                                      "(wrong name or password), throttled (refused by the limiter)", ["result"],
+                                      registry=r)  # fmt: skip
+        for result in LOGIN_RESULTS:
+            self.console_logins.labels(result)
         # labels() locks and hashes on every call; the per-message series are looked up once.
         self._message_counters: dict[tuple[str, str, str], Counter] = {}
         self._ack_histograms: dict[str, Histogram] = {}
@@ -89,6 +95,10 @@ class Metrics:
     def api_call(self, operation: str, status: int | None, seconds: float) -> None:
         self.api_calls.labels(operation, known(str(status), HTTP_STATUSES) if status is not None else "error").inc()
         self.api_seconds.labels(operation).observe(seconds)
+
+    def login(self, result: str) -> None:
+        """A console or API login (``LOGIN_RESULTS``); safe from any thread."""
+        self.console_logins.labels(known(result, LOGIN_RESULTS)).inc()
 
     def retry(self) -> None:
         self.retries.inc()

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from hl7bridge.core.status import DEAD_LETTERS, CommandStatus
+from hl7bridge.dispatch.rules import masked_outcome
 from hl7bridge.store import audit
 from hl7bridge.store.audit import AuditEntry
 from hl7bridge.store.deadletters import (
@@ -49,8 +50,13 @@ class DeadLetter:
     since: float
     attempts: int
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_json(self, masked: bool = False) -> dict[str, Any]:
+        """``masked``: the API's words in ``reason`` masked (they may quote a patient's values), for the JSON API
+        and the console, where patient data is masked for every role."""
+        out = asdict(self)
+        if masked:
+            out["reason"] = masked_outcome(self.reason)
+        return out
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,8 @@ class RetryResult:
     dry_run: bool = False
     audit_id: int | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {"queued": [d.to_json() for d in self.queued], "refused": [asdict(r) for r in self.refused],
+    def to_json(self, masked: bool = False) -> dict[str, Any]:
+        return {"queued": [d.to_json(masked) for d in self.queued], "refused": [asdict(r) for r in self.refused],
                 "dry_run": self.dry_run, "audit_id": self.audit_id}  # fmt: skip
 
 
@@ -77,8 +83,8 @@ class DiscardResult:
     refused: list[Refusal] = field(default_factory=list)
     audit_id: int | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {"discarded": [d.to_json() for d in self.discarded], "refused": [asdict(r) for r in self.refused],
+    def to_json(self, masked: bool = False) -> dict[str, Any]:
+        return {"discarded": [d.to_json(masked) for d in self.discarded], "refused": [asdict(r) for r in self.refused],
                 "audit_id": self.audit_id}  # fmt: skip
 
 

@@ -16,7 +16,9 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from hl7bridge.core.logs import mask, masked, masked_summary
+from hl7bridge.dispatch.rules import masked_outcome
 from hl7bridge.hl7.phi import mask_segments
+from hl7bridge.hl7.problems import without_told_value
 from hl7bridge.store.audit import AuditEntry
 from hl7bridge.store.timeline import message_exists, timeline_rows
 from hl7bridge.workflow.unmask import record_unmask
@@ -115,11 +117,16 @@ def timeline(engine: Engine, message_id: int, *, unmask: Unmask | None = None) -
         parameters, identifiers = _json(command["parameters"]), _json(command["identifiers"])
         shown["parameters"] = mask(parameters) if hide else parameters
         shown["identifiers"] = mask(identifiers) if hide else identifiers
+        if hide:
+            shown["outcome"] = masked_outcome(command["outcome"])
         shown["attempt_count"] = command["attempts"]
         shown["attempts"] = tried.get(command["id"], [])
         commands.append(shown)
+    message = dict(rows.message)
+    if hide and message.get("ack_text"):
+        message["ack_text"] = without_told_value(message["ack_text"], masked)
     return Timeline(
-        message=rows.message,
+        message=message,
         summary=masked_summary(summary) if summary and hide else summary,
         raw=raw,
         ack=ack,

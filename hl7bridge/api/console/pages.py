@@ -38,7 +38,9 @@ BULK_MAX = 1000
 #: The reason an operator gives for an unmask, a retry or a discard (the workflow's own limit for unmasks).
 REASON_MAX = 500
 NAV = (("/", "Dashboard", "d"), ("/messages", "Messages", "m"), ("/dead-letters", "Dead letters", "l"),
-       ("/audit", "Audit", "a"), ("/users", "Users", "u"))  # fmt: skip
+       ("/audit", "Audit", "a"), ("/users", "Users", "u"), ("/settings", "Settings", "s"))  # fmt: skip
+#: The pages only an admin sees in the navigation.
+ADMIN_PAGES = ("/users", "/settings")
 #: The console's stylesheet, script and icon, served at ``/static/``.
 STATIC = Path(__file__).resolve().parent / "static"
 STATUSES = ("", *(s.value for s in MessageStatus), "dead")
@@ -49,7 +51,7 @@ def page(call: Call | None, template: str, *, status: int = 200, current: str = 
     """A whole page: the layout (navigation for the viewer's role, the CSRF token for its forms) around ``template``."""
     principal = call.principal if call is not None else None
     role = principal.role if principal is not None else None
-    nav = [item for item in NAV if item[0] != "/users" or (role is not None and may(role, ADMIN))]
+    nav = [item for item in NAV if item[0] not in ADMIN_PAGES or (role is not None and may(role, ADMIN))]
     body = render(
         template, principal=principal, csrf=call.session.csrf if call is not None and call.session is not None else "", nav=nav,
         current=current, notices=list(notices),
@@ -62,7 +64,7 @@ def page(call: Call | None, template: str, *, status: int = 200, current: str = 
 def error_page(call: Call | None, status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> Reply:
     """An error as a page of the console (the router's 403, 404, 405, 413 for a page route come here too)."""
     heading = {400: "Check the request", 403: "Not allowed", 404: "Not found", 405: "Not allowed here",
-               413: "Too large", 429: "Too many attempts"}.get(status, "Something went wrong")  # fmt: skip
+               413: "Too large", 429: "Too many attempts", 503: "Not available"}.get(status, "Something went wrong")  # fmt: skip
     return page(call, "error.html", status=status, heading=heading, message=message, headers=headers)
 
 
@@ -83,8 +85,11 @@ def _one(fields: dict[str, list[str]], name: str) -> str:
 
 
 def _safe_next(target: str | None) -> str:
-    """Where to go after logging in: a path of this site only (never ``//host`` or a scheme)."""
+    """Where to go after logging in: a path of this site only (never ``//host`` or a scheme). Browsers drop tabs
+    and line breaks from a URL, so ``/<tab>/host`` is ``//host`` to them: no whitespace or control character."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target or len(target) > 500:
+        return "/"
+    if any(c.isspace() or not c.isprintable() for c in target):
         return "/"
     return target
 
@@ -421,7 +426,13 @@ def post_user(call: Call) -> Reply:
 
 
 def post_user_remove(call: Call) -> Reply:
+    """Asks first (a removal ends the user's tokens and sessions at once); the confirmation posts ``confirm``."""
     name = call.params["name"]
+    if call.form().get("confirm") != "yes":
+        known = {u.name: u for u in accounts.list_users(call.ctx.engine)}
+        if name not in known:
+            return get_users(call, [("error", f"no user {name!r}")], 404)
+        return page(call, "user_remove.html", current="/users", user=known[name].to_json())
     try:
         accounts.remove_user(call.ctx.engine, name, actor=call.actor, channel=CHANNEL)
     except AccountError as exc:
@@ -438,6 +449,17 @@ def post_user_token(call: Call) -> Reply:
         return get_users(call, [("error", str(exc))], 400)
     return get_users(call, [("ok", f"A new token for {name}: copy it now, it is not shown again.")],
                      token=secret, token_for=name)  # fmt: skip
+
+
+# --- settings (admin) ------------------------------------------------------------------------------------------
+
+
+def get_settings(call: Call) -> Reply:
+    if call.ctx.settings is None:
+        return error_page(call, 503, "The settings are not available on this service.")
+    shown = call.ctx.settings()
+    source = shown.pop("source", "")
+    return page(call, "settings.html", current="/settings", source=source, sections=list(shown.items()))
 
 
 # --- the routes ------------------------------------------------------------------------------------------------
@@ -468,4 +490,5 @@ PAGES: list[Route] = [
     _page("POST", "/users", post_user, ADMIN, "Add a user"),
     _page("POST", "/users/{name}/remove", post_user_remove, ADMIN, "Remove a user", _NAME),
     _page("POST", "/users/{name}/token", post_user_token, ADMIN, "Issue a token for a user", _NAME),
+    _page("GET", "/settings", get_settings, ADMIN, "The effective configuration, secrets redacted"),
 ]

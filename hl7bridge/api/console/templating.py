@@ -16,6 +16,8 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
+from hl7bridge.dispatch.rules import masked_outcome
+
 ENV = Environment(
     loader=PackageLoader("hl7bridge.api.console", "templates"),
     autoescape=True,
@@ -76,7 +78,7 @@ def segments(raw: str | Sequence[str] | None) -> Markup:
     )
 
 
-ENV.filters.update(when=when, age=age, count=count, pretty=pretty, segments=segments)
+ENV.filters.update(when=when, age=age, count=count, pretty=pretty, segments=segments, outcome=masked_outcome)
 
 
 def render(template: str, **context: Any) -> bytes:
