@@ -254,8 +254,9 @@ def index_step(conn: Any, limit: int) -> int:
 
     Batches, not a trigger per insert: FTS5 writes a segment per transaction, and the writer commits a lone
     message on its own, so a trigger cost 140 µs of writer time a message over one connection; a batch pays
-    that once. The service runs this as a writer job every second (``app.service``), so a message is findable
-    about a second after its ACK."""
+    that once. The keys go in in the table's order: in arrival order each lands on a random leaf of a B-tree
+    larger than the page cache, and a batch of 4,000 cost twice the CPU. The service runs this as a writer job
+    every second (``app.service``), so a message is findable about a second after its ACK."""
     if conn.dialect.name != "sqlite":
         return 0
     last = int(get_meta(conn, INDEXED_KEY) or 0)
@@ -267,7 +268,7 @@ def index_step(conn: Any, limit: int) -> int:
         return 0
     bounds = {"low": last, "high": top}
     conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
-                      "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high"), bounds)  # fmt: skip
+                      "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2"), bounds)  # fmt: skip
     conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
                       "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
     set_meta(conn, INDEXED_KEY, str(top))
