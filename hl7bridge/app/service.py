@@ -48,7 +48,7 @@ from hl7bridge.workflow.dispatch_target import record_dispatch_target
 from hl7bridge.workflow.status import ListenerFacts
 
 #: Messages per search-index job at most (``store.index_step``): as many as searches read past the index
-#: (``store.search.TAIL_MAX``), so one job a second keeps up with any feed this service can take.
+#: (``store.search.TAIL_MAX``); more than this machine takes in a second (about 5,000 msg/s at best).
 SEARCH_INDEX_BATCH = 5000
 log = logging.getLogger("hl7bridge.service")
 #: Descriptors the service holds besides connections: database files, pipes, the reactor, the API client.

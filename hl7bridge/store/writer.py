@@ -255,7 +255,11 @@ class Writer:
         try:
             yield
         finally:
-            driver.execute(f"PRAGMA synchronous={int(saved)}")
+            try:
+                driver.execute(f"PRAGMA synchronous={int(saved)}")
+            except Exception:
+                conn.invalidate()  # the pool must never hand a durable job a connection left relaxed
+                raise
 
     def _connection(self) -> Any:
         """The writer's own DBAPI connection, in autocommit mode so that it controls BEGIN and COMMIT."""
