@@ -238,8 +238,8 @@ class Service:
         """Every second, the messages logged since are added to the search index in one writer job (up to
         ``SEARCH_INDEX_BATCH``; a full job is followed at once by the next). One job a second, not many small
         ones: a job costs per commit (the B-tree pages it touches, an FTS5 segment), so 100-message jobs cost
-        three times the writer's time per message, and under a busy feed they held up a message every ~30 ms
-        where one larger job holds up a few once a second. The job is not ``durable``: the index is rebuilt
+        four times the writer's CPU a message, and under a busy feed they held up messages every ~30 ms where
+        one larger job holds up a few once a second. The job is not ``durable``: the index is rebuilt
         from the log. A failing job is logged once a minute with the count of repeats, not every second."""
         busy = False
         failures = RefusalLog(log, self.reactor)
