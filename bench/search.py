@@ -159,18 +159,21 @@ def measure(url: str, total: int, queries: int) -> list[dict]:
     return out
 
 
-def ingest_cost(rounds: int, count: int, group: int = 20) -> dict:
+def ingest_cost(rounds: int, count: int, group: int = 20, batch: int | None = None, durable: bool = False) -> dict:
     """What the search index adds to the ingest hot path, per message: the intake's Python work (``search_terms``),
-    the writer's CPU for the two extra columns, and the indexer's batches (``index_step``, 100 messages a
-    transaction, as the service runs them). The real ``Writer`` takes the real intake's rows of the SIU fixtures
-    (unique control ids) in groups of ``group`` (20: as from 20 connections; 1: one connection, a commit each),
-    into a fresh log, with the terms and indexed, or without either, in alternating rounds."""
+    the writer's CPU for the two extra columns, and the indexer's jobs (``index_step`` through the writer, ``batch``
+    messages a job, as the service runs them: ``SEARCH_INDEX_BATCH``, not ``durable``). The real ``Writer`` takes
+    the real intake's rows of the SIU fixtures (unique control ids) in groups of ``group`` (20: as from 20
+    connections; 1: one connection, a commit each), into a fresh log, with the terms and indexed, or without
+    either, in alternating rounds. CPU (all threads) and wall time, both per message."""
     import threading
 
     from hl7bridge.app.config import load
+    from hl7bridge.app.service import SEARCH_INDEX_BATCH
     from hl7bridge.app.wiring import intake_for
-    from hl7bridge.store import Writer, WriteRequest, index_step
+    from hl7bridge.store import Job, Writer, WriteRequest, index_step
 
+    batch = batch or SEARCH_INDEX_BATCH
     config = load(None)
     intake = intake_for(config, config.listeners[0])
     fixtures = sorted((Path(__file__).resolve().parent.parent / "fixtures" / "siu").glob("*.hl7"))
@@ -187,6 +190,7 @@ def ingest_cost(rounds: int, count: int, group: int = 20) -> dict:
                                                                row["sending_facility"], summary)  # fmt: skip
     intake_us = (time.process_time() - began) / count * 1e6
     figures: dict[str, list[float]] = {"with": [], "without": []}
+    walls: dict[str, list[float]] = {"with": [], "without": []}
     with tempfile.TemporaryDirectory(prefix="hl7bridge-ingest-cost-") as tmp:
         for number in range(rounds):
             for side in ("without", "with") if number % 2 else ("with", "without"):
@@ -194,7 +198,7 @@ def ingest_cost(rounds: int, count: int, group: int = 20) -> dict:
                 rows = indexed if side == "with" else bare
                 writer = Writer(engine, lambda fn, *a: fn(*a))
                 writer.start()
-                began = time.process_time()
+                began, wall = time.process_time(), time.perf_counter()
                 for first in range(0, count, group):
                     done = threading.Semaphore(0)
                     chunk = rows[first : first + group]
@@ -202,18 +206,21 @@ def ingest_cost(rounds: int, count: int, group: int = 20) -> dict:
                         writer.submit(WriteRequest(row, None, lambda _r, d=done: d.release()))
                     for _ in chunk:
                         done.acquire()
-                if side == "with":
-                    while True:
-                        with engine.begin() as conn:
-                            if not index_step(conn, 100):
-                                break
+                    end = first + len(chunk)
+                    if side == "with" and (end % batch < group or end == count):
+                        writer.submit_job(Job(lambda conn: index_step(conn, batch), lambda _r, _e, d=done: d.release(),
+                                              durable=durable))  # fmt: skip
+                        done.acquire()
                 figures[side].append((time.process_time() - began) / count * 1e6)
+                walls[side].append((time.perf_counter() - wall) / count * 1e6)
                 writer.stop()
                 engine.dispose()
     out: dict = {side: round(statistics.median(values), 1) for side, values in figures.items()}
     out["writer_added_us"] = round(out["with"] - out["without"], 1)
+    out["wall_added_us"] = round(statistics.median(walls["with"]) - statistics.median(walls["without"]), 1)
     out["intake_us"] = round(intake_us, 1)
     out["rounds"] = {side: [round(v, 1) for v in values] for side, values in figures.items()}
+    out["wall_rounds"] = {side: [round(v, 1) for v in values] for side, values in walls.items()}
     return out
 
 
@@ -234,14 +241,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
     parser.add_argument("--ingest-cost", action="store_true",
                         help="instead: CPU per message the index adds to the writer (with vs without, alternating)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=6, help="--ingest-cost: rounds of each side")
+    parser.add_argument("--groups", type=int, nargs="+", default=[20, 1], help="--ingest-cost: group sizes")
+    parser.add_argument("--index-batch", type=int, default=None, metavar="N",
+                        help="--ingest-cost: messages an index job (default: the service's)")  # fmt: skip
+    parser.add_argument("--durable-index", action="store_true",
+                        help="--ingest-cost: index jobs commit with fsync (as before the service relaxed them)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.ingest_cost:
-        for group in (20, 1):
-            cost = ingest_cost(rounds=6, count=20_000 if group > 1 else 4_000, group=group)
+        for group in args.groups:
+            cost = ingest_cost(rounds=args.rounds, count=20_000 if group > 1 else 4_000, group=group,
+                               batch=args.index_batch, durable=args.durable_index)  # fmt: skip
             print(f"groups of {group}: writer and indexer CPU {cost['with']} us a message with the search index, "
-                  f"{cost['without']} us without (+{cost['writer_added_us']} us), and {cost['intake_us']} us in intake "
-                  f"(search_terms); medians of {len(cost['rounds']['with'])} alternating rounds: {cost['rounds']}",
-                  flush=True)  # fmt: skip
+                  f"{cost['without']} us without (+{cost['writer_added_us']} us CPU, +{cost['wall_added_us']} us wall), "
+                  f"and {cost['intake_us']} us in intake (search_terms); medians of {len(cost['rounds']['with'])} "
+                  f"alternating rounds: {cost['rounds']}; wall: {cost['wall_rounds']}", flush=True)  # fmt: skip
         return 0
     tmp = None
     if args.database:

@@ -120,3 +120,32 @@ def test_a_message_that_comes_during_a_job_slice_is_written_before_the_next_slic
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(messages)).scalar() == 1
     engine.dispose()
+
+
+def test_a_job_that_need_not_be_durable_commits_alone_without_waiting_for_fsync(tmp_path: Path) -> None:
+    """The search index's job (``durable=False``) commits with ``synchronous=NORMAL``, in a transaction of its
+    own; the jobs around it, queued in the same batch, still commit durably (FULL) and apart from it."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    writer = Writer(engine, lambda fn, *args: fn(*args), job_slice=0.0)
+    seen: list[tuple[str, int]] = []
+    done = threading.Semaphore(0)
+
+    def job(key: str):
+        def work(conn: Any) -> str:
+            seen.append((key, conn.exec_driver_sql("PRAGMA synchronous").scalar()))
+            return remember(key)(conn)
+
+        return work
+
+    for key, durable in (("D-1", True), ("N-1", False), ("D-2", True), ("D-3", True)):
+        writer.submit_job(Job(job(key), lambda _r, _e: done.release(), durable=durable))
+    writer.start()
+    for _ in range(4):
+        assert done.acquire(timeout=10)
+    writer.stop()
+    full, normal = 2, 1
+    assert seen == [("D-1", full), ("N-1", normal), ("D-2", full), ("D-3", full)]
+    assert writer.commits == 3  # D-1 | N-1 | D-2 and D-3 together
+    with engine.connect() as conn:
+        assert {k for (k,) in conn.execute(select(appointments.c.appointment_key))} == {"D-1", "N-1", "D-2", "D-3"}
+    engine.dispose()

@@ -53,8 +53,9 @@ from hl7bridge.workflow.accounts import AccountError, add_user, list_users
 from hl7bridge.workflow.dispatch_target import record_dispatch_target
 from hl7bridge.workflow.status import ListenerFacts, assess
 
-#: Messages per search-index job (``store.index_step``).
-SEARCH_INDEX_BATCH = 100
+#: Messages per search-index job at most (``store.index_step``): as many as searches read past the index
+#: (``store.search.TAIL_MAX``); more than this machine takes in a second (about 5,000 msg/s at best).
+SEARCH_INDEX_BATCH = 5000
 log = logging.getLogger("hl7bridge.service")
 #: Descriptors the service holds besides connections: database files, pipes, the reactor, the API client.
 DESCRIPTOR_BASE = 128
@@ -318,9 +319,12 @@ class Service:
         return assess(health.facts(time.time())).to_json()
 
     def _start_search_index(self) -> None:
-        """Every second, the messages logged since are added to the search index, in writer jobs of
-        ``SEARCH_INDEX_BATCH`` (about a millisecond each, so no message waits long behind one). A failing job
-        is logged once a minute with the count of repeats, not every second."""
+        """Every second, the messages logged since are added to the search index in one writer job (up to
+        ``SEARCH_INDEX_BATCH``; a full job is followed at once by the next). One job a second, not many small
+        ones: a job costs per commit (the B-tree pages it touches, an FTS5 segment), so 100-message jobs cost
+        four times the writer's CPU a message, and under a busy feed they held up messages every ~30 ms where
+        one larger job holds up a few once a second. The job is not ``durable``: the index is rebuilt
+        from the log. A failing job is logged once a minute with the count of repeats, not every second."""
         busy = False
         failures = RefusalLog(log, self.reactor)
 
@@ -341,7 +345,7 @@ class Service:
             if busy or self.writer is None:
                 return
             busy = True
-            self.writer.submit_job(Job(lambda conn: index_step(conn, SEARCH_INDEX_BATCH), step_done))
+            self.writer.submit_job(Job(lambda conn: index_step(conn, SEARCH_INDEX_BATCH), step_done, durable=False))
 
         loop = task.LoopingCall(tick)
         loop.clock = self.reactor

@@ -31,6 +31,11 @@ class Job:
 
     work: Callable[[Any], Any]
     on_done: Callable[[Any, BaseException | None], None]
+    #: False for what can be rebuilt from the log (the search index): the job runs in a transaction of its own
+    #: whose commit does not wait for fsync (SQLite ``synchronous=NORMAL``). The next durable commit's fsync
+    #: covers it (WAL frames are checksummed in a chain, so a later commit never survives an earlier one); a
+    #: crash loses at most the job's own commit, and its next run redoes it.
+    durable: bool = True
 
 
 _STOP = object()
@@ -152,15 +157,19 @@ class Writer:
         """Run jobs in one transaction, at most ``job_slice`` seconds' worth once one has run; returns how many.
 
         Each job runs in a savepoint of its own, except a lone job: its transaction is its savepoint
-        (SAVEPOINT and RELEASE were a fifth of the writer's time with the GIL under dispatch)."""
-        nested = len(jobs) > 1
+        (SAVEPOINT and RELEASE were a fifth of the writer's time with the GIL under dispatch). A job that is
+        not ``durable`` runs alone, and a durable one never shares its commit."""
+        relaxed = not jobs[0].durable
+        nested = len(jobs) > 1 and jobs[1].durable and not relaxed
         outcomes: list[tuple[Any, BaseException | None]] = []
         began = time.monotonic()
         try:
-            with self.engine.begin() as conn, self._lock_wait(conn):
+            with self.engine.connect() as conn, self._lock_wait(conn), self._no_fsync(conn, relaxed), conn.begin():
                 locked: BaseException | None = None
                 for job in jobs:
-                    if self.job_slice and outcomes and time.monotonic() - began >= self.job_slice:
+                    if outcomes and (
+                        relaxed or not job.durable or (self.job_slice and time.monotonic() - began >= self.job_slice)
+                    ):
                         break
                     if locked is not None:
                         outcomes.append((None, locked))
@@ -225,11 +234,32 @@ class Writer:
         if not (self._locked and conn.dialect.name == "sqlite"):
             yield
             return
-        conn.exec_driver_sql(f"PRAGMA busy_timeout={LOCKED_WAIT_MS}")
+        driver = conn.connection.driver_connection
+        driver.execute(f"PRAGMA busy_timeout={LOCKED_WAIT_MS}")
         try:
             yield
         finally:
-            conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={LOCK_WAIT_MS}")
+            driver.execute(f"PRAGMA busy_timeout={LOCK_WAIT_MS}")
+
+    @contextlib.contextmanager
+    def _no_fsync(self, conn: Any, relaxed: bool) -> Iterator[None]:
+        """A commit that does not wait for fsync, on SQLite in WAL mode; the connection's own setting after it.
+
+        Driver-level statements (before and after SQLAlchemy's transaction): SQLite reads the setting at commit."""
+        if not (relaxed and conn.dialect.name == "sqlite"):
+            yield
+            return
+        driver = conn.connection.driver_connection
+        (saved,) = driver.execute("PRAGMA synchronous").fetchone()
+        driver.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield
+        finally:
+            try:
+                driver.execute(f"PRAGMA synchronous={int(saved)}")
+            except Exception:
+                conn.invalidate()  # the pool must never hand a durable job a connection left relaxed
+                raise
 
     def _connection(self) -> Any:
         """The writer's own DBAPI connection, in autocommit mode so that it controls BEGIN and COMMIT."""
