@@ -1,16 +1,22 @@
-"""The generic write path: any database other than a SQLite file, through SQLAlchemy Core."""
+"""The generic write path: any database other than a SQLite file, through SQLAlchemy Core.
+
+On PostgreSQL the accepted messages are held unique by (MSH-3, MSH-4, MSH-10) (``ux_messages_accepted_key``), and
+a group goes in with ``INSERT … ON CONFLICT DO NOTHING``: should another writer accept the same key between this
+group's lookup and its insert, the insert waits for that transaction and skips the row, and the group is planned
+again with the now committed original, so the resend is answered with the original's ACK and starts nothing."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select, tuple_
+from sqlalchemy.dialects import postgresql
 
 from hl7bridge.core.status import MessageStatus
 
 from .planner import COMMAND_COLUMNS, DuplicatePlan, WriteRequest, WriteResult
-from .schema import commands, messages
+from .schema import StoreError, commands, messages
 
 _INSERT = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
 _INSERT_COMMANDS = commands.insert().returning(commands.c.id, sort_by_parameter_order=True)
@@ -23,24 +29,59 @@ _ORIGINAL = (
     .order_by(messages.c.id)
     .limit(1)
 )
+_DUPLICATES = (
+    messages.update()
+    .where(messages.c.id == bindparam("i"))
+    .values(duplicate_of=bindparam("d"), ack_raw=bindparam("a"), ack_code=bindparam("c"))
+)
+#: Keys per lookup on PostgreSQL (a group holds at most the writer's ``max_group``).
+_KEYS_PER_LOOKUP = 500
+_PG_INSERT = postgresql.insert(messages).on_conflict_do_nothing().returning(messages.c.id)
+_PG_IDS = select(func.nextval(func.pg_get_serial_sequence("messages", "id"))).select_from(
+    func.generate_series(1, bindparam("n"))
+)
 
 
 def write_generic(conn: Any, group: list[WriteRequest]) -> list[WriteResult]:
-    """Any other database, through SQLAlchemy Core."""
+    """Any other database, through SQLAlchemy Core, in the caller's transaction."""
+    if conn.dialect.name == "postgresql":
+        return _write_postgres(conn, group)
     keys = list(dict.fromkeys(r.dedupe_key for r in group if r.dedupe_key))
     plan = DuplicatePlan(group, _originals(conn, keys))
     ids = [r.id for r in conn.execute(_INSERT, plan.rows)]
+    return _finish(conn, plan, ids)
+
+
+def _finish(conn: Any, plan: DuplicatePlan, ids: list[int]) -> list[WriteResult]:
+    """The commands of the group's new messages, and the repeats within the group pointed at their first copy."""
     command_rows = [dict(zip(COMMAND_COLUMNS, values, strict=True)) for values in plan.command_rows(ids)]
     command_ids = [r.id for r in conn.execute(_INSERT_COMMANDS, command_rows)] if command_rows else []
     in_group = plan.in_group_duplicates(ids)
     if in_group:
-        conn.execute(
-            messages.update()
-            .where(messages.c.id == bindparam("i"))
-            .values(duplicate_of=bindparam("d"), ack_raw=bindparam("a"), ack_code=bindparam("c")),
-            [{"d": d, "a": a, "c": c, "i": i} for d, a, c, i in in_group],
-        )
+        conn.execute(_DUPLICATES, [{"d": d, "a": a, "c": c, "i": i} for d, a, c, i in in_group])
     return plan.results(ids, command_ids)
+
+
+def _write_postgres(conn: Any, group: list[WriteRequest]) -> list[WriteResult]:
+    """The group with ids drawn from the sequence first, so that the rows ``ON CONFLICT DO NOTHING`` skipped are
+    known by id. A skipped row is a key accepted meanwhile by another writer: the group's rows are taken out
+    again and it is planned anew with that original. Each pass finds at least one more original, so it ends."""
+    keys = list(dict.fromkeys(r.dedupe_key for r in group if r.dedupe_key))
+    originals = _pg_originals(conn, keys)
+    ids = sorted(conn.execute(_PG_IDS, {"n": len(group)}).scalars())
+    for _ in range(len(keys) + 1):
+        plan = DuplicatePlan(group, originals)
+        rows = [dict(row, id=i) for row, i in zip(plan.rows, ids, strict=True)]
+        inserted = set(conn.execute(_PG_INSERT, rows).scalars())
+        if len(inserted) == len(rows):
+            return _finish(conn, plan, ids)
+        conn.execute(messages.delete().where(messages.c.id.in_(sorted(inserted))))
+        skipped = [r.dedupe_key for r, i in zip(group, ids, strict=True) if i not in inserted and r.dedupe_key]
+        found = _pg_originals(conn, skipped)
+        if not found:
+            break
+        originals.update(found)
+    raise StoreError("a message of the group conflicts with a row that is not an accepted original")
 
 
 def _originals(conn: Any, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str, str], Any]:
@@ -49,4 +90,23 @@ def _originals(conn: Any, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[st
         row = conn.execute(_ORIGINAL, {"app": key[0], "fac": key[1], "ctrl": key[2]}).first()
         if row is not None:
             found[key] = (row[0], row[1], row[2])
+    return found
+
+
+_PG_KEY = tuple_(messages.c.sending_application, messages.c.sending_facility, messages.c.control_id)
+
+
+def _pg_originals(conn: Any, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str, str], Any]:
+    """The accepted original of each key, in one statement per ``_KEYS_PER_LOOKUP`` keys (through the unique
+    index, whose condition the query repeats)."""
+    found: dict[tuple[str, str, str], Any] = {}
+    for start in range(0, len(keys), _KEYS_PER_LOOKUP):
+        stmt = (
+            select(*_PG_KEY.clauses, messages.c.id, messages.c.ack_raw, messages.c.ack_code)
+            .where(_PG_KEY.in_(keys[start : start + _KEYS_PER_LOOKUP]))
+            .where(messages.c.status == MessageStatus.ACCEPTED)
+            .where(messages.c.replay_of.is_(None))
+        )
+        for app, fac, ctrl, message_id, ack_raw, ack_code in conn.execute(stmt):
+            found[(app, fac, ctrl)] = (message_id, ack_raw, ack_code)
     return found
