@@ -395,7 +395,7 @@ def _open(url: str, synchronous: str, read_only: bool, create: bool, upgrade: bo
         if found != SCHEMA_VERSION:
             # A current log is only read here: opening it must not wait for (or take) the write lock.
             with engine.connect() as conn, _ddl_transaction(conn):
-                _create(conn)
+                _create(conn, new=found is None)
     except SQLAlchemyError as exc:
         hint = f"; {DAMAGED_HINT.format(path=parsed.database)}" if damaged(exc) else ""
         raise StoreError(
@@ -420,10 +420,11 @@ def _found_version(conn: Any, url: str) -> int | None:
     return found
 
 
-def _create(conn: Any) -> None:
-    """The tables of a new log, and its version (inside ``_ddl_transaction``)."""
+def _create(conn: Any, new: bool = True) -> None:
+    """The tables a log lacks, and a new log's version (inside ``_ddl_transaction``)."""
     metadata.create_all(conn)
-    conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+    if new:
+        conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
 
 
 #: Connections the service keeps open to PostgreSQL (the writer, the dispatcher's reads, health probes, index and
