@@ -20,8 +20,8 @@ from sqlalchemy import func, select, update
 from hl7bridge.store import StoreError, Writer, WriteRequest, WriteResult, messages, meta, open_engine
 from hl7bridge.store.schema import SCHEMA_VERSION
 
-from .conftest import RunningSandbox, segments, start_sandbox, start_service
-from .dispatch_support import SANDBOX_TOML, TOKEN, future, query, service_toml, settled, siu
+from .conftest import RunningSandbox, RunningService, segments, start_sandbox, start_service
+from .dispatch_support import SANDBOX_TOML, TOKEN, future, query, service_toml, settled, settled_commands, siu
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -144,8 +144,32 @@ def test_messages_are_committed_before_their_ack_dispatched_once_and_duplicates_
                                  "WHERE m.control_id = ?", controls[0])) == 1  # fmt: skip
         stats = json.loads(bridge.cli("stats", "--json").stdout)
         assert stats["outbox"]["depth"] == 0 and stats["messages"] == {"accepted": 6, "duplicate": 1}
+        operate(bridge, controls[0])
     finally:
         bridge.stop()
+
+
+def operate(bridge: RunningService, control: str) -> None:
+    """The operator's commands on the same log: list, show, replay (a second accepted row under the same key,
+    which the unique key must let through as a replay), purge and the audit chain they leave."""
+    listed = bridge.log()
+    (first,) = [m for m in listed if m["control_id"] == control and m["status"] == "accepted"]
+    shown = json.loads(bridge.cli("log", "show", str(first["id"]), "--json").stdout)
+    assert shown["id"] == first["id"] and len(shown["commands"]) == 1
+    assert shown["commands"][0]["status"] == "done"
+    bridge.cli("replay", str(first["id"]), "--by", "tester", "--config", str(bridge.config))
+    (replayed,) = query(bridge, "SELECT id, status FROM messages WHERE replay_of = ?", first["id"])
+    assert replayed["status"] == "accepted"
+    (command,) = settled_commands(
+        lambda: query(bridge, "SELECT * FROM commands WHERE message_id = ?", replayed["id"]), "the replay"
+    )
+    assert command["outcome"] == "already triggered with these parameters"
+    time.sleep(1.1)
+    purged = bridge.cli("purge", "--older-than", "1s", "--by", "tester", "--database", bridge.url).stdout
+    assert "8 message(s)" in purged, purged
+    assert query(bridge, "SELECT count(*) AS n FROM messages WHERE raw IS NOT NULL")[0]["n"] == 0
+    verified = bridge.cli("audit", "verify", "--json", "--database", bridge.url)
+    assert json.loads(verified.stdout)["checked"] == 2
 
 
 # ---- duplicates across writers -------------------------------------------------------------------------------

@@ -161,7 +161,11 @@ def query(
     first message received in it, so that no walk goes on past its start."""
     wanted = keys(filters)
     if (wanted or filters.text) and conn.dialect.name != "sqlite":
-        raise SearchError("--appointment, --patient, --control-id, --sender and --text need the SQLite message log")
+        raise SearchError(
+            f"--appointment, --patient, --control-id, --sender and --text need the search index, which only a SQLite "
+            f"log has so far (this log is on {conn.dialect.name}): list by --since, --status and --event, then "
+            "`log show ID`"
+        )
     narrow = [k for k in wanted if not k.startswith("s:")]
     rare_status = filters.status is not None and filters.status != MessageStatus.ACCEPTED
     stmt = select(*columns)
