@@ -22,6 +22,7 @@ from hl7bridge.store.schema import SCHEMA_VERSION
 
 from .conftest import RunningSandbox, RunningService, segments, start_sandbox, start_service
 from .dispatch_support import SANDBOX_TOML, TOKEN, future, query, service_toml, settled, settled_commands, siu
+from .pg import PostgresServer
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -233,3 +234,29 @@ def test_two_writers_accepting_the_same_keys_at_once_keep_one_original_each(post
         assert duplicate.duplicate_of == accepted.id and bytes(duplicate.ack_raw) == bytes(accepted.ack_raw)
         answered = {bytes(results[(n, control)].original_ack or accepted.ack_raw) for n in (0, 1)}
         assert answered == {bytes(accepted.ack_raw)}
+
+
+def test_while_postgresql_is_down_messages_get_ar_and_after_its_restart_aa_without_restarting_the_bridge(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Stopped with ``-m immediate`` (a crash): the pool checks its connections before use, so the first message
+    after a restart is not spent on a dead one; while it is down nothing is answered AA; the service runs on."""
+    url = postgres.create_database()
+    bridge = start_service(tmp_path, log_url=url)
+    try:
+        assert segments(bridge.request(siu("S23", "DOWN-1", "A-DOWN")))["MSA"][1] == "AA"
+        postgres.stop("immediate")
+        postgres.start()
+        assert segments(bridge.request(siu("S23", "DOWN-2", "A-DOWN")))["MSA"][1] == "AA"
+        postgres.stop("immediate")
+        try:
+            down = segments(bridge.request(siu("S23", "DOWN-3", "A-DOWN")))
+            assert down["MSA"][1] == "AR" and "207" in "|".join(down.get("ERR", [])), down
+        finally:
+            postgres.start()
+        assert bridge.process.poll() is None
+        assert segments(bridge.request(siu("S23", "DOWN-4", "A-DOWN")))["MSA"][1] == "AA"
+        rows = query(bridge, "SELECT control_id FROM messages ORDER BY id")
+        assert [r["control_id"] for r in rows] == ["DOWN-1", "DOWN-2", "DOWN-4"]
+    finally:
+        bridge.stop()
