@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, tuple_
+from sqlalchemy import bindparam, func, null, select, tuple_, union_all
 
 from hl7bridge.core.status import MessageStatus
 
@@ -36,9 +36,7 @@ _DUPLICATES = (
 )
 #: Keys per lookup on PostgreSQL (a group holds at most the writer's ``max_group``).
 _KEYS_PER_LOOKUP = 500
-_PG_IDS = select(func.nextval(func.pg_get_serial_sequence("messages", "id"))).select_from(
-    func.generate_series(1, bindparam("n"))
-)
+_NEXT_ID = func.nextval(func.pg_get_serial_sequence("messages", "id"))
 
 
 def write_generic(conn: Any, group: list[WriteRequest]) -> list[WriteResult]:
@@ -69,8 +67,7 @@ def _write_postgres(conn: Any, group: list[WriteRequest]) -> list[WriteResult]:
     known by id. A skipped row is a key accepted meanwhile by another writer: the group's rows are taken out
     again and it is planned anew with that original. Each pass finds at least one more original, so it ends."""
     keys = list(dict.fromkeys(r.dedupe_key for r in group if r.dedupe_key))
-    originals = _pg_originals(conn, keys)
-    ids = sorted(conn.execute(_PG_IDS, {"n": len(group)}).scalars())
+    originals, ids = _pg_originals(conn, keys, len(group))
     for _ in range(len(keys) + 1):
         plan = DuplicatePlan(group, originals)
         rows = [dict(row, id=i) for row, i in zip(plan.rows, ids, strict=True)]
@@ -79,7 +76,7 @@ def _write_postgres(conn: Any, group: list[WriteRequest]) -> list[WriteResult]:
             return _finish(conn, plan, ids, postgres=True)
         conn.execute(messages.delete().where(messages.c.id.in_(sorted(inserted))))
         skipped = [r.dedupe_key for r, i in zip(group, ids, strict=True) if i not in inserted and r.dedupe_key]
-        found = _pg_originals(conn, skipped)
+        found, _ = _pg_originals(conn, skipped)
         if not found:
             break
         originals.update(found)
@@ -126,17 +123,28 @@ def _originals(conn: Any, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[st
 _PG_KEY = tuple_(messages.c.sending_application, messages.c.sending_facility, messages.c.control_id)
 
 
-def _pg_originals(conn: Any, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str, str], Any]:
-    """The accepted original of each key, in one statement per ``_KEYS_PER_LOOKUP`` keys (through the unique
-    index, whose condition the query repeats)."""
+def _pg_originals(
+    conn: Any, keys: Sequence[tuple[str, str, str]], new_ids: int = 0
+) -> tuple[dict[tuple[str, str, str], Any], list[int]]:
+    """The first accepted message of each key (a replay too, as on SQLite), and ``new_ids`` ids drawn from the
+    messages' sequence, in order: both in the first statement, as every round trip to the server is one more
+    wait of the whole group on a busy machine. Then one statement per further ``_KEYS_PER_LOOKUP`` keys."""
     found: dict[tuple[str, str, str], Any] = {}
-    for start in range(0, len(keys), _KEYS_PER_LOOKUP):
-        stmt = (
-            select(*_PG_KEY.clauses, messages.c.id, messages.c.ack_raw, messages.c.ack_code)
+    ids: list[int] = []
+    for start in range(0, max(len(keys), 1), _KEYS_PER_LOOKUP):
+        stmt: Any = (
+            select(*_PG_KEY.clauses, messages.c.id, messages.c.ack_raw, messages.c.ack_code, null().label("new_id"))
             .where(_PG_KEY.in_(keys[start : start + _KEYS_PER_LOOKUP]))
             .where(messages.c.status == MessageStatus.ACCEPTED)
-            .where(messages.c.replay_of.is_(None))
         )
-        for app, fac, ctrl, message_id, ack_raw, ack_code in conn.execute(stmt):
-            found[(app, fac, ctrl)] = (message_id, ack_raw, ack_code)
-    return found
+        if start == 0 and new_ids:
+            drawn = select(null(), null(), null(), null(), null(), null(), _NEXT_ID).select_from(
+                func.generate_series(1, new_ids)
+            )
+            stmt = union_all(stmt, drawn)
+        for app, fac, ctrl, message_id, ack_raw, ack_code, new_id in conn.execute(stmt):
+            if new_id is not None:
+                ids.append(new_id)
+            elif (app, fac, ctrl) not in found or message_id < found[(app, fac, ctrl)][0]:
+                found[(app, fac, ctrl)] = (message_id, ack_raw, ack_code)
+    return found, sorted(ids)
