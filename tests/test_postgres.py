@@ -165,6 +165,8 @@ def operate(bridge: RunningService, control: str) -> None:
         lambda: query(bridge, "SELECT * FROM commands WHERE message_id = ?", replayed["id"]), "the replay"
     )
     assert command["outcome"] == "already triggered with these parameters"
+    exported = bridge.cli("log", "export", "--since", "1h", "--format", "jsonl", "--database", bridge.url).stdout
+    assert len(exported.splitlines()) == 8 and "TESTPATIENT" not in exported
     time.sleep(1.1)
     purged = bridge.cli("purge", "--older-than", "1s", "--by", "tester", "--database", bridge.url).stdout
     assert "8 message(s)" in purged, purged
