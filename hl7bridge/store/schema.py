@@ -436,6 +436,20 @@ POSTGRES_MAX_OVERFLOW = 10
 SCHEMA_LOCK_KEY = 0x686C3762
 
 
+#: ``pg_try_advisory_lock`` key ("hl7d") that the one dispatcher of a PostgreSQL log holds for its session, as it
+#: holds a ``flock`` on a SQLite file: until dispatchers claim commands row by row, a second one would send
+#: every command again.
+DISPATCH_LOCK_KEY = 0x686C3764
+
+
+def try_dispatch_lock(conn: Any) -> bool:
+    """Take the dispatcher's session lock on a PostgreSQL log if it is free (then commit: the lock outlives the
+    transaction, and an open one would hold back vacuum)."""
+    taken = bool(conn.execute(select(func.pg_try_advisory_lock(DISPATCH_LOCK_KEY))).scalar())
+    conn.commit()
+    return taken
+
+
 def _postgres_engine(url: str, read_only: bool) -> Engine:
     """An engine for PostgreSQL: READ COMMITTED (each statement sees what committed before it, as the writer's
     duplicate lookup needs), ``synchronous_commit = on`` whatever the server's default (an ACK follows a COMMIT
