@@ -37,3 +37,8 @@ def test_the_wheel_holds_every_module_of_the_package(tmp_path: Path) -> None:
     expected = {path.relative_to(ROOT).as_posix() for path in (ROOT / "hl7bridge").rglob("*.py")}
     assert expected, "no modules found in the source tree"
     assert expected - packed == set(), f"missing from the wheel: {sorted(expected - packed)}"
+    # `pip install 'hl7bridge[postgres]'` brings the PostgreSQL driver (docs/install.md).
+    (metadata,) = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA")]
+    lines = zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+    assert "Provides-Extra: postgres" in lines
+    assert any(line.startswith("Requires-Dist: psycopg[binary]") and 'extra == "postgres"' in line for line in lines)

@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 from hl7bridge.store import StoreError, Writer, WriteRequest, WriteResult, messages, meta, open_engine
 from hl7bridge.store.schema import SCHEMA_VERSION
 
-from .conftest import RunningSandbox, RunningService, segments, start_sandbox, start_service
+from .conftest import RunningSandbox, RunningService, segments, start_sandbox, start_service, wait_until
 from .dispatch_support import SANDBOX_TOML, TOKEN, future, query, service_toml, settled, settled_commands, siu
 from .pg import PostgresServer
 
@@ -261,4 +261,31 @@ def test_while_postgresql_is_down_messages_get_ar_and_after_its_restart_aa_witho
         rows = query(bridge, "SELECT control_id FROM messages ORDER BY id")
         assert [r["control_id"] for r in rows] == ["DOWN-1", "DOWN-2", "DOWN-4"]
     finally:
+        bridge.stop()
+
+
+def test_a_dispatched_resend_accepted_while_its_first_copy_waited_settles_as_its_duplicate(
+    postgres_url: str, sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    """``ack_mode = "dispatched"``: a resend that arrives while the first copy awaits the API is processed anew
+    (no provisional AA). Both end accepted by the API; on PostgreSQL, where accepted originals are unique by key,
+    the second to settle is recorded as the first's duplicate instead of failing the dispatcher's write."""
+    listener = 'ack_mode = "dispatched"\ndispatch_timeout = 5'
+    bridge = start_service(tmp_path, service_toml(sandbox.url, listener_extra=listener), env=TOKEN,
+                           log_url=postgres_url)  # fmt: skip
+    sandbox.faults(latency_ms=1000)
+    try:
+        message = siu("S12", "PG-DSP-RACE", "A-PG-DSP-RACE", future(days=30))
+        with bridge.client() as original, bridge.client() as resend:
+            original.send(message)
+            wait_until(lambda: query(bridge, "SELECT id FROM messages WHERE control_id = 'PG-DSP-RACE'"))
+            resend.send(message)
+            answers = [segments(original.receive())["MSA"][1], segments(resend.receive())["MSA"][1]]
+        assert answers == ["AA", "AA"]
+        rows = query(bridge, "SELECT id, status, duplicate_of FROM messages WHERE control_id = ? ORDER BY id",
+                     "PG-DSP-RACE")  # fmt: skip
+        assert [r["status"] for r in rows] == ["accepted", "duplicate"] and rows[1]["duplicate_of"] == rows[0]["id"]
+        assert len(sandbox.instances(appointmentId="A-PG-DSP-RACE")) == 1
+    finally:
+        sandbox.faults(latency_ms=0)
         bridge.stop()
