@@ -172,7 +172,7 @@ def query(service: RunningService, sql: str, *args: object) -> list[dict]:
         url = make_url(service.database_url)
         with psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database,
                              row_factory=dict_row) as conn:  # fmt: skip
-            return [dict(r) for r in conn.execute(sql.replace("?", "%s"), args)]
+            return [dict(r) for r in conn.execute(sql.replace("%", "%%").replace("?", "%s"), args)]
     with sqlite3.connect(service.database) as conn:
         conn.row_factory = sqlite3.Row
         return [dict(r) for r in conn.execute(sql, args)]

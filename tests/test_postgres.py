@@ -289,3 +289,54 @@ def test_a_dispatched_resend_accepted_while_its_first_copy_waited_settles_as_its
     finally:
         sandbox.faults(latency_ms=0)
         bridge.stop()
+
+
+# ---- search by key ---------------------------------------------------------------------------------------------
+
+
+def test_key_filters_on_postgresql_from_the_index_and_past_it_and_purge_clears_patient_keys(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The running service indexes the keys every second (``index_step``, ``search_keys`` filled from the JSON
+    terms); messages past the index are read directly; ``--text`` is refused with the reason; a purge removes
+    the patient's keys and keeps the rest findable."""
+    from hl7bridge.store import index_step, open_engine
+    from hl7bridge.workflow.search import Filters, search
+
+    from .test_search import booking, logged
+
+    bridge = start_service(tmp_path, log_url=postgres_url)
+    try:
+        for raw in (booking("K-1", "PL-1", "FI-1", "MRN-1", "ORCHARD"), booking("K-2", "PL-2", "FI-2", "MRN-2", "BRAMBLE"),
+                    booking("K-3", "PL-1", "FI-1", "MRN-1", "ORCHARD", sender="CERNER|EAST")):  # fmt: skip
+            assert segments(bridge.request(raw))["MSA"][1] == "AA"
+
+        def current() -> bool:
+            done = query(bridge, "SELECT value FROM meta WHERE key = 'search_indexed_to'")
+            return bool(done) and int(done[0]["value"]) >= 3
+
+        wait_until(current, message="the search index to take every message")
+        assert query(bridge, "SELECT count(*) AS n FROM search_keys WHERE key = 'p:MRN-1'")[0]["n"] == 2
+
+        def ids(*args: str) -> list[str]:
+            return [r["control_id"] for r in bridge.log(*args)]
+
+        assert ids("--patient", "MRN-1") == ["K-3", "K-1"]
+        assert ids("--appointment", "FI-2") == ["K-2"]
+        assert ids("--control-id", "K-3") == ["K-3"]
+        assert ids("--sender", "CERNER^EAST") == ["K-3"]
+        assert ids("--sender", "EPIC", "--patient", "MRN-1") == ["K-1"]
+        refused = bridge.cli("log", "list", "--text", "orchard", "--since", "1h", check=False)
+        assert refused.returncode == 2 and "--text needs the text index" in refused.stderr
+        bridge.cli("purge", "--older-than", "0s", "--database", bridge.url)
+        assert ids("--patient", "MRN-1") == []
+        assert ids("--appointment", "PL-1") == ["K-3", "K-1"]  # outcomes stay findable
+        assert query(bridge, "SELECT count(*) AS n FROM search_keys WHERE key LIKE 'p:%'")[0]["n"] == 0
+    finally:
+        bridge.stop()
+    engine = open_engine(postgres_url, create=False)
+    logged(engine, ("T-1", "MRN-T", "ROWAN"), ("T-2", "MRN-T", "ASPEN"))
+    with engine.begin() as conn:
+        assert index_step(conn, 100) == 2
+    logged(engine, ("T-3", "MRN-T", "ROWAN"))
+    assert [r["control_id"] for r in search(engine, Filters(patient="MRN-T"), limit=10).rows] == ["T-3", "T-2", "T-1"]

@@ -282,21 +282,28 @@ def index_step(conn: Any, limit: int) -> int:
     Batches, not a trigger per insert: FTS5 writes a segment per transaction, and the writer commits a lone
     message on its own, so a trigger cost 140 µs of writer time a message over one connection; a batch pays
     that once. The service runs this as a writer job every second (``app.service``), so a message is findable
-    about a second after its ACK."""
-    if conn.dialect.name != "sqlite":
+    about a second after its ACK. PostgreSQL gets the keys only (``search_keys``, from the same JSON): no text
+    index there yet."""
+    dialect = conn.dialect.name
+    if dialect not in ("sqlite", "postgresql"):
         return 0
     last = int(get_meta(conn, INDEXED_KEY) or 0)
     top, count = conn.execute(
-        text("SELECT max(id), count(*) FROM (SELECT id FROM messages WHERE id > :last ORDER BY id LIMIT :n)"),
+        text("SELECT max(id), count(*) FROM (SELECT id FROM messages WHERE id > :last ORDER BY id LIMIT :n) AS t"),
         {"last": last, "n": limit},
     ).one()
     if not count:
         return 0
     bounds = {"low": last, "high": top}
-    conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
-                      "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high"), bounds)  # fmt: skip
-    conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
-                      "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
+    if dialect == "postgresql":
+        conn.execute(text("INSERT INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
+                          "json_array_elements_text(m.search_terms::json) AS j(value) "
+                          "WHERE m.id > :low AND m.id <= :high ON CONFLICT DO NOTHING"), bounds)  # fmt: skip
+    else:
+        conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
+                          "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high"), bounds)  # fmt: skip
+        conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
+                          "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
     set_meta(conn, INDEXED_KEY, str(top))
     return int(count)
 
