@@ -1,4 +1,5 @@
-"""The generic write path: any database other than a SQLite file, through SQLAlchemy Core.
+"""The generic write path: any database other than a SQLite file, through SQLAlchemy Core (on PostgreSQL the
+rows themselves through psycopg's pipelined ``executemany``, ``_pg_insert``).
 
 On PostgreSQL the accepted messages are held unique by (MSH-3, MSH-4, MSH-10) (``ux_messages_accepted_key``), and
 a group goes in with ``INSERT … ON CONFLICT DO NOTHING``: should another writer accept the same key between this
