@@ -340,3 +340,20 @@ def test_key_filters_on_postgresql_from_the_index_and_past_it_and_purge_clears_p
         assert index_step(conn, 100) == 2
     logged(engine, ("T-3", "MRN-T", "ROWAN"))
     assert [r["control_id"] for r in search(engine, Filters(patient="MRN-T"), limit=10).rows] == ["T-3", "T-2", "T-1"]
+
+
+def test_a_newer_schema_and_a_foreign_database_are_refused_untouched(postgres: PostgresServer) -> None:
+    newer = postgres.create_database()
+    engine = open_engine(newer)
+    with engine.begin() as conn:
+        conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="999"))
+    engine.dispose()
+    with pytest.raises(StoreError, match="newer hl7bridge"):
+        open_engine(newer)
+    foreign = postgres.create_database()
+    postgres.execute("CREATE TABLE patients (id int)", foreign.rsplit("/", 1)[1])
+    with pytest.raises(StoreError, match="not an hl7bridge message log"):
+        open_engine(foreign)
+    assert postgres.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public'", foreign.rsplit("/", 1)[1]
+    ) == [("patients",)]
