@@ -1,6 +1,8 @@
 """Ingest benchmark: hl7bridge against hl7apy's and python-hl7's MLLP servers, side by side.
 
     python bench/ingest.py [--quick] [--out docs/performance.md] [--json bench/results/ingest-latest.json]
+    python bench/ingest.py --quick --postgres            # hl7bridge alone, its log on a throwaway PostgreSQL
+    python bench/ingest.py --quick --database URL        # hl7bridge alone, its log at URL (an empty database)
 
 Servers (each its own subprocess, all fed the same fixture mix from fixtures/siu):
   hl7bridge   the real service (``python -m hl7bridge serve``), fresh SQLite log per run,
@@ -45,6 +47,8 @@ MARK_START = "<!-- bench/ingest.py: start -->"
 MARK_END = "<!-- bench/ingest.py: end -->"
 
 SERVERS = ("hl7bridge", "hl7apy", "python-hl7")
+#: ``--database``/``--postgres``: the hl7bridge log's URL instead of a fresh SQLite file per run.
+DATABASE_URL: str | None = None
 TARGETS = {
     "closed-20": 3000.0,  # msg/s over 20 connections
     "closed-1": 1000.0,  # msg/s over 1 connection
@@ -119,7 +123,7 @@ class Server:
                 "--listen",
                 "tcp:0:interface=127.0.0.1",
                 "--database",
-                f"sqlite:///{self.db}",
+                DATABASE_URL or f"sqlite:///{self.db}",
             ]
         elif kind == "hl7apy":
             cmd = [sys.executable, str(BENCH / "peers" / "hl7apy_server.py")]
@@ -407,7 +411,23 @@ def _ms(seconds: float) -> float:
 # --- the run --------------------------------------------------------------------------------------
 
 
+def _sql(query: str) -> list:
+    """Rows of a query on the ``DATABASE_URL`` log."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(DATABASE_URL)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(query)).all())
+    finally:
+        engine.dispose()
+
+
 def log_counts(db: Path) -> dict:
+    if DATABASE_URL:
+        rows = {status: count for status, count in _sql("SELECT status, count(*) FROM messages GROUP BY status")}
+        rows["total"] = sum(rows.values())
+        return rows
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         rows = dict(con.execute("SELECT status, count(*) FROM messages GROUP BY status").fetchall())
@@ -419,6 +439,8 @@ def log_counts(db: Path) -> dict:
 
 def log_size(db: Path) -> int:
     """Rows in a running bridge's log (read-only; WAL lets this run beside the writer)."""
+    if DATABASE_URL:
+        return _sql("SELECT coalesce(max(id), 0) FROM messages")[0][0]
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         return con.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
@@ -427,6 +449,10 @@ def log_size(db: Path) -> int:
 
 
 def db_size_mb(db: Path) -> float:
+    if DATABASE_URL and DATABASE_URL.startswith("postgresql"):
+        return round(_sql("SELECT pg_database_size(current_database())")[0][0] / 1e6, 1)
+    if DATABASE_URL:
+        db = Path(DATABASE_URL.removeprefix("sqlite:///"))
     return round(sum(p.stat().st_size for p in db.parent.glob(db.name + "*")) / 1e6, 1)
 
 
@@ -901,7 +927,40 @@ def main(argv: list[str] | None = None) -> int:
         help="stop the memory run after S seconds even if not all messages were answered (0: never; "
         "default 300, --quick 60)",
     )
+    parser.add_argument("--database", metavar="URL", help="the hl7bridge log at URL (an empty database, e.g. "
+                        "postgresql+psycopg://user@host/db) instead of SQLite; runs hl7bridge alone, no memory run")  # fmt: skip
+    parser.add_argument("--postgres", action="store_true", help="as --database, on a throwaway PostgreSQL cluster "
+                        "started from Debian's binaries as the tests do (tests/pg.py)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.postgres or args.database:
+        return _on_database(args, argv)
+    return _run(args, argv)
+
+
+def _on_database(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """hl7bridge alone, its log on ``--database`` or on a PostgreSQL cluster of its own (``--postgres``)."""
+    global DATABASE_URL, SERVERS
+    SERVERS = ("hl7bridge",)
+    args.no_memory = True
+    if args.database:
+        DATABASE_URL = args.database
+        return _run(args, argv)
+    sys.path.insert(0, str(ROOT))
+    from tests.pg import start_postgres
+
+    server = start_postgres()
+    try:
+        DATABASE_URL = server.create_database()
+        print(f"PostgreSQL {server.bin.parent.name} at 127.0.0.1:{server.port} (fsync, synchronous_commit on)")
+        return _run(args, argv)
+    finally:
+        server.stop()
+        import shutil
+
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     prof = QUICK if args.quick else FULL
     if args.gen_procs:
         prof.gen_procs = args.gen_procs
@@ -919,6 +978,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": prof.__dict__,
         "targets": TARGETS,
         "machine": machine(),
+        "database": "sqlite" if DATABASE_URL is None else DATABASE_URL.split(":", 1)[0],
         "code_under_test": code_under_test(),
         "loadavg_at_start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "fixtures": [Path(f).name for f in fixtures],

@@ -18,6 +18,8 @@ import requests
 
 from hl7bridge.testing.client import BlockingClient
 
+from .pg import any_service, database_url, postgres, postgres_url  # noqa: F401 - fixtures for every module
+
 ROOT = Path(__file__).resolve().parent.parent
 #: The example configuration as a test service runs it: its fixed health and console ports are off, so that
 #: tests (and a `make run` beside them) never compete for them.
@@ -48,10 +50,12 @@ class RunningService:
     workdir: Path
     #: The start-up line on stdout (where it listens, logs, and dispatches).
     banner: str = ""
+    #: The log's URL when it is not the SQLite file ``database`` (PostgreSQL).
+    database_url: str | None = None
 
     @property
     def url(self) -> str:
-        return f"sqlite:///{self.database}"
+        return self.database_url or f"sqlite:///{self.database}"
 
     def client(self, timeout: float = 10.0) -> BlockingClient:
         return BlockingClient("127.0.0.1", self.port, timeout=timeout)
@@ -92,10 +96,14 @@ def start_service(
     port: int | None = None,
     extra: list[str] | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    log_url: str | None = None,
 ) -> RunningService:
+    """``log_url``: the log elsewhere than ``workdir/var/log.db`` (a PostgreSQL database)."""
     port = port or free_port()
     database = workdir / "var" / "log.db"
-    cmd = [sys.executable, "-m", "hl7bridge", "serve", "--database", f"sqlite:///{database}"]
+    if log_url and log_url.startswith("sqlite:"):
+        database, log_url = Path(log_url.removeprefix("sqlite:///")), None
+    cmd = [sys.executable, "-m", "hl7bridge", "serve", "--database", log_url or f"sqlite:///{database}"]
     config = None
     if config_text is not None:
         config = workdir / "hl7bridge.toml"
@@ -118,7 +126,7 @@ def start_service(
     if "listening" not in line:
         process.wait(timeout=10)
         raise AssertionError(f"service did not start: {line}{process.stderr.read()}")
-    return RunningService(process, port, database, config, workdir, line)
+    return RunningService(process, port, database, config, workdir, line, database_url=log_url)
 
 
 @pytest.fixture(scope="module")

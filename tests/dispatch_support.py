@@ -162,7 +162,17 @@ def ack(service: RunningService, payload: bytes) -> list[str]:
 
 
 def query(service: RunningService, sql: str, *args: object) -> list[dict]:
-    """Rows of the service's SQLite file as dicts, read straight from the file rather than through the service."""
+    """Rows of the service's log as dicts, read straight from the database rather than through the service (its
+    SQLite file, or its PostgreSQL database: ``?`` placeholders either way)."""
+    if service.database_url:
+        import psycopg
+        from psycopg.rows import dict_row
+        from sqlalchemy.engine import make_url
+
+        url = make_url(service.database_url)
+        with psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database,
+                             row_factory=dict_row) as conn:  # fmt: skip
+            return [dict(r) for r in conn.execute(sql.replace("%", "%%").replace("?", "%s"), args)]
     with sqlite3.connect(service.database) as conn:
         conn.row_factory = sqlite3.Row
         return [dict(r) for r in conn.execute(sql, args)]

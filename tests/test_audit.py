@@ -6,7 +6,6 @@ import json
 import multiprocessing
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -22,8 +21,9 @@ def _append(url: str, actor: str, count: int) -> None:
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'log.db'}"
+def url(database_url: str) -> str:
+    """Each test on a SQLite file and on PostgreSQL."""
+    return database_url
 
 
 def test_entries_chain_and_read_back_newest_first(url: str) -> None:

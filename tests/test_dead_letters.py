@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,17 +43,23 @@ class Setting:
     metrics_port: int
     #: Control id -> its command id.
     dead: dict[str, int]
+    #: A new, empty log of the same kind for a test's own service (None: a SQLite file in its directory).
+    new_log: Callable[[], str | None]
 
 
-@pytest.fixture(scope="module")
-def setting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def setting(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Setting]:
+    """The whole module runs on a SQLite file, then on PostgreSQL."""
     assert BROKEN_SANDBOX != SANDBOX_TOML
+    new_log: Callable[[], str | None] = lambda: None  # noqa: E731
+    if request.param == "postgresql":
+        new_log = request.getfixturevalue("postgres").create_database
     workdir = tmp_path_factory.mktemp("dead")
     port = free_port()
     sandbox = start_sandbox(tmp_path_factory.mktemp("sandbox"), BROKEN_SANDBOX, port=port)
     metrics_port = free_port()
     health = f'\n[health]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n'
-    service = start_service(workdir, service_toml(sandbox.url) + health, env=TOKEN)
+    service = start_service(workdir, service_toml(sandbox.url) + health, env=TOKEN, log_url=new_log())
     dead: dict[str, int] = {}
     try:
 
@@ -75,7 +81,7 @@ def setting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting]:
         dead["DL-4M"] = moved["id"]
         sandbox.stop()
         sandbox = start_sandbox(tmp_path_factory.mktemp("fixed"), SANDBOX_TOML, port=port)
-        yield Setting(service, sandbox, metrics_port, dead)
+        yield Setting(service, sandbox, metrics_port, dead, new_log)
     finally:
         service.stop()
         sandbox.stop()
@@ -233,7 +239,8 @@ def test_a_failed_sync_command_is_retried_in_the_background(setting: Setting, tm
     """ack_mode "dispatched": an outage fails the command (the sender got AE). Retried while the outage still
     runs, it is no longer a sync command that fails at once: it waits out the outage, and is sent once."""
     listener = 'ack_mode = "dispatched"\ndispatch_timeout = 5'
-    service = start_service(tmp_path, service_toml(setting.sandbox.url, listener_extra=listener), env=TOKEN)
+    service = start_service(tmp_path, service_toml(setting.sandbox.url, listener_extra=listener), env=TOKEN,
+                            log_url=setting.new_log())  # fmt: skip
     try:
         setting.sandbox.faults(outage={"mode": "503", "seconds": 600})
         assert b"MSA|AE|" in service.request(siu("S12", "DL-SYNC", "A-DL-SYNC", START))

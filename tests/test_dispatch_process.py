@@ -42,11 +42,13 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start(workdir: Path, sandbox: RunningSandbox, dispatch_extra: str = "") -> tuple[RunningService, int]:
+def start(
+    workdir: Path, sandbox: RunningSandbox, dispatch_extra: str = "", log_url: str | None = None
+) -> tuple[RunningService, int]:
     health = free_port()
     config = service_toml(sandbox.url, dispatch_extra=dispatch_extra)
     config += f'\n[health]\nlisten = "tcp:{health}:interface=127.0.0.1"\n'
-    return start_service(workdir, config, env=TOKEN), health
+    return start_service(workdir, config, env=TOKEN, log_url=log_url), health
 
 
 def booked(service: RunningService, sandbox: RunningSandbox, control: str, appointment: str) -> None:
@@ -108,15 +110,17 @@ def read_until(fd: int, wanted: bytes, timeout: float) -> bytes:
     return seen
 
 
-def test_a_second_dispatcher_on_the_same_log_waits(tmp_path: Path, sandbox: RunningSandbox) -> None:
-    service, _ = start(tmp_path, sandbox)
+def test_a_second_dispatcher_on_the_same_log_waits(tmp_path: Path, sandbox: RunningSandbox, database_url: str) -> None:
+    """On a SQLite file (its flock) and on PostgreSQL (a session advisory lock)."""
+    service, _ = start(tmp_path, sandbox, log_url=database_url)
+    tag = database_url.split(":", 1)[0]  # the module's sandbox is shared by both runs
     spec = ChildSpec(database=service.url, api=ApiSettings(base_url=sandbox.url, org_id="test-org",
                      cancel_path=DEFAULT_CANCEL_PATH, connect_timeout=1, read_timeout=2), settings={}, token="test-token")  # fmt: skip
     read_events, write_events = os.pipe()
     intruder = None
     try:
         # A delivery proves the service's own dispatcher holds the log before the intruder comes.
-        booked(service, sandbox, "DP-3", "DPA-3")
+        booked(service, sandbox, f"DP-3-{tag}", f"DPA-3-{tag}")
         command = f"exec {sys.executable} -m hl7bridge.dispatch.child 3>&{write_events}"
         intruder = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
                                     pass_fds=(write_events,))  # fmt: skip
@@ -128,7 +132,7 @@ def test_a_second_dispatcher_on_the_same_log_waits(tmp_path: Path, sandbox: Runn
         assert waiting in read_until(intruder.stderr.fileno(), waiting, 30)
         assert not select.select([read_events], [], [], 0)[0], "the second dispatcher started beside the first"
         # While it waits, the service's own dispatcher keeps the log.
-        booked(service, sandbox, "DP-5", "DPA-5")
+        booked(service, sandbox, f"DP-5-{tag}", f"DPA-5-{tag}")
         service.stop()
         # The lock is free once the service's dispatcher is gone: the intruder takes it and says so.
         assert b'"ready"' in read_until(read_events, b'"ready"', 15), "the second dispatcher did not start"

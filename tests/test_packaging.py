@@ -42,3 +42,8 @@ def test_the_wheel_holds_every_module_of_the_package(tmp_path: Path) -> None:
     assert data, "no console templates or static files found"
     expected |= data
     assert expected - packed == set(), f"missing from the wheel: {sorted(expected - packed)}"
+    # `pip install 'hl7bridge[postgres]'` brings the PostgreSQL driver (docs/install.md).
+    (metadata,) = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA")]
+    lines = zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+    assert "Provides-Extra: postgres" in lines
+    assert any(line.startswith("Requires-Dist: psycopg[binary]") and 'extra == "postgres"' in line for line in lines)

@@ -32,20 +32,20 @@ def test_database_file_is_private_and_wal(fresh_service: RunningService) -> None
             assert stat.S_IMODE(os.stat(side).st_mode) & 0o077 == 0
 
 
-def test_duplicate_gets_original_ack_and_nothing_twice(fresh_service: RunningService) -> None:
+def test_duplicate_gets_original_ack_and_nothing_twice(any_service: RunningService) -> None:
     raw = fixture_bytes(S12)
-    first = fresh_service.request(raw)
-    second = fresh_service.request(raw)
+    first = any_service.request(raw)
+    second = any_service.request(raw)
     assert second == first
-    rows = fresh_service.log()
+    rows = any_service.log()
     assert [r["status"] for r in rows] == ["duplicate", "accepted"]
     assert rows[0]["duplicate_of"] == rows[1]["id"]
-    third = fresh_service.request(unique_control(raw, "NEW-ID-1"))
+    third = any_service.request(unique_control(raw, "NEW-ID-1"))
     assert segments(third)["MSA"][2] == "NEW-ID-1"
-    assert fresh_service.log("--status", "accepted")[0]["control_id"] == "NEW-ID-1"
+    assert any_service.log("--status", "accepted")[0]["control_id"] == "NEW-ID-1"
 
 
-def test_same_control_id_from_another_facility_is_not_a_duplicate(fresh_service: RunningService) -> None:
+def test_same_control_id_from_another_facility_is_not_a_duplicate(any_service: RunningService) -> None:
     """Duplicates are keyed by MSH-3, MSH-4 and MSH-10: another facility's message is its own, and its own ACK.
 
     Sent once one at a time (the original is in the log) and once pipelined (both in one group commit)."""
@@ -53,36 +53,36 @@ def test_same_control_id_from_another_facility_is_not_a_duplicate(fresh_service:
     for control, pipelined in (("FAC-SEQ", False), ("FAC-GROUP", True)):
         messages = [with_msh(raw, msh4=facility, msh10=control) for facility in ("SITE-A", "SITE-B")]
         if pipelined:
-            with fresh_service.client() as client:
+            with any_service.client() as client:
                 client.sock.sendall(b"".join(b"\x0b" + m + b"\x1c\x0d" for m in messages))
                 answers = [segments(client.receive()) for _ in messages]
         else:
-            answers = [segments(fresh_service.request(m)) for m in messages]
+            answers = [segments(any_service.request(m)) for m in messages]
         assert [(a["MSA"][1], a["MSA"][2], a["MSH"][6]) for a in answers] == [
             ("AA", control, "SITE-A"),
             ("AA", control, "SITE-B"),
         ]
-        rows = [r for r in fresh_service.log() if r["control_id"] == control]
+        rows = [r for r in any_service.log() if r["control_id"] == control]
         assert sorted(r["status"] for r in rows) == ["accepted", "accepted"], rows
         assert all(r["duplicate_of"] is None for r in rows)
 
 
-def test_duplicates_inside_one_group_commit(fresh_service: RunningService) -> None:
+def test_duplicates_inside_one_group_commit(any_service: RunningService) -> None:
     raw = unique_control(fixture_bytes(S12), "SAME-IN-GROUP")
-    with fresh_service.client() as client:
+    with any_service.client() as client:
         client.sock.sendall(b"".join(b"\x0b" + raw + b"\x1c\x0d" for _ in range(5)))
         answers = [client.receive() for _ in range(5)]
     assert len(set(answers)) == 1
-    statuses = sorted(r["status"] for r in fresh_service.log() if r["control_id"] == "SAME-IN-GROUP")
+    statuses = sorted(r["status"] for r in any_service.log() if r["control_id"] == "SAME-IN-GROUP")
     assert statuses == ["accepted"] + ["duplicate"] * 4
 
 
-def test_concurrent_messages_share_commits(fresh_service: RunningService) -> None:
+def test_concurrent_messages_share_commits(any_service: RunningService) -> None:
     raw = fixture_bytes(S12)
     errors: list[str] = []
 
     def sender(n: int) -> None:
-        with fresh_service.client() as client:
+        with any_service.client() as client:
             for i in range(40):
                 ack = segments(client.request(unique_control(raw, f"G{n}-{i}")))
                 if ack["MSA"][1] != "AA":
@@ -94,7 +94,7 @@ def test_concurrent_messages_share_commits(fresh_service: RunningService) -> Non
     for t in threads:
         t.join()
     assert not errors
-    assert len(fresh_service.log("--status", "accepted")) == 400
+    assert len(any_service.log("--status", "accepted")) == 400
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

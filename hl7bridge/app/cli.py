@@ -734,6 +734,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     upgrade_p = with_config(sub.add_parser("upgrade", help="upgrade the log's schema in place (as `serve` does)"))
     upgrade_p.set_defaults(func=cmd_upgrade)
+    db_p = sub.add_parser("db", help="the message log's schema")
+    db_sub = db_p.add_subparsers(dest="db_command", required=True)
+    db_upgrade = with_config(db_sub.add_parser("upgrade", help="upgrade the log's schema in place (SQLite or "
+                                               "PostgreSQL, with every instance stopped); same as `upgrade`"))  # fmt: skip
+    db_upgrade.set_defaults(func=cmd_upgrade)
 
     stats_p = with_config(sub.add_parser("stats", help="counts, outbox and API calls, from the database"))
     stats_p.add_argument("--since", type=since_arg, metavar="DURATION", help="e.g. 24h (default: everything)")

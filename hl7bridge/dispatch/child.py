@@ -41,7 +41,7 @@ from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
 from hl7bridge.dispatch.pipe import LineBuffer
 from hl7bridge.dispatch.rules import DispatchSettings
-from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine
+from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine, try_dispatch_lock
 from hl7bridge.store.outbox import command_status
 
 log = logging.getLogger("hl7bridge.dispatcher")
@@ -145,27 +145,41 @@ class ServiceWrites:
             job.on_done(None, WriteFailed(order.text) if order.kind == pipe.FAILED else None)
 
 
-def hold_dispatch_lock(database: str) -> int | None:
-    """One dispatcher per log file: an exclusive ``flock`` on the database file, kept until exit.
+def hold_dispatch_lock(database: str) -> Any:
+    """One dispatcher per log: an exclusive ``flock`` on a SQLite file, or a session advisory lock on PostgreSQL
+    (a connection of its own, kept open), held until exit; what holds it (None: an in-memory log).
 
     SQLite's own locks are POSIX record locks, which ``flock`` does not touch; the descriptor is never
-    closed before exit (closing any descriptor of the file would drop this process's POSIX locks)."""
+    closed before exit (closing any descriptor of the file would drop this process's POSIX locks). On PostgreSQL
+    the lock goes with the session: should the connection drop (a server restart), the lock is gone with it, and
+    a second instance's waiting dispatcher could start. One instance per database is what this release runs;
+    claiming commands row by row (issue 20's next part) replaces this lock."""
     url = make_url(database)
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+    if url.get_backend_name() == "postgresql":
+        holder: Any = open_engine(database, read_only=True).connect()
+        take = lambda: try_dispatch_lock(holder)  # noqa: E731
+    elif url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
-    fd = os.open(url.database, os.O_RDONLY | os.O_CLOEXEC)
+    else:
+        holder = os.open(url.database, os.O_RDONLY | os.O_CLOEXEC)
+        take = lambda: _flock(holder)  # noqa: E731
     parent, waited = os.getppid(), 0.0
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if os.getppid() != parent:
-                _parent_gone()
-            if waited == 1.0:
-                log.warning("another dispatcher is working on this log; waiting for it to stop")
-            time.sleep(0.1)
-            waited = round(waited + 0.1, 1)
+    while not take():
+        if os.getppid() != parent:
+            _parent_gone()
+        if waited == 1.0:
+            log.warning("another dispatcher is working on this log; waiting for it to stop")
+        time.sleep(0.1)
+        waited = round(waited + 0.1, 1)
+    return holder
+
+
+def _flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 class Child:
@@ -268,7 +282,7 @@ def main() -> int:
     logs.configure(spec.log_level, spec.log_format, spec.log_phi)
     events = EventPipe(pipe.EVENTS_FD)
     try:
-        hold_dispatch_lock(spec.database)
+        lock = hold_dispatch_lock(spec.database)  # noqa: F841 - held, with its connection, until the process exits
         child = Child(spec, events)
     except (StoreError, OSError) as exc:
         log.error("the dispatcher cannot start: %s", exc)

@@ -65,6 +65,7 @@ from .schema import (
     search_keys,
     search_terms,
     set_meta,
+    try_dispatch_lock,
     upgrade_log,
 )
 from .writer import Job, Writer
@@ -129,6 +130,7 @@ __all__ = [
     "search_terms",
     "set_meta",
     "stats",
+    "try_dispatch_lock",
     "upgrade_log",
     "with_status",
 ]

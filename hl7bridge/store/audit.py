@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from .schema import audit_log as audit
@@ -56,14 +57,19 @@ def chained(prev_hash: str, entry: AuditEntry) -> str:
 def record(conn: Connection, entry: AuditEntry, now: float | None = None) -> AuditEntry:
     """Append ``entry`` inside the caller's transaction, so the action and its audit commit together.
 
-    The head row is written first: that takes SQLite's write lock (and the row's lock on a database server),
-    so no other writer can append between reading the head and moving it (two appends never follow the same
-    predecessor)."""
+    The head row is written first: that takes SQLite's write lock (and the row's lock on PostgreSQL, where it
+    is then read ``FOR UPDATE``), so no other writer can append between reading the head and moving it (two
+    appends never follow the same predecessor)."""
     at = time.time() if now is None else now
     head = meta.c.key == HEAD_KEY
     if conn.execute(meta.update().where(head).values(value=meta.c.value)).rowcount == 0:
-        conn.execute(meta.insert().values(key=HEAD_KEY, value=GENESIS))
-    prev_hash = conn.execute(select(meta.c.value).where(head)).scalar_one()
+        # The first append: another one may be inserting the head too (PostgreSQL waits for it, then skips).
+        first = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(conn.dialect.name)
+        if first is None:
+            conn.execute(meta.insert().values(key=HEAD_KEY, value=GENESIS))
+        else:
+            conn.execute(first(meta).values(key=HEAD_KEY, value=GENESIS).on_conflict_do_nothing())
+    prev_hash = conn.execute(select(meta.c.value).where(head).with_for_update()).scalar_one()
     done = AuditEntry(**{**entry.__dict__, "at": at, "prev_hash": prev_hash})
     digest = chained(prev_hash, done)
     row_id = conn.execute(

@@ -28,10 +28,13 @@ def dead_letters(
     route: str | None = None,
     limit: int | None = None,
     after: int | None = None,
+    lock: bool = False,
 ) -> list[Any]:
     """Open dead letters in command order, dead since ``since`` and of ``route`` when given; a page goes on from
-    the command id ``after``."""
+    the command id ``after``. ``lock``: ``FOR UPDATE`` (see ``commands_by_id``)."""
     query = select(*COLUMNS).where(commands.c.status.in_(DEAD_LETTERS)).order_by(commands.c.id).limit(limit)
+    if lock:
+        query = query.with_for_update()
     if after is not None:
         query = query.where(commands.c.id > after)
     if since is not None:
@@ -41,23 +44,26 @@ def dead_letters(
     return list(conn.execute(query).all())
 
 
-def commands_by_id(conn: Connection, ids: Iterable[int]) -> list[Any]:
-    """The commands with these ids (dead letters or not), in command order."""
+def commands_by_id(conn: Connection, ids: Iterable[int], lock: bool = False) -> list[Any]:
+    """The commands with these ids (dead letters or not), in command order. ``lock``: read ``FOR UPDATE``, so
+    that on PostgreSQL nothing changes them between an operator's checks and the change (SQLite's write lock,
+    taken by ``take_write_lock``, already holds every writer off; it has no row locks)."""
     wanted = sorted(set(ids))
     rows: list[Any] = []
     for start in range(0, len(wanted), CHUNK):
-        rows += conn.execute(select(*COLUMNS).where(commands.c.id.in_(wanted[start : start + CHUNK]))).all()
+        query = select(*COLUMNS).where(commands.c.id.in_(wanted[start : start + CHUNK])).order_by(commands.c.id)
+        rows += conn.execute(query.with_for_update() if lock else query).all()
     return sorted(rows, key=lambda row: row.id)
 
 
-def appointment_commands(conn: Connection, keys: set[str]) -> dict[str, list[Any]]:
-    """Every command of these appointments, in order (the appointment index serves it)."""
+def appointment_commands(conn: Connection, keys: set[str], lock: bool = False) -> dict[str, list[Any]]:
+    """Every command of these appointments, in order (the appointment index serves it); ``lock``: ``FOR UPDATE``."""
     found: dict[str, list[Any]] = {key: [] for key in keys}
     wanted = sorted(keys)
     for start in range(0, len(wanted), CHUNK):
         query = (select(commands.c.id, commands.c.appointment_key, commands.c.kind, commands.c.status)
                  .where(commands.c.appointment_key.in_(wanted[start : start + CHUNK])).order_by(commands.c.id))  # fmt: skip
-        for row in conn.execute(query):
+        for row in conn.execute(query.with_for_update() if lock else query):
             found[row.appointment_key].append(row)
     return found
 

@@ -8,8 +8,12 @@ from typing import Any
 
 import orjson
 from sqlalchemy import (
+    String,
+    and_,
     bindparam,
+    case,
     func,
+    literal,
     or_,
     select,
 )
@@ -208,13 +212,41 @@ _UPDATE_COMMAND = (
         uncertain=func.coalesce(bindparam("u_uncertain"), commands.c.uncertain),
     )
 )
+_OTHER = messages.alias("other")
+#: Another accepted original of the same (MSH-3, MSH-4, MSH-10): a resend that came while the first copy waited
+#: for its verdict (``ack_mode = "dispatched"``) was processed anew and accepted first.
+_ACCEPTED_BEFORE = (
+    select(func.min(_OTHER.c.id))
+    .where(_OTHER.c.sending_application == messages.c.sending_application)
+    .where(_OTHER.c.sending_facility == messages.c.sending_facility)
+    .where(_OTHER.c.control_id == messages.c.control_id)
+    .where(_OTHER.c.status == MessageStatus.ACCEPTED)
+    .where(_OTHER.c.replay_of.is_(None))
+    .where(_OTHER.c.id != messages.c.id)
+    .scalar_subquery()
+)
+
+
+def _settled(status: Any, dialect: str) -> dict[str, Any]:
+    """The values that settle a pending message at ``status``. On PostgreSQL, where accepted originals are unique
+    by key, one whose key another copy has been accepted under meanwhile becomes that copy's duplicate."""
+    if dialect != "postgresql":
+        return {"status": status}
+    taken = and_(status == MessageStatus.ACCEPTED, messages.c.replay_of.is_(None), _ACCEPTED_BEFORE.is_not(None))
+    return {
+        "status": case((taken, MessageStatus.DUPLICATE.value), else_=status),
+        "duplicate_of": case((taken, _ACCEPTED_BEFORE), else_=messages.c.duplicate_of),
+    }
+
+
 #: ack_mode "dispatched" after a restart: nobody awaits the verdict, the log still records it.
-_SETTLE_MESSAGE = (
-    messages.update()
+_SETTLE_MESSAGE = {
+    dialect: messages.update()
     .where(messages.c.id == select(commands.c.message_id).where(commands.c.id == bindparam("u_id")).scalar_subquery())
     .where(messages.c.status == MessageStatus.PENDING)
-    .values(status=bindparam("u_message_status"))
-)
+    .values(_settled(bindparam("u_message_status", type_=String()), dialect))
+    for dialect in ("sqlite", "postgresql")
+}
 _MEMORY_COLUMNS = ("route", "chat_bot_id", "state", "updated_at", "last_command_id")
 
 
@@ -270,7 +302,7 @@ def apply_updates(conn: Any, updates: list[CommandUpdate], now: float) -> None:
     settled = [{"u_id": u.command_id, "u_message_status": MessageStatus.ACCEPTED if u.status in SUCCEEDED else
                 MessageStatus.REJECTED} for u in updates if u.status in FINAL_STATUSES]  # fmt: skip
     if settled:
-        conn.execute(_SETTLE_MESSAGE, settled)
+        conn.execute(_SETTLE_MESSAGE["postgresql" if conn.dialect.name == "postgresql" else "sqlite"], settled)
     tried = [dict(a, command_id=u.command_id) for u in updates for a in u.attempts]
     if tried:
         conn.execute(attempts.insert(), tried)
@@ -329,7 +361,8 @@ def record_ack(conn: Any, message_id: int, ack: Any, status: str, error: str | N
     conn.execute(
         messages.update()
         .where(messages.c.id == message_id)
-        .values(ack_code=ack.code, ack_text=ack.text, ack_raw=ack.payload, status=status, error=error)
+        .values(ack_code=ack.code, ack_text=ack.text, ack_raw=ack.payload, error=error)
+        .values(_settled(literal(status, String()), conn.dialect.name))
     )
 
 

@@ -13,14 +13,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from sqlalchemy import func, literal_column, select, update
+from sqlalchemy import delete, func, literal_column, select, update
 from sqlalchemy.engine import Engine
 
 from hl7bridge.core.status import OPEN_STATUSES
 
 from . import audit
 from .audit import AuditEntry
-from .schema import appointments, attempts, commands, messages
+from .schema import appointments, attempts, commands, messages, search_keys
 
 
 @dataclass
@@ -80,6 +80,11 @@ def purge_step(conn: Any, cutoff: float, limit: int = 500) -> PurgeCounts:
             .where(messages.c.id.in_(ids))
             .values(raw=None, summary=None, search_terms=_without_patients(conn), search_text=None, purged_at=now)
         ).rowcount
+        if conn.dialect.name == "postgresql":
+            # SQLite's purge trigger does this there (schema.SEARCH_DDL); PostgreSQL has no text index to clear.
+            conn.execute(
+                delete(search_keys).where(search_keys.c.message_id.in_(ids)).where(search_keys.c.key.like("p:%"))
+            )
         count.commands = conn.execute(
             update(commands)
             .where(commands.c.message_id.in_(ids))
@@ -105,6 +110,11 @@ def purge_step(conn: Any, cutoff: float, limit: int = 500) -> PurgeCounts:
 def _without_patients(conn: Any) -> Any:
     """A purged message's search terms: its control id, sender and appointment keys stay (findable, and still to
     be indexed if the indexer has not taken it yet); its patient ids go."""
+    if conn.dialect.name == "postgresql":
+        return literal_column(
+            "(SELECT json_agg(j.value)::text FROM json_array_elements_text(messages.search_terms::json) AS j(value) "
+            "WHERE j.value NOT LIKE 'p:%')"
+        )
     if conn.dialect.name != "sqlite":
         return None
     return literal_column(

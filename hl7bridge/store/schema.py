@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import orjson
 from sqlalchemy import (
+    BigInteger,
     Column,
     Float,
     ForeignKey,
@@ -29,6 +30,7 @@ from sqlalchemy import (
     cast,
     create_engine,
     event,
+    func,
     inspect,
     select,
     text,
@@ -44,46 +46,59 @@ BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
 
 metadata = MetaData()
+
+
+def _text(length: int) -> Any:
+    """A string column: ``VARCHAR(length)`` on SQLite, which never enforces it, and ``TEXT`` on PostgreSQL, which
+    would: a feed's over-long MSH-9 in a rejected message must not fail the INSERT of its whole group there."""
+    return String(length).with_variant(Text(), "postgresql")
+
+
+#: Row ids: SQLite's 64-bit rowid; on PostgreSQL ``BIGINT`` (BIGSERIAL), as ``INTEGER`` would end at 2**31 rows.
+Id = Integer().with_variant(BigInteger(), "postgresql")
 #: The partial index's condition; a query must repeat it word for word for SQLite to use the index.
 NOT_ACCEPTED = f"status <> '{MessageStatus.ACCEPTED}'"
 #: The replay index's condition (only replays are indexed).
 REPLAYED = "replay_of IS NOT NULL"
+#: The messages whose (MSH-3, MSH-4, MSH-10) a resend repeats: accepted, and not an operator's replay (a copy of
+#: its original under the same key). PostgreSQL holds them unique, so that two writers can never both accept one.
+ACCEPTED_ORIGINAL = f"status = '{MessageStatus.ACCEPTED}' AND replay_of IS NULL"
 
 meta = Table(
     "meta",
     metadata,
-    Column("key", String(64), primary_key=True),
-    Column("value", String(256), nullable=False),
+    Column("key", _text(64), primary_key=True),
+    Column("value", _text(256), nullable=False),
 )
 
 messages = Table(
     "messages",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Id, primary_key=True, autoincrement=True),
     Column("received_at", Float, nullable=False, doc="epoch seconds"),
-    Column("listener", String(64), nullable=False),
-    Column("peer", String(64), nullable=False),
+    Column("listener", _text(64), nullable=False),
+    Column("peer", _text(64), nullable=False),
     Column("raw", LargeBinary, nullable=True, doc="NULL once purged by retention"),
-    Column("charset", String(32)),
-    Column("sending_application", String(180)),
-    Column("sending_facility", String(180)),
-    Column("control_id", String(199)),
-    Column("message_type", String(8)),
-    Column("event", String(8)),
-    Column("version", String(16)),
-    Column("appointment_key", String(400)),
-    Column("action", String(16)),
-    Column("route", String(64)),
+    Column("charset", _text(32)),
+    Column("sending_application", _text(180)),
+    Column("sending_facility", _text(180)),
+    Column("control_id", _text(199)),
+    Column("message_type", _text(8)),
+    Column("event", _text(8)),
+    Column("version", _text(16)),
+    Column("appointment_key", _text(400)),
+    Column("action", _text(16)),
+    Column("route", _text(64)),
     Column("note", Text, doc="why the message was ignored, or how it was handled"),
-    Column("replay_of", Integer),
+    Column("replay_of", Id),
     Column("summary", Text, doc="JSON of the parsed AppointmentEvent (PHI)"),
-    Column("ack_code", String(2)),
+    Column("ack_code", _text(2)),
     Column("ack_text", Text),
     Column("ack_raw", LargeBinary),
-    Column("status", String(12), nullable=False),
+    Column("status", _text(12), nullable=False),
     Column("error", Text),
-    Column("error_location", String(32)),
-    Column("duplicate_of", Integer),
+    Column("error_location", _text(32)),
+    Column("duplicate_of", Id),
     Column("purged_at", Float, doc="when retention removed the raw message and parsed summary"),
     Column("search_terms", Text, doc="JSON list of the message's search_keys (PHI: patient ids); NULL once purged"),
     Column("search_text", Text, doc="the words the text index holds (PHI); NULL once purged"),
@@ -106,40 +121,52 @@ messages = Table(
     Index(
         "ix_messages_not_accepted_id", "status", sqlite_where=text(NOT_ACCEPTED), postgresql_where=text(NOT_ACCEPTED)
     ),
+    # PostgreSQL only: the writer's INSERT … ON CONFLICT DO NOTHING finds a concurrent acceptance of the same key
+    # by it (waiting for that transaction to end). On SQLite the writer holds the write lock from its lookup to
+    # its commit, and an existing log may hold two accepted copies (a resend answered while its first copy waited
+    # for the API's verdict), which a new unique index would refuse.
+    Index(
+        "ux_messages_accepted_key",
+        "sending_application",
+        "sending_facility",
+        "control_id",
+        unique=True,
+        postgresql_where=text(ACCEPTED_ORIGINAL),
+    ).ddl_if(dialect="postgresql"),
 )
 
 
 #: An operator's last decision on a dead letter (``dead-letters retry`` or ``discard``), for ``log show``.
 RESOLUTION_COLUMNS: tuple[tuple[str, Any, str], ...] = (
-    ("resolution", String(16), "retried or discarded"),
-    ("resolved_by", String(128), "the operator (--by, default the OS user)"),
+    ("resolution", _text(16), "retried or discarded"),
+    ("resolved_by", _text(128), "the operator (--by, default the OS user)"),
     ("resolved_at", Float(), "epoch seconds"),
     ("resolution_reason", Text(), "the operator's reason (--reason)"),
-    ("resolution_audit", Integer(), "the audit entry that records the decision"),
+    ("resolution_audit", Id, "the audit entry that records the decision"),
 )
 
 commands = Table(
     "commands",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("message_id", Integer, nullable=False),
-    Column("appointment_key", String(400), nullable=False),
-    Column("kind", String(16), nullable=False),
-    Column("route", String(64), nullable=False),
-    Column("chat_bot_id", String(128), nullable=False),
-    Column("time_zone", String(64), nullable=False),
-    Column("flow_id", String(128)),
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("message_id", Id, nullable=False),
+    Column("appointment_key", _text(400), nullable=False),
+    Column("kind", _text(16), nullable=False),
+    Column("route", _text(64), nullable=False),
+    Column("chat_bot_id", _text(128), nullable=False),
+    Column("time_zone", _text(64), nullable=False),
+    Column("flow_id", _text(128)),
     Column("parameters", Text, nullable=False, doc="JSON (PHI)"),
     Column("identifiers", Text, nullable=False, doc="JSON"),
     Column("start_at", Float),
-    Column("status", String(12), nullable=False, doc="pending in_flight done dead annihilated failed discarded"),
-    Column("step", String(16), nullable=False, default=""),
+    Column("status", _text(12), nullable=False, doc="pending in_flight done dead annihilated failed discarded"),
+    Column("step", _text(16), nullable=False, default=""),
     Column("outcome", Text),
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", Float, nullable=False),
     Column("sync", Integer, nullable=False, default=0, doc="1: ack_mode dispatched, never retried in background"),
     Column("uncertain", Integer, nullable=False, default=0, doc="1: the last attempt may have reached the API"),
-    Column("replay_of", Integer),
+    Column("replay_of", Id),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     *(Column(name, kind, doc=doc) for name, kind, doc in RESOLUTION_COLUMNS),
@@ -152,14 +179,14 @@ commands = Table(
 attempts = Table(
     "attempts",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("command_id", Integer, nullable=False),
-    Column("call_id", String(36), nullable=False, doc="shared by the commands of one bulk call"),
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("command_id", Id, nullable=False),
+    Column("call_id", _text(36), nullable=False, doc="shared by the commands of one bulk call"),
     Column("at", Float, nullable=False),
-    Column("operation", String(16), nullable=False),
+    Column("operation", _text(16), nullable=False),
     Column("request_summary", Text, nullable=False),
     Column("status_code", Integer),
-    Column("verdict", String(12), nullable=False),
+    Column("verdict", _text(12), nullable=False),
     Column("response_body", Text),
     Column("error", Text),
     Column("duration_ms", Float, nullable=False),
@@ -170,29 +197,29 @@ attempts = Table(
 appointments = Table(
     "appointments",
     metadata,
-    Column("appointment_key", String(400), primary_key=True),
-    Column("route", String(64), nullable=False),
-    Column("chat_bot_id", String(128), nullable=False),
-    Column("state", String(12), nullable=False, doc="active cancelled annihilated"),
+    Column("appointment_key", _text(400), primary_key=True),
+    Column("route", _text(64), nullable=False),
+    Column("chat_bot_id", _text(128), nullable=False),
+    Column("state", _text(12), nullable=False, doc="active cancelled annihilated"),
     Column("parameters", Text, doc="JSON of what was last triggered (PHI)"),
     Column("updated_at", Float, nullable=False),
-    Column("last_command_id", Integer),
+    Column("last_command_id", Id),
 )
 
 audit_log = Table(
     "audit",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Id, primary_key=True, autoincrement=True),
     Column("at", Float, nullable=False, doc="epoch seconds"),
-    Column("actor", String(128), nullable=False, doc="who: an OS user, or a console account"),
-    Column("channel", String(16), nullable=False, doc="cli, api, console"),
-    Column("action", String(32), nullable=False, doc="retry discard replay purge unmask export ..."),
-    Column("target", String(16), nullable=False, doc="what the ids name: message, command, user, log"),
+    Column("actor", _text(128), nullable=False, doc="who: an OS user, or a console account"),
+    Column("channel", _text(16), nullable=False, doc="cli, api, console"),
+    Column("action", _text(32), nullable=False, doc="retry discard replay purge unmask export ..."),
+    Column("target", _text(16), nullable=False, doc="what the ids name: message, command, user, log"),
     Column("ids", Text, nullable=False, doc="JSON list of the ids acted on"),
     Column("reason", Text, nullable=False, default=""),
     Column("details", Text, nullable=False, default="{}", doc="JSON; never patient data"),
-    Column("prev_hash", String(64), nullable=False),
-    Column("hash", String(64), nullable=False, doc="sha256 over prev_hash and this entry: edits break the chain"),
+    Column("prev_hash", _text(64), nullable=False),
+    Column("hash", _text(64), nullable=False, doc="sha256 over prev_hash and this entry: edits break the chain"),
     Index("ix_audit_at", "at"),
     # Ids never reused: an entry deleted at the end is not replaced by the next one under its id.
     sqlite_autoincrement=True,
@@ -228,11 +255,11 @@ search_keys = Table(
     metadata,
     Column(
         "key",
-        String(420),
+        _text(420),
         primary_key=True,
         doc="kind prefix + value: a: appointment, p: patient (PHI), c: control id, s: sender",
     ),
-    Column("message_id", Integer, primary_key=True),
+    Column("message_id", Id, primary_key=True),
     sqlite_with_rowid=False,
 )
 
@@ -349,23 +376,30 @@ def index_step(conn: Any, limit: int, count_minutes: bool = True) -> int:
     larger than the page cache, and a batch of 4,000 cost twice the CPU. The service runs this as a writer job
     every second (``app.service``), so a message is findable about a second after its ACK. The same batch is
     counted into ``message_minutes`` (the dashboard's counts), but by the schema 6 upgrade, which runs before
-    that table exists (the schema 7 step counts what is indexed then)."""
-    if conn.dialect.name != "sqlite":
+    that table exists (the schema 7 step counts what is indexed then). PostgreSQL gets the keys only
+    (``search_keys``, from the same JSON): no text index and no minute counts there yet."""
+    dialect = conn.dialect.name
+    if dialect not in ("sqlite", "postgresql"):
         return 0
     last = int(get_meta(conn, INDEXED_KEY) or 0)
     top, count = conn.execute(
-        text("SELECT max(id), count(*) FROM (SELECT id FROM messages WHERE id > :last ORDER BY id LIMIT :n)"),
+        text("SELECT max(id), count(*) FROM (SELECT id FROM messages WHERE id > :last ORDER BY id LIMIT :n) AS t"),
         {"last": last, "n": limit},
     ).one()
     if not count:
         return 0
     bounds = {"low": last, "high": top}
-    conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
-                      "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2"), bounds)  # fmt: skip
-    conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
-                      "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
-    if count_minutes:
-        conn.execute(text(MINUTES_UPSERT), bounds)
+    if dialect == "postgresql":
+        conn.execute(text("INSERT INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
+                          "json_array_elements_text(m.search_terms::json) AS j(value) "
+                          "WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2 ON CONFLICT DO NOTHING"), bounds)  # fmt: skip
+    else:
+        conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
+                          "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2"), bounds)  # fmt: skip
+        conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
+                          "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
+        if count_minutes:
+            conn.execute(text(MINUTES_UPSERT), bounds)
     set_meta(conn, INDEXED_KEY, str(top))
     return int(count)
 
@@ -423,10 +457,12 @@ def upgrade_log(url: str, synchronous: str = "FULL") -> tuple[int, int]:
 def _open(url: str, synchronous: str, read_only: bool, create: bool, upgrade: bool) -> tuple[Engine, int | None]:
     """``open_engine``, also telling the schema version the log was at (None: a new log)."""
     parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        return _open_postgres(url, read_only, create, upgrade)
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if read_only:
         if not (is_sqlite and parsed.database and parsed.database != ":memory:"):
-            raise StoreError(f"only a SQLite file can be opened read-only, not {_safe(url)}")
+            raise StoreError(f"only a SQLite file or PostgreSQL can be opened read-only, not {_safe(url)}")
         path = FsPath(parsed.database).resolve().as_posix()
         engine = create_engine("sqlite://", future=True, creator=lambda: sqlite3.connect(
             f"file:{quote(path)}?mode=ro", uri=True, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000))  # fmt: skip
@@ -458,17 +494,7 @@ def _open(url: str, synchronous: str, read_only: bool, create: bool, upgrade: bo
 
     try:
         with engine.begin() as conn:
-            found = _schema_version(conn, url)
-            if found is None and inspect(conn).get_table_names():
-                raise StoreError(
-                    f"the database {_safe(url)} holds tables but is not an hl7bridge message log (no schema "
-                    "version); left untouched: point --database or service.database at the log"
-                )
-        if found is not None and found > SCHEMA_VERSION:
-            raise StoreError(
-                f"the database {_safe(url)} was written by a newer hl7bridge (schema {found}, this release "
-                f"knows {SCHEMA_VERSION}); upgrade hl7bridge or point --database at another file"
-            )
+            found = _found_version(conn, url)
         if found is not None and found < SCHEMA_VERSION:
             if not upgrade:
                 raise StoreError(
@@ -479,14 +505,119 @@ def _open(url: str, synchronous: str, read_only: bool, create: bool, upgrade: bo
         if found != SCHEMA_VERSION:
             # A current log is only read here: opening it must not wait for (or take) the write lock.
             with engine.connect() as conn, _ddl_transaction(conn):
-                metadata.create_all(conn)
-                if found is None:
-                    conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+                _create(conn, new=found is None)
     except SQLAlchemyError as exc:
         hint = f"; {DAMAGED_HINT.format(path=parsed.database)}" if damaged(exc) else ""
         raise StoreError(
             f"cannot open the database {_safe(url)}: {exc.__class__.__name__}: {_first_line(exc)}{hint}"
         ) from None
+    return engine, found
+
+
+def _found_version(conn: Any, url: str) -> int | None:
+    """The log's schema version, refusing a database that is not a log and a log newer than this release."""
+    found = _schema_version(conn, url)
+    if found is None and inspect(conn).get_table_names():
+        raise StoreError(
+            f"the database {_safe(url)} holds tables but is not an hl7bridge message log (no schema "
+            "version); left untouched: point --database or service.database at the log"
+        )
+    if found is not None and found > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database {_safe(url)} was written by a newer hl7bridge (schema {found}, this release "
+            f"knows {SCHEMA_VERSION}); upgrade hl7bridge or point --database at another file"
+        )
+    return found
+
+
+def _create(conn: Any, new: bool = True) -> None:
+    """The tables a log lacks, and a new log's version (inside ``_ddl_transaction``)."""
+    metadata.create_all(conn)
+    if new:
+        conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+
+
+#: Connections the service keeps open to PostgreSQL (the writer, the dispatcher's reads, health probes, index and
+#: retention jobs), and how many more it may open for a burst.
+POSTGRES_POOL_SIZE = 5
+POSTGRES_MAX_OVERFLOW = 10
+#: ``pg_advisory_xact_lock`` key that serialises schema creation and upgrades ("hl7b"): instances starting at
+#: once on an empty database wait for the first to create the tables, then find them.
+SCHEMA_LOCK_KEY = 0x686C3762
+
+
+#: ``pg_try_advisory_lock`` key ("hl7d") that the one dispatcher of a PostgreSQL log holds for its session, as it
+#: holds a ``flock`` on a SQLite file: until dispatchers claim commands row by row, a second one would send
+#: every command again.
+DISPATCH_LOCK_KEY = 0x686C3764
+
+
+def try_dispatch_lock(conn: Any) -> bool:
+    """Take the dispatcher's session lock on a PostgreSQL log if it is free (then commit: the lock outlives the
+    transaction, and an open one would hold back vacuum)."""
+    taken = bool(conn.execute(select(func.pg_try_advisory_lock(DISPATCH_LOCK_KEY))).scalar())
+    conn.commit()
+    return taken
+
+
+def _postgres_engine(url: str, read_only: bool) -> Engine:
+    """An engine for PostgreSQL: READ COMMITTED (each statement sees what committed before it, as the writer's
+    duplicate lookup needs), ``synchronous_commit = on`` whatever the server's default (an ACK follows a COMMIT
+    that reached the disk), connections checked before use (a restarted server or a failover leaves the pool's
+    connections dead), and read-only sessions for the dispatcher's process, whose writes go through the
+    service's writer."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    options = "-c synchronous_commit=on" + (" -c default_transaction_read_only=on" if read_only else "")
+    try:
+        return create_engine(
+            parsed,
+            pool_pre_ping=True,
+            pool_size=POSTGRES_POOL_SIZE,
+            max_overflow=POSTGRES_MAX_OVERFLOW,
+            isolation_level="READ COMMITTED",
+            connect_args={"options": options, "application_name": "hl7bridge"},
+        )
+    except ModuleNotFoundError as exc:
+        raise StoreError(
+            f"{_safe(url)} needs the PostgreSQL driver ({exc.name} is not installed): pip install 'hl7bridge[postgres]'"
+        ) from None
+
+
+def _open_postgres(url: str, read_only: bool, create: bool, upgrade: bool) -> tuple[Engine, int | None]:
+    """PostgreSQL: an empty database gets the schema (``create``); an older schema is refused unless this is
+    ``hl7bridge db upgrade`` (``upgrade``): several instances may run on one database, and an upgrade under
+    the others' feet is an operator's decision, taken with them stopped."""
+    engine = _postgres_engine(url, read_only)
+    try:
+        with engine.connect() as conn:
+            found = _found_version(conn, url)
+        if found is not None and found < SCHEMA_VERSION and not (upgrade and not create):
+            raise StoreError(
+                f"the log {_safe(url)} is at schema {found} and this hl7bridge writes {SCHEMA_VERSION}: stop every "
+                f"instance on it and run `hl7bridge db upgrade --database {_safe(url)}`"
+            )
+        if found is not None and found < SCHEMA_VERSION:
+            _upgrade(engine, found, url)
+        elif found is None:
+            if not create or read_only:
+                raise StoreError(
+                    f"there is no message log in {_safe(url)}; name the service's with --config FILE (its "
+                    "service.database) or --database, or start `hl7bridge serve` on it first"
+                )
+            with engine.connect() as conn, _ddl_transaction(conn):
+                # Another instance may have created it while this one waited for the lock.
+                if _schema_version(conn, url) is None:
+                    _create(conn)
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise StoreError(
+            f"cannot open the database {_safe(url)}: {exc.__class__.__name__}: {_first_line(exc)}"
+        ) from None
+    except StoreError:
+        engine.dispose()
+        raise
     return engine, found
 
 
@@ -666,6 +797,8 @@ def _ddl_transaction(conn: Any) -> Iterator[None]:
     an explicit ``BEGIN IMMEDIATE`` (the write lock at once, waiting ``busy_timeout`` for it), all or nothing."""
     if conn.dialect.name != "sqlite":
         with conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
             yield
         return
     driver = conn.connection.driver_connection
@@ -687,6 +820,8 @@ def _upgrade(engine: Engine, found: int, url: str) -> None:
     for version in range(found + 1, SCHEMA_VERSION + 1):
         try:
             with engine.connect() as conn, _ddl_transaction(conn):
+                if (_schema_version(conn, url) or 0) >= version:
+                    continue  # another upgrade took this step while this one waited for the lock
                 MIGRATIONS[version](conn)
                 conn.execute(meta.update().where(meta.c.key == "schema_version").values(value=str(version)))
         except Exception as exc:  # noqa: BLE001 - any failure: the step rolled back, one line, never a traceback

@@ -160,8 +160,14 @@ def query(
     row, and words not driving are one list of matches. A window (``since``) also bounds the ids, from the
     first message received in it, so that no walk goes on past its start."""
     wanted = keys(filters)
-    if (wanted or filters.text) and conn.dialect.name != "sqlite":
-        raise SearchError("--appointment, --patient, --control-id, --sender and --text need the SQLite message log")
+    if filters.text and conn.dialect.name != "sqlite":
+        raise SearchError(
+            f"--text needs the text index, which only a SQLite log has so far (this log is on {conn.dialect.name}): "
+            "find the messages by --patient, --appointment, --control-id or --sender"
+        )
+    if wanted and conn.dialect.name not in ("sqlite", "postgresql"):
+        raise SearchError(f"--appointment, --patient, --control-id and --sender need the search index, which a "
+                          f"{conn.dialect.name} log does not have")  # fmt: skip
     narrow = [k for k in wanted if not k.startswith("s:")]
     rare_status = filters.status is not None and filters.status != MessageStatus.ACCEPTED
     stmt = select(*columns)
@@ -252,7 +258,7 @@ def _folded(token: str) -> str:
 
 
 def _scope(conn: Connection, filters: Filters) -> _Scope:
-    if not filters.indexed or conn.dialect.name != "sqlite":
+    if not filters.indexed or conn.dialect.name not in ("sqlite", "postgresql"):
         return _Scope(None, (), 0)
     indexed_to, behind = unindexed(conn)
     if not behind or behind > TAIL_MAX:

@@ -130,7 +130,7 @@ def retry(
         return RetryResult(queued, refused, dry_run=True)
     with engine.begin() as conn:
         take_write_lock(conn)
-        queued, refused = _retry_plan(conn, ids)
+        queued, refused = _retry_plan(conn, ids, lock=True)
         if not queued:
             return RetryResult([], refused)
         entry = audit.record(conn, AuditEntry(actor, channel, "retry", "command", tuple(d.id for d in queued),
@@ -155,7 +155,7 @@ def discard(engine: Engine, ids: Sequence[int], actor: str, reason: str, *, chan
     now = time.time()
     with engine.begin() as conn:
         take_write_lock(conn)
-        rows = commands_by_id(conn, ids)
+        rows = commands_by_id(conn, ids, lock=True)
         refused = _not_dead_letters(ids, rows)
         chosen = [_letter(row) for row in rows if row.status in DEAD_LETTERS]
         if not chosen:
@@ -177,16 +177,19 @@ def _not_dead_letters(ids: Iterable[int], rows: list[Any]) -> list[Refusal]:
     return refused
 
 
-def _retry_plan(conn: Connection, ids: Sequence[int] | None) -> tuple[list[DeadLetter], list[Refusal]]:
-    """Which dead letters may go back into the outbox, in command order, and why the others may not."""
+def _retry_plan(
+    conn: Connection, ids: Sequence[int] | None, lock: bool = False
+) -> tuple[list[DeadLetter], list[Refusal]]:
+    """Which dead letters may go back into the outbox, in command order, and why the others may not (``lock``:
+    their rows and their appointments' commands read ``FOR UPDATE``, for the change that follows)."""
     if ids is None:
-        rows = dead_letters(conn)
+        rows = dead_letters(conn, lock=lock)
         refused: dict[int, str] = {}
     else:
-        rows = commands_by_id(conn, ids)
+        rows = commands_by_id(conn, ids, lock=lock)
         refused = {r.id: r.reason for r in _not_dead_letters(ids, rows)}
     candidates = [row for row in rows if row.id not in refused]
-    later = appointment_commands(conn, {row.appointment_key for row in candidates})
+    later = appointment_commands(conn, {row.appointment_key for row in candidates}, lock=lock)
     chosen = {row.id for row in candidates}
     # A refusal can strand an earlier dead letter of the same appointment: repeat until nothing changes.
     changed = True

@@ -1,0 +1,359 @@
+"""The log on PostgreSQL, one instance: the schema created once however many instances start at once, a log
+behind refused by `serve` and upgraded by `hl7bridge db upgrade`, messages in over MLLP committed before their
+ACK and dispatched once, duplicates across writers settled by the unique key, the audit chain under concurrent
+appends. The end-to-end test runs on a SQLite file too (``database_url``), so both logs keep the same promises.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, update
+
+from hl7bridge.store import StoreError, Writer, WriteRequest, WriteResult, messages, meta, open_engine
+from hl7bridge.store.schema import SCHEMA_VERSION
+
+from .conftest import RunningSandbox, RunningService, segments, start_sandbox, start_service, wait_until
+from .dispatch_support import SANDBOX_TOML, TOKEN, future, query, service_toml, settled, settled_commands, siu
+from .pg import PostgresServer
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hl7bridge", *args], capture_output=True, text=True, timeout=60,
+                          cwd=cwd)  # fmt: skip
+
+
+# ---- schema -------------------------------------------------------------------------------------------------
+
+
+def test_instances_starting_at_once_on_an_empty_database_create_the_schema_once(postgres_url: str) -> None:
+    """Eight opens race on an empty database: the advisory lock lets one create the tables, and the others find
+    them (without it, concurrent CREATE TABLEs fail on PostgreSQL's catalog)."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def start() -> None:
+        try:
+            barrier.wait()
+            open_engine(postgres_url).dispose()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    engine = open_engine(postgres_url, create=False)
+    with engine.connect() as conn:
+        assert conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalars().all() == [
+            str(SCHEMA_VERSION)
+        ]
+
+
+def test_postgresql_log_is_read_committed_synchronous_and_keys_accepted_messages_uniquely(postgres_url: str) -> None:
+    engine = open_engine(postgres_url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "read committed"
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+        index = conn.exec_driver_sql(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'ux_messages_accepted_key'"
+        ).scalar()
+    assert index.startswith("CREATE UNIQUE INDEX") and "status" in index and "replay_of IS NULL" in index
+    reader = open_engine(postgres_url, read_only=True)
+    with reader.connect() as conn, pytest.raises(Exception, match="read-only"):
+        conn.execute(update(meta).values(value=meta.c.value))
+
+
+def test_commands_refuse_a_database_without_a_log(postgres_url: str, tmp_path: Path) -> None:
+    done = cli("stats", "--database", postgres_url, cwd=tmp_path)
+    assert done.returncode == 2 and "there is no message log" in done.stderr, done.stderr
+    with pytest.raises(StoreError, match="no message log"):
+        open_engine(postgres_url, create=False)
+
+
+def test_serve_refuses_a_log_behind_and_db_upgrade_upgrades_it(postgres_url: str, tmp_path: Path) -> None:
+    engine = open_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(update(meta).where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION - 1)))
+    engine.dispose()
+    refused = cli("serve", "--database", postgres_url, "--listen", "tcp:0:interface=127.0.0.1", cwd=tmp_path)
+    assert refused.returncode != 0
+    (line,) = [x for x in refused.stderr.splitlines() if "schema" in x]
+    assert f"schema {SCHEMA_VERSION - 1}" in line and f"hl7bridge db upgrade --database {postgres_url}" in line
+    assert "Traceback" not in refused.stderr
+    other = cli("stats", "--database", postgres_url, cwd=tmp_path)
+    assert other.returncode == 2 and "hl7bridge db upgrade" in other.stderr
+    done = cli("db", "upgrade", "--database", postgres_url, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"upgraded the log from schema {SCHEMA_VERSION - 1} to {SCHEMA_VERSION}"
+    again = cli("upgrade", "--database", postgres_url, cwd=tmp_path)
+    assert again.stdout.strip() == f"the log is at schema {SCHEMA_VERSION}, current"
+    running = start_service(tmp_path, log_url=postgres_url)
+    try:
+        assert segments(running.request(siu("S23", "UPG-1", "A-UPG-1")))["MSA"][1] == "AA"
+    finally:
+        running.stop()
+
+
+# ---- ingest and dispatch, end to end --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSandbox]:
+    running = start_sandbox(tmp_path_factory.mktemp("sandbox"), SANDBOX_TOML)
+    yield running
+    running.stop()
+
+
+def test_messages_are_committed_before_their_ack_dispatched_once_and_duplicates_replay_the_ack(
+    database_url: str, sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    tag = "PG" if database_url.startswith("postgresql") else "SQ"
+    bridge = start_service(tmp_path, service_toml(sandbox.url), env=TOKEN, log_url=database_url)
+    try:
+        controls = [f"{tag}-E2E-{n}" for n in range(6)]
+        answers = {}
+        for n, control in enumerate(controls):
+            answer = bridge.request(siu("S12", control, f"A-{control}", future(days=20 + n)))
+            # Read the log the moment the ACK arrives: an AA must follow its commit, message and commands.
+            (row,) = query(bridge, "SELECT id, status, ack_raw FROM messages WHERE control_id = ?", control)
+            assert segments(answer)["MSA"][1] == "AA" and row["status"] == "accepted"
+            assert bytes(row["ack_raw"]) == answer
+            assert len(query(bridge, "SELECT id FROM commands WHERE message_id = ?", row["id"])) == 1
+            answers[control] = answer
+        for control in controls:
+            assert settled(bridge, control)[0]["status"] == "done"
+        for control in controls:
+            assert len(sandbox.instances(appointmentId=f"A-{control}")) == 1
+        calls = len(sandbox.calls("bulk"))
+        again = bridge.request(siu("S12", controls[0], f"A-{controls[0]}", future(days=20)))
+        assert again == answers[controls[0]]
+        rows = query(bridge, "SELECT status, duplicate_of FROM messages WHERE control_id = ? ORDER BY id", controls[0])
+        assert [r["status"] for r in rows] == ["accepted", "duplicate"] and rows[1]["duplicate_of"] is not None
+        time.sleep(0.5)  # a second trigger, were one queued, would have left within the batch window (100 ms)
+        assert len(sandbox.calls("bulk")) == calls
+        assert len(query(bridge, "SELECT c.id FROM commands c JOIN messages m ON m.id = c.message_id "
+                                 "WHERE m.control_id = ?", controls[0])) == 1  # fmt: skip
+        stats = json.loads(bridge.cli("stats", "--json").stdout)
+        assert stats["outbox"]["depth"] == 0 and stats["messages"] == {"accepted": 6, "duplicate": 1}
+        operate(bridge, controls[0])
+    finally:
+        bridge.stop()
+
+
+def operate(bridge: RunningService, control: str) -> None:
+    """The operator's commands on the same log: list, show, replay (a second accepted row under the same key,
+    which the unique key must let through as a replay), purge and the audit chain they leave."""
+    listed = bridge.log()
+    (first,) = [m for m in listed if m["control_id"] == control and m["status"] == "accepted"]
+    shown = json.loads(bridge.cli("log", "show", str(first["id"]), "--json").stdout)
+    assert shown["id"] == first["id"] and len(shown["commands"]) == 1
+    assert shown["commands"][0]["status"] == "done"
+    bridge.cli("replay", str(first["id"]), "--by", "tester", "--config", str(bridge.config))
+    (replayed,) = query(bridge, "SELECT id, status FROM messages WHERE replay_of = ?", first["id"])
+    assert replayed["status"] == "accepted"
+    (command,) = settled_commands(
+        lambda: query(bridge, "SELECT * FROM commands WHERE message_id = ?", replayed["id"]), "the replay"
+    )
+    assert command["outcome"] == "already triggered with these parameters"
+    exported = bridge.cli("log", "export", "--since", "1h", "--format", "jsonl", "--database", bridge.url).stdout
+    assert len(exported.splitlines()) == 8 and "TESTPATIENT" not in exported
+    time.sleep(1.1)
+    purged = bridge.cli("purge", "--older-than", "1s", "--by", "tester", "--database", bridge.url).stdout
+    assert "8 message(s)" in purged, purged
+    assert query(bridge, "SELECT count(*) AS n FROM messages WHERE raw IS NOT NULL")[0]["n"] == 0
+    verified = bridge.cli("audit", "verify", "--json", "--database", bridge.url)
+    assert json.loads(verified.stdout)["checked"] == 2
+
+
+# ---- duplicates across writers -------------------------------------------------------------------------------
+
+
+def _row(control: str) -> dict:
+    return {
+        "received_at": time.time(), "listener": "main", "peer": "127.0.0.1", "raw": b"MSH|...", "charset": "utf-8",
+        "sending_application": "EPIC", "sending_facility": "MAIN", "control_id": control, "message_type": "SIU",
+        "event": "S12", "version": "2.5.1", "appointment_key": f"MAIN|{control}", "action": "book", "route": "r",
+        "note": None, "replay_of": None, "summary": None, "ack_code": "AA", "ack_text": None,
+        "ack_raw": f"ACK {control}".encode(), "status": "accepted", "error": None, "error_location": None,
+        "duplicate_of": None, "purged_at": None, "search_terms": None, "search_text": None,
+    }  # fmt: skip
+
+
+def test_two_writers_accepting_the_same_keys_at_once_keep_one_original_each(postgres_url: str) -> None:
+    """Two writers (as two instances would) get the same 200 messages at the same moment, each with its own
+    ACK bytes. Per key: one accepted row, the other a duplicate of it, answered with the accepted row's ACK."""
+    engines = [open_engine(postgres_url), open_engine(postgres_url)]
+    results: dict[tuple[int, str], WriteResult] = {}
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def direct(fn, *args):  # the writers deliver results on their own thread here
+        fn(*args)
+
+    writers = [Writer(engine, direct, max_group=20) for engine in engines]
+    for w in writers:
+        w.start()
+    controls = [f"RACE-{n}" for n in range(200)]
+
+    def on_done(writer: int, control: str):
+        def record(result: WriteResult) -> None:
+            with lock:
+                results[(writer, control)] = result
+                if len(results) == 2 * len(controls):
+                    done.set()
+
+        return record
+
+    for control in controls:
+        for n, w in enumerate(writers):
+            row = dict(_row(control), ack_raw=f"ACK {control} from {n}".encode())
+            w.submit(WriteRequest(row, ("EPIC", "MAIN", control), on_done(n, control)))
+    assert done.wait(60)
+    for w in writers:
+        w.stop()
+    assert not [r.error for r in results.values() if r.error]
+    with engines[0].connect() as conn:
+        rows = conn.execute(select(messages.c.id, messages.c.control_id, messages.c.status, messages.c.ack_raw,
+                                   messages.c.duplicate_of).order_by(messages.c.id)).all()  # fmt: skip
+        assert conn.execute(select(func.count()).select_from(messages)).scalar() == 400
+    by_control: dict[str, list] = {}
+    for row in rows:
+        by_control.setdefault(row.control_id, []).append(row)
+    for control in controls:
+        pair = by_control[control]
+        (accepted,) = [r for r in pair if r.status == "accepted"]
+        (duplicate,) = [r for r in pair if r.status == "duplicate"]
+        assert duplicate.duplicate_of == accepted.id and bytes(duplicate.ack_raw) == bytes(accepted.ack_raw)
+        answered = {bytes(results[(n, control)].original_ack or accepted.ack_raw) for n in (0, 1)}
+        assert answered == {bytes(accepted.ack_raw)}
+
+
+def test_while_postgresql_is_down_messages_get_ar_and_after_its_restart_aa_without_restarting_the_bridge(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Stopped with ``-m immediate`` (a crash): the pool checks its connections before use, so the first message
+    after a restart is not spent on a dead one; while it is down nothing is answered AA; the service runs on."""
+    url = postgres.create_database()
+    bridge = start_service(tmp_path, log_url=url)
+    try:
+        assert segments(bridge.request(siu("S23", "DOWN-1", "A-DOWN")))["MSA"][1] == "AA"
+        postgres.stop("immediate")
+        postgres.start()
+        assert segments(bridge.request(siu("S23", "DOWN-2", "A-DOWN")))["MSA"][1] == "AA"
+        postgres.stop("immediate")
+        try:
+            down = segments(bridge.request(siu("S23", "DOWN-3", "A-DOWN")))
+            assert down["MSA"][1] == "AR" and "207" in "|".join(down.get("ERR", [])), down
+        finally:
+            postgres.start()
+        assert bridge.process.poll() is None
+        assert segments(bridge.request(siu("S23", "DOWN-4", "A-DOWN")))["MSA"][1] == "AA"
+        rows = query(bridge, "SELECT control_id FROM messages ORDER BY id")
+        assert [r["control_id"] for r in rows] == ["DOWN-1", "DOWN-2", "DOWN-4"]
+    finally:
+        bridge.stop()
+
+
+def test_a_dispatched_resend_accepted_while_its_first_copy_waited_settles_as_its_duplicate(
+    postgres_url: str, sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    """``ack_mode = "dispatched"``: a resend that arrives while the first copy awaits the API is processed anew
+    (no provisional AA). Both end accepted by the API; on PostgreSQL, where accepted originals are unique by key,
+    the second to settle is recorded as the first's duplicate instead of failing the dispatcher's write."""
+    listener = 'ack_mode = "dispatched"\ndispatch_timeout = 5'
+    bridge = start_service(tmp_path, service_toml(sandbox.url, listener_extra=listener), env=TOKEN,
+                           log_url=postgres_url)  # fmt: skip
+    sandbox.faults(latency_ms=1000)
+    try:
+        message = siu("S12", "PG-DSP-RACE", "A-PG-DSP-RACE", future(days=30))
+        with bridge.client() as original, bridge.client() as resend:
+            original.send(message)
+            wait_until(lambda: query(bridge, "SELECT id FROM messages WHERE control_id = 'PG-DSP-RACE'"))
+            resend.send(message)
+            answers = [segments(original.receive())["MSA"][1], segments(resend.receive())["MSA"][1]]
+        assert answers == ["AA", "AA"]
+        rows = query(bridge, "SELECT id, status, duplicate_of FROM messages WHERE control_id = ? ORDER BY id",
+                     "PG-DSP-RACE")  # fmt: skip
+        assert [r["status"] for r in rows] == ["accepted", "duplicate"] and rows[1]["duplicate_of"] == rows[0]["id"]
+        assert len(sandbox.instances(appointmentId="A-PG-DSP-RACE")) == 1
+    finally:
+        sandbox.faults(latency_ms=0)
+        bridge.stop()
+
+
+# ---- search by key ---------------------------------------------------------------------------------------------
+
+
+def test_key_filters_on_postgresql_from_the_index_and_past_it_and_purge_clears_patient_keys(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The running service indexes the keys every second (``index_step``, ``search_keys`` filled from the JSON
+    terms); messages past the index are read directly; ``--text`` is refused with the reason; a purge removes
+    the patient's keys and keeps the rest findable."""
+    from hl7bridge.store import index_step, open_engine
+    from hl7bridge.workflow.search import Filters, search
+
+    from .test_search import booking, logged
+
+    bridge = start_service(tmp_path, log_url=postgres_url)
+    try:
+        for raw in (booking("K-1", "PL-1", "FI-1", "MRN-1", "ORCHARD"), booking("K-2", "PL-2", "FI-2", "MRN-2", "BRAMBLE"),
+                    booking("K-3", "PL-1", "FI-1", "MRN-1", "ORCHARD", sender="CERNER|EAST")):  # fmt: skip
+            assert segments(bridge.request(raw))["MSA"][1] == "AA"
+
+        def current() -> bool:
+            done = query(bridge, "SELECT value FROM meta WHERE key = 'search_indexed_to'")
+            return bool(done) and int(done[0]["value"]) >= 3
+
+        wait_until(current, message="the search index to take every message")
+        assert query(bridge, "SELECT count(*) AS n FROM search_keys WHERE key = 'p:MRN-1'")[0]["n"] == 2
+
+        def ids(*args: str) -> list[str]:
+            return [r["control_id"] for r in bridge.log(*args)]
+
+        assert ids("--patient", "MRN-1") == ["K-3", "K-1"]
+        assert ids("--appointment", "FI-2") == ["K-2"]
+        assert ids("--control-id", "K-3") == ["K-3"]
+        assert ids("--sender", "CERNER^EAST") == ["K-3"]
+        assert ids("--sender", "EPIC", "--patient", "MRN-1") == ["K-1"]
+        refused = bridge.cli("log", "list", "--text", "orchard", "--since", "1h", check=False)
+        assert refused.returncode == 2 and "--text needs the text index" in refused.stderr
+        bridge.cli("purge", "--older-than", "0s", "--database", bridge.url)
+        assert ids("--patient", "MRN-1") == []
+        assert ids("--appointment", "PL-1") == ["K-3", "K-1"]  # outcomes stay findable
+        assert query(bridge, "SELECT count(*) AS n FROM search_keys WHERE key LIKE 'p:%'")[0]["n"] == 0
+    finally:
+        bridge.stop()
+    engine = open_engine(postgres_url, create=False)
+    logged(engine, ("T-1", "MRN-T", "ROWAN"), ("T-2", "MRN-T", "ASPEN"))
+    with engine.begin() as conn:
+        assert index_step(conn, 100) == 2
+    logged(engine, ("T-3", "MRN-T", "ROWAN"))
+    assert [r["control_id"] for r in search(engine, Filters(patient="MRN-T"), limit=10).rows] == ["T-3", "T-2", "T-1"]
+
+
+def test_a_newer_schema_and_a_foreign_database_are_refused_untouched(postgres: PostgresServer) -> None:
+    newer = postgres.create_database()
+    engine = open_engine(newer)
+    with engine.begin() as conn:
+        conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="999"))
+    engine.dispose()
+    with pytest.raises(StoreError, match="newer hl7bridge"):
+        open_engine(newer)
+    foreign = postgres.create_database()
+    postgres.execute("CREATE TABLE patients (id int)", foreign.rsplit("/", 1)[1])
+    with pytest.raises(StoreError, match="not an hl7bridge message log"):
+        open_engine(foreign)
+    assert postgres.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public'", foreign.rsplit("/", 1)[1]
+    ) == [("patients",)]
