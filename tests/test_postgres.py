@@ -156,7 +156,7 @@ def operate(bridge: RunningService, control: str) -> None:
     listed = bridge.log()
     (first,) = [m for m in listed if m["control_id"] == control and m["status"] == "accepted"]
     shown = json.loads(bridge.cli("log", "show", str(first["id"]), "--json").stdout)
-    assert shown["id"] == first["id"] and len(shown["commands"]) == 1
+    assert shown["message"]["id"] == first["id"] and len(shown["commands"]) == 1
     assert shown["commands"][0]["status"] == "done"
     bridge.cli("replay", str(first["id"]), "--by", "tester", "--config", str(bridge.config))
     (replayed,) = query(bridge, "SELECT id, status FROM messages WHERE replay_of = ?", first["id"])
