@@ -10,12 +10,14 @@ worked out independently, from the log's own rows and raw messages.
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +28,7 @@ from hl7bridge.hl7.er7 import Er7Message
 from hl7bridge.store import open_engine
 from hl7bridge.workflow.config_diff import ConfigRef, DiffReport, diff
 
-from .conftest import FIXTURES, RunningService, free_port, start_service
+from .conftest import FIXTURES, RunningService, free_port, start_service, wait_until
 from .dispatch_support import future, siu
 
 START = future(days=20, hour=10, minute=0)
@@ -305,3 +307,42 @@ def test_log_show_names_the_configuration_of_each_command(logged: Logged) -> Non
     assert config["digest"] == digest(load(logged.config)) and config["path"] == str(logged.config)
     shown = logged.service.cli("log", "show", str(row["message_id"]))
     assert f"configuration {logged.config} (digest {config['digest'][:12]}" in shown.stdout
+
+
+def test_reload_records_the_new_configuration_and_a_refusal(tmp_path: Path) -> None:
+    """``hl7bridge reload`` waits for the service's verdict and names the digest it runs; the next command names
+    the new configuration; a SIGHUP with a file check-config refuses is recorded as refused, the old one kept."""
+    service = start_service(tmp_path, BASE)
+    try:
+        renamed = changed('template = "{given_name} {family_name}"', 'template = "{family_name}, {given_name}"')
+        service.config.write_text(renamed, encoding="utf-8")
+        done = service.cli("reload", "--config", str(service.config), "--database", service.url)
+        new = digest(load(service.config))
+        assert f"which runs it now (digest {new[:12]})" in done.stdout, done.stdout
+        service.request(siu("S12", "CD-AFTER", "A-CD-AFTER", START))
+        used = ("SELECT f.digest FROM commands c JOIN configs f ON f.id = c.config_id "
+                "JOIN messages m ON m.id = c.message_id WHERE m.control_id = ?")  # fmt: skip
+        assert _one(service.database, used, "CD-AFTER") == new
+        service.config.write_text(BASE.replace("[routes.match]", "[routes.wrong]"), encoding="utf-8")
+        service.process.send_signal(signal.SIGHUP)
+        outcome = wait_until(lambda: _meta(service.database, "config_reload"), message="the refusal recorded")
+        assert "routes" in outcome
+        running = "SELECT f.digest FROM meta m JOIN configs f ON f.id = CAST(m.value AS INTEGER) WHERE m.key = ?"
+        assert _one(service.database, running, "running_config_id") == new
+    finally:
+        output = service.stop()
+    assert f"digest {new}" in output and "reload refused" in output
+
+
+def _one(database: Path, sql: str, *args: object) -> Any:
+    con = sqlite3.connect(database)
+    try:
+        row = con.execute(sql, args).fetchone()
+    finally:
+        con.close()
+    return row[0] if row else None
+
+
+def _meta(database: Path, key: str) -> str | None:
+    value = _one(database, "SELECT value FROM meta WHERE key = ?", key)
+    return value if value and value.startswith("refused") else None

@@ -683,8 +683,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if verdict == "refused":
         print(f"hl7bridge: the service refused the reload and keeps its configuration: {rest}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"{cfg.source}: OK; the service (pid {pid}) runs it now ({rest}). Routes, mappings and dispatch settings "
-          "apply to the next message; the service log says what needs a restart.")  # fmt: skip
+    print(f"{cfg.source}: OK; reload sent to the service (pid {pid}), which runs it now ({rest}). Routes, mappings "
+          "and dispatch settings apply to the next message; the service log says what needs a restart.")  # fmt: skip
     return 0
 
 
