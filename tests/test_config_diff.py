@@ -346,3 +346,10 @@ def _one(database: Path, sql: str, *args: object) -> Any:
 def _meta(database: Path, key: str) -> str | None:
     value = _one(database, "SELECT value FROM meta WHERE key = ?", key)
     return value if value and value.startswith("refused") else None
+
+
+def test_a_route_journey_changes_only_the_commands(logged: Logged) -> None:
+    found = differences(logged.diff_json(changed('chat_bot_id = "reminders"', 'chat_bot_id = "reminders-v2"')))
+    assert found and {d["kind"] for d in found} == {"command"}
+    assert {d["message_id"] for d in found} == message_ids_with_commands(logged)
+    assert all("(journey reminders," in d["before"] and "(journey reminders-v2," in d["after"] for d in found)
