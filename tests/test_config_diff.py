@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from hl7bridge.app.cli_config_diff import TomlSides
 from hl7bridge.app.config import load
+from hl7bridge.app.config_diff import TomlSides
 from hl7bridge.app.config_digest import digest, effective_settings
 from hl7bridge.hl7.er7 import Er7Message
 from hl7bridge.store import open_engine

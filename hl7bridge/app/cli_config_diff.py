@@ -1,6 +1,5 @@
-"""``hl7bridge config diff``: which configuration is compared with which, the progress bar, and the report's text
-and JSON. The comparison is ``workflow.config_diff``'s; the intakes are ``app.wiring.listener_intakes``, the ones
-replay judges with."""
+"""``hl7bridge config diff``: its arguments, the progress bar, and the report's text and JSON; the run is
+``app.config_diff``'s."""
 
 from __future__ import annotations
 
@@ -8,50 +7,15 @@ import argparse
 import json
 import os
 import sys
-import tomllib
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from hl7bridge.app.cli_format import add_by, print_table, since_arg, when
-from hl7bridge.app.config import Config, ConfigError, load, parse
-from hl7bridge.app.config_digest import identity
+from hl7bridge.app.config import ConfigError
+from hl7bridge.app.config_diff import DiffRefused, Side, from_file, run_diff, running
 from hl7bridge.core.logs import escape
-from hl7bridge.workflow.config_diff import KINDS, Clock, ConfigRef, DiffReport, IntakeFor, diff
-from hl7bridge.workflow.unmask import record_unmask
-
-#: ``--phi`` records the ids of at most this many changed messages in its audit entry (and how many there were).
-AUDITED_IDS = 1000
-
-
-class DiffRefused(ValueError):
-    """The diff cannot run as asked; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class TomlSides:
-    """Both configurations as TOML text, so that each worker process parses and builds them itself."""
-
-    before: tuple[str, str]
-    after: tuple[str, str]
-
-    def __call__(self, clock: Clock) -> tuple[IntakeFor, IntakeFor]:
-        from hl7bridge.app.wiring import listener_intakes
-
-        return listener_intakes(_parsed(*self.before), clock), listener_intakes(_parsed(*self.after), clock)
-
-
-def _parsed(text: str, source: str) -> Config:
-    return parse(tomllib.loads(text), source)
-
-
-def read_config(path: str) -> tuple[Config, str]:
-    """The configuration at ``path`` and its text (what the workers parse again); ``ConfigError`` names the
-    problems."""
-    config = load(path)
-    with open(path, encoding="utf-8") as handle:
-        return config, handle.read()
+from hl7bridge.workflow.config_diff import KINDS, DiffReport
 
 
 def add_parser(sub: Any, with_config: Any, handler: Any) -> None:
@@ -73,61 +37,37 @@ def add_parser(sub: Any, with_config: Any, handler: Any) -> None:
     p.set_defaults(func=handler)
 
 
-def against_default(engine: Engine, new_path: str) -> tuple[str, str]:
-    """The file to compare with, and how it was chosen: the configuration the running service recorded (its
-    start or last reload), else ``$HL7BRIDGE_CONFIG``."""
-    from hl7bridge.store.configs import running_config
-
-    with engine.connect() as conn:
-        running = running_config(conn)
-    if running is not None and os.path.isfile(running["path"]):
-        how = (
-            f"the configuration the service runs (loaded {when(running['loaded_at'])}, digest {running['digest'][:12]})"
-        )
-        mtime = os.stat(running["path"]).st_mtime
-        if running["mtime"] is not None and mtime != running["mtime"]:
-            how += "; the file has changed since it was loaded, so this compares with the file as it is now"
-        return running["path"], how
-    env = os.environ.get("HL7BRIDGE_CONFIG")
-    if env and os.path.abspath(env) != os.path.abspath(new_path):
-        return env, "$HL7BRIDGE_CONFIG (no running service has recorded its configuration)"
-    raise DiffRefused("no running service has recorded its configuration in this log; give --against PATH")
-
-
 def run(args: argparse.Namespace, new_path: str, engine: Engine, actor: str) -> int:
     if args.reason is not None and not args.phi:
         raise DiffRefused("--reason goes with --phi (the reason for seeing the patient data)")
     if args.workers is not None and args.workers < 1:
         raise DiffRefused("--workers: expected a whole number of at least 1")
-    new_cfg, new_text = read_config(new_path)
+    new = from_file(new_path, "--config")
     if args.against:
-        against_path, how = args.against, "--against"
+        try:
+            against = from_file(args.against, "--against")
+        except ConfigError as exc:
+            raise ConfigError([f"--against: {p}" for p in exc.problems]) from None
     else:
-        against_path, how = against_default(engine, new_path)
-    try:
-        old_cfg, old_text = read_config(against_path)
-    except ConfigError as exc:
-        raise ConfigError([f"--against: {p}" for p in exc.problems]) from None
-    if args.route is not None and args.route not in {r.name for c in (old_cfg, new_cfg) for r in c.routes}:
-        raise DiffRefused(f"no route named {args.route!r} in either configuration")
-    new_id, old_id = identity(new_cfg), identity(old_cfg)
-    report = DiffReport(ConfigRef(new_id.path, new_id.digest, "--config"), ConfigRef(old_id.path, old_id.digest, how),
-                        args.since, args.route, masked=not args.phi)  # fmt: skip
+        against = running(engine) or _environment(new_path)
     bar = ProgressBar() if sys.stderr.isatty() else None
-    sides = TomlSides((old_text, old_id.path), (new_text, new_id.path))
-    diff(engine, sides, report, workers=args.workers, progress=bar)
+    report = run_diff(engine, new, against, args.since, route=args.route, phi=args.phi, actor=actor, channel="cli",
+                      reason=args.reason or "", workers=args.workers, progress=bar)  # fmt: skip
     if bar:
         bar.done()
-    if args.phi and report.counts.get("parameter"):
-        ids = [d.message_id for d in report.differences if d.kind == "parameter"]
-        distinct = list(dict.fromkeys(ids))
-        record_unmask(engine, actor, distinct[:AUDITED_IDS], args.reason or "config diff", messages=len(distinct),
-                      new_digest=report.new.digest, against_digest=report.against.digest)  # fmt: skip
     if args.json:
         print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:
         print_report(report)
     return 1 if report.counts else 0
+
+
+def _environment(new_path: str) -> Side:
+    """``--against``'s default when no running service has recorded its configuration: ``$HL7BRIDGE_CONFIG``."""
+    env = os.environ.get("HL7BRIDGE_CONFIG")
+    if env and os.path.abspath(env) != os.path.abspath(new_path):
+        return from_file(env, "$HL7BRIDGE_CONFIG (no running service has recorded its configuration)")
+    raise DiffRefused("no running service has recorded its configuration in this log; give --against PATH")
 
 
 def print_report(report: DiffReport) -> None:
