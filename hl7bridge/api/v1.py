@@ -9,7 +9,7 @@ from dataclasses import asdict
 from functools import cache
 from typing import Any
 
-from hl7bridge.api import auth, openapi
+from hl7bridge.api import auth, config_diff, openapi
 from hl7bridge.api.http import (
     ApiError,
     Call,
@@ -348,5 +348,6 @@ ROUTES: list[Route] = [
     Route("POST", "/api/v1/users/{name}/tokens", post_user_token, ADMIN, "Issue an API token for a user: shown "
           "once (audited)", (Param("name", "path", description="the user's name"), _b("label", "what it is for")),
           responses={201: "Issued"}, tag="users"),
+    config_diff.ROUTE,
     Route("GET", "/api/v1/openapi.json", get_openapi, None, "This document", blocking=False, tag="api"),
 ]  # fmt: skip

@@ -16,17 +16,13 @@ from sqlalchemy.engine import Engine
 from hl7bridge.app.cli_format import when
 from hl7bridge.app.config import Config, ConfigError, parse
 from hl7bridge.app.config_digest import identity
-from hl7bridge.workflow.config_diff import Clock, ConfigRef, DiffReport, IntakeFor, diff
+from hl7bridge.workflow.config_diff import Clock, ConfigRef, DiffRefused, DiffReport, IntakeFor, diff
 from hl7bridge.workflow.unmask import record_unmask
 
 #: A configuration file or upload compared, at most (the example, fully commented, is 20 KiB).
 MAX_CONFIG_BYTES = 256 * 1024
 #: A ``phi`` run records the ids of at most this many changed messages in its audit entry (and how many there were).
 AUDITED_IDS = 1000
-
-
-class DiffRefused(ValueError):
-    """The diff cannot run as asked; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -119,3 +115,28 @@ def run_diff(engine: Engine, new: Side, against: Side, since: float, *, route: s
         record_unmask(engine, actor, distinct[:AUDITED_IDS], reason or "config diff", channel, messages=len(distinct),
                       new_digest=new_id.digest, against_digest=old_id.digest)  # fmt: skip
     return report
+
+
+@dataclass(frozen=True)
+class ServiceDiff:
+    """The console's and the JSON API's diff: a new configuration uploaded (TOML text) or named by a path in the
+    running configuration's directory (no other file is read), compared with the configuration the service runs."""
+
+    engine: Engine
+
+    def __call__(self, *, toml: str | None, path: str | None, since: float, route: str | None, phi: bool,
+                 actor: str, channel: str, reason: str = "") -> DiffReport:  # fmt: skip
+        if (toml is None) == (path is None):
+            raise DiffRefused("toml: give the new configuration's text, or a path (not both)")
+        try:
+            against = running(self.engine)
+            if against is None:
+                raise DiffRefused("the service has recorded no configuration file to compare with")
+            if toml is not None:
+                new = from_text(toml, "(uploaded)", "uploaded")
+            else:
+                new = from_file(within(Path(against.config.source).parent, path or ""), "path")
+        except ConfigError as exc:
+            raise DiffRefused("; ".join(exc.problems)) from None
+        return run_diff(self.engine, new, against, since, route=route, phi=phi, actor=actor, channel=channel,
+                        reason=reason)  # fmt: skip

@@ -17,6 +17,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import server
 
 from hl7bridge.app.config import Config
+from hl7bridge.app.config_diff import ServiceDiff
 from hl7bridge.app.config_digest import ConfigIdentity, identity
 from hl7bridge.app.dispatch_config import router
 from hl7bridge.app.wiring import intake_for, replayer_for
@@ -275,6 +276,7 @@ class Service:
             pool=pool,
             status=lambda: self._status_json(health),
             replayer=lambda **options: replayer_for(self.engine, self.config, **options),
+            config_diff=ServiceDiff(self.engine),
             secure_cookies=cfg.tls,
             session_idle=cfg.session_idle,
             session_absolute=cfg.session_absolute,

@@ -41,6 +41,12 @@ MAX_DIFFERENCES = 100_000
 EXAMPLES = 3
 
 IntakeFor = Callable[[str], Intake]
+
+
+class DiffRefused(ValueError):
+    """The diff cannot run as asked; the message says what to change."""
+
+
 Row = tuple[int, float, str, bytes | None]
 
 
