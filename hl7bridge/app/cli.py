@@ -653,6 +653,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     """check-config's verdict on the file, then SIGHUP to the service (``--pid``, else its pid file): a file
     that fails is refused here and the service keeps its configuration; the service judges the file again
     itself (the same verdict), so one changed in between is refused there too."""
+    from hl7bridge.app.config_digest import identity
     from hl7bridge.ops import control
     from hl7bridge.workflow.service import record_reload
 
@@ -679,12 +680,17 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if outcome is None:
         raise CouldNotAct(f"reload sent to the service (pid {pid}), but it has not said within {RELOAD_WAIT:g} s "
                           "whether it applied it; see the service log")  # fmt: skip
-    verdict, rest = outcome
+    verdict, row = outcome
     if verdict == "refused":
-        print(f"hl7bridge: the service refused the reload and keeps its configuration: {rest}", file=sys.stderr)
+        print(f"hl7bridge: the service refused the reload and keeps its configuration: {row}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"{cfg.source}: OK; reload sent to the service (pid {pid}), which runs it now ({rest}). Routes, mappings "
-          "and dispatch settings apply to the next message; the service log says what needs a restart.")  # fmt: skip
+    print(f"{cfg.source}: OK; reload sent to the service (pid {pid}), which runs it now (digest {row['digest'][:12]}). "
+          "Routes, mappings and dispatch settings apply to the next message; the service log says what needs a "
+          "restart.")  # fmt: skip
+    checked = identity(cfg)
+    if row["digest"] != checked.digest:
+        print(f"hl7bridge: note: the service reread the file it was started with, {escape(row['path'])} (digest "
+              f"{row['digest'][:12]}), not {escape(checked.path)} (digest {checked.short})", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -692,8 +698,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 RELOAD_WAIT = 10.0
 
 
-def _reload_outcome(engine: Any, sent: float) -> tuple[str, str] | None:
-    """The service's verdict on the reload signalled at ``sent``: ``("applied", "digest ...")`` or
+def _reload_outcome(engine: Any, sent: float) -> tuple[str, Any] | None:
+    """The service's verdict on the reload signalled at ``sent``: ``("applied", its configs row)`` or
     ``("refused", reason)``; None when it records none in time."""
     from hl7bridge.store.configs import config_row, reload_outcome
 
@@ -706,7 +712,8 @@ def _reload_outcome(engine: Any, sent: float) -> tuple[str, str] | None:
                 if verdict != "applied":
                     return verdict, rest
                 row = config_row(conn, int(rest)) if rest.isdigit() else None
-                return verdict, f"digest {row['digest'][:12]}" if row else f"configs id {rest}"
+                if row is not None:
+                    return verdict, row
         time.sleep(0.1)
     return None
 
