@@ -353,3 +353,23 @@ def test_a_route_journey_changes_only_the_commands(logged: Logged) -> None:
     assert found and {d["kind"] for d in found} == {"command"}
     assert {d["message_id"] for d in found} == message_ids_with_commands(logged)
     assert all("(journey reminders," in d["before"] and "(journey reminders-v2," in d["after"] for d in found)
+
+
+def test_a_replay_names_the_configuration_it_was_replayed_with(tmp_path: Path) -> None:
+    service = start_service(tmp_path, BASE)
+    try:
+        service.request(siu("S12", "CD-REPLAY", "A-CD-REPLAY", START, phone=None))  # AE: phoneNumber required
+        (message_id,) = [m["id"] for m in service.log() if m["control_id"] == "CD-REPLAY"]
+        relaxed = tmp_path / "relaxed.toml"
+        relaxed.write_text(BASE.replace('type = "phone"\nrequired = true', 'type = "phone"'), encoding="utf-8")
+        service.cli("replay", str(message_id), "--config", str(relaxed))
+        used = ("SELECT f.digest, f.path FROM commands c JOIN configs f ON f.id = c.config_id "
+                "JOIN messages m ON m.id = c.message_id WHERE m.replay_of = ?")  # fmt: skip
+        con = sqlite3.connect(service.database)
+        try:
+            row = con.execute(used, (message_id,)).fetchone()
+        finally:
+            con.close()
+        assert row == (digest(load(relaxed)), str(relaxed))
+    finally:
+        service.stop()

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
+from sqlalchemy.engine import Engine
 
 from hl7bridge.app.config import Config, ListenerConfig
 from hl7bridge.hl7.er7 import Path
@@ -79,3 +81,11 @@ def identity(config: Config) -> ConfigIdentity:
     except OSError:
         return ConfigIdentity(digest(config), config.source, None)
     return ConfigIdentity(digest(config), os.path.abspath(config.source), mtime)
+
+
+def record_config(engine: Engine, config: ConfigIdentity) -> int:
+    """The ``configs`` id of ``config``, added when new (a replay's commands name the configuration that made them)."""
+    from hl7bridge.store.configs import register_config
+
+    with engine.begin() as conn:
+        return register_config(conn, config.digest, config.path, config.mtime, time.time())

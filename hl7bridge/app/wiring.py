@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from hl7bridge.app.config import Config, ListenerConfig
+from hl7bridge.app.config_digest import identity, record_config
 from hl7bridge.app.dispatch_config import router
 from hl7bridge.hl7.ack import AckBuilder
 from hl7bridge.ingest.intake import Intake
@@ -23,7 +24,9 @@ def intake_for(config: Config, listener: ListenerConfig, acks: AckBuilder | None
                   listener.name, listener.ack_mode == "dispatched")  # fmt: skip
 
 
-def listener_intakes(config: Config, clock: Callable[[], float] = time.time) -> Callable[[str], Intake]:
+def listener_intakes(
+    config: Config, clock: Callable[[], float] = time.time, config_id: int | None = None
+) -> Callable[[str], Intake]:
     """The intake that judges a logged message of the named listener (an unknown name: the first listener's)
     with ``config``, as its listener would, but never waiting for a verdict: nobody waits for its ACK. Replay and
     ``config diff`` judge logged messages with it; ``clock`` is the time routing takes as now."""
@@ -31,11 +34,14 @@ def listener_intakes(config: Config, clock: Callable[[], float] = time.time) -> 
     routes = router(config.routes, config.dispatch)
     intakes = {lst.name: Intake(lst.feed(), acks, lst.charset_fallback, routes, lst.name, clock=clock)
                for lst in config.listeners}  # fmt: skip
+    for intake in intakes.values():
+        intake.config_id = config_id
     first = intakes[config.listeners[0].name]
     return lambda name: intakes.get(name, first)
 
 
 def replayer_for(engine: Engine, config: Config, **options: Any) -> Replayer:
     """The replayer for ``config`` (``hl7bridge replay`` and the service's JSON API alike), with the current
-    routes."""
-    return Replayer(engine, listener_intakes(config), config.api, **options)
+    routes; its commands name ``config`` (recorded in ``configs`` here) as every command does."""
+    return Replayer(engine, listener_intakes(config, config_id=record_config(engine, identity(config))), config.api,
+                    **options)  # fmt: skip
