@@ -373,3 +373,30 @@ def test_a_replay_names_the_configuration_it_was_replayed_with(tmp_path: Path) -
         assert row == (digest(load(relaxed)), str(relaxed))
     finally:
         service.stop()
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_only(logged: Logged) -> None:
+    import os
+    import pty
+
+    cmd = [sys.executable, "-m", "hl7bridge", "config", "diff", "--database", f"sqlite:///{logged.database}",
+           "--since", "1d", "--config", str(logged.config), "--against", str(logged.config)]  # fmt: skip
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=follower, timeout=60, cwd=logged.workdir)
+        os.close(follower)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0 and b"no difference" in done.stdout
+    assert b"100% of" in drawn and b"\x1b[K" in drawn
+    piped = subprocess.run(cmd, capture_output=True, timeout=60, cwd=logged.workdir)
+    assert piped.returncode == 0 and piped.stderr == b""
