@@ -43,6 +43,7 @@ EXPECTED = {
     ("DELETE", "/api/v1/users/{name}"): "admin",
     ("POST", "/api/v1/users/{name}/tokens"): "admin",
     ("GET", "/api/v1/settings"): "admin",
+    ("POST", "/api/v1/config-diff"): "admin",
     ("GET", "/api/v1/openapi.json"): "-",
     ("GET", "/login"): "-",
     ("POST", "/login"): "-",
@@ -61,6 +62,8 @@ EXPECTED = {
     ("POST", "/users/{name}/remove"): "admin",
     ("POST", "/users/{name}/token"): "admin",
     ("GET", "/settings"): "admin",
+    ("GET", "/config-diff"): "admin",
+    ("POST", "/config-diff"): "admin",
 }
 GRANTS = {"viewer": {"read"}, "operator": {"read", "unmask", "act"}, "admin": {"read", "unmask", "act", "admin"}}
 ALL = [*ROUTES, *PAGES]

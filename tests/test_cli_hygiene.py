@@ -35,6 +35,7 @@ WITH_BY = [
     ["log", "show", "1"],
     ["reload"],
     ["dispatch", "now"],
+    ["config", "diff", "--since", "7d", "--phi"],
     ["user", "add", "ana", "--role", "viewer", "--password-stdin"],
     ["user", "passwd", "ana", "--password-stdin"],
     ["user", "role", "ana", "viewer"],
@@ -65,7 +66,7 @@ def test_every_by_is_checked_as_a_name() -> None:
 
 
 def _name(argv: list[str]) -> str:
-    return " ".join(argv[:2]) if argv[0] in ("dead-letters", "log", "dispatch", "user") else argv[0]
+    return " ".join(argv[:2]) if argv[0] in ("dead-letters", "log", "dispatch", "user", "config") else argv[0]
 
 
 @pytest.mark.parametrize("argv", WITH_BY, ids=_name)

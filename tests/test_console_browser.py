@@ -281,6 +281,28 @@ def test_an_admin_sees_the_settings_with_secrets_redacted(console: Console, chro
     screenshot(driver, "settings")
 
 
+def test_an_admin_diffs_a_new_configuration_against_the_running_one(console: Console, chromium: WebDriver) -> None:
+    driver = chromium
+    running = console.service.config.read_text(encoding="utf-8")
+    rule = 'template = "{PID-5.2} {PID-5.1}"'
+    assert running.count(rule) == 1
+    (console.service.workdir / "renamed.toml").write_text(running.replace(rule, 'template = "{PID-5.1}, {PID-5.2}"'))
+    log_in(driver, console, "ada", then="/config-diff")
+    form = wait(driver, "#config-diff-form")
+    form.find_element(By.NAME, "path").send_keys("renamed.toml")
+    since = form.find_element(By.NAME, "since")
+    since.clear()
+    since.send_keys("1d")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait(driver, "#config-diff-report, .notice-error")
+    assert not driver.find_elements(By.CSS_SELECTOR, ".notice-error"), text(driver)
+    report = driver.find_element(By.ID, "config-diff-report").text
+    assert "would be handled differently" in report and "parameter values masked" in report
+    rows = driver.find_element(By.ID, "config-diff-parameter").text
+    assert "patientName" in rows and "LOVELACE" not in driver.page_source and "A***" in rows
+    screenshot(driver, "config-diff")
+
+
 def test_the_login_page(console: Console, chromium: WebDriver) -> None:
     driver = chromium
     driver.get(console.url + "/")

@@ -22,10 +22,14 @@ from twisted.python.threadpool import ThreadPool
 from hl7bridge.core.checks import parse_duration
 from hl7bridge.mllp.connections import RefusalLog
 from hl7bridge.workflow.accounts import LoginLimiter, Principal, Session
+from hl7bridge.workflow.config_diff import DiffReport
 from hl7bridge.workflow.replay import Replayer
 
 #: A request body is read up to this many bytes; a longer one is answered 413.
 MAX_BODY = 64 * 1024
+#: The routes that take a configuration (TOML text) read bodies up to this many bytes instead.
+MAX_UPLOAD = 256 * 1024 + 16 * 1024
+UPLOAD_PATHS = (b"/config-diff", b"/api/v1/config-diff")
 #: Past this many bytes of one body the connection is closed: a client that ignores the limit is not read on.
 MAX_DISCARD = 16 * MAX_BODY
 #: Threads the API's blocking work runs in (a pool of its own: the service's is for the listeners).
@@ -53,6 +57,8 @@ class ApiContext:
     #: The effective configuration, secrets redacted (``app.settings_view``); callable from any thread (the
     #: configuration is immutable, a reload swaps it whole). None: not offered.
     settings: Callable[[], dict[str, Any]] | None = None
+    #: ``config diff`` against the running configuration (``app.config_diff.ServiceDiff``); None: not offered.
+    config_diff: Callable[..., DiffReport] | None = None
     secure_cookies: bool = False
     limiter: LoginLimiter = field(default_factory=LoginLimiter)
     clock: Callable[[], float] = time.time

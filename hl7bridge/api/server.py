@@ -20,7 +20,18 @@ from twisted.web import http, resource, server, static
 
 from hl7bridge.api import auth
 from hl7bridge.api.console.pages import error_page
-from hl7bridge.api.http import MAX_BODY, MAX_DISCARD, SECURITY_HEADERS, ApiContext, ApiError, Call, Reply, redirect
+from hl7bridge.api.http import (
+    MAX_BODY,
+    MAX_DISCARD,
+    MAX_UPLOAD,
+    SECURITY_HEADERS,
+    UPLOAD_PATHS,
+    ApiContext,
+    ApiError,
+    Call,
+    Reply,
+    redirect,
+)
 from hl7bridge.api.routes import Route, Router
 from hl7bridge.core.logs import escape
 
@@ -42,16 +53,20 @@ class BoundedRequest(server.Request):
 
     too_large = False
     _received = 0
+    limit = MAX_BODY
     #: The handlers read forms themselves (``Call.form``), after the size check.
     _parsePOSTFormSubmission = False
 
     def gotLength(self, length: int | None) -> None:
-        self.too_large = length is not None and length > MAX_BODY
+        # Called once the headers are read, before this request has its path: the channel's request line has it.
+        path = getattr(self.channel, "_path", b"").split(b"?", 1)[0]
+        self.limit = MAX_UPLOAD if path in UPLOAD_PATHS else MAX_BODY
+        self.too_large = length is not None and length > self.limit
         super().gotLength(0 if self.too_large else length)
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
-        if self._received > MAX_BODY:
+        if self._received > self.limit:
             self.too_large = True
         if self._received > MAX_DISCARD:
             self.channel.transport.abortConnection()
@@ -111,7 +126,7 @@ class Dispatcher(resource.Resource):
             url = urlsplit(request.uri.decode("utf-8"))
             route, params = self.router.match(method, url.path)
             if getattr(request, "too_large", False):
-                raise ApiError(413, f"the body is larger than {MAX_BODY // 1024} KiB")
+                raise ApiError(413, f"the body is larger than {getattr(request, 'limit', MAX_BODY) // 1024} KiB")
             headers = _headers(request)
             if not auth.same_origin(
                 headers.get("origin"), headers.get("host"), request.isSecure(), headers.get("sec-fetch-site")

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from functools import cache
 from typing import Any
 
-from hl7bridge.api import auth, openapi
+from hl7bridge.api import auth, config_diff, openapi
 from hl7bridge.api.http import (
     ApiError,
     Call,
@@ -359,5 +359,6 @@ ROUTES: list[Route] = [
           responses={201: "Issued"}, tag="users"),
     Route("GET", "/api/v1/settings", get_settings, ADMIN, "The effective configuration (listeners, routes, mapping, "
           "dispatch, console, retention...), every secret redacted", tag="service"),
+    config_diff.ROUTE,
     Route("GET", "/api/v1/openapi.json", get_openapi, None, "This document", blocking=False, tag="api"),
 ]  # fmt: skip

@@ -147,12 +147,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             for problem in judged.problems:
                 logging.getLogger("hl7bridge.service").error("reload refused, keeping the running config: %s", problem)
             sd.status(f"Reload refused: {judged.problems[0]}; running configuration kept")
+            service.reload_refused(judged.problems[0])
             return
-        fresh = judged.config
-        pending = service.reload(fresh)
-        note = f"; needs a restart to change: {', '.join(pending)}" if pending else ""
-        logging.getLogger("hl7bridge.service").info("configuration reloaded (routes and mappings)%s", note)
-        sd.status("Configuration reloaded" + note)
+
+        def applied(pending: list[str]) -> None:
+            note = f"; needs a restart to change: {', '.join(pending)}" if pending else ""
+            logging.getLogger("hl7bridge.service").info("configuration reloaded (routes and mappings)%s", note)
+            sd.status("Configuration reloaded" + note)
+
+        def failed(failure: Any) -> None:
+            logging.getLogger("hl7bridge.service").error(
+                "reload not applied, keeping the running config: cannot record it in the log: %s", failure.value
+            )
+
+        service.reload(judged.config).addCallbacks(applied, failed)
 
     def failed(failure: Any) -> None:
         outcome["error"] = failure.value
@@ -607,6 +615,18 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return run(cfg, _engine(args), args.since, args, actor(args))
 
 
+def cmd_config_diff(args: argparse.Namespace) -> int:
+    from hl7bridge.app import cli_config_diff
+
+    path = args.config or os.environ.get("HL7BRIDGE_CONFIG")
+    if not path:
+        raise CliError("config diff: give --config NEW (the configuration to try)")
+    try:
+        return cli_config_diff.run(args, path, _engine(args), actor(args))
+    except cli_config_diff.DiffRefused as exc:
+        raise CliError(str(exc)) from None
+
+
 # --- reload / dispatch now: reaching the running service -----------------------------------------
 
 
@@ -633,6 +653,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     """check-config's verdict on the file, then SIGHUP to the service (``--pid``, else its pid file): a file
     that fails is refused here and the service keeps its configuration; the service judges the file again
     itself (the same verdict), so one changed in between is refused there too."""
+    from hl7bridge.app.config_digest import identity
     from hl7bridge.ops import control
     from hl7bridge.workflow.service import record_reload
 
@@ -653,10 +674,48 @@ def cmd_reload(args: argparse.Namespace) -> int:
         _path, pid = _service_pid(cfg)
     engine = _engine(args)
     record_reload(engine, actor(args), "cli", pid, cfg.source)
+    sent = time.time()
     _signal(pid, control.RELOAD)
-    print(f"{cfg.source}: OK; reload sent to the service (pid {pid}). Routes, mappings and dispatch settings apply "
-          "to the next message; the service log says what needs a restart.")  # fmt: skip
+    outcome = _reload_outcome(engine, sent)
+    if outcome is None:
+        raise CouldNotAct(f"reload sent to the service (pid {pid}), but it has not said within {RELOAD_WAIT:g} s "
+                          "whether it applied it; see the service log")  # fmt: skip
+    verdict, row = outcome
+    if verdict == "refused":
+        print(f"hl7bridge: the service refused the reload and keeps its configuration: {row}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{cfg.source}: OK; reload sent to the service (pid {pid}), which runs it now (digest {row['digest'][:12]}). "
+          "Routes, mappings and dispatch settings apply to the next message; the service log says what needs a "
+          "restart.")  # fmt: skip
+    checked = identity(cfg)
+    if row["digest"] != checked.digest:
+        print(f"hl7bridge: note: the service reread the file it was started with, {escape(row['path'])} (digest "
+              f"{row['digest'][:12]}), not {escape(checked.path)} (digest {checked.short})", file=sys.stderr)  # fmt: skip
     return 0
+
+
+#: How long ``reload`` waits for the service to record whether it applied the configuration.
+RELOAD_WAIT = 10.0
+
+
+def _reload_outcome(engine: Any, sent: float) -> tuple[str, Any] | None:
+    """The service's verdict on the reload signalled at ``sent``: ``("applied", its configs row)`` or
+    ``("refused", reason)``; None when it records none in time."""
+    from hl7bridge.store.configs import config_row, reload_outcome
+
+    deadline = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            found = reload_outcome(conn)
+            if found is not None and found[1] >= sent:
+                verdict, _at, rest = found
+                if verdict != "applied":
+                    return verdict, rest
+                row = config_row(conn, int(rest)) if rest.isdigit() else None
+                if row is not None:
+                    return verdict, row
+        time.sleep(0.1)
+    return None
 
 
 def cmd_dispatch_now(args: argparse.Namespace) -> int:
@@ -848,6 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_log_show)
 
     acted = "exit status: 0 done, 2 bad input (arguments, the configuration), 3 could not act (no running service, the database)"
+    from hl7bridge.app.cli_config_diff import add_parser as add_config_parser
+
+    add_config_parser(sub, with_config, cmd_config_diff)
     reload_p = with_config(sub.add_parser("reload", help="reread the running service's configuration (SIGHUP)",
                                           epilog=acted))  # fmt: skip
     add_by(reload_p, "asks")

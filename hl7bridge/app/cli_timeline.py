@@ -37,6 +37,9 @@ def print_timeline(shown: Timeline, raw: bool) -> None:
         print(f"  #{c['id']} {c['kind']} via route {c['route']} (chatBotId {c['chat_bot_id']}"
               f"{', flowId ' + c['flow_id'] if c['flow_id'] else ''}): {c['status']}"
               f"{' - ' + escape(c['outcome']) if c['outcome'] else ''} [attempts {c['attempt_count']}]")  # fmt: skip
+        if c.get("config_digest"):
+            print(f"      configuration {escape(c['config_path'])} (digest {c['config_digest'][:12]}"
+                  + (f", file modified {when(c['config_mtime'])})" if c["config_mtime"] is not None else ")"))  # fmt: skip
         if c["resolution"]:
             why = f": {escape(c['resolution_reason'])}" if c["resolution_reason"] else ""
             print(f"      {c['resolution']} by {escape(c['resolved_by'] or '?')} at {when(c['resolved_at'])}{why} "

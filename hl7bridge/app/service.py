@@ -19,6 +19,8 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import server
 
 from hl7bridge.app.config import Config
+from hl7bridge.app.config_diff import ServiceDiff
+from hl7bridge.app.config_digest import ConfigIdentity, identity
 from hl7bridge.app.dispatch_config import router
 from hl7bridge.app.wiring import intake_for, replayer_for
 from hl7bridge.core.status import Role
@@ -48,6 +50,7 @@ from hl7bridge.store import (
     open_engine,
     purge_step,
 )
+from hl7bridge.store.configs import register_config, set_reload_refused, set_running_config
 from hl7bridge.testing.sandbox import Sandbox, write_secret
 from hl7bridge.workflow.accounts import AccountError, add_user, list_users
 from hl7bridge.workflow.dispatch_target import record_dispatch_target
@@ -88,6 +91,9 @@ class Service:
     metrics: Metrics = field(default_factory=Metrics)
     health: HealthState | None = None
     stopping: bool = False
+    #: The configuration running (``configs`` id, digest, path and mtime): recorded with every command.
+    config_id: int | None = None
+    config_identity: ConfigIdentity | None = None
     _loops: list[task.LoopingCall] = field(default_factory=list)
     _health_port: IListeningPort | None = None
     _probes: Probes | None = None
@@ -115,6 +121,14 @@ class Service:
         yield self._check_log()
         self.writer = Writer(self.engine, self.reactor.callFromThread)
         self.writer.start()
+        try:
+            self.config_identity = identity(cfg)
+            self.config_id = yield self._record_config(self.config_identity)
+        except Exception as exc:  # noqa: BLE001 - the log cannot be written: nothing could be accepted
+            yield self.stop()
+            raise StartupError(f"cannot record the configuration in the log: {exc.__class__.__name__}: {exc}") from None
+        log.info("configuration %s, digest %s (configs id %d)", self.config_identity.path,
+                 self.config_identity.digest, self.config_id)  # fmt: skip
         if self.with_sandbox:
             yield self._start_sandbox()
         routes = router(self.config.routes, self.config.dispatch)
@@ -131,6 +145,7 @@ class Service:
         for listener in cfg.listeners:
             sync = listener.ack_mode == "dispatched"
             intake = intake_for(cfg, listener, acks)
+            intake.config_id = self.config_id
             self.intakes.append(intake)
             pipeline = Pipeline(
                 intake,
@@ -273,6 +288,7 @@ class Service:
             count_login=self.metrics.login,
             login_log=RefusalLog(logging.getLogger("hl7bridge.api"), self.reactor),
             replayer=lambda **options: replayer_for(self.engine, self.config, **options),
+            config_diff=ServiceDiff(self.engine),
             secure_cookies=cfg.tls,
             session_idle=cfg.session_idle,
             session_absolute=cfg.session_absolute,
@@ -389,10 +405,36 @@ class Service:
         self.writer.submit_job(Job(lambda conn: purge_step(conn, cutoff), step_done))
         return done
 
-    def reload(self, config: Config) -> list[str]:
-        """SIGHUP: new routes and mappings take effect for the next message; connections stay open.
+    def _record_config(self, config: ConfigIdentity) -> defer.Deferred[int]:
+        """The ``configs`` id of ``config``, recorded (through the writer) as the one the service runs now."""
+        done: defer.Deferred[int] = defer.Deferred()
+        assert self.writer is not None
 
-        Returns what could not be applied without a restart."""
+        def work(conn: Any) -> int:
+            config_id = register_config(conn, config.digest, config.path, config.mtime, time.time())
+            set_running_config(conn, config_id, time.time())
+            return config_id
+
+        def settled(result: int, error: BaseException | None) -> None:  # in the writer thread
+            if error is not None:
+                self.reactor.callFromThread(done.errback, error)
+            else:
+                self.reactor.callFromThread(done.callback, result)
+
+        self.writer.submit_job(Job(work, settled))
+        return done
+
+    def reload_refused(self, reason: str) -> None:
+        """A reload check-config refused: recorded for ``hl7bridge reload``, which waits to tell the operator."""
+        if self.writer is not None:
+            at = time.time()
+            self.writer.submit_job(Job(lambda conn: set_reload_refused(conn, at, reason), _reload_recorded))
+
+    def reload(self, config: Config) -> defer.Deferred[list[str]]:
+        """SIGHUP: new routes and mappings take effect for the next message once the new configuration is recorded
+        in the log (its commands then name it); connections stay open.
+
+        Fires with what could not be applied without a restart."""
         needs_restart = []
         if [lst.endpoint for lst in config.listeners] != [lst.endpoint for lst in self.config.listeners]:
             needs_restart.append("listeners")
@@ -401,10 +443,17 @@ class Service:
         if bool(config.routes) != bool(self.config.routes):
             needs_restart.append("routes (adding the first route or removing the last)")
         routes = router(config.routes, config.dispatch)
-        for intake in self.intakes:
-            intake.router = routes
-        self.config = replace(self.config, routes=config.routes, dispatch=config.dispatch)
-        return needs_restart
+        fresh = identity(config)
+
+        def apply(config_id: int) -> list[str]:
+            for intake in self.intakes:
+                intake.router, intake.config_id = routes, config_id
+            self.config = replace(self.config, routes=config.routes, dispatch=config.dispatch)
+            self.config_id, self.config_identity = config_id, fresh
+            log.info("running configuration %s, digest %s (configs id %d)", fresh.path, fresh.digest, config_id)
+            return needs_restart
+
+        return self._record_config(fresh).addCallback(apply)
 
     def dispatch_now(self) -> None:
         """SIGUSR1 (``hl7bridge dispatch now``): the dispatcher tries what waits now, a held queue's probe included;
@@ -561,6 +610,11 @@ def why_not_bound(exc: BaseException, setting: str) -> str:
     if isinstance(exc, (KeyError, IndexError)) or "LISTEN_FDS" in text:
         return "no socket was passed by systemd (start it through hl7bridge.socket, or use a tcp: endpoint)"
     return text.strip().splitlines()[0] if text.strip() else exc.__class__.__name__
+
+
+def _reload_recorded(_result: object, error: BaseException | None) -> None:
+    if error is not None:
+        log.error("cannot record the refused reload in the log: %s", error)
 
 
 def _target_recorded(_result: object, error: BaseException | None) -> None:

@@ -110,6 +110,8 @@ class Intake:
         self.listener = listener
         self.sync = sync
         self.clock = clock
+        #: The ``configs`` row of the configuration this intake judges with, recorded with each command.
+        self.config_id: int | None = None
 
     def read_frame(self, raw: bytes) -> Frame:
         decoded = charsets.decode(raw, self.charset_fallback)
@@ -177,7 +179,7 @@ class Intake:
             received.problem = plan.problem
         elif plan.status == MessageStatus.IGNORED:
             received.status = MessageStatus.IGNORED
-        received.commands = [command_values(c, now, sync=self.sync) for c in plan.commands]
+        received.commands = [command_values(c, now, sync=self.sync, config_id=self.config_id) for c in plan.commands]
         if self.sync and received.commands:
             # ack_mode "dispatched": not accepted until the API says so (a resend meanwhile is processed anew).
             received.status = MessageStatus.PENDING

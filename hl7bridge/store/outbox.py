@@ -64,8 +64,9 @@ class CommandUpdate:
     message_id: int | None = None
 
 
-def command_values(command: Command, now: float, sync: bool = False) -> dict[str, Any]:
-    """A ``commands`` row for a routed command (the writer fills in message_id)."""
+def command_values(command: Command, now: float, sync: bool = False, config_id: int | None = None) -> dict[str, Any]:
+    """A ``commands`` row for a routed command (the writer fills in message_id); ``config_id``: the ``configs``
+    row of the configuration that produced it."""
     return {
         "appointment_key": command.appointment_key,
         "kind": command.kind,
@@ -85,6 +86,7 @@ def command_values(command: Command, now: float, sync: bool = False) -> dict[str
         "replay_of": None,
         "created_at": now,
         "updated_at": now,
+        "config_id": config_id,
     }
 
 

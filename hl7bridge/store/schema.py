@@ -40,7 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -170,10 +170,24 @@ commands = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     *(Column(name, kind, doc=doc) for name, kind, doc in RESOLUTION_COLUMNS),
+    Column("config_id", Integer, doc="configs.id: the configuration that produced the command (schema 9)"),
     Index("ix_commands_status_due", "status", "next_attempt_at"),
     Index("ix_commands_appointment", "appointment_key", "id"),
     Index("ix_commands_message", "message_id"),
     Index("ix_commands_status_updated", "status", "updated_at"),
+)
+
+#: One row per distinct configuration that produced commands: the digest of its effective settings
+#: (``app.config_digest``), the file's path and its mtime when it was loaded.
+configs = Table(
+    "configs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("digest", String(64), nullable=False, doc="SHA-256 of the canonical JSON of the effective settings"),
+    Column("path", Text, nullable=False),
+    Column("mtime", Float, doc="the file's mtime when loaded; NULL for built-in defaults"),
+    Column("loaded_at", Float, nullable=False, doc="when the service first ran it"),
+    Index("ix_configs_identity", "digest", "path", "mtime", unique=True),
 )
 
 attempts = Table(
@@ -777,6 +791,12 @@ def _readable_ids(raw: str | None) -> list[Any]:
     return [i for i in ids if isinstance(i, (int, str))] if isinstance(ids, list) else []
 
 
+def _v9_configs(conn: Any) -> None:
+    """Which configuration produced each command: the ``configs`` table and ``commands.config_id``."""
+    configs.create(conn, checkfirst=True)
+    _add_column(conn, "commands", "config_id", "INTEGER")
+
+
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
 MIGRATIONS: dict[int, Callable[[Any], None]] = {
     2: _v2_retention,
@@ -786,6 +806,7 @@ MIGRATIONS: dict[int, Callable[[Any], None]] = {
     6: _v6_search,
     7: _v7_accounts,
     8: _v8_timeline,
+    9: _v9_configs,
 }
 
 
@@ -916,3 +937,7 @@ def get_meta(conn: Any, key: str) -> str | None:
 #: config's), and when it recorded it; a separate ``replay`` process reads them.
 DISPATCH_URL_KEY = "dispatch_base_url"
 DISPATCH_URL_AT_KEY = "dispatch_base_url_at"
+#: ``meta`` keys: the ``configs`` id the service runs now (recorded at start and on each reload), and the last
+#: reload's outcome (``applied <at> <config id>`` or ``refused <at> <first reason>``), which ``reload`` waits for.
+RUNNING_CONFIG_KEY = "running_config_id"
+RELOAD_OUTCOME_KEY = "config_reload"

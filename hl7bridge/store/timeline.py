@@ -10,12 +10,15 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 
 from .audit import AuditEntry, naming
-from .schema import REPLAYED, attempts, commands, messages
+from .schema import REPLAYED, attempts, commands, configs, messages
 
 #: The message's columns for operators; raw, ACK bytes, summary and the search columns (patient ids and words)
 #: are read apart, as they hold patient data or need decoding.
 APART = ("raw", "ack_raw", "summary", "search_terms", "search_text")
 MESSAGE_COLUMNS = tuple(c for c in messages.c if c.name not in APART)
+#: Which configuration produced a command (schema 9; NULL for commands written before it).
+CONFIG_COLUMNS = (configs.c.digest.label("config_digest"), configs.c.path.label("config_path"),
+                  configs.c.mtime.label("config_mtime"))  # fmt: skip
 #: Bounds: a message replayed or acted on without end must not make its timeline unbounded.
 REPLAYS_SHOWN = 100
 AUDIT_SHOWN = 200
@@ -52,8 +55,10 @@ def timeline_rows(engine: Engine, message_id: int) -> TimelineRows | None:
             return None
         found = dict(row._mapping)
         raw, ack_raw, summary = found.pop("raw"), found.pop("ack_raw"), found.pop("summary")
-        cmds = [dict(r._mapping) for r in
-                conn.execute(select(commands).where(commands.c.message_id == message_id).order_by(commands.c.id))]  # fmt: skip
+        cmds = [dict(r._mapping) for r in conn.execute(
+            select(commands, *CONFIG_COLUMNS).outerjoin(configs, configs.c.id == commands.c.config_id)
+            .where(commands.c.message_id == message_id).order_by(commands.c.id)
+        )]  # fmt: skip
         command_ids = [c["id"] for c in cmds]
         tried = []
         if command_ids:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from hl7bridge.api import auth
+from hl7bridge.api import auth, config_diff
 from hl7bridge.api.http import ApiError, Call, Reply, int_arg, redirect, since_arg, text_arg
 from hl7bridge.api.routes import Param, Route
 from hl7bridge.core.status import MessageStatus, Permission, Role
@@ -38,9 +38,10 @@ BULK_MAX = 1000
 #: The reason an operator gives for an unmask, a retry or a discard (the workflow's own limit for unmasks).
 REASON_MAX = 500
 NAV = (("/", "Dashboard", "d"), ("/messages", "Messages", "m"), ("/dead-letters", "Dead letters", "l"),
-       ("/audit", "Audit", "a"), ("/users", "Users", "u"), ("/settings", "Settings", "s"))  # fmt: skip
+       ("/audit", "Audit", "a"), ("/config-diff", "Config diff", "c"), ("/users", "Users", "u"),
+       ("/settings", "Settings", "s"))  # fmt: skip
 #: The pages only an admin sees in the navigation.
-ADMIN_PAGES = ("/users", "/settings")
+ADMIN_PAGES = ("/config-diff", "/users", "/settings")
 #: The console's stylesheet, script and icon, served at ``/static/``.
 STATIC = Path(__file__).resolve().parent / "static"
 STATUSES = ("", *(s.value for s in MessageStatus), "dead")
@@ -462,6 +463,27 @@ def get_settings(call: Call) -> Reply:
     return page(call, "settings.html", current="/settings", source=source, sections=list(shown.items()))
 
 
+# --- config diff (admin) ---------------------------------------------------------------------------------------
+
+
+def get_config_diff(call: Call) -> Reply:
+    form = dict.fromkeys(("toml", "path", "route", "reason", "phi"), "") | {"since": "7d"}
+    return page(call, "config_diff.html", current="/config-diff", form=form, report=None)
+
+
+def post_config_diff(call: Call) -> Reply:
+    fields = call.form()
+    form = {k: fields.get(k, "") for k in ("toml", "path", "since", "route", "reason")}
+    form["phi"] = "true" if fields.get("phi") else ""
+    asked = {k: v for k, v in form.items() if v.strip()}
+    try:
+        report = config_diff.run(call, asked)
+    except ApiError as exc:
+        return page(call, "config_diff.html", status=exc.status, current="/config-diff", form=form, report=None,
+                    notices=[("error", exc.message)])  # fmt: skip
+    return page(call, "config_diff.html", current="/config-diff", form=form, report=config_diff.view(report))
+
+
 # --- the routes ------------------------------------------------------------------------------------------------
 
 _ID = (Param("id", "path", "integer", "message id", required=True),)
@@ -486,6 +508,8 @@ PAGES: list[Route] = [
     _page("POST", "/dead-letters/retry", post_retry, ACT, "Retry dead letters"),
     _page("POST", "/dead-letters/discard", post_discard, ACT, "Discard dead letters with a reason"),
     _page("GET", "/audit", get_audit, READ, "The audit log"),
+    _page("GET", "/config-diff", get_config_diff, ADMIN, "What a new configuration would change (the form)"),
+    _page("POST", "/config-diff", post_config_diff, ADMIN, "Run a config diff against the running configuration"),
     _page("GET", "/users", get_users, ADMIN, "Users and tokens"),
     _page("POST", "/users", post_user, ADMIN, "Add a user"),
     _page("POST", "/users/{name}/remove", post_user_remove, ADMIN, "Remove a user", _NAME),

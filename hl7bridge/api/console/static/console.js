@@ -20,7 +20,7 @@
     return tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT" || (target && target.isContentEditable);
   }
 
-  var pages = { d: "/", m: "/messages", l: "/dead-letters", a: "/audit", u: "/users", s: "/settings" };
+  var pages = { d: "/", m: "/messages", l: "/dead-letters", a: "/audit", c: "/config-diff", u: "/users", s: "/settings" };
   var pendingG = 0;
   var row = -1;
 
