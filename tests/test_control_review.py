@@ -58,26 +58,37 @@ def test_an_interrupted_purge_is_already_audited(tmp_path: Path) -> None:
     assert entry.details["older_than"] == "30d"
 
 
-def test_the_service_starts_while_a_cli_holds_the_write_lock_and_records_its_target_after(tmp_path: Path) -> None:
-    """Recording where it dispatches goes through the writer: start-up neither waits for the lock nor fails."""
+def test_the_service_waits_for_a_cli_holding_the_write_lock_then_records_its_configuration_and_target(
+    tmp_path: Path,
+) -> None:
+    """Every command names the configuration that produced it, so start-up records it before it accepts anything:
+    while a CLI holds the write lock it waits (saying so) instead of failing, then records it and its target."""
     database = tmp_path / "var" / "log.db"
     database.parent.mkdir()
     open_engine(f"sqlite:///{database}").dispose()
-    holder = sqlite3.connect(database, isolation_level=None)
+    holder = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
-    release = threading.Timer(15.0, holder.rollback)
-    release.start()
+    released = threading.Event()
+
+    def release() -> None:
+        holder.rollback()
+        released.set()
+
+    timer = threading.Timer(15.0, release)
+    timer.start()
     try:
         service = start_service(tmp_path, service_toml("http://127.0.0.1:9"), env=TOKEN)
-        assert holder.in_transaction, "the service started only once the lock was given up"
+        assert released.is_set(), "the service started before it could record its configuration"
     finally:
-        release.cancel()
-        holder.rollback()
+        timer.cancel()
         holder.close()
     try:
         wait_until(lambda: recorded_target(database) == "http://127.0.0.1:9", message="target recorded")
+        (row,) = sqlite3.connect(database).execute("SELECT count(*) FROM configs").fetchall()
+        assert row == (1,)
     finally:
-        service.stop()
+        log = service.stop()
+    assert "another process holds the log's write lock: waiting for it to record the configuration" in log
 
 
 def recorded_target(database: Path) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import sqlite3
@@ -226,16 +227,28 @@ def journeys(workdir: Path, sandbox_port: int) -> list[tuple[str, str, str]]:
     )
 
 
+ACTIVE_END = [("DEMOAPPT-A", "2027-09-21 10:00:00", "InProgress"), ("DEMOAPPT-C", "2027-09-16 14:00:00", "InProgress")]
+
+
+def settled_journeys(service: RunningService, workdir: Path, sandbox_port: int) -> list[tuple[str, str, str]] | None:
+    """The sandbox's journeys once the outbox is empty. Which ones were cancelled depends on timing (a booking
+    still unsent when its move or cancel arrives is annihilated, never sent), which journeys are active does not."""
+    if json.loads(service.cli("stats", "--json").stdout)["outbox"]["depth"]:
+        return None
+    found = journeys(workdir, sandbox_port)
+    return found if [j for j in found if j[2] == "InProgress"] == ACTIVE_END else None
+
+
 def test_the_demo_reruns_after_a_restart(tmp_path: Path) -> None:
     sandbox_port = free_port()
     demo = str(FIXTURES / "demo")
-    first_end = [("DEMOAPPT-A", "2027-09-14 09:30:00", "Cancelled"), ("DEMOAPPT-A", "2027-09-21 10:00:00", "InProgress"),
-                 ("DEMOAPPT-C", "2027-09-16 14:00:00", "InProgress")]  # fmt: skip
     service = demo_service(tmp_path, sandbox_port)
     try:
         sent = service.cli("send", "--to", f"127.0.0.1:{service.port}", demo)
         assert sent.stdout.count("AA ") == 6
-        wait_until(lambda: journeys(tmp_path, sandbox_port) == first_end, timeout=30.0, message="the demo's journeys")
+        first_end = wait_until(lambda: settled_journeys(service, tmp_path, sandbox_port), timeout=30.0,
+                               message="the demo's journeys")  # fmt: skip
+        assert {j[2] for j in first_end} <= {"InProgress", "Cancelled"}
     finally:
         service.stop()
 
@@ -250,14 +263,13 @@ def test_the_demo_reruns_after_a_restart(tmp_path: Path) -> None:
         # With fresh control ids the story plays again: A booked and moved, B booked and cancelled, C unchanged.
         rerun = service.cli("send", "--fresh-ids", "--to", f"127.0.0.1:{service.port}", demo)
         assert rerun.stdout.count("AA ") == 6
-        wait_until(lambda: len(journeys(tmp_path, sandbox_port)) >= 5, message="the rerun's journeys")
-        time.sleep(0.5)
-        now = journeys(tmp_path, sandbox_port)
+        now = wait_until(lambda: settled_journeys(service, tmp_path, sandbox_port), timeout=30.0,
+                         message="the rerun's journeys")  # fmt: skip
     finally:
         service.stop()
-    assert [j for j in now if j[2] == "InProgress"] == [("DEMOAPPT-A", "2027-09-21 10:00:00", "InProgress"),
-                                                         ("DEMOAPPT-C", "2027-09-16 14:00:00", "InProgress")]  # fmt: skip
-    assert ("DEMOAPPT-A", "2027-09-14 09:30:00", "Cancelled") in now[1:] and len(now) >= 5
+    # The rerun cancelled the first run's A and C before triggering them anew (C's resend is unchanged): more
+    # journeys than before, the same two active, every other one cancelled.
+    assert len(now) > len(first_end) and {j[2] for j in now} == {"InProgress", "Cancelled"}
     assert stat.S_IMODE((tmp_path / "var" / "sandbox-state.json").stat().st_mode) == 0o600
 
 

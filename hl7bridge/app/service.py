@@ -46,6 +46,7 @@ from hl7bridge.store import (
     compact,
     index_step,
     integrity_problem,
+    is_locked,
     loose_directory,
     open_engine,
     purge_step,
@@ -64,6 +65,9 @@ log = logging.getLogger("hl7bridge.service")
 DESCRIPTOR_BASE = 128
 #: A health connection that sends no complete request for this long is closed.
 HEALTH_IDLE_TIMEOUT = 30.0
+#: How long start-up waits for another process's write lock to record its configuration, and how often it tries.
+CONFIG_LOCK_WAIT = 60.0
+CONFIG_LOCK_RETRY = 0.25
 #: The ``--sandbox`` demo's console account, and the file beside the control token holding its password.
 DEMO_USER = "demo"
 DEMO_PASSWORD_FILE = "console-demo.password"
@@ -127,8 +131,6 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - the log cannot be written: nothing could be accepted
             yield self.stop()
             raise StartupError(f"cannot record the configuration in the log: {exc.__class__.__name__}: {exc}") from None
-        log.info("configuration %s, digest %s (configs id %d)", self.config_identity.path,
-                 self.config_identity.digest, self.config_id)  # fmt: skip
         if self.with_sandbox:
             yield self._start_sandbox()
         routes = router(self.config.routes, self.config.dispatch)
@@ -174,6 +176,8 @@ class Service:
         yield self._start_console()
         self._start_retention()
         self._start_search_index()
+        log.info("configuration %s, digest %s (configs id %d)", self.config_identity.path,
+                 self.config_identity.digest, self.config_id)  # fmt: skip
 
     @defer.inlineCallbacks
     def _check_log(self):
@@ -321,7 +325,7 @@ class Service:
         target = Path(self.sandbox.control_token_file or database).parent / DEMO_PASSWORD_FILE
         try:
             write_secret(str(target), password)
-            add_user(self.engine, DEMO_USER, Role.ADMIN, password, actor="hl7bridge serve --sandbox")
+            add_user(self.engine, DEMO_USER, Role.ADMIN, password, actor="serve --sandbox")
         except (OSError, AccountError) as exc:
             log.warning("no console demo account (%s): add one with 'hl7bridge user add'", exc)
             return
@@ -406,9 +410,13 @@ class Service:
         return done
 
     def _record_config(self, config: ConfigIdentity) -> defer.Deferred[int]:
-        """The ``configs`` id of ``config``, recorded (through the writer) as the one the service runs now."""
+        """The ``configs`` id of ``config``, recorded (through the writer) as the one the service runs now. Every
+        command names it, so nothing is accepted before it is recorded: while another process (a CLI) holds the
+        log's write lock, this waits for it, up to ``CONFIG_LOCK_WAIT``, instead of failing the start."""
         done: defer.Deferred[int] = defer.Deferred()
         assert self.writer is not None
+        writer = self.writer
+        deadline = time.monotonic() + CONFIG_LOCK_WAIT
 
         def work(conn: Any) -> int:
             config_id = register_config(conn, config.digest, config.path, config.mtime, time.time())
@@ -416,12 +424,22 @@ class Service:
             return config_id
 
         def settled(result: int, error: BaseException | None) -> None:  # in the writer thread
-            if error is not None:
+            if error is not None and is_locked(error) and time.monotonic() < deadline:
+                self.reactor.callFromThread(waiting)
+            elif error is not None:
                 self.reactor.callFromThread(done.errback, error)
             else:
                 self.reactor.callFromThread(done.callback, result)
 
-        self.writer.submit_job(Job(work, settled))
+        def waiting() -> None:
+            nonlocal told
+            if not told:
+                told = True
+                log.warning("another process holds the log's write lock: waiting for it to record the configuration")
+            self.reactor.callLater(CONFIG_LOCK_RETRY, writer.submit_job, Job(work, settled))
+
+        told = False
+        writer.submit_job(Job(work, settled))
         return done
 
     def reload_refused(self, reason: str) -> None:

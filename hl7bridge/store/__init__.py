@@ -9,6 +9,7 @@ audit log, ``accounts`` the console's and the API's users, tokens and sessions.
 """
 
 from .audit import AuditEntry, ChainCheck
+from .fast_path import is_locked
 from .outbox import (
     AppointmentRow,
     CommandRow,
@@ -115,6 +116,7 @@ __all__ = [
     "heartbeat",
     "index_step",
     "integrity_problem",
+    "is_locked",
     "last_message_at",
     "later_message",
     "loose_directory",
