@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
-from hl7bridge.store import INDEX_CHUNK, SCHEMA_VERSION, index_step, messages, open_engine, purge, search_terms
+from hl7bridge.store import SCHEMA_VERSION, index_step, messages, open_engine, purge, search_terms
 from hl7bridge.store import audit as audit_log
 from hl7bridge.store.search import TAIL_MAX
 from hl7bridge.workflow.export import open_export
@@ -309,23 +309,6 @@ def test_messages_past_the_index_are_searched_directly(tmp_path: Path) -> None:
     export = open_export(engine, Filters(patient="MRN-T", since=0.0), "jsonl", False, "test")
     assert export.count == 4 and export.unindexed == 0
     assert [json.loads(line)["control_id"] for line in export.records()] == ["T-1", "T-2", "T-3", "T-5"]
-
-
-def test_an_index_job_yields_to_waiting_messages_after_a_chunk(tmp_path: Path) -> None:
-    """With messages waiting (``yield_to`` true) a job stops after ``INDEX_CHUNK`` messages and the next goes on
-    from there; without them it takes its whole limit in one go. Either way every message ends up findable."""
-    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
-    logged(engine, *((f"Y-{n}", "MRN-Y", "YEW") for n in range(2 * INDEX_CHUNK + 10)))
-    with engine.begin() as conn:
-        assert index_step(conn, 5000, lambda: True) == INDEX_CHUNK
-        assert index_step(conn, 5000, lambda: True) == INDEX_CHUNK
-        assert index_step(conn, 5000, lambda: False) == 10
-        assert index_step(conn, 5000, lambda: True) == 0
-    page = search(engine, Filters(patient="MRN-Y"), limit=1000)
-    assert len(page.rows) == 2 * INDEX_CHUNK + 10 and page.unindexed == 0
-    logged(engine, *((f"Z-{n}", "MRN-Z", "ZEL") for n in range(INDEX_CHUNK + 1)))
-    with engine.begin() as conn:
-        assert index_step(conn, 5000, lambda: False) == INDEX_CHUNK + 1
 
 
 def test_a_long_unindexed_tail_is_reported_not_silent(tmp_path: Path) -> None:

@@ -32,7 +32,6 @@ from hl7bridge.ops.health import HealthResource, HealthState, Probes
 from hl7bridge.ops.metrics import Metrics
 from hl7bridge.store import (
     DAMAGED_HINT,
-    INDEX_CHUNK,
     Job,
     PurgeCounts,
     StoreError,
@@ -240,9 +239,8 @@ class Service:
         ``SEARCH_INDEX_BATCH``; a full job is followed at once by the next). One job a second, not many small
         ones: a job costs per commit (the B-tree pages it touches, an FTS5 segment), so 100-message jobs cost
         four times the writer's CPU a message, and under a busy feed they held up messages every ~30 ms where
-        one larger job holds up a few once a second. Over a busy feed the job stops after a chunk
-        (``INDEX_CHUNK``) once messages wait, so none waits for more than a chunk. The job is not ``durable``: the
-        index is rebuilt from the log. A failing job is logged once a minute with the count of repeats, not every second."""
+        one larger job holds up a few once a second. The job is not ``durable``: the index is rebuilt
+        from the log. A failing job is logged once a minute with the count of repeats, not every second."""
         busy = False
         failures = RefusalLog(log, self.reactor)
 
@@ -255,17 +253,15 @@ class Service:
             if error is not None:
                 failures.warn(("search-index",), "search index: new messages cannot be indexed (searches by key "
                               "or words read them directly while few, then miss them): %s", error)  # fmt: skip
-            elif indexed and (indexed == SEARCH_INDEX_BATCH or indexed % INDEX_CHUNK == 0):
-                tick()  # full, or perhaps cut short for waiting messages: the rest follows them at once
+            elif indexed == SEARCH_INDEX_BATCH:
+                tick()
 
         def tick() -> None:
             nonlocal busy
             if busy or self.writer is None:
                 return
             busy = True
-            writer = self.writer
-            writer.submit_job(Job(lambda conn: index_step(conn, SEARCH_INDEX_BATCH, writer.messages_waiting), step_done,
-                                  durable=False))  # fmt: skip
+            self.writer.submit_job(Job(lambda conn: index_step(conn, SEARCH_INDEX_BATCH), step_done, durable=False))
 
         loop = task.LoopingCall(tick)
         loop.clock = self.reactor

@@ -248,16 +248,9 @@ SEARCH_DDL = (
 )
 
 
-#: Messages an index job copies between two looks at ``index_step``'s ``yield_to``: a few milliseconds' work (11-20 µs
-#: a message), so a message that arrives during a job waits about that long, not for the whole job.
-INDEX_CHUNK = 250
-
-
-def index_step(conn: Any, limit: int, yield_to: Callable[[], bool] | None = None) -> int:
+def index_step(conn: Any, limit: int) -> int:
     """Copy the ``search_terms`` and ``search_text`` of the next ``limit`` messages not yet indexed into the search
-    index; how many it took (0: the index is current). With ``yield_to``, it copies ``INDEX_CHUNK`` at a time and
-    stops early once that says others wait for the write lock (the writer's queued messages): a job over a busy
-    feed then holds messages up for one chunk, while one over a quiet feed still takes all in one transaction.
+    index; how many it took (0: the index is current).
 
     Batches, not a trigger per insert: FTS5 writes a segment per transaction, and the writer commits a lone
     message on its own, so a trigger cost 140 µs of writer time a message over one connection; a batch pays
@@ -266,27 +259,20 @@ def index_step(conn: Any, limit: int, yield_to: Callable[[], bool] | None = None
     every second (``app.service``), so a message is findable about a second after its ACK."""
     if conn.dialect.name != "sqlite":
         return 0
-    start = last = int(get_meta(conn, INDEXED_KEY) or 0)
-    done = 0
-    while done < limit:
-        want = min(limit - done, INDEX_CHUNK) if yield_to is not None else limit
-        top, count = conn.execute(
-            text("SELECT max(id), count(*) FROM (SELECT id FROM messages WHERE id > :last ORDER BY id LIMIT :n)"),
-            {"last": last, "n": want},
-        ).one()
-        if not count:
-            break
-        bounds = {"low": last, "high": top}
-        conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
-                          "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2"), bounds)  # fmt: skip
-        conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
-                          "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
-        done, last = done + int(count), int(top)
-        if count < want or (yield_to is not None and yield_to()):
-            break
-    if last != start:
-        set_meta(conn, INDEXED_KEY, str(last))
-    return done
+    last = int(get_meta(conn, INDEXED_KEY) or 0)
+    top, count = conn.execute(
+        text("SELECT max(id), count(*) FROM (SELECT id FROM messages WHERE id > :last ORDER BY id LIMIT :n)"),
+        {"last": last, "n": limit},
+    ).one()
+    if not count:
+        return 0
+    bounds = {"low": last, "high": top}
+    conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
+                      "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2"), bounds)  # fmt: skip
+    conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
+                      "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
+    set_meta(conn, INDEXED_KEY, str(top))
+    return int(count)
 
 
 #: Messages per backfill statement when an older log is upgraded.

@@ -92,10 +92,6 @@ class Writer:
     def submit_job(self, job: Job) -> None:
         self._queue.put(job)
 
-    def messages_waiting(self) -> bool:
-        """Whether anything waits for the writer: a long job (the search index) can end early and let it in."""
-        return not self._queue.empty()
-
     def _run(self) -> None:
         try:
             self._loop()
