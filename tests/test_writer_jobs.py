@@ -149,3 +149,27 @@ def test_a_job_that_need_not_be_durable_commits_alone_without_waiting_for_fsync(
     with engine.connect() as conn:
         assert {k for (k,) in conn.execute(select(appointments.c.appointment_key))} == {"D-1", "N-1", "D-2", "D-3"}
     engine.dispose()
+
+
+def test_a_job_commit_runs_no_automatic_checkpoint(tmp_path: Path) -> None:
+    """The writer schedules checkpoints between groups; a job's commit past SQLite's 1,000-page threshold must not
+    copy the WAL into the database itself (the messages queued behind the job would wait for it), and the pooled
+    connection keeps its own threshold afterwards. Copied pages would grow the database file."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    writer = Writer(engine, lambda fn, *args: fn(*args))
+    done = threading.Event()
+    results: list[Any] = []
+
+    def big(conn: Any) -> None:
+        conn.execute(appointments.insert(), [{"appointment_key": f"k{n}", "route": "r" * 4000, "chat_bot_id": "b",
+                                              "state": "active", "updated_at": 0.0} for n in range(1500)])  # fmt: skip
+
+    writer.start()
+    writer.submit_job(Job(big, lambda result, error: (results.append(error), done.set())))
+    assert done.wait(10) and results == [None]
+    size, wal = (tmp_path / "log.db").stat().st_size, (tmp_path / "log.db-wal").stat().st_size
+    assert wal > 1000 * 4096 and size < 1_000_000, (size, wal)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
+    writer.stop()
+    engine.dispose()

@@ -164,7 +164,7 @@ class Writer:
         outcomes: list[tuple[Any, BaseException | None]] = []
         began = time.monotonic()
         try:
-            with self.engine.connect() as conn, self._lock_wait(conn), self._no_fsync(conn, relaxed), conn.begin():
+            with self.engine.connect() as conn, self._lock_wait(conn), self._job_commit(conn, relaxed), conn.begin():
                 locked: BaseException | None = None
                 for job in jobs:
                     if outcomes and (
@@ -187,6 +187,7 @@ class Writer:
                         continue
                     outcomes.append((result, None))
             self.commits += 1
+            self._rows_since_checkpoint += CHECKPOINT_ROWS if relaxed else len(outcomes)
         except Exception as exc:  # noqa: BLE001 - the commit itself failed: every job of the slice failed
             self.failures += 1
             self.last_error = f"{exc.__class__.__name__}: {_first_line(exc)}"
@@ -242,21 +243,28 @@ class Writer:
             driver.execute(f"PRAGMA busy_timeout={LOCK_WAIT_MS}")
 
     @contextlib.contextmanager
-    def _no_fsync(self, conn: Any, relaxed: bool) -> Iterator[None]:
-        """A commit that does not wait for fsync, on SQLite in WAL mode; the connection's own setting after it.
+    def _job_commit(self, conn: Any, relaxed: bool) -> Iterator[None]:
+        """A job's commit on SQLite runs no automatic checkpoint (the writer schedules checkpoints between groups,
+        ``_checkpoint_if_due``: one inside a job's commit held up the messages queued behind it, and copied the
+        log's pages again soon after the writer's own), and a ``relaxed`` one does not wait for fsync; the pooled
+        connection's own settings after it.
 
-        Driver-level statements (before and after SQLAlchemy's transaction): SQLite reads the setting at commit."""
-        if not (relaxed and conn.dialect.name == "sqlite"):
+        Driver-level statements (before and after SQLAlchemy's transaction): SQLite reads both at commit."""
+        if conn.dialect.name != "sqlite":
             yield
             return
         driver = conn.connection.driver_connection
-        (saved,) = driver.execute("PRAGMA synchronous").fetchone()
-        driver.execute("PRAGMA synchronous=NORMAL")
+        (synchronous,) = driver.execute("PRAGMA synchronous").fetchone()
+        (autocheckpoint,) = driver.execute("PRAGMA wal_autocheckpoint").fetchone()
+        driver.execute("PRAGMA wal_autocheckpoint=0")
+        if relaxed:
+            driver.execute("PRAGMA synchronous=NORMAL")
         try:
             yield
         finally:
             try:
-                driver.execute(f"PRAGMA synchronous={int(saved)}")
+                driver.execute(f"PRAGMA synchronous={int(synchronous)}")
+                driver.execute(f"PRAGMA wal_autocheckpoint={int(autocheckpoint)}")
             except Exception:
                 conn.invalidate()  # the pool must never hand a durable job a connection left relaxed
                 raise
