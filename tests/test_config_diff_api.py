@@ -6,9 +6,14 @@ values masked unless unmasked with a reason, which is audited."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 
 import pytest
+
+from hl7bridge.app.config_diff import ServiceDiff
+from hl7bridge.store import open_engine
+from hl7bridge.workflow.config_diff import DiffBusy
 
 from .api_support import Api, start_api
 from .dispatch_support import siu
@@ -97,3 +102,30 @@ def test_the_console_page_shows_the_summary_and_examples(api: Api) -> None:
     viewer, _me = api.login("viewer")
     assert api.call("GET", "/config-diff", session=viewer).status_code == 403
     assert "/config-diff" not in api.call("GET", "/", session=viewer).text
+
+
+def test_the_service_diffs_at_most_31_days_one_at_a_time(api: Api) -> None:
+    """Inside the service the diff runs beside the listeners and the writer: in-process, one at a time, over a
+    bounded window (`hl7bridge config diff` on the machine takes any window, on every CPU)."""
+    answer = api.post("/api/v1/config-diff", {"toml": RENAMED, "since": "32d"}, role="admin")
+    assert answer.status_code == 400 and answer.json()["field"] == "since" and "31 days" in answer.json()["error"]
+    service_diff = ServiceDiff(open_engine(api.service.url, create=False))
+    assert service_diff._running.acquire()  # another diff running
+    with pytest.raises(DiffBusy, match="another config diff is running"):
+        service_diff(toml=RENAMED, path=None, since=time.time() - 3600, route=None, phi=False, actor="t", channel="api")
+    service_diff._running.release()
+    assert service_diff(toml=RENAMED, path=None, since=time.time() - 86400, route=None, phi=False, actor="t",
+                        channel="api").counts == {"parameter": 3}  # fmt: skip
+
+
+def test_a_running_file_changed_since_it_was_loaded_is_not_compared(api: Api) -> None:
+    """Copied over the running file before the reload, the new configuration would be compared with itself and
+    report nothing: refused, naming what to do."""
+    config = api.service.config
+    kept = config.read_text(encoding="utf-8")
+    try:
+        config.write_text(RENAMED, encoding="utf-8")
+        answer = api.post("/api/v1/config-diff", {"toml": RENAMED, "since": "1d"}, role="admin")
+        assert answer.status_code == 400 and "has changed since the service loaded it" in answer.json()["error"]
+    finally:
+        config.write_text(kept, encoding="utf-8")

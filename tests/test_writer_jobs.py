@@ -16,6 +16,8 @@ from sqlalchemy import func, select
 from hl7bridge.store import Job, Writer, WriteRequest, open_engine
 from hl7bridge.store.schema import appointments, messages
 
+from .conftest import wait_until
+
 
 def remember(key: str, fail: bool = False, takes: float = 0.0):
     def work(conn: Any) -> str:
@@ -171,5 +173,25 @@ def test_a_job_commit_runs_no_automatic_checkpoint(tmp_path: Path) -> None:
     assert wal > 1000 * 4096 and size < 1_000_000, (size, wal)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
+    writer.stop()
+    engine.dispose()
+
+
+def test_jobs_alone_are_checkpointed(tmp_path: Path) -> None:
+    """Before any message (a restart on a quiet feed), the jobs' WAL is still copied into the database by the
+    writer's own checkpoint: a job's commit runs none, and nothing else would bound the WAL."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    writer = Writer(engine, lambda fn, *args: fn(*args))
+    done = threading.Event()
+
+    def big(conn: Any) -> None:
+        conn.execute(appointments.insert(), [{"appointment_key": f"k{n}", "route": "r" * 4000, "chat_bot_id": "b",
+                                              "state": "active", "updated_at": 0.0} for n in range(1500)])  # fmt: skip
+
+    writer.start()
+    # Not durable: it counts as CHECKPOINT_ROWS, so the writer's checkpoint is due once it is idle.
+    writer.submit_job(Job(big, lambda result, error: done.set(), durable=False))
+    assert done.wait(10)
+    wait_until(lambda: (tmp_path / "log.db").stat().st_size > 1_000_000, message="the WAL copied into the database")
     writer.stop()
     engine.dispose()

@@ -13,7 +13,7 @@ from typing import Any
 from hl7bridge.api.http import ApiError, Call, Reply, bool_arg, since_arg, text_arg, unknown_keys
 from hl7bridge.api.routes import Param, Route
 from hl7bridge.core.status import Permission
-from hl7bridge.workflow.config_diff import EXAMPLES, KINDS, DiffRefused, DiffReport
+from hl7bridge.workflow.config_diff import EXAMPLES, KINDS, DiffBusy, DiffRefused, DiffReport
 
 #: The reason an unmask gives, at most (as the timeline's).
 REASON_MAX = 500
@@ -41,8 +41,11 @@ def run(call: Call, fields: dict[str, Any]) -> DiffReport:
     try:
         return call.ctx.config_diff(toml=toml, path=path, since=since, route=route, phi=phi, actor=call.actor,
                                     channel=channel, reason=reason)  # fmt: skip
+    except DiffBusy as exc:
+        raise ApiError(409, str(exc)) from None
     except DiffRefused as exc:
-        raise ApiError(400, str(exc), "path" if path else "toml") from None
+        field = "since" if str(exc).startswith("since:") else "path" if path else "toml"
+        raise ApiError(400, str(exc), field) from None
 
 
 def post_config_diff(call: Call) -> Reply:

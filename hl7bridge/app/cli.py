@@ -688,7 +688,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
           "Routes, mappings and dispatch settings apply to the next message; the service log says what needs a "
           "restart.")  # fmt: skip
     checked = identity(cfg)
-    if row["digest"] != checked.digest:
+    # Paths too: the digest leaves out dispatch settings, which a reload applies all the same.
+    if row["digest"] != checked.digest or row["path"] != checked.path:
         print(f"hl7bridge: note: the service reread the file it was started with, {escape(row['path'])} (digest "
               f"{row['digest'][:12]}), not {escape(checked.path)} (digest {checked.short})", file=sys.stderr)  # fmt: skip
     return 0

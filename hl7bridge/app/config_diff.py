@@ -6,9 +6,11 @@ default to compare with (what the running service recorded), and one run with it
 from __future__ import annotations
 
 import os
+import threading
+import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
@@ -16,13 +18,15 @@ from sqlalchemy.engine import Engine
 from hl7bridge.app.cli_format import when
 from hl7bridge.app.config import Config, ConfigError, parse
 from hl7bridge.app.config_digest import identity
-from hl7bridge.workflow.config_diff import Clock, ConfigRef, DiffRefused, DiffReport, IntakeFor, diff
+from hl7bridge.workflow.config_diff import Clock, ConfigRef, DiffBusy, DiffRefused, DiffReport, IntakeFor, diff
 from hl7bridge.workflow.unmask import record_unmask
 
 #: A configuration file or upload compared, at most (the example, fully commented, is 20 KiB).
 MAX_CONFIG_BYTES = 256 * 1024
 #: A ``phi`` run records the ids of at most this many changed messages in its audit entry (and how many there were).
 AUDITED_IDS = 1000
+#: The longest window the service's own diff (console, API) takes, in seconds.
+SERVICE_WINDOW = 31 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,12 @@ def running(engine: Engine) -> Side | None:
     if row is None or not os.path.isfile(row["path"]):
         return None
     how = f"the configuration the service runs (loaded {when(row['loaded_at'])}, digest {row['digest'][:12]})"
-    if row["mtime"] is not None and os.stat(row["path"]).st_mtime != row["mtime"]:
-        how += "; the file has changed since it was loaded, so this compares with the file as it is now"
-    return from_file(row["path"], how)
+    side = from_file(row["path"], how)
+    if identity(side.config).digest != row["digest"]:
+        # Copied over the running file before the reload, the new file would be compared with itself.
+        raise DiffRefused(f"{row['path']} has changed since the service loaded it (digest {row['digest'][:12]}): "
+                          "it is no longer what the service runs; name the file to compare with by --against")  # fmt: skip
+    return side
 
 
 def within(directory: Path, path: str) -> str:
@@ -120,14 +127,31 @@ def run_diff(engine: Engine, new: Side, against: Side, since: float, *, route: s
 @dataclass(frozen=True)
 class ServiceDiff:
     """The console's and the JSON API's diff: a new configuration uploaded (TOML text) or named by a path in the
-    running configuration's directory (no other file is read), compared with the configuration the service runs."""
+    running configuration's directory (no other file is read), compared with the configuration the service runs.
+
+    It runs inside the service, beside the listeners and the writer: in-process (no worker per CPU), one at a time,
+    over at most ``SERVICE_WINDOW`` seconds; a longer window is for ``hl7bridge config diff``."""
 
     engine: Engine
+    clock: Callable[[], float] = time.time
+    _running: threading.Lock = field(default_factory=threading.Lock, init=False, compare=False, repr=False)
 
     def __call__(self, *, toml: str | None, path: str | None, since: float, route: str | None, phi: bool,
                  actor: str, channel: str, reason: str = "") -> DiffReport:  # fmt: skip
         if (toml is None) == (path is None):
             raise DiffRefused("toml: give the new configuration's text, or a path (not both)")
+        if since < self.clock() - SERVICE_WINDOW:
+            raise DiffRefused(f"since: at most {SERVICE_WINDOW // 86400:.0f} days here; for a longer window run "
+                              "'hl7bridge config diff' on the service's machine")  # fmt: skip
+        if not self._running.acquire(blocking=False):
+            raise DiffBusy("another config diff is running in the service: try again when it is done")
+        try:
+            return self._run(toml, path, since, route, phi, actor, channel, reason)
+        finally:
+            self._running.release()
+
+    def _run(self, toml: str | None, path: str | None, since: float, route: str | None, phi: bool, actor: str,
+             channel: str, reason: str) -> DiffReport:  # fmt: skip
         try:
             against = running(self.engine)
             if against is None:
@@ -139,4 +163,4 @@ class ServiceDiff:
         except ConfigError as exc:
             raise DiffRefused("; ".join(exc.problems)) from None
         return run_diff(self.engine, new, against, since, route=route, phi=phi, actor=actor, channel=channel,
-                        reason=reason)  # fmt: skip
+                        reason=reason, workers=1)  # fmt: skip

@@ -138,14 +138,14 @@ class Writer:
 
         SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, so the ACKs
         of that group wait for it. Here it runs between groups: when the writer is idle, or at the
-        latest after ``CHECKPOINT_HARD_ROWS``, so the WAL stays small under steady load too."""
-        if self._raw is None:
-            return
+        latest after ``CHECKPOINT_HARD_ROWS``, so the WAL stays small under steady load too. Jobs count as well:
+        their commits run no automatic checkpoint, so before the first message (a restart on a quiet feed) only
+        this one bounds the WAL."""
         due = self._rows_since_checkpoint
-        if due < CHECKPOINT_ROWS or (not idle and due < CHECKPOINT_HARD_ROWS):
+        if due < CHECKPOINT_ROWS or (not idle and due < CHECKPOINT_HARD_ROWS) or not self._sqlite_file():
             return
         self._rows_since_checkpoint = 0
-        self._raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def _handle(self, requests: list[WriteRequest]) -> None:
         results = self._write(requests)

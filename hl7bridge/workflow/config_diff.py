@@ -47,6 +47,10 @@ class DiffRefused(ValueError):
     """The diff cannot run as asked; the message says what to change."""
 
 
+class DiffBusy(DiffRefused):
+    """Another diff runs in the service (it takes one at a time)."""
+
+
 Row = tuple[int, float, str, bytes | None]
 
 
