@@ -277,7 +277,13 @@ def test_serve_sandbox_makes_a_demo_console_account_once(tmp_path: Path) -> None
     (tmp_path / "plain").mkdir()
     plain = start_service(tmp_path / "plain", service_toml("https://api.example.invalid") + console_toml(free_port()),
                           env={"TEST_API_TOKEN": "t"})  # fmt: skip
+    assert ack(plain, siu("S12", "LOGGED-1", "A-LOGGED-1", future()))[1] == "AA"
     plain.stop()
+    assert not (tmp_path / "plain" / "var" / "console-demo.password").exists()
+    # A log that holds messages is no newcomer's demo: --sandbox on it makes no admin.
+    config = service_toml("https://api.example.invalid") + SANDBOX_TABLES + console_toml(free_port())
+    later = start_service(tmp_path / "plain", config, extra=["--sandbox", "--sandbox-listen", f"tcp:{free_port()}"])
+    assert "console demo account" not in later.stop()
     assert not (tmp_path / "plain" / "var" / "console-demo.password").exists()
 
 

@@ -52,6 +52,7 @@ from hl7bridge.store import (
     purge_step,
 )
 from hl7bridge.store.configs import register_config, set_reload_refused, set_running_config
+from hl7bridge.store.search import newest_id
 from hl7bridge.testing.sandbox import Sandbox, write_secret
 from hl7bridge.workflow.accounts import AccountError, add_user, list_users
 from hl7bridge.workflow.dispatch_target import record_dispatch_target
@@ -314,11 +315,13 @@ class Service:
             yield threads.deferToThreadPool(self.reactor, pool, self._demo_account)
 
     def _demo_account(self) -> None:
-        """``--sandbox`` is a newcomer's demo: with the console on and no account yet, an admin ``demo`` with a
-        random password (written 0600 beside the sandbox's control token) lets them log in at once. Never
-        without ``--sandbox``, and never beside an existing account."""
+        """``--sandbox`` is a newcomer's demo: with the console on and a new log (no message, no account yet), an
+        admin ``demo`` with a random password (written 0600 beside the sandbox's control token) lets them log in at
+        once. Never without ``--sandbox``, never in a log that holds messages or accounts."""
         assert self.sandbox is not None and self.engine is not None
-        if list_users(self.engine):
+        with self.engine.connect() as conn:
+            logged = newest_id(conn)
+        if logged or list_users(self.engine):  # a log that holds messages is no newcomer's: no stray admin in it
             return
         password = secrets.token_urlsafe(18)
         database = make_url(self.config.service.database).database or "."
