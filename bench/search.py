@@ -39,6 +39,15 @@ LOCATIONS = [f"Clinic {c}" for c in "ABCDEFGHIJKLMNOP"]
 EVENTS = ["S12"] * 60 + ["S13"] * 10 + ["S14"] * 15 + ["S15"] * 10 + ["S26"] * 5
 
 
+def log_location(database: str | None, prefix: str) -> tuple[Path, str | None]:
+    """The log to fill or reuse: ``--database`` when given, else a new temporary directory's (returned too, for
+    removal afterwards)."""
+    if database:
+        return Path(database), None
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    return Path(tmp) / "log.db", tmp
+
+
 def fill(url: str, total: int, seed: int = 7) -> dict:
     rng = random.Random(seed)
     engine = open_engine(url, synchronous="OFF")
@@ -257,12 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"and {cost['intake_us']} us in intake (search_terms); medians of {len(cost['rounds']['with'])} "
                   f"alternating rounds: {cost['rounds']}; wall: {cost['wall_rounds']}", flush=True)  # fmt: skip
         return 0
-    tmp = None
-    if args.database:
-        path = Path(args.database)
-    else:
-        tmp = tempfile.mkdtemp(prefix="hl7bridge-search-")
-        path = Path(tmp) / "log.db"
+    path, tmp = log_location(args.database, "hl7bridge-search-")
     url = f"sqlite:///{path}"
     filled = None
     if not path.exists():

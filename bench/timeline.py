@@ -18,14 +18,13 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from search import _pct, fill
+from search import _pct, fill, log_location
 
 from hl7bridge.store import attempts, commands, index_step, messages, open_engine
 from hl7bridge.workflow.dashboard import dashboard
@@ -122,12 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary log")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
     args = parser.parse_args(argv)
-    tmp = None
-    if args.database:
-        path = Path(args.database)
-    else:
-        tmp = tempfile.mkdtemp(prefix="hl7bridge-timeline-")
-        path = Path(tmp) / "log.db"
+    path, tmp = log_location(args.database, "hl7bridge-timeline-")
     url = f"sqlite:///{path}"
     filled = None
     if not path.exists():

@@ -282,6 +282,16 @@ def _letters_filter(call: Call, form: dict[str, str]) -> tuple[float | None, str
     )
 
 
+def _keyset_page(rows: Sequence[Any], path: str, form: dict[str, str], key: str) -> tuple[Sequence[Any], str]:
+    """A page of ``PAGE_ROWS`` from ``rows`` (read one more, to know), and the link to the next page: the same
+    filters with ``key`` set to the last row's id; "" when nothing remains."""
+    if len(rows) <= PAGE_ROWS:
+        return rows, ""
+    rows = rows[:PAGE_ROWS]
+    kept = {k: v for k, v in form.items() if v and k != key}
+    return rows, f"{path}?" + urlencode({**kept, key: rows[-1].id})
+
+
 def get_dead_letters(call: Call, notices: Sequence[tuple[str, str]] = (), status: int = 200) -> Reply:
     form = {name: (call.arg(name) or "").strip() for name in ("since", "route", "after")}
     try:
@@ -291,11 +301,7 @@ def get_dead_letters(call: Call, notices: Sequence[tuple[str, str]] = (), status
         return page(call, "dead_letters.html", status=400, current="/dead-letters", form=form, letters=[],
                     more_url="", notices=[("error", exc.message)])  # fmt: skip
     letters = deadletters.list_open(call.ctx.engine, since=since, route=route, after=after, limit=PAGE_ROWS + 1)
-    more_url = ""
-    if len(letters) > PAGE_ROWS:
-        letters = letters[:PAGE_ROWS]
-        kept = {k: v for k, v in form.items() if v and k != "after"}
-        more_url = "/dead-letters?" + urlencode({**kept, "after": letters[-1].id})
+    letters, more_url = _keyset_page(letters, "/dead-letters", form, "after")
     return page(call, "dead_letters.html", status=status, current="/dead-letters", form=form, letters=letters,
                 more_url=more_url, notices=notices)  # fmt: skip
 
@@ -397,11 +403,7 @@ def get_audit(call: Call) -> Reply:
         return page(call, "audit.html", status=400, current="/audit", form=form, entries=[], older_url="",
                     notices=[("error", exc.message)])  # fmt: skip
     found = audit.entries(call.ctx.engine, since=since, action=action, before=before, limit=PAGE_ROWS + 1)
-    older_url = ""
-    if len(found) > PAGE_ROWS:
-        found = found[:PAGE_ROWS]
-        kept = {k: v for k, v in form.items() if v and k != "before"}
-        older_url = "/audit?" + urlencode({**kept, "before": found[-1].id})
+    found, older_url = _keyset_page(found, "/audit", form, "before")
     return page(call, "audit.html", current="/audit", form=form, entries=found, older_url=older_url)
 
 
