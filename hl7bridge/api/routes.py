@@ -8,7 +8,7 @@ but a page answers an unauthenticated visitor with a redirect to ``/login`` rath
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from hl7bridge.api.http import ApiError, Call, Reply
@@ -105,6 +105,3 @@ class Router:
             raise ApiError(405, f"{method} is not allowed here; use {', '.join(sorted(set(allowed)))}",
                            headers={"Allow": ", ".join(sorted(set(allowed)))})  # fmt: skip
         raise ApiError(404, f"no such resource: {path[:200]} (see /api/v1/openapi.json)")
-
-    def of_kind(self, kind: str) -> Sequence[Route]:
-        return [r for r in self.routes if r.kind == kind]

@@ -240,10 +240,6 @@ class DiffReport:
     def examples(self, kind: str, limit: int = EXAMPLES) -> list[Difference]:
         return [d for d in self.differences if d.kind == kind][:limit]
 
-    @property
-    def changed_ids(self) -> list[int]:
-        return list(dict.fromkeys(d.message_id for d in self.differences))
-
     def to_json(self) -> dict[str, Any]:
         return {
             "new": self.new.to_json(),
