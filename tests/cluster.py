@@ -30,6 +30,7 @@ from tests.reliability.support import (
     bridge_for,
     child_pids,
     delivered_order,
+    health_toml,
     is_subsequence,
     journey_check,
     log_check,
@@ -230,10 +231,17 @@ def client_ports(pids: list[int]) -> set[int]:
     return ports
 
 
+#: ``cluster(routes=False)``: the ingest benchmark's configuration (no route, so nothing to dispatch; every
+#: connection comes from 127.0.0.1, so the per-peer cap is lifted) with a health listener.
+INGEST_ONLY = "[listeners.main]\nmax_connections_per_peer = 1000\n"
+
+
 @contextlib.contextmanager
-def cluster(root: Path, postgres: PostgresServer, instances: int, **config: Any) -> Iterator[Cluster]:
+def cluster(root: Path, postgres: PostgresServer, instances: int, routes: bool = True,
+            **config: Any) -> Iterator[Cluster]:  # fmt: skip
     """A started cluster of ``instances`` bridges in ``root`` (a fresh database of ``postgres``), HAProxy seeing
-    each UP; everything stopped however the block ends. ``config``: ``support.bridge_config``'s settings."""
+    each UP; everything stopped however the block ends. ``config``: ``support.bridge_config``'s settings;
+    ``routes=False``: ``INGEST_ONLY`` instead."""
     url = postgres.create_database()
     (root / "sandbox").mkdir(parents=True)
     sandbox = sandbox_process(root / "sandbox")
@@ -245,6 +253,8 @@ def cluster(root: Path, postgres: PostgresServer, instances: int, **config: Any)
             workdir = root / f"bridge{n + 1}"
             workdir.mkdir()
             bridge = bridge_for(sandbox, workdir, **config)
+            if not routes:
+                bridge.config = INGEST_ONLY + health_toml(bridge.health_port or 0)
             bridge.log_url = url
             bridges.append(bridge)
         # The first creates the schema; the others start together, as a fleet does.
