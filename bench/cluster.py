@@ -132,7 +132,9 @@ def takeovers(postgres: PostgresServer, root: Path, count: int) -> dict:
                 running.proxy.wait_up()
             load.stop.set()
     seconds = [t["takeover_s"] for t in found]
-    return {"runs": found, "median_s": statistics.median(seconds), "max_s": max(seconds)}
+    resumed = [t["resumed_s"] for t in found]
+    return {"runs": found, "median_s": statistics.median(seconds), "max_s": max(seconds),
+            "resumed_median_s": statistics.median(resumed), "resumed_max_s": max(resumed)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -22,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, RunningSandbox, free_port
+from tests.conftest import ROOT, RunningSandbox
 from tests.pg import PostgresServer
 from tests.reliability.support import (
     Bridge,
     Ledger,
-    bridge_for,
+    bridge_config,
     child_pids,
     delivered_order,
     health_toml,
@@ -42,6 +43,22 @@ from tests.reliability.support import (
 TEMPLATE = ROOT / "config" / "haproxy.example.cfg"
 #: Command statuses of work not finished yet.
 OPEN_STATUSES = ("pending", "in_flight")
+
+
+def restart_port() -> int:
+    """A free loopback port below the ephemeral range (32768 and up on Linux), for an instance that is killed and
+    started again on it: a port from the ephemeral range may meanwhile become the local end of one of the many
+    outgoing connections here (senders, HAProxy, the pools), and the restart could not bind it."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def haproxy_binary() -> str | None:
@@ -70,7 +87,7 @@ class HAProxy:
     """A foreground ``haproxy`` (``-db``) and its admin socket."""
 
     workdir: Path
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=restart_port)
     process: subprocess.Popen | None = None
 
     @property
@@ -174,20 +191,30 @@ class Cluster:
 
     def takeover_after_kill(self, victim: Bridge, timeout: float,
                             after_kill: Callable[[], Any] | None = None) -> dict[str, Any]:  # fmt: skip
-        """SIGKILL ``victim`` and measure how long until every command open at its death is settled (sent and
-        answered, found by a search, or annihilated) by the instances left."""
+        """SIGKILL ``victim`` and measure how long until the first and until every command open at its death is
+        settled (sent and answered, found by a search, or annihilated) by the instances left: the first says when
+        dispatching resumed, every one includes working off the backlog built meanwhile."""
         before = self.open_commands()
         killed_at = time.monotonic()
         victim.kill()
         if after_kill is not None:
             after_kill()
+        resumed: list[float] = []
+
+        def settled() -> bool:
+            left = before & self.open_commands()
+            if len(left) < len(before) and not resumed:
+                resumed.append(round(time.monotonic() - killed_at, 2))
+            return not left
+
         try:
-            wait_for(lambda: not (before & self.open_commands()), timeout, "the dead instance's commands", 0.05)
+            wait_for(settled, timeout, "the dead instance's commands", 0.05)
         except AssertionError as exc:
             left = self.query("SELECT id, status, attempts, outcome, next_attempt_at FROM commands WHERE id = ANY(%s)",
                               sorted(before & self.open_commands()))  # fmt: skip
             raise AssertionError(f"{exc}; still open: {left[:10]}, now {time.time():.1f}") from None
-        return {"open_at_death": len(before), "takeover_s": round(time.monotonic() - killed_at, 2)}
+        took = round(time.monotonic() - killed_at, 2)
+        return {"open_at_death": len(before), "resumed_s": resumed[0] if resumed else took, "takeover_s": took}
 
     def checks(self, ledger: Ledger) -> dict[str, Any]:
         """The log and the sandbox against what the senders were told AA (``support.journey_check``), and each
@@ -252,10 +279,9 @@ def cluster(root: Path, postgres: PostgresServer, instances: int, routes: bool =
         for n in range(instances):
             workdir = root / f"bridge{n + 1}"
             workdir.mkdir()
-            bridge = bridge_for(sandbox, workdir, **config)
-            if not routes:
-                bridge.config = INGEST_ONLY + health_toml(bridge.health_port or 0)
-            bridge.log_url = url
+            health = restart_port()
+            text = bridge_config(sandbox.url, health, **config) if routes else INGEST_ONLY + health_toml(health)
+            bridge = Bridge(workdir, text, port=restart_port(), health_port=health, log_url=url)
             bridges.append(bridge)
         # The first creates the schema; the others start together, as a fleet does.
         bridges[0].start()

@@ -213,9 +213,9 @@ def test_instances_reconnect_without_a_restart_and_lose_nothing(database_crash: 
     assert database_crash["journeys"]["journey_missing"] == 0, database_crash["journeys"]
 
 
-@pytest.mark.xfail(strict=True, reason="the dispatch lock is a session lock: the server's restart frees it, the "
-                   "waiting instance's dispatcher starts beside the first, which never notices, and both send; "
-                   "issue 20's leases and fencing (branch s27-leader) replace the lock")  # fmt: skip
+@pytest.mark.xfail(strict=False, reason="the dispatch lock is a session lock: the server's restart frees it, the "
+                   "waiting instance's dispatcher starts beside the first, which (in most runs) does not notice, and "
+                   "both send; issue 20's leases and fencing (branch s27-leader) replace the lock")  # fmt: skip
 def test_after_the_database_restart_the_journeys_are_as_sent(database_crash: dict[str, Any]) -> None:
     """None doubled, every cancel applied (a doubled trigger after its cancel undoes it), in the order sent."""
     assert database_crash["lost"] == 0 and database_crash["duplicated"] == 0, database_crash["journeys"]
@@ -312,7 +312,10 @@ def test_a_refused_token_fails_healthz_but_keeps_every_instance_ready_in_haproxy
         wait_for(lambda: "dispatch" in bridge.healthz()[1].get("failing", []), 30, "/healthz to name dispatch")
         ready = requests.get(f"http://127.0.0.1:{bridge.health_port}/ready", timeout=5)
         assert ready.status_code == 200 and ready.json() == {"ready": True, "failing": []}
-        assert set(pair.proxy.server_states().values()) == {"UP"}
+        # Longer than HAProxy takes to mark an instance down (2 failed checks 1 s apart).
+        for _ in range(20):
+            assert set(pair.proxy.server_states().values()) == {"UP"}
+            time.sleep(0.2)
         with BlockingClient("127.0.0.1", pair.port, timeout=10) as client:
             assert segments(client.request(siu("S12", "TOK-2", "A-TOK-2", future())))["MSA"][1] == "AA"
     finally:
