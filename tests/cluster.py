@@ -181,7 +181,7 @@ class Cluster:
         if key is None:
             return None
         rows = self.query("SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                          "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s",
+                          "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = ? AND l.objid = ?",
                           key >> 32, key & 0xFFFFFFFF)  # fmt: skip
         ports = {r[0] for r in rows}
         for bridge in self.bridges:
@@ -210,7 +210,7 @@ class Cluster:
         try:
             wait_for(settled, timeout, "the dead instance's commands", 0.05)
         except AssertionError as exc:
-            left = self.query("SELECT id, status, attempts, outcome, next_attempt_at FROM commands WHERE id = ANY(%s)",
+            left = self.query("SELECT id, status, attempts, outcome, next_attempt_at FROM commands WHERE id = ANY(?)",
                               sorted(before & self.open_commands()))  # fmt: skip
             raise AssertionError(f"{exc}; still open: {left[:10]}, now {time.time():.1f}") from None
         took = round(time.monotonic() - killed_at, 2)

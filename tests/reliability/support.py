@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hl7bridge.testing.client import BlockingClient
 from tests.conftest import RunningSandbox, RunningService, free_port, segments, start_sandbox, start_service
-from tests.dispatch_support import SANDBOX_TOML, TOKEN, iso, service_toml, siu
+from tests.dispatch_support import SANDBOX_TOML, TOKEN, iso, pg_rows, service_toml, siu
 
 LONG = os.environ.get("HL7BRIDGE_RELIABILITY", "short").strip().lower() == "long"
 MODE = "long" if LONG else "short"
@@ -236,7 +236,7 @@ class Bridge:
     def query(self, sql: str, *args: Any) -> list[tuple]:
         """Rows of one read (``?`` placeholders), on the SQLite file or the PostgreSQL log."""
         if self.log_url:
-            return pg_query(self.log_url, sql.replace("?", "%s"), *args)
+            return pg_query(self.log_url, sql, *args)
         with contextlib.closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=30)) as conn:
             return conn.execute(sql, args).fetchall()
 
@@ -271,12 +271,8 @@ class Bridge:
 
 
 def pg_query(url: str, sql: str, *args: Any) -> list[tuple]:
-    """Rows of one statement on a PostgreSQL log (``%s`` placeholders), on a connection of its own."""
-    import psycopg
-
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1), autocommit=True) as conn:
-        cur = conn.execute(sql, args or None)
-        return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in cur.fetchall()]
+    """Rows of one statement on a PostgreSQL log as tuples (``?`` placeholders), as ``Bridge.query`` gives them."""
+    return [tuple(row.values()) for row in pg_rows(url, sql, *args)]
 
 
 def sandbox_process(workdir: Path) -> RunningSandbox:
