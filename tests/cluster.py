@@ -171,15 +171,21 @@ class Cluster:
         wait_for(lambda: not self.open_commands(), timeout, "the outbox to drain", interval=0.2)
         return round(time.monotonic() - began, 2)
 
-    def dispatching(self) -> Bridge | None:
-        """The instance whose dispatcher holds the log's dispatch lock (one dispatcher per log in this release),
-        found through the lock holder's client port; None when no instance holds it (or no such lock exists,
-        once every instance dispatches)."""
+    @property
+    def one_dispatcher(self) -> bool:
+        """Whether one instance's dispatcher works at a time (this release: a lock) or every instance's does."""
         from hl7bridge.store import schema
 
-        key = getattr(schema, "DISPATCH_LOCK_KEY", None)
-        if key is None:
+        return hasattr(schema, "DISPATCH_LOCK_KEY")
+
+    def dispatching(self) -> Bridge | None:
+        """The instance whose dispatcher holds the log's dispatch lock, found through the lock holder's client
+        port; None when no instance holds it, or when every instance dispatches (``one_dispatcher`` false)."""
+        from hl7bridge.store import schema
+
+        if not self.one_dispatcher:
             return None
+        key = schema.DISPATCH_LOCK_KEY
         rows = self.query("SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                           "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = ? AND l.objid = ?",
                           key >> 32, key & 0xFFFFFFFF)  # fmt: skip
