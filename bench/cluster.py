@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             result["takeover"] = takeovers(postgres, Path(tmp) / "takeover", count)
     finally:
         postgres.stop()
+        shutil.rmtree(postgres.root, ignore_errors=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"raw figures: {args.json}")
     return 0
