@@ -165,17 +165,22 @@ def query(service: RunningService, sql: str, *args: object) -> list[dict]:
     """Rows of the service's log as dicts, read straight from the database rather than through the service (its
     SQLite file, or its PostgreSQL database: ``?`` placeholders either way)."""
     if service.database_url:
-        import psycopg
-        from psycopg.rows import dict_row
-        from sqlalchemy.engine import make_url
-
-        url = make_url(service.database_url)
-        with psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database,
-                             row_factory=dict_row) as conn:  # fmt: skip
-            return [dict(r) for r in conn.execute(sql.replace("%", "%%").replace("?", "%s"), args)]
+        return pg_rows(service.database_url, sql, *args)
     with sqlite3.connect(service.database) as conn:
         conn.row_factory = sqlite3.Row
         return [dict(r) for r in conn.execute(sql, args)]
+
+
+def pg_rows(database_url: str, sql: str, *args: object) -> list[dict]:
+    """Rows of one statement on a PostgreSQL log as dicts (``?`` placeholders), on a connection of its own."""
+    import psycopg
+    from psycopg.rows import dict_row
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    with psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database,
+                         row_factory=dict_row) as conn:  # fmt: skip
+        return [dict(r) for r in conn.execute(sql.replace("%", "%%").replace("?", "%s"), args)]
 
 
 def commands_of(service: RunningService, control_id: str) -> list[dict]:

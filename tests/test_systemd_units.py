@@ -26,6 +26,7 @@ SERVICE = UNITS / "hl7bridge.service"
 SOCKET = UNITS / "hl7bridge.socket"
 SOCKET_DROPIN = UNITS / "hl7bridge-socket-activation.conf"
 TLS_DROPIN = UNITS / "hl7bridge-tls.conf"
+POSTGRESQL_DROPIN = UNITS / "hl7bridge-postgresql.conf"
 SHIPPED_BINARY = "/opt/hl7bridge/venv/bin/hl7bridge"
 MAX_EXPOSURE = 3.0
 
@@ -200,6 +201,19 @@ def test_socket_activation_dropin_only_adds_the_systemd_listener(service: Unit) 
     assert values(dropin, "Unit", "After") == ["hl7bridge.socket"]
 
 
+def test_postgresql_dropin_only_leaves_the_database_to_the_configuration(service: Unit) -> None:
+    """A ``--database`` argument would override ``[service] database``, the cluster's PostgreSQL URL."""
+    dropin = parse_unit(POSTGRESQL_DROPIN)
+    assert set(dropin) == {"Service"} and {k for k, _v in dropin["Service"]} == {"ExecStart", "ExecReload"}
+    for key in ("ExecStart", "ExecReload"):
+        assert assigned(dropin, "Service", key)[0] == "", f"the drop-in must clear {key}= before setting its own"
+        shipped = shlex.split(one(service, "Service", key))
+        argv = shlex.split(one(dropin, "Service", key))
+        assert argv == shipped[: shipped.index("--database")] + shipped[shipped.index("--database") + 2 :]
+        args = build_parser().parse_args([a.replace("$MAINPID", "1") for a in argv[1:]])
+        assert args.database is None and args.config == "/etc/hl7bridge/hl7bridge.toml"
+
+
 def test_tls_dropin_only_allows_write_execute_memory() -> None:
     assert parse_unit(TLS_DROPIN) == {"Service": [("MemoryDenyWriteExecute", "no")]}
 
@@ -249,8 +263,8 @@ def _verify(tool: str, *units: Path) -> None:
 
 @pytest.mark.parametrize(
     "dropins",
-    [(), (SOCKET_DROPIN,), (TLS_DROPIN,), (SOCKET_DROPIN, TLS_DROPIN)],
-    ids=["plain", "socket-activation", "tls", "socket-activation+tls"],
+    [(), (SOCKET_DROPIN,), (TLS_DROPIN,), (SOCKET_DROPIN, TLS_DROPIN), (POSTGRESQL_DROPIN,)],
+    ids=["plain", "socket-activation", "tls", "socket-activation+tls", "postgresql"],
 )
 def test_systemd_analyze_verify(tmp_path: Path, dropins: tuple[Path, ...]) -> None:
     tool = _systemd_analyze()
@@ -290,7 +304,8 @@ def test_shipped_service_exposure_is_ok(tmp_path: Path) -> None:
     assert score <= MAX_EXPOSURE and rating in ("OK", "SAFE", "PERFECT"), (score, rating)
 
 
-@pytest.mark.parametrize("dropins", [(SOCKET_DROPIN,), (TLS_DROPIN,)], ids=["socket-activation", "tls"])
+@pytest.mark.parametrize("dropins", [(SOCKET_DROPIN,), (TLS_DROPIN,), (POSTGRESQL_DROPIN,)],
+                         ids=["socket-activation", "tls", "postgresql"])  # fmt: skip
 def test_service_exposure_with_dropins_is_ok(tmp_path: Path, dropins: tuple[Path, ...]) -> None:
     tool = _systemd_analyze()
     score, rating = exposure(tool, _stage(tmp_path, dropins))

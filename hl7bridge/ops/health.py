@@ -1,6 +1,6 @@
 """Health and metrics over HTTP: ``/healthz`` says which check fails (liveness), ``/status`` whether the
-service does its job (``ok``, ``degraded`` or ``failing``, judged by ``workflow.status``), ``/metrics`` speaks
-Prometheus.
+service does its job (``ok``, ``degraded`` or ``failing``, judged by ``workflow.status``), ``/ready`` whether
+this instance can take and commit messages (a load balancer's check), ``/metrics`` speaks Prometheus.
 
 Nothing here blocks the reactor: the database is probed by a heartbeat write
 through the writer and by a periodic read in the thread pool; the HTTP handlers
@@ -96,6 +96,12 @@ class HealthState:
         )
 
 
+#: The checks that decide whether this instance may be sent messages. Dispatch and the outbox are left out: the
+#: API, its token and the outbox are shared by every instance on the log, so failing them would take every
+#: instance out of the balancer at once and turn an API outage into a feed outage.
+READY_CHECKS = ("listeners", "database", "descriptors")
+
+
 class Probes:
     """Heartbeat writes and outbox reads on a timer."""
 
@@ -184,6 +190,12 @@ class HealthResource(resource.Resource):
                 "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()},
             }
             return json.dumps(body).encode()
+        if path == "/ready":
+            checks = self.state.checks(time.time())
+            failing = [name for name in READY_CHECKS if not checks[name].ok]
+            request.setResponseCode(503 if failing else 200)
+            request.setHeader("Content-Type", "application/json")
+            return json.dumps({"ready": not failing, "failing": failing}).encode()
         if path == "/status":
             status = assess(self.state.facts(time.time()))
             # A load balancer's check reads the code: only a failing service is taken out.
@@ -191,7 +203,7 @@ class HealthResource(resource.Resource):
             request.setHeader("Content-Type", "application/json")
             return json.dumps(status.to_json()).encode()
         request.setResponseCode(404)
-        return b"not found: use /healthz, /status or /metrics\n"
+        return b"not found: use /healthz, /ready, /status or /metrics\n"
 
     def _refresh_gauges(self) -> None:
         checks = self.state.checks(time.time())

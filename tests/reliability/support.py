@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hl7bridge.testing.client import BlockingClient
 from tests.conftest import RunningSandbox, RunningService, free_port, segments, start_sandbox, start_service
-from tests.dispatch_support import SANDBOX_TOML, TOKEN, iso, service_toml, siu
+from tests.dispatch_support import SANDBOX_TOML, TOKEN, iso, pg_rows, service_toml, siu
 
 LONG = os.environ.get("HL7BRIDGE_RELIABILITY", "short").strip().lower() == "long"
 MODE = "long" if LONG else "short"
@@ -152,6 +152,8 @@ class Bridge:
     port: int = field(default_factory=free_port)
     health_port: int | None = None
     env: dict[str, str] = field(default_factory=lambda: dict(TOKEN))
+    #: The log's URL when it is not ``workdir/var/log.db`` (a PostgreSQL database shared by several bridges).
+    log_url: str | None = None
     running: RunningService | None = None
     starts: int = 0
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -160,7 +162,8 @@ class Bridge:
         deadline = time.monotonic() + 30
         while True:
             try:
-                self.running = start_service(self.workdir, self.config, env=self.env, port=self.port)
+                self.running = start_service(self.workdir, self.config, env=self.env, port=self.port,
+                                             log_url=self.log_url)  # fmt: skip
                 break
             except AssertionError:
                 # The port may still be held for a moment by the process just killed.
@@ -186,7 +189,7 @@ class Bridge:
 
     @property
     def url(self) -> str:
-        return f"sqlite:///{self.database}"
+        return self.log_url or f"sqlite:///{self.database}"
 
     def alive(self) -> bool:
         return self.running is not None and self.running.process.poll() is None
@@ -231,6 +234,9 @@ class Bridge:
         return "".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("service-*.log")))
 
     def query(self, sql: str, *args: Any) -> list[tuple]:
+        """Rows of one read (``?`` placeholders), on the SQLite file or the PostgreSQL log."""
+        if self.log_url:
+            return pg_query(self.log_url, sql, *args)
         with contextlib.closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=30)) as conn:
             return conn.execute(sql, args).fetchall()
 
@@ -264,11 +270,24 @@ class Bridge:
         return round(time.monotonic() - began, 2)
 
 
+def pg_query(url: str, sql: str, *args: Any) -> list[tuple]:
+    """Rows of one statement on a PostgreSQL log as tuples (``?`` placeholders), as ``Bridge.query`` gives them."""
+    return [tuple(row.values()) for row in pg_rows(url, sql, *args)]
+
+
 def sandbox_process(workdir: Path) -> RunningSandbox:
     running = start_sandbox(workdir, SANDBOX_TOML)
     for stream in (running.process.stdout, running.process.stderr):
         threading.Thread(target=_drain, args=(stream, workdir / "sandbox.log"), daemon=True).start()
     return running
+
+
+def trigger_under_way(sandbox: RunningSandbox, latency_ms: int) -> None:
+    """Make the sandbox answer ``latency_ms`` late and wait until a bulk trigger is under way: a kill now
+    certainly lands during a call (random kills alone hit a 30 ms call too rarely)."""
+    sandbox.faults(latency_ms=latency_ms)
+    seen = len(sandbox.calls("bulk"))
+    wait_for(lambda: len(sandbox.calls("bulk")) > seen, 60, "a bulk trigger under way")
 
 
 def sandbox_reachable(sandbox: RunningSandbox) -> bool:
@@ -347,8 +366,10 @@ class Engine:
     """
 
     def __init__(self, port: int, timeout: float = 15.0, pause: float = 0.05,
-                 abort: threading.Event | None = None) -> None:  # fmt: skip
+                 abort: threading.Event | None = None, reconnect_after_nak: bool = False) -> None:  # fmt: skip
         self.port = port
+        #: Behind a load balancer: resend an AR/CR'd message over a new connection (perhaps to another instance).
+        self.reconnect_after_nak = reconnect_after_nak
         self.abort = abort or threading.Event()
         self.timeout = timeout
         self.pause = pause
@@ -392,6 +413,8 @@ class Engine:
             if answer.code == "AA":
                 return answer
             if answer.code in ("AR", "CR"):
+                if self.reconnect_after_nak:
+                    self.close()
                 time.sleep(self.pause)
                 continue
             self.wrong.append(answer)

@@ -31,6 +31,7 @@ from .support import (
     resource_figures,
     scenario_processes,
     sending,
+    trigger_under_way,
     wait_for,
     wrong_answers,
 )
@@ -111,9 +112,7 @@ def kill_during_a_trigger(bridge: Any, sandbox: Any) -> None:
     """One kill certainly lands while a bulk trigger is under way: the sandbox holds its answers back.
 
     (Random kills alone hit a 30 ms call too rarely for the check below to pass on every run.)"""
-    sandbox.faults(latency_ms=10_000)
-    seen = len(sandbox.calls("bulk"))
-    wait_for(lambda: len(sandbox.calls("bulk")) > seen, 60, "a bulk trigger under way")
+    trigger_under_way(sandbox, 10_000)
     bridge.kill()
     sandbox.faults(latency_ms=30)
 
