@@ -17,7 +17,6 @@ once, so that a restarted service never finds an old dispatcher still sending.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import logging
@@ -31,7 +30,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import make_url
 
 from hl7bridge.core import logs
 from hl7bridge.core.observer import NullObserver
@@ -39,9 +37,11 @@ from hl7bridge.core.status import FINAL_STATUSES
 from hl7bridge.dispatch import pipe
 from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
+from hl7bridge.dispatch.leader import Leadership
 from hl7bridge.dispatch.pipe import LineBuffer
 from hl7bridge.dispatch.rules import DispatchSettings
-from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine, try_dispatch_lock
+from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine
+from hl7bridge.store.cluster import StaleEpoch
 from hl7bridge.store.outbox import command_status
 
 log = logging.getLogger("hl7bridge.dispatcher")
@@ -65,6 +65,9 @@ class ChildSpec:
     log_phi: bool = False
     #: A token given by value (the in-process sandbox's); otherwise the one ``api`` names is read.
     token: str = ""
+    #: The service's ``instances.id``, recorded as the leader's; and ``[service] dispatch_lease`` in seconds.
+    instance: str = ""
+    lease: float = 10.0
 
     def to_line(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"
@@ -123,8 +126,10 @@ class ServiceWrites:
     """The dispatcher's ``JobSink`` here: each write goes to the service as a numbered ``write`` event, and
     its job is done when the service answers ``d N`` (committed) or ``e N TEXT`` (failed)."""
 
-    def __init__(self, events: EventPipe) -> None:
+    def __init__(self, events: EventPipe, epoch: int | None = None) -> None:
         self.events = events
+        #: The leadership epoch every write carries (fencing: the service's writer refuses a stale one).
+        self.epoch = epoch
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self._pending: dict[int, Job] = {}
@@ -135,71 +140,40 @@ class ServiceWrites:
         number = next(self._numbers)
         with self._lock:
             self._pending[number] = job
-        self.events.send({pipe.WRITE: number, **job.work.to_json()})
+        self.events.send({pipe.WRITE: number, **job.work.to_json(), "epoch": self.epoch})
 
     def answered(self, order: pipe.Order) -> None:
         """The service committed write N (``COMMITTED``), or could not (``FAILED``, with its reason)."""
         with self._lock:
             job = self._pending.pop(int(order.number), None)
+        if order.kind == pipe.FAILED and order.text.startswith(StaleEpoch.__name__):
+            # Deposed: another dispatcher leads; nothing more of this one may be written or sent.
+            log.warning("this dispatcher's write was refused (%s); it stops", order.text)
+            os._exit(3)
         if job is not None:
             job.on_done(None, WriteFailed(order.text) if order.kind == pipe.FAILED else None)
-
-
-def hold_dispatch_lock(database: str) -> Any:
-    """One dispatcher per log: an exclusive ``flock`` on a SQLite file, or a session advisory lock on PostgreSQL
-    (a connection of its own, kept open), held until exit; what holds it (None: an in-memory log).
-
-    SQLite's own locks are POSIX record locks, which ``flock`` does not touch; the descriptor is never
-    closed before exit (closing any descriptor of the file would drop this process's POSIX locks). On PostgreSQL
-    the lock goes with the session: should the connection drop (a server restart), the lock is gone with it, and
-    a second instance's waiting dispatcher could start. One instance per database is what this release runs;
-    claiming commands row by row (issue 20's next part) replaces this lock."""
-    url = make_url(database)
-    if url.get_backend_name() == "postgresql":
-        holder: Any = open_engine(database, read_only=True).connect()
-        take = lambda: try_dispatch_lock(holder)  # noqa: E731
-    elif url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
-        return None
-    else:
-        holder = os.open(url.database, os.O_RDONLY | os.O_CLOEXEC)
-        take = lambda: _flock(holder)  # noqa: E731
-    parent, waited = os.getppid(), 0.0
-    while not take():
-        if os.getppid() != parent:
-            _parent_gone()
-        if waited == 1.0:
-            log.warning("another dispatcher is working on this log; waiting for it to stop")
-        time.sleep(0.1)
-        waited = round(waited + 0.1, 1)
-    return holder
-
-
-def _flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
 
 
 class Child:
     """Reads the parent's lines and answers them; the dispatcher does the work in its own threads."""
 
-    def __init__(self, spec: ChildSpec, events: EventPipe) -> None:
+    def __init__(self, spec: ChildSpec, events: EventPipe, leadership: Leadership) -> None:
         self.spec = spec
         self.events = events
+        self.leadership = leadership
         self.engine = open_engine(spec.database, read_only=True)
-        self.writes = ServiceWrites(events)
+        self.writes = ServiceWrites(events, leadership.epoch)
         tokens = FixedToken(spec.token) if spec.token else spec.api.tokens()
         client = JourneysClient(spec.api, tokens)
         self.dispatcher = Dispatcher(self.engine, self.writes, client, DispatchSettings(**spec.settings),
-                                     observer=events)  # fmt: skip
+                                     observer=events, may_send=leadership.fresh)  # fmt: skip
         self._told: pipe.DispatchState | None = None
 
     def run(self, stdin: int) -> int:
         """Read the parent's lines until a stop has finished. The stop runs in a thread of its own: the calls
         it waits for need this loop to read their writes' answers."""
         self.dispatcher.start()
+        self.leadership.keep(self.dispatcher.wake)
         self.events.send({pipe.READY: True})
         lines = LineBuffer(pipe.MAX_LINE)
         parent = os.getppid()
@@ -216,6 +190,7 @@ class Child:
             chunk = os.read(stdin, 65536)
             if not chunk:
                 _parent_gone()
+            self.leadership.parent_seen = time.monotonic()
             for line in lines.feed(chunk):
                 order = pipe.read_order(line)
                 if order.kind == pipe.STOP:
@@ -281,9 +256,12 @@ def main() -> int:
     spec = ChildSpec.from_line(line)
     logs.configure(spec.log_level, spec.log_format, spec.log_phi)
     events = EventPipe(pipe.EVENTS_FD)
+    parent = os.getppid()
     try:
-        lock = hold_dispatch_lock(spec.database)  # noqa: F841 - held, with its connection, until the process exits
-        child = Child(spec, events)
+        # Held, with its connection or descriptor, until the process exits.
+        leadership = Leadership(spec.database, spec.instance, spec.lease)
+        leadership.acquire(lambda: os.getppid() != parent)
+        child = Child(spec, events, leadership)
     except (StoreError, OSError) as exc:
         log.error("the dispatcher cannot start: %s", exc)
         return 2
