@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -53,7 +54,7 @@ class Pair:
             config = (f'[service]\ndispatch_lease = {LEASE}\ninstance_name = "node-{name}"\n'
                       f'pid_file = "{workdir / "hl7bridge.pid"}"\n\n'
                       f'[health]\nlisten = "tcp:{port}:interface=127.0.0.1"\nheartbeat_interval = 1\n'
-                      + service_toml(sandbox.url, dispatch_extra=dispatch_extra))  # fmt: skip
+                      + _dispatch(service_toml(sandbox.url), dispatch_extra))  # fmt: skip
             self.services[name] = start_service(workdir, config, env=TOKEN, log_url=url)
             self.health[name] = port
             if name == "a":
@@ -83,6 +84,16 @@ class Pair:
                     os.kill(pid, signal.SIGCONT)
                 os.kill(service.process.pid, signal.SIGCONT)
             service.stop()
+
+
+def _dispatch(toml: str, settings: str) -> str:
+    """``toml`` with these ``[dispatch]`` settings, replacing those it has."""
+    for line in settings.splitlines():
+        key = line.split("=", 1)[0].strip()
+        toml, found = re.subn(rf"^{key} = .*$", line, toml, flags=re.MULTILINE)
+        if not found:
+            toml = toml.replace("[dispatch]\n", f"[dispatch]\n{line}\n")
+    return toml
 
 
 @pytest.fixture
@@ -135,41 +146,46 @@ def test_killed_leader_is_taken_over_its_in_flight_trigger_searched_and_status_s
     assert "instance node-a" in shown and ": DOWN, heartbeat" in shown and "instance node-b" in shown, shown
 
 
-def test_stopped_leader_is_taken_over_and_resumed_sends_nothing_more(pair: Pair, sandbox: RunningSandbox) -> None:
-    """SIGSTOP of the leading service and its dispatcher past the lease: the standby ends the stuck lock session
-    and dispatches. SIGCONT: the old dispatcher finds itself deposed and exits without a call; a new one waits as
-    a standby; every journey exactly once."""
-    assert segments(pair.a.request(siu("S12", "STOP-0", "A-STOP-0", future(days=11))))["MSA"][1] == "AA"
-    assert settled(pair.a, "STOP-0")[0]["status"] == "done"
-    status = pair.status("b")
-    assert status["state"] == "ok" and status["dispatch"]["role"] == "standby"
-    assert {i["name"]: i["role"] for i in status["instances"]} == {"node-a": "leader", "node-b": "standby"}
-    (old_child,) = children(pair.a.process.pid)
-    stopped = [pair.a.process.pid, old_child]
-    for pid in stopped:
-        os.kill(pid, signal.SIGSTOP)
+def test_stopped_leader_is_taken_over_and_resumed_sends_nothing_more(
+    tmp_path: Path, postgres_url: str, sandbox: RunningSandbox
+) -> None:
+    """SIGSTOP of the leading service and its dispatcher while a trigger gathers in its bucket (a long batch
+    window), past the lease: the standby ends the stuck lock session and sends it. SIGCONT: the old dispatcher,
+    whose bucket is now due, sends nothing (its lease lapsed, its writes are fenced) and exits; a new one waits
+    as a standby; every journey exactly once."""
+    pair = Pair(tmp_path, postgres_url, sandbox, dispatch_extra="batch_window_ms = 1500")
     try:
-        for n in (1, 2):
-            assert (
-                segments(pair.b.request(siu("S12", f"STOP-{n}", f"A-STOP-{n}", future(days=11 + n))))["MSA"][1] == "AA"
-            )
-        for n in (1, 2):
-            assert settled(pair.b, f"STOP-{n}", timeout=30)[0]["status"] == "done"
-        assert pair.leader() == "b"
-        calls = len(sandbox.calls())
+        assert segments(pair.a.request(siu("S12", "STOP-0", "A-STOP-0", future(days=11))))["MSA"][1] == "AA"
+        assert settled(pair.a, "STOP-0")[0]["status"] == "done"
+        status = pair.status("b")
+        assert status["state"] == "ok" and status["dispatch"]["role"] == "standby"
+        assert {i["name"]: i["role"] for i in status["instances"]} == {"node-a": "leader", "node-b": "standby"}
+        (old_child,) = children(pair.a.process.pid)
+        stopped = [pair.a.process.pid, old_child]
+        assert segments(pair.a.request(siu("S12", "STOP-1", "A-STOP-1", future(days=12))))["MSA"][1] == "AA"
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            assert segments(pair.b.request(siu("S12", "STOP-2", "A-STOP-2", future(days=13))))["MSA"][1] == "AA"
+            for n in (1, 2):
+                assert settled(pair.b, f"STOP-{n}", timeout=30)[0]["status"] == "done"
+            assert pair.leader() == "b"
+            calls = len(sandbox.calls())
+        finally:
+            for pid in reversed(stopped):
+                os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: not alive(old_child), timeout=20, message="the deposed dispatcher to exit")
+        wait_until(lambda: children(pair.a.process.pid), timeout=20, message="a new dispatcher process for node-a")
+        assert len(sandbox.calls()) == calls
+        # node-a ingests on; node-b's dispatcher sends what it took in.
+        assert segments(pair.a.request(siu("S12", "STOP-3", "A-STOP-3", future(days=14))))["MSA"][1] == "AA"
+        assert settled(pair.a, "STOP-3", timeout=30)[0]["status"] == "done"
+        journeys_once(sandbox, [f"A-STOP-{n}" for n in range(4)])
+        wait_until(lambda: {i["name"]: i["role"] for i in pair.status("a")["instances"]} == {
+            "node-a": "standby", "node-b": "leader"}, timeout=20, message="node-a a standby")  # fmt: skip
+        assert pair.status("a")["dispatch"]["role"] == "standby"
     finally:
-        for pid in reversed(stopped):
-            os.kill(pid, signal.SIGCONT)
-    wait_until(lambda: not alive(old_child), timeout=20, message="the deposed dispatcher to exit")
-    wait_until(lambda: children(pair.a.process.pid), timeout=20, message="a new dispatcher process for node-a")
-    assert len(sandbox.calls()) == calls
-    # node-a ingests on; node-b's dispatcher sends what it took in.
-    assert segments(pair.a.request(siu("S12", "STOP-3", "A-STOP-3", future(days=14))))["MSA"][1] == "AA"
-    assert settled(pair.a, "STOP-3", timeout=30)[0]["status"] == "done"
-    journeys_once(sandbox, [f"A-STOP-{n}" for n in range(4)])
-    roles = wait_until(lambda: {i["name"]: i["role"] for i in pair.status("a")["instances"]} == {
-        "node-a": "standby", "node-b": "leader"}, timeout=20, message="node-a a standby")  # fmt: skip
-    assert roles and pair.status("a")["dispatch"]["role"] == "standby"
+        pair.stop()
 
 
 def test_a_message_taken_in_by_the_standby_wakes_the_leader_through_notify(
