@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from hl7bridge.api.console.pages import chart, page
 from hl7bridge.dispatch.child import FixedToken
 from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
@@ -25,6 +26,7 @@ from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.mapping.routing import Command
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, Writer, command_values, commands, open_engine
 from hl7bridge.store.cluster import StaleEpoch, claim_leadership
+from hl7bridge.workflow.dashboard import dashboard
 
 from .conftest import RunningSandbox, RunningService, free_port, segments, start_sandbox, start_service, wait_until
 from .dispatch_support import SANDBOX_TOML, TOKEN, future, query, service_toml, settled, siu
@@ -44,14 +46,15 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSandbox
 class Pair:
     """Two instances on one database; ``a`` started first, so its dispatcher leads."""
 
-    def __init__(self, tmp_path: Path, url: str, sandbox: RunningSandbox, dispatch_extra: str = "") -> None:
+    def __init__(self, tmp_path: Path, url: str, sandbox: RunningSandbox, dispatch_extra: str = "",
+                 lease: float = LEASE) -> None:  # fmt: skip
         self.services: dict[str, RunningService] = {}
         self.health: dict[str, int] = {}
         for name in ("a", "b"):
             workdir = tmp_path / name
             workdir.mkdir()
             port = free_port()
-            config = (f'[service]\ndispatch_lease = {LEASE}\ninstance_name = "node-{name}"\n'
+            config = (f'[service]\ndispatch_lease = {lease}\ninstance_name = "node-{name}"\n'
                       f'pid_file = "{workdir / "hl7bridge.pid"}"\n\n'
                       f'[health]\nlisten = "tcp:{port}:interface=127.0.0.1"\nheartbeat_interval = 1\n'
                       + _dispatch(service_toml(sandbox.url), dispatch_extra))  # fmt: skip
@@ -144,6 +147,9 @@ def test_killed_leader_is_taken_over_its_in_flight_trigger_searched_and_status_s
     assert status["dispatch"]["role"] == "leader"
     shown = pair.b.cli("status", "--config", str(pair.b.config), check=False).stdout
     assert "instance node-a" in shown and ": DOWN, heartbeat" in shown and "instance node-b" in shown, shown
+    board = dashboard(open_engine(pair.b.url, create=False)).to_json()
+    html = page(None, "dashboard.html", board=board, service=status, chart=chart([])).body.decode()
+    assert "<td>node-a</td>" in html and "<td>down</td>" in html and "<td>leader</td>" in html
 
 
 def test_stopped_leader_is_taken_over_and_resumed_sends_nothing_more(

@@ -2,14 +2,16 @@
 
 Why a process: the listener answers within milliseconds only when no other thread of its process
 holds the GIL, and dispatching (outbox queries, JSON, ``requests``) held it for tens of milliseconds at a
-time under load. This process reads the log itself, but never writes it: its writes (``OutboxWrite``)
+time under load. This process reads the log itself, but writes no message or command: its writes (``OutboxWrite``)
 go to the service, whose writer thread stays the log's only writer and puts messages first. (With a
 writer of its own here, a transaction of this process stalled on its GIL or at its lower CPU priority
-held SQLite's write lock while the service's messages waited for it.)
+held SQLite's write lock while the service's messages waited for it.) Its only writes of its own are its
+leadership's (``dispatch.leader``): the epoch it claims, and on PostgreSQL the lease renewed on its lock connection.
 
 The channel is two pipes of lines. On stdin the parent sends the ``ChildSpec`` (first line, JSON; the
 token never appears on a command line), then ``w`` (commands were committed), ``f ID`` (say when
-command ID is final), ``d N`` / ``e N TEXT`` (write N is committed / failed) and ``s GRACE`` (stop). On
+command ID is final), ``d N`` / ``e N TEXT`` (write N is committed / failed; refused as stale: this process
+is deposed and exits), ``a`` (the service is alive, every second) and ``s GRACE`` (stop). On
 fd 3 this process sends JSON lines: ``ready``, ``write`` (an ``OutboxWrite`` numbered N), ``state`` (a ``DispatchState``),
 ``final``, ``metric`` and ``stopped``. End of stdin means the service is gone: this process exits at
 once, so that a restarted service never finds an old dispatcher still sending.

@@ -589,9 +589,8 @@ POSTGRES_MAX_OVERFLOW = 10
 SCHEMA_LOCK_KEY = 0x686C3762
 
 
-#: ``pg_try_advisory_lock`` key ("hl7d") that the one dispatcher of a PostgreSQL log holds for its session, as it
-#: holds a ``flock`` on a SQLite file: until dispatchers claim commands row by row, a second one would send
-#: every command again.
+#: ``pg_try_advisory_lock`` key ("hl7d") that the elected dispatcher of a PostgreSQL log holds for its session, as
+#: it holds a ``flock`` on a SQLite file (``dispatch.leader``).
 DISPATCH_LOCK_KEY = 0x686C3764
 
 
