@@ -197,13 +197,17 @@ def test_stopped_leader_is_taken_over_and_resumed_sends_nothing_more(
 def test_a_message_taken_in_by_the_standby_wakes_the_leader_through_notify(
     tmp_path: Path, postgres_url: str, sandbox: RunningSandbox
 ) -> None:
-    """The backstop poll is set to 10 minutes: only the standby's NOTIFY can wake the leader in time."""
+    """The backstop poll is set to 10 minutes: only the standby's NOTIFY can wake the leader in time. The standby
+    then stops as promptly as any service."""
     pair = Pair(tmp_path, postgres_url, sandbox, dispatch_extra="poll_interval = 600")
     try:
         time.sleep(1.0)  # the leader's first looks at the log are behind it: now it waits for a wake
         assert segments(pair.b.request(siu("S12", "NOTE-1", "A-NOTE-1", future(days=12))))["MSA"][1] == "AA"
         assert settled(pair.b, "NOTE-1", timeout=20)[0]["status"] == "done"
         assert pair.leader() == "a"
+        # A standby's dispatcher process reads its pipe while it waits: it stops with its service, unkilled.
+        stopped = pair.b.stop()
+        assert pair.b.process.returncode == 0 and "did not stop in time" not in stopped, stopped
     finally:
         pair.stop()
 

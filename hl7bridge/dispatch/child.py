@@ -171,13 +171,15 @@ class Child:
                                      observer=events, may_send=leadership.fresh)  # fmt: skip
         self._told: pipe.DispatchState | None = None
 
-    def run(self, stdin: int) -> int:
+    def run(self, stdin: int, waiting: Standby | None = None) -> int:
         """Read the parent's lines until a stop has finished. The stop runs in a thread of its own: the calls
-        it waits for need this loop to read their writes' answers."""
+        it waits for need this loop to read their writes' answers. ``waiting``: what was read while a standby."""
         self.dispatcher.start()
         self.leadership.keep(self.dispatcher.wake)
         self.events.send({pipe.READY: True})
-        lines = LineBuffer(pipe.MAX_LINE)
+        lines = waiting.lines if waiting is not None else LineBuffer(pipe.MAX_LINE)
+        for order in waiting.kept if waiting is not None else ():
+            self.handle(order)
         parent = os.getppid()
         stopping: threading.Thread | None = None
         while stopping is None or stopping.is_alive():
@@ -237,6 +239,33 @@ class Child:
         self.events.send({pipe.STOPPED: True})
 
 
+class Standby:
+    """The parent's lines while this process waits to lead: a stop (or the end of stdin) ends the wait, and the
+    wait-fors are kept for the leader it may become; wakes and alive lines are dropped (a standby may wait for
+    days, and nothing it would wake for is its own)."""
+
+    def __init__(self, stdin: int) -> None:
+        self.stdin = stdin
+        self.parent = os.getppid()
+        self.lines = LineBuffer(pipe.MAX_LINE)
+        self.kept: list[pipe.Order] = []
+
+    def should_stop(self) -> bool:
+        if os.getppid() != self.parent:
+            return True
+        while io_select.select([self.stdin], [], [], 0)[0]:
+            chunk = os.read(self.stdin, 65536)
+            if not chunk:
+                return True
+            for line in self.lines.feed(chunk):
+                order = pipe.read_order(line)
+                if order.kind == pipe.STOP:
+                    return True
+                if order.kind == pipe.WAIT_FOR:
+                    self.kept.append(order)
+        return False
+
+
 def _parent_gone() -> None:
     """The service is gone (SIGKILL, crash): stop now, mid-call if need be, as the service itself did."""
     logging.getLogger("hl7bridge.dispatcher").warning("the service process is gone; the dispatcher stops")
@@ -258,17 +287,18 @@ def main() -> int:
     spec = ChildSpec.from_line(line)
     logs.configure(spec.log_level, spec.log_format, spec.log_phi)
     events = EventPipe(pipe.EVENTS_FD)
-    parent = os.getppid()
+    standby = Standby(0)
     try:
         # Held, with its connection or descriptor, until the process exits.
         leadership = Leadership(spec.database, spec.instance, spec.lease)
-        leadership.acquire(lambda: os.getppid() != parent)
+        if not leadership.acquire(standby.should_stop):
+            return 0
         child = Child(spec, events, leadership)
     except (StoreError, OSError) as exc:
         log.error("the dispatcher cannot start: %s", exc)
         return 2
     try:
-        return child.run(0)
+        return child.run(0, standby)
     except Exception:
         # Other threads would keep a process without its reader alive, dispatching nothing: exit, so the
         # service notices and starts a new one.

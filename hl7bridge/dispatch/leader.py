@@ -52,21 +52,22 @@ class Leadership:
         #: ``time.monotonic()`` when the service was last heard from (its lines on the pipe).
         self.parent_seen = time.monotonic()
 
-    def acquire(self, parent_gone: Callable[[], bool]) -> bool:
-        """Block until this process leads; False: an in-memory log (nothing to share, nothing to fence)."""
+    def acquire(self, should_stop: Callable[[], bool]) -> bool:
+        """Block until this process leads (True), or until ``should_stop`` says so (False: the service stops or is
+        gone). True at once for an in-memory log (nothing to share, nothing to fence)."""
         url = make_url(self.database)
         if self._postgres:
             self._conn = open_engine(self.database, create=False).connect()
             take: Callable[[], bool] = lambda: try_dispatch_lock(self._conn)  # noqa: E731
         elif url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
-            return False
+            return True
         else:
             self._fd = os.open(url.database, os.O_RDONLY | os.O_CLOEXEC)
             take = self._flock
         waited = 0
         while not take():
-            if parent_gone():
-                self._exit(1)
+            if should_stop():
+                return False
             if waited == 10:
                 log.warning("another dispatcher leads on this log; this one waits as a standby")
             if self._postgres and waited % round(LOOK_EVERY / TRY_EVERY) == 0:

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Float, cast, func, literal_column, select
+from sqlalchemy import Float, cast, func, literal_column, select, text
+from sqlalchemy.dialects.postgresql import OID
 
 from hl7bridge.core.status import CommandStatus
-from hl7bridge.store.schema import StoreError, commands, dispatch_leader, instances
+from hl7bridge.store.schema import DISPATCH_LOCK_KEY, StoreError, commands, dispatch_leader, instances
 
 #: The channel the writer notifies when a group created commands (PostgreSQL): the leader LISTENs on it.
 OUTBOX_CHANNEL = "hl7bridge_outbox"
@@ -103,9 +104,17 @@ def current_leader(conn: Any) -> Leader | None:
 
 
 def end_session(conn: Any, backend_pid: int) -> bool:
-    """End a PostgreSQL session (a stuck leader's lock connection), which frees its advisory lock. Needs the same
-    role as that session's, or membership in ``pg_signal_backend``."""
-    ended = bool(conn.execute(select(func.pg_terminate_backend(backend_pid))).scalar())
+    """End a PostgreSQL session (a stuck leader's lock connection), which frees its advisory lock; only if that
+    session holds the dispatcher's lock (a pid the server has since given to another session is left alone).
+    Needs the same role as that session's, or membership in ``pg_signal_backend``."""
+    held = (
+        select(literal_column("pid"))
+        .select_from(text("pg_locks"))
+        .where(text("locktype = 'advisory' AND granted AND classid = 0 AND objsubid = 1"))
+        .where(literal_column("objid") == cast(DISPATCH_LOCK_KEY, OID))
+        .where(literal_column("pid") == backend_pid)
+    )
+    ended = bool(conn.execute(select(func.pg_terminate_backend(backend_pid)).where(held.exists())).scalar())
     conn.commit()
     return ended
 
