@@ -47,7 +47,7 @@ class Pair:
     """Two instances on one database; ``a`` started first, so its dispatcher leads."""
 
     def __init__(self, tmp_path: Path, url: str, sandbox: RunningSandbox, dispatch_extra: str = "",
-                 lease: float = LEASE) -> None:  # fmt: skip
+                 lease: float = LEASE, listener_extra: str = "") -> None:  # fmt: skip
         self.services: dict[str, RunningService] = {}
         self.health: dict[str, int] = {}
         for name in ("a", "b"):
@@ -57,7 +57,7 @@ class Pair:
             config = (f'[service]\ndispatch_lease = {lease}\ninstance_name = "node-{name}"\n'
                       f'pid_file = "{workdir / "hl7bridge.pid"}"\n\n'
                       f'[health]\nlisten = "tcp:{port}:interface=127.0.0.1"\nheartbeat_interval = 1\n'
-                      + _dispatch(service_toml(sandbox.url), dispatch_extra))  # fmt: skip
+                      + _dispatch(service_toml(sandbox.url, listener_extra=listener_extra), dispatch_extra))  # fmt: skip
             self.services[name] = start_service(workdir, config, env=TOKEN, log_url=url)
             self.health[name] = port
             if name == "a":
@@ -208,6 +208,20 @@ def test_a_message_taken_in_by_the_standby_wakes_the_leader_through_notify(
         # A standby's dispatcher process reads its pipe while it waits: it stops with its service, unkilled.
         stopped = pair.b.stop()
         assert pair.b.process.returncode == 0 and "did not stop in time" not in stopped, stopped
+    finally:
+        pair.stop()
+
+
+def test_a_standby_answers_a_dispatched_verdict_from_the_log(
+    tmp_path: Path, postgres_url: str, sandbox: RunningSandbox
+) -> None:
+    """``ack_mode = "dispatched"`` on the standby: the leader elsewhere sends the command, and the standby's
+    dispatcher process, which waits to lead, reads the verdict from the log for its service's sender."""
+    pair = Pair(tmp_path, postgres_url, sandbox, listener_extra='ack_mode = "dispatched"\ndispatch_timeout = 15')
+    try:
+        assert segments(pair.b.request(siu("S12", "VERD-1", "A-VERD-1", future(days=12))))["MSA"][1] == "AA"
+        assert query(pair.b, "SELECT status FROM commands")[0]["status"] == "done"
+        assert pair.leader() == "a"
     finally:
         pair.stop()
 

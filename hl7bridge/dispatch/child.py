@@ -50,6 +50,8 @@ log = logging.getLogger("hl7bridge.dispatcher")
 
 #: How often the dispatch state (held, paused) is compared with what the parent was last told.
 STATE_POLL = 0.2
+#: Seconds between a standby's looks at the commands the service waits for.
+STANDBY_LOOK = 0.5
 #: Below the service: its answers wait for CPU less while this process catches up after an outage.
 NICE_INCREMENT = 10
 
@@ -225,8 +227,7 @@ class Child:
             self._final(CommandUpdate(command_id, *found))
 
     def _final(self, update: CommandUpdate) -> None:
-        self.events.send({pipe.FINAL: {"command_id": update.command_id, "status": update.status,
-                                    "outcome": update.outcome}})  # fmt: skip
+        self.events.send(_final_event(update))
 
     def _tell_state(self) -> None:
         state = self.dispatcher.state()
@@ -239,20 +240,32 @@ class Child:
         self.events.send({pipe.STOPPED: True})
 
 
-class Standby:
-    """The parent's lines while this process waits to lead: a stop (or the end of stdin) ends the wait, and the
-    wait-fors are kept for the leader it may become; wakes and alive lines are dropped (a standby may wait for
-    days, and nothing it would wake for is its own)."""
+def _final_event(update: CommandUpdate) -> dict[str, Any]:
+    return {pipe.FINAL: {"command_id": update.command_id, "status": update.status, "outcome": update.outcome}}
 
-    def __init__(self, stdin: int) -> None:
+
+class Standby:
+    """The parent's lines while this process waits to lead: a stop (or the end of stdin) ends the wait; wakes and
+    alive lines are dropped (a standby may wait for days, and nothing it would wake for is its own). A wait-for
+    (``ack_mode = "dispatched"``: the message came to this instance, another dispatches it) is answered from the
+    log every ``STANDBY_LOOK`` s once the command is final, and kept for the leader this process may become."""
+
+    def __init__(self, stdin: int, events: EventPipe, database: str) -> None:
         self.stdin = stdin
+        self.events = events
+        self.database = database
         self.parent = os.getppid()
         self.lines = LineBuffer(pipe.MAX_LINE)
         self.kept: list[pipe.Order] = []
+        self._engine: Any = None
+        self._looked = 0.0
 
     def should_stop(self) -> bool:
         if os.getppid() != self.parent:
             return True
+        if self.kept and time.monotonic() - self._looked >= STANDBY_LOOK:
+            self._looked = time.monotonic()
+            self._answer_final()
         while io_select.select([self.stdin], [], [], 0)[0]:
             chunk = os.read(self.stdin, 65536)
             if not chunk:
@@ -264,6 +277,22 @@ class Standby:
                 if order.kind == pipe.WAIT_FOR:
                     self.kept.append(order)
         return False
+
+    def _answer_final(self) -> None:
+        try:
+            if self._engine is None:
+                self._engine = open_engine(self.database, read_only=True)
+            with self._engine.connect() as conn:
+                found = {int(o.number): command_status(conn, int(o.number)) for o in self.kept}
+        except Exception as exc:  # noqa: BLE001 - the log may be back at the next look
+            log.warning("a standby cannot read the commands the service waits for: %s", exc.__class__.__name__)
+            return
+        for command_id, status in found.items():
+            if status is not None and status[0] in FINAL_STATUSES:
+                self.events.send(_final_event(CommandUpdate(command_id, *status)))
+        self.kept = [
+            o for o in self.kept if (status := found[int(o.number)]) is None or status[0] not in FINAL_STATUSES
+        ]
 
 
 def _parent_gone() -> None:
@@ -287,7 +316,7 @@ def main() -> int:
     spec = ChildSpec.from_line(line)
     logs.configure(spec.log_level, spec.log_format, spec.log_phi)
     events = EventPipe(pipe.EVENTS_FD)
-    standby = Standby(0)
+    standby = Standby(0, events, spec.database)
     try:
         # Held, with its connection or descriptor, until the process exits.
         leadership = Leadership(spec.database, spec.instance, spec.lease)
