@@ -217,7 +217,7 @@ def test_a_standby_answers_a_dispatched_verdict_from_the_log(
 ) -> None:
     """``ack_mode = "dispatched"`` on the standby: the leader elsewhere sends the command, and the standby's
     dispatcher process, which waits to lead, reads the verdict from the log for its service's sender."""
-    pair = Pair(tmp_path, postgres_url, sandbox, listener_extra='ack_mode = "dispatched"\ndispatch_timeout = 15')
+    pair = Pair(tmp_path, postgres_url, sandbox, listener_extra='ack_mode = "dispatched"\ndispatch_timeout = 8')
     try:
         assert segments(pair.b.request(siu("S12", "VERD-1", "A-VERD-1", future(days=12))))["MSA"][1] == "AA"
         assert query(pair.b, "SELECT status FROM commands")[0]["status"] == "done"
