@@ -47,7 +47,7 @@ class Pair:
     """Two instances on one database; ``a`` started first, so its dispatcher leads."""
 
     def __init__(self, tmp_path: Path, url: str, sandbox: RunningSandbox, dispatch_extra: str = "",
-                 lease: float = LEASE, listener_extra: str = "") -> None:  # fmt: skip
+                 lease: float = LEASE, listener_extra: str = "", service_extra: str = "") -> None:  # fmt: skip
         self.services: dict[str, RunningService] = {}
         self.health: dict[str, int] = {}
         for name in ("a", "b"):
@@ -55,7 +55,7 @@ class Pair:
             workdir.mkdir()
             port = free_port()
             config = (f'[service]\ndispatch_lease = {lease}\ninstance_name = "node-{name}"\n'
-                      f'pid_file = "{workdir / "hl7bridge.pid"}"\n\n'
+                      f'pid_file = "{workdir / "hl7bridge.pid"}"\n{service_extra}\n'
                       f'[health]\nlisten = "tcp:{port}:interface=127.0.0.1"\nheartbeat_interval = 1\n'
                       + _dispatch(service_toml(sandbox.url, listener_extra=listener_extra), dispatch_extra))  # fmt: skip
             self.services[name] = start_service(workdir, config, env=TOKEN, log_url=url)
@@ -198,8 +198,10 @@ def test_a_message_taken_in_by_the_standby_wakes_the_leader_through_notify(
     tmp_path: Path, postgres_url: str, sandbox: RunningSandbox
 ) -> None:
     """The backstop poll is set to 10 minutes: only the standby's NOTIFY can wake the leader in time. The standby
-    then stops as promptly as any service."""
-    pair = Pair(tmp_path, postgres_url, sandbox, dispatch_extra="poll_interval = 600")
+    then stops as promptly as any service; only the leader's instance ran the retention pass."""
+    pair = Pair(
+        tmp_path, postgres_url, sandbox, dispatch_extra="poll_interval = 600", service_extra="retention_days = 1"
+    )
     try:
         time.sleep(1.0)  # the leader's first looks at the log are behind it: now it waits for a wake
         assert segments(pair.b.request(siu("S12", "NOTE-1", "A-NOTE-1", future(days=12))))["MSA"][1] == "AA"
@@ -208,6 +210,8 @@ def test_a_message_taken_in_by_the_standby_wakes_the_leader_through_notify(
         # A standby's dispatcher process reads its pipe while it waits: it stops with its service, unkilled.
         stopped = pair.b.stop()
         assert pair.b.process.returncode == 0 and "did not stop in time" not in stopped, stopped
+        # Housekeeping runs on the leader's instance only.
+        assert "retention: cleared" in pair.a.stop() and "retention: cleared" not in stopped
     finally:
         pair.stop()
 
