@@ -605,7 +605,11 @@ class Service:
         # The sandbox gets its own token, never the configured one: that is the production API's secret.
         sandbox_token = self.sandbox.state.client_token() if self.sandbox is not None else None
         tokens: TokenSource | FixedToken = FixedToken(sandbox_token) if sandbox_token else api.tokens()
-        if dispatch.run_in == "process" and _shareable(service.database):
+        postgres = make_url(service.database).get_backend_name() == "postgresql"
+        if postgres and dispatch.run_in == "thread":
+            log.warning('dispatch.run_in = "thread" is not for a shared PostgreSQL log: only the elected dispatcher '
+                        "process may send; it runs in a process")  # fmt: skip
+        if (dispatch.run_in == "process" or postgres) and _shareable(service.database):
             spec = ChildSpec(
                 database=service.database,
                 api=api,
