@@ -49,6 +49,8 @@ class Pair:
     def __init__(self, tmp_path: Path, url: str, sandbox: RunningSandbox, dispatch_extra: str = "",
                  lease: float = LEASE, listener_extra: str = "", service_extra: str = "") -> None:  # fmt: skip
         self.services: dict[str, RunningService] = {}
+        self.configs: dict[str, tuple[Path, str]] = {}
+        self.url = url
         self.health: dict[str, int] = {}
         for name in ("a", "b"):
             workdir = tmp_path / name
@@ -58,6 +60,7 @@ class Pair:
                       f'pid_file = "{workdir / "hl7bridge.pid"}"\n{service_extra}\n'
                       f'[health]\nlisten = "tcp:{port}:interface=127.0.0.1"\nheartbeat_interval = 1\n'
                       + _dispatch(service_toml(sandbox.url, listener_extra=listener_extra), dispatch_extra))  # fmt: skip
+            self.configs[name] = (workdir, config)
             self.services[name] = start_service(workdir, config, env=TOKEN, log_url=url)
             self.health[name] = port
             if name == "a":
@@ -76,6 +79,10 @@ class Pair:
         rows = query(self.a, "SELECT i.pid FROM dispatch_leader d JOIN instances i ON i.id = d.instance")
         pids = {s.process.pid: n for n, s in self.services.items()}
         return pids.get(rows[0]["pid"]) if rows else None
+
+    def restart(self, name: str) -> None:
+        workdir, config = self.configs[name]
+        self.services[name] = start_service(workdir, config, env=TOKEN, log_url=self.url)
 
     def status(self, name: str) -> dict:
         return requests.get(f"http://127.0.0.1:{self.health[name]}/status", timeout=5).json()
@@ -150,6 +157,10 @@ def test_killed_leader_is_taken_over_its_in_flight_trigger_searched_and_status_s
     board = dashboard(open_engine(pair.b.url, create=False)).to_json()
     html = page(None, "dashboard.html", board=board, service=status, chart=chart([])).body.decode()
     assert "<td>node-a</td>" in html and "<td>down</td>" in html and "<td>leader</td>" in html
+    # node-a restarted under its name replaces the row its killed run left: no instance is down any more.
+    pair.restart("a")
+    wait_until(lambda: pair.status("b")["state"] == "ok", timeout=30, message="node-a back as a standby")
+    assert {i["name"]: i["role"] for i in pair.status("b")["instances"]} == {"node-a": "standby", "node-b": "leader"}
 
 
 def test_stopped_leader_is_taken_over_and_resumed_sends_nothing_more(

@@ -20,7 +20,7 @@ from hl7bridge.app.cli_format import outbox_line, when
 from hl7bridge.app.config import Config
 from hl7bridge.core.logs import escape
 from hl7bridge.core.status import ServiceState
-from hl7bridge.mllp.tls import endpoint_fields
+from hl7bridge.mllp.tls import endpoint_arguments, endpoint_fields, endpoint_port
 from hl7bridge.workflow.status import LogFacts
 
 #: The log's facts and the log's (safe) URL, or None and why the log cannot tell.
@@ -41,9 +41,8 @@ def status_url(listen: str) -> str | None:
     fields, dangling = endpoint_fields(listen)
     if dangling or not fields or fields[0] not in ("tcp", "tcp6"):
         return None
-    args = [f for f in fields[1:] if "=" not in f]
-    options = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
-    port = options.get("port") or (args[0] if args else "")
+    args, options = endpoint_arguments(fields)
+    port = endpoint_port(fields)
     host = options.get("interface") or (args[2] if len(args) > 2 else "") or _DEFAULT_INTERFACE[fields[0]]
     host = _ANY.get(host, host)
     return f"http://[{host}]:{port}/status" if ":" in host else f"http://{host}:{port}/status"

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet import defer, task, threads
 
 from hl7bridge import __version__
+from hl7bridge.mllp.tls import endpoint_fields, endpoint_port
 from hl7bridge.store import Job, Writer
 from hl7bridge.store.cluster import beat, current_leader, forget_instance, register_instance
 
@@ -23,26 +24,37 @@ log = logging.getLogger("hl7bridge.service")
 BEAT_EVERY = 2.0
 
 
+def default_name(endpoint: str | None) -> str:
+    """host:port of the first listener (host:pid when it has no port, as under socket activation): the same
+    across restarts, so a restarted instance replaces the row its crashed run left."""
+    host = socket.gethostname()
+    port = endpoint_port(endpoint_fields(endpoint or "")[0])
+    return f"{host}:{port}" if port.isdigit() and port != "0" else f"{host}:{os.getpid()}"
+
+
 class Instance:
     def __init__(self, reactor: Any, writer: Writer, engine: Any, name: str, lease: float,
                  last_message: Any) -> None:  # fmt: skip
+        """``name``: ``[service] instance_name``, or what ``default_name`` makes of the first listener."""
         self.reactor = reactor
         self.writer = writer
         self.engine = engine
         self.id = uuid.uuid4().hex
         self.host = socket.gethostname()
-        self.name = name or f"{self.host}:{os.getpid()}"
+        self.name = name
         self.lease = lease
         #: Returns when this instance last received a message (epoch seconds, None: never).
         self._last_message = last_message
         self._loop: task.LoopingCall | None = None
         self._busy = False
         self._failed = False
+        self._row: dict[str, Any] = {}
 
     def start(self) -> None:
-        row = {"id": self.id, "name": self.name, "host": self.host, "pid": os.getpid(), "version": __version__,
-               "started_at": time.time(), "last_message_at": None, "lease": self.lease}  # fmt: skip
+        self._row = {"id": self.id, "name": self.name, "host": self.host, "pid": os.getpid(), "version": __version__,
+                     "started_at": time.time(), "last_message_at": None, "lease": self.lease}  # fmt: skip
         self._busy = True
+        row = dict(self._row)
         self.writer.submit_job(Job(lambda conn: register_instance(conn, row), self._done))
         self._loop = task.LoopingCall(self._beat)
         self._loop.clock = self.reactor
@@ -66,8 +78,8 @@ class Instance:
         if self._busy:
             return
         self._busy = True
-        at = self._last_message()
-        self.writer.submit_job(Job(lambda conn: beat(conn, self.id, at), self._done, durable=False))
+        row = dict(self._row, last_message_at=self._last_message())
+        self.writer.submit_job(Job(lambda conn: beat(conn, row), self._done, durable=False))
 
     def _done(self, _result: Any, error: BaseException | None) -> None:
         """In the writer thread."""

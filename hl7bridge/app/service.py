@@ -22,7 +22,7 @@ from hl7bridge.app.config import Config
 from hl7bridge.app.config_diff import ServiceDiff
 from hl7bridge.app.config_digest import ConfigIdentity, identity
 from hl7bridge.app.dispatch_config import router
-from hl7bridge.app.instance import Instance
+from hl7bridge.app.instance import Instance, default_name
 from hl7bridge.app.wiring import intake_for, replayer_for
 from hl7bridge.core.status import Role
 from hl7bridge.dispatch.child import ChildSpec, FixedToken
@@ -139,8 +139,9 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - the log cannot be written: nothing could be accepted
             yield self.stop()
             raise StartupError(f"cannot record the configuration in the log: {exc.__class__.__name__}: {exc}") from None
-        self.instance = Instance(self.reactor, self.writer, self.engine, cfg.service.instance_name,
-                                 cfg.service.dispatch_lease, self._last_message)  # fmt: skip
+        name = cfg.service.instance_name or default_name(cfg.listeners[0].endpoint if cfg.listeners else None)
+        self.instance = Instance(self.reactor, self.writer, self.engine, name, cfg.service.dispatch_lease,
+                                 self._last_message)  # fmt: skip
         self.instance.start()
         if self.with_sandbox:
             yield self._start_sandbox()

@@ -141,22 +141,24 @@ def listen_outbox(conn: Any) -> None:
 
 
 def register_instance(conn: Any, row: dict[str, Any]) -> None:
-    """Insert or refresh this instance's row (a row removed while this instance was stopped comes back)."""
-    now = db_clock(conn)
-    done = conn.execute(instances.update().where(instances.c.id == row["id"]).values(**row, heartbeat_at=now))
-    if done.rowcount == 0:
-        conn.execute(instances.insert().values(**row, heartbeat_at=now))
+    """This instance's row at its start. A row of the same name is its predecessor (a crashed or killed run of it,
+    which left its row): replaced, so a restart does not leave a "down" instance behind."""
+    conn.execute(instances.delete().where(instances.c.name == row["name"]).where(instances.c.id != row["id"]))
+    beat(conn, row)
 
 
-def beat(conn: Any, instance_id: str, last_message_at: float | None) -> int:
-    """The instance's heartbeat; rows gone for ``FORGET_AFTER`` are removed here too. How many rows it updated."""
+def beat(conn: Any, row: dict[str, Any]) -> None:
+    """The instance's heartbeat (its row again if it was removed meanwhile); rows silent for ``FORGET_AFTER`` go."""
     now = db_clock(conn)
     conn.execute(instances.delete().where(instances.c.heartbeat_at < now - FORGET_AFTER))
-    return conn.execute(
+    last = row["last_message_at"]
+    done = conn.execute(
         instances.update()
-        .where(instances.c.id == instance_id)
-        .values(heartbeat_at=now, last_message_at=func.coalesce(last_message_at, instances.c.last_message_at))
-    ).rowcount
+        .where(instances.c.id == row["id"])
+        .values(heartbeat_at=now, last_message_at=func.coalesce(last, instances.c.last_message_at))
+    )
+    if done.rowcount == 0:
+        conn.execute(instances.insert().values(**row, heartbeat_at=now))
 
 
 def instance_rows(conn: Any) -> list[InstanceRow]:
