@@ -111,7 +111,7 @@ class ServiceConfig:
     pid_file: str = ""
     #: Seconds an elected dispatcher's lease lasts without renewal before a standby may take over.
     dispatch_lease: float = 10.0
-    #: This instance's name in ``status``; "" : host:pid.
+    #: This instance's name in ``status``; "": host:port of the first listener (``app.instance.default_name``).
     instance_name: str = ""
 
 
