@@ -25,7 +25,8 @@ from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
 from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.mapping.routing import Command
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, Writer, command_values, commands, open_engine
-from hl7bridge.store.cluster import StaleEpoch, claim_leadership
+from hl7bridge.store.cluster import FORGET_AFTER, StaleEpoch, claim_leadership, instance_rows, register_instance
+from hl7bridge.store.schema import instances
 from hl7bridge.workflow.dashboard import dashboard
 
 from .conftest import RunningSandbox, RunningService, free_port, segments, start_sandbox, start_service, wait_until
@@ -318,3 +319,22 @@ def test_a_dispatcher_whose_lease_lapsed_starts_no_call(tmp_path: Path, sandbox:
     finally:
         dispatcher.stop()
         writer.stop()
+
+
+def test_instances_silent_for_a_day_are_removed(tmp_path: Path) -> None:
+    """The heartbeat removes rows whose last heartbeat is older than a day (by the database's clock)."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    row = {
+        "name": "gone",
+        "host": "h",
+        "pid": 1,
+        "version": "0",
+        "started_at": 0.0,
+        "last_message_at": None,
+        "lease": 10.0,
+    }
+    with engine.begin() as conn:
+        register_instance(conn, dict(row, id="old"))
+        conn.execute(instances.update().values(heartbeat_at=instances.c.heartbeat_at - FORGET_AFTER - 60))
+        register_instance(conn, dict(row, id="new", name="here"))
+        assert [i.id for i in instance_rows(conn)] == ["new"]
