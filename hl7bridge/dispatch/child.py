@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
+from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core import logs
 from hl7bridge.core.observer import NullObserver
@@ -323,8 +324,8 @@ def main() -> int:
         if not leadership.acquire(standby.should_stop):
             return 0
         child = Child(spec, events, leadership)
-    except (StoreError, OSError) as exc:
-        log.error("the dispatcher cannot start: %s", exc)
+    except (StoreError, SQLAlchemyError, OSError) as exc:
+        log.error("the dispatcher cannot start: %s", (str(exc).strip().splitlines() or [exc.__class__.__name__])[0])
         return 2
     try:
         return child.run(0, standby)
