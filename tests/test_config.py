@@ -158,3 +158,12 @@ def test_serve_port_in_use_and_unwritable_database(tmp_path: Path) -> None:
     result = run_cli("serve", "--database", f"sqlite:///{blocked}/sub/x.db", cwd=tmp_path)
     assert result.returncode == 2
     assert "cannot create the database file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dispatch_lease_and_poll_are_checked_naming_the_key(tmp_path: Path) -> None:
+    assert (parse({}).service.dispatch_lease, parse({}).dispatch.poll_interval) == (10.0, 1.0)
+    found = "\n".join(problems("[service]\ndispatch_lease = 1\ninstance_name = 3\n[dispatch]\npoll_interval = 0\n",
+                               tmp_path))  # fmt: skip
+    for needle in ("service.dispatch_lease: expected a number from 2.0 to 600.0, got 1", "service.instance_name: "
+                   "expected a string", "dispatch.poll_interval: expected a number from 0.1 to 3600"):  # fmt: skip
+        assert needle in found, found

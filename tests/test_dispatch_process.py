@@ -128,7 +128,7 @@ def test_a_second_dispatcher_on_the_same_log_waits(tmp_path: Path, sandbox: Runn
         write_events = -1
         intruder.stdin.write(spec.to_line())
         intruder.stdin.flush()
-        waiting = b"another dispatcher is working on this log; waiting for it to stop"
+        waiting = b"another dispatcher leads on this log; this one waits as a standby"
         assert waiting in read_until(intruder.stderr.fileno(), waiting, 30)
         assert not select.select([read_events], [], [], 0)[0], "the second dispatcher started beside the first"
         # While it waits, the service's own dispatcher keeps the log.
@@ -206,6 +206,7 @@ def test_the_child_answers_at_once_for_a_command_already_final(tmp_path: Path) -
     """The parent may ask to wait for a command that settled before it asked: the child reads its status from
     the log and answers with it, rather than waiting for an update that never comes."""
     from hl7bridge.dispatch.child import Child, EventPipe
+    from hl7bridge.dispatch.leader import Leadership
     from hl7bridge.store import commands, open_engine
 
     url = f"sqlite:///{tmp_path / 'log.db'}"
@@ -217,7 +218,7 @@ def test_the_child_answers_at_once_for_a_command_already_final(tmp_path: Path) -
     read_events, write_events = os.pipe()
     try:
         spec = ChildSpec(database=url, api=ApiSettings(base_url="http://127.0.0.1:9"), settings={}, token="t")
-        child = Child(spec, EventPipe(write_events))
+        child = Child(spec, EventPipe(write_events), Leadership(url, "test", 10.0))
         child.wait_for(1)
         child.wait_for(2)
         os.close(write_events)

@@ -20,7 +20,7 @@ from hl7bridge.app.cli_format import outbox_line, when
 from hl7bridge.app.config import Config
 from hl7bridge.core.logs import escape
 from hl7bridge.core.status import ServiceState
-from hl7bridge.mllp.tls import endpoint_fields
+from hl7bridge.mllp.tls import endpoint_arguments, endpoint_fields, endpoint_port
 from hl7bridge.workflow.status import LogFacts
 
 #: The log's facts and the log's (safe) URL, or None and why the log cannot tell.
@@ -41,9 +41,8 @@ def status_url(listen: str) -> str | None:
     fields, dangling = endpoint_fields(listen)
     if dangling or not fields or fields[0] not in ("tcp", "tcp6"):
         return None
-    args = [f for f in fields[1:] if "=" not in f]
-    options = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
-    port = options.get("port") or (args[0] if args else "")
+    args, options = endpoint_arguments(fields)
+    port = endpoint_port(fields)
     host = options.get("interface") or (args[2] if len(args) > 2 else "") or _DEFAULT_INTERFACE[fields[0]]
     host = _ANY.get(host, host)
     return f"http://[{host}]:{port}/status" if ":" in host else f"http://{host}:{port}/status"
@@ -115,14 +114,31 @@ def run(args: argparse.Namespace, cfg: Config, read_log: LogReader) -> int:
         print(f"From the log alone ({where}):")
         print(outbox_line(facts.outbox_depth, facts.outbox_oldest_age))
         print(_dead_line(facts.dead_letters_open, when(facts.dead_letters_since) if facts.dead_letters_since else "-"))
+        for line in instance_lines(facts.to_json()["instances"], _local):
+            print(line)
     return EXIT_NOT_RUNNING
 
 
-def print_status(body: dict[str, Any], url: str) -> None:
-    def local(text: str | None) -> str:
-        """An ISO time from ``/status`` in the terminal's zone."""
-        return when(datetime.fromisoformat(text).timestamp()) if text else "-"
+def _local(text: str | None) -> str:
+    """An ISO time from ``/status`` in the terminal's zone."""
+    return when(datetime.fromisoformat(text).timestamp()) if text else "-"
 
+
+def instance_lines(instances: list[dict[str, Any]], local: Callable[[str | None], str]) -> list[str]:
+    """One line per instance on the log: its role (leader, standby, DOWN), heartbeat age, the leader's in-flight
+    commands, its last message."""
+    lines = []
+    for i in instances:
+        role = "DOWN" if i["role"] == "down" else i["role"]
+        flight = f", {i['in_flight']} command(s) in flight" if i["in_flight"] is not None else ""
+        last = local(i["last_message_at"]) if i["last_message_at"] else "none yet"
+        lines.append(f"instance {escape(str(i['name']))} ({escape(str(i['host']))}, pid {i['pid']}): {role}, heartbeat "
+                     f"{i['heartbeat_age_s']:.0f} s ago{flight}, last message {last}")  # fmt: skip
+    return lines
+
+
+def print_status(body: dict[str, Any], url: str) -> None:
+    local = _local
     print(f"hl7bridge is {body['state'].upper()} (from {url} at {local(body.get('at'))})")
     for reason in body.get("reasons", []):
         print(f"  - {escape(str(reason))}")
@@ -136,6 +152,8 @@ def print_status(body: dict[str, Any], url: str) -> None:
               f"{local(dispatch['paused_until'])}")  # fmt: skip
     elif dispatch["held"]:
         print(f"dispatch: HELD since {local(dispatch['held_since'])}, the Journeys API does not answer")
+    elif dispatch.get("role") == "standby":
+        print("dispatch: standby (another instance's dispatcher leads)")
     else:
         print("dispatch: flowing")
     outbox, dead = body["outbox"], body["dead_letters"]
@@ -144,6 +162,8 @@ def print_status(body: dict[str, Any], url: str) -> None:
     for lst in body.get("listeners", []):
         last = local(lst["last_message_at"]) if lst["last_message_at"] else "none yet"
         print(f"listener {escape(str(lst['name']))}: {lst['connections']} connection(s), last message {last}")
+    for line in instance_lines(body.get("instances", []), local):
+        print(line)
     token = body.get("api_token") or {}
     if token.get("expires"):
         print(f"API token: expires {local(token['expires'])} (in {token['days_left']:.0f} day(s))")

@@ -20,6 +20,7 @@ from hl7bridge.core.checks import Check
 from hl7bridge.core.checks import boolean as _bool
 from hl7bridge.core.checks import choice as _choice
 from hl7bridge.core.checks import integer as _int
+from hl7bridge.core.checks import number as _number
 from hl7bridge.core.checks import seconds as _seconds
 from hl7bridge.core.checks import string as _str
 from hl7bridge.core.checks import table as _section
@@ -108,6 +109,10 @@ class ServiceConfig:
     integrity_check: str = "quick"
     #: Where ``serve`` keeps its pid for ``reload`` and ``dispatch now``; "" beside the SQLite log.
     pid_file: str = ""
+    #: Seconds an elected dispatcher's lease lasts without renewal before a standby may take over.
+    dispatch_lease: float = 10.0
+    #: This instance's name in ``status``; "": host:port of the first listener (``app.instance.default_name``).
+    instance_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -324,6 +329,8 @@ SERVICE_KEYS: dict[str, Check] = {
     "retention_days": _int(0, 36500),
     "integrity_check": _choice("quick", "off"),
     "pid_file": _str,
+    "dispatch_lease": _number(2.0, 600.0),
+    "instance_name": _str,
 }
 
 HEALTH_KEYS: dict[str, Check] = {

@@ -101,6 +101,7 @@ DISPATCH_KEYS: dict[str, Check] = {
     "retry_initial": _number(0.01, 3600),
     "retry_max": _number(0.1, 86_400),
     "auth_probe_interval": _number(0.1, 3600),
+    "poll_interval": _number(0.1, 3600),
     "unrouted": _choice("ignore", "reject"),
     "run_in": _choice("process", "thread"),
 }

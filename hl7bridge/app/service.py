@@ -22,6 +22,7 @@ from hl7bridge.app.config import Config
 from hl7bridge.app.config_diff import ServiceDiff
 from hl7bridge.app.config_digest import ConfigIdentity, identity
 from hl7bridge.app.dispatch_config import router
+from hl7bridge.app.instance import Instance, default_name
 from hl7bridge.app.wiring import intake_for, replayer_for
 from hl7bridge.core.status import Role
 from hl7bridge.dispatch.child import ChildSpec, FixedToken
@@ -72,6 +73,8 @@ CONFIG_LOCK_RETRY = 0.25
 #: The ``--sandbox`` demo's console account, and the file beside the control token holding its password.
 DEMO_USER = "demo"
 DEMO_PASSWORD_FILE = "console-demo.password"
+#: Seconds between an instance's looks at whether it leads and a retention pass is due.
+RETENTION_LOOK = 60.0
 #: Descriptors short for this long is a leak, not a burst: the watchdog then lets systemd restart.
 FD_RESTART_AFTER = 120.0
 
@@ -105,6 +108,10 @@ class Service:
     fds: FdWatch | None = None
     _console_port: IListeningPort | None = None
     _console_pool: ThreadPool | None = None
+    #: This process as one instance of those on the log (its heartbeat, whether it leads).
+    instance: Instance | None = None
+    #: ``time.time()`` of this instance's last retention pass.
+    _purged_at: float = 0.0
 
     @defer.inlineCallbacks
     def start(self):
@@ -132,6 +139,10 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - the log cannot be written: nothing could be accepted
             yield self.stop()
             raise StartupError(f"cannot record the configuration in the log: {exc.__class__.__name__}: {exc}") from None
+        name = cfg.service.instance_name or default_name(cfg.listeners[0].endpoint if cfg.listeners else None)
+        self.instance = Instance(self.reactor, self.writer, self.engine, name, cfg.service.dispatch_lease,
+                                 self._last_message)  # fmt: skip
+        self.instance.start()
         if self.with_sandbox:
             yield self._start_sandbox()
         routes = router(self.config.routes, self.config.dispatch)
@@ -249,6 +260,7 @@ class Service:
             descriptors=self._descriptors,
             listeners=self._listener_facts,
             token_expires=expires,
+            instance=self.instance.id if self.instance is not None else None,
         )
         self.metrics.token_expires.set(expires.timestamp() if expires else 0)
         self._probes = Probes(self.reactor, self.health, self.writer, self.engine, self.metrics,
@@ -376,13 +388,30 @@ class Service:
         self._loops.append(loop)
 
     def _start_retention(self) -> None:
-        days = self.config.service.retention_days
-        if not days:
+        """A daily pass, on the leading instance only: every instance looks every ``RETENTION_LOOK`` s, so that
+        after a takeover the new leader's instance takes the passes over."""
+        if not self.config.service.retention_days:
             return
-        loop = task.LoopingCall(self.purge_now, days * 86400.0)
+        loop = task.LoopingCall(self._retention_due)
         loop.clock = self.reactor
-        loop.start(86400.0, now=True)
+        loop.start(RETENTION_LOOK, now=True)
         self._loops.append(loop)
+
+    @defer.inlineCallbacks
+    def _retention_due(self):
+        if self.instance is None or time.time() - self._purged_at < 86400.0:
+            return
+        try:
+            leads = yield self.instance.leads()
+        except Exception as exc:  # noqa: BLE001 - tried again at the next look
+            log.warning("retention: cannot read which instance leads: %s", exc.__class__.__name__)
+            return
+        if leads and time.time() - self._purged_at >= 86400.0:
+            self._purged_at = time.time()
+            yield self.purge_now(self.config.service.retention_days * 86400.0)
+
+    def _last_message(self) -> float | None:
+        return max(self.metrics.last_message_at.values(), default=None)
 
     def purge_now(self, older_than: float) -> defer.Deferred:
         """One retention pass, in slices through the writer so ingest is never held for long."""
@@ -542,6 +571,8 @@ class Service:
                 yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), dispatcher.stop, grace)
         if self._probes is not None:
             self._probes.stop()
+        if self.instance is not None and self.writer is not None:
+            yield self.instance.leave()
         if self.writer is not None:
             writer, self.writer = self.writer, None
             yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), writer.stop)
@@ -575,7 +606,11 @@ class Service:
         # The sandbox gets its own token, never the configured one: that is the production API's secret.
         sandbox_token = self.sandbox.state.client_token() if self.sandbox is not None else None
         tokens: TokenSource | FixedToken = FixedToken(sandbox_token) if sandbox_token else api.tokens()
-        if dispatch.run_in == "process" and _shareable(service.database):
+        postgres = make_url(service.database).get_backend_name() == "postgresql"
+        if postgres and dispatch.run_in == "thread":
+            log.warning('dispatch.run_in = "thread" is not for a shared PostgreSQL log: only the elected dispatcher '
+                        "process may send; it runs in a process")  # fmt: skip
+        if (dispatch.run_in == "process" or postgres) and _shareable(service.database):
             spec = ChildSpec(
                 database=service.database,
                 api=api,
@@ -584,6 +619,8 @@ class Service:
                 log_format=service.log_format,
                 log_phi=service.log_phi,
                 token=tokens.token if isinstance(tokens, FixedToken) else "",
+                instance=self.instance.id if self.instance is not None else "",
+                lease=service.dispatch_lease,
             )
             self.dispatcher = DispatcherProcess(self.reactor, spec, self.metrics, self.writer)
         else:

@@ -2,14 +2,16 @@
 
 Why a process: the listener answers within milliseconds only when no other thread of its process
 holds the GIL, and dispatching (outbox queries, JSON, ``requests``) held it for tens of milliseconds at a
-time under load. This process reads the log itself, but never writes it: its writes (``OutboxWrite``)
+time under load. This process reads the log itself, but writes no message or command: its writes (``OutboxWrite``)
 go to the service, whose writer thread stays the log's only writer and puts messages first. (With a
 writer of its own here, a transaction of this process stalled on its GIL or at its lower CPU priority
-held SQLite's write lock while the service's messages waited for it.)
+held SQLite's write lock while the service's messages waited for it.) Its only writes of its own are its
+leadership's (``dispatch.leader``): the epoch it claims, and on PostgreSQL the lease renewed on its lock connection.
 
 The channel is two pipes of lines. On stdin the parent sends the ``ChildSpec`` (first line, JSON; the
 token never appears on a command line), then ``w`` (commands were committed), ``f ID`` (say when
-command ID is final), ``d N`` / ``e N TEXT`` (write N is committed / failed) and ``s GRACE`` (stop). On
+command ID is final), ``d N`` / ``e N TEXT`` (write N is committed / failed; refused as stale: this process
+is deposed and exits), ``a`` (the service is alive, every second) and ``s GRACE`` (stop). On
 fd 3 this process sends JSON lines: ``ready``, ``write`` (an ``OutboxWrite`` numbered N), ``state`` (a ``DispatchState``),
 ``final``, ``metric`` and ``stopped``. End of stdin means the service is gone: this process exits at
 once, so that a restarted service never finds an old dispatcher still sending.
@@ -17,7 +19,6 @@ once, so that a restarted service never finds an old dispatcher still sending.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import logging
@@ -31,7 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core import logs
 from hl7bridge.core.observer import NullObserver
@@ -39,15 +40,19 @@ from hl7bridge.core.status import FINAL_STATUSES
 from hl7bridge.dispatch import pipe
 from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
+from hl7bridge.dispatch.leader import Leadership
 from hl7bridge.dispatch.pipe import LineBuffer
 from hl7bridge.dispatch.rules import DispatchSettings
-from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine, try_dispatch_lock
+from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine
+from hl7bridge.store.cluster import StaleEpoch
 from hl7bridge.store.outbox import command_status
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
 #: How often the dispatch state (held, paused) is compared with what the parent was last told.
 STATE_POLL = 0.2
+#: Seconds between a standby's looks at the commands the service waits for.
+STANDBY_LOOK = 0.5
 #: Below the service: its answers wait for CPU less while this process catches up after an outage.
 NICE_INCREMENT = 10
 
@@ -65,6 +70,9 @@ class ChildSpec:
     log_phi: bool = False
     #: A token given by value (the in-process sandbox's); otherwise the one ``api`` names is read.
     token: str = ""
+    #: The service's ``instances.id``, recorded as the leader's; and ``[service] dispatch_lease`` in seconds.
+    instance: str = ""
+    lease: float = 10.0
 
     def to_line(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"
@@ -123,8 +131,10 @@ class ServiceWrites:
     """The dispatcher's ``JobSink`` here: each write goes to the service as a numbered ``write`` event, and
     its job is done when the service answers ``d N`` (committed) or ``e N TEXT`` (failed)."""
 
-    def __init__(self, events: EventPipe) -> None:
+    def __init__(self, events: EventPipe, epoch: int | None = None) -> None:
         self.events = events
+        #: The leadership epoch every write carries (fencing: the service's writer refuses a stale one).
+        self.epoch = epoch
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self._pending: dict[int, Job] = {}
@@ -135,73 +145,44 @@ class ServiceWrites:
         number = next(self._numbers)
         with self._lock:
             self._pending[number] = job
-        self.events.send({pipe.WRITE: number, **job.work.to_json()})
+        self.events.send({pipe.WRITE: number, **job.work.to_json(), "epoch": self.epoch})
 
     def answered(self, order: pipe.Order) -> None:
         """The service committed write N (``COMMITTED``), or could not (``FAILED``, with its reason)."""
         with self._lock:
             job = self._pending.pop(int(order.number), None)
+        if order.kind == pipe.FAILED and order.text.startswith(StaleEpoch.__name__):
+            # Deposed: another dispatcher leads; nothing more of this one may be written or sent.
+            log.warning("this dispatcher's write was refused (%s); it stops", order.text)
+            os._exit(3)
         if job is not None:
             job.on_done(None, WriteFailed(order.text) if order.kind == pipe.FAILED else None)
-
-
-def hold_dispatch_lock(database: str) -> Any:
-    """One dispatcher per log: an exclusive ``flock`` on a SQLite file, or a session advisory lock on PostgreSQL
-    (a connection of its own, kept open), held until exit; what holds it (None: an in-memory log).
-
-    SQLite's own locks are POSIX record locks, which ``flock`` does not touch; the descriptor is never
-    closed before exit (closing any descriptor of the file would drop this process's POSIX locks). On PostgreSQL
-    the lock goes with the session: should the connection drop (a server restart), the lock is gone with it, and
-    a second instance's waiting dispatcher could start. One instance per database is what this release runs;
-    claiming commands row by row (issue 20's next part) replaces this lock."""
-    url = make_url(database)
-    if url.get_backend_name() == "postgresql":
-        holder: Any = open_engine(database, read_only=True).connect()
-        take = lambda: try_dispatch_lock(holder)  # noqa: E731
-    elif url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
-        return None
-    else:
-        holder = os.open(url.database, os.O_RDONLY | os.O_CLOEXEC)
-        take = lambda: _flock(holder)  # noqa: E731
-    parent, waited = os.getppid(), 0.0
-    while not take():
-        if os.getppid() != parent:
-            _parent_gone()
-        if waited == 1.0:
-            log.warning("another dispatcher is working on this log; waiting for it to stop")
-        time.sleep(0.1)
-        waited = round(waited + 0.1, 1)
-    return holder
-
-
-def _flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
 
 
 class Child:
     """Reads the parent's lines and answers them; the dispatcher does the work in its own threads."""
 
-    def __init__(self, spec: ChildSpec, events: EventPipe) -> None:
+    def __init__(self, spec: ChildSpec, events: EventPipe, leadership: Leadership) -> None:
         self.spec = spec
         self.events = events
+        self.leadership = leadership
         self.engine = open_engine(spec.database, read_only=True)
-        self.writes = ServiceWrites(events)
+        self.writes = ServiceWrites(events, leadership.epoch)
         tokens = FixedToken(spec.token) if spec.token else spec.api.tokens()
         client = JourneysClient(spec.api, tokens)
         self.dispatcher = Dispatcher(self.engine, self.writes, client, DispatchSettings(**spec.settings),
-                                     observer=events)  # fmt: skip
+                                     observer=events, may_send=leadership.fresh)  # fmt: skip
         self._told: pipe.DispatchState | None = None
 
-    def run(self, stdin: int) -> int:
+    def run(self, stdin: int, waiting: Standby | None = None) -> int:
         """Read the parent's lines until a stop has finished. The stop runs in a thread of its own: the calls
-        it waits for need this loop to read their writes' answers."""
+        it waits for need this loop to read their writes' answers. ``waiting``: what was read while a standby."""
         self.dispatcher.start()
+        self.leadership.keep(self.dispatcher.wake)
         self.events.send({pipe.READY: True})
-        lines = LineBuffer(pipe.MAX_LINE)
+        lines = waiting.lines if waiting is not None else LineBuffer(pipe.MAX_LINE)
+        for order in waiting.kept if waiting is not None else ():
+            self.handle(order)
         parent = os.getppid()
         stopping: threading.Thread | None = None
         while stopping is None or stopping.is_alive():
@@ -216,6 +197,7 @@ class Child:
             chunk = os.read(stdin, 65536)
             if not chunk:
                 _parent_gone()
+            self.leadership.parent_seen = time.monotonic()
             for line in lines.feed(chunk):
                 order = pipe.read_order(line)
                 if order.kind == pipe.STOP:
@@ -246,8 +228,7 @@ class Child:
             self._final(CommandUpdate(command_id, *found))
 
     def _final(self, update: CommandUpdate) -> None:
-        self.events.send({pipe.FINAL: {"command_id": update.command_id, "status": update.status,
-                                    "outcome": update.outcome}})  # fmt: skip
+        self.events.send(_final_event(update))
 
     def _tell_state(self) -> None:
         state = self.dispatcher.state()
@@ -258,6 +239,61 @@ class Child:
     def stop(self, grace: float) -> None:
         self.dispatcher.stop(grace)
         self.events.send({pipe.STOPPED: True})
+
+
+def _final_event(update: CommandUpdate) -> dict[str, Any]:
+    return {pipe.FINAL: {"command_id": update.command_id, "status": update.status, "outcome": update.outcome}}
+
+
+class Standby:
+    """The parent's lines while this process waits to lead: a stop (or the end of stdin) ends the wait; wakes and
+    alive lines are dropped (a standby may wait for days, and nothing it would wake for is its own). A wait-for
+    (``ack_mode = "dispatched"``: the message came to this instance, another dispatches it) is answered from the
+    log every ``STANDBY_LOOK`` s once the command is final, and kept for the leader this process may become."""
+
+    def __init__(self, stdin: int, events: EventPipe, database: str) -> None:
+        self.stdin = stdin
+        self.events = events
+        self.database = database
+        self.parent = os.getppid()
+        self.lines = LineBuffer(pipe.MAX_LINE)
+        self.kept: list[pipe.Order] = []
+        self._engine: Any = None
+        self._looked = 0.0
+
+    def should_stop(self) -> bool:
+        if os.getppid() != self.parent:
+            return True
+        if self.kept and time.monotonic() - self._looked >= STANDBY_LOOK:
+            self._looked = time.monotonic()
+            self._answer_final()
+        while io_select.select([self.stdin], [], [], 0)[0]:
+            chunk = os.read(self.stdin, 65536)
+            if not chunk:
+                return True
+            for line in self.lines.feed(chunk):
+                order = pipe.read_order(line)
+                if order.kind == pipe.STOP:
+                    return True
+                if order.kind == pipe.WAIT_FOR:
+                    self.kept.append(order)
+        return False
+
+    def _answer_final(self) -> None:
+        try:
+            if self._engine is None:
+                self._engine = open_engine(self.database, read_only=True)
+            with self._engine.connect() as conn:
+                found = {int(o.number): command_status(conn, int(o.number)) for o in self.kept}
+        except Exception as exc:  # noqa: BLE001 - the log may be back at the next look
+            log.warning("a standby cannot read the commands the service waits for: %s", exc.__class__.__name__)
+            return
+        for command_id, status in found.items():
+            if status is not None and status[0] in FINAL_STATUSES:
+                self.events.send(_final_event(CommandUpdate(command_id, *status)))
+        self.kept = [
+            o for o in self.kept if (status := found[int(o.number)]) is None or status[0] not in FINAL_STATUSES
+        ]
 
 
 def _parent_gone() -> None:
@@ -281,14 +317,18 @@ def main() -> int:
     spec = ChildSpec.from_line(line)
     logs.configure(spec.log_level, spec.log_format, spec.log_phi)
     events = EventPipe(pipe.EVENTS_FD)
+    standby = Standby(0, events, spec.database)
     try:
-        lock = hold_dispatch_lock(spec.database)  # noqa: F841 - held, with its connection, until the process exits
-        child = Child(spec, events)
-    except (StoreError, OSError) as exc:
-        log.error("the dispatcher cannot start: %s", exc)
+        # Held, with its connection or descriptor, until the process exits.
+        leadership = Leadership(spec.database, spec.instance, spec.lease)
+        if not leadership.acquire(standby.should_stop):
+            return 0
+        child = Child(spec, events, leadership)
+    except (StoreError, SQLAlchemyError, OSError) as exc:
+        log.error("the dispatcher cannot start: %s", (str(exc).strip().splitlines() or [exc.__class__.__name__])[0])
         return 2
     try:
-        return child.run(0)
+        return child.run(0, standby)
     except Exception:
         # Other threads would keep a process without its reader alive, dispatching nothing: exit, so the
         # service notices and starts a new one.

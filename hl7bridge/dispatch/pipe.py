@@ -1,7 +1,7 @@
 """The pipes between the service and its dispatcher process: every line either end writes, spelled once.
 
 The parent writes the child's stdin: the ``ChildSpec`` (one JSON line), then orders of one short line each
-(``w`` wake, ``n`` dispatch now, ``f N`` answer when command N is final, ``d N`` / ``e N TEXT`` your write N is committed /
+(``w`` wake, ``a`` the service is alive, ``n`` dispatch now, ``f N`` answer when command N is final, ``d N`` / ``e N TEXT`` your write N is committed /
 failed, ``s GRACE`` stop). The child writes events to fd ``EVENTS_FD``, one JSON object a line, each with
 one of the keys below. ``state`` carries a ``DispatchState`` whenever it changes, so the service's
 ``/status`` and gauges know of a hold or an auth pause within a poll (``child.STATE_POLL``).
@@ -17,8 +17,11 @@ EVENTS_FD = 3
 MAX_LINE = 16 * 1024 * 1024
 
 #: Order kinds, parent to child.
-WAKE, NOW, WAIT_FOR, COMMITTED, FAILED, STOP = b"w", b"n", b"f", b"d", b"e", b"s"
+WAKE, NOW, WAIT_FOR, COMMITTED, FAILED, STOP, ALIVE = b"w", b"n", b"f", b"d", b"e", b"s", b"a"
 WAKE_LINE = WAKE + b"\n"
+#: Sent every ``ALIVE_EVERY`` s: a leader that stops hearing the service lets its lease lapse.
+ALIVE_LINE = ALIVE + b"\n"
+ALIVE_EVERY = 1.0
 NOW_LINE = NOW + b"\n"
 
 #: Event keys, child to parent.

@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 import orjson
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.python.failure import Failure
 
 from hl7bridge.core.observer import Observer
@@ -67,8 +67,13 @@ class DispatcherProcess:
         #: Which child a write came from: the answer to a dead child's write must not reach its successor,
         #: whose writes are numbered from 1 again.
         self._generation = 0
+        self._alive: task.LoopingCall | None = None
 
     def start(self) -> None:
+        if self._alive is None:
+            self._alive = task.LoopingCall(self._send, pipe.ALIVE_LINE)
+            self._alive.clock = self.reactor
+            self._alive.start(pipe.ALIVE_EVERY, now=False)
         read_end, write_end = os.pipe()
         env = {k: v for k, v in os.environ.items() if k not in _PARENT_ONLY}
         self._ended = defer.Deferred()
@@ -111,6 +116,8 @@ class DispatcherProcess:
     def stop(self, grace: float = 10.0) -> defer.Deferred[None]:
         """Let the child finish the calls under way (up to ``grace`` s); what is left stays queued."""
         self._stopping = True
+        if self._alive is not None and self._alive.running:
+            self._alive.stop()
         if self._ended is None or self._ended.called:
             return defer.succeed(None)
         ended = self._ended
@@ -202,16 +209,17 @@ class DispatcherProcess:
 
     def _send(self, data: bytes) -> None:
         """Never blocks: lines queue behind what the pipe has not taken (whole lines, in order), except that
-        a child that stopped reading loses wakes (it also polls) rather than growing the queue."""
+        a child that stopped reading (a standby waiting to lead) loses wakes (it also polls) and alive lines
+        rather than growing the queue."""
         with self._lock:
             if self._out is None:
                 return
-            lost = data == pipe.WAKE_LINE and len(self._unsent) > UNSENT_WAKES_LIMIT
+            lost = data in (pipe.WAKE_LINE, pipe.ALIVE_LINE) and len(self._unsent) > UNSENT_WAKES_LIMIT
             if not lost:
                 self._unsent += data
         if lost:
-            self._lost_wakes += 1
-            if self._lost_wakes in (1, 100, 10_000):
+            self._lost_wakes += data == pipe.WAKE_LINE
+            if data == pipe.WAKE_LINE and self._lost_wakes in (1, 100, 10_000):
                 log.warning("the dispatcher process is not reading its pipe (%d wake(s) lost)", self._lost_wakes)
             return
         self._flush()

@@ -64,6 +64,8 @@ def masked_outcome(outcome: str | None) -> str | None:
 #: A command whose calls met this many answers of the wrong shape, or unexpected errors here, is
 #: dead-lettered: retrying it further would be an endless loop.
 STRANGE_LIMIT = 5
+#: Seconds between looks at a lapsed lease (the leader renews it every second).
+RENEW_WAIT = 0.5
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,11 @@ class LogUnwritable(Exception):
     towards a dead letter."""
 
 
+class LeaseLapsed(LogUnwritable):
+    """This dispatcher's lease is not fresh (``dispatch.leader``): a standby may lead by now, so no call starts.
+    Like a refused write, the command stays as the log has it (one in flight is searched before it is resent)."""
+
+
 @dataclass
 class Bucket:
     """Triggers gathering for one bulk call. It leaves once full, once no trigger has joined for one
@@ -151,8 +158,11 @@ class DispatchRules:
         settings: DispatchSettings = DispatchSettings(),
         clock: Callable[[], float] = time.time,
         observer: Observer | None = None,
+        may_send: Callable[[], bool] = lambda: True,
     ) -> None:
         self.engine = engine
+        #: Whether an API call may start now (the elected dispatcher's lease is fresh).
+        self.may_send = may_send
         self.writer = writer
         self.client = client
         self.settings = settings
@@ -197,6 +207,8 @@ class DispatchRules:
 
     # -- what to send ------------------------------------------------------------------------------
     def _tick(self) -> float:
+        if not self.may_send():
+            return min(RENEW_WAIT, self.settings.poll_interval)
         now = self.clock()
         # A sender waiting for a verdict (ack_mode = "dispatched") lifts the hold: its message is tried now.
         holding = self.holding and not self._waiters
@@ -444,6 +456,8 @@ class DispatchRules:
 
     def _call(self, operation: Callable[..., ApiResult], *args: Any) -> ApiResult:
         """One API call; a refused token pauses dispatching, any other answer from the API resumes it."""
+        if not self.may_send():
+            raise LeaseLapsed("this dispatcher's lease has lapsed; no call starts until it is renewed")
         result = operation(*args)
         self.stats.api_calls += 1
         self.observer.api_call(result.operation, result.status, result.duration_ms / 1000.0)

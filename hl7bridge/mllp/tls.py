@@ -72,6 +72,18 @@ def endpoint_fields(description: str) -> tuple[list[str], bool]:
     return parts, escaped
 
 
+def endpoint_arguments(fields: list[str]) -> tuple[list[str], dict[str, str]]:
+    """An endpoint's fields after its kind, as positional arguments and ``key=value`` options."""
+    args = [f for f in fields[1:] if "=" not in f]
+    return args, dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+
+
+def endpoint_port(fields: list[str]) -> str:
+    """The port of a ``tcp:``/``ssl:``-style endpoint's fields (positional or ``port=``); "" when none."""
+    args, options = endpoint_arguments(fields)
+    return options.get("port") or (args[0] if args else "")
+
+
 def split_endpoint(description: str) -> tuple[str, dict[str, str]]:
     """An ``ssl:PORT:key=value...`` string into its port and options."""
     parts, _dangling = endpoint_fields(description)

@@ -16,6 +16,7 @@ from sqlalchemy import bindparam, func, null, select, tuple_, union_all
 
 from hl7bridge.core.status import MessageStatus
 
+from .cluster import notify_outbox
 from .planner import COMMAND_COLUMNS, DuplicatePlan, WriteRequest, WriteResult
 from .schema import StoreError, commands, messages
 
@@ -54,6 +55,8 @@ def _finish(conn: Any, plan: DuplicatePlan, ids: list[int], postgres: bool = Fal
     """The commands of the group's new messages, and the repeats within the group pointed at their first copy."""
     if postgres:
         command_ids = _pg_insert(conn, "commands", COMMAND_COLUMNS, plan.command_rows(ids), "")
+        if command_ids:
+            notify_outbox(conn)
     else:
         command_rows = [dict(zip(COMMAND_COLUMNS, values, strict=True)) for values in plan.command_rows(ids)]
         command_ids = [r.id for r in conn.execute(_INSERT_COMMANDS, command_rows)] if command_rows else []

@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from hl7bridge.core.status import FINAL_STATUSES, OPEN_STATUSES, SUCCEEDED, CommandStatus, MessageStatus
 from hl7bridge.mapping.routing import Command
+from hl7bridge.store.cluster import check_epoch
 from hl7bridge.store.schema import appointments, attempts, commands, messages
 
 
@@ -341,21 +342,27 @@ class OutboxWrite:
     now: float
     in_flight: list[int] = field(default_factory=list)
     updates: list[CommandUpdate] = field(default_factory=list)
+    #: The writing dispatcher's leadership epoch (``store.cluster``): checked first, a stale one is refused.
+    #: None: a dispatcher of the service's own process, which no other can depose.
+    epoch: int | None = None
 
     def __call__(self, conn: Any) -> None:
+        if self.epoch is not None:
+            check_epoch(conn, self.epoch)
         if self.in_flight:
             mark_in_flight(conn, self.in_flight, self.now)
         if self.updates:
             apply_updates(conn, self.updates, self.now)
 
     def to_json(self) -> dict[str, Any]:
-        return {"now": self.now, "in_flight": self.in_flight, "updates": [asdict(u) for u in self.updates]}
+        return {"now": self.now, "in_flight": self.in_flight, "updates": [asdict(u) for u in self.updates],
+                "epoch": self.epoch}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> OutboxWrite:
         updates = [CommandUpdate(**dict(u, remember=tuple(u["remember"]) if u["remember"] else None))
                    for u in data["updates"]]  # fmt: skip
-        return cls(data["now"], list(data["in_flight"]), updates)
+        return cls(data["now"], list(data["in_flight"]), updates, data.get("epoch"))
 
 
 def record_ack(conn: Any, message_id: int, ack: Any, status: str, error: str | None) -> None:

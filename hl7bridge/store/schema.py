@@ -40,7 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 11
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -188,6 +188,35 @@ configs = Table(
     Column("mtime", Float, doc="the file's mtime when loaded; NULL for built-in defaults"),
     Column("loaded_at", Float, nullable=False, doc="when the service first ran it"),
     Index("ix_configs_identity", "digest", "path", "mtime", unique=True),
+)
+
+#: The one dispatcher of the log (one row, ``id`` 1): ``epoch`` grows with each new leader, whose writes carry it
+#: and are refused once it is not the row's (fencing); ``renewed_at`` (database clock, epoch seconds) is renewed
+#: every second by the leader; a standby ends a leader whose renewal is older than ``lease`` seconds.
+dispatch_leader = Table(
+    "dispatch_leader",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("epoch", Id, nullable=False),
+    Column("instance", String(64), nullable=False, doc="the leader's instances.id"),
+    Column("backend_pid", Integer, doc="PostgreSQL: the server process of the leader's lock session"),
+    Column("renewed_at", Float, nullable=False),
+    Column("lease", Float, nullable=False),
+)
+
+#: The service processes on this log, each heartbeating its row every few seconds (database clock).
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", String(64), primary_key=True, doc="generated at each start"),
+    Column("name", Text, nullable=False),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("last_message_at", Float),
+    Column("lease", Float, nullable=False, doc="the instance's dispatch_lease: down after 3 of them"),
 )
 
 attempts = Table(
@@ -560,9 +589,8 @@ POSTGRES_MAX_OVERFLOW = 10
 SCHEMA_LOCK_KEY = 0x686C3762
 
 
-#: ``pg_try_advisory_lock`` key ("hl7d") that the one dispatcher of a PostgreSQL log holds for its session, as it
-#: holds a ``flock`` on a SQLite file: until dispatchers claim commands row by row, a second one would send
-#: every command again.
+#: ``pg_try_advisory_lock`` key ("hl7d") that the elected dispatcher of a PostgreSQL log holds for its session, as
+#: it holds a ``flock`` on a SQLite file (``dispatch.leader``).
 DISPATCH_LOCK_KEY = 0x686C3764
 
 
@@ -797,6 +825,16 @@ def _v9_configs(conn: Any) -> None:
     _add_column(conn, "commands", "config_id", "INTEGER")
 
 
+def _v10_reserved(conn: Any) -> None:
+    """Another branch's step (the numbers are settled at merge)."""
+
+
+def _v11_instances(conn: Any) -> None:
+    """Dispatch across instances: the leader's row (lease, epoch for fencing) and the instances' heartbeats."""
+    dispatch_leader.create(conn, checkfirst=True)
+    instances.create(conn, checkfirst=True)
+
+
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
 MIGRATIONS: dict[int, Callable[[Any], None]] = {
     2: _v2_retention,
@@ -807,6 +845,8 @@ MIGRATIONS: dict[int, Callable[[Any], None]] = {
     7: _v7_accounts,
     8: _v8_timeline,
     9: _v9_configs,
+    10: _v10_reserved,
+    11: _v11_instances,
 }
 
 

@@ -6,7 +6,7 @@ tested on its own. What decides:
 - **failing** (it is not doing its job; someone must act now): the dispatcher is not running, the API refused
   the token (dispatching paused), the log cannot be written or read, or a listener is not bound.
 - **degraded** (it works, but needs attention soon): the API does not answer (dispatching holds), dead
-  letters wait for an operator, the outbox's oldest command waits longer than ``health.outbox_stuck_after``,
+  letters wait for an operator, an instance on the log has no heartbeat for 3 leases (down), the outbox's oldest command waits longer than ``health.outbox_stuck_after``,
   descriptors run short, or the API token expires within ``TOKEN_WARNING_DAYS`` (``api.token_expires``).
 - **ok** otherwise.
 
@@ -25,9 +25,12 @@ from sqlalchemy.engine import Engine
 from hl7bridge import store
 from hl7bridge.core.status import ServiceState
 from hl7bridge.dispatch.pipe import DispatchState
+from hl7bridge.store.cluster import InstanceRow, current_leader, in_flight, instance_rows
 
 #: The token's expiry turns the state ``degraded`` this many days ahead.
 TOKEN_WARNING_DAYS = 14
+#: An instance without a heartbeat for this many of its leases (``service.dispatch_lease``) is down.
+DOWN_AFTER_LEASES = 3
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,33 @@ class LogFacts:
     dead_letters_open: int = 0
     #: Epoch seconds since when the oldest open dead letter waits.
     dead_letters_since: float | None = None
+    #: The service instances on this log (heartbeat ages as of the read), and the leading one's id.
+    instances: tuple[InstanceRow, ...] = ()
+    leader: str | None = None
+    #: Commands in flight (the leader's).
+    in_flight: int = 0
+
+    def down(self) -> list[InstanceRow]:
+        """Instances whose heartbeat is older than ``DOWN_AFTER_LEASES`` of their leases."""
+        return [i for i in self.instances if i.age > DOWN_AFTER_LEASES * i.lease]
+
+    def role(self, instance: InstanceRow) -> str:
+        if instance in self.down():
+            return "down"
+        return "leader" if instance.id == self.leader else "standby"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "outbox": {"depth": self.outbox_depth, "oldest_age_s": _round(self.outbox_oldest_age)},
             "dead_letters": {"open": self.dead_letters_open, "oldest_since": iso(self.dead_letters_since)},
-        }
+            "instances": [
+                {"id": i.id, "name": i.name, "host": i.host, "pid": i.pid, "version": i.version, "role": self.role(i),
+                 "heartbeat_age_s": _round(i.age), "started_at": iso(i.started_at),
+                 "last_message_at": iso(i.last_message_at),
+                 "in_flight": self.in_flight if i.id == self.leader else None}
+                for i in self.instances
+            ],
+        }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,15 @@ class Facts:
     outbox_limit: float = 900.0
     #: ``api.token_expires``.
     token_expires: datetime | None = None
+    #: This service's ``instances.id``.
+    instance: str | None = None
+
+    @property
+    def role(self) -> str | None:
+        """This instance's dispatcher: "leader", "standby" (another leads: nothing wrong), None (none leads yet)."""
+        if self.log.leader is None or self.instance is None:
+            return None
+        return "leader" if self.log.leader == self.instance else "standby"
 
 
 @dataclass(frozen=True)
@@ -93,6 +126,7 @@ class Status:
             "dispatch": None
             if dispatch is None
             else {
+                "role": facts.role,
                 "running": dispatch.down_reason is None,
                 "down_reason": dispatch.down_reason,
                 "held": dispatch.held,
@@ -140,6 +174,9 @@ def assess(facts: Facts) -> Status:
     if log.outbox_oldest_age is not None and log.outbox_oldest_age > facts.outbox_limit:
         degraded.append(f"{log.outbox_depth} command(s) wait to be dispatched, the oldest for "
                         f"{log.outbox_oldest_age:.0f} s (health.outbox_stuck_after is {facts.outbox_limit:.0f} s).")  # fmt: skip
+    for instance in log.down():
+        degraded.append(f"Instance {instance.name} ({instance.host}, pid {instance.pid}) is down: no heartbeat for "
+                        f"{instance.age:.0f} s.")  # fmt: skip
     if facts.descriptors_problem:
         degraded.append(f"File descriptors: {facts.descriptors_problem}.")
     token = token_reason(facts.token_expires, facts.now)
@@ -164,12 +201,15 @@ def token_reason(expires: datetime | None, now: float) -> str | None:
 
 
 def log_facts(engine: Engine, now: float | None = None) -> LogFacts:
-    """Outbox depth and age and the open dead letters, in one read of the log (off the reactor thread)."""
+    """Outbox depth and age, the open dead letters and the instances, in one read of the log (off the reactor
+    thread)."""
     at = time.time() if now is None else now
     with engine.connect() as conn:
         depth, oldest = store.outbox_depth(conn, at)
         dead, since = store.open_dead_letters(conn)
-    return LogFacts(depth, oldest, dead, since)
+        leader = current_leader(conn)
+        return LogFacts(depth, oldest, dead, since, tuple(instance_rows(conn)), leader and leader.instance,
+                        in_flight(conn))  # fmt: skip
 
 
 def iso(ts: float | None) -> str | None:

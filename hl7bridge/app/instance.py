@@ -1,0 +1,102 @@
+"""This service process as one instance of several on a log: its row in ``instances``, heartbeated every
+``BEAT_EVERY`` s through the writer (off the reactor), and whether it is the one that leads (housekeeping runs
+there only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+from twisted.internet import defer, task, threads
+
+from hl7bridge import __version__
+from hl7bridge.mllp.tls import endpoint_fields, endpoint_port
+from hl7bridge.store import Job, Writer
+from hl7bridge.store.cluster import beat, current_leader, forget_instance, register_instance
+
+log = logging.getLogger("hl7bridge.service")
+
+#: Seconds between heartbeats (``status`` shows an instance down after 3 leases without one).
+BEAT_EVERY = 2.0
+
+
+def default_name(endpoint: str | None) -> str:
+    """host:port of the first listener (host:pid when it has no port, as under socket activation): the same
+    across restarts, so a restarted instance replaces the row its crashed run left."""
+    host = socket.gethostname()
+    port = endpoint_port(endpoint_fields(endpoint or "")[0])
+    return f"{host}:{port}" if port.isdigit() and port != "0" else f"{host}:{os.getpid()}"
+
+
+class Instance:
+    def __init__(self, reactor: Any, writer: Writer, engine: Any, name: str, lease: float,
+                 last_message: Any) -> None:  # fmt: skip
+        """``name``: ``[service] instance_name``, or what ``default_name`` makes of the first listener."""
+        self.reactor = reactor
+        self.writer = writer
+        self.engine = engine
+        self.id = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.name = name
+        self.lease = lease
+        #: Returns when this instance last received a message (epoch seconds, None: never).
+        self._last_message = last_message
+        self._loop: task.LoopingCall | None = None
+        self._busy = False
+        self._failed = False
+        self._row: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self._row = {"id": self.id, "name": self.name, "host": self.host, "pid": os.getpid(), "version": __version__,
+                     "started_at": time.time(), "last_message_at": None, "lease": self.lease}  # fmt: skip
+        self._busy = True
+        row = dict(self._row)
+        self.writer.submit_job(Job(lambda conn: register_instance(conn, row), self._done))
+        self._loop = task.LoopingCall(self._beat)
+        self._loop.clock = self.reactor
+        self._loop.start(BEAT_EVERY, now=False)
+
+    def leave(self) -> defer.Deferred[None]:
+        """A clean stop: the row goes (a stopped instance is not a down one); the writer must still run."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        left: defer.Deferred[None] = defer.Deferred()
+
+        def done(_result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                log.warning("cannot remove this instance's row: %s", error.__class__.__name__)
+            self.reactor.callFromThread(left.callback, None)
+
+        self.writer.submit_job(Job(lambda conn: forget_instance(conn, self.id), done))
+        return left
+
+    def _beat(self) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        row = dict(self._row, last_message_at=self._last_message())
+        self.writer.submit_job(Job(lambda conn: beat(conn, row), self._done, durable=False))
+
+    def _done(self, _result: Any, error: BaseException | None) -> None:
+        """In the writer thread."""
+        self._busy = False
+        if (error is not None) != self._failed:
+            self._failed = error is not None
+            if error is not None:
+                log.warning("cannot record this instance's heartbeat: %s", error.__class__.__name__)
+            else:
+                log.info("this instance's heartbeat is recorded again")
+
+    def leads(self) -> defer.Deferred[bool]:
+        """Whether this instance's dispatcher leads (or none does: a log without routes has no leader)."""
+
+        def read() -> bool:
+            with self.engine.connect() as conn:
+                leader = current_leader(conn)
+            return leader is None or leader.instance == self.id
+
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), read)

@@ -1,0 +1,177 @@
+"""Several instances on one log: the elected dispatcher's row (epoch, lease) and the instances' heartbeats.
+
+Times here are the database's clock (epoch seconds), never an instance's: the instances' clocks may differ, and a
+lease or a heartbeat compared across machines must be read on one clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import Float, cast, func, literal_column, select, text
+from sqlalchemy.dialects.postgresql import OID
+
+from hl7bridge.core.status import CommandStatus
+from hl7bridge.store.schema import DISPATCH_LOCK_KEY, StoreError, commands, dispatch_leader, instances
+
+#: The channel the writer notifies when a group created commands (PostgreSQL): the leader LISTENs on it.
+OUTBOX_CHANNEL = "hl7bridge_outbox"
+#: The leader's row is the only one (``id`` 1).
+_ROW = 1
+#: Instances whose heartbeat is older than this many seconds are removed.
+FORGET_AFTER = 86400.0
+
+
+class StaleEpoch(StoreError):
+    """A write of a dispatcher that is no longer the leader: refused, so it can never overwrite the new one's."""
+
+
+@dataclass(frozen=True)
+class Leader:
+    epoch: int
+    instance: str
+    backend_pid: int | None
+    renewed_at: float
+    lease: float
+    #: Seconds since the last renewal, by the database's clock.
+    age: float
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    id: str
+    name: str
+    host: str
+    pid: int
+    version: str
+    started_at: float
+    heartbeat_at: float
+    last_message_at: float | None
+    lease: float
+    #: Seconds since the last heartbeat, by the database's clock.
+    age: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def db_clock(conn: Any) -> Any:
+    """The database's clock as epoch seconds (an SQL expression)."""
+    if conn.dialect.name == "postgresql":
+        return cast(func.extract("epoch", func.clock_timestamp()), Float)
+    return literal_column("((julianday('now') - 2440587.5) * 86400.0)", Float)
+
+
+def claim_leadership(conn: Any, instance: str, lease: float) -> int:
+    """Record the caller (which holds the dispatcher's lock) as the leader under a new epoch; the epoch.
+    Commits: from here on, the old leader's writes are refused."""
+    now = db_clock(conn)
+    pid = func.pg_backend_pid() if conn.dialect.name == "postgresql" else None
+    with conn.begin():
+        epoch = conn.execute(select(dispatch_leader.c.epoch).where(dispatch_leader.c.id == _ROW).with_for_update())
+        current = epoch.scalar()
+        values = {"instance": instance, "backend_pid": pid, "renewed_at": now, "lease": lease}
+        if current is None:
+            conn.execute(dispatch_leader.insert().values(id=_ROW, epoch=1, **values))
+            return 1
+        conn.execute(dispatch_leader.update().where(dispatch_leader.c.id == _ROW).values(epoch=current + 1, **values))
+        return int(current) + 1
+
+
+def renew_leadership(conn: Any, epoch: int) -> bool:
+    """Renew the lease; False: another leader has taken over (the row's epoch is not ``epoch``)."""
+    with conn.begin():
+        done = conn.execute(
+            dispatch_leader.update()
+            .where(dispatch_leader.c.id == _ROW)
+            .where(dispatch_leader.c.epoch == epoch)
+            .values(renewed_at=db_clock(conn))
+        )
+        return done.rowcount == 1
+
+
+def current_leader(conn: Any) -> Leader | None:
+    row = conn.execute(
+        select(dispatch_leader, (db_clock(conn) - dispatch_leader.c.renewed_at).label("age")).where(
+            dispatch_leader.c.id == _ROW
+        )
+    ).first()
+    if row is None:
+        return None
+    m = row._mapping
+    return Leader(int(m["epoch"]), m["instance"], m["backend_pid"], m["renewed_at"], m["lease"], float(m["age"]))
+
+
+def end_session(conn: Any, backend_pid: int) -> bool:
+    """End a PostgreSQL session (a stuck leader's lock connection), which frees its advisory lock; only if that
+    session holds the dispatcher's lock (a pid the server has since given to another session is left alone).
+    Needs the same role as that session's, or membership in ``pg_signal_backend``."""
+    held = (
+        select(literal_column("pid"))
+        .select_from(text("pg_locks"))
+        .where(text("locktype = 'advisory' AND granted AND classid = 0 AND objsubid = 1"))
+        .where(literal_column("objid") == cast(DISPATCH_LOCK_KEY, OID))
+        .where(literal_column("pid") == backend_pid)
+    )
+    ended = bool(conn.execute(select(func.pg_terminate_backend(backend_pid)).where(held.exists())).scalar())
+    conn.commit()
+    return ended
+
+
+def check_epoch(conn: Any, epoch: int) -> None:
+    """Fencing, inside a dispatcher write's transaction: refuse it unless ``epoch`` is the leader's. On PostgreSQL
+    the row is read ``FOR SHARE``, so no new leader can claim it before this transaction ends."""
+    found = conn.execute(
+        select(dispatch_leader.c.epoch).where(dispatch_leader.c.id == _ROW).with_for_update(read=True)
+    ).scalar()
+    if found != epoch:
+        raise StaleEpoch(f"the write of dispatcher epoch {epoch} is refused: epoch {found} leads now")
+
+
+def notify_outbox(conn: Any) -> None:
+    """Wake the leader, wherever it runs (PostgreSQL delivers it on commit, once per transaction and payload)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_notify(OUTBOX_CHANNEL, "")))
+
+
+def listen_outbox(conn: Any) -> None:
+    conn.exec_driver_sql(f"LISTEN {OUTBOX_CHANNEL}")
+    conn.commit()
+
+
+def register_instance(conn: Any, row: dict[str, Any]) -> None:
+    """This instance's row at its start. A row of the same name is its predecessor (a crashed or killed run of it,
+    which left its row): replaced, so a restart does not leave a "down" instance behind."""
+    conn.execute(instances.delete().where(instances.c.name == row["name"]).where(instances.c.id != row["id"]))
+    beat(conn, row)
+
+
+def beat(conn: Any, row: dict[str, Any]) -> None:
+    """The instance's heartbeat (its row again if it was removed meanwhile); rows silent for ``FORGET_AFTER`` go."""
+    now = db_clock(conn)
+    conn.execute(instances.delete().where(instances.c.heartbeat_at < now - FORGET_AFTER))
+    last = row["last_message_at"]
+    done = conn.execute(
+        instances.update()
+        .where(instances.c.id == row["id"])
+        .values(heartbeat_at=now, last_message_at=func.coalesce(last, instances.c.last_message_at))
+    )
+    if done.rowcount == 0:
+        conn.execute(instances.insert().values(**row, heartbeat_at=now))
+
+
+def instance_rows(conn: Any) -> list[InstanceRow]:
+    rows = conn.execute(
+        select(instances, (db_clock(conn) - instances.c.heartbeat_at).label("age")).order_by(instances.c.started_at)
+    )
+    return [InstanceRow(**{k: v for k, v in r._mapping.items()}) for r in rows]
+
+
+def in_flight(conn: Any) -> int:
+    """Commands the leader has in flight (sent, or about to be, and not yet answered)."""
+    return int(conn.execute(select(func.count()).where(commands.c.status == CommandStatus.IN_FLIGHT)).scalar() or 0)
+
+
+def forget_instance(conn: Any, instance_id: str) -> None:
+    conn.execute(instances.delete().where(instances.c.id == instance_id))

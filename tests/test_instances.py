@@ -1,0 +1,340 @@
+"""Several instances on one PostgreSQL log (issue 20): two real ``serve`` processes, the real sandbox. One elected
+dispatcher sends; a killed or stopped leader is taken over by the standby, which searches the trigger that was in
+flight before it sends it again; a stopped leader resumed sends nothing more (its lease lapsed, its writes are
+fenced by epoch); a message ingested by the standby wakes the leader through NOTIFY; status shows them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from hl7bridge.api.console.pages import chart, page
+from hl7bridge.dispatch.child import FixedToken
+from hl7bridge.dispatch.dispatcher import Dispatcher
+from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
+from hl7bridge.dispatch.rules import DispatchSettings
+from hl7bridge.mapping.routing import Command
+from hl7bridge.store import CommandUpdate, Job, OutboxWrite, Writer, command_values, commands, open_engine
+from hl7bridge.store.cluster import FORGET_AFTER, StaleEpoch, claim_leadership, instance_rows, register_instance
+from hl7bridge.store.schema import instances
+from hl7bridge.workflow.dashboard import dashboard
+
+from .conftest import RunningSandbox, RunningService, free_port, segments, start_sandbox, start_service, wait_until
+from .dispatch_support import SANDBOX_TOML, TOKEN, future, query, service_toml, settled, siu
+from .test_dispatch_process import alive, children
+
+#: The shortest lease the configuration takes: takeovers in the tests come within seconds.
+LEASE = 2
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSandbox]:
+    running = start_sandbox(tmp_path_factory.mktemp("sandbox"), SANDBOX_TOML)
+    yield running
+    running.stop()
+
+
+class Pair:
+    """Two instances on one database; ``a`` started first, so its dispatcher leads."""
+
+    def __init__(self, tmp_path: Path, url: str, sandbox: RunningSandbox, dispatch_extra: str = "",
+                 lease: float = LEASE, listener_extra: str = "", service_extra: str = "") -> None:  # fmt: skip
+        self.services: dict[str, RunningService] = {}
+        self.configs: dict[str, tuple[Path, str]] = {}
+        self.url = url
+        self.health: dict[str, int] = {}
+        for name in ("a", "b"):
+            workdir = tmp_path / name
+            workdir.mkdir()
+            port = free_port()
+            config = (f'[service]\ndispatch_lease = {lease}\ninstance_name = "node-{name}"\n'
+                      f'pid_file = "{workdir / "hl7bridge.pid"}"\n{service_extra}\n'
+                      f'[health]\nlisten = "tcp:{port}:interface=127.0.0.1"\nheartbeat_interval = 1\n'
+                      + _dispatch(service_toml(sandbox.url, listener_extra=listener_extra), dispatch_extra))  # fmt: skip
+            self.configs[name] = (workdir, config)
+            self.services[name] = start_service(workdir, config, env=TOKEN, log_url=url)
+            self.health[name] = port
+            if name == "a":
+                wait_until(lambda: self.leader() == "a", message="the first instance to lead")
+
+    @property
+    def a(self) -> RunningService:
+        return self.services["a"]
+
+    @property
+    def b(self) -> RunningService:
+        return self.services["b"]
+
+    def leader(self) -> str | None:
+        """Which service's dispatcher leads ("a", "b"), by the leader's row and the instances' pids."""
+        rows = query(self.a, "SELECT i.pid FROM dispatch_leader d JOIN instances i ON i.id = d.instance")
+        pids = {s.process.pid: n for n, s in self.services.items()}
+        return pids.get(rows[0]["pid"]) if rows else None
+
+    def restart(self, name: str) -> None:
+        workdir, config = self.configs[name]
+        self.services[name] = start_service(workdir, config, env=TOKEN, log_url=self.url)
+
+    def status(self, name: str) -> dict:
+        return requests.get(f"http://127.0.0.1:{self.health[name]}/status", timeout=5).json()
+
+    def stop(self) -> None:
+        for service in self.services.values():
+            if service.process.poll() is None:
+                for pid in children(service.process.pid):
+                    os.kill(pid, signal.SIGCONT)
+                os.kill(service.process.pid, signal.SIGCONT)
+            service.stop()
+
+
+def _dispatch(toml: str, settings: str) -> str:
+    """``toml`` with these ``[dispatch]`` settings, replacing those it has."""
+    for line in settings.splitlines():
+        key = line.split("=", 1)[0].strip()
+        toml, found = re.subn(rf"^{key} = .*$", line, toml, flags=re.MULTILINE)
+        if not found:
+            toml = toml.replace("[dispatch]\n", f"[dispatch]\n{line}\n")
+    return toml
+
+
+@pytest.fixture
+def pair(tmp_path: Path, postgres_url: str, sandbox: RunningSandbox) -> Iterator[Pair]:
+    running = Pair(tmp_path, postgres_url, sandbox)
+    yield running
+    running.stop()
+    sandbox.faults(latency_ms=0)
+
+
+def journeys_once(sandbox: RunningSandbox, appointments: list[str]) -> None:
+    assert {a: len(sandbox.instances(appointmentId=a)) for a in appointments} == {a: 1 for a in appointments}
+
+
+def test_killed_leader_is_taken_over_its_in_flight_trigger_searched_and_status_shows_it_down(
+    pair: Pair, sandbox: RunningSandbox
+) -> None:
+    """kill -9 of the leading service mid-call: its dispatcher dies with it (its lock session ends), the standby
+    takes over, searches the trigger left in flight (found: not sent again) and sends the rest."""
+    sandbox.faults(latency_ms=3000)
+    appointments = [f"A-KILL-{n}" for n in range(4)]
+    for n, appointment in enumerate(appointments[:2]):
+        assert segments(pair.a.request(siu("S12", f"KILL-{n}", appointment, future(days=10 + n))))["MSA"][1] == "AA"
+    flying = wait_until(lambda: query(pair.a, "SELECT id FROM commands WHERE status = 'in_flight'"),
+                        message="a call in flight")  # fmt: skip
+    pair.a.process.kill()
+    pair.a.process.wait()
+    sandbox.faults(latency_ms=0)
+    for n, appointment in enumerate(appointments[2:], start=2):
+        assert segments(pair.b.request(siu("S12", f"KILL-{n}", appointment, future(days=10 + n))))["MSA"][1] == "AA"
+    for n in range(4):
+        assert settled(pair.b, f"KILL-{n}", timeout=30)[0]["status"] == "done"
+    assert pair.leader() == "b"
+    journeys_once(sandbox, appointments)
+    for command in flying:
+        tried = query(pair.b, "SELECT operation FROM attempts WHERE command_id = ? ORDER BY id", command["id"])
+        assert tried[0]["operation"] == "search", tried
+    outcomes = query(pair.b, "SELECT outcome FROM commands WHERE id = ?", flying[0]["id"])
+    assert "not sent again" in outcomes[0]["outcome"]
+
+    def down() -> dict | None:
+        status = pair.status("b")
+        roles = {i["name"]: i["role"] for i in status["instances"]}
+        return status if roles == {"node-a": "down", "node-b": "leader"} else None
+
+    status = wait_until(down, timeout=30, message="node-a shown down")
+    assert status["state"] == "degraded" and any("node-a" in r and "down" in r for r in status["reasons"])
+    assert status["dispatch"]["role"] == "leader"
+    shown = pair.b.cli("status", "--config", str(pair.b.config), check=False).stdout
+    assert "instance node-a" in shown and ": DOWN, heartbeat" in shown and "instance node-b" in shown, shown
+    board = dashboard(open_engine(pair.b.url, create=False)).to_json()
+    html = page(None, "dashboard.html", board=board, service=status, chart=chart([])).body.decode()
+    assert "<td>node-a</td>" in html and "<td>down</td>" in html and "<td>leader</td>" in html
+    # node-a restarted under its name replaces the row its killed run left: no instance is down any more.
+    pair.restart("a")
+    wait_until(lambda: pair.status("b")["state"] == "ok", timeout=30, message="node-a back as a standby")
+    assert {i["name"]: i["role"] for i in pair.status("b")["instances"]} == {"node-a": "standby", "node-b": "leader"}
+
+
+def test_stopped_leader_is_taken_over_and_resumed_sends_nothing_more(
+    tmp_path: Path, postgres_url: str, sandbox: RunningSandbox
+) -> None:
+    """SIGSTOP of the leading service and its dispatcher while a trigger gathers in its bucket (a long batch
+    window), past the lease: the standby ends the stuck lock session and sends it. SIGCONT: the old dispatcher,
+    whose bucket is now due, sends nothing (its lease lapsed, its writes are fenced) and exits; a new one waits
+    as a standby; every journey exactly once."""
+    pair = Pair(tmp_path, postgres_url, sandbox, dispatch_extra="batch_window_ms = 1500")
+    try:
+        assert segments(pair.a.request(siu("S12", "STOP-0", "A-STOP-0", future(days=11))))["MSA"][1] == "AA"
+        assert settled(pair.a, "STOP-0")[0]["status"] == "done"
+        status = pair.status("b")
+        assert status["state"] == "ok" and status["dispatch"]["role"] == "standby"
+        assert {i["name"]: i["role"] for i in status["instances"]} == {"node-a": "leader", "node-b": "standby"}
+        (old_child,) = children(pair.a.process.pid)
+        stopped = [pair.a.process.pid, old_child]
+        assert segments(pair.a.request(siu("S12", "STOP-1", "A-STOP-1", future(days=12))))["MSA"][1] == "AA"
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            assert segments(pair.b.request(siu("S12", "STOP-2", "A-STOP-2", future(days=13))))["MSA"][1] == "AA"
+            for n in (1, 2):
+                assert settled(pair.b, f"STOP-{n}", timeout=30)[0]["status"] == "done"
+            assert pair.leader() == "b"
+            calls = len(sandbox.calls())
+        finally:
+            for pid in reversed(stopped):
+                os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: not alive(old_child), timeout=20, message="the deposed dispatcher to exit")
+        wait_until(lambda: children(pair.a.process.pid), timeout=20, message="a new dispatcher process for node-a")
+        assert len(sandbox.calls()) == calls
+        # node-a ingests on; node-b's dispatcher sends what it took in.
+        assert segments(pair.a.request(siu("S12", "STOP-3", "A-STOP-3", future(days=14))))["MSA"][1] == "AA"
+        assert settled(pair.a, "STOP-3", timeout=30)[0]["status"] == "done"
+        journeys_once(sandbox, [f"A-STOP-{n}" for n in range(4)])
+        wait_until(lambda: {i["name"]: i["role"] for i in pair.status("a")["instances"]} == {
+            "node-a": "standby", "node-b": "leader"}, timeout=20, message="node-a a standby")  # fmt: skip
+        assert pair.status("a")["dispatch"]["role"] == "standby"
+    finally:
+        pair.stop()
+
+
+def test_a_message_taken_in_by_the_standby_wakes_the_leader_through_notify(
+    tmp_path: Path, postgres_url: str, sandbox: RunningSandbox
+) -> None:
+    """The backstop poll is set to 10 minutes: only the standby's NOTIFY can wake the leader in time. The standby
+    then stops as promptly as any service; only the leader's instance ran the retention pass."""
+    pair = Pair(
+        tmp_path, postgres_url, sandbox, dispatch_extra="poll_interval = 600", service_extra="retention_days = 1"
+    )
+    try:
+        time.sleep(1.0)  # the leader's first looks at the log are behind it: now it waits for a wake
+        assert segments(pair.b.request(siu("S12", "NOTE-1", "A-NOTE-1", future(days=12))))["MSA"][1] == "AA"
+        assert settled(pair.b, "NOTE-1", timeout=20)[0]["status"] == "done"
+        assert pair.leader() == "a"
+        # A standby's dispatcher process reads its pipe while it waits: it stops with its service, unkilled.
+        stopped = pair.b.stop()
+        assert pair.b.process.returncode == 0 and "did not stop in time" not in stopped, stopped
+        # Housekeeping runs on the leader's instance only.
+        assert "retention: cleared" in pair.a.stop() and "retention: cleared" not in stopped
+    finally:
+        pair.stop()
+
+
+def test_a_standby_answers_a_dispatched_verdict_from_the_log(
+    tmp_path: Path, postgres_url: str, sandbox: RunningSandbox
+) -> None:
+    """``ack_mode = "dispatched"`` on the standby: the leader elsewhere sends the command, and the standby's
+    dispatcher process, which waits to lead, reads the verdict from the log for its service's sender."""
+    pair = Pair(tmp_path, postgres_url, sandbox, listener_extra='ack_mode = "dispatched"\ndispatch_timeout = 8')
+    try:
+        assert segments(pair.b.request(siu("S12", "VERD-1", "A-VERD-1", future(days=12))))["MSA"][1] == "AA"
+        assert query(pair.b, "SELECT status FROM commands")[0]["status"] == "done"
+        assert pair.leader() == "a"
+    finally:
+        pair.stop()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_write_of_a_deposed_dispatcher_is_refused_by_the_writer(kind: str, tmp_path: Path, request) -> None:
+    """Fencing through the real writer: once a new leader has claimed the row, a write carrying the old epoch
+    fails with ``StaleEpoch`` and changes nothing; the new epoch's write goes through."""
+    url = f"sqlite:///{tmp_path / 'log.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    engine = open_engine(url)
+    command = Command(kind="book", route="r", chat_bot_id="bot", time_zone="UTC", flow_id=None, parameters={},
+                      identifiers={"appointmentId": "A-F"}, appointment_key="MAIN|A-F", start_at=None)  # fmt: skip
+    with engine.begin() as conn:
+        command_id = conn.execute(
+            commands.insert().values({**command_values(command, 0.0), "message_id": 1})
+        ).inserted_primary_key[0]
+    with engine.connect() as conn:
+        old = claim_leadership(conn, "old", 10.0)
+        new = claim_leadership(conn, "new", 10.0)
+    writer = Writer(engine, lambda fn, *args: fn(*args))
+    writer.start()
+    try:
+
+        def run(epoch: int) -> BaseException | None:
+            update = CommandUpdate(command_id, "done", f"by {epoch}")
+            return wait_until_done(writer, OutboxWrite(1.0, updates=[update], epoch=epoch))
+
+        assert isinstance(run(old), StaleEpoch)
+        with engine.connect() as conn:
+            assert conn.execute(commands.select().where(commands.c.id == command_id)).first().status == "pending"
+        assert run(new) is None
+        with engine.connect() as conn:
+            row = conn.execute(commands.select().where(commands.c.id == command_id)).first()
+        assert (row.status, row.outcome) == ("done", f"by {new}")
+    finally:
+        writer.stop()
+
+
+def wait_until_done(writer: Writer, write: OutboxWrite) -> BaseException | None:
+    finished = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def done(_result: object, error: BaseException | None) -> None:
+        outcome.append(error)
+        finished.set()
+
+    writer.submit_job(Job(write, done))
+    assert finished.wait(30)
+    return outcome[0]
+
+
+def test_a_dispatcher_whose_lease_lapsed_starts_no_call(tmp_path: Path, sandbox: RunningSandbox) -> None:
+    """The lease guard alone: while ``may_send`` says no, a due command stays pending and the API sees no call;
+    once it says yes, the command goes."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    command = Command(kind="book", route="reminders", chat_bot_id="reminders", time_zone="UTC", flow_id=None,
+                      parameters={"appointmentId": "A-LEASE"}, identifiers={"appointmentId": "A-LEASE"},
+                      appointment_key="MAIN|A-LEASE", start_at=None)  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(commands.insert().values({**command_values(command, time.time()), "message_id": 1}))
+    fresh = [False]
+
+    def calls() -> list[dict]:
+        return [c for c in sandbox.calls() if "A-LEASE" in json.dumps(c["body"])]
+
+    writer = Writer(engine, lambda fn, *args: fn(*args))
+    writer.start()
+    client = JourneysClient(ApiSettings(base_url=sandbox.url, org_id="test-org"), FixedToken("test-token"))
+    dispatcher = Dispatcher(engine, writer, client, DispatchSettings(batch_window=0.05, poll_interval=0.1),
+                            may_send=lambda: fresh[0])  # fmt: skip
+    dispatcher.start()
+    try:
+        time.sleep(1.0)
+        assert calls() == []
+        with engine.connect() as conn:
+            assert conn.execute(commands.select()).first().status == "pending"
+        fresh[0] = True
+        wait_until(calls, message="the call once the lease is fresh")
+    finally:
+        dispatcher.stop()
+        writer.stop()
+
+
+def test_instances_silent_for_a_day_are_removed(tmp_path: Path) -> None:
+    """The heartbeat removes rows whose last heartbeat is older than a day (by the database's clock)."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    row = {
+        "name": "gone",
+        "host": "h",
+        "pid": 1,
+        "version": "0",
+        "started_at": 0.0,
+        "last_message_at": None,
+        "lease": 10.0,
+    }
+    with engine.begin() as conn:
+        register_instance(conn, dict(row, id="old"))
+        conn.execute(instances.update().values(heartbeat_at=instances.c.heartbeat_at - FORGET_AFTER - 60))
+        register_instance(conn, dict(row, id="new", name="here"))
+        assert [i.id for i in instance_rows(conn)] == ["new"]
