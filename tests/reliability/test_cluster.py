@@ -215,9 +215,6 @@ def test_instances_reconnect_without_a_restart_and_lose_nothing(database_crash: 
     assert database_crash["journeys"]["journey_missing"] == 0, database_crash["journeys"]
 
 
-@pytest.mark.xfail(strict=False, reason="the dispatch lock is a session lock: the server's restart frees it, the "
-                   "waiting instance's dispatcher starts beside the first, which (in most runs) does not notice, and "
-                   "both send; issue 20's leases and fencing (branch s27-leader) replace the lock")  # fmt: skip
 def test_after_the_database_restart_the_journeys_are_as_sent(database_crash: dict[str, Any]) -> None:
     """None doubled, every cancel applied (a doubled trigger after its cancel undoes it), in the order sent."""
     assert database_crash["lost"] == 0 and database_crash["duplicated"] == 0, database_crash["journeys"]
