@@ -6,9 +6,12 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import stat
-from collections.abc import Callable, Iterator
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from functools import lru_cache
 from pathlib import Path as FsPath
 from typing import Any
 from urllib.parse import quote
@@ -35,12 +38,13 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.dialects.postgresql import TSVECTOR
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -170,7 +174,7 @@ commands = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     *(Column(name, kind, doc=doc) for name, kind, doc in RESOLUTION_COLUMNS),
-    Column("config_id", Integer, doc="configs.id: the configuration that produced the command (schema 9)"),
+    Column("config_id", Id, doc="configs.id: the configuration that produced the command (schema 9)"),
     Index("ix_commands_status_due", "status", "next_attempt_at"),
     Index("ix_commands_appointment", "appointment_key", "id"),
     Index("ix_commands_message", "message_id"),
@@ -182,7 +186,7 @@ commands = Table(
 configs = Table(
     "configs",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Id, primary_key=True, autoincrement=True),
     Column("digest", String(64), nullable=False, doc="SHA-256 of the canonical JSON of the effective settings"),
     Column("path", Text, nullable=False),
     Column("mtime", Float, doc="the file's mtime when loaded; NULL for built-in defaults"),
@@ -244,9 +248,9 @@ audit_log = Table(
 audit_refs = Table(
     "audit_refs",
     metadata,
-    Column("target", String(16), primary_key=True, doc="what the id names: message, command, user, ..."),
-    Column("ref", String(128), primary_key=True, doc="the id, as text (user names are ids too)"),
-    Column("audit_id", Integer, primary_key=True),
+    Column("target", _text(16), primary_key=True, doc="what the id names: message, command, user, ..."),
+    Column("ref", _text(128), primary_key=True, doc="the id, as text (user names are ids too)"),
+    Column("audit_id", Id, primary_key=True),
     sqlite_with_rowid=False,
 )
 
@@ -277,6 +281,21 @@ search_keys = Table(
     sqlite_with_rowid=False,
 )
 
+#: Tables only a PostgreSQL log has (``_create`` makes them there).
+postgres_metadata = MetaData()
+
+#: PostgreSQL's text index (``--text``), the counterpart of SQLite's FTS5 ``messages_text``: a message's
+#: ``text_tokens`` as a ``tsvector`` made by ``array_to_tsvector`` (the tokens as they are: PostgreSQL's own parser
+#: and dictionaries cut and fold words otherwise than FTS5, and by the database's locale), under a GIN index.
+#: Written with the message by ``index_messages``; retention deletes a purged message's row.
+message_words = Table(
+    "message_words",
+    postgres_metadata,
+    Column("message_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("words", TSVECTOR, nullable=False),
+    Index("ix_message_words", "words", postgresql_using="gin"),
+)
+
 #: Console and API accounts (``workflow.accounts``). A name is an operator's, not a patient's.
 users = Table(
     "users",
@@ -293,7 +312,7 @@ users = Table(
 api_tokens = Table(
     "api_tokens",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Id, primary_key=True, autoincrement=True),
     Column("user_name", String(64), ForeignKey("users.name", ondelete="CASCADE"), nullable=False),
     Column("secret_sha256", String(64), nullable=False, unique=True),
     Column("label", String(128), nullable=False, default=""),
@@ -341,6 +360,30 @@ def search_terms(
     return (orjson.dumps(terms).decode() if terms else None), (words or None)
 
 
+#: What FTS5's unicode61 tokenizer keeps as a token: runs of letters and digits.
+TOKEN = re.compile(r"[^\W_]+")
+
+
+def text_tokens(words: str) -> list[str]:
+    """The tokens of ``words`` as SQLite's FTS5 ``unicode61`` tokenizer indexes them: runs of letters and
+    digits, lower-cased, a Latin letter's single diacritic removed ("José" is "jose"; "ß", "ø", "й" and "ǖ" stay).
+    The one definition of a word outside SQLite: PostgreSQL's text index and the search of messages past
+    SQLite's index use it, so that ``--text`` finds the same messages on both logs (``tests/test_search_text.py``
+    compares them on one set of cases)."""
+    return [token.lower() if token.isascii() else "".join(map(_folded_char, token)) for token in TOKEN.findall(words)]
+
+
+@lru_cache(maxsize=4096)
+def _folded_char(char: str) -> str:
+    """unicode61's folding of one character: the simple lower case (İ is i), and a Latin letter with one
+    diacritic (its canonical decomposition an ASCII letter and one combining mark) as that letter."""
+    low = char.lower()[:1]
+    parts = unicodedata.normalize("NFD", low)
+    if len(parts) == 2 and parts[0].isascii() and unicodedata.combining(parts[1]):
+        return parts[0]
+    return low
+
+
 #: ``meta`` key: the newest message id the search index holds (every message up to it is indexed).
 INDEXED_KEY = "search_indexed_to"
 #: The search index's DDL beside ``search_keys`` (SQLite): a contentless FTS5 table (words only, no text kept), and
@@ -380,6 +423,56 @@ MINUTES_DDL = (
 )
 
 
+_WORDS_INSERT = ("INSERT INTO message_words (message_id, words) VALUES (%s, array_to_tsvector(%s::text[])) "
+                 "ON CONFLICT DO NOTHING")  # fmt: skip
+_KEYS_INSERT = "INSERT INTO search_keys (key, message_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+_WORDS_DELETE = "DELETE FROM message_words WHERE message_id = %s"
+_KEYS_DELETE = "DELETE FROM search_keys WHERE key = %s AND message_id = %s"
+
+
+def index_messages(conn: Any, ids: Sequence[int], rows: Sequence[Any]) -> None:
+    """PostgreSQL: put messages' search keys and words into the index in the caller's transaction, the one that
+    writes the messages: the one way a message becomes findable there (the writer, a replay, the upgrade's
+    backfill). Several writers commit in any order, and a message indexed in its own transaction is findable the
+    moment it is committed, with no high-water mark to fall behind. Through the driver's ``executemany``: inside
+    the writer's pipeline these statements travel with the rows, no round trip of their own. Keys go in sorted
+    (fewer B-tree pages touched). Elsewhere a no-op: SQLite's index is filled in batches (``index_step``)."""
+    if conn.dialect.name == "postgresql" and ids:
+        words, keys = _index_rows(ids, rows, "")
+        _executemany(conn, _WORDS_INSERT, [(i, sorted(set(tokens))) for i, tokens in words], _KEYS_INSERT, keys)
+
+
+def unindex_messages(conn: Any, ids: Sequence[int], rows: Sequence[Any], prefix: str = "") -> None:
+    """PostgreSQL: take messages' words and their keys starting with ``prefix`` out of the index again, by their
+    exact entries (``search_keys`` is keyed by the key first: a delete by message id alone would read it all).
+    ``rows`` are the messages as indexed (their ``search_terms`` and ``search_text``)."""
+    if conn.dialect.name == "postgresql" and ids:
+        words, keys = _index_rows(ids, rows, prefix)
+        _executemany(conn, _WORDS_DELETE, [(i,) for i, _tokens in words], _KEYS_DELETE, keys)
+
+
+def _index_rows(
+    ids: Sequence[int], rows: Sequence[Any], prefix: str
+) -> tuple[list[tuple[int, list[str]]], list[tuple[str, int]]]:
+    words: list[tuple[int, list[str]]] = []
+    keys: list[tuple[str, int]] = []
+    for message_id, row in zip(ids, rows, strict=True):
+        tokens = text_tokens(row["search_text"]) if row["search_text"] else []
+        if tokens:
+            words.append((message_id, tokens))
+        keys += [(key, message_id) for key in orjson.loads(row["search_terms"] or "[]") if key.startswith(prefix)]
+    keys.sort()
+    return words, keys
+
+
+def _executemany(conn: Any, *statements: Any) -> None:
+    """(sql, rows) pairs through the driver's cursor, skipping those without rows."""
+    with conn.connection.driver_connection.cursor() as cur:
+        for sql, rows in zip(statements[::2], statements[1::2], strict=True):
+            if rows:
+                cur.executemany(sql, rows)
+
+
 def index_step(conn: Any, limit: int, count_minutes: bool = True) -> int:
     """Copy the ``search_terms`` and ``search_text`` of the next ``limit`` messages not yet indexed into the search
     index; how many it took (0: the index is current).
@@ -390,10 +483,10 @@ def index_step(conn: Any, limit: int, count_minutes: bool = True) -> int:
     larger than the page cache, and a batch of 4,000 cost twice the CPU. The service runs this as a writer job
     every second (``app.service``), so a message is findable about a second after its ACK. The same batch is
     counted into ``message_minutes`` (the dashboard's counts), but by the schema 6 upgrade, which runs before
-    that table exists (the schema 7 step counts what is indexed then). PostgreSQL gets the keys only
-    (``search_keys``, from the same JSON): no text index and no minute counts there yet."""
-    dialect = conn.dialect.name
-    if dialect not in ("sqlite", "postgresql"):
+    that table exists (the schema 7 step counts what is indexed then). SQLite only: the high-water mark holds
+    because its writes are serialised by the write lock; PostgreSQL indexes each message as it is written
+    (``index_messages``)."""
+    if conn.dialect.name != "sqlite":
         return 0
     last = int(get_meta(conn, INDEXED_KEY) or 0)
     top, count = conn.execute(
@@ -403,17 +496,12 @@ def index_step(conn: Any, limit: int, count_minutes: bool = True) -> int:
     if not count:
         return 0
     bounds = {"low": last, "high": top}
-    if dialect == "postgresql":
-        conn.execute(text("INSERT INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
-                          "json_array_elements_text(m.search_terms::json) AS j(value) "
-                          "WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2 ON CONFLICT DO NOTHING"), bounds)  # fmt: skip
-    else:
-        conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
-                          "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2"), bounds)  # fmt: skip
-        conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
-                          "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
-        if count_minutes:
-            conn.execute(text(MINUTES_UPSERT), bounds)
+    conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
+                      "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2"), bounds)  # fmt: skip
+    conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
+                      "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
+    if count_minutes:
+        conn.execute(text(MINUTES_UPSERT), bounds)
     set_meta(conn, INDEXED_KEY, str(top))
     return int(count)
 
@@ -547,6 +635,8 @@ def _found_version(conn: Any, url: str) -> int | None:
 def _create(conn: Any, new: bool = True) -> None:
     """The tables a log lacks, and a new log's version (inside ``_ddl_transaction``)."""
     metadata.create_all(conn)
+    if conn.dialect.name == "postgresql":
+        postgres_metadata.create_all(conn)
     if new:
         conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
 
@@ -797,6 +887,38 @@ def _v9_configs(conn: Any) -> None:
     _add_column(conn, "commands", "config_id", "INTEGER")
 
 
+#: Id columns that were INTEGER on PostgreSQL where the ids they hold are BIGINT (or will be: configs, tokens).
+_POSTGRES_BIGINT_IDS = (("audit_refs", "audit_id"), ("commands", "config_id"), ("configs", "id"), ("api_tokens", "id"))
+
+
+def _v10_postgres_index(conn: Any) -> None:
+    """PostgreSQL (SQLite: nothing, its types are already these and its index stays a batch job): every id
+    column BIGINT, ``audit_refs``' strings TEXT, and the search index as intake now writes it
+    (``index_messages``): the text index made, and the keys and words of every message logged put in, a batch of
+    ids at a time, whatever ``search_indexed_to`` said (a message committed late under a lower id was missed by
+    it); that mark goes."""
+    if conn.dialect.name != "postgresql":
+        return
+    for table, column in _POSTGRES_BIGINT_IDS:
+        conn.exec_driver_sql(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE BIGINT")
+        sequence = conn.execute(select(func.pg_get_serial_sequence(table, column))).scalar()
+        if sequence:
+            conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} AS BIGINT")
+    conn.exec_driver_sql("ALTER TABLE audit_refs ALTER COLUMN target TYPE TEXT, ALTER COLUMN ref TYPE TEXT")
+    message_words.create(conn, checkfirst=True)
+    last = 0
+    while True:
+        rows = conn.execute(
+            select(messages.c.id, messages.c.search_terms, messages.c.search_text)
+            .where(messages.c.id > last).order_by(messages.c.id).limit(BACKFILL_BATCH)
+        ).all()  # fmt: skip
+        if not rows:
+            break
+        last = rows[-1].id
+        index_messages(conn, [r.id for r in rows], [r._mapping for r in rows])
+    conn.execute(meta.delete().where(meta.c.key == INDEXED_KEY))
+
+
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
 MIGRATIONS: dict[int, Callable[[Any], None]] = {
     2: _v2_retention,
@@ -807,6 +929,7 @@ MIGRATIONS: dict[int, Callable[[Any], None]] = {
     7: _v7_accounts,
     8: _v8_timeline,
     9: _v9_configs,
+    10: _v10_postgres_index,
 }
 
 
