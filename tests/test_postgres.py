@@ -384,14 +384,13 @@ def test_db_upgrade_widens_every_id_and_indexes_every_message_logged(postgres_ur
     """A schema-9 PostgreSQL log: INTEGER ids where BIGINT ones point, no text index, and keys copied by the old
     batch job up to its mark, which missed a message committed late under a lower id. `db upgrade` widens the
     ids, and every message becomes findable by key and words; the mark goes."""
-    from hl7bridge.store.schema import _POSTGRES_BIGINT_IDS
-
     engine = open_engine(postgres_url)
     with engine.begin() as conn:
         types = _column_types(conn)
         assert not [key for key, kind in types.items() if _is_id(*key) and kind != "bigint"], types
         assert types[("audit_refs", "ref")] == "text"
-        for table, column in _POSTGRES_BIGINT_IDS:
+        for table, column in (("audit_refs", "audit_id"), ("commands", "config_id"), ("configs", "id"),
+                              ("api_tokens", "id")):  # fmt: skip
             conn.exec_driver_sql(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE INTEGER")
         conn.exec_driver_sql("ALTER TABLE audit_refs ALTER COLUMN ref TYPE VARCHAR(128)")
         conn.exec_driver_sql("DROP TABLE message_words")

@@ -214,10 +214,12 @@ def _matching(conn: Connection, words: str, low: int | None) -> Select:
 
 
 def explain(conn: Connection, filters: Filters, before: int | None = None) -> list[str]:
-    """SQLite's query plan for a search over the index (what the tests and the benchmark check: an index, not a
-    scan)."""
+    """The query plan for a search over the index (what the tests and the benchmark check: an index, not a
+    scan): SQLite's, or PostgreSQL's ``EXPLAIN`` lines."""
     stmt = query(conn, filters, before, ascending=False).limit(51)
     compiled = stmt.compile(conn, compile_kwargs={"literal_binds": True})
+    if conn.dialect.name == "postgresql":
+        return [str(r[0]).strip() for r in conn.exec_driver_sql(f"EXPLAIN (COSTS OFF) {compiled}".replace("%", "%%"))]
     return [str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}")]
 
 
