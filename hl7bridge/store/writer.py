@@ -65,8 +65,6 @@ class Writer:
         self.commits = 0
         self.rows = 0
         self.failures = 0
-        #: Groups whose COMMIT lost its connection (PostgreSQL): committed or not, nobody can tell.
-        self.unknown_commits = 0
         self.last_error: str | None = None
         self._raw: Any = None
         self._rows_since_checkpoint = 0
@@ -224,7 +222,6 @@ class Writer:
             self._locked = is_locked(exc)
             unknown = committing and isinstance(exc, DBAPIError) and exc.connection_invalidated
             if unknown:
-                self.unknown_commits += 1
                 log.error("the connection to the database was lost during the COMMIT of %d message(s), which may "
                           "or may not have been committed: no answer is sent, their connections are closed, and "
                           "the resends will be deduplicated (%s)", len(group), self.last_error)  # fmt: skip
