@@ -205,7 +205,8 @@ def _matching(conn: Connection, words: str, low: int | None) -> Select:
     if conn.dialect.name == "postgresql":
         found = message_words.c.message_id
         # A cast, not to_tsquery(): the tokens are taken as they are, as they were indexed.
-        stmt = select(found).where(message_words.c.words.bool_op("@@")(cast(pg_tsquery(words), TSQUERY)))
+        query_ = cast(bindparam("words", pg_tsquery(words), String()), TSQUERY)
+        stmt = select(found).where(message_words.c.words.bool_op("@@")(query_))
     else:
         found = messages_text.c.rowid
         match = text("messages_text MATCH :words").bindparams(bindparam("words", fts_query(words), String()))
