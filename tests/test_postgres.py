@@ -19,6 +19,7 @@ from sqlalchemy import func, select, update
 
 from hl7bridge.store import StoreError, Writer, WriteRequest, WriteResult, messages, meta, open_engine, search_terms
 from hl7bridge.store.generic_path import write_generic
+from hl7bridge.store.queries import record_replay
 from hl7bridge.store.schema import SCHEMA_VERSION
 from hl7bridge.workflow.search import Filters, search
 
@@ -345,7 +346,8 @@ def _searchable(control: str, patient: str, family: str) -> dict:
 
 def test_a_message_committed_after_a_newer_one_is_findable_when_committed(postgres_url: str) -> None:
     """Two writers (two instances, or the service and a CLI replay): the first draws the lower id and commits
-    last. Nothing waits for ids to become visible in order: each message is findable from its own commit."""
+    last. Nothing waits for ids to become visible in order: each message is findable from its own commit, a
+    replay too."""
     engine = open_engine(postgres_url)
 
     def found(**filters: object) -> list[str]:
@@ -362,6 +364,12 @@ def test_a_message_committed_after_a_newer_one_is_findable_when_committed(postgr
     assert found(patient="MRN-L") == ["EARLY-2", "LATE-1"]
     assert found(control_id="LATE-1") == ["LATE-1"]
     assert found(text="rowan", since=0.0) == ["LATE-1"]
+    replayed = record_replay(engine, {"id": first.message_id}, _searchable("LATE-1", "MRN-L", "ROWAN"), [])
+    assert [r["id"] for r in search(engine, Filters(control_id="LATE-1"), limit=10).rows] == [
+        replayed,
+        first.message_id,
+    ]  # a replay is indexed as it is written too
+    assert found(text="rowan", since=0.0) == ["LATE-1", "LATE-1"]
 
 
 def _column_types(conn) -> dict[tuple[str, str], str]:
