@@ -1,6 +1,8 @@
 """Search benchmark: `log list`'s filters on a log of a million messages.
 
     python bench/search.py [--messages 1000000] [--queries 100] [--database PATH] [--keep]
+    python bench/search.py --postgres --messages 200000     # on a throwaway PostgreSQL cluster (tests/pg.py)
+    python bench/search.py --url postgresql+psycopg://user@host/db   # an empty PostgreSQL database, filled
 
 Fills a fresh SQLite log through the real schema (``open_engine``; the insert triggers fill the search index
 as they do for the service's writer) with messages of a realistic shape: 30 days, 40 senders, 150,000 patients
@@ -10,6 +12,8 @@ transaction (a bulk load, not the service's path; the search terms are computed 
 ``index_step`` indexes them as the service does, in batches). Then, for each filter, it runs ``workflow.search.search``
 (a page of 50, newest first) for ``--queries`` random values, and the second page of each (``before`` the
 first page's last id), and reports p50/p95 in milliseconds. ``--database PATH`` reuses a log filled before.
+On PostgreSQL (``--url``, ``--postgres``) each batch is indexed as the writer indexes it there
+(``index_messages``, in the rows' transaction), and the plans are PostgreSQL's ``EXPLAIN``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -28,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hl7bridge.store import index_step, messages, open_engine, search_terms
+from hl7bridge.store.schema import index_messages
 from hl7bridge.workflow.search import Filters, explain, search
 
 DAYS = 30
@@ -57,7 +63,7 @@ def fill(url: str, total: int, seed: int = 7) -> dict:
     began = time.monotonic()
     batch = 5000
     raw = ("MSH|^~\\&|" + "X" * 900).encode()
-    insert = messages.insert()
+    insert = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
     for first in range(0, total, batch):
         rows = []
         for n in range(first, min(first + batch, total)):
@@ -100,7 +106,7 @@ def fill(url: str, total: int, seed: int = 7) -> dict:
                 "duplicate_of": None, "purged_at": None, "search_terms": terms, "search_text": words,
             })  # fmt: skip
         with engine.begin() as conn:
-            conn.execute(insert, rows)
+            index_messages(conn, list(conn.execute(insert, rows).scalars()), rows)
         if first and first % 100_000 == 0:
             print(f"  {first:,} messages ({time.monotonic() - began:.0f} s)", flush=True)
     while True:
@@ -108,7 +114,7 @@ def fill(url: str, total: int, seed: int = 7) -> dict:
             if not index_step(conn, 50_000):
                 break
     with engine.begin() as conn:
-        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)" if engine.dialect.name == "sqlite" else "ANALYZE")
     return {"messages": total, "patients": patients, "fill_s": round(time.monotonic() - began, 1)}
 
 
@@ -247,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=100, help="random values per filter")
     parser.add_argument("--database", metavar="PATH", help="fill this file (or reuse it when it exists)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary log")
+    parser.add_argument("--url", metavar="URL", help="fill and search this empty PostgreSQL database instead")
+    parser.add_argument("--postgres", action="store_true", help="as --url, on a throwaway PostgreSQL cluster")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
     parser.add_argument("--ingest-cost", action="store_true",
                         help="instead: CPU per message the index adds to the writer (with vs without, alternating)")  # fmt: skip
@@ -266,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"and {cost['intake_us']} us in intake (search_terms); medians of {len(cost['rounds']['with'])} "
                   f"alternating rounds: {cost['rounds']}; wall: {cost['wall_rounds']}", flush=True)  # fmt: skip
         return 0
+    if args.url or args.postgres:
+        return _on_postgres(args)
     path, tmp = log_location(args.database, "hl7bridge-search-")
     url = f"sqlite:///{path}"
     filled = None
@@ -282,6 +292,32 @@ def main(argv: list[str] | None = None) -> int:
         os.rmdir(tmp)
     worst = max(r["p95_ms"] for r in results)
     print(f"worst p95 {worst:.1f} ms (goal <= 50 ms)")
+    return 0
+
+
+def _on_postgres(args: argparse.Namespace) -> int:
+    """Fill ``--url`` (or a database of a throwaway cluster, ``--postgres``) and measure the same filters."""
+    server = None
+    url = args.url
+    if not url:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.pg import start_postgres
+
+        server = start_postgres()
+        url = server.create_database()
+    try:
+        print(f"filling {url} with {args.messages:,} messages", flush=True)
+        filled = fill(url, args.messages)
+        print(f"filled in {filled['fill_s']} s", flush=True)
+        results = measure(url, args.messages, args.queries)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"database": "postgresql", "filled": filled, "results": results},
+                                                  indent=2) + "\n")  # fmt: skip
+        print(f"worst p95 {max(r['p95_ms'] for r in results):.1f} ms (goal <= 50 ms)")
+    finally:
+        if server is not None:
+            server.stop()
+            shutil.rmtree(server.root, ignore_errors=True)
     return 0
 
 

@@ -18,7 +18,7 @@ import requests
 
 from hl7bridge.testing.client import BlockingClient
 
-from .pg import any_service, database_url, postgres, postgres_url  # noqa: F401 - fixtures for every module
+from .pg import any_service, database_url, own_postgres, postgres, postgres_url  # noqa: F401 - fixtures for every module
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The example configuration as a test service runs it: its fixed health and console ports are off, so that

@@ -138,6 +138,18 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
+def own_postgres(postgres: PostgresServer) -> Iterator[PostgresServer]:
+    """A cluster of the test's own, to crash (``stop("immediate")``) and restart without disturbing the session's
+    (which it needs only to be skipped, or failed under CI, as that one is when PostgreSQL is missing)."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop("immediate")
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture
 def postgres_url(postgres: PostgresServer) -> str:
     """A fresh, empty database of the session's cluster."""
     return postgres.create_database()

@@ -17,12 +17,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
-from hl7bridge.store import StoreError, Writer, WriteRequest, WriteResult, messages, meta, open_engine
+from hl7bridge.store import StoreError, Writer, WriteRequest, WriteResult, messages, meta, open_engine, search_terms
+from hl7bridge.store.generic_path import write_generic
+from hl7bridge.store.queries import record_replay
 from hl7bridge.store.schema import SCHEMA_VERSION
+from hl7bridge.workflow.search import Filters, search
 
 from .conftest import RunningSandbox, RunningService, segments, start_sandbox, start_service, wait_until
 from .dispatch_support import SANDBOX_TOML, TOKEN, future, query, service_toml, settled, settled_commands, siu
 from .pg import PostgresServer
+from .test_search import booking
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -291,32 +295,27 @@ def test_a_dispatched_resend_accepted_while_its_first_copy_waited_settles_as_its
         bridge.stop()
 
 
-# ---- search by key ---------------------------------------------------------------------------------------------
+# ---- search ----------------------------------------------------------------------------------------------------
 
 
-def test_key_filters_on_postgresql_from_the_index_and_past_it_and_purge_clears_patient_keys(
+def test_a_message_is_findable_by_key_and_words_once_answered_and_a_purge_clears_the_patients(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    """The running service indexes the keys every second (``index_step``, ``search_keys`` filled from the JSON
-    terms); messages past the index are read directly; ``--text`` is refused with the reason; a purge removes
-    the patient's keys and keeps the rest findable."""
-    from hl7bridge.store import index_step, open_engine
-    from hl7bridge.workflow.search import Filters, search
-
-    from .test_search import booking, logged
-
+    """No index job on PostgreSQL: a message's keys and words are written with it, so the moment its AA is out it
+    is in the index; `log list` finds it by every key and by words; a purge removes the patient's keys and every
+    word, and keeps its control id, sender and appointments findable."""
     bridge = start_service(tmp_path, log_url=postgres_url)
     try:
-        for raw in (booking("K-1", "PL-1", "FI-1", "MRN-1", "ORCHARD"), booking("K-2", "PL-2", "FI-2", "MRN-2", "BRAMBLE"),
-                    booking("K-3", "PL-1", "FI-1", "MRN-1", "ORCHARD", sender="CERNER|EAST")):  # fmt: skip
+        for raw, control in ((booking("K-1", "PL-1", "FI-1", "MRN-1", "ORCHARD"), "K-1"),
+                             (booking("K-2", "PL-2", "FI-2", "MRN-2", "BRAMBLE"), "K-2"),
+                             (booking("K-3", "PL-1", "FI-1", "MRN-1", "Orchärd", sender="CERNER|EAST"), "K-3")):  # fmt: skip
             assert segments(bridge.request(raw))["MSA"][1] == "AA"
-
-        def current() -> bool:
-            done = query(bridge, "SELECT value FROM meta WHERE key = 'search_indexed_to'")
-            return bool(done) and int(done[0]["value"]) >= 3
-
-        wait_until(current, message="the search index to take every message")
-        assert query(bridge, "SELECT count(*) AS n FROM search_keys WHERE key = 'p:MRN-1'")[0]["n"] == 2
+            (row,) = query(bridge, "SELECT id FROM messages WHERE control_id = ?", control)
+            assert query(
+                bridge, "SELECT key FROM search_keys WHERE message_id = ? AND key = ?", row["id"], f"c:{control}"
+            )
+            assert query(bridge, "SELECT message_id FROM message_words WHERE message_id = ?", row["id"])
+        assert not query(bridge, "SELECT value FROM meta WHERE key = 'search_indexed_to'")
 
         def ids(*args: str) -> list[str]:
             return [r["control_id"] for r in bridge.log(*args)]
@@ -326,20 +325,102 @@ def test_key_filters_on_postgresql_from_the_index_and_past_it_and_purge_clears_p
         assert ids("--control-id", "K-3") == ["K-3"]
         assert ids("--sender", "CERNER^EAST") == ["K-3"]
         assert ids("--sender", "EPIC", "--patient", "MRN-1") == ["K-1"]
-        refused = bridge.cli("log", "list", "--text", "orchard", "--since", "1h", check=False)
-        assert refused.returncode == 2 and "--text needs the text index" in refused.stderr
+        assert ids("--text", "orchard", "--since", "1h") == ["K-3", "K-1"]
+        assert ids("--text", "orch* alice", "--sender", "EPIC", "--since", "1h") == ["K-1"]
+        assert ids("--text", "orch", "--since", "1h") == []
         bridge.cli("purge", "--older-than", "0s", "--database", bridge.url)
         assert ids("--patient", "MRN-1") == []
+        assert ids("--text", "orchard", "--since", "1h") == []
         assert ids("--appointment", "PL-1") == ["K-3", "K-1"]  # outcomes stay findable
         assert query(bridge, "SELECT count(*) AS n FROM search_keys WHERE key LIKE 'p:%'")[0]["n"] == 0
+        assert query(bridge, "SELECT count(*) AS n FROM message_words")[0]["n"] == 0
     finally:
         bridge.stop()
-    engine = open_engine(postgres_url, create=False)
-    logged(engine, ("T-1", "MRN-T", "ROWAN"), ("T-2", "MRN-T", "ASPEN"))
+
+
+def _searchable(control: str, patient: str, family: str) -> dict:
+    summary = {"patient_ids": [{"value": patient}], "names": [{"family": family}]}
+    terms, words = search_terms(control, "EPIC", "MAIN", summary)
+    return dict(_row(control), search_terms=terms, search_text=words)
+
+
+def test_a_message_committed_after_a_newer_one_is_findable_when_committed(postgres_url: str) -> None:
+    """Two writers (two instances, or the service and a CLI replay): the first draws the lower id and commits
+    last. Nothing waits for ids to become visible in order: each message is findable from its own commit, a
+    replay too."""
+    engine = open_engine(postgres_url)
+
+    def found(**filters: object) -> list[str]:
+        return [r["control_id"] for r in search(engine, Filters(**filters), limit=10).rows]
+
+    with engine.connect() as late:
+        with late.begin():
+            (first,) = write_generic(late, [WriteRequest(_searchable("LATE-1", "MRN-L", "ROWAN"), None, print)])
+            with engine.begin() as other:
+                (second,) = write_generic(other, [WriteRequest(_searchable("EARLY-2", "MRN-L", "ASPEN"), None, print)])
+            assert found(patient="MRN-L") == ["EARLY-2"]
+            assert found(text="rowan", since=0.0) == []
+        assert first.message_id < second.message_id
+    assert found(patient="MRN-L") == ["EARLY-2", "LATE-1"]
+    assert found(control_id="LATE-1") == ["LATE-1"]
+    assert found(text="rowan", since=0.0) == ["LATE-1"]
+    replayed = record_replay(engine, {"id": first.message_id}, _searchable("LATE-1", "MRN-L", "ROWAN"), [])
+    assert [r["id"] for r in search(engine, Filters(control_id="LATE-1"), limit=10).rows] == [
+        replayed,
+        first.message_id,
+    ]  # a replay is indexed as it is written too
+    assert found(text="rowan", since=0.0) == ["LATE-1", "LATE-1"]
+
+
+def _column_types(conn) -> dict[tuple[str, str], str]:
+    rows = conn.exec_driver_sql("SELECT table_name, column_name, data_type FROM information_schema.columns "
+                                "WHERE table_schema = 'public'")  # fmt: skip
+    return {(t, c): kind for t, c, kind in rows}
+
+
+#: Columns named like ids that hold the feed's or the API's strings, not row ids.
+STRING_IDS = ("control_id", "chat_bot_id", "flow_id", "call_id")
+
+
+def _is_id(_table: str, column: str) -> bool:
+    """A column holding a row id (or the row's own): BIGINT on PostgreSQL, as ids are."""
+    named = column == "id" or column.endswith("_id") or column in ("replay_of", "duplicate_of", "resolution_audit")
+    return named and column not in STRING_IDS
+
+
+def test_db_upgrade_widens_every_id_and_indexes_every_message_logged(postgres_url: str, tmp_path: Path) -> None:
+    """A schema-9 PostgreSQL log: INTEGER ids where BIGINT ones point, no text index, and keys copied by the old
+    batch job up to its mark, which missed a message committed late under a lower id. `db upgrade` widens the
+    ids, and every message becomes findable by key and words; the mark goes."""
+    engine = open_engine(postgres_url)
     with engine.begin() as conn:
-        assert index_step(conn, 100) == 2
-    logged(engine, ("T-3", "MRN-T", "ROWAN"))
-    assert [r["control_id"] for r in search(engine, Filters(patient="MRN-T"), limit=10).rows] == ["T-3", "T-2", "T-1"]
+        types = _column_types(conn)
+        assert not [key for key, kind in types.items() if _is_id(*key) and kind != "bigint"], types
+        assert types[("audit_refs", "ref")] == "text"
+        for table, column in (("audit_refs", "audit_id"), ("commands", "config_id"), ("configs", "id"),
+                              ("api_tokens", "id")):  # fmt: skip
+            conn.exec_driver_sql(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE INTEGER")
+        conn.exec_driver_sql("ALTER TABLE audit_refs ALTER COLUMN ref TYPE VARCHAR(128)")
+        conn.exec_driver_sql("DROP TABLE message_words")
+        conn.execute(messages.insert(), [_searchable(f"OLD-{n}", "MRN-OLD", "HAWTHORN") for n in (1, 2, 3)])
+        conn.exec_driver_sql("INSERT INTO search_keys (key, message_id) SELECT 'c:' || control_id, id FROM messages "
+                             "WHERE control_id = 'OLD-2'")  # fmt: skip
+        conn.execute(meta.insert().values(key="search_indexed_to", value="2"))
+        conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="9"))
+    engine.dispose()
+    done = cli("db", "upgrade", "--database", postgres_url, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    engine = open_engine(postgres_url, create=False)
+    with engine.connect() as conn:
+        types = _column_types(conn)
+        assert not [key for key, kind in types.items() if _is_id(*key) and kind != "bigint"], types
+        assert types[("audit_refs", "ref")] == "text"
+        assert conn.execute(select(meta.c.value).where(meta.c.key == "search_indexed_to")).first() is None
+    found = search(engine, Filters(patient="MRN-OLD"), limit=10).rows
+    assert [r["control_id"] for r in found] == ["OLD-3", "OLD-2", "OLD-1"]
+    assert [r["control_id"] for r in search(engine, Filters(text="hawthorn", since=0.0), limit=10).rows] == [
+        "OLD-3", "OLD-2", "OLD-1"
+    ]  # fmt: skip
 
 
 def test_a_newer_schema_and_a_foreign_database_are_refused_untouched(postgres: PostgresServer) -> None:

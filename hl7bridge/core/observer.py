@@ -19,6 +19,8 @@ class Observer(Protocol):
 
     def dead_letter(self) -> None: ...
 
+    def commit_unknown(self, listener: str) -> None: ...
+
 
 class NullObserver:
     """What components use when nobody measures."""
@@ -36,4 +38,7 @@ class NullObserver:
         return None
 
     def dead_letter(self) -> None:
+        return None
+
+    def commit_unknown(self, listener: str) -> None:
         return None

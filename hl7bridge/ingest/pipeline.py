@@ -13,6 +13,7 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
 from hl7bridge import store
+from hl7bridge.core.answers import CLOSE, Answer, Close
 from hl7bridge.core.observer import NullObserver, Observer
 from hl7bridge.core.status import SUCCEEDED, CommandStatus, MessageStatus
 from hl7bridge.hl7 import strict
@@ -32,8 +33,9 @@ class Verdicts(Protocol):
     def forget(self, command_id: int) -> None: ...
 
 
-Reply = Callable[[bytes | None], None]
-"""Takes the bytes to send back for one frame (None: send nothing); called once, on the reactor thread."""
+Reply = Callable[[Answer], None]
+"""Takes the bytes to send back for one frame (None: send nothing; ``CLOSE``: nothing, and close the connection);
+called once, on the reactor thread."""
 
 READ_IN_THREAD_BYTES = 64 * 1024
 """Frames from this size on are read in the thread pool. Reading is linear in the size, but a crafted
@@ -121,14 +123,15 @@ class Pipeline:
         if not frame.batch_header:
             self._process(frame.messages[0], peer, received_at, reply)
             return
-        answers: list[bytes | None] = [None] * len(frame.messages)
+        answers: list[Answer] = [None] * len(frame.messages)
         waiting = [len(frame.messages)]
 
-        def answered(index: int, answer: bytes | None) -> None:
+        def answered(index: int, answer: Answer) -> None:
             answers[index] = answer
             waiting[0] -= 1
             if not waiting[0]:
-                reply(self.intake.batch_answer(frame, [a for a in answers if a]))
+                done = [a for a in answers if isinstance(a, bytes)]
+                reply(CLOSE if CLOSE in answers else self.intake.batch_answer(frame, done))
 
         for index, received in enumerate(frame.messages):
             self._process(received, peer, received_at, partial(answered, index))
@@ -170,9 +173,16 @@ class Pipeline:
         log.debug("%s", failure.getTraceback())
         reply(None)
 
-    def _report(self, answer: bytes | None, received: Received, peer: str) -> bytes | None:
+    def _report(self, answer: Answer, received: Received, peer: str) -> Answer:
         """One metric and one log line per message; the line names ids, never patient data."""
         header = received.header
+        if isinstance(answer, Close):
+            self.observer.commit_unknown(self.listener)
+            log.warning("%s from %s left unanswered and its connection closed: the database connection was lost "
+                        "during its COMMIT, so it may or may not be logged; its resend will be deduplicated",
+                        f"{header.message_type}^{header.event}" if header else "a message", peer,
+                        extra={"control_id": header.control_id if header else None, "listener": self.listener})  # fmt: skip
+            return answer
         code = _msa_code(answer)
         self.observer.message(
             self.listener, header.event if header else "", code, received.status == MessageStatus.DUPLICATE
@@ -185,9 +195,11 @@ class Pipeline:
                     extra={"control_id": header.control_id if header else None, "listener": self.listener})  # fmt: skip
         return answer
 
-    def _released(self, result: WriteResult, received: Received) -> bytes | defer.Deferred[bytes | None] | None:
+    def _released(self, result: WriteResult, received: Received) -> Answer | defer.Deferred[bytes | None]:
         if received.ack is None:
             return None
+        if result.outcome_unknown:
+            return CLOSE
         if result.error is not None:
             ack = self.intake.failed_to_store(received, "the message log could not be written")
             return ack.payload if ack else None

@@ -15,6 +15,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hl7bridge.core.answers import Answer, Close
 from hl7bridge.core.observer import NullObserver, Observer
 from hl7bridge.mllp import tls
 from hl7bridge.mllp.connections import FdWatch, RefusalLog, Refused, enable_keepalive
@@ -56,11 +57,12 @@ class ListenerSettings(Protocol):
 
 
 class FrameHandler(Protocol):
-    """Where frames go (the pipeline): each answer comes back through ``reply``, ``None`` for none."""
+    """Where frames go (the pipeline): each answer comes back through ``reply``, ``None`` for none, ``CLOSE`` to
+    close the connection without one."""
 
-    def handle(self, payload: bytes, peer: str, reply: Callable[[bytes | None], None]) -> None: ...
+    def handle(self, payload: bytes, peer: str, reply: Callable[[Answer], None]) -> None: ...
 
-    def too_long(self, head: bytes, limit: int, peer: str, reply: Callable[[bytes | None], None]) -> None: ...
+    def too_long(self, head: bytes, limit: int, peer: str, reply: Callable[[Answer], None]) -> None: ...
 
 
 @dataclass
@@ -95,6 +97,8 @@ class MLLPConnection(MLLPReceiver):
         self._frame_call = None
         self._idle_expired = False
         self._read_closed = False
+        #: Set when an answer was ``CLOSE``: nothing more is read, answered or sent on this connection.
+        self._unanswered = False
         self._handshake_done = False
         self._counted = False
         self.peer = "?"
@@ -199,7 +203,8 @@ class MLLPConnection(MLLPReceiver):
     # -- frames ------------------------------------------------------------------------------------
     def frameReceived(self, payload: bytes) -> None:
         self._frame_done()
-        self.factory.pipeline.handle(payload, self.peer, self._reserve())
+        if not self._unanswered:
+            self.factory.pipeline.handle(payload, self.peer, self._reserve())
 
     def frameTooLong(self, head: bytes) -> None:
         self._frame_done()
@@ -210,12 +215,12 @@ class MLLPConnection(MLLPReceiver):
     def junkDiscarded(self, count: int) -> None:
         self.factory.stats.junk_bytes += count
 
-    def _reserve(self) -> Callable[[bytes | None], None]:
+    def _reserve(self) -> Callable[[Answer], None]:
         """A place in the answer queue for the frame just read, and what fills it."""
         slot: list = [False, None, self.factory.clock.seconds()]
         self._slots.append(slot)
 
-        def answered(result: bytes | None) -> None:
+        def answered(result: Answer) -> None:
             if not slot[0]:
                 slot[0], slot[1] = True, result
                 self._flush()
@@ -231,6 +236,9 @@ class MLLPConnection(MLLPReceiver):
         slots = self._slots
         while slots and slots[0][0]:
             _ready, payload, started = slots.popleft()
+            if isinstance(payload, Close):
+                self._close_unanswered()
+                return
             if payload is not None and self.transport is not None:
                 self._send(frame(payload))
                 self.factory.observer.ack_latency(self.factory.config.name, self.factory.clock.seconds() - started)
@@ -258,6 +266,16 @@ class MLLPConnection(MLLPReceiver):
             data = data[sent:]
             self._socket = None
         self.transport.write(data)
+
+    def _close_unanswered(self) -> None:
+        """Close without answering this frame or the ones read after it (the pipeline said why): the answers before
+        it are out or queued in Twisted, which sends them first; none is written to the socket directly after."""
+        self._unanswered = True
+        self._socket = None
+        self._slots.clear()
+        log.info("closing connection from %s with %s unanswered", self.peer, self.factory.config.name)
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def _close_if_done(self) -> None:
         if self._read_closed and not self._slots and not self.backlogged:

@@ -50,6 +50,9 @@ class Metrics:
                                      buckets=API_BUCKETS, registry=r)  # fmt: skip
         self.retries = Counter("hl7bridge_api_retries", "Commands scheduled for another attempt", registry=r)
         self.dead_letters = Counter("hl7bridge_dead_letters", "Commands dead-lettered", registry=r)
+        self.commits_unknown = Counter("hl7bridge_commit_outcome_unknown", "Messages left unanswered, their "
+                                       "connection closed, as the database connection was lost during their "
+                                       "COMMIT", ["listener"], registry=r)  # fmt: skip
         self.paused = Gauge("hl7bridge_dispatch_paused", "1 while nothing flows to the API as usual: held, "
                             "auth paused, or the dispatcher down", registry=r)  # fmt: skip
         self.held = Gauge("hl7bridge_dispatch_held", "1 while the API does not answer and dispatching holds to "
@@ -106,9 +109,13 @@ class Metrics:
     def dead_letter(self) -> None:
         self.dead_letters.inc()
 
+    def commit_unknown(self, listener: str) -> None:
+        self.commits_unknown.labels(listener).inc()
+
     def track_listener(self, listener: str, count: Callable[[], int]) -> None:
         """Its open connections and its last message time, read when scraped."""
         self.connections.labels(listener).set_function(count)
+        self.commits_unknown.labels(listener)
         self.last_message.labels(listener).set_function(lambda: self.last_message_at.get(listener, 0.0))
 
     def seen_before(self, listener: str, at: float | None) -> None:

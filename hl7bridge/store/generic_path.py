@@ -4,11 +4,12 @@ rows themselves through psycopg's pipelined ``executemany``, ``_pg_insert``).
 On PostgreSQL the accepted messages are held unique by (MSH-3, MSH-4, MSH-10) (``ux_messages_accepted_key``), and
 a group goes in with ``INSERT … ON CONFLICT DO NOTHING``: should another writer accept the same key between this
 group's lookup and its insert, the insert waits for that transaction and skips the row, and the group is planned
-again with the now committed original, so the resend is answered with the original's ACK and starts nothing."""
+again with the now committed original, so the resend is answered with the original's ACK and starts nothing.
+The messages' search keys and words go in with the rows, in the same pipeline (``schema.index_messages``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -18,7 +19,7 @@ from hl7bridge.core.status import MessageStatus
 
 from .cluster import notify_outbox
 from .planner import COMMAND_COLUMNS, DuplicatePlan, WriteRequest, WriteResult
-from .schema import StoreError, commands, messages
+from .schema import StoreError, commands, index_messages, messages, unindex_messages
 
 _INSERT = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
 _INSERT_COMMANDS = commands.insert().returning(commands.c.id, sort_by_parameter_order=True)
@@ -68,17 +69,20 @@ def _finish(conn: Any, plan: DuplicatePlan, ids: list[int], postgres: bool = Fal
 
 def _write_postgres(conn: Any, group: list[WriteRequest]) -> list[WriteResult]:
     """The group with ids drawn from the sequence first, so that the rows ``ON CONFLICT DO NOTHING`` skipped are
-    known by id. A skipped row is a key accepted meanwhile by another writer: the group's rows are taken out
-    again and it is planned anew with that original. Each pass finds at least one more original, so it ends."""
+    known by id, and their search index goes in with them. A skipped row is a key accepted meanwhile by another
+    writer: the group's rows and index are taken out again and it is planned anew with that original. Each pass
+    finds at least one more original, so it ends."""
     keys = list(dict.fromkeys(r.dedupe_key for r in group if r.dedupe_key))
     originals, ids = _pg_originals(conn, keys, len(group))
     for _ in range(len(keys) + 1):
         plan = DuplicatePlan(group, originals)
         rows = [dict(row, id=i) for row, i in zip(plan.rows, ids, strict=True)]
-        inserted = set(_pg_insert(conn, "messages", _MESSAGE_COLUMNS, rows, " ON CONFLICT DO NOTHING"))
+        inserted = set(_pg_insert(conn, "messages", _MESSAGE_COLUMNS, rows, " ON CONFLICT DO NOTHING",
+                                  first=lambda rows=rows: index_messages(conn, ids, rows)))  # fmt: skip
         if len(inserted) == len(rows):
             return _finish(conn, plan, ids, postgres=True)
         conn.execute(messages.delete().where(messages.c.id.in_(sorted(inserted))))
+        unindex_messages(conn, ids, rows)
         skipped = [r.dedupe_key for r, i in zip(group, ids, strict=True) if i not in inserted and r.dedupe_key]
         found, _ = _pg_originals(conn, skipped)
         if not found:
@@ -96,18 +100,32 @@ def _pg_insert_sql(table: str, columns: tuple[str, ...], conflict: str) -> str:
             "RETURNING id")  # fmt: skip
 
 
-def _pg_insert(conn: Any, table: str, columns: tuple[str, ...], rows: list[Any], conflict: str) -> list[int]:
+def _pg_insert(
+    conn: Any,
+    table: str,
+    columns: tuple[str, ...],
+    rows: list[Any],
+    conflict: str,
+    first: Callable[[], None] | None = None,
+) -> list[int]:
     """Insert rows (dicts, or tuples in column order) with the driver's ``executemany``; the ids of the rows
     inserted, in order. psycopg sends one prepared statement per row in one pipeline, a round trip in all:
     SQLAlchemy's multi-row VALUES for 20 messages was a statement of 540 parameters, too long for psycopg's query
-    cache and planned anew each time, and a group took 13 ms instead of 4 (``bench/ingest.py --postgres``)."""
+    cache and planned anew each time, and a group took 13 ms instead of 4 (``bench/ingest.py --postgres``).
+    ``first`` queues statements ahead of the rows in the same pipeline (the rows' search index): psycopg's
+    ``executemany(returning=True)`` flushes and waits for its results, and a statement queued after it would cost a
+    round trip of its own (a group of one took 1.8 ms longer)."""
     if not rows:
         return []
     if isinstance(rows[0], dict):
         rows = [tuple(map(row.get, columns)) for row in rows]
     ids: list[int] = []
-    with conn.connection.driver_connection.cursor() as cur:
-        cur.executemany(_pg_insert_sql(table, columns, conflict), rows, returning=True)
+    driver = conn.connection.driver_connection
+    with driver.cursor() as cur:
+        with driver.pipeline():
+            if first is not None:
+                first()
+            cur.executemany(_pg_insert_sql(table, columns, conflict), rows, returning=True)
         while True:
             ids.extend(row[0] for row in cur.fetchall())
             if not cur.nextset():

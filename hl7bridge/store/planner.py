@@ -30,6 +30,10 @@ class WriteResult:
     original_ack_code: str | None = None
     error: str | None = None
     command_ids: tuple[int, ...] = ()
+    #: With ``error``: the connection was lost during COMMIT, so the message may be in the log (and acted on) or
+    #: not. AA would be a guess, AR a refusal of what may be accepted: the sender gets no answer and its
+    #: connection is closed, so it resends, and the resend is deduplicated or, if nothing was committed, accepted.
+    outcome_unknown: bool = False
 
 
 COMMAND_COLUMNS = tuple(c.name for c in commands.columns if c.name != "id")

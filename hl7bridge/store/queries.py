@@ -19,7 +19,7 @@ from hl7bridge.core.status import DEAD_LETTERS, CommandStatus, MessageStatus
 from . import audit
 from .audit import AuditEntry
 from .outbox import AppointmentRow, appointment, outbox_depth
-from .schema import NOT_ACCEPTED, attempts, commands, messages
+from .schema import NOT_ACCEPTED, attempts, commands, index_messages, messages
 
 #: The message's open dead letters: a message whose command died still says so in ``log list``.
 _OPEN_DEAD = (
@@ -140,9 +140,9 @@ def record_replay(
     ``entry`` (its ids then the original's and the new message's) in the audit log in the same one."""
     now = time.time()
     with engine.begin() as conn:
-        new_id = conn.execute(
-            messages.insert().returning(messages.c.id), [dict(row, replay_of=original["id"])]
-        ).scalar()
+        new_row = dict(row, replay_of=original["id"])
+        new_id = conn.execute(messages.insert().returning(messages.c.id), [new_row]).scalar()
+        index_messages(conn, [new_id], [new_row])
         if command_rows:
             conn.execute(commands.insert(), [dict(c, message_id=new_id) for c in command_rows])
         conn.execute(

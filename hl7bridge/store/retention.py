@@ -13,14 +13,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from sqlalchemy import delete, func, literal_column, select, update
+from sqlalchemy import func, literal_column, select, update
 from sqlalchemy.engine import Engine
 
 from hl7bridge.core.status import OPEN_STATUSES
 
 from . import audit
 from .audit import AuditEntry
-from .schema import appointments, attempts, commands, messages, search_keys
+from .schema import appointments, attempts, commands, messages, unindex_messages
 
 
 @dataclass
@@ -75,16 +75,16 @@ def purge_step(conn: Any, cutoff: float, limit: int = 500) -> PurgeCounts:
         )
     ]
     if ids:
+        if conn.dialect.name == "postgresql":
+            # The patient's keys and every word, from the terms as indexed (SQLite's purge trigger does this there).
+            indexed = conn.execute(select(messages.c.id, messages.c.search_terms, messages.c.search_text)
+                                   .where(messages.c.id.in_(ids))).all()  # fmt: skip
+            unindex_messages(conn, [r.id for r in indexed], [r._mapping for r in indexed], prefix="p:")
         count.messages = conn.execute(
             update(messages)
             .where(messages.c.id.in_(ids))
             .values(raw=None, summary=None, search_terms=_without_patients(conn), search_text=None, purged_at=now)
         ).rowcount
-        if conn.dialect.name == "postgresql":
-            # SQLite's purge trigger does this there (schema.SEARCH_DDL); PostgreSQL has no text index to clear.
-            conn.execute(
-                delete(search_keys).where(search_keys.c.message_id.in_(ids)).where(search_keys.c.key.like("p:%"))
-            )
         count.commands = conn.execute(
             update(commands)
             .where(commands.c.message_id.in_(ids))

@@ -1,29 +1,30 @@
 """The search index's queries: messages by key (``search_keys``) and words (the ``messages_text`` FTS5 index),
 newest or oldest first, in keyset pages or batches (``workflow.search`` holds the rules and the results).
 
-The service fills the index in batches (``schema.index_step``, about a second behind intake), up to the
-meta ``search_indexed_to``. Messages past it are searched here from their own ``search_terms`` and
+On SQLite the service fills the index in batches (``schema.index_step``, about a second behind intake), up to
+the meta ``search_indexed_to``. Messages past it are searched here from their own ``search_terms`` and
 ``search_text`` while they are few (``TAIL_MAX``), so results are complete; past that they are counted
-(``Found.unindexed``), never silently left out.
+(``Found.unindexed``), never silently left out. On PostgreSQL each message is indexed in the transaction that
+writes it (``schema.index_messages``: keys in ``search_keys``, words in ``message_words``): no tail, nothing
+unindexed.
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import String, bindparam, column, exists, func, select, table, text
+from sqlalchemy import String, bindparam, cast, column, exists, func, select, table, text
+from sqlalchemy.dialects.postgresql import TSQUERY
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import Select
 
 from hl7bridge.core.status import MessageStatus
 
 from .queries import LIST_COLUMNS, with_status
-from .schema import INDEXED_KEY, get_meta, messages, search_keys
+from .schema import INDEXED_KEY, TOKEN, get_meta, message_words, messages, search_keys, text_tokens
 
 #: The FTS5 index of the summary's words (a contentless table: it returns rowids, which are message ids).
 messages_text = table("messages_text", column("rowid"))
@@ -32,8 +33,6 @@ messages_text = table("messages_text", column("rowid"))
 ARRIVAL_SLACK_S = 60.0
 #: At most this many messages past the index are searched directly (a bounded read of their search columns).
 TAIL_MAX = 5000
-#: What FTS5's unicode61 tokenizer keeps as a token: runs of letters and digits.
-_TOKEN = re.compile(r"[^\W_]+")
 
 
 class SearchError(ValueError):
@@ -160,14 +159,9 @@ def query(
     row, and words not driving are one list of matches. A window (``since``) also bounds the ids, from the
     first message received in it, so that no walk goes on past its start."""
     wanted = keys(filters)
-    if filters.text and conn.dialect.name != "sqlite":
-        raise SearchError(
-            f"--text needs the text index, which only a SQLite log has so far (this log is on {conn.dialect.name}): "
-            "find the messages by --patient, --appointment, --control-id or --sender"
-        )
-    if wanted and conn.dialect.name not in ("sqlite", "postgresql"):
-        raise SearchError(f"--appointment, --patient, --control-id and --sender need the search index, which a "
-                          f"{conn.dialect.name} log does not have")  # fmt: skip
+    if (wanted or filters.text) and conn.dialect.name not in ("sqlite", "postgresql"):
+        raise SearchError(f"--appointment, --patient, --control-id, --sender and --text need the search index, "
+                          f"which a {conn.dialect.name} log does not have")  # fmt: skip
     narrow = [k for k in wanted if not k.startswith("s:")]
     rare_status = filters.status is not None and filters.status != MessageStatus.ACCEPTED
     stmt = select(*columns)
@@ -175,10 +169,7 @@ def query(
     low = _first_id(conn, filters.since - ARRIVAL_SLACK_S) if filters.since is not None else None
     words = None
     if filters.text:
-        match = text("messages_text MATCH :words").bindparams(bindparam("words", fts_query(filters.text), String()))
-        words = select(messages_text.c.rowid).where(match)
-        if low is not None:
-            words = words.where(messages_text.c.rowid >= low)
+        words = _matching(conn, filters.text, low)
     if narrow or (wanted and words is None and not rare_status):
         driver = search_keys.alias("k")
         stmt = stmt.select_from(driver.join(messages, messages.c.id == driver.c.message_id))
@@ -187,8 +178,8 @@ def query(
         wanted = wanted[1:]
     elif words is not None:
         matched = words.subquery("t")
-        stmt = stmt.select_from(matched.join(messages, messages.c.id == matched.c.rowid))
-        order = matched.c.rowid
+        stmt = stmt.select_from(matched.join(messages, messages.c.id == matched.c.message_id))
+        order = matched.c.message_id
         words = None
     for key in wanted:
         probe = search_keys.alias()
@@ -208,11 +199,28 @@ def query(
     return stmt.order_by(order.asc() if ascending else order.desc())
 
 
+def _matching(conn: Connection, words: str, low: int | None) -> Select:
+    """The ids (``message_id``) of the messages holding every word: FTS5's ``MATCH`` on SQLite, a ``tsquery`` of
+    the same folded tokens on PostgreSQL's ``message_words`` (GIN), from ``low`` on."""
+    if conn.dialect.name == "postgresql":
+        found = message_words.c.message_id
+        # A cast, not to_tsquery(): the tokens are taken as they are, as they were indexed.
+        query_ = cast(bindparam("words", pg_tsquery(words), String()), TSQUERY)
+        stmt = select(found).where(message_words.c.words.bool_op("@@")(query_))
+    else:
+        found = messages_text.c.rowid
+        match = text("messages_text MATCH :words").bindparams(bindparam("words", fts_query(words), String()))
+        stmt = select(found.label("message_id")).where(match)
+    return stmt.where(found >= low) if low is not None else stmt
+
+
 def explain(conn: Connection, filters: Filters, before: int | None = None) -> list[str]:
-    """SQLite's query plan for a search over the index (what the tests and the benchmark check: an index, not a
-    scan)."""
+    """The query plan for a search over the index (what the tests and the benchmark check: an index, not a
+    scan): SQLite's, or PostgreSQL's ``EXPLAIN`` lines."""
     stmt = query(conn, filters, before, ascending=False).limit(51)
     compiled = stmt.compile(conn, compile_kwargs={"literal_binds": True})
+    if conn.dialect.name == "postgresql":
+        return [str(r[0]).strip() for r in conn.exec_driver_sql(f"EXPLAIN (COSTS OFF) {compiled}".replace("%", "%%"))]
     return [str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}")]
 
 
@@ -223,6 +231,13 @@ def fts_query(words: str) -> str:
     so no FTS5 syntax (AND, NEAR, column filters) can be given, or mistyped, by accident. The index keeps no
     positions (``detail=none``, a fraction of the size), so "post-op" finds "post" and "op" anywhere."""
     return " ".join(f'"{token}"' + ("*" if prefix else "") for token, prefix in _terms(words))
+
+
+def pg_tsquery(words: str) -> str:
+    """The operator's words as PostgreSQL's ``tsquery`` over ``message_words``: the tokens folded as the index
+    holds them (``text_tokens``), every one required, ``word*`` a prefix (``:*``). Tokens are letters and digits
+    only, so nothing in them is ``tsquery`` syntax."""
+    return " & ".join(f"'{token}'" + (":*" if prefix else "") for token, prefix in _terms(words, fold=True))
 
 
 def keys(filters: Filters) -> list[str]:
@@ -239,26 +254,19 @@ def keys(filters: Filters) -> list[str]:
     return found
 
 
-def _terms(words: str) -> list[tuple[str, bool]]:
-    """The tokens to find, each with whether it is a prefix."""
+def _terms(words: str, fold: bool = False) -> list[tuple[str, bool]]:
+    """The tokens to find (``fold``: as the index holds them), each with whether it is a prefix."""
     terms = []
     for word in words.split():
-        tokens = _TOKEN.findall(word)
+        tokens = text_tokens(word) if fold else TOKEN.findall(word)
         terms += [(token, n == len(tokens) and word.endswith("*")) for n, token in enumerate(tokens, 1)]
     if not terms:
         raise SearchError("--text needs a word (letters or digits) to look for")
     return terms
 
 
-def _folded(token: str) -> str:
-    """A token as unicode61 compares it: case folded, diacritics removed."""
-    if token.isascii():
-        return token.lower()
-    return "".join(c for c in unicodedata.normalize("NFKD", token.casefold()) if not unicodedata.combining(c))
-
-
 def _scope(conn: Connection, filters: Filters) -> _Scope:
-    if not filters.indexed or conn.dialect.name not in ("sqlite", "postgresql"):
+    if not filters.indexed or conn.dialect.name != "sqlite":
         return _Scope(None, (), 0)
     indexed_to, behind = unindexed(conn)
     if not behind or behind > TAIL_MAX:
@@ -269,7 +277,7 @@ def _scope(conn: Connection, filters: Filters) -> _Scope:
 def _tail_matches(conn: Connection, filters: Filters, indexed_to: int) -> tuple[int, ...]:
     """The ids past the index whose own search columns match the keys and words (at most ``TAIL_MAX`` read)."""
     wanted = set(keys(filters))
-    terms = [(_folded(t), prefix) for t, prefix in _terms(filters.text)] if filters.text else []
+    terms = _terms(filters.text, fold=True) if filters.text else []
     stmt = (select(messages.c.id, messages.c.search_terms, messages.c.search_text)
             .where(messages.c.id > indexed_to).order_by(messages.c.id).limit(TAIL_MAX))  # fmt: skip
     found = []
@@ -277,7 +285,7 @@ def _tail_matches(conn: Connection, filters: Filters, indexed_to: int) -> tuple[
         if wanted and not wanted <= set(orjson.loads(row.search_terms or "[]")):
             continue
         if terms:
-            tokens = set(_TOKEN.findall(_folded(row.search_text or "")))
+            tokens = set(text_tokens(row.search_text or ""))
             if not all(any(t.startswith(term) for t in tokens) if prefix else term in tokens for term, prefix in terms):
                 continue
         found.append(row.id)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from .fast_path import LOCK_WAIT_MS, LOCKED_WAIT_MS, is_locked, write_sqlite
 from .generic_path import write_generic
@@ -202,12 +203,14 @@ class Writer:
         return len(outcomes)
 
     def _write(self, group: list[WriteRequest]) -> list[WriteResult]:
+        committing = False
         try:
             if self._sqlite_file():
                 results = self._write_sqlite(group)
             else:
                 with self.engine.begin() as conn:
                     results = write_generic(conn, group)
+                    committing = True
             self.commits += 1
             self.rows += len(group)
             self.last_error = None
@@ -217,8 +220,14 @@ class Writer:
             self.failures += 1
             self.last_error = f"{exc.__class__.__name__}: {_first_line(exc)}"
             self._locked = is_locked(exc)
-            log.error("database write failed for %d message(s): %s", len(group), self.last_error)
-            return [WriteResult(None, error=self.last_error)] * len(group)
+            unknown = committing and isinstance(exc, DBAPIError) and exc.connection_invalidated
+            if unknown:
+                log.error("the connection to the database was lost during the COMMIT of %d message(s), which may "
+                          "or may not have been committed: no answer is sent, their connections are closed, and "
+                          "the resends will be deduplicated (%s)", len(group), self.last_error)  # fmt: skip
+            else:
+                log.error("database write failed for %d message(s): %s", len(group), self.last_error)
+            return [WriteResult(None, error=self.last_error, outcome_unknown=unknown)] * len(group)
 
     def _sqlite_file(self) -> bool:
         url = self.engine.url
