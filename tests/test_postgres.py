@@ -380,12 +380,14 @@ def _column_types(conn) -> dict[tuple[str, str], str]:
 
 #: Columns named like ids that hold the feed's or the API's strings, not row ids.
 STRING_IDS = ("control_id", "chat_bot_id", "flow_id", "call_id")
+#: Ids that are not numbers: an instance's is generated text at each start.
+TEXT_ROW_IDS = (("instances", "id"),)
 
 
 def _is_id(_table: str, column: str) -> bool:
     """A column holding a row id (or the row's own): BIGINT on PostgreSQL, as ids are."""
     named = column == "id" or column.endswith("_id") or column in ("replay_of", "duplicate_of", "resolution_audit")
-    return named and column not in STRING_IDS
+    return named and column not in STRING_IDS and (_table, column) not in TEXT_ROW_IDS
 
 
 def test_db_upgrade_widens_every_id_and_indexes_every_message_logged(postgres_url: str, tmp_path: Path) -> None:

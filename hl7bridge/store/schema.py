@@ -200,7 +200,7 @@ configs = Table(
 dispatch_leader = Table(
     "dispatch_leader",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("id", Id, primary_key=True, autoincrement=False),
     Column("epoch", Id, nullable=False),
     Column("instance", String(64), nullable=False, doc="the leader's instances.id"),
     Column("backend_pid", Integer, doc="PostgreSQL: the server process of the leader's lock session"),
