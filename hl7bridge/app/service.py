@@ -53,6 +53,7 @@ from hl7bridge.store import (
 )
 from hl7bridge.store.configs import register_config, set_reload_refused, set_running_config
 from hl7bridge.store.search import newest_id
+from hl7bridge.store.search_index import Indexer, index_path
 from hl7bridge.testing.sandbox import Sandbox, write_secret
 from hl7bridge.workflow.accounts import AccountError, add_user, list_users
 from hl7bridge.workflow.dispatch_target import record_dispatch_target
@@ -105,6 +106,8 @@ class Service:
     fds: FdWatch | None = None
     _console_port: IListeningPort | None = None
     _console_pool: ThreadPool | None = None
+    #: A SQLite log's search index thread (``store.search_index``); PostgreSQL's index is a writer job.
+    indexer: Indexer | None = None
 
     @defer.inlineCallbacks
     def start(self):
@@ -249,6 +252,7 @@ class Service:
             descriptors=self._descriptors,
             listeners=self._listener_facts,
             token_expires=expires,
+            search_index=lambda: self.indexer.state().problem if self.indexer is not None else None,
         )
         self.metrics.token_expires.set(expires.timestamp() if expires else 0)
         self._probes = Probes(self.reactor, self.health, self.writer, self.engine, self.metrics,
@@ -342,12 +346,18 @@ class Service:
         return assess(health.facts(time.time())).to_json()
 
     def _start_search_index(self) -> None:
-        """Every second, the messages logged since are added to the search index in one writer job (up to
-        ``SEARCH_INDEX_BATCH``; a full job is followed at once by the next). One job a second, not many small
-        ones: a job costs per commit (the B-tree pages it touches, an FTS5 segment), so 100-message jobs cost
-        four times the writer's CPU a message, and under a busy feed they held up messages every ~30 ms where
-        one larger job holds up a few once a second. The job is not ``durable``: the index is rebuilt
-        from the log. A failing job is logged once a minute with the count of repeats, not every second."""
+        """A SQLite log's index is a file of its own, kept by a thread of its own (``store.search_index.Indexer``):
+        no message's commit waits for it. On PostgreSQL, every second the messages logged since are added to
+        ``search_keys`` in one writer job (up to ``SEARCH_INDEX_BATCH``; a full job is followed at once by the
+        next), not ``durable``: the index is rebuilt from the log. A failing job is logged once a minute with the
+        count of repeats, not every second."""
+        assert self.engine is not None
+        if index_path(self.engine) is not None:
+            self.indexer = Indexer(Path(str(self.engine.url.database)))
+            self.indexer.start()
+            return
+        if self.engine.dialect.name != "postgresql":
+            return
         busy = False
         failures = RefusalLog(log, self.reactor)
 
@@ -545,6 +555,9 @@ class Service:
         if self.writer is not None:
             writer, self.writer = self.writer, None
             yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), writer.stop)
+        if self.indexer is not None:
+            indexer, self.indexer = self.indexer, None
+            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), indexer.stop)
         if self._console_pool is not None:
             pool, self._console_pool = self._console_pool, None
             yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), pool.stop)

@@ -52,6 +52,8 @@ class HealthState:
     descriptors: Callable[[], tuple[bool, str]] = lambda: (True, "not watched")
     listeners: Callable[[], Sequence[ListenerFacts]] = tuple
     token_expires: datetime | None = None
+    #: Why searches are incomplete now (the search index being rebuilt, or failing); None: they are not.
+    search_index: Callable[[], str | None] = lambda: None
 
     def checks(self, now: float) -> dict[str, Check]:
         up, detail = self.listeners_up()
@@ -93,6 +95,7 @@ class HealthState:
             descriptors_problem=None if checks["descriptors"].ok else checks["descriptors"].detail,
             outbox_limit=self.stuck_after,
             token_expires=self.token_expires,
+            search_index_problem=self.search_index(),
         )
 
 

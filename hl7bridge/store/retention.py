@@ -1,7 +1,7 @@
 """Retention: patient data older than N days leaves the log; outcomes and counts stay.
 
 Raw messages, parsed summaries (and the patient ids and words the search index
-holds, by the index's trigger), journey parameters and API response bodies
+holds: a SQLite log's index file is scrubbed first, ``search_index.scrub``), journey parameters and API response bodies
 (search answers carry parameters) are cleared in small transactions, so the
 writer is never held for long. SQLite then checkpoints its WAL and hands freed
 pages back with an incremental vacuum, so the file does not grow without bound.
@@ -20,7 +20,9 @@ from hl7bridge.core.status import OPEN_STATUSES
 
 from . import audit
 from .audit import AuditEntry
-from .schema import appointments, attempts, commands, messages, search_keys
+from .deadletters import take_write_lock
+from .schema import ack_changes, appointments, attempts, commands, messages, search_keys
+from .search_index import compact_index, scrub
 
 
 @dataclass
@@ -75,13 +77,17 @@ def purge_step(conn: Any, cutoff: float, limit: int = 500) -> PurgeCounts:
         )
     ]
     if ids:
+        if conn.dialect.name == "sqlite":
+            take_write_lock(conn)  # two purges never scrub one message twice (FTS5 would be corrupted)
+            scrub(conn, ids, cutoff)
+            conn.execute(delete(ack_changes).where(ack_changes.c.message_id.in_(ids)))
         count.messages = conn.execute(
             update(messages)
             .where(messages.c.id.in_(ids))
             .values(raw=None, summary=None, search_terms=_without_patients(conn), search_text=None, purged_at=now)
         ).rowcount
         if conn.dialect.name == "postgresql":
-            # SQLite's purge trigger does this there (schema.SEARCH_DDL); PostgreSQL has no text index to clear.
+            # A SQLite log's index file was scrubbed above; PostgreSQL has no text index to clear.
             conn.execute(
                 delete(search_keys).where(search_keys.c.message_id.in_(ids)).where(search_keys.c.key.like("p:%"))
             )
@@ -147,6 +153,7 @@ def compact(engine: Engine) -> None:
     """Checkpoint the WAL into the main file and release free pages (no-op for other databases)."""
     if engine.dialect.name != "sqlite":
         return
+    compact_index(engine)
     with engine.connect() as conn:
         conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.exec_driver_sql("PRAGMA incremental_vacuum")

@@ -8,6 +8,7 @@ import logging
 import os
 import sqlite3
 import stat
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path as FsPath
 from typing import Any
@@ -28,6 +29,7 @@ from sqlalchemy import (
     Text,
     bindparam,
     cast,
+    column,
     create_engine,
     event,
     func,
@@ -35,12 +37,13 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy import table as table_clause
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -343,57 +346,42 @@ def search_terms(
 
 #: ``meta`` key: the newest message id the search index holds (every message up to it is indexed).
 INDEXED_KEY = "search_indexed_to"
-#: The search index's DDL beside ``search_keys`` (SQLite): a contentless FTS5 table (words only, no text kept), and
-#: the trigger that removes the patient's keys and words once retention clears a summary. It fires only for
-#: messages already indexed: FTS5's 'delete' of words it never held would corrupt the index.
-SEARCH_DDL = (
-    "CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(body, content='', detail=none)",
-    f"""CREATE TRIGGER IF NOT EXISTS messages_search_purge AFTER UPDATE OF summary ON messages
-        WHEN OLD.summary IS NOT NULL AND NEW.summary IS NULL
-            AND OLD.id <= coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{INDEXED_KEY}'), 0) BEGIN
-        DELETE FROM search_keys WHERE message_id = OLD.id
-            AND key IN (SELECT value FROM json_each(OLD.search_terms) WHERE value LIKE 'p:%');
-        INSERT INTO messages_text (messages_text, rowid, body)
-            SELECT 'delete', OLD.id, OLD.search_text WHERE OLD.search_text IS NOT NULL;
-    END""",
-)
-
-
 #: Counts the messages of an id range into ``message_minutes`` (SQLite's upsert; the WHERE keeps it unambiguous).
 MINUTES_UPSERT = """INSERT INTO message_minutes (minute, ack_code, listener, count, last_at)
     SELECT CAST(received_at / 60 AS INTEGER), coalesce(ack_code, ''), listener, count(*), max(received_at)
     FROM messages WHERE id > :low AND id <= :high GROUP BY 1, 2, 3
     ON CONFLICT (minute, ack_code, listener) DO UPDATE
     SET count = count + excluded.count, last_at = max(last_at, excluded.last_at)"""
-#: A counted message's ACK decided later (``ack_mode = "dispatched"``): it moves to its new code's count.
-MINUTES_DDL = (
-    f"""CREATE TRIGGER IF NOT EXISTS messages_minutes_ack AFTER UPDATE OF ack_code ON messages
-        WHEN OLD.ack_code IS NOT NEW.ack_code
-            AND OLD.id <= coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{INDEXED_KEY}'), 0) BEGIN
-        UPDATE message_minutes SET count = count - 1 WHERE minute = CAST(OLD.received_at / 60 AS INTEGER)
-            AND ack_code = coalesce(OLD.ack_code, '') AND listener = OLD.listener;
-        INSERT INTO message_minutes (minute, ack_code, listener, count, last_at)
-            VALUES (CAST(NEW.received_at / 60 AS INTEGER), coalesce(NEW.ack_code, ''), NEW.listener, 1, NEW.received_at)
-            ON CONFLICT (minute, ack_code, listener) DO UPDATE SET count = count + 1,
-            last_at = max(last_at, excluded.last_at);
+#: ``meta`` key: a random id given to a SQLite log when created (or upgraded to schema 10); its search index file
+#: records it, so that another log's index (a copied file, a restored backup of the wrong one) is never read as its.
+LOG_ID_KEY = "log_id"
+#: SQLite: every ACK decided after its message was logged (``ack_mode = "dispatched"``), for the minute counts of the
+#: index file (``search_index``), which apply each once; retention removes them with the messages' patient data.
+ACK_CHANGES_DDL = (
+    """CREATE TABLE IF NOT EXISTS ack_changes (id INTEGER PRIMARY KEY AUTOINCREMENT, message_id INTEGER NOT NULL,
+        received_at FLOAT NOT NULL, listener VARCHAR(64) NOT NULL, old_code VARCHAR(2), new_code VARCHAR(2))""",
+    """CREATE TRIGGER IF NOT EXISTS messages_ack_changes AFTER UPDATE OF ack_code ON messages
+        WHEN OLD.ack_code IS NOT NEW.ack_code BEGIN
+        INSERT INTO ack_changes (message_id, received_at, listener, old_code, new_code)
+            VALUES (OLD.id, OLD.received_at, OLD.listener, OLD.ack_code, NEW.ack_code);
     END""",
 )
+#: The schema name a SQLite log connection attaches its search index file under (``search_index.attach``).
+INDEX_SCHEMA = "search"
+#: ``ack_changes`` for the statements that read or prune it.
+ack_changes = table_clause("ack_changes", column("id"), column("message_id"))
+#: The tables a SQLite log keeps in its search index file instead (``search_index``); PostgreSQL keeps them.
+INDEX_FILE_TABLES = ("search_keys", "message_minutes")
 
 
-def index_step(conn: Any, limit: int, count_minutes: bool = True) -> int:
-    """Copy the ``search_terms`` and ``search_text`` of the next ``limit`` messages not yet indexed into the search
-    index; how many it took (0: the index is current).
+def index_step(conn: Any, limit: int) -> int:
+    """PostgreSQL: copy the ``search_terms`` of the next ``limit`` messages not yet indexed into ``search_keys``; how
+    many it took (0: the index is current). The service runs it as a writer job every second. A SQLite log keeps
+    its index in a file of its own, written by a thread of its own (``search_index``): 0 here.
 
-    Batches, not a trigger per insert: FTS5 writes a segment per transaction, and the writer commits a lone
-    message on its own, so a trigger cost 140 µs of writer time a message over one connection; a batch pays
-    that once. The keys go in in the table's order: in arrival order each lands on a random leaf of a B-tree
-    larger than the page cache, and a batch of 4,000 cost twice the CPU. The service runs this as a writer job
-    every second (``app.service``), so a message is findable about a second after its ACK. The same batch is
-    counted into ``message_minutes`` (the dashboard's counts), but by the schema 6 upgrade, which runs before
-    that table exists (the schema 7 step counts what is indexed then). PostgreSQL gets the keys only
-    (``search_keys``, from the same JSON): no text index and no minute counts there yet."""
-    dialect = conn.dialect.name
-    if dialect not in ("sqlite", "postgresql"):
+    Batches, not a trigger per insert, with the keys in the table's order: in arrival order each lands on a random
+    leaf of a B-tree larger than the page cache. No text index and no minute counts on PostgreSQL yet."""
+    if conn.dialect.name != "postgresql":
         return 0
     last = int(get_meta(conn, INDEXED_KEY) or 0)
     top, count = conn.execute(
@@ -402,38 +390,16 @@ def index_step(conn: Any, limit: int, count_minutes: bool = True) -> int:
     ).one()
     if not count:
         return 0
-    bounds = {"low": last, "high": top}
-    if dialect == "postgresql":
-        conn.execute(text("INSERT INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
-                          "json_array_elements_text(m.search_terms::json) AS j(value) "
-                          "WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2 ON CONFLICT DO NOTHING"), bounds)  # fmt: skip
-    else:
-        conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
-                          "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2"), bounds)  # fmt: skip
-        conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
-                          "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
-        if count_minutes:
-            conn.execute(text(MINUTES_UPSERT), bounds)
+    conn.execute(text("INSERT INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
+                      "json_array_elements_text(m.search_terms::json) AS j(value) "
+                      "WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2 ON CONFLICT DO NOTHING"),
+                 {"low": last, "high": top})  # fmt: skip
     set_meta(conn, INDEXED_KEY, str(top))
     return int(count)
 
 
 #: Messages per backfill statement when an older log is upgraded.
 BACKFILL_BATCH = 5000
-
-
-@event.listens_for(message_minutes, "after_create")
-def _minutes_ddl(_table: Any, conn: Any, **_kw: Any) -> None:
-    if conn.dialect.name == "sqlite":
-        for ddl in MINUTES_DDL:
-            conn.exec_driver_sql(ddl)
-
-
-@event.listens_for(search_keys, "after_create")
-def _search_ddl(_table: Any, conn: Any, **_kw: Any) -> None:
-    if conn.dialect.name == "sqlite":
-        for ddl in SEARCH_DDL:
-            conn.exec_driver_sql(ddl)
 
 
 #: The first 16 bytes of every SQLite 3 database file.
@@ -506,6 +472,14 @@ def _open(url: str, synchronous: str, read_only: bool, create: bool, upgrade: bo
             cur.execute("PRAGMA temp_store=MEMORY")
             cur.close()
 
+        @event.listens_for(engine, "checkin")
+        def _detach_index(dbapi_conn: Any, record: Any) -> None:
+            """A pooled connection goes back without the search index attached (``search_index.attach``): its next
+            user may be a writer, and a rebuilt index is a new file."""
+            if record is not None and record.info.pop(INDEX_SCHEMA, None) is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    dbapi_conn.execute(f"DETACH DATABASE {INDEX_SCHEMA}")
+
     try:
         with engine.begin() as conn:
             found = _found_version(conn, url)
@@ -546,9 +520,15 @@ def _found_version(conn: Any, url: str) -> int | None:
 
 def _create(conn: Any, new: bool = True) -> None:
     """The tables a log lacks, and a new log's version (inside ``_ddl_transaction``)."""
-    metadata.create_all(conn)
+    if conn.dialect.name == "sqlite":
+        metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t.name not in INDEX_FILE_TABLES])
+        for ddl in ACK_CHANGES_DDL:
+            conn.exec_driver_sql(ddl)
+    else:
+        metadata.create_all(conn)
     if new:
         conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+        conn.execute(meta.insert().values(key=LOG_ID_KEY, value=uuid.uuid4().hex))
 
 
 #: Connections the service keeps open to PostgreSQL (the writer, the dispatcher's reads, health probes, index and
@@ -717,7 +697,8 @@ def _v6_search(conn: Any) -> None:
     conn.exec_driver_sql(
         f"CREATE INDEX IF NOT EXISTS ix_messages_not_accepted_id ON messages (status) WHERE {NOT_ACCEPTED}"
     )
-    search_keys.create(conn, checkfirst=True)
+    if conn.dialect.name != "sqlite":  # a SQLite log's index is a file of its own (schema 10)
+        search_keys.create(conn, checkfirst=True)
     last = 0
     while True:
         # As bytes: a summary that is not UTF-8 would make the driver fail the whole batch as text.
@@ -742,7 +723,7 @@ def _v6_search(conn: Any) -> None:
             .values(search_terms=bindparam("terms"), search_text=bindparam("words")),
             filled,
         )  # fmt: skip
-    while index_step(conn, BACKFILL_BATCH, count_minutes=False):
+    while index_step(conn, BACKFILL_BATCH):
         pass
 
 
@@ -770,11 +751,8 @@ def _v8_timeline(conn: Any) -> None:
         refs = [ref for row in rows for ref in audit_ref_rows(row.id, row.target, _readable_ids(row.ids))]
         if refs:
             conn.execute(audit_refs.insert().prefix_with("OR IGNORE", dialect="sqlite"), refs)
-    if not inspect(conn).has_table("message_minutes"):
-        message_minutes.create(conn)
-        if conn.dialect.name == "sqlite":
-            indexed = int(get_meta(conn, INDEXED_KEY) or 0)
-            conn.execute(text(MINUTES_UPSERT), {"low": 0, "high": indexed})
+    if conn.dialect.name != "sqlite":  # a SQLite log counts its minutes in its index file (schema 10)
+        message_minutes.create(conn, checkfirst=True)
 
 
 def audit_ref_rows(audit_id: int, target: str, ids: Any) -> list[dict[str, Any]]:
@@ -797,6 +775,24 @@ def _v9_configs(conn: Any) -> None:
     _add_column(conn, "commands", "config_id", "INTEGER")
 
 
+def _v10_index_file(conn: Any) -> None:
+    """A SQLite log's search index leaves it for a file of its own (``search_index``): its tables and triggers are
+    dropped here, and the service builds the file from the log's ``search_terms`` and ``search_text`` (which stay)
+    at its next start, in the background. The log gets its ``log_id``, and
+    ``ack_changes`` for the minute counts. PostgreSQL keeps its ``search_keys`` (a log id only)."""
+    if get_meta(conn, LOG_ID_KEY) is None:
+        conn.execute(meta.insert().values(key=LOG_ID_KEY, value=uuid.uuid4().hex))
+    if conn.dialect.name != "sqlite":
+        return
+    for trigger in ("messages_search_purge", "messages_minutes_ack"):
+        conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
+    for table in ("messages_text", *INDEX_FILE_TABLES):
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+    conn.execute(meta.delete().where(meta.c.key == INDEXED_KEY))
+    for ddl in ACK_CHANGES_DDL:
+        conn.exec_driver_sql(ddl)
+
+
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
 MIGRATIONS: dict[int, Callable[[Any], None]] = {
     2: _v2_retention,
@@ -807,6 +803,7 @@ MIGRATIONS: dict[int, Callable[[Any], None]] = {
     7: _v7_accounts,
     8: _v8_timeline,
     9: _v9_configs,
+    10: _v10_index_file,
 }
 
 

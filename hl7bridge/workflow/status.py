@@ -74,6 +74,8 @@ class Facts:
     outbox_limit: float = 900.0
     #: ``api.token_expires``.
     token_expires: datetime | None = None
+    #: Why searches are incomplete (the search index rebuilt from the log, or failing); None: they are not.
+    search_index_problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class Status:
                 for lst in facts.listeners
             ],
             "database": {"ok": facts.database_problem is None, "problem": facts.database_problem},
+            "search_index": {"ok": facts.search_index_problem is None, "problem": facts.search_index_problem},
             "api_token": {
                 "expires": token.isoformat() if token else None,
                 "days_left": None if token is None else _round((token.timestamp() - facts.now) / 86400),
@@ -142,6 +145,8 @@ def assess(facts: Facts) -> Status:
                         f"{log.outbox_oldest_age:.0f} s (health.outbox_stuck_after is {facts.outbox_limit:.0f} s).")  # fmt: skip
     if facts.descriptors_problem:
         degraded.append(f"File descriptors: {facts.descriptors_problem}.")
+    if facts.search_index_problem:
+        degraded.append(f"The search index: {facts.search_index_problem}.")
     token = token_reason(facts.token_expires, facts.now)
     if token:
         degraded.append(token)
