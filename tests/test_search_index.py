@@ -136,7 +136,7 @@ def test_messages_a_purge_is_taking_are_never_indexed_from_an_older_read(tmp_pat
     text_index_sound(engine)
 
 
-@pytest.mark.parametrize("damage", ["missing", "garbage", "corrupt", "foreign", "old_format"])
+@pytest.mark.parametrize("damage", ["missing", "garbage", "corrupt", "foreign", "old_format", "restored_log"])
 def test_an_unusable_index_is_rebuilt_from_the_log_in_the_background(tmp_path: Path, damage: str) -> None:
     engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
     fill(engine)
@@ -155,9 +155,12 @@ def test_an_unusable_index_is_rebuilt_from_the_log_in_the_background(tmp_path: P
         other = open_engine(f"sqlite:///{tmp_path / 'other.db'}")
         catch_up(other)
         shutil.copy(index_path(other), path)
-    else:
+    elif damage == "old_format":
         with sqlite3.connect(path) as conn:
             conn.execute("UPDATE meta SET value = '0' WHERE key = 'format'")
+    else:  # the log restored from a backup older than the index: its next messages would reuse indexed ids
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE meta SET value = '25' WHERE key = 'indexed_to'")
     if damage != "missing":  # searches meanwhile read the log's newest messages, within their bound
         assert found(engine, patient="MRN-NEW-12") == ["C-12"]
     conn, why = open_for_indexing(tmp_path / "log.db")

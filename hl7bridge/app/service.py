@@ -353,7 +353,8 @@ class Service:
         count of repeats, not every second."""
         assert self.engine is not None
         if index_path(self.engine) is not None:
-            self.indexer = Indexer(Path(str(self.engine.url.database)))
+            self.indexer = Indexer(Path(str(self.engine.url.database)),
+                                   check=self.config.service.integrity_check != "off")  # fmt: skip
             self.indexer.start()
             return
         if self.engine.dialect.name != "postgresql":

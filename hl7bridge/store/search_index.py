@@ -116,7 +116,8 @@ def attach(conn: Connection) -> int:
         try:
             driver.execute(f"ATTACH DATABASE ? AS {SCHEMA}", (_ro_uri(path) if _URI_ATTACH else str(path),))
             found = _read_meta(driver, f"{SCHEMA}.meta")
-            if _usable(found, get_meta(conn, LOG_ID_KEY)):
+            newest = driver.execute("SELECT coalesce(max(id), 0) FROM main.messages").fetchone()[0]
+            if _usable(found, get_meta(conn, LOG_ID_KEY)) and int(found.get("indexed_to") or 0) <= newest:
                 indexed_to = int(found.get("indexed_to") or 0)
                 info[SCHEMA] = indexed_to
                 return indexed_to
@@ -172,10 +173,12 @@ def create_index(path: Path, log_id: str) -> sqlite3.Connection:
     return conn
 
 
-def log_id_of(log_path: Path) -> str | None:
+def _log_identity(log_path: Path) -> tuple[str | None, int]:
+    """The log's ``log_id`` and its newest message id."""
     with contextlib.closing(sqlite3.connect(_ro_uri(log_path), uri=True)) as conn:
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (LOG_ID_KEY,)).fetchone()
-    return None if row is None else str(row[0])
+        newest = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+    return (None if row is None else str(row[0])), int(newest)
 
 
 def indexed_to(log_path: Path) -> int | None:
@@ -191,9 +194,10 @@ def indexed_to(log_path: Path) -> int | None:
     return None if found is None else int(found)
 
 
-def problem(path: Path, log_id: str | None) -> str | None:
-    """Why the index file cannot serve this log (None: it can): missing, not SQLite, damaged (``quick_check``),
-    another format, or another log's."""
+def problem(path: Path, log_id: str | None, newest: int, check: bool = True) -> str | None:
+    """Why the index file cannot serve this log (None: it can): missing, not SQLite, damaged (``quick_check``,
+    unless ``check`` is off), another format, another log's, or past the log's newest message id ``newest`` (the
+    log restored from a backup: ids would be reused)."""
     if not path.exists():
         return "it is missing"
     with open(path, "rb") as f:
@@ -201,7 +205,7 @@ def problem(path: Path, log_id: str | None) -> str | None:
             return "it is not a SQLite file"
     try:
         with contextlib.closing(sqlite3.connect(_ro_uri(path), uri=True)) as conn:
-            checked = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+            checked = conn.execute("PRAGMA quick_check(1)").fetchone()[0] if check else "ok"
             if checked != "ok":
                 return f"it is damaged (quick_check: {' '.join(str(checked).split())[:200]})"
             found = _read_meta(conn)
@@ -211,17 +215,19 @@ def problem(path: Path, log_id: str | None) -> str | None:
         return f"it has another format ({found.get('format')!r}, this release writes {INDEX_FORMAT!r})"
     if found.get("log_id") != log_id:
         return "it was built from another log"
+    if int(found.get("indexed_to") or 0) > newest:
+        return "it runs past the log's newest message (was the log restored from a backup?)"
     return None
 
 
-def open_for_indexing(log_path: Path) -> tuple[sqlite3.Connection, str | None]:
+def open_for_indexing(log_path: Path, check: bool = True) -> tuple[sqlite3.Connection, str | None]:
     """The index's writing connection with the log attached read-only as ``log``, and why the index had to be
-    rebuilt (None: the existing one is sound)."""
-    log_id = log_id_of(log_path)
+    rebuilt (None: the existing one is sound; ``check``: with ``quick_check``, as ``integrity_check`` says)."""
+    log_id, newest = _log_identity(log_path)
     if log_id is None:
         raise StoreError(f"the log {log_path} has no log id: upgrade it (hl7bridge upgrade)")
     path = Path(f"{os.path.abspath(log_path)}{SUFFIX}")
-    why = problem(path, log_id)
+    why = problem(path, log_id, newest, check)
     conn = create_index(path, log_id) if why is not None else _connect(path)
     conn.execute("ATTACH DATABASE ? AS log", (_ro_uri(log_path),))
     return conn, why
@@ -414,8 +420,9 @@ class IndexState:
 class Indexer:
     """The thread that keeps the index file current: a batch a second, at once again after a full one."""
 
-    def __init__(self, log_path: Path, interval: float = INTERVAL, batch: int = BATCH) -> None:
+    def __init__(self, log_path: Path, interval: float = INTERVAL, batch: int = BATCH, check: bool = True) -> None:
         self.log_path = log_path
+        self.check = check
         self.interval = interval
         self.batch = batch
         self._stop = threading.Event()
@@ -443,7 +450,7 @@ class Indexer:
                 pause = self.interval
                 try:
                     if conn is None:
-                        conn, why = open_for_indexing(self.log_path)
+                        conn, why = open_for_indexing(self.log_path, self.check)
                         if why is not None:
                             log.warning("search index %s%s: rebuilding it from the log in the background (searches "
                                         "meanwhile read the messages it holds so far, and at most the 5,000 newest "
