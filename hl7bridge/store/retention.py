@@ -155,6 +155,6 @@ def compact(engine: Engine) -> None:
         return
     compact_index(engine)
     with engine.connect() as conn:
-        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.exec_driver_sql("PRAGMA incremental_vacuum")
+        conn.exec_driver_sql("PRAGMA main.wal_checkpoint(TRUNCATE)")
+        conn.exec_driver_sql("PRAGMA main.incremental_vacuum")
         conn.commit()

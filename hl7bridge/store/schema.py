@@ -370,6 +370,16 @@ ACK_CHANGES_DDL = (
 INDEX_SCHEMA = "search"
 #: ``ack_changes`` for the statements that read or prune it.
 ack_changes = table_clause("ack_changes", column("id"), column("message_id"))
+
+
+def _uri_everywhere() -> bool:
+    """Whether this SQLite reads URI file names in ATTACH on any connection (``SQLITE_USE_URI``), so a log
+    connection can attach the search index read-only (``mode=ro``)."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        return any(row[0] in ("USE_URI", "USE_URI=1") for row in conn.execute("PRAGMA compile_options"))
+
+
+URI_ATTACH = _uri_everywhere()
 #: The tables a SQLite log keeps in its search index file instead (``search_index``); PostgreSQL keeps them.
 INDEX_FILE_TABLES = ("search_keys", "message_minutes")
 
@@ -472,13 +482,16 @@ def _open(url: str, synchronous: str, read_only: bool, create: bool, upgrade: bo
             cur.execute("PRAGMA temp_store=MEMORY")
             cur.close()
 
-        @event.listens_for(engine, "checkin")
-        def _detach_index(dbapi_conn: Any, record: Any) -> None:
-            """A pooled connection goes back without the search index attached (``search_index.attach``): its next
-            user may be a writer, and a rebuilt index is a new file."""
-            if record is not None and record.info.pop(INDEX_SCHEMA, None) is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    dbapi_conn.execute(f"DETACH DATABASE {INDEX_SCHEMA}")
+        if not URI_ATTACH:
+
+            @event.listens_for(engine, "checkin")
+            def _detach_index(dbapi_conn: Any, record: Any) -> None:
+                """Without URI file names the index is attached read-write (``search_index.attach``): a pooled
+                connection goes back without it, as its next user may be a writer (whose ``BEGIN IMMEDIATE`` would
+                take the index's write lock too)."""
+                if record is not None and record.info.pop(INDEX_SCHEMA, None) is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        dbapi_conn.execute(f"DETACH DATABASE {INDEX_SCHEMA}")
 
     try:
         with engine.begin() as conn:
@@ -628,7 +641,7 @@ def integrity_problem(engine: Engine) -> str | None:
         return None
     try:
         with engine.connect() as conn:
-            found = conn.exec_driver_sql("PRAGMA quick_check(1)").scalar()
+            found = conn.exec_driver_sql("PRAGMA main.quick_check(1)").scalar()
     except SQLAlchemyError as exc:
         return _first_line(exc)
     return None if found == "ok" else " ".join(str(found).split())

@@ -170,7 +170,7 @@ def query(
     if wanted and conn.dialect.name not in ("sqlite", "postgresql"):
         raise SearchError(f"--appointment, --patient, --control-id and --sender need the search index, which a "
                           f"{conn.dialect.name} log does not have")  # fmt: skip
-    if conn.dialect.name == "sqlite":
+    if conn.dialect.name == "sqlite" and (wanted or filters.text):
         attach(conn)
     narrow = [k for k in wanted if not k.startswith("s:")]
     rare_status = filters.status is not None and filters.status != MessageStatus.ACCEPTED

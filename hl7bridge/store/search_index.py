@@ -37,6 +37,7 @@ from .schema import (
     LOG_ID_KEY,
     MINUTES_UPSERT,
     SQLITE_MAGIC,
+    URI_ATTACH,
     StoreError,
     _first_line,
     _prepare_sqlite_file,
@@ -89,47 +90,66 @@ def _ro_uri(path: Path) -> str:
     return f"file:{quote(path.as_posix())}?mode=ro"
 
 
-def _uri_everywhere() -> bool:
-    """Whether this SQLite reads URI file names in ATTACH on any connection (``SQLITE_USE_URI``); else a log
-    connection attaches the index by its path, read-write (it only reads it, and detaches it at checkin)."""
-    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
-        return any(row[0] == "USE_URI=1" or row[0] == "USE_URI" for row in conn.execute("PRAGMA compile_options"))
-
-
-_URI_ATTACH = _uri_everywhere()
-
-
 # --- readers -----------------------------------------------------------------------------------------------------
 
 
 def attach(conn: Connection) -> int:
-    """Attach the log's index read-only as ``search`` on a log connection (once per checkout; the engine detaches
-    it at checkin), or an empty stand-in when there is no usable index: searches then read the log's newest
-    messages directly, within their bound. Returns the newest message id the index holds (0: none)."""
+    """Attach the log's index read-only as ``search`` on a log connection, or an empty stand-in when there is no
+    usable index (searches then read the log's newest messages directly, within their bound); the newest message
+    id the index holds (0: none).
+
+    The attachment stays with the pooled connection (an ATTACH opens the file: it was a millisecond a search) and
+    is renewed when the file at the path is another one (the indexer replaced it); read-only, it takes no lock a
+    writer could wait for."""
     info = conn.connection.info
-    if SCHEMA in info:
-        return int(info[SCHEMA])
     driver = conn.connection.driver_connection
     path = index_path(conn.engine)
-    indexed_to = 0
-    if path is not None and path.exists():
-        try:
-            driver.execute(f"ATTACH DATABASE ? AS {SCHEMA}", (_ro_uri(path) if _URI_ATTACH else str(path),))
-            found = _read_meta(driver, f"{SCHEMA}.meta")
-            newest = driver.execute("SELECT coalesce(max(id), 0) FROM main.messages").fetchone()[0]
-            if _usable(found, get_meta(conn, LOG_ID_KEY)) and int(found.get("indexed_to") or 0) <= newest:
-                indexed_to = int(found.get("indexed_to") or 0)
-                info[SCHEMA] = indexed_to
-                return indexed_to
+    identity = _identity(path)
+    held = info.get(SCHEMA)
+    if held is not None and (held[0] != identity or held[1] is None):
+        with contextlib.suppress(sqlite3.Error):
             driver.execute(f"DETACH DATABASE {SCHEMA}")
-        except sqlite3.Error:
-            with contextlib.suppress(sqlite3.Error):
-                driver.execute(f"DETACH DATABASE {SCHEMA}")
+        held = info[SCHEMA] = None
+    if held is None:
+        usable = _attach_file(conn, driver, path) if identity is not None else False
+        if not usable:
+            _attach_stand_in(driver)
+        held = info[SCHEMA] = (identity, usable)
+    if not held[1]:
+        return 0
+    found = driver.execute(f"SELECT value FROM {SCHEMA}.meta WHERE key = 'indexed_to'").fetchone()
+    return int(found[0]) if found else 0
+
+
+def _identity(path: Path | None) -> tuple[int, int] | None:
+    try:
+        return None if path is None else (lambda st: (st.st_dev, st.st_ino))(os.stat(path))
+    except OSError:
+        return None
+
+
+def _attach_file(conn: Connection, driver: Any, path: Path | None) -> bool | None:
+    """Attach the index file; whether it serves this log (this format, this log's id, not past its newest message:
+    else it is detached again and the indexer rebuilds it), None when it could not be read (tried again next
+    time)."""
+    try:
+        driver.execute(f"ATTACH DATABASE ? AS {SCHEMA}", (_ro_uri(path) if URI_ATTACH else str(path),))
+        found = _read_meta(driver, f"{SCHEMA}.meta")
+        newest = driver.execute("SELECT coalesce(max(id), 0) FROM main.messages").fetchone()[0]
+        if _usable(found, get_meta(conn, LOG_ID_KEY)) and int(found.get("indexed_to") or 0) <= newest:
+            return True
+        driver.execute(f"DETACH DATABASE {SCHEMA}")
+    except sqlite3.Error:
+        with contextlib.suppress(sqlite3.Error):
+            driver.execute(f"DETACH DATABASE {SCHEMA}")
+        return None
+    return False
+
+
+def _attach_stand_in(driver: Any) -> None:
     driver.execute(f"ATTACH DATABASE ':memory:' AS {SCHEMA}")
     for ddl in INDEX_DDL:
         driver.execute(ddl.replace("IF NOT EXISTS ", f"IF NOT EXISTS {SCHEMA}.", 1))
-    info[SCHEMA] = indexed_to
-    return indexed_to
 
 
 def _read_meta(driver: Any, table: str = "meta") -> dict[str, str]:
@@ -157,20 +177,26 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def create_index(path: Path, log_id: str) -> sqlite3.Connection:
-    """A new, empty index of the log ``log_id`` (0600, WAL), in place of whatever was at ``path``."""
-    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+    """A new, empty index of the log ``log_id`` (0600, WAL) in place of whatever was at ``path``: built beside it
+    and renamed into place whole, so a reader never attaches a file without its tables."""
+    fresh = Path(f"{path}.new")
+    for leftover in (fresh, Path(f"{fresh}-wal"), Path(f"{fresh}-shm")):
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
-    _prepare_sqlite_file(path)
-    conn = _connect(path)
-    conn.execute("BEGIN IMMEDIATE")
-    for ddl in INDEX_DDL:
-        conn.execute(ddl)
-    conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                     [("format", INDEX_FORMAT), ("log_id", log_id), ("indexed_to", "0"), ("acks_to", "0"),
-                      ("purge_cutoff", "0")])  # fmt: skip
-    conn.execute("COMMIT")
-    return conn
+    _prepare_sqlite_file(fresh)
+    with contextlib.closing(_connect(fresh)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        for ddl in INDEX_DDL:
+            conn.execute(ddl)
+        conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                         [("format", INDEX_FORMAT), ("log_id", log_id), ("indexed_to", "0"), ("acks_to", "0"),
+                          ("purge_cutoff", "0")])  # fmt: skip
+        conn.execute("COMMIT")
+    for leftover in (Path(f"{path}-wal"), Path(f"{path}-shm")):  # the replaced file's
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    os.replace(fresh, path)
+    return _connect(path)
 
 
 def _log_identity(log_path: Path) -> tuple[str | None, int]:
@@ -230,6 +256,8 @@ def open_for_indexing(log_path: Path, check: bool = True) -> tuple[sqlite3.Conne
     why = problem(path, log_id, newest, check)
     conn = create_index(path, log_id) if why is not None else _connect(path)
     conn.execute("ATTACH DATABASE ? AS log", (_ro_uri(log_path),))
+    conn.execute("CREATE TEMP TABLE batch (id INTEGER PRIMARY KEY, received_at FLOAT, listener TEXT, ack_code TEXT, "
+                 "search_terms TEXT, search_text TEXT)")  # fmt: skip
     return conn, why
 
 
@@ -250,8 +278,10 @@ def _writing(conn: sqlite3.Connection) -> Iterator[dict[str, str]]:
 def index_batch(conn: sqlite3.Connection, limit: int = BATCH) -> int:
     """Index the next ``limit`` messages of the log (``conn`` from ``open_for_indexing``); how many it took.
 
-    Set-based: SQLite copies each message's ``search_terms`` (keys in the table's order: in arrival order each
-    lands on a random leaf) and ``search_text``, and counts the batch into ``message_minutes``; Python only
+    Set-based: the batch's rows are read from the log once into a temporary table (their last columns lie past the
+    raw message: three reads of the log cost a fifth more), then SQLite copies each message's ``search_terms`` (keys
+    in the table's order: in arrival order each lands on a random leaf) and ``search_text``, and counts the batch
+    into ``message_minutes``; Python only
     orders it, so the thread holds the GIL for microseconds while the reactor answers senders. ACKs decided after
     their message was counted (``ack_mode = "dispatched"``, the log's ``ack_changes``) move their counts. A
     message older than ``purge_cutoff`` is indexed without its patient keys and words (a purge has taken them,
@@ -260,10 +290,14 @@ def index_batch(conn: sqlite3.Connection, limit: int = BATCH) -> int:
         last = int(found.get("indexed_to") or 0)
         acks_to = int(found.get("acks_to") or 0)
         fence = float(found.get("purge_cutoff") or 0)
-        top, count = conn.execute(
-            "SELECT max(id), count(*) FROM (SELECT id FROM log.messages WHERE id > ? ORDER BY id LIMIT ?)",
+        # One read of the log's rows (their last columns lie past the raw message), then three statements over it.
+        conn.execute("DELETE FROM temp.batch")
+        conn.execute(
+            "INSERT INTO temp.batch SELECT id, received_at, listener, ack_code, search_terms, search_text "
+            "FROM log.messages WHERE id > ? ORDER BY id LIMIT ?",
             (last, limit),
-        ).fetchone()
+        )
+        top, count = conn.execute("SELECT max(id), count(*) FROM temp.batch").fetchone()
         changes = conn.execute(
             "SELECT id, message_id, received_at, listener, old_code, new_code FROM log.ack_changes WHERE id > ? "
             "ORDER BY id LIMIT ?",
@@ -278,23 +312,19 @@ def index_batch(conn: sqlite3.Connection, limit: int = BATCH) -> int:
             return 0
         bounds = {"low": last, "high": top, "fence": fence}
         conn.execute(
-            "INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM log.messages AS m, "
-            "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high "
-            "AND (m.received_at >= :fence OR j.value NOT LIKE 'p:%') ORDER BY 1, 2",
+            "INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM temp.batch AS m, "
+            "json_each(m.search_terms) AS j WHERE m.received_at >= :fence OR j.value NOT LIKE 'p:%' ORDER BY 1, 2",
             bounds,
         )
         conn.execute(
-            "INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM log.messages "
-            "WHERE id > :low AND id <= :high AND search_text IS NOT NULL AND received_at >= :fence",
+            "INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM temp.batch "
+            "WHERE search_text IS NOT NULL AND received_at >= :fence",
             bounds,
         )
         if fence:
-            conn.execute(
-                "INSERT OR IGNORE INTO scrubbed (message_id) SELECT id FROM log.messages "
-                "WHERE id > :low AND id <= :high AND received_at < :fence",
-                bounds,
-            )
-        conn.execute(MINUTES_UPSERT.replace("FROM messages", "FROM log.messages"), bounds)
+            conn.execute("INSERT OR IGNORE INTO scrubbed (message_id) SELECT id FROM temp.batch WHERE received_at < :fence",
+                         bounds)  # fmt: skip
+        conn.execute(MINUTES_UPSERT.replace("FROM messages", "FROM temp.batch"), bounds)
         conn.execute("UPDATE meta SET value = ? WHERE key = 'indexed_to'", (str(top),))
     return int(count)
 
