@@ -113,6 +113,9 @@ def test_counts_follow_the_index_and_an_ack_decided_later(filled) -> None:  # ty
     bucket["AA"] -= 1
     bucket["AE"] = bucket.get("AE", 0) + 1
     assert changed[(at // 60) * 60] == {k: v for k, v in sorted(bucket.items()) if v}
+    catch_up(engine)  # the indexer applies the change to its counts: the same picture, no longer read from the log
+    applied = {b["minute"]: b["counts"] for b in dashboard(engine, now=NOW, minutes=60).per_minute}
+    assert applied == changed
 
 
 def test_a_tail_past_the_bound_is_reported_not_counted(tmp_path: Path) -> None:
