@@ -879,8 +879,9 @@ def _v9_configs(conn: Any) -> None:
 def _v10_index_file(conn: Any) -> None:
     """A SQLite log's search index leaves it for a file of its own (``search_index``): its tables and triggers are
     dropped here, and the service builds the file from the log's ``search_terms`` and ``search_text`` (which stay)
-    at its next start, in the background. The log gets its ``log_id``, and
-    ``ack_changes`` for the minute counts. PostgreSQL keeps its ``search_keys`` (a log id only)."""
+    at its next start, in the background. The log gets its ``log_id``, and ``ack_changes`` for the minute counts.
+    PostgreSQL gets the log id only: its index stays in the log (written at intake since step 12), and step 12
+    touches none of the tables dropped here."""
     if get_meta(conn, LOG_ID_KEY) is None:
         conn.execute(meta.insert().values(key=LOG_ID_KEY, value=uuid.uuid4().hex))
     if conn.dialect.name != "sqlite":
