@@ -906,7 +906,8 @@ def _v9_configs(conn: Any) -> None:
 
 
 def _v10_reserved(conn: Any) -> None:
-    """Another branch's step (the numbers are settled at merge)."""
+    """Nothing: the number went to a change that did not ship with steps 11 and 12 (a later step takes its place,
+    as a log at 12 never runs 10 again)."""
 
 
 def _v11_instances(conn: Any) -> None:
