@@ -35,6 +35,7 @@ from .support import (
     Engine,
     Stream,
     answer_codes,
+    child_pids,
     knob,
     loss_figures,
     pick,
@@ -46,6 +47,9 @@ from .support import (
 )
 
 CYCLES = int(knob("cluster_kill_cycles", 3, 20))
+STOPS = int(knob("cluster_stop_cycles", 1, 5))
+#: ``[service] dispatch_lease`` of the SIGSTOP scenario's instances: how long a stopped leader holds the log.
+STOP_LEASE = 3.0
 PAIRS = int(knob("cluster_pairs", 200, 1000))
 SENDERS = 4
 #: Each sender's messages a second: a busy feed that the one dispatcher keeps up with, so that the time to settle
@@ -138,28 +142,122 @@ def kills(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         yield figures
 
 
-def test_every_aa_is_logged_once_and_answered_for_its_message(kills: dict[str, Any]) -> None:
-    assert kills["log"]["lost_from_log"] == 0, kills["log"]
-    assert kills["log"]["logged_twice"] == 0, kills["log"]
-    assert kills["wrong_acks"] == 0, kills["wrong_examples"]
+def logged_once(figures: dict[str, Any]) -> None:
+    assert figures["log"]["lost_from_log"] == 0, figures["log"]
+    assert figures["log"]["logged_twice"] == 0, figures["log"]
+    assert figures["wrong_acks"] == 0, figures["wrong_examples"]
 
 
-def test_every_booking_has_one_journey_no_double_every_cancel_applied(kills: dict[str, Any]) -> None:
-    journeys = kills["journeys"]
+def one_journey_each(figures: dict[str, Any]) -> None:
+    journeys = figures["journeys"]
     assert journeys["journey_missing"] == 0 and journeys["wrong_parameters"] == 0, journeys
     assert journeys["triggered_twice"] == 0 and journeys["phantom_journeys"] == 0, journeys
     assert journeys["cancels_lost"] == 0, journeys["cancels_lost_examples"]
 
 
+def in_order(figures: dict[str, Any]) -> None:
+    assert figures["out_of_order"] == 0, figures["out_of_order_examples"]
+
+
+def taken_over_in_time(figures: dict[str, Any]) -> None:
+    assert figures["takeover_s"], "no failure hit the dispatching instance"
+    assert max(figures["takeover_s"]) <= TAKEOVER_LIMIT, figures["cycles"]
+    statuses = figures["command_statuses"]
+    assert not statuses.get("pending") and not statuses.get("in_flight") and not statuses.get("dead"), statuses
+
+
+def test_every_aa_is_logged_once_and_answered_for_its_message(kills: dict[str, Any]) -> None:
+    logged_once(kills)
+
+
+def test_every_booking_has_one_journey_no_double_every_cancel_applied(kills: dict[str, Any]) -> None:
+    one_journey_each(kills)
+
+
 def test_each_appointment_was_triggered_in_the_order_sent(kills: dict[str, Any]) -> None:
-    assert kills["out_of_order"] == 0, kills["out_of_order_examples"]
+    in_order(kills)
 
 
 def test_the_dead_instances_work_was_taken_over_within_the_limit(kills: dict[str, Any]) -> None:
-    assert kills["takeover_s"], "no kill hit the dispatching instance"
-    assert max(kills["takeover_s"]) <= TAKEOVER_LIMIT, kills["cycles"]
-    statuses = kills["command_statuses"]
-    assert not statuses.get("pending") and not statuses.get("in_flight") and not statuses.get("dead"), statuses
+    taken_over_in_time(kills)
+
+
+# ---- SIGSTOP of the leading instance past its lease, then SIGCONT ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stops(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer,
+          haproxy: None) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """The leading instance (service and dispatcher) stopped while a bulk trigger of its is under way, kept stopped
+    until the other has settled every command open at the stop and HAProxy shows it DOWN, then continued."""
+    began = time.monotonic()
+    rng = random.Random(SEED + 7)
+    with cluster(tmp_path_factory.mktemp("sigstop"), postgres, 2, dispatch_lease=STOP_LEASE) as running:
+        sandbox = running.sandbox
+        sandbox.faults(latency_ms=30)
+        engines = engines_through(running)
+        streams = [Stream(f"T{i}", seed=SEED * 30 + i, plans=CRASH_PLANS) for i in range(SENDERS)]
+        deadline = time.monotonic() + pick(300, 1200)
+        cycles: list[dict[str, Any]] = []
+        stopped: list[int] = []
+        with sending(engines, streams, deadline, RATE) as (ledger, stop, errors):
+            try:
+                for cycle in range(STOPS):
+                    time.sleep(rng.uniform(0.5, 2.0))
+                    victim = wait_for(running.dispatching, 30, "an instance leading the dispatch")
+                    name = f"bridge{running.bridges.index(victim) + 1}"
+                    pid, dispatcher = victim.pid, child_pids(victim.pid)
+                    trigger_under_way(sandbox, 1_500)
+                    stopped_at = time.monotonic()
+                    took = running.takeover_after(lambda v=victim: stopped.extend(v.pause()), TAKEOVER_LIMIT * 2,
+                                                  after=lambda: sandbox.faults(latency_ms=30))  # fmt: skip
+                    running.proxy.wait_down([name])
+                    other = running.dispatching()
+                    victim.resume(stopped)
+                    stopped.clear()
+                    stopped_s = round(time.monotonic() - stopped_at, 2)
+                    running.proxy.wait_up([name])
+                    wait_for(lambda v=victim: v.status()["dispatch"]["role"] == "standby", 30,
+                             "the continued instance to wait as a standby")  # fmt: skip
+                    cycles.append({"cycle": cycle + 1, "stopped": name, "stopped_s": stopped_s, "acked": len(ledger),
+                                   "taken_over_by_other": other is not None and other is not victim,
+                                   "same_process": victim.alive() and victim.pid == pid,
+                                   "new_dispatcher_process": not set(dispatcher) & set(child_pids(pid)),
+                                   **took})  # fmt: skip
+            finally:
+                if stopped:
+                    victim.resume(stopped)
+            continued_with = len(ledger)
+            wait_for(lambda: len(ledger) >= continued_with + 40, 60, "acknowledgments after the last SIGCONT")
+            stop.set()
+        assert not errors, errors
+        drain_s = running.wait_drained(pick(90, 300))
+        figures = summary(running, ledger, engines, "cluster-sigstop",
+                          injected=f"SIGSTOP x{STOPS} of the leading one of 2 instances behind HAProxy (service and "
+                                   f"dispatcher, dispatch_lease {STOP_LEASE:g} s) during a bulk trigger, until the "
+                                   f"other settled its open commands and HAProxy saw it DOWN, then SIGCONT; "
+                                   f"{SENDERS} senders",
+                          cycles=cycles, takeover_s=[c["takeover_s"] for c in cycles], drain_s=drain_s,
+                          duration_s=round(time.monotonic() - began, 1))  # fmt: skip
+        yield figures
+
+
+def test_a_stopped_leader_loses_doubles_and_reorders_nothing(stops: dict[str, Any]) -> None:
+    logged_once(stops)
+    one_journey_each(stops)
+    in_order(stops)
+
+
+def test_a_stopped_leaders_work_is_taken_over_within_the_limit(stops: dict[str, Any]) -> None:
+    taken_over_in_time(stops)
+    assert all(c["taken_over_by_other"] for c in stops["cycles"]), stops["cycles"]
+
+
+def test_a_continued_leader_rejoins_as_a_standby_without_a_restart(stops: dict[str, Any]) -> None:
+    """HAProxy saw it DOWN while stopped and UP after SIGCONT (the fixture waits for both); its service process
+    ran on, its deposed dispatcher exited and a new one waits as a standby."""
+    assert all(c["stopped_s"] > STOP_LEASE for c in stops["cycles"]), stops["cycles"]
+    assert all(c["same_process"] and c["new_dispatcher_process"] for c in stops["cycles"]), stops["cycles"]
 
 
 # ---- PostgreSQL stopped mid-feed ----------------------------------------------------------------------------------
