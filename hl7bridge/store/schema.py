@@ -689,7 +689,23 @@ def try_dispatch_lock(conn: Any) -> bool:
     return taken
 
 
-def _postgres_engine(url: str, read_only: bool) -> Engine:
+#: A writer's transaction never waits for its client between statements: one that does belongs to a stopped or hung
+#: process (SIGSTOP, a paused VM) whose row and key locks would hold up every other instance's writer (a resend of
+#: its unanswered message waits on its uncommitted key). The server ends such a transaction after this long; its
+#: COMMIT then fails (no ACK), and the resend is deduplicated.
+WRITER_IDLE_IN_TRANSACTION_MS = 5000
+
+
+def writing_engine(engine: Engine) -> Engine:
+    """The engine a writer commits through: on PostgreSQL one whose sessions end a transaction left idle past
+    ``WRITER_IDLE_IN_TRANSACTION_MS``, kept apart from the readers' (an export pauses between its batches while
+    its consumer reads); elsewhere ``engine`` itself."""
+    if engine.dialect.name != "postgresql":
+        return engine
+    return _postgres_engine(engine.url.render_as_string(hide_password=False), False, WRITER_IDLE_IN_TRANSACTION_MS)
+
+
+def _postgres_engine(url: str, read_only: bool, idle_in_transaction_ms: int = 0) -> Engine:
     """An engine for PostgreSQL: READ COMMITTED (each statement sees what committed before it, as the writer's
     duplicate lookup needs), ``synchronous_commit = on`` whatever the server's default (an ACK follows a COMMIT
     that reached the disk), connections checked before use (a restarted server or a failover leaves the pool's
@@ -699,6 +715,8 @@ def _postgres_engine(url: str, read_only: bool) -> Engine:
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     options = "-c synchronous_commit=on" + (" -c default_transaction_read_only=on" if read_only else "")
+    if idle_in_transaction_ms:
+        options += f" -c idle_in_transaction_session_timeout={idle_in_transaction_ms}"
     try:
         return create_engine(
             parsed,
