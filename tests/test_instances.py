@@ -29,6 +29,7 @@ from hl7bridge.mapping.routing import Command
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, Writer, command_values, commands, open_engine
 from hl7bridge.store.cluster import (
     FORGET_AFTER,
+    InstanceRow,
     StaleEpoch,
     check_epoch,
     claim_leadership,
@@ -37,6 +38,7 @@ from hl7bridge.store.cluster import (
 )
 from hl7bridge.store.schema import instances
 from hl7bridge.workflow.dashboard import dashboard
+from hl7bridge.workflow.status import LogFacts
 
 from .conftest import RunningSandbox, RunningService, free_port, segments, start_sandbox, start_service, wait_until
 from .dispatch_support import SANDBOX_TOML, TOKEN, future, query, service_toml, settled, siu
@@ -380,3 +382,11 @@ def test_a_writers_transaction_left_idle_is_ended_by_the_server(postgres_url: st
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "0"
     writer.stop()
+
+
+def test_an_instance_is_a_standby_only_while_another_leads() -> None:
+    """Before any dispatcher has claimed the log (one starting, or no routes), no instance stands by."""
+    row = InstanceRow("i-1", "node-a", "vm", 1, "0", 0.0, 0.0, None, 10.0, 1.0)
+    assert LogFacts(instances=(row,)).role(row) == "no leader yet"
+    assert LogFacts(instances=(row,), leader="i-2").role(row) == "standby"
+    assert LogFacts(instances=(row,), leader="i-1").role(row) == "leader"
