@@ -131,9 +131,12 @@ class HAProxy:
 
         wait_for(up, timeout, "HAProxy to see the instances UP", interval=0.1)
 
-    def wait_down(self, timeout: float = 30) -> None:
-        wait_for(lambda: "UP" not in self.server_states().values(), timeout, "HAProxy to take every instance out",
-                 interval=0.1)  # fmt: skip
+    def wait_down(self, names: list[str] | None = None, timeout: float = 30) -> None:
+        def down() -> bool:
+            states = self.server_states()
+            return all(states.get(n, "").startswith("DOWN") for n in (names or list(states)))
+
+        wait_for(down, timeout, "HAProxy to take the instances out", interval=0.1)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -197,14 +200,19 @@ class Cluster:
 
     def takeover_after_kill(self, victim: Bridge, timeout: float,
                             after_kill: Callable[[], Any] | None = None) -> dict[str, Any]:  # fmt: skip
-        """SIGKILL ``victim`` and measure how long until the first and until every command open at its death is
-        settled (sent and answered, found by a search, or annihilated) by the instances left: the first says when
-        dispatching resumed, every one includes working off the backlog built meanwhile."""
+        """SIGKILL ``victim``: ``takeover_after``."""
+        return self.takeover_after(victim.kill, timeout, after_kill)
+
+    def takeover_after(self, fail: Callable[[], Any], timeout: float,
+                       after: Callable[[], Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        """``fail`` an instance (kill it, stop it) and measure how long until the first and until every command
+        open at that moment is settled (sent and answered, found by a search, or annihilated) by the others: the
+        first says when dispatching resumed, every one includes working off the backlog built meanwhile."""
         before = self.open_commands()
         killed_at = time.monotonic()
-        victim.kill()
-        if after_kill is not None:
-            after_kill()
+        fail()
+        if after is not None:
+            after()
         resumed: list[float] = []
 
         def settled() -> bool:
@@ -214,7 +222,7 @@ class Cluster:
             return not left
 
         try:
-            wait_for(settled, timeout, "the dead instance's commands", 0.05)
+            wait_for(settled, timeout, "the commands open at the failure", 0.05)
         except AssertionError as exc:
             left = self.query("SELECT id, status, attempts, outcome, next_attempt_at FROM commands WHERE id = ANY(?)",
                               sorted(before & self.open_commands()))  # fmt: skip

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from hl7bridge.api.console.pages import chart, page
 from hl7bridge.dispatch.child import FixedToken
@@ -25,9 +27,18 @@ from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
 from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.mapping.routing import Command
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, Writer, command_values, commands, open_engine
-from hl7bridge.store.cluster import FORGET_AFTER, StaleEpoch, claim_leadership, instance_rows, register_instance
+from hl7bridge.store.cluster import (
+    FORGET_AFTER,
+    InstanceRow,
+    StaleEpoch,
+    check_epoch,
+    claim_leadership,
+    instance_rows,
+    register_instance,
+)
 from hl7bridge.store.schema import instances
 from hl7bridge.workflow.dashboard import dashboard
+from hl7bridge.workflow.status import LogFacts
 
 from .conftest import RunningSandbox, RunningService, free_port, segments, start_sandbox, start_service, wait_until
 from .dispatch_support import SANDBOX_TOML, TOKEN, future, query, service_toml, settled, siu
@@ -338,3 +349,44 @@ def test_instances_silent_for_a_day_are_removed(tmp_path: Path) -> None:
         conn.execute(instances.update().values(heartbeat_at=instances.c.heartbeat_at - FORGET_AFTER - 60))
         register_instance(conn, dict(row, id="new", name="here"))
         assert [i.id for i in instance_rows(conn)] == ["new"]
+
+
+def test_a_claim_ends_a_stopped_instances_write_holding_the_leaders_row(postgres_url: str) -> None:
+    """A dispatcher write of an instance stopped mid-transaction holds the row ``FOR SHARE`` for as long as it is
+    stopped: the new leader's claim ends that session instead of waiting for it (a SIGSTOP behind HAProxy once
+    took 38 s, until the SIGCONT), and the stopped write is gone with its session."""
+    engine = open_engine(postgres_url)
+    with engine.connect() as conn:
+        old = claim_leadership(conn, "old", 10.0)
+    stopped = engine.connect()
+    stopped.begin()
+    check_epoch(stopped, old)
+    claimed: list[int] = []
+    claimer = threading.Thread(target=lambda: claimed.append(claim_leadership(engine.connect(), "new", 10.0)))
+    claimer.start()
+    claimer.join(60)
+    assert claimed == [old + 1], "the claim is still waiting for the stopped write"
+    with pytest.raises(OperationalError):
+        stopped.execute(select(1))
+    stopped.invalidate()
+
+
+def test_a_writers_transaction_left_idle_is_ended_by_the_server(postgres_url: str) -> None:
+    """A stopped instance's open writer transaction would hold its row and key locks (and every other writer
+    waiting on them) for as long as it is stopped: the writer's sessions end an idle transaction; a reader's
+    (an export pausing between batches) do not."""
+    engine = open_engine(postgres_url)
+    writer = Writer(engine, lambda fn, *args: fn(*args))
+    with writer.engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "5s"
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "0"
+    writer.stop()
+
+
+def test_an_instance_is_a_standby_only_while_another_leads() -> None:
+    """Before any dispatcher has claimed the log (one starting, or no routes), no instance stands by."""
+    row = InstanceRow("i-1", "node-a", "vm", 1, "0", 0.0, 0.0, None, 10.0, 1.0)
+    assert LogFacts(instances=(row,)).role(row) == "no leader yet"
+    assert LogFacts(instances=(row,), leader="i-2").role(row) == "standby"
+    assert LogFacts(instances=(row,), leader="i-1").role(row) == "leader"

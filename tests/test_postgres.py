@@ -409,7 +409,7 @@ def test_db_upgrade_widens_every_id_and_indexes_every_message_logged(postgres_ur
         conn.exec_driver_sql("INSERT INTO search_keys (key, message_id) SELECT 'c:' || control_id, id FROM messages "
                              "WHERE control_id = 'OLD-2'")  # fmt: skip
         conn.execute(meta.insert().values(key="search_indexed_to", value="2"))
-        conn.execute(meta.delete().where(meta.c.key == "log_id"))  # given by step 10
+        conn.execute(meta.delete().where(meta.c.key == "log_id"))  # given by step 13
         conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="9"))
     engine.dispose()
     done = cli("db", "upgrade", "--database", postgres_url, cwd=tmp_path)

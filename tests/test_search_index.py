@@ -186,11 +186,12 @@ def test_the_status_names_a_rebuild() -> None:
     assert IndexState(indexed_to=9).problem is None
 
 
-def test_a_real_schema_9_log_upgrades_to_the_same_search_answers(tmp_path: Path) -> None:
-    """``tests/data/schema_v9.db.gz`` was written by the release that kept the index in the log (see
-    ``schema_v9.py``): 40 messages, 30 indexed, 5 purged, one ACK decided later."""
+@pytest.mark.parametrize("fixture", ["schema_v9.db.gz", "schema_v12.db.gz"])
+def test_a_real_older_log_upgrades_to_the_same_search_answers(tmp_path: Path, fixture: str) -> None:
+    """Both were written by releases that kept the index in the log (see ``schema_v9.py``): 40 messages, 30 indexed,
+    5 purged, one ACK decided later."""
     path = tmp_path / "log.db"
-    path.write_bytes(gzip.decompress((ROOT / "tests" / "data" / "schema_v9.db.gz").read_bytes()))
+    path.write_bytes(gzip.decompress((ROOT / "tests" / "data" / fixture).read_bytes()))
     path.chmod(0o600)
     with sqlite3.connect(path) as conn:
         old_keys = conn.execute("SELECT key, message_id FROM search_keys ORDER BY 1, 2").fetchall()

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Float, cast, func, literal_column, select, text
 from sqlalchemy.dialects.postgresql import OID
+from sqlalchemy.exc import OperationalError
 
 from hl7bridge.core.status import CommandStatus
 from hl7bridge.store.schema import DISPATCH_LOCK_KEY, StoreError, commands, dispatch_leader, instances
@@ -21,6 +22,13 @@ OUTBOX_CHANNEL = "hl7bridge_outbox"
 _ROW = 1
 #: Instances whose heartbeat is older than this many seconds are removed.
 FORGET_AFTER = 86400.0
+#: How long a new leader waits for the row (PostgreSQL) before it ends the sessions holding it: a dispatcher write
+#: of a stopped instance holds it ``FOR SHARE`` (``check_epoch``) in a transaction that does not end by itself.
+CLAIM_LOCK_WAIT = "2s"
+#: Claims tried before the caller gives up (its process exits and the service starts another).
+CLAIM_TRIES = 5
+#: PostgreSQL's ``lock_not_available``: ``lock_timeout`` ran out.
+_LOCK_NOT_AVAILABLE = "55P03"
 
 
 class StaleEpoch(StoreError):
@@ -65,10 +73,27 @@ def db_clock(conn: Any) -> Any:
 
 def claim_leadership(conn: Any, instance: str, lease: float) -> int:
     """Record the caller (which holds the dispatcher's lock) as the leader under a new epoch; the epoch.
-    Commits: from here on, the old leader's writes are refused."""
+    Commits: from here on, the old leader's writes are refused. On PostgreSQL a claim that waits longer than
+    ``CLAIM_LOCK_WAIT`` for the row ends the sessions holding it (the deposed leader's instance, stopped inside a
+    fenced write: that write is refused anyway) and tries again."""
+    if conn.dialect.name != "postgresql":
+        return _claim(conn, instance, lease)
+    for _ in range(CLAIM_TRIES - 1):
+        try:
+            return _claim(conn, instance, lease)
+        except OperationalError as error:
+            if getattr(error.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise
+            _end_row_holders(conn)
+    return _claim(conn, instance, lease)
+
+
+def _claim(conn: Any, instance: str, lease: float) -> int:
     now = db_clock(conn)
     pid = func.pg_backend_pid() if conn.dialect.name == "postgresql" else None
     with conn.begin():
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{CLAIM_LOCK_WAIT}'")
         epoch = conn.execute(select(dispatch_leader.c.epoch).where(dispatch_leader.c.id == _ROW).with_for_update())
         current = epoch.scalar()
         values = {"instance": instance, "backend_pid": pid, "renewed_at": now, "lease": lease}
@@ -77,6 +102,20 @@ def claim_leadership(conn: Any, instance: str, lease: float) -> int:
             return 1
         conn.execute(dispatch_leader.update().where(dispatch_leader.c.id == _ROW).values(epoch=current + 1, **values))
         return int(current) + 1
+
+
+def _end_row_holders(conn: Any) -> int:
+    """End the other sessions holding the leader's row for a write (``FOR SHARE``, ``FOR UPDATE``, ``UPDATE``: only
+    dispatcher writes, claims and renewals do; a plain read is left alone); how many."""
+    holders = (
+        select(func.pg_terminate_backend(literal_column("pid")))
+        .select_from(text("pg_locks"))
+        .where(text("relation = 'dispatch_leader'::regclass AND granted AND pid <> pg_backend_pid()"))
+        .where(text("mode IN ('RowShareLock', 'RowExclusiveLock')"))
+    )
+    ended = sum(1 for (done,) in conn.execute(holders) if done)
+    conn.commit()
+    return ended
 
 
 def renew_leadership(conn: Any, epoch: int) -> bool:

@@ -47,7 +47,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -665,7 +665,23 @@ def try_dispatch_lock(conn: Any) -> bool:
     return taken
 
 
-def _postgres_engine(url: str, read_only: bool) -> Engine:
+#: A writer's transaction never waits for its client between statements: one that does belongs to a stopped or hung
+#: process (SIGSTOP, a paused VM) whose row and key locks would hold up every other instance's writer (a resend of
+#: its unanswered message waits on its uncommitted key). The server ends such a transaction after this long; its
+#: COMMIT then fails (no ACK), and the resend is deduplicated.
+WRITER_IDLE_IN_TRANSACTION_MS = 5000
+
+
+def writing_engine(engine: Engine) -> Engine:
+    """The engine a writer commits through: on PostgreSQL one whose sessions end a transaction left idle past
+    ``WRITER_IDLE_IN_TRANSACTION_MS``, kept apart from the readers' (an export pauses between its batches while
+    its consumer reads); elsewhere ``engine`` itself."""
+    if engine.dialect.name != "postgresql":
+        return engine
+    return _postgres_engine(engine.url.render_as_string(hide_password=False), False, WRITER_IDLE_IN_TRANSACTION_MS)
+
+
+def _postgres_engine(url: str, read_only: bool, idle_in_transaction_ms: int = 0) -> Engine:
     """An engine for PostgreSQL: READ COMMITTED (each statement sees what committed before it, as the writer's
     duplicate lookup needs), ``synchronous_commit = on`` whatever the server's default (an ACK follows a COMMIT
     that reached the disk), connections checked before use (a restarted server or a failover leaves the pool's
@@ -675,6 +691,8 @@ def _postgres_engine(url: str, read_only: bool) -> Engine:
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     options = "-c synchronous_commit=on" + (" -c default_transaction_read_only=on" if read_only else "")
+    if idle_in_transaction_ms:
+        options += f" -c idle_in_transaction_session_timeout={idle_in_transaction_ms}"
     try:
         return create_engine(
             parsed,
@@ -876,23 +894,9 @@ def _v9_configs(conn: Any) -> None:
     _add_column(conn, "commands", "config_id", "INTEGER")
 
 
-def _v10_index_file(conn: Any) -> None:
-    """A SQLite log's search index leaves it for a file of its own (``search_index``): its tables and triggers are
-    dropped here, and the service builds the file from the log's ``search_terms`` and ``search_text`` (which stay)
-    at its next start, in the background. The log gets its ``log_id``, and ``ack_changes`` for the minute counts.
-    PostgreSQL gets the log id only: its index stays in the log (written at intake since step 12), and step 12
-    touches none of the tables dropped here."""
-    if get_meta(conn, LOG_ID_KEY) is None:
-        conn.execute(meta.insert().values(key=LOG_ID_KEY, value=uuid.uuid4().hex))
-    if conn.dialect.name != "sqlite":
-        return
-    for trigger in ("messages_search_purge", "messages_minutes_ack"):
-        conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
-    for table in ("messages_text", *INDEX_FILE_TABLES):
-        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
-    conn.execute(meta.delete().where(meta.c.key == INDEXED_KEY))
-    for ddl in ACK_CHANGES_DDL:
-        conn.exec_driver_sql(ddl)
+def _v10_reserved(conn: Any) -> None:
+    """Nothing: the number went to a change that did not ship with steps 11 and 12 (step 13 took its place, as a log
+    at 12 never runs 10 again)."""
 
 
 def _v11_instances(conn: Any) -> None:
@@ -906,7 +910,7 @@ _POSTGRES_BIGINT_IDS = (("audit_refs", "audit_id"), ("commands", "config_id"), (
 
 
 def _v12_postgres_index(conn: Any) -> None:
-    """PostgreSQL (SQLite: nothing, its types are already these and its index is a file of its own, step 10): every id
+    """PostgreSQL (SQLite: nothing, its types are already these and its index is a file of its own, step 13): every id
     column BIGINT, ``audit_refs``' strings TEXT, and the search index as intake now writes it
     (``index_messages``): the text index made, and the keys and words of every message logged put in, a batch of
     ids at a time, whatever ``search_indexed_to`` said (a message committed late under a lower id was missed by
@@ -925,6 +929,24 @@ def _v12_postgres_index(conn: Any) -> None:
     conn.execute(meta.delete().where(meta.c.key == INDEXED_KEY))
 
 
+def _v13_index_file(conn: Any) -> None:
+    """A SQLite log's search index leaves it for a file of its own (``search_index``): its tables and triggers are
+    dropped here, and the service builds the file from the log's ``search_terms`` and ``search_text`` (which stay)
+    at its next start, in the background. The log gets its ``log_id``, and ``ack_changes`` for the minute counts.
+    PostgreSQL gets the log id only: its index stays in the log (written at intake since step 12)."""
+    if get_meta(conn, LOG_ID_KEY) is None:
+        conn.execute(meta.insert().values(key=LOG_ID_KEY, value=uuid.uuid4().hex))
+    if conn.dialect.name != "sqlite":
+        return
+    for trigger in ("messages_search_purge", "messages_minutes_ack"):
+        conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
+    for table in ("messages_text", *INDEX_FILE_TABLES):
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+    conn.execute(meta.delete().where(meta.c.key == INDEXED_KEY))
+    for ddl in ACK_CHANGES_DDL:
+        conn.exec_driver_sql(ddl)
+
+
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
 MIGRATIONS: dict[int, Callable[[Any], None]] = {
     2: _v2_retention,
@@ -935,9 +957,10 @@ MIGRATIONS: dict[int, Callable[[Any], None]] = {
     7: _v7_accounts,
     8: _v8_timeline,
     9: _v9_configs,
-    10: _v10_index_file,
+    10: _v10_reserved,
     11: _v11_instances,
     12: _v12_postgres_index,
+    13: _v13_index_file,
 }
 
 

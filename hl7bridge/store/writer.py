@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from .fast_path import LOCK_WAIT_MS, LOCKED_WAIT_MS, is_locked, write_sqlite
 from .generic_path import write_generic
 from .planner import WriteRequest, WriteResult
-from .schema import _first_line
+from .schema import _first_line, writing_engine
 
 log = logging.getLogger("hl7bridge.store")
 
@@ -57,7 +57,8 @@ class Writer:
         max_group: int = 2000,
         job_slice: float = JOB_SLICE,
     ) -> None:
-        self.engine = engine
+        self.engine = writing_engine(engine)
+        self._own_engine = self.engine is not engine
         self.call_back = call_back
         self.max_group = max_group
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -85,6 +86,8 @@ class Writer:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)
+        if self._own_engine and not self._thread.is_alive():
+            self.engine.dispose()
 
     @property
     def healthy(self) -> bool:

@@ -65,6 +65,8 @@ class LogFacts:
     def role(self, instance: InstanceRow) -> str:
         if instance in self.down():
             return "down"
+        if self.leader is None:
+            return "no leader yet"  # a dispatcher starting, or none configured: nobody stands by for anyone
         return "leader" if instance.id == self.leader else "standby"
 
     def to_json(self) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """How ``schema_v9.db.gz`` was made: a real schema-9 log, written by the release before the search index left the
 log (main at 17898c0), kept so that the upgrade to a separate index file is tested on what that release wrote.
 
-Run with that release's code: ``PYTHONPATH=/path/to/17898c0 python tests/data/schema_v9.py OUT.db``. It logs 40
+Run with that release's code: ``PYTHONPATH=/path/to/17898c0 python tests/data/schema_v9.py OUT.db``.
+``schema_v12.db.gz`` is the same script run with the last release at schema 12 (main at 4bbd114, the index still in
+the log; step 13 moves it out, step 10 being empty). It logs 40
 messages (two patients' names and ids, appointments, senders), indexes the first 30 (the rest is the unindexed
 tail), purges the 5 oldest (retention's trigger removed their patient keys and words) and decides one ACK later.
 """

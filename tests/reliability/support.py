@@ -133,13 +133,16 @@ def bridge_config(
     retry_max: float = 1.0,
     log_level: str = "info",
     heartbeat: float = 0.2,
+    dispatch_lease: float | None = None,
 ) -> str:
-    """The dispatch tests' configuration (one "reminders" route) with a health listener."""
+    """The dispatch tests' configuration (one "reminders" route) with a health listener; ``dispatch_lease``:
+    ``[service] dispatch_lease`` (its default when None)."""
     text = service_toml(api_url, listener_extra=listener_extra)
     assert "retry_initial = 0.2" in text and "retry_max = 1.0" in text
     text = text.replace("retry_initial = 0.2", f"retry_initial = {retry_initial}")
     text = text.replace("retry_max = 1.0", f"retry_max = {retry_max}")
-    text = f'[service]\nlog_level = "{log_level}"\n\n' + text
+    lease = "" if dispatch_lease is None else f"dispatch_lease = {dispatch_lease}\n"
+    text = f'[service]\nlog_level = "{log_level}"\n{lease}\n' + text
     return text + health_toml(health_port, heartbeat=heartbeat)
 
 
@@ -199,6 +202,25 @@ class Bridge:
         if self.running is not None and self.running.process.poll() is None:
             self.running.process.kill()
             self.running.process.wait(timeout=30)
+
+    def pause(self) -> list[int]:
+        """SIGSTOP the service and its dispatcher process, as a machine that hangs: no exit, no closed socket;
+        the pids stopped, for ``resume``."""
+        stopped = [self.pid, *child_pids(self.pid)]
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        return stopped
+
+    def resume(self, stopped: list[int]) -> None:
+        """SIGCONT what ``pause`` stopped, children first (the service finds its dispatcher running)."""
+        for pid in reversed(stopped):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def status(self) -> dict[str, Any]:
+        """The service's ``/status`` (its dispatcher's role among them)."""
+        assert self.health_port is not None
+        return requests.get(f"http://127.0.0.1:{self.health_port}/status", timeout=5).json()
 
     def stop(self, grace: float = 20) -> int | None:
         """SIGTERM (SIGKILL after ``grace`` seconds); the exit status."""
