@@ -391,9 +391,10 @@ def _is_id(_table: str, column: str) -> bool:
 
 
 def test_db_upgrade_widens_every_id_and_indexes_every_message_logged(postgres_url: str, tmp_path: Path) -> None:
-    """A schema-9 PostgreSQL log: INTEGER ids where BIGINT ones point, no text index, and keys copied by the old
-    batch job up to its mark, which missed a message committed late under a lower id. `db upgrade` widens the
-    ids, and every message becomes findable by key and words; the mark goes."""
+    """A schema-9 PostgreSQL log: INTEGER ids where BIGINT ones point, no text index, no log id, and keys copied by
+    the old batch job up to its mark, which missed a message committed late under a lower id. `db upgrade` (steps
+    10 to 12) gives it its log id, widens the ids, and every message becomes findable by key and words; the mark
+    goes."""
     engine = open_engine(postgres_url)
     with engine.begin() as conn:
         types = _column_types(conn)
@@ -408,6 +409,7 @@ def test_db_upgrade_widens_every_id_and_indexes_every_message_logged(postgres_ur
         conn.exec_driver_sql("INSERT INTO search_keys (key, message_id) SELECT 'c:' || control_id, id FROM messages "
                              "WHERE control_id = 'OLD-2'")  # fmt: skip
         conn.execute(meta.insert().values(key="search_indexed_to", value="2"))
+        conn.execute(meta.delete().where(meta.c.key == "log_id"))  # given by step 13
         conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="9"))
     engine.dispose()
     done = cli("db", "upgrade", "--database", postgres_url, cwd=tmp_path)
@@ -418,6 +420,8 @@ def test_db_upgrade_widens_every_id_and_indexes_every_message_logged(postgres_ur
         assert not [key for key, kind in types.items() if _is_id(*key) and kind != "bigint"], types
         assert types[("audit_refs", "ref")] == "text"
         assert conn.execute(select(meta.c.value).where(meta.c.key == "search_indexed_to")).first() is None
+        assert len(conn.execute(select(meta.c.value).where(meta.c.key == "log_id")).scalar_one()) == 32
+        assert conn.execute(select(func.to_regclass("ack_changes"))).scalar() is None  # SQLite's only
     found = search(engine, Filters(patient="MRN-OLD"), limit=10).rows
     assert [r["control_id"] for r in found] == ["OLD-3", "OLD-2", "OLD-1"]
     assert [r["control_id"] for r in search(engine, Filters(text="hawthorn", since=0.0), limit=10).rows] == [

@@ -7,7 +7,8 @@ tested on its own. What decides:
   the token (dispatching paused), the log cannot be written or read, or a listener is not bound.
 - **degraded** (it works, but needs attention soon): the API does not answer (dispatching holds), dead
   letters wait for an operator, an instance on the log has no heartbeat for 3 leases (down), the outbox's oldest command waits longer than ``health.outbox_stuck_after``,
-  descriptors run short, or the API token expires within ``TOKEN_WARNING_DAYS`` (``api.token_expires``).
+  descriptors run short, the search index is being rebuilt or cannot be written, or the API token expires
+  within ``TOKEN_WARNING_DAYS`` (``api.token_expires``).
 - **ok** otherwise.
 
 Reasons are sentences without patient data: they go to monitoring and terminals.
@@ -102,6 +103,8 @@ class Facts:
     token_expires: datetime | None = None
     #: This service's ``instances.id``.
     instance: str | None = None
+    #: Why searches are incomplete (the search index rebuilt from the log, or failing); None: they are not.
+    search_index_problem: str | None = None
 
     @property
     def role(self) -> str | None:
@@ -145,6 +148,7 @@ class Status:
                 for lst in facts.listeners
             ],
             "database": {"ok": facts.database_problem is None, "problem": facts.database_problem},
+            "search_index": {"ok": facts.search_index_problem is None, "problem": facts.search_index_problem},
             "api_token": {
                 "expires": token.isoformat() if token else None,
                 "days_left": None if token is None else _round((token.timestamp() - facts.now) / 86400),
@@ -181,6 +185,8 @@ def assess(facts: Facts) -> Status:
                         f"{instance.age:.0f} s.")  # fmt: skip
     if facts.descriptors_problem:
         degraded.append(f"File descriptors: {facts.descriptors_problem}.")
+    if facts.search_index_problem:
+        degraded.append(f"The search index: {facts.search_index_problem}.")
     token = token_reason(facts.token_expires, facts.now)
     if token:
         degraded.append(token)
