@@ -140,9 +140,12 @@ def _originals(conn: Any, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[st
 
 
 #: The first accepted message of each key, and ``n`` ids drawn from the messages' sequence, in one statement whose
-#: text never changes (the keys go in as three arrays): psycopg prepares it once per connection, where a row-value
-#: ``IN`` of as many tuples as the group has keys was a new statement to build, cache-key, compile and plan each
-#: time (0.55 ms of the writer's CPU a group, half of all it spent on a lone message).
+#: text never changes (the keys go in as three arrays), where a row-value ``IN`` of as many tuples as the group has
+#: keys was a new statement for SQLAlchemy to build, cache-key and compile each time (0.55 ms of the writer's CPU a
+#: group, half of all it spent on a lone message). It is never prepared (``prepare=False``): a plan cached while
+#: the table was small (a new log, its statistics not yet gathered) scanned the whole table for ever after, 2.5 ms
+#: a group and growing (``bench/cluster.py``, ``pg_stat_statements``); planned each time, it probes the unique key
+#: (0.1 ms).
 _PG_ORIGINALS_SQL = f"""
 SELECT k.app, k.fac, k.ctrl, m.id, m.ack_raw, m.ack_code, NULL::bigint
 FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(app, fac, ctrl)
@@ -164,7 +167,9 @@ def _pg_originals(
     ids: list[int] = []
     columns = ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], new_ids)
     with conn.connection.driver_connection.cursor() as cur:
-        for app, fac, ctrl, message_id, ack_raw, ack_code, new_id in cur.execute(_PG_ORIGINALS_SQL, columns):
+        for app, fac, ctrl, message_id, ack_raw, ack_code, new_id in cur.execute(
+            _PG_ORIGINALS_SQL, columns, prepare=False
+        ):
             if new_id is not None:
                 ids.append(new_id)
             elif (app, fac, ctrl) not in found or message_id < found[(app, fac, ctrl)][0]:
