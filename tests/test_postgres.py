@@ -242,6 +242,45 @@ def test_two_writers_accepting_the_same_keys_at_once_keep_one_original_each(post
         assert answered == {bytes(accepted.ack_raw)}
 
 
+def _write_one(writer: Writer, control: str) -> WriteResult:
+    got: list[WriteResult] = []
+    done = threading.Event()
+    writer.submit(WriteRequest(_row(control), ("EPIC", "MAIN", control), lambda r: (got.append(r), done.set())))
+    assert done.wait(30)
+    return got[0]
+
+
+def test_a_writer_connection_ended_between_groups_costs_no_message(
+    postgres: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer pings a connection only after it sat idle (a ping per group was a round trip per group): one
+    ended a moment ago (a restarted server, a terminated backend) fails the next group's first statement, before
+    any COMMIT, and the group is written again on a new connection, once. After an idle second the ping finds
+    it dead first, and nothing fails at all."""
+    writer = Writer(open_engine(postgres_url), lambda fn, *args: fn(*args))
+    writer.start()
+    database = postgres_url.rsplit("/", 1)[1]
+    end_writers = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'hl7bridge' "
+                   f"AND datname = '{database}' AND pid <> pg_backend_pid()")  # fmt: skip
+    try:
+        assert _write_one(writer, "BEFORE").error is None
+        with caplog.at_level("WARNING", logger="hl7bridge.store"):
+            postgres.execute(end_writers, database)
+            assert _write_one(writer, "RIGHT-AFTER").error is None
+            assert "lost before the COMMIT of 1 message(s), nothing committed" in caplog.text
+            caplog.clear()
+            assert _write_one(writer, "WARM").error is None
+            postgres.execute(end_writers, database)
+            time.sleep(1.5)
+            assert _write_one(writer, "AFTER-IDLE").error is None
+            assert "lost before the COMMIT" not in caplog.text
+    finally:
+        writer.stop()
+    with open_engine(postgres_url).connect() as conn:
+        found = conn.execute(select(messages.c.control_id).order_by(messages.c.id)).scalars().all()
+    assert found == ["BEFORE", "RIGHT-AFTER", "WARM", "AFTER-IDLE"]
+
+
 def test_while_postgresql_is_down_messages_get_ar_and_after_its_restart_aa_without_restarting_the_bridge(
     postgres: PostgresServer, tmp_path: Path
 ) -> None:
