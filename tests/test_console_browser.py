@@ -202,7 +202,7 @@ def test_an_operator_searches_unmasks_with_a_reason_discards_and_finds_it_audite
     assert tables, "the dashboard lists the instances on the log"
     (row,) = tables[0].find_elements(By.CSS_SELECTOR, "tbody tr")
     cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
-    assert cells[0] == instance["name"] and cells[2] == "leader", cells
+    assert cells[0] == f"{instance['name']} this instance" and cells[2] == "leader", cells
     screenshot(driver, "dashboard")
 
     driver.find_element(By.ID, "logout").click()
