@@ -203,7 +203,7 @@ def test_an_operator_searches_unmasks_with_a_reason_discards_and_finds_it_audite
     (row,) = tables[0].find_elements(By.CSS_SELECTOR, "tbody tr")
     cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
     assert cells[0] == f"{instance['name']} this instance" and cells[2] == "leader", cells
-    screenshot(driver, "dashboard")
+    screenshot(driver, "dashboard", whole_page=True)
 
     driver.find_element(By.ID, "logout").click()
     wait(driver, "#login")
