@@ -167,6 +167,7 @@ def test_killed_leader_is_taken_over_its_in_flight_trigger_searched_and_status_s
     assert [i["name"] for i in status["instances"] if i["this"]] == ["node-b"], "which instance answered"
     shown = pair.b.cli("status", "--config", str(pair.b.config), check=False).stdout
     assert "instance node-a" in shown and ": DOWN, heartbeat" in shown and "instance node-b" in shown, shown
+    assert re.search(r"instance node-b \(\S+, pid \d+; this instance\): leader", shown), shown
     board = dashboard(open_engine(pair.b.url, create=False)).to_json()
     html = page(None, "dashboard.html", board=board, service=status, chart=chart([])).body.decode()
     assert "<td>node-a</td>" in html and '<td>node-b <span class="sub">this instance</span></td>' in html
