@@ -151,3 +151,14 @@ def test_the_running_service_counts_its_messages_into_the_dashboard(tmp_path: Pa
         service.stop()
     assert shown.uncounted == 0 and shown.window_counts == {"AA": 2, "AE": 1}
     assert [listener["name"] for listener in shown.listeners] == ["main"]
+
+
+def test_a_message_counts_in_the_minute_it_came_in(database_url: str) -> None:
+    """Late in a minute too (PostgreSQL rounds a cast to integer where SQLite truncates)."""
+    engine = open_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(messages.insert(), [_message(CURRENT - 0.5, "AR"), _message(CURRENT + 0.5, "AA"),
+                                         _message(CURRENT + 59.5, "AE")])  # fmt: skip
+    shown = dashboard(engine, now=CURRENT + 59.9, minutes=2)
+    assert [b["counts"] for b in shown.per_minute] == [{"AR": 1}, {"AA": 1, "AE": 1}]
+    assert shown.listeners == [{"name": "main", "last_message_at": CURRENT + 59.5}]

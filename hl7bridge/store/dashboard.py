@@ -36,7 +36,7 @@ class Counted:
 
 
 def _grouped(since: float, until: float) -> Select[Any]:
-    minute = cast(received / 60, Integer)
+    minute = cast(func.floor(received / 60), Integer)
     return (
         select(minute, messages.c.ack_code, messages.c.listener, func.count(), func.max(received))
         .where(received >= since)

@@ -69,7 +69,8 @@ class LogFacts:
             return "no leader yet"  # a dispatcher starting, or none configured: nobody stands by for anyone
         return "leader" if instance.id == self.leader else "standby"
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, this: str | None = None) -> dict[str, Any]:
+        """``this``: the answering service's instance id, marked ``"this"`` (behind a balancer, which one answered)."""
         return {
             "outbox": {"depth": self.outbox_depth, "oldest_age_s": _round(self.outbox_oldest_age)},
             "dead_letters": {"open": self.dead_letters_open, "oldest_since": iso(self.dead_letters_since)},
@@ -77,7 +78,7 @@ class LogFacts:
                 {"id": i.id, "name": i.name, "host": i.host, "pid": i.pid, "version": i.version, "role": self.role(i),
                  "heartbeat_age_s": _round(i.age), "started_at": iso(i.started_at),
                  "last_message_at": iso(i.last_message_at),
-                 "in_flight": self.in_flight if i.id == self.leader else None}
+                 "in_flight": self.in_flight if i.id == self.leader else None, "this": i.id == this}
                 for i in self.instances
             ],
         }  # fmt: skip
@@ -142,7 +143,7 @@ class Status:
                 "paused_until": iso(dispatch.paused_until),
                 "paused_reason": dispatch.paused_reason,
             },
-            **facts.log.to_json(),
+            **facts.log.to_json(facts.instance),
             "listeners": [
                 {"name": lst.name, "connections": lst.connections, "last_message_at": iso(lst.last_message_at)}
                 for lst in facts.listeners
