@@ -339,7 +339,7 @@ ROUTES: list[Route] = [
     Route("GET", "/api/v1/stats", get_stats, READ, "Messages by status, event and ACK; outbox; dead letters; API "
           "calls (hl7bridge stats)", (_SINCE,), tag="service"),
     Route("GET", "/api/v1/status", get_status, READ, "The service's state (ok, degraded, failing) with reasons "
-          "and facts, as the health listener's /status", blocking=False, tag="service"),
+          "and facts, as the health listener's /status, the log's read when asked", tag="service"),
     Route("GET", "/api/v1/dashboard", get_dashboard, READ, "Messages per minute by ACK code, outbox, dead letters, "
           "listeners, totals, and the service's state", (_q("minutes", f"the window, 1 to {MAX_MINUTES} (default 60)",
           "integer"),), tag="service"),

@@ -57,7 +57,7 @@ from hl7bridge.store.search_index import Indexer, index_path
 from hl7bridge.testing.sandbox import Sandbox, write_secret
 from hl7bridge.workflow.accounts import AccountError, add_user, list_users
 from hl7bridge.workflow.dispatch_target import record_dispatch_target
-from hl7bridge.workflow.status import ListenerFacts, assess
+from hl7bridge.workflow.status import ListenerFacts, LogFacts, assess
 
 log = logging.getLogger("hl7bridge.service")
 #: Descriptors the service holds besides connections: database files, pipes, the reactor, the API client.
@@ -347,10 +347,17 @@ class Service:
         log.warning("console demo account: log in at %s as %r with the password in %s (mode 0600); add your own "
                     "with 'hl7bridge user add'", self.console_url(), DEMO_USER, target)  # fmt: skip
 
-    def _status_json(self, health: HealthState) -> dict[str, Any]:
-        """``/status``'s JSON, read on the reactor (the facts are the reactor's), from whichever thread asks."""
+    def _status_json(self, health: HealthState, fresh: LogFacts | None = None) -> dict[str, Any]:
+        """``/status``'s JSON for the console and the JSON API (their worker threads): the log's facts read now in
+        the asking thread, then judged on the reactor, whose the other facts are."""
         if not isInIOThread():
-            return threads.blockingCallFromThread(self.reactor, self._status_json, health)
+            try:
+                fresh = self._probes.read_now() if self._probes is not None else None
+            except Exception:  # noqa: BLE001 - the timer's last read, and its error, are judged instead
+                fresh = None
+            return threads.blockingCallFromThread(self.reactor, self._status_json, health, fresh)
+        if fresh is not None and self._probes is not None:
+            self._probes.record(fresh)
         return assess(health.facts(time.time())).to_json()
 
     def _start_search_index(self) -> None:

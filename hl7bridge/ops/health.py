@@ -136,7 +136,7 @@ class Probes:
         now = time.time()
         self.writer.submit_job(store.Job(lambda conn: store.heartbeat(conn, now), self._written))
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._read_outbox)
-        d.addCallbacks(self._outbox, self._outbox_failed)
+        d.addCallbacks(self.record, self._outbox_failed)
 
     def _written(self, _result: Any, error: BaseException | None) -> None:
         # Called in the writer thread: plain attribute writes are safe for the readers.
@@ -151,7 +151,14 @@ class Probes:
     def _read_outbox(self) -> LogFacts:
         return log_facts(self.engine)
 
-    def _outbox(self, result: LogFacts) -> None:
+    def read_now(self) -> LogFacts:
+        """The log's facts read in the calling thread (never the reactor's), for a status asked for by a person:
+        the timer's last read is up to ``heartbeat_interval`` old, and a console page showed "ok" beside its own
+        fresh count of open dead letters. ``record`` then makes them the state's, on the reactor."""
+        return self._read_outbox()
+
+    def record(self, result: LogFacts) -> None:
+        """The facts of a read (the timer's or ``read_now``'s) become the state's and the gauges'."""
         self.state.log = result
         self.state.outbox_read_error = None
         self.metrics.outbox_depth.set(result.outbox_depth)
