@@ -41,7 +41,7 @@ from hl7bridge.workflow.dashboard import dashboard
 from hl7bridge.workflow.status import LogFacts
 
 from .conftest import RunningSandbox, RunningService, free_port, segments, start_sandbox, start_service, wait_until
-from .dispatch_support import SANDBOX_TOML, TOKEN, future, query, service_toml, settled, siu
+from .dispatch_support import SANDBOX_TOML, TOKEN, ack, future, query, service_toml, settled, siu
 from .test_dispatch_process import alive, children
 
 #: The shortest lease the configuration takes: takeovers in the tests come within seconds.
@@ -390,3 +390,40 @@ def test_an_instance_is_a_standby_only_while_another_leads() -> None:
     assert LogFacts(instances=(row,)).role(row) == "no leader yet"
     assert LogFacts(instances=(row,), leader="i-2").role(row) == "standby"
     assert LogFacts(instances=(row,), leader="i-1").role(row) == "leader"
+
+
+def test_dispatch_now_on_a_standby_reaches_the_leader_and_status_shows_its_lease(
+    tmp_path: Path, postgres_url: str, sandbox: RunningSandbox
+) -> None:
+    """The leader holds after an API outage (its probe minutes away); 'dispatch now' run on the standby's machine
+    reaches it through the log (a NOTIFY on the channel it LISTENs on): it probes at once, and the line names it.
+    Status shows the leader's lease and how long ago it was renewed."""
+    slow = "retry_initial = 300\nretry_max = 600\nauth_probe_interval = 300"
+    pair = Pair(tmp_path, postgres_url, sandbox, dispatch_extra=slow)
+    appointments = [f"A-NOWX-{n}" for n in range(3)]
+    try:
+        sandbox.faults(outage={"mode": "503", "seconds": 600})
+        for n, appointment in enumerate(appointments):  # one failed call each: the third makes the leader hold
+            assert ack(pair.b, siu("S12", f"NOWX-{n}", appointment, future()))[1] == "AA"
+            wait_until(lambda n=n: query(pair.b, "SELECT a.id FROM attempts a JOIN commands c ON c.id = a.command_id "
+                                         "JOIN messages m ON m.id = c.message_id WHERE m.control_id = ?", f"NOWX-{n}"),
+                       timeout=30, message="the booking to meet the outage")  # fmt: skip
+        wait_until(lambda: pair.status("a")["dispatch"]["held"], timeout=30, message="the leader to hold")
+        sandbox.faults(outage={"mode": "503", "seconds": 0})
+        time.sleep(1.0)
+        assert not any(sandbox.instances(appointmentId=a) for a in appointments), "sent before 'dispatch now'"
+
+        done = pair.b.cli("dispatch", "now", "--database", pair.url, "--config", str(pair.b.config), "--by", "ana")
+        assert "3 waiting command(s) made due; the dispatcher of instance node-a dispatches now" in done.stdout
+        for n in range(len(appointments)):
+            assert settled(pair.a, f"NOWX-{n}", timeout=10)[0]["status"] == "done"
+        journeys_once(sandbox, appointments)
+
+        leases = {i["name"]: i["lease"] for i in pair.status("b")["instances"]}
+        assert leases["node-b"] is None and leases["node-a"]["seconds"] == LEASE
+        assert 0 <= leases["node-a"]["renewed_age_s"] < LEASE
+        shown = pair.b.cli("status", "--config", str(pair.b.config), check=False).stdout
+        assert re.search(rf"instance node-a \(.*\): leader \(lease {LEASE} s, renewed \d+\.\d s ago\)", shown), shown
+    finally:
+        sandbox.faults(outage={"mode": "503", "seconds": 0})
+        pair.stop()

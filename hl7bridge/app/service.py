@@ -28,6 +28,7 @@ from hl7bridge.core.status import Role
 from hl7bridge.dispatch.child import ChildSpec, FixedToken
 from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import JourneysClient, TokenSource, plain_http_outside_loopback
+from hl7bridge.dispatch.leader import Leadership
 from hl7bridge.dispatch.process import DispatcherProcess
 from hl7bridge.hl7 import tables
 from hl7bridge.hl7.ack import AckBuilder
@@ -613,6 +614,7 @@ class Service:
         if postgres and dispatch.run_in == "thread":
             log.warning('dispatch.run_in = "thread" is not for a shared PostgreSQL log: only the elected dispatcher '
                         "process may send; it runs in a process")  # fmt: skip
+        instance = self.instance.id if self.instance is not None else ""
         if (dispatch.run_in == "process" or postgres) and _shareable(service.database):
             spec = ChildSpec(
                 database=service.database,
@@ -622,13 +624,16 @@ class Service:
                 log_format=service.log_format,
                 log_phi=service.log_phi,
                 token=tokens.token if isinstance(tokens, FixedToken) else "",
-                instance=self.instance.id if self.instance is not None else "",
+                instance=instance,
                 lease=service.dispatch_lease,
             )
             self.dispatcher = DispatcherProcess(self.reactor, spec, self.metrics, self.writer)
         else:
             client = JourneysClient(api, tokens)
-            self.dispatcher = Dispatcher(self.engine, self.writer, client, dispatch, observer=self.metrics)
+            # Elected as the process is (the file's lock): a second service on this log stands by, never doubles.
+            leadership = Leadership(service.database, instance, service.dispatch_lease)
+            self.dispatcher = Dispatcher(self.engine, self.writer, client, dispatch, observer=self.metrics,
+                                         leadership=leadership)  # fmt: skip
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
         started = time.time()

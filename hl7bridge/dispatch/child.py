@@ -131,10 +131,8 @@ class ServiceWrites:
     """The dispatcher's ``JobSink`` here: each write goes to the service as a numbered ``write`` event, and
     its job is done when the service answers ``d N`` (committed) or ``e N TEXT`` (failed)."""
 
-    def __init__(self, events: EventPipe, epoch: int | None = None) -> None:
+    def __init__(self, events: EventPipe) -> None:
         self.events = events
-        #: The leadership epoch every write carries (fencing: the service's writer refuses a stale one).
-        self.epoch = epoch
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self._pending: dict[int, Job] = {}
@@ -145,7 +143,7 @@ class ServiceWrites:
         number = next(self._numbers)
         with self._lock:
             self._pending[number] = job
-        self.events.send({pipe.WRITE: number, **job.work.to_json(), "epoch": self.epoch})
+        self.events.send({pipe.WRITE: number, **job.work.to_json()})
 
     def answered(self, order: pipe.Order) -> None:
         """The service committed write N (``COMMITTED``), or could not (``FAILED``, with its reason)."""
@@ -167,18 +165,17 @@ class Child:
         self.events = events
         self.leadership = leadership
         self.engine = open_engine(spec.database, read_only=True)
-        self.writes = ServiceWrites(events, leadership.epoch)
+        self.writes = ServiceWrites(events)
         tokens = FixedToken(spec.token) if spec.token else spec.api.tokens()
         client = JourneysClient(spec.api, tokens)
         self.dispatcher = Dispatcher(self.engine, self.writes, client, DispatchSettings(**spec.settings),
-                                     observer=events, may_send=leadership.fresh)  # fmt: skip
+                                     observer=events, leadership=leadership)  # fmt: skip
         self._told: pipe.DispatchState | None = None
 
     def run(self, stdin: int, waiting: Standby | None = None) -> int:
         """Read the parent's lines until a stop has finished. The stop runs in a thread of its own: the calls
         it waits for need this loop to read their writes' answers. ``waiting``: what was read while a standby."""
         self.dispatcher.start()
-        self.leadership.keep(self.dispatcher.wake)
         self.events.send({pipe.READY: True})
         lines = waiting.lines if waiting is not None else LineBuffer(pipe.MAX_LINE)
         for order in waiting.kept if waiting is not None else ():

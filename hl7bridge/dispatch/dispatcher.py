@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from hl7bridge.dispatch.leader import Leadership
 from hl7bridge.dispatch.pipe import DispatchState
 from hl7bridge.dispatch.rules import DispatchRules, LogUnwritable
 from hl7bridge.store import CommandUpdate
@@ -21,6 +22,15 @@ log = logging.getLogger("hl7bridge.dispatcher")
 
 class Dispatcher(DispatchRules):
     """``DispatchRules`` run by threads: a loop that ticks and a small pool for the API calls."""
+
+    def __init__(self, *args: Any, leadership: Leadership | None = None, **kwargs: Any) -> None:
+        """``leadership``: the log's election (``dispatch.leader``). The loop first waits to lead (a standby
+        meanwhile, sending nothing), then starts calls only while the lease is fresh, and every write carries its
+        epoch; the process (``dispatch.child``) and the service's own thread (``run_in = "thread"``) alike."""
+        self.leadership = leadership
+        if leadership is not None:
+            kwargs["may_send"] = leadership.fresh
+        super().__init__(*args, **kwargs)
 
     def _prepare(self) -> None:
         self._wake = threading.Event()
@@ -50,6 +60,8 @@ class Dispatcher(DispatchRules):
         self._wake.set()
         self._thread.join(deadline)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.leadership is not None:
+            self.leadership.release()
 
     @property
     def alive(self) -> bool:
@@ -75,7 +87,19 @@ class Dispatcher(DispatchRules):
             self._waiters.pop(command_id, None)
 
     # -- the loop --------------------------------------------------------------------------------
+    def _lead(self) -> bool:
+        """Wait until this dispatcher leads the log (False: stopped first); then renew the lease meanwhile."""
+        if self.leadership is None:
+            return True
+        if not self.leadership.acquire(self._stopping.is_set):
+            return False
+        self.epoch = self.leadership.epoch
+        self.leadership.keep(self.wake, self.dispatch_now)
+        return True
+
     def _loop(self) -> None:
+        if not self._lead():
+            return
         last = -self.settings.tick_gap
         while not self._stopping.is_set():
             # Wakes come with every committed command and every finished call; ticking on each one made

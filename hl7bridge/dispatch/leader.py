@@ -20,7 +20,14 @@ from typing import Any
 from sqlalchemy import make_url
 
 from hl7bridge.store import open_engine, try_dispatch_lock
-from hl7bridge.store.cluster import claim_leadership, current_leader, end_session, listen_outbox, renew_leadership
+from hl7bridge.store.cluster import (
+    DISPATCH_NOW,
+    claim_leadership,
+    current_leader,
+    end_session,
+    listen_outbox,
+    renew_leadership,
+)
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
@@ -54,7 +61,9 @@ class Leadership:
 
     def acquire(self, should_stop: Callable[[], bool]) -> bool:
         """Block until this process leads (True), or until ``should_stop`` says so (False: the service stops or is
-        gone). True at once for an in-memory log (nothing to share, nothing to fence)."""
+        gone). True at once for an in-memory log (nothing to share, nothing to fence), and once this one leads."""
+        if self.epoch is not None:
+            return True
         url = make_url(self.database)
         if self._postgres:
             self._conn = open_engine(self.database, create=False).connect()
@@ -76,6 +85,14 @@ class Leadership:
             waited += 1
         self._claim()
         return True
+
+    def release(self) -> None:
+        """Free a SQLite file's lock as the dispatcher stops, for a dispatcher started next in this process (the
+        service's own thread, ``run_in = "thread"``). A PostgreSQL lock goes with its process, whose lease thread
+        still uses the session until it exits."""
+        if self._fd is not None:
+            fd, self._fd, self.epoch = self._fd, None, None
+            os.close(fd)
 
     def _flock(self) -> bool:
         assert self._fd is not None
@@ -115,20 +132,25 @@ class Leadership:
         over (always, on SQLite: nobody can)."""
         return not self._postgres or time.monotonic() - self._renewed < self.lease * (1 - SEND_MARGIN)
 
-    def keep(self, wake: Callable[[], None]) -> None:
-        """Renew the lease and pass the writers' notifications on as wakes, in a thread, until deposed."""
+    def keep(self, wake: Callable[[], None], now: Callable[[], None]) -> None:
+        """Renew the lease, in a thread, until deposed; pass the writers' notifications on as ``wake``, and
+        ``hl7bridge dispatch now`` run against any instance of the log as ``now``."""
         if self._postgres:
-            threading.Thread(target=self._keep, args=(wake,), name="hl7bridge-leader", daemon=True).start()
+            threading.Thread(target=self._keep, args=(wake, now), name="hl7bridge-leader", daemon=True).start()
 
-    def _keep(self, wake: Callable[[], None]) -> None:
+    def _keep(self, wake: Callable[[], None], now: Callable[[], None]) -> None:
         driver = self._conn.connection.driver_connection
         silent = False
         try:
             while True:
                 next_renewal = time.monotonic() + RENEW_EVERY
                 while (left := next_renewal - time.monotonic()) > 0:
-                    for _ in driver.notifies(timeout=left, stop_after=1):
-                        wake()
+                    for note in driver.notifies(timeout=left, stop_after=1):
+                        if note.payload == DISPATCH_NOW:
+                            log.info("dispatch now (asked on another instance, or this one)")
+                            now()
+                        else:
+                            wake()
                 if time.monotonic() - self.parent_seen > self.lease / 2:
                     # A stopped or hung service answers none of this process's writes: let the lease lapse, so
                     # that a standby takes over, rather than hold the log's dispatching with it.

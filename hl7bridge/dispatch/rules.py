@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
@@ -163,6 +163,8 @@ class DispatchRules:
         self.engine = engine
         #: Whether an API call may start now (the elected dispatcher's lease is fresh).
         self.may_send = may_send
+        #: The leadership epoch (``dispatch.leader``) every write carries, so a deposed dispatcher's are refused.
+        self.epoch: int | None = None
         self.writer = writer
         self.client = client
         self.settings = settings
@@ -573,7 +575,7 @@ class DispatchRules:
             done.release()
 
         for write in writes:
-            self.writer.submit_job(Job(write, finished))
+            self.writer.submit_job(Job(replace(write, epoch=self.epoch), finished))
         for _ in writes:
             done.acquire()
         if failure:

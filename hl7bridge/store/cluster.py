@@ -18,6 +18,9 @@ from hl7bridge.store.schema import DISPATCH_LOCK_KEY, StoreError, commands, disp
 
 #: The channel the writer notifies when a group created commands (PostgreSQL): the leader LISTENs on it.
 OUTBOX_CHANNEL = "hl7bridge_outbox"
+#: The payload on ``OUTBOX_CHANNEL`` of ``hl7bridge dispatch now``: the leader ends its hold and pause, not only
+#: waits for its next pass (an empty payload: commands were committed).
+DISPATCH_NOW = "now"
 #: The leader's row is the only one (``id`` 1).
 _ROW = 1
 #: Instances whose heartbeat is older than this many seconds are removed.
@@ -172,6 +175,20 @@ def notify_outbox(conn: Any) -> None:
     """Wake the leader, wherever it runs (PostgreSQL delivers it on commit, once per transaction and payload)."""
     if conn.dialect.name == "postgresql":
         conn.execute(select(func.pg_notify(OUTBOX_CHANNEL, "")))
+
+
+def notify_dispatch_now(conn: Any) -> None:
+    """Ask the leader, wherever it runs, to dispatch now (PostgreSQL: delivered on commit; on SQLite the one
+    instance's service is signalled instead)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_notify(OUTBOX_CHANNEL, DISPATCH_NOW)))
+
+
+def leader_name(conn: Any) -> str | None:
+    """The leading instance's name (None: no dispatcher leads yet, or its instance's row is gone)."""
+    return conn.execute(
+        select(instances.c.name).join(dispatch_leader, dispatch_leader.c.instance == instances.c.id)
+    ).scalar()
 
 
 def listen_outbox(conn: Any) -> None:
