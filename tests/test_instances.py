@@ -427,3 +427,56 @@ def test_dispatch_now_on_a_standby_reaches_the_leader_and_status_shows_its_lease
     finally:
         sandbox.faults(outage={"mode": "503", "seconds": 0})
         pair.stop()
+
+
+def _no_routes(workdir: Path) -> str:
+    """A service without routes (so without a dispatcher) that purges daily."""
+    workdir.mkdir()
+    return (f'[service]\nretention_days = 1\ninstance_name = "node-{workdir.name}"\n'
+            f'pid_file = "{workdir / "hl7bridge.pid"}"\n\n[listeners.main]\ntime_zone = "America/Chicago"\n')  # fmt: skip
+
+
+def test_without_routes_one_instance_runs_the_retention_pass(tmp_path: Path, database_url: str) -> None:
+    """No routes, so no dispatcher elects a leader: the retention pass is elected alone (the housekeeping lock, and
+    the pass recorded in the log), so of two instances only one purges that day."""
+    services = []
+    try:
+        for name in ("a", "b"):
+            services.append(start_service(tmp_path / name, _no_routes(tmp_path / name), log_url=database_url))
+            wait_until(lambda: query(services[0], "SELECT value FROM meta WHERE key = 'retention_passed_at'"),
+                       message="the first pass")  # fmt: skip
+        time.sleep(2.0)  # the second instance's first look is behind it
+    finally:
+        outputs = [service.stop() for service in services]
+    assert sorted("retention: cleared" in output for output in outputs) == [False, True], outputs
+
+
+def test_without_routes_no_pass_starts_while_another_holds_the_housekeeping_lock(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The housekeeping lock held elsewhere (another instance's pass under way): this instance skips its pass."""
+    import fcntl
+
+    import psycopg
+    from sqlalchemy import make_url
+
+    from hl7bridge.store.cluster import HOUSEKEEPING_LOCK_KEY
+
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        Path(url.database).parent.mkdir(parents=True)
+        Path(url.database).touch()
+        holder = open(url.database, "rb")
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    else:
+        holder = psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database)
+        assert holder.execute("SELECT pg_try_advisory_lock(%s)", (HOUSEKEEPING_LOCK_KEY,)).fetchone() == (True,)
+        holder.commit()
+    service = None
+    try:
+        service = start_service(tmp_path / "a", _no_routes(tmp_path / "a"), log_url=database_url)
+        time.sleep(2.0)  # its first look at start is behind it
+    finally:
+        output = service.stop() if service is not None else ""
+        holder.close()
+    assert "listening" in output and "retention: cleared" not in output, output

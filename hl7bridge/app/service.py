@@ -53,6 +53,7 @@ from hl7bridge.store import (
     open_engine,
     purge_step,
 )
+from hl7bridge.store.cluster import record_retention_pass
 from hl7bridge.store.configs import register_config, set_reload_refused, set_running_config
 from hl7bridge.store.search import newest_id
 from hl7bridge.testing.sandbox import Sandbox, write_secret
@@ -74,8 +75,9 @@ CONFIG_LOCK_RETRY = 0.25
 #: The ``--sandbox`` demo's console account, and the file beside the control token holding its password.
 DEMO_USER = "demo"
 DEMO_PASSWORD_FILE = "console-demo.password"
-#: Seconds between an instance's looks at whether it leads and a retention pass is due.
+#: Seconds between an instance's looks at whether it leads and a retention pass is due, and between passes.
 RETENTION_LOOK = 60.0
+RETENTION_EVERY = 86400.0
 #: Descriptors short for this long is a leak, not a burst: the watchdog then lets systemd restart.
 FD_RESTART_AFTER = 120.0
 
@@ -392,8 +394,9 @@ class Service:
         self._loops.append(loop)
 
     def _start_retention(self) -> None:
-        """A daily pass, on the leading instance only: every instance looks every ``RETENTION_LOOK`` s, so that
-        after a takeover the new leader's instance takes the passes over."""
+        """A daily pass on one instance of the log (``Instance.housekeeping_turn``: the leading one, or where no
+        dispatcher runs, the one holding the housekeeping lock): every instance looks every ``RETENTION_LOOK`` s, so
+        that after a takeover or a death another takes the passes over."""
         if not self.config.service.retention_days:
             return
         loop = task.LoopingCall(self._retention_due)
@@ -403,16 +406,21 @@ class Service:
 
     @defer.inlineCallbacks
     def _retention_due(self):
-        if self.instance is None or time.time() - self._purged_at < 86400.0:
+        if self.instance is None or self.writer is None or time.time() - self._purged_at < RETENTION_EVERY:
             return
         try:
-            leads = yield self.instance.leads()
+            release = yield self.instance.housekeeping_turn(self.dispatcher is not None, RETENTION_EVERY)
         except Exception as exc:  # noqa: BLE001 - tried again at the next look
-            log.warning("retention: cannot read which instance leads: %s", exc.__class__.__name__)
+            log.warning("retention: cannot tell which instance passes: %s", exc.__class__.__name__)
             return
-        if leads and time.time() - self._purged_at >= 86400.0:
-            self._purged_at = time.time()
+        if release is None:
+            return
+        self._purged_at = at = time.time()
+        try:
+            self.writer.submit_job(Job(lambda conn: record_retention_pass(conn, at), _retention_recorded))
             yield self.purge_now(self.config.service.retention_days * 86400.0)
+        finally:
+            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), release)
 
     def _last_message(self) -> float | None:
         return max(self.metrics.last_message_at.values(), default=None)
@@ -681,6 +689,12 @@ def why_not_bound(exc: BaseException, setting: str) -> str:
 def _reload_recorded(_result: object, error: BaseException | None) -> None:
     if error is not None:
         log.error("cannot record the refused reload in the log: %s", error)
+
+
+def _retention_recorded(_result: object, error: BaseException | None) -> None:
+    if error is not None:
+        log.error("retention: cannot record the pass in the log (another instance may pass today too): %s",
+                  error.__class__.__name__)  # fmt: skip
 
 
 def _target_recorded(_result: object, error: BaseException | None) -> None:

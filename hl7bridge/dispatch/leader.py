@@ -41,6 +41,16 @@ TRY_EVERY = 0.1
 LOOK_EVERY = 0.5
 
 
+def try_flock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on an open file if it is free: a SQLite log's elections (the file's lock is
+    held until that descriptor closes, so with its process at the latest)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 class Leadership:
     """Wait to lead (``acquire``), then keep leading (``keep``) until deposed: then the process exits, and the
     service starts a new one, which waits as a standby."""
@@ -96,11 +106,7 @@ class Leadership:
 
     def _flock(self) -> bool:
         assert self._fd is not None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
+        return try_flock(self._fd)
 
     def _end_stuck_leader(self) -> None:
         """A leader that has not renewed for its whole lease (stopped, hung, cut off) still holds the lock through

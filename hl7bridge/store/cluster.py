@@ -14,13 +14,25 @@ from sqlalchemy.dialects.postgresql import OID
 from sqlalchemy.exc import OperationalError
 
 from hl7bridge.core.status import CommandStatus
-from hl7bridge.store.schema import DISPATCH_LOCK_KEY, StoreError, commands, dispatch_leader, instances
+from hl7bridge.store.schema import (
+    DISPATCH_LOCK_KEY,
+    StoreError,
+    commands,
+    dispatch_leader,
+    get_meta,
+    instances,
+    set_meta,
+)
 
 #: The channel the writer notifies when a group created commands (PostgreSQL): the leader LISTENs on it.
 OUTBOX_CHANNEL = "hl7bridge_outbox"
 #: The payload on ``OUTBOX_CHANNEL`` of ``hl7bridge dispatch now``: the leader ends its hold and pause, not only
 #: waits for its next pass (an empty payload: commands were committed).
 DISPATCH_NOW = "now"
+#: The session lock a housekeeping pass holds on PostgreSQL where no dispatcher elects one (a log without routes).
+HOUSEKEEPING_LOCK_KEY = DISPATCH_LOCK_KEY + 1
+#: ``meta`` key: when the last retention pass on the log started (epoch seconds), whichever instance ran it.
+RETENTION_PASSED_KEY = "retention_passed_at"
 #: The leader's row is the only one (``id`` 1).
 _ROW = 1
 #: Instances whose heartbeat is older than this many seconds are removed.
@@ -231,3 +243,24 @@ def in_flight(conn: Any) -> int:
 
 def forget_instance(conn: Any, instance_id: str) -> None:
     conn.execute(instances.delete().where(instances.c.id == instance_id))
+
+
+def try_housekeeping_lock(conn: Any) -> bool:
+    """Take the housekeeping session lock on a PostgreSQL log if it is free (then commit, as the dispatcher's)."""
+    taken = bool(conn.execute(select(func.pg_try_advisory_lock(HOUSEKEEPING_LOCK_KEY))).scalar())
+    conn.commit()
+    return taken
+
+
+def release_housekeeping_lock(conn: Any) -> None:
+    conn.execute(select(func.pg_advisory_unlock(HOUSEKEEPING_LOCK_KEY)))
+    conn.commit()
+
+
+def retention_passed_at(conn: Any) -> float | None:
+    value = get_meta(conn, RETENTION_PASSED_KEY)
+    return float(value) if value else None
+
+
+def record_retention_pass(conn: Any, at: float) -> None:
+    set_meta(conn, RETENTION_PASSED_KEY, repr(at))
