@@ -94,7 +94,7 @@ class Dispatcher(DispatchRules):
         if not self.leadership.acquire(self._stopping.is_set):
             return False
         self.epoch = self.leadership.epoch
-        self.leadership.keep(self.wake, self.dispatch_now)
+        self.leadership.keep(self.wake)
         return True
 
     def _loop(self) -> None:

@@ -20,14 +20,7 @@ from typing import Any
 from sqlalchemy import make_url
 
 from hl7bridge.store import open_engine, try_dispatch_lock
-from hl7bridge.store.cluster import (
-    DISPATCH_NOW,
-    claim_leadership,
-    current_leader,
-    end_session,
-    listen_outbox,
-    renew_leadership,
-)
+from hl7bridge.store.cluster import claim_leadership, current_leader, end_session, listen_outbox, renew_leadership
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
@@ -138,25 +131,20 @@ class Leadership:
         over (always, on SQLite: nobody can)."""
         return not self._postgres or time.monotonic() - self._renewed < self.lease * (1 - SEND_MARGIN)
 
-    def keep(self, wake: Callable[[], None], now: Callable[[], None]) -> None:
-        """Renew the lease, in a thread, until deposed; pass the writers' notifications on as ``wake``, and
-        ``hl7bridge dispatch now`` run against any instance of the log as ``now``."""
+    def keep(self, wake: Callable[[], None]) -> None:
+        """Renew the lease and pass the writers' notifications on as wakes, in a thread, until deposed."""
         if self._postgres:
-            threading.Thread(target=self._keep, args=(wake, now), name="hl7bridge-leader", daemon=True).start()
+            threading.Thread(target=self._keep, args=(wake,), name="hl7bridge-leader", daemon=True).start()
 
-    def _keep(self, wake: Callable[[], None], now: Callable[[], None]) -> None:
+    def _keep(self, wake: Callable[[], None]) -> None:
         driver = self._conn.connection.driver_connection
         silent = False
         try:
             while True:
                 next_renewal = time.monotonic() + RENEW_EVERY
                 while (left := next_renewal - time.monotonic()) > 0:
-                    for note in driver.notifies(timeout=left, stop_after=1):
-                        if note.payload == DISPATCH_NOW:
-                            log.info("dispatch now (asked on another instance, or this one)")
-                            now()
-                        else:
-                            wake()
+                    for _ in driver.notifies(timeout=left, stop_after=1):
+                        wake()
                 if time.monotonic() - self.parent_seen > self.lease / 2:
                     # A stopped or hung service answers none of this process's writes: let the lease lapse, so
                     # that a standby takes over, rather than hold the log's dispatching with it.

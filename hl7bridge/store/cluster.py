@@ -26,9 +26,9 @@ from hl7bridge.store.schema import (
 
 #: The channel the writer notifies when a group created commands (PostgreSQL): the leader LISTENs on it.
 OUTBOX_CHANNEL = "hl7bridge_outbox"
-#: The payload on ``OUTBOX_CHANNEL`` of ``hl7bridge dispatch now``: the leader ends its hold and pause, not only
-#: waits for its next pass (an empty payload: commands were committed).
-DISPATCH_NOW = "now"
+#: ``meta`` key: when ``hl7bridge dispatch now`` was last asked (epoch seconds), on any instance: a holding or
+#: paused leader, wherever it runs, reads it at its next poll and probes at once.
+DISPATCH_NOW_KEY = "dispatch_now_at"
 #: The session lock a housekeeping pass holds on PostgreSQL where no dispatcher elects one (a log without routes).
 HOUSEKEEPING_LOCK_KEY = DISPATCH_LOCK_KEY + 1
 #: ``meta`` key: when the last retention pass on the log started (epoch seconds), whichever instance ran it.
@@ -189,11 +189,17 @@ def notify_outbox(conn: Any) -> None:
         conn.execute(select(func.pg_notify(OUTBOX_CHANNEL, "")))
 
 
-def notify_dispatch_now(conn: Any) -> None:
-    """Ask the leader, wherever it runs, to dispatch now (PostgreSQL: delivered on commit; on SQLite the one
-    instance's service is signalled instead)."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(select(func.pg_notify(OUTBOX_CHANNEL, DISPATCH_NOW)))
+def ask_dispatch_now(conn: Any, at: float) -> None:
+    """Ask the leader, wherever it runs, to dispatch now: the marker it reads, and a wake (PostgreSQL's NOTIFY,
+    delivered on commit; on SQLite its next poll)."""
+    set_meta(conn, DISPATCH_NOW_KEY, repr(at))
+    notify_outbox(conn)
+
+
+def dispatch_now_asked(conn: Any) -> float:
+    """When ``dispatch now`` was last asked (0: never)."""
+    value = get_meta(conn, DISPATCH_NOW_KEY)
+    return float(value) if value else 0.0
 
 
 def leader_name(conn: Any) -> str | None:
