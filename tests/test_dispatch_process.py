@@ -43,10 +43,14 @@ def alive(pid: int) -> bool:
 
 
 def start(
-    workdir: Path, sandbox: RunningSandbox, dispatch_extra: str = "", log_url: str | None = None
+    workdir: Path,
+    sandbox: RunningSandbox,
+    dispatch_extra: str = "",
+    log_url: str | None = None,
+    listener_extra: str = "",
 ) -> tuple[RunningService, int]:
     health = free_port()
-    config = service_toml(sandbox.url, dispatch_extra=dispatch_extra)
+    config = service_toml(sandbox.url, dispatch_extra=dispatch_extra, listener_extra=listener_extra)
     config += f'\n[health]\nlisten = "tcp:{health}:interface=127.0.0.1"\n'
     return start_service(workdir, config, env=TOKEN, log_url=log_url), health
 
@@ -161,7 +165,8 @@ def test_run_in_thread_leads_the_log_and_a_second_service_on_it_stands_by(
 ) -> None:
     """The service's own dispatcher thread is elected as the process is (the SQLite file's lock): status names it
     the leader; a second thread-mode service on the same file stands by and sends nothing (each trigger reaches
-    the API once, whichever service took the message in), and leads once the first stops."""
+    the API once, whichever service took the message in) while it answers its senders' dispatched verdicts from the
+    log (AA, not the timeout's AE), and leads once the first stops."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     thread = 'run_in = "thread"'
@@ -176,7 +181,8 @@ def test_run_in_thread_leads_the_log_and_a_second_service_on_it_stands_by(
 
     try:
         wait_until(lambda: status(health_first)["dispatch"]["role"] == "leader", message="the thread to lead")
-        second, health_second = start(tmp_path / "b", sandbox, dispatch_extra=thread, log_url=first.url)
+        second, health_second = start(tmp_path / "b", sandbox, dispatch_extra=thread, log_url=first.url,
+                                      listener_extra='ack_mode = "dispatched"\ndispatch_timeout = 8')  # fmt: skip
         wait_until(lambda: status(health_second)["dispatch"]["role"] == "standby", message="the second to stand by")
         roles = {i["pid"]: i["role"] for i in status(health_second)["instances"]}
         assert roles == {first.process.pid: "leader", second.process.pid: "standby"}

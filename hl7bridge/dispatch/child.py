@@ -36,23 +36,20 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core import logs
 from hl7bridge.core.observer import NullObserver
-from hl7bridge.core.status import FINAL_STATUSES
 from hl7bridge.dispatch import pipe
-from hl7bridge.dispatch.dispatcher import Dispatcher
+from hl7bridge.dispatch.dispatcher import STANDBY_LOOK, Dispatcher
 from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
 from hl7bridge.dispatch.leader import Leadership
 from hl7bridge.dispatch.pipe import LineBuffer
 from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine
 from hl7bridge.store.cluster import StaleEpoch
-from hl7bridge.store.outbox import command_status
+from hl7bridge.store.outbox import final_updates
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
 #: How often the dispatch state (held, paused) is compared with what the parent was last told.
 STATE_POLL = 0.2
-#: Seconds between a standby's looks at the commands the service waits for.
-STANDBY_LOOK = 0.5
 #: Below the service: its answers wait for CPU less while this process catches up after an outage.
 NICE_INCREMENT = 10
 
@@ -219,10 +216,10 @@ class Child:
         """Answer when the command is final, including when it became final before the parent asked."""
         self.dispatcher.wait_for(command_id, self._final)
         with self.engine.connect() as conn:
-            found = command_status(conn, command_id)
-        if found is not None and found[0] in FINAL_STATUSES:
+            final = final_updates(conn, [command_id])
+        for update in final:
             self.dispatcher.forget(command_id)
-            self._final(CommandUpdate(command_id, *found))
+            self._final(update)
 
     def _final(self, update: CommandUpdate) -> None:
         self.events.send(_final_event(update))
@@ -281,16 +278,14 @@ class Standby:
             if self._engine is None:
                 self._engine = open_engine(self.database, read_only=True)
             with self._engine.connect() as conn:
-                found = {int(o.number): command_status(conn, int(o.number)) for o in self.kept}
+                final = final_updates(conn, [int(o.number) for o in self.kept])
         except Exception as exc:  # noqa: BLE001 - the log may be back at the next look
             log.warning("a standby cannot read the commands the service waits for: %s", exc.__class__.__name__)
             return
-        for command_id, status in found.items():
-            if status is not None and status[0] in FINAL_STATUSES:
-                self.events.send(_final_event(CommandUpdate(command_id, *status)))
-        self.kept = [
-            o for o in self.kept if (status := found[int(o.number)]) is None or status[0] not in FINAL_STATUSES
-        ]
+        for update in final:
+            self.events.send(_final_event(update))
+        answered = {u.command_id for u in final}
+        self.kept = [o for o in self.kept if int(o.number) not in answered]
 
 
 def _parent_gone() -> None:
