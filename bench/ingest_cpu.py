@@ -114,13 +114,24 @@ class Service:
 
 
 def _log_state(db: Path) -> tuple[int, int | None]:
-    """(newest message id, the search index's ``search_indexed_to``; None without one)."""
+    """(newest message id, how far the search index reaches; None without one): the index in the log (meta
+    ``search_indexed_to``, up to schema 9) or in its own file beside it (``<log>.search``, from schema 10)."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         top = con.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
         row = con.execute("SELECT value FROM meta WHERE key = 'search_indexed_to'").fetchone()
         has_index = con.execute("SELECT 1 FROM sqlite_master WHERE name = 'search_keys'").fetchone()
-        return top, (int(row[0]) if row else 0) if has_index else None
+    finally:
+        con.close()
+    if has_index:
+        return top, int(row[0]) if row else 0
+    index = Path(f"{db}.search")
+    if not index.exists():
+        return top, None
+    con = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key = 'indexed_to'").fetchone()
+        return top, int(row[0]) if row else 0
     finally:
         con.close()
 
@@ -182,13 +193,18 @@ def main() -> int:
             run = one_run(root, args.rate, args.seconds, fixtures)
             runs[str(root)].append(run)
             writer = {k: v for k, v in run["threads_cpu_s_per_10k"].items() if "hl7bridge-writ" in k}
-            print(f"round {n + 1} {root}: {run['cpu_s_per_10k']:.2f} CPU s/10k, writer {writer}, "
+            index = {k: v for k, v in run["threads_cpu_s_per_10k"].items() if "hl7bridge-inde" in k}
+            print(f"round {n + 1} {root}: {run['cpu_s_per_10k']:.2f} CPU s/10k, writer {writer}, index {index}, "
                   f"written {run['written_mb_per_10k']} MB/10k, p99 {run['p99_ms']} ms, catch-up {run['index_catch_up_s']} s", flush=True)  # fmt: skip
     summary = {
         root: {
             "cpu_s_per_10k_median": statistics.median(r["cpu_s_per_10k"] for r in rs),
             "writer_cpu_s_per_10k_median": statistics.median(
                 sum(v for k, v in r["threads_cpu_s_per_10k"].items() if "hl7bridge-writ" in k) for r in rs
+            ),
+            # The search index's own thread (from schema 10; 0 where the writer does the index's work).
+            "index_cpu_s_per_10k_median": statistics.median(
+                sum(v for k, v in r["threads_cpu_s_per_10k"].items() if "hl7bridge-inde" in k) for r in rs
             ),
             "written_mb_per_10k_median": statistics.median(r["written_mb_per_10k"] for r in rs),
             "p99_ms_median": statistics.median(r["p99_ms"] for r in rs),

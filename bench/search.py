@@ -4,12 +4,11 @@
     python bench/search.py --postgres --messages 200000     # on a throwaway PostgreSQL cluster (tests/pg.py)
     python bench/search.py --url postgresql+psycopg://user@host/db   # an empty PostgreSQL database, filled
 
-Fills a fresh SQLite log through the real schema (``open_engine``; the insert triggers fill the search index
-as they do for the service's writer) with messages of a realistic shape: 30 days, 40 senders, 150,000 patients
+Fills a fresh SQLite log through the real schema (``open_engine``) with messages of a realistic shape: 30 days, 40 senders, 150,000 patients
 with two PID-3 identifiers each, an appointment per patient and a half (booked, then modified, moved or
 cancelled), 2,000 family names, 2 % rejected and 1 % ignored. Rows go in with multi-row INSERTs, 5,000 per
 transaction (a bulk load, not the service's path; the search terms are computed as intake computes them, and
-``index_step`` indexes them as the service does, in batches). Then, for each filter, it runs ``workflow.search.search``
+``search_index.catch_up`` indexes them into the index file as the service's index thread does, in batches). Then, for each filter, it runs ``workflow.search.search``
 (a page of 50, newest first) for ``--queries`` random values, and the second page of each (``before`` the
 first page's last id), and reports p50/p95 in milliseconds. ``--database PATH`` reuses a log filled before.
 On PostgreSQL (``--url``, ``--postgres``) each batch is indexed as the writer indexes it there
@@ -32,8 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hl7bridge.store import index_step, messages, open_engine, search_terms
+from hl7bridge.store import messages, open_engine, search_terms
 from hl7bridge.store.schema import index_messages
+from hl7bridge.store.search_index import catch_up
 from hl7bridge.workflow.search import Filters, explain, search
 
 DAYS = 30
@@ -109,10 +109,8 @@ def fill(url: str, total: int, seed: int = 7) -> dict:
             index_messages(conn, list(conn.execute(insert, rows).scalars()), rows)
         if first and first % 100_000 == 0:
             print(f"  {first:,} messages ({time.monotonic() - began:.0f} s)", flush=True)
-    while True:
-        with engine.begin() as conn:
-            if not index_step(conn, 50_000):
-                break
+    if engine.dialect.name == "sqlite":
+        catch_up(engine, 50_000)
     with engine.begin() as conn:
         conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)" if engine.dialect.name == "sqlite" else "ANALYZE")
     return {"messages": total, "patients": patients, "fill_s": round(time.monotonic() - began, 1)}
@@ -174,21 +172,22 @@ def measure(url: str, total: int, queries: int) -> list[dict]:
     return out
 
 
-def ingest_cost(rounds: int, count: int, group: int = 20, batch: int | None = None, durable: bool = False) -> dict:
+def ingest_cost(rounds: int, count: int, group: int = 20, batch: int | None = None) -> dict:
     """What the search index adds to the ingest hot path, per message: the intake's Python work (``search_terms``),
-    the writer's CPU for the two extra columns, and the indexer's jobs (``index_step`` through the writer, ``batch``
-    messages a job, as the service runs them: ``SEARCH_INDEX_BATCH``, not ``durable``). The real ``Writer`` takes
+    the writer's CPU for the two extra columns, and the indexer's batches (``search_index.index_batch`` into the
+    log's index file, ``batch`` messages a batch, as the service's index thread runs them; here in the caller's
+    thread between groups, so the wall time includes them). The real ``Writer`` takes
     the real intake's rows of the SIU fixtures (unique control ids) in groups of ``group`` (20: as from 20
     connections; 1: one connection, a commit each), into a fresh log, with the terms and indexed, or without
     either, in alternating rounds. CPU (all threads) and wall time, both per message."""
     import threading
 
     from hl7bridge.app.config import load
-    from hl7bridge.app.service import SEARCH_INDEX_BATCH
     from hl7bridge.app.wiring import intake_for
-    from hl7bridge.store import Job, Writer, WriteRequest, index_step
+    from hl7bridge.store import Writer, WriteRequest
+    from hl7bridge.store.search_index import BATCH
 
-    batch = batch or SEARCH_INDEX_BATCH
+    batch = batch or BATCH
     config = load(None)
     intake = intake_for(config, config.listeners[0])
     fixtures = sorted((Path(__file__).resolve().parent.parent / "fixtures" / "siu").glob("*.hl7"))
@@ -223,9 +222,7 @@ def ingest_cost(rounds: int, count: int, group: int = 20, batch: int | None = No
                         done.acquire()
                     end = first + len(chunk)
                     if side == "with" and (end % batch < group or end == count):
-                        writer.submit_job(Job(lambda conn: index_step(conn, batch), lambda _r, _e, d=done: d.release(),
-                                              durable=durable))  # fmt: skip
-                        done.acquire()
+                        catch_up(engine, batch, once=True)
                 figures[side].append((time.process_time() - began) / count * 1e6)
                 walls[side].append((time.perf_counter() - wall) / count * 1e6)
                 writer.stop()
@@ -262,13 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, nargs="+", default=[20, 1], help="--ingest-cost: group sizes")
     parser.add_argument("--index-batch", type=int, default=None, metavar="N",
                         help="--ingest-cost: messages an index job (default: the service's)")  # fmt: skip
-    parser.add_argument("--durable-index", action="store_true",
-                        help="--ingest-cost: index jobs commit with fsync (as before the service relaxed them)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.ingest_cost:
         for group in args.groups:
             cost = ingest_cost(rounds=args.rounds, count=20_000 if group > 1 else 4_000, group=group,
-                               batch=args.index_batch, durable=args.durable_index)  # fmt: skip
+                               batch=args.index_batch)  # fmt: skip
             print(f"groups of {group}: writer and indexer CPU {cost['with']} us a message with the search index, "
                   f"{cost['without']} us without (+{cost['writer_added_us']} us CPU, +{cost['wall_added_us']} us wall), "
                   f"and {cost['intake_us']} us in intake (search_terms); medians of {len(cost['rounds']['with'])} "

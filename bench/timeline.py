@@ -4,7 +4,7 @@
 
 Fills a fresh log as ``bench/search.py`` does (30 days of realistic messages, the search index built), then adds a
 busy last hour: ``--busy`` more messages (180,000: 50 a second) with ACK codes AA/AE/AR, two listeners, and for
-each a done command with two API attempts (the timeline reads them), indexed and counted by ``index_step`` as the
+each a done command with two API attempts (the timeline reads them), indexed and counted by ``search_index.catch_up`` as the
 service does. Then it times ``workflow.dashboard.dashboard``
 (the last 60 minutes, the console's dashboard) and ``workflow.timeline.timeline`` for random messages, masked and
 unmasked (each unmask writes its audit entry first), and reports p50/p95 in milliseconds. ``--database PATH``
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from search import _pct, fill, log_location
 
-from hl7bridge.store import attempts, commands, index_step, messages, open_engine
+from hl7bridge.store import attempts, commands, messages, open_engine
+from hl7bridge.store.search_index import catch_up
 from hl7bridge.workflow.dashboard import dashboard
 from hl7bridge.workflow.timeline import Unmask, timeline
 
@@ -77,10 +78,7 @@ def busy_hour(url: str, count: int, seed: int = 5) -> float:
             conn.execute(messages.insert(), rows)
             conn.execute(commands.insert(), cmds)
             conn.execute(attempts.insert(), tries)
-    while True:  # the service's index job, caught up (it counts the dashboard's minutes too)
-        with engine.begin() as conn:
-            if not index_step(conn, 50_000):
-                break
+    catch_up(engine, 50_000)  # the service's indexer, caught up (it counts the dashboard's minutes too)
     with engine.begin() as conn:
         conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
     engine.dispose()

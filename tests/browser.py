@@ -2,7 +2,8 @@
 
 Under CI (``CI`` set) a missing browser fails the test, since ``.ci/run`` installs it; on a developer's
 machine it skips, saying which packages to install. ``screenshot`` saves the page shown to
-``docs/console/<name>.png`` at 1280×800 when ``HL7BRIDGE_SCREENSHOTS=1`` (the README shows those files).
+``docs/console/<name>.png`` at 1280×800 (or the whole page) when ``HL7BRIDGE_SCREENSHOTS=1`` (the README shows
+those files).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "docs" / "console"
 WIDTH, HEIGHT = 1280, 800
+#: The tallest whole-page screenshot.
+MAX_HEIGHT = 1600
 #: The flags of the shared design: no sandboxing (root in CI), no GPU, and nothing that calls out to the network.
 FLAGS = (
     "--headless",
@@ -61,19 +64,32 @@ def chromium(tmp_path: Path) -> Iterator[object]:
     driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
     driver.set_page_load_timeout(30)
     # The page itself is WIDTH×HEIGHT (a window's size includes its frame): the screenshots' size.
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+    _viewport(driver, HEIGHT)
     try:
         yield driver
     finally:
         driver.quit()
 
 
-def screenshot(driver: object, name: str) -> Path | None:
-    """Save what the browser shows as ``docs/console/<name>.png`` when ``HL7BRIDGE_SCREENSHOTS=1``."""
+def _viewport(driver: object, height: int) -> None:
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",  # type: ignore[attr-defined]
+                           {"width": WIDTH, "height": height, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+
+
+def screenshot(driver: object, name: str, *, whole_page: bool = False) -> Path | None:
+    """Save what the browser shows as ``docs/console/<name>.png`` when ``HL7BRIDGE_SCREENSHOTS=1``;
+    ``whole_page``: down to the page's end (at most ``MAX_HEIGHT``), for a page whose last part matters."""
     if os.environ.get("HL7BRIDGE_SCREENSHOTS") != "1":
         return None
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    driver.save_screenshot(str(path))  # type: ignore[attr-defined]
+    height = HEIGHT
+    if whole_page:
+        page = int(driver.execute_script("return document.documentElement.scrollHeight"))  # type: ignore[attr-defined]
+        height = min(max(page, HEIGHT), MAX_HEIGHT)
+    _viewport(driver, height)
+    try:
+        driver.save_screenshot(str(path))  # type: ignore[attr-defined]
+    finally:
+        _viewport(driver, HEIGHT)
     return path

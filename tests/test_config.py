@@ -161,7 +161,7 @@ def test_serve_port_in_use_and_unwritable_database(tmp_path: Path) -> None:
 
 
 def test_dispatch_lease_and_poll_are_checked_naming_the_key(tmp_path: Path) -> None:
-    assert (parse({}).service.dispatch_lease, parse({}).dispatch.poll_interval) == (10.0, 1.0)
+    assert (parse({}).service.dispatch_lease, parse({}).dispatch.poll_interval) == (4.0, 1.0)
     found = "\n".join(problems("[service]\ndispatch_lease = 1\ninstance_name = 3\n[dispatch]\npoll_interval = 0\n",
                                tmp_path))  # fmt: skip
     for needle in ("service.dispatch_lease: expected a number from 2.0 to 600.0, got 1", "service.instance_name: "

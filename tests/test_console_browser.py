@@ -112,6 +112,15 @@ def entries(console: Console, action: str) -> list[audit.AuditEntry]:
     return audit.entries(open_engine(console.service.url, create=False), action=action)
 
 
+def leading(console: Console, driver: WebDriver) -> list[dict] | None:
+    """The service's instances as its status shows them (with the browser's session), once its one instance leads."""
+    cookie = driver.get_cookie("hb_session")
+    assert cookie is not None
+    status = requests.get(console.url + "/api/v1/status", cookies={"hb_session": cookie["value"]}, timeout=10)
+    instances = status.json()["instances"]
+    return instances if [i["role"] for i in instances] == ["leader"] else None
+
+
 def test_an_operator_searches_unmasks_with_a_reason_discards_and_finds_it_audited(
     console: Console, chromium: WebDriver
 ) -> None:
@@ -184,10 +193,17 @@ def test_an_operator_searches_unmasks_with_a_reason_discards_and_finds_it_audite
     assert "discard" in audit_table and "duplicate booking" in audit_table
     screenshot(driver, "audit")
 
+    # The service reads the instances on its health probe's timer: wait until it has seen its dispatcher lead.
+    (instance,) = wait_until(lambda: leading(console, driver), timeout=30, message="the instance to show as leader")
     driver.get(console.url + "/")
     wait(driver, "#chart")
     assert driver.find_element(By.ID, "dead").text == "2"
-    screenshot(driver, "dashboard")
+    tables = driver.find_elements(By.ID, "instances")
+    assert tables, "the dashboard lists the instances on the log"
+    (row,) = tables[0].find_elements(By.CSS_SELECTOR, "tbody tr")
+    cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[0] == f"{instance['name']} this instance" and cells[2] == "leader", cells
+    screenshot(driver, "dashboard", whole_page=True)
 
     driver.find_element(By.ID, "logout").click()
     wait(driver, "#login")

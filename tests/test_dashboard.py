@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from hl7bridge.hl7.ack import Ack
-from hl7bridge.store import commands, index_step, messages, open_engine, record_ack
-from hl7bridge.store.schema import message_minutes
+from hl7bridge.store import commands, messages, open_engine, record_ack
 from hl7bridge.store.search import TAIL_MAX
+from hl7bridge.store.search_index import catch_up, index_path
 from hl7bridge.workflow.dashboard import dashboard
 
 from .conftest import fixture_bytes, start_service, unique_control, wait_until
@@ -53,8 +54,8 @@ def filled(tmp_path: Path):  # type: ignore[no-untyped-def]
         conn.execute(messages.insert(), rows)
         conn.execute(commands.insert(), [_command("pending", NOW - 120), _command("in_flight", NOW - 30),
                                          _command("dead", NOW - 500), _command("done", NOW - 900)])  # fmt: skip
-        # The service's index job has counted the older half by id; the rest is read directly.
-        assert index_step(conn, len(rows) // 2) == len(rows) // 2
+    # The service's indexer has counted the older half by id; the rest is read directly.
+    assert catch_up(engine, len(rows) // 2, once=True) == len(rows) // 2
     return engine, expected, rows
 
 
@@ -96,9 +97,7 @@ def test_a_shorter_window_and_bad_windows(filled) -> None:  # type: ignore[no-un
 def test_counts_follow_the_index_and_an_ack_decided_later(filled) -> None:  # type: ignore[no-untyped-def]
     engine, expected, _rows = filled
     before = dashboard(engine, now=NOW, minutes=60)
-    with engine.begin() as conn:
-        while index_step(conn, 7):
-            pass
+    catch_up(engine, 7)
     after = dashboard(engine, now=NOW, minutes=60)
     assert after.per_minute == before.per_minute and after.listeners == before.listeners
     # A dispatched message counted as AA gets its AE when the API refused it: it moves.
@@ -114,6 +113,9 @@ def test_counts_follow_the_index_and_an_ack_decided_later(filled) -> None:  # ty
     bucket["AA"] -= 1
     bucket["AE"] = bucket.get("AE", 0) + 1
     assert changed[(at // 60) * 60] == {k: v for k, v in sorted(bucket.items()) if v}
+    catch_up(engine)  # the indexer applies the change to its counts: the same picture, no longer read from the log
+    applied = {b["minute"]: b["counts"] for b in dashboard(engine, now=NOW, minutes=60).per_minute}
+    assert applied == changed
 
 
 def test_a_tail_past_the_bound_is_reported_not_counted(tmp_path: Path) -> None:
@@ -122,14 +124,13 @@ def test_a_tail_past_the_bound_is_reported_not_counted(tmp_path: Path) -> None:
         conn.execute(messages.insert(), [_message(NOW - 1, "AA") for _ in range(TAIL_MAX + 10)])
     shown = dashboard(engine, now=NOW, minutes=1)
     assert (shown.window_total, shown.uncounted, shown.messages_logged) == (TAIL_MAX, 10, TAIL_MAX + 10)
-    with engine.begin() as conn:
-        index_step(conn, 100_000)
+    catch_up(engine, 100_000)
     shown = dashboard(engine, now=NOW, minutes=1)
     assert (shown.window_total, shown.uncounted) == (TAIL_MAX + 10, 0)
 
 
 def test_the_running_service_counts_its_messages_into_the_dashboard(tmp_path: Path) -> None:
-    """The service's own index job (a batch a second) fills the counts the dashboard reads."""
+    """The service's own indexer (a thread, a batch a second) fills the counts the dashboard reads."""
     service = start_service(tmp_path)
     try:
         for control in ("D-1", "D-2"):
@@ -138,8 +139,11 @@ def test_the_running_service_counts_its_messages_into_the_dashboard(tmp_path: Pa
         engine = open_engine(service.url, create=False)
 
         def counted() -> int:
-            with engine.connect() as conn:
-                return conn.execute(select(func.sum(message_minutes.c.count))).scalar() or 0
+            path = index_path(engine)
+            if path is None or not path.exists():
+                return 0
+            with sqlite3.connect(path) as conn:
+                return conn.execute("SELECT sum(count) FROM message_minutes").fetchone()[0] or 0
 
         wait_until(lambda: counted() == 3, message="the index job counting all three")
         shown = dashboard(engine)
@@ -147,3 +151,14 @@ def test_the_running_service_counts_its_messages_into_the_dashboard(tmp_path: Pa
         service.stop()
     assert shown.uncounted == 0 and shown.window_counts == {"AA": 2, "AE": 1}
     assert [listener["name"] for listener in shown.listeners] == ["main"]
+
+
+def test_a_message_counts_in_the_minute_it_came_in(database_url: str) -> None:
+    """Late in a minute too (PostgreSQL rounds a cast to integer where SQLite truncates)."""
+    engine = open_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(messages.insert(), [_message(CURRENT - 0.5, "AR"), _message(CURRENT + 0.5, "AA"),
+                                         _message(CURRENT + 59.5, "AE")])  # fmt: skip
+    shown = dashboard(engine, now=CURRENT + 59.9, minutes=2)
+    assert [b["counts"] for b in shown.per_minute] == [{"AR": 1}, {"AA": 1, "AE": 1}]
+    assert shown.listeners == [{"name": "main", "last_message_at": CURRENT + 59.5}]

@@ -164,11 +164,14 @@ def test_killed_leader_is_taken_over_its_in_flight_trigger_searched_and_status_s
     status = wait_until(down, timeout=30, message="node-a shown down")
     assert status["state"] == "degraded" and any("node-a" in r and "down" in r for r in status["reasons"])
     assert status["dispatch"]["role"] == "leader"
+    assert [i["name"] for i in status["instances"] if i["this"]] == ["node-b"], "which instance answered"
     shown = pair.b.cli("status", "--config", str(pair.b.config), check=False).stdout
     assert "instance node-a" in shown and ": DOWN, heartbeat" in shown and "instance node-b" in shown, shown
+    assert re.search(r"instance node-b \(\S+, pid \d+; this instance\): leader", shown), shown
     board = dashboard(open_engine(pair.b.url, create=False)).to_json()
     html = page(None, "dashboard.html", board=board, service=status, chart=chart([])).body.decode()
-    assert "<td>node-a</td>" in html and "<td>down</td>" in html and "<td>leader</td>" in html
+    assert "<td>node-a</td>" in html and '<td>node-b <span class="sub">this instance</span></td>' in html
+    assert '<span class="badge badge-down">DOWN</span>' in html and '"badge badge-leader">leader<' in html
     # node-a restarted under its name replaces the row its killed run left: no instance is down any more.
     pair.restart("a")
     wait_until(lambda: pair.status("b")["state"] == "ok", timeout=30, message="node-a back as a standby")

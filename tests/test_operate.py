@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from hl7bridge.store import SCHEMA_VERSION, StoreError, open_engine
+from hl7bridge.store.search_index import catch_up, index_path
 
 from .conftest import (
     ROOT,
@@ -253,7 +254,9 @@ def test_old_schema_is_upgraded_in_place(tmp_path: Path) -> None:
         version = conn.exec_driver_sql("SELECT value FROM meta WHERE key = 'schema_version'").scalar()
         columns = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(messages)")]
         kept = conn.exec_driver_sql("SELECT control_id FROM messages").scalar()
-        indexed = conn.exec_driver_sql("SELECT key FROM search_keys").scalars().all()
+    catch_up(engine)
+    with sqlite3.connect(index_path(engine)) as index:
+        indexed = [row[0] for row in index.execute("SELECT key FROM search_keys")]
     assert int(version) == SCHEMA_VERSION and "purged_at" in columns and kept == "OLD-1"
     assert indexed == ["c:OLD-1"]  # the search index is backfilled
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -242,6 +242,45 @@ def test_two_writers_accepting_the_same_keys_at_once_keep_one_original_each(post
         assert answered == {bytes(accepted.ack_raw)}
 
 
+def _write_one(writer: Writer, control: str) -> WriteResult:
+    got: list[WriteResult] = []
+    done = threading.Event()
+    writer.submit(WriteRequest(_row(control), ("EPIC", "MAIN", control), lambda r: (got.append(r), done.set())))
+    assert done.wait(30)
+    return got[0]
+
+
+def test_a_writer_connection_ended_between_groups_costs_no_message(
+    postgres: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer pings a connection only after it sat idle (a ping per group was a round trip per group): one
+    ended a moment ago (a restarted server, a terminated backend) fails the next group's first statement, before
+    any COMMIT, and the group is written again on a new connection, once. After an idle second the ping finds
+    it dead first, and nothing fails at all."""
+    writer = Writer(open_engine(postgres_url), lambda fn, *args: fn(*args))
+    writer.start()
+    database = postgres_url.rsplit("/", 1)[1]
+    end_writers = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'hl7bridge' "
+                   f"AND datname = '{database}' AND pid <> pg_backend_pid()")  # fmt: skip
+    try:
+        assert _write_one(writer, "BEFORE").error is None
+        with caplog.at_level("WARNING", logger="hl7bridge.store"):
+            postgres.execute(end_writers, database)
+            assert _write_one(writer, "RIGHT-AFTER").error is None
+            assert "lost before the COMMIT of 1 message(s), nothing committed" in caplog.text
+            caplog.clear()
+            assert _write_one(writer, "WARM").error is None
+            postgres.execute(end_writers, database)
+            time.sleep(1.5)
+            assert _write_one(writer, "AFTER-IDLE").error is None
+            assert "lost before the COMMIT" not in caplog.text
+    finally:
+        writer.stop()
+    with open_engine(postgres_url).connect() as conn:
+        found = conn.execute(select(messages.c.control_id).order_by(messages.c.id)).scalars().all()
+    assert found == ["BEFORE", "RIGHT-AFTER", "WARM", "AFTER-IDLE"]
+
+
 def test_while_postgresql_is_down_messages_get_ar_and_after_its_restart_aa_without_restarting_the_bridge(
     postgres: PostgresServer, tmp_path: Path
 ) -> None:
@@ -391,9 +430,10 @@ def _is_id(_table: str, column: str) -> bool:
 
 
 def test_db_upgrade_widens_every_id_and_indexes_every_message_logged(postgres_url: str, tmp_path: Path) -> None:
-    """A schema-9 PostgreSQL log: INTEGER ids where BIGINT ones point, no text index, and keys copied by the old
-    batch job up to its mark, which missed a message committed late under a lower id. `db upgrade` widens the
-    ids, and every message becomes findable by key and words; the mark goes."""
+    """A schema-9 PostgreSQL log: INTEGER ids where BIGINT ones point, no text index, no log id, and keys copied by
+    the old batch job up to its mark, which missed a message committed late under a lower id. `db upgrade` (steps
+    10 to 12) gives it its log id, widens the ids, and every message becomes findable by key and words; the mark
+    goes."""
     engine = open_engine(postgres_url)
     with engine.begin() as conn:
         types = _column_types(conn)
@@ -408,6 +448,7 @@ def test_db_upgrade_widens_every_id_and_indexes_every_message_logged(postgres_ur
         conn.exec_driver_sql("INSERT INTO search_keys (key, message_id) SELECT 'c:' || control_id, id FROM messages "
                              "WHERE control_id = 'OLD-2'")  # fmt: skip
         conn.execute(meta.insert().values(key="search_indexed_to", value="2"))
+        conn.execute(meta.delete().where(meta.c.key == "log_id"))  # given by step 13
         conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="9"))
     engine.dispose()
     done = cli("db", "upgrade", "--database", postgres_url, cwd=tmp_path)
@@ -418,6 +459,8 @@ def test_db_upgrade_widens_every_id_and_indexes_every_message_logged(postgres_ur
         assert not [key for key, kind in types.items() if _is_id(*key) and kind != "bigint"], types
         assert types[("audit_refs", "ref")] == "text"
         assert conn.execute(select(meta.c.value).where(meta.c.key == "search_indexed_to")).first() is None
+        assert len(conn.execute(select(meta.c.value).where(meta.c.key == "log_id")).scalar_one()) == 32
+        assert conn.execute(select(func.to_regclass("ack_changes"))).scalar() is None  # SQLite's only
     found = search(engine, Filters(patient="MRN-OLD"), limit=10).rows
     assert [r["control_id"] for r in found] == ["OLD-3", "OLD-2", "OLD-1"]
     assert [r["control_id"] for r in search(engine, Filters(text="hawthorn", since=0.0), limit=10).rows] == [

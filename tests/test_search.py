@@ -18,8 +18,9 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from hl7bridge.store import audit as audit_log
-from hl7bridge.store import index_step, messages, open_engine, purge, search_terms
+from hl7bridge.store import messages, open_engine, purge, search_terms
 from hl7bridge.store.search import TAIL_MAX
+from hl7bridge.store.search_index import catch_up, index_path, indexed_to
 from hl7bridge.workflow.export import open_export
 from hl7bridge.workflow.search import Filters, explain, search
 
@@ -62,13 +63,14 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> RunningService:
 
 
 def indexed(service: RunningService) -> None:
-    """Wait for the service's search indexer (a writer job every second) to take every message logged so far."""
+    """Wait for the service's search indexer (its own thread, a batch every second) to take every message logged
+    so far."""
 
     def current() -> bool:
         with sqlite3.connect(service.database) as conn:
             (top,) = conn.execute("SELECT max(id) FROM messages").fetchone()
-            done = conn.execute("SELECT value FROM meta WHERE key = 'search_indexed_to'").fetchone()
-        return done is not None and int(done[0]) >= top
+        done = indexed_to(service.database)
+        return done is not None and done >= top
 
     wait_until(current, message="the search index to take every message")
 
@@ -161,7 +163,7 @@ def test_retention_clears_the_patient_index_and_the_words(fresh_service: Running
     assert ids(fresh_service, "--patient", "MRN-9") == []
     assert ids(fresh_service, "--text", "hawthorn", "--since", "1h") == []
     assert ids(fresh_service, "--appointment", "PL-9") == ["R-1"]  # outcomes stay findable
-    with sqlite3.connect(fresh_service.database) as conn:
+    with sqlite3.connect(index_path(fresh_service.database)) as conn:
         assert conn.execute("SELECT count(*) FROM search_keys WHERE key LIKE 'p:%'").fetchone() == (0,)
         conn.execute("INSERT INTO messages_text (messages_text, rank) VALUES ('integrity-check', 1)")
 
@@ -173,11 +175,8 @@ SEARCH_SCHEMA = 6
 def test_an_older_log_is_backfilled_on_upgrade(fresh_service: RunningService) -> None:
     fresh_service.request(booking("U-1", "PL-7", "FI-7", "MRN-7", "WILLOWMERE"))
     fresh_service.stop()
+    index_path(fresh_service.database).unlink()
     with sqlite3.connect(fresh_service.database) as conn:
-        conn.execute("DROP TRIGGER messages_search_purge")
-        conn.execute("DELETE FROM meta WHERE key = 'search_indexed_to'")
-        conn.execute("DROP TABLE messages_text")
-        conn.execute("DROP TABLE search_keys")
         conn.execute("DROP INDEX ix_messages_not_accepted_id")
         conn.execute("ALTER TABLE messages DROP COLUMN search_terms")
         conn.execute("ALTER TABLE messages DROP COLUMN search_text")
@@ -257,8 +256,8 @@ def test_log_show_with_patient_data_is_audited_as_unmask(searched: RunningServic
 
 
 def test_a_message_purged_before_it_was_indexed_leaves_the_index_sound(tmp_path: Path) -> None:
-    """Retention's trigger removes words only of indexed messages: FTS5's 'delete' of words it never held would
-    corrupt the contentless index."""
+    """Retention removes words only of indexed messages: FTS5's 'delete' of words it never held would corrupt the
+    contentless index."""
     engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
     summary = {"patient_ids": [{"value": "MRN-P"}], "names": [{"family": "PURGED"}], "placer_appointment_id": "PL-P"}
     terms, words = search_terms("P-1", "EPIC", "MAIN", summary)
@@ -267,9 +266,9 @@ def test_a_message_purged_before_it_was_indexed_leaves_the_index_sound(tmp_path:
                                           "control_id": "P-1", "summary": json.dumps(summary), "search_terms": terms,
                                           "search_text": words}])  # fmt: skip
     purge(engine, cutoff=2.0)
-    with engine.begin() as conn:
-        assert index_step(conn, 100) == 1
-        conn.exec_driver_sql("INSERT INTO messages_text (messages_text, rank) VALUES ('integrity-check', 1)")
+    assert catch_up(engine) == 1
+    with sqlite3.connect(index_path(engine)) as conn:
+        conn.execute("INSERT INTO messages_text (messages_text, rank) VALUES ('integrity-check', 1)")
     assert [r["control_id"] for r in search(engine, Filters(control_id="P-1")).rows] == ["P-1"]
     assert search(engine, Filters(patient="MRN-P")).rows == []
     assert search(engine, Filters(text="purged", since=0.0)).rows == []
@@ -296,8 +295,7 @@ def test_messages_past_the_index_are_searched_directly(tmp_path: Path) -> None:
     words still finds every message, in one newest-first order and across keyset pages; so does an export."""
     engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
     logged(engine, ("T-1", "MRN-T", "ROWAN"), ("T-2", "MRN-T", "ASPEN"))
-    with engine.begin() as conn:
-        index_step(conn, 100)
+    catch_up(engine)
     logged(engine, ("T-3", "MRN-T", "Rowän"), ("T-4", "MRN-U", "ROWAN"), ("T-5", "MRN-T", "OTHER"))
 
     def found(filters: Filters, limit: int = 50) -> list[str]:
@@ -322,8 +320,7 @@ def test_a_long_unindexed_tail_is_reported_not_silent(tmp_path: Path) -> None:
     the page's ``unindexed``, in ``--json`` and as a note on stderr."""
     engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
     logged(engine, ("L-1", "MRN-L", "LARCH"))
-    with engine.begin() as conn:
-        index_step(conn, 100)
+    catch_up(engine)
     logged(engine, *((f"N-{n}", "MRN-L", "LARCH") for n in range(TAIL_MAX + 1)))
     page = search(engine, Filters(patient="MRN-L"))
     assert [r["control_id"] for r in page.rows] == ["L-1"] and page.unindexed == TAIL_MAX + 1
@@ -336,9 +333,7 @@ def test_a_long_unindexed_tail_is_reported_not_silent(tmp_path: Path) -> None:
     table = subprocess.run([sys.executable, "-m", "hl7bridge", "log", "list", "--patient", "MRN-L", "--database", url],
                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
     assert table.stderr.count("not in the search index") == 1
-    with engine.begin() as conn:
-        while index_step(conn, 1000):
-            pass
+    catch_up(engine, 1000)
     assert search(engine, Filters(patient="MRN-L")).unindexed == 0
     quiet = subprocess.run([sys.executable, "-m", "hl7bridge", "log", "list", "--patient", "MRN-L", "--database", url],
                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
@@ -347,7 +342,9 @@ def test_a_long_unindexed_tail_is_reported_not_silent(tmp_path: Path) -> None:
 
 def test_a_failing_indexer_logs_once_a_minute(fresh_service: RunningService) -> None:
     """The index job runs every second; its failure is one log line with a count of repeats, not one a second."""
-    with sqlite3.connect(fresh_service.database) as conn:
+    path = index_path(fresh_service.database)
+    wait_until(lambda: indexed_to(fresh_service.database) is not None, message="the index file")
+    with sqlite3.connect(path) as conn:
         conn.execute("DROP TABLE messages_text")
     fresh_service.request(booking("F-1", "PL-F", "FI-F", "MRN-F", "FIR"))
     assert ids(fresh_service, "--patient", "MRN-F") == ["F-1"]  # searched directly meanwhile

@@ -22,13 +22,13 @@ from hl7bridge.store import (
     SCHEMA_VERSION,
     audit_log,
     get_message,
-    index_step,
     messages,
     open_engine,
     record_replay,
     upgrade_log,
 )
 from hl7bridge.store.audit import AuditEntry, entries, record
+from hl7bridge.store.search_index import catch_up, index_path
 from hl7bridge.workflow.timeline import MAX_REASON_CHARS, Unmask, UnmaskError, timeline
 
 from .conftest import FIXTURES, RunningService, fixture_bytes, start_service, unique_control
@@ -330,13 +330,11 @@ def test_an_older_log_gets_the_audit_references_and_minute_counts_on_upgrade(tmp
     with engine.begin() as conn:
         conn.execute(messages.insert(), [{"received_at": 1.0, "listener": "main", "peer": "p", "status": "accepted",
                                           "ack_code": "AA"}])  # fmt: skip
-        index_step(conn, 10)
         record(conn, AuditEntry("ann", "cli", "unmask", "message", (1, 1), "before the upgrade"))
         record(conn, AuditEntry("ann", "cli", "reload", "service", (4242,), "another target"))
     engine.dispose()
     with sqlite3.connect(tmp_path / "log.db") as conn:
         conn.execute("DROP TABLE audit_refs")
-        conn.execute("DROP TABLE message_minutes")
         conn.execute("DROP INDEX ix_messages_replay_of")
         conn.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
     assert upgrade_log(url) == (6, SCHEMA_VERSION)
@@ -346,8 +344,10 @@ def test_an_older_log_gets_the_audit_references_and_minute_counts_on_upgrade(tmp
     with sqlite3.connect(tmp_path / "log.db") as conn:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         refs = conn.execute("SELECT target, ref FROM audit_refs ORDER BY target").fetchall()
+    catch_up(engine)
+    with sqlite3.connect(index_path(engine)) as conn:
         minutes = conn.execute("SELECT minute, ack_code, listener, count FROM message_minutes").fetchall()
-    assert {"ix_messages_replay_of", "messages_minutes_ack"} <= names
+    assert {"ix_messages_replay_of", "messages_ack_changes"} <= names
     assert refs == [("message", "1"), ("service", "4242")]
     assert minutes == [(0, "AA", "main", 1)]
 

@@ -126,13 +126,14 @@ def _local(text: str | None) -> str:
 
 def instance_lines(instances: list[dict[str, Any]], local: Callable[[str | None], str]) -> list[str]:
     """One line per instance on the log: its role (leader, standby, DOWN), heartbeat age, the leader's in-flight
-    commands, its last message."""
+    commands, its last message; the one that answered marked "this instance" (its dispatch and listener lines)."""
     lines = []
     for i in instances:
         role = "DOWN" if i["role"] == "down" else i["role"]
         flight = f", {i['in_flight']} command(s) in flight" if i["in_flight"] is not None else ""
         last = local(i["last_message_at"]) if i["last_message_at"] else "none yet"
-        lines.append(f"instance {escape(str(i['name']))} ({escape(str(i['host']))}, pid {i['pid']}): {role}"
+        this = "; this instance" if i.get("this") else ""
+        lines.append(f"instance {escape(str(i['name']))} ({escape(str(i['host']))}, pid {i['pid']}{this}): {role}"
                      f"{lease_text(i.get('lease'))}, heartbeat {i['heartbeat_age_s']:.0f} s ago{flight}, "
                      f"last message {last}")  # fmt: skip
     return lines

@@ -110,7 +110,7 @@ class ServiceConfig:
     #: Where ``serve`` keeps its pid for ``reload`` and ``dispatch now``; "" beside the SQLite log.
     pid_file: str = ""
     #: Seconds an elected dispatcher's lease lasts without renewal before a standby may take over.
-    dispatch_lease: float = 10.0
+    dispatch_lease: float = 4.0
     #: This instance's name in ``status``; "": host:port of the first listener (``app.instance.default_name``).
     instance_name: str = ""
 

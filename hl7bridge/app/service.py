@@ -46,7 +46,6 @@ from hl7bridge.store import (
     StoreError,
     Writer,
     compact,
-    index_step,
     integrity_problem,
     is_locked,
     loose_directory,
@@ -56,14 +55,12 @@ from hl7bridge.store import (
 from hl7bridge.store.cluster import record_retention_pass
 from hl7bridge.store.configs import register_config, set_reload_refused, set_running_config
 from hl7bridge.store.search import newest_id
+from hl7bridge.store.search_index import Indexer, index_path
 from hl7bridge.testing.sandbox import Sandbox, write_secret
 from hl7bridge.workflow.accounts import AccountError, add_user, list_users
 from hl7bridge.workflow.dispatch_target import record_dispatch_target
 from hl7bridge.workflow.status import ListenerFacts, assess
 
-#: Messages per search-index job at most (``store.index_step``): as many as searches read past the index
-#: (``store.search.TAIL_MAX``); more than this machine takes in a second (about 5,000 msg/s at best).
-SEARCH_INDEX_BATCH = 5000
 log = logging.getLogger("hl7bridge.service")
 #: Descriptors the service holds besides connections: database files, pipes, the reactor, the API client.
 DESCRIPTOR_BASE = 128
@@ -115,6 +112,8 @@ class Service:
     instance: Instance | None = None
     #: ``time.time()`` of this instance's last retention pass.
     _purged_at: float = 0.0
+    #: A SQLite log's search index thread (``store.search_index``); PostgreSQL indexes at intake.
+    indexer: Indexer | None = None
 
     @defer.inlineCallbacks
     def start(self):
@@ -264,6 +263,7 @@ class Service:
             listeners=self._listener_facts,
             token_expires=expires,
             instance=self.instance.id if self.instance is not None else None,
+            search_index=lambda: self.indexer.state().problem if self.indexer is not None else None,
         )
         self.metrics.token_expires.set(expires.timestamp() if expires else 0)
         self._probes = Probes(self.reactor, self.health, self.writer, self.engine, self.metrics,
@@ -357,41 +357,14 @@ class Service:
         return assess(health.facts(time.time())).to_json()
 
     def _start_search_index(self) -> None:
-        """Every second, the messages logged since are added to the search index in one writer job (up to
-        ``SEARCH_INDEX_BATCH``; a full job is followed at once by the next). One job a second, not many small
-        ones: a job costs per commit (the B-tree pages it touches, an FTS5 segment), so 100-message jobs cost
-        four times the writer's CPU a message, and under a busy feed they held up messages every ~30 ms where
-        one larger job holds up a few once a second. The job is not ``durable``: the index is rebuilt
-        from the log. A failing job is logged once a minute with the count of repeats, not every second.
-        SQLite only: PostgreSQL indexes each message in the transaction that writes it."""
-        if self.engine.dialect.name != "sqlite":
-            return
-        busy = False
-        failures = RefusalLog(log, self.reactor)
-
-        def step_done(indexed: int | None, error: BaseException | None) -> None:
-            self.reactor.callFromThread(after_step, indexed, error)
-
-        def after_step(indexed: int | None, error: BaseException | None) -> None:
-            nonlocal busy
-            busy = False
-            if error is not None:
-                failures.warn(("search-index",), "search index: new messages cannot be indexed (searches by key "
-                              "or words read them directly while few, then miss them): %s", error)  # fmt: skip
-            elif indexed == SEARCH_INDEX_BATCH:
-                tick()
-
-        def tick() -> None:
-            nonlocal busy
-            if busy or self.writer is None:
-                return
-            busy = True
-            self.writer.submit_job(Job(lambda conn: index_step(conn, SEARCH_INDEX_BATCH), step_done, durable=False))
-
-        loop = task.LoopingCall(tick)
-        loop.clock = self.reactor
-        loop.start(1.0, now=True)
-        self._loops.append(loop)
+        """A SQLite log's index is a file of its own, kept by a thread of its own (``store.search_index.Indexer``):
+        no message's commit waits for it. PostgreSQL indexes each message in the transaction that writes it
+        (``store.schema.index_messages``): nothing to run."""
+        assert self.engine is not None
+        if index_path(self.engine) is not None:
+            self.indexer = Indexer(Path(str(self.engine.url.database)),
+                                   check=self.config.service.integrity_check != "off")  # fmt: skip
+            self.indexer.start()
 
     def _start_retention(self) -> None:
         """A daily pass on one instance of the log (``Instance.housekeeping_turn``: the leading one, or where no
@@ -588,6 +561,9 @@ class Service:
         if self.writer is not None:
             writer, self.writer = self.writer, None
             yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), writer.stop)
+        if self.indexer is not None:
+            indexer, self.indexer = self.indexer, None
+            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), indexer.stop)
         if self._console_pool is not None:
             pool, self._console_pool = self._console_pool, None
             yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), pool.stop)

@@ -54,6 +54,8 @@ class HealthState:
     token_expires: datetime | None = None
     #: This service's ``instances.id``.
     instance: str | None = None
+    #: Why searches are incomplete now (the search index being rebuilt, or failing); None: they are not.
+    search_index: Callable[[], str | None] = lambda: None
 
     def checks(self, now: float) -> dict[str, Check]:
         up, detail = self.listeners_up()
@@ -96,6 +98,7 @@ class HealthState:
             outbox_limit=self.stuck_after,
             token_expires=self.token_expires,
             instance=self.instance,
+            search_index_problem=self.search_index(),
         )
 
 

@@ -1,8 +1,8 @@
-"""The dashboard's reads. Messages per minute by ACK code and listener come from ``message_minutes`` (counted by
-``index_step`` a second behind intake): a window costs a few hundred rows however busy it was. Counting the
+"""The dashboard's reads. Messages per minute by ACK code and listener come from ``message_minutes`` (counted in
+the search index file a second behind intake, ``search_index``): a window costs a few hundred rows however busy it was. Counting the
 window's messages themselves cost 0.5 µs each, 90-370 ms for a busy hour of 180,000 (``bench/timeline.py``). The
 messages past the index are counted directly, at most ``TAIL_MAX`` of them; more are reported, not counted. On
-a database other than SQLite (no ``index_step``) the window is counted from the messages."""
+a database other than SQLite (no index file) the window is counted from the messages."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from sqlalchemy import Integer, cast, func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import Select
 
-from .schema import INDEXED_KEY, get_meta, message_minutes, messages
+from .schema import INDEX_SCHEMA, message_minutes, messages
 from .search import TAIL_MAX
+from .search_index import attach
 
 received = messages.c.received_at
 
@@ -35,7 +36,7 @@ class Counted:
 
 
 def _grouped(since: float, until: float) -> Select[Any]:
-    minute = cast(received / 60, Integer)
+    minute = cast(func.floor(received / 60), Integer)
     return (
         select(minute, messages.c.ack_code, messages.c.listener, func.count(), func.max(received))
         .where(received >= since)
@@ -52,7 +53,7 @@ def window(conn: Connection, first_minute: int, last_minute: int) -> Counted:
         for row in conn.execute(_grouped(since, until)):
             counted.add(*row)
         return counted
-    indexed = int(get_meta(conn, INDEXED_KEY) or 0)
+    indexed = attach(conn)
     rows = conn.execute(
         select(message_minutes.c.minute, message_minutes.c.ack_code, message_minutes.c.listener,
                message_minutes.c.count, message_minutes.c.last_at)
@@ -61,6 +62,17 @@ def window(conn: Connection, first_minute: int, last_minute: int) -> Counted:
     )  # fmt: skip
     for row in rows:
         counted.add(*row)
+    # ACKs decided after their message was counted, which the index has not applied yet (seconds' worth).
+    applied = conn.exec_driver_sql(f"SELECT value FROM {INDEX_SCHEMA}.meta WHERE key = 'acks_to'").scalar()
+    changes = conn.exec_driver_sql(
+        "SELECT received_at, listener, old_code, new_code FROM ack_changes WHERE id > ? AND message_id <= ? "
+        "ORDER BY id LIMIT ?",
+        (int(applied or 0), indexed, TAIL_MAX),
+    )
+    for at, listener, old, new in changes:
+        if since <= at < until:
+            counted.add(int(at // 60), old, listener, -1, at)
+            counted.add(int(at // 60), new, listener, 1, at)
     # By id, so the plan is the rowid range (at most TAIL_MAX rows) whatever the window; the time is checked here.
     tail = select(received, messages.c.ack_code, messages.c.listener).where(messages.c.id > indexed)
     for at, code, listener in conn.execute(tail.where(messages.c.id <= indexed + TAIL_MAX)):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, func, null, select, tuple_, union_all
+from sqlalchemy import bindparam, select
 
 from hl7bridge.core.status import MessageStatus
 
@@ -37,9 +37,6 @@ _DUPLICATES = (
     .where(messages.c.id == bindparam("i"))
     .values(duplicate_of=bindparam("d"), ack_raw=bindparam("a"), ack_code=bindparam("c"))
 )
-#: Keys per lookup on PostgreSQL (a group holds at most the writer's ``max_group``).
-_KEYS_PER_LOOKUP = 500
-_NEXT_ID = func.nextval(func.pg_get_serial_sequence("messages", "id"))
 
 
 def write_generic(conn: Any, group: list[WriteRequest]) -> list[WriteResult]:
@@ -142,29 +139,37 @@ def _originals(conn: Any, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[st
     return found
 
 
-_PG_KEY = tuple_(messages.c.sending_application, messages.c.sending_facility, messages.c.control_id)
+#: The first accepted message of each key, and ``n`` ids drawn from the messages' sequence, in one statement whose
+#: text never changes (the keys go in as three arrays), where a row-value ``IN`` of as many tuples as the group has
+#: keys was a new statement for SQLAlchemy to build, cache-key and compile each time (0.55 ms of the writer's CPU a
+#: group, half of all it spent on a lone message). It is never prepared (``prepare=False``): a plan cached while
+#: the table was small (a new log, its statistics not yet gathered) scanned the whole table for ever after, 2.5 ms
+#: a group and growing (``bench/cluster.py``, ``pg_stat_statements``); planned each time, it probes the unique key
+#: (0.1 ms).
+_PG_ORIGINALS_SQL = f"""
+SELECT k.app, k.fac, k.ctrl, m.id, m.ack_raw, m.ack_code, NULL::bigint
+FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(app, fac, ctrl)
+JOIN messages AS m ON m.sending_application = k.app AND m.sending_facility = k.fac AND m.control_id = k.ctrl
+WHERE m.status = '{MessageStatus.ACCEPTED}'
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, nextval(pg_get_serial_sequence('messages', 'id'))
+FROM generate_series(1, %s)
+"""
 
 
 def _pg_originals(
     conn: Any, keys: Sequence[tuple[str, str, str]], new_ids: int = 0
 ) -> tuple[dict[tuple[str, str, str], Any], list[int]]:
     """The first accepted message of each key (a replay too, as on SQLite), and ``new_ids`` ids drawn from the
-    messages' sequence, in order: both in the first statement, as every round trip to the server is one more
-    wait of the whole group on a busy machine. Then one statement per further ``_KEYS_PER_LOOKUP`` keys."""
+    messages' sequence, in order: both in one round trip, as every round trip to the server is one more wait of
+    the whole group on a busy machine."""
     found: dict[tuple[str, str, str], Any] = {}
     ids: list[int] = []
-    for start in range(0, max(len(keys), 1), _KEYS_PER_LOOKUP):
-        stmt: Any = (
-            select(*_PG_KEY.clauses, messages.c.id, messages.c.ack_raw, messages.c.ack_code, null().label("new_id"))
-            .where(_PG_KEY.in_(keys[start : start + _KEYS_PER_LOOKUP]))
-            .where(messages.c.status == MessageStatus.ACCEPTED)
-        )
-        if start == 0 and new_ids:
-            drawn = select(null(), null(), null(), null(), null(), null(), _NEXT_ID).select_from(
-                func.generate_series(1, new_ids)
-            )
-            stmt = union_all(stmt, drawn)
-        for app, fac, ctrl, message_id, ack_raw, ack_code, new_id in conn.execute(stmt):
+    columns = ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], new_ids)
+    with conn.connection.driver_connection.cursor() as cur:
+        for app, fac, ctrl, message_id, ack_raw, ack_code, new_id in cur.execute(
+            _PG_ORIGINALS_SQL, columns, prepare=False
+        ):
             if new_id is not None:
                 ids.append(new_id)
             elif (app, fac, ctrl) not in found or message_id < found[(app, fac, ctrl)][0]:

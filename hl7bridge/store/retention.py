@@ -1,7 +1,8 @@
 """Retention: patient data older than N days leaves the log; outcomes and counts stay.
 
 Raw messages, parsed summaries (and the patient ids and words the search index
-holds, by the index's trigger), journey parameters and API response bodies
+holds: a SQLite log's index file is scrubbed first, ``search_index.scrub``; PostgreSQL's entries are deleted in
+the same transaction, ``schema.unindex_messages``), journey parameters and API response bodies
 (search answers carry parameters) are cleared in small transactions, so the
 writer is never held for long. SQLite then checkpoints its WAL and hands freed
 pages back with an incremental vacuum, so the file does not grow without bound.
@@ -13,14 +14,16 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from sqlalchemy import func, literal_column, select, update
+from sqlalchemy import delete, func, literal_column, select, update
 from sqlalchemy.engine import Engine
 
 from hl7bridge.core.status import OPEN_STATUSES
 
 from . import audit
 from .audit import AuditEntry
-from .schema import appointments, attempts, commands, messages, unindex_messages
+from .deadletters import take_write_lock
+from .schema import ack_changes, appointments, attempts, commands, messages, unindex_messages
+from .search_index import compact_index, scrub
 
 
 @dataclass
@@ -75,8 +78,12 @@ def purge_step(conn: Any, cutoff: float, limit: int = 500) -> PurgeCounts:
         )
     ]
     if ids:
-        if conn.dialect.name == "postgresql":
-            # The patient's keys and every word, from the terms as indexed (SQLite's purge trigger does this there).
+        if conn.dialect.name == "sqlite":
+            take_write_lock(conn)  # two purges never scrub one message twice (FTS5 would be corrupted)
+            scrub(conn, ids, cutoff)
+            conn.execute(delete(ack_changes).where(ack_changes.c.message_id.in_(ids)))
+        elif conn.dialect.name == "postgresql":
+            # The patient's keys and every word, from the terms as indexed (a SQLite log's index file is scrubbed).
             indexed = conn.execute(select(messages.c.id, messages.c.search_terms, messages.c.search_text)
                                    .where(messages.c.id.in_(ids))).all()  # fmt: skip
             unindex_messages(conn, [r.id for r in indexed], [r._mapping for r in indexed], prefix="p:")
@@ -147,7 +154,8 @@ def compact(engine: Engine) -> None:
     """Checkpoint the WAL into the main file and release free pages (no-op for other databases)."""
     if engine.dialect.name != "sqlite":
         return
+    compact_index(engine)
     with engine.connect() as conn:
-        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.exec_driver_sql("PRAGMA incremental_vacuum")
+        conn.exec_driver_sql("PRAGMA main.wal_checkpoint(TRUNCATE)")
+        conn.exec_driver_sql("PRAGMA main.incremental_vacuum")
         conn.commit()

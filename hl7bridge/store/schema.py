@@ -9,7 +9,9 @@ import os
 import re
 import sqlite3
 import stat
+import time
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path as FsPath
@@ -31,6 +33,7 @@ from sqlalchemy import (
     Text,
     bindparam,
     cast,
+    column,
     create_engine,
     event,
     func,
@@ -38,13 +41,14 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy import table as table_clause
 from sqlalchemy.dialects.postgresql import TSVECTOR
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 
 from hl7bridge.core.status import MessageStatus
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 #: How long a connection waits for another one's write lock before it gives up.
 BUSY_TIMEOUT_MS = 5000
 log = logging.getLogger("hl7bridge.store")
@@ -283,9 +287,10 @@ audit_refs = Table(
     sqlite_with_rowid=False,
 )
 
-#: Messages per minute, ACK code ('' when none was sent) and listener, for the dashboard: counted by ``index_step``
-#: with the search index (a batch a second, off the writer's hot path), kept right by a trigger when a dispatched
-#: message's ACK is decided later. A window is then read in a few hundred rows, however busy the hour was.
+#: Messages per minute, ACK code ('' when none was sent) and listener, for the dashboard: a SQLite log's are counted
+#: in its search index file with the index (``search_index``, a batch a second, off the writer's hot path), moved
+#: when a dispatched message's ACK is decided later (``ack_changes``). A window is then read in a few hundred rows,
+#: however busy the hour was. A PostgreSQL log has the table but counts its windows from the messages.
 message_minutes = Table(
     "message_minutes",
     metadata,
@@ -375,7 +380,8 @@ def search_terms(
 ) -> tuple[str | None, str | None]:
     """A message's ``search_terms`` (a JSON array of its ``search_keys``) and ``search_text`` (the words of its
     names, reason, type, provider and place), as intake stores them with the message and the upgrade backfills
-    them: the one definition of what is searchable. ``index_step`` copies them into the indexes."""
+    them: the one definition of what is searchable. The indexes are filled from them (``search_index`` on SQLite,
+    ``index_messages`` on PostgreSQL)."""
     keys = [f"c:{control_id}" if control_id else ""]
     if application:
         keys += [f"s:{application}", f"s:{application}^{facility or ''}"]
@@ -413,43 +419,45 @@ def _folded_char(char: str) -> str:
     return low
 
 
-#: ``meta`` key: the newest message id the search index holds (every message up to it is indexed).
+#: ``meta`` key of a log before schema 10 (SQLite) or 12 (PostgreSQL): the newest message id its in-log search index
+#: held. Those steps remove it: a SQLite log's index file keeps its own mark, PostgreSQL needs none.
 INDEXED_KEY = "search_indexed_to"
-#: The search index's DDL beside ``search_keys`` (SQLite): a contentless FTS5 table (words only, no text kept), and
-#: the trigger that removes the patient's keys and words once retention clears a summary. It fires only for
-#: messages already indexed: FTS5's 'delete' of words it never held would corrupt the index.
-SEARCH_DDL = (
-    "CREATE VIRTUAL TABLE IF NOT EXISTS messages_text USING fts5(body, content='', detail=none)",
-    f"""CREATE TRIGGER IF NOT EXISTS messages_search_purge AFTER UPDATE OF summary ON messages
-        WHEN OLD.summary IS NOT NULL AND NEW.summary IS NULL
-            AND OLD.id <= coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{INDEXED_KEY}'), 0) BEGIN
-        DELETE FROM search_keys WHERE message_id = OLD.id
-            AND key IN (SELECT value FROM json_each(OLD.search_terms) WHERE value LIKE 'p:%');
-        INSERT INTO messages_text (messages_text, rowid, body)
-            SELECT 'delete', OLD.id, OLD.search_text WHERE OLD.search_text IS NOT NULL;
-    END""",
-)
-
-
 #: Counts the messages of an id range into ``message_minutes`` (SQLite's upsert; the WHERE keeps it unambiguous).
 MINUTES_UPSERT = """INSERT INTO message_minutes (minute, ack_code, listener, count, last_at)
     SELECT CAST(received_at / 60 AS INTEGER), coalesce(ack_code, ''), listener, count(*), max(received_at)
     FROM messages WHERE id > :low AND id <= :high GROUP BY 1, 2, 3
     ON CONFLICT (minute, ack_code, listener) DO UPDATE
     SET count = count + excluded.count, last_at = max(last_at, excluded.last_at)"""
-#: A counted message's ACK decided later (``ack_mode = "dispatched"``): it moves to its new code's count.
-MINUTES_DDL = (
-    f"""CREATE TRIGGER IF NOT EXISTS messages_minutes_ack AFTER UPDATE OF ack_code ON messages
-        WHEN OLD.ack_code IS NOT NEW.ack_code
-            AND OLD.id <= coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{INDEXED_KEY}'), 0) BEGIN
-        UPDATE message_minutes SET count = count - 1 WHERE minute = CAST(OLD.received_at / 60 AS INTEGER)
-            AND ack_code = coalesce(OLD.ack_code, '') AND listener = OLD.listener;
-        INSERT INTO message_minutes (minute, ack_code, listener, count, last_at)
-            VALUES (CAST(NEW.received_at / 60 AS INTEGER), coalesce(NEW.ack_code, ''), NEW.listener, 1, NEW.received_at)
-            ON CONFLICT (minute, ack_code, listener) DO UPDATE SET count = count + 1,
-            last_at = max(last_at, excluded.last_at);
+#: ``meta`` key: a random id given to a SQLite log when created (or upgraded to schema 10); its search index file
+#: records it, so that another log's index (a copied file, a restored backup of the wrong one) is never read as its.
+LOG_ID_KEY = "log_id"
+#: SQLite: every ACK decided after its message was logged (``ack_mode = "dispatched"``), for the minute counts of the
+#: index file (``search_index``), which apply each once; retention removes them with the messages' patient data.
+ACK_CHANGES_DDL = (
+    """CREATE TABLE IF NOT EXISTS ack_changes (id INTEGER PRIMARY KEY AUTOINCREMENT, message_id INTEGER NOT NULL,
+        received_at FLOAT NOT NULL, listener VARCHAR(64) NOT NULL, old_code VARCHAR(2), new_code VARCHAR(2))""",
+    """CREATE TRIGGER IF NOT EXISTS messages_ack_changes AFTER UPDATE OF ack_code ON messages
+        WHEN OLD.ack_code IS NOT NEW.ack_code BEGIN
+        INSERT INTO ack_changes (message_id, received_at, listener, old_code, new_code)
+            VALUES (OLD.id, OLD.received_at, OLD.listener, OLD.ack_code, NEW.ack_code);
     END""",
 )
+#: The schema name a SQLite log connection attaches its search index file under (``search_index.attach``).
+INDEX_SCHEMA = "search"
+#: ``ack_changes`` for the statements that read or prune it.
+ack_changes = table_clause("ack_changes", column("id"), column("message_id"))
+
+
+def _uri_everywhere() -> bool:
+    """Whether this SQLite reads URI file names in ATTACH on any connection (``SQLITE_USE_URI``), so a log
+    connection can attach the search index read-only (``mode=ro``)."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        return any(row[0] in ("USE_URI", "USE_URI=1") for row in conn.execute("PRAGMA compile_options"))
+
+
+URI_ATTACH = _uri_everywhere()
+#: The tables a SQLite log keeps in its search index file instead (``search_index``); PostgreSQL keeps them.
+INDEX_FILE_TABLES = ("search_keys", "message_minutes")
 
 
 #: The index's statements on PostgreSQL: one per batch, whatever its size, its entries as arrays (``unnest``), so
@@ -473,8 +481,8 @@ def index_messages(conn: Any, ids: Sequence[int], rows: Sequence[Any]) -> None:
     writes the messages: the one way a message becomes findable there (the writer, a replay, the upgrade's
     backfill). Several writers commit in any order, and a message indexed in its own transaction is findable the
     moment it is committed, with no high-water mark to fall behind. Inside the writer's pipeline the statement
-    travels with the rows, no round trip of its own. Elsewhere a no-op: SQLite's index is filled in batches
-    (``index_step``)."""
+    travels with the rows, no round trip of its own. Elsewhere a no-op: a SQLite log's index is a file of its own,
+    filled in batches by a thread of its own (``search_index``)."""
     if conn.dialect.name != "postgresql" or not ids:
         return
     word_ids: list[int] = []
@@ -499,55 +507,8 @@ def unindex_messages(conn: Any, ids: Sequence[int], rows: Sequence[Any], prefix:
         cur.execute(_UNINDEX, (list(ids), list(ids), terms, prefix))
 
 
-def index_step(conn: Any, limit: int, count_minutes: bool = True) -> int:
-    """Copy the ``search_terms`` and ``search_text`` of the next ``limit`` messages not yet indexed into the search
-    index; how many it took (0: the index is current).
-
-    Batches, not a trigger per insert: FTS5 writes a segment per transaction, and the writer commits a lone
-    message on its own, so a trigger cost 140 µs of writer time a message over one connection; a batch pays
-    that once. The keys go in in the table's order: in arrival order each lands on a random leaf of a B-tree
-    larger than the page cache, and a batch of 4,000 cost twice the CPU. The service runs this as a writer job
-    every second (``app.service``), so a message is findable about a second after its ACK. The same batch is
-    counted into ``message_minutes`` (the dashboard's counts), but by the schema 6 upgrade, which runs before
-    that table exists (the schema 7 step counts what is indexed then). SQLite only: the high-water mark holds
-    because its writes are serialised by the write lock; PostgreSQL indexes each message as it is written
-    (``index_messages``)."""
-    if conn.dialect.name != "sqlite":
-        return 0
-    last = int(get_meta(conn, INDEXED_KEY) or 0)
-    top, count = conn.execute(
-        text("SELECT max(id), count(*) FROM (SELECT id FROM messages WHERE id > :last ORDER BY id LIMIT :n) AS t"),
-        {"last": last, "n": limit},
-    ).one()
-    if not count:
-        return 0
-    bounds = {"low": last, "high": top}
-    conn.execute(text("INSERT OR IGNORE INTO search_keys (key, message_id) SELECT j.value, m.id FROM messages AS m, "
-                      "json_each(m.search_terms) AS j WHERE m.id > :low AND m.id <= :high ORDER BY 1, 2"), bounds)  # fmt: skip
-    conn.execute(text("INSERT INTO messages_text (rowid, body) SELECT id, search_text FROM messages "
-                      "WHERE id > :low AND id <= :high AND search_text IS NOT NULL"), bounds)  # fmt: skip
-    if count_minutes:
-        conn.execute(text(MINUTES_UPSERT), bounds)
-    set_meta(conn, INDEXED_KEY, str(top))
-    return int(count)
-
-
 #: Messages per backfill statement when an older log is upgraded.
 BACKFILL_BATCH = 5000
-
-
-@event.listens_for(message_minutes, "after_create")
-def _minutes_ddl(_table: Any, conn: Any, **_kw: Any) -> None:
-    if conn.dialect.name == "sqlite":
-        for ddl in MINUTES_DDL:
-            conn.exec_driver_sql(ddl)
-
-
-@event.listens_for(search_keys, "after_create")
-def _search_ddl(_table: Any, conn: Any, **_kw: Any) -> None:
-    if conn.dialect.name == "sqlite":
-        for ddl in SEARCH_DDL:
-            conn.exec_driver_sql(ddl)
 
 
 #: The first 16 bytes of every SQLite 3 database file.
@@ -620,6 +581,17 @@ def _open(url: str, synchronous: str, read_only: bool, create: bool, upgrade: bo
             cur.execute("PRAGMA temp_store=MEMORY")
             cur.close()
 
+        if not URI_ATTACH:
+
+            @event.listens_for(engine, "checkin")
+            def _detach_index(dbapi_conn: Any, record: Any) -> None:
+                """Without URI file names the index is attached read-write (``search_index.attach``): a pooled
+                connection goes back without it, as its next user may be a writer (whose ``BEGIN IMMEDIATE`` would
+                take the index's write lock too)."""
+                if record is not None and record.info.pop(INDEX_SCHEMA, None) is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        dbapi_conn.execute(f"DETACH DATABASE {INDEX_SCHEMA}")
+
     try:
         with engine.begin() as conn:
             found = _found_version(conn, url)
@@ -660,11 +632,16 @@ def _found_version(conn: Any, url: str) -> int | None:
 
 def _create(conn: Any, new: bool = True) -> None:
     """The tables a log lacks, and a new log's version (inside ``_ddl_transaction``)."""
-    metadata.create_all(conn)
-    if conn.dialect.name == "postgresql":
+    if conn.dialect.name == "sqlite":
+        metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t.name not in INDEX_FILE_TABLES])
+        for ddl in ACK_CHANGES_DDL:
+            conn.exec_driver_sql(ddl)
+    else:
+        metadata.create_all(conn)
         postgres_metadata.create_all(conn)
     if new:
         conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+        conn.execute(meta.insert().values(key=LOG_ID_KEY, value=uuid.uuid4().hex))
 
 
 #: Connections the service keeps open to PostgreSQL (the writer, the dispatcher's reads, health probes, index and
@@ -696,21 +673,48 @@ def try_dispatch_lock(conn: Any) -> bool:
 WRITER_IDLE_IN_TRANSACTION_MS = 5000
 
 
+#: A writer's connection is checked with a round trip before use only after sitting idle this long (seconds).
+WRITER_PING_IDLE_S = 1.0
+
+
 def writing_engine(engine: Engine) -> Engine:
     """The engine a writer commits through: on PostgreSQL one whose sessions end a transaction left idle past
     ``WRITER_IDLE_IN_TRANSACTION_MS``, kept apart from the readers' (an export pauses between its batches while
-    its consumer reads); elsewhere ``engine`` itself."""
+    its consumer reads); elsewhere ``engine`` itself. Its connections are checked before use only once idle for
+    ``WRITER_PING_IDLE_S``: a ping before every group was one more round trip a message group (three waits and
+    0.07 ms of the writer's CPU, and the server's), while a connection in use a moment ago is as alive as a ping
+    would say. One that died meanwhile fails its group (no ACK), and SQLAlchemy then replaces every connection
+    the pool held before the failure."""
     if engine.dialect.name != "postgresql":
         return engine
-    return _postgres_engine(engine.url.render_as_string(hide_password=False), False, WRITER_IDLE_IN_TRANSACTION_MS)
+    return _postgres_engine(engine.url.render_as_string(hide_password=False), False, WRITER_IDLE_IN_TRANSACTION_MS,
+                            ping_idle=WRITER_PING_IDLE_S)  # fmt: skip
 
 
-def _postgres_engine(url: str, read_only: bool, idle_in_transaction_ms: int = 0) -> Engine:
+def _ping_when_idle(engine: Engine, idle: float) -> None:
+    """SQLAlchemy's pessimistic disconnect check, for a connection idle longer than ``idle`` seconds only."""
+
+    @event.listens_for(engine.pool, "checkin")
+    def _idle_since(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.pool, "checkout")
+    def _ping(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since <= idle:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # any failure: the pool replaces the connection and tries again
+            raise DisconnectionError(f"connection found dead after {time.monotonic() - since:.0f} s idle") from exc
+
+
+def _postgres_engine(url: str, read_only: bool, idle_in_transaction_ms: int = 0, ping_idle: float = 0.0) -> Engine:
     """An engine for PostgreSQL: READ COMMITTED (each statement sees what committed before it, as the writer's
     duplicate lookup needs), ``synchronous_commit = on`` whatever the server's default (an ACK follows a COMMIT
     that reached the disk), connections checked before use (a restarted server or a failover leaves the pool's
-    connections dead), and read-only sessions for the dispatcher's process, whose writes go through the
-    service's writer."""
+    connections dead; with ``ping_idle``, only those idle longer than that), and read-only sessions for the
+    dispatcher's process, whose writes go through the service's writer."""
     parsed = make_url(url)
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -718,9 +722,9 @@ def _postgres_engine(url: str, read_only: bool, idle_in_transaction_ms: int = 0)
     if idle_in_transaction_ms:
         options += f" -c idle_in_transaction_session_timeout={idle_in_transaction_ms}"
     try:
-        return create_engine(
+        engine = create_engine(
             parsed,
-            pool_pre_ping=True,
+            pool_pre_ping=not ping_idle,
             pool_size=POSTGRES_POOL_SIZE,
             max_overflow=POSTGRES_MAX_OVERFLOW,
             isolation_level="READ COMMITTED",
@@ -730,6 +734,9 @@ def _postgres_engine(url: str, read_only: bool, idle_in_transaction_ms: int = 0)
         raise StoreError(
             f"{_safe(url)} needs the PostgreSQL driver ({exc.name} is not installed): pip install 'hl7bridge[postgres]'"
         ) from None
+    if ping_idle:
+        _ping_when_idle(engine, ping_idle)
+    return engine
 
 
 def _open_postgres(url: str, read_only: bool, create: bool, upgrade: bool) -> tuple[Engine, int | None]:
@@ -781,7 +788,7 @@ def integrity_problem(engine: Engine) -> str | None:
         return None
     try:
         with engine.connect() as conn:
-            found = conn.exec_driver_sql("PRAGMA quick_check(1)").scalar()
+            found = conn.exec_driver_sql("PRAGMA main.quick_check(1)").scalar()
     except SQLAlchemyError as exc:
         return _first_line(exc)
     return None if found == "ok" else " ".join(str(found).split())
@@ -850,7 +857,8 @@ def _v6_search(conn: Any) -> None:
     conn.exec_driver_sql(
         f"CREATE INDEX IF NOT EXISTS ix_messages_not_accepted_id ON messages (status) WHERE {NOT_ACCEPTED}"
     )
-    search_keys.create(conn, checkfirst=True)
+    if conn.dialect.name != "sqlite":  # a SQLite log's index is a file of its own (schema 10)
+        search_keys.create(conn, checkfirst=True)
     # As bytes: a summary that is not UTF-8 would make the driver fail the whole batch as text.
     for rows in _batches(conn, messages.c.id, messages.c.control_id, messages.c.sending_application,
                          messages.c.sending_facility, cast(messages.c.summary, LargeBinary).label("summary")):  # fmt: skip
@@ -867,8 +875,6 @@ def _v6_search(conn: Any) -> None:
             .values(search_terms=bindparam("terms"), search_text=bindparam("words")),
             filled,
         )  # fmt: skip
-    while index_step(conn, BACKFILL_BATCH, count_minutes=False):
-        pass
 
 
 def _batches(conn: Any, key: Any, *columns: Any) -> Iterator[list[Any]]:
@@ -888,19 +894,15 @@ def _v7_accounts(conn: Any) -> None:
 def _v8_timeline(conn: Any) -> None:
     """The timeline's and the dashboard's lookups: the replays of a message (a partial index), the audit entries
     naming an id (``audit_refs``, backfilled from the entries already written, a batch at a time), and the
-    messages per minute (``message_minutes``, counted for every message the search index holds, as
-    ``index_step`` counts the ones after them)."""
+    messages per minute (``message_minutes``; a SQLite log's are in its index file since schema 10)."""
     conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_messages_replay_of ON messages (replay_of) WHERE {REPLAYED}")
     audit_refs.create(conn, checkfirst=True)
     for rows in _batches(conn, audit_log.c.id, audit_log.c.target, audit_log.c.ids):
         refs = [ref for row in rows for ref in audit_ref_rows(row.id, row.target, _readable_ids(row.ids))]
         if refs:
             conn.execute(audit_refs.insert().prefix_with("OR IGNORE", dialect="sqlite"), refs)
-    if not inspect(conn).has_table("message_minutes"):
-        message_minutes.create(conn)
-        if conn.dialect.name == "sqlite":
-            indexed = int(get_meta(conn, INDEXED_KEY) or 0)
-            conn.execute(text(MINUTES_UPSERT), {"low": 0, "high": indexed})
+    if conn.dialect.name != "sqlite":  # a SQLite log counts its minutes in its index file (schema 10)
+        message_minutes.create(conn, checkfirst=True)
 
 
 def audit_ref_rows(audit_id: int, target: str, ids: Any) -> list[dict[str, Any]]:
@@ -924,8 +926,8 @@ def _v9_configs(conn: Any) -> None:
 
 
 def _v10_reserved(conn: Any) -> None:
-    """Nothing: the number went to a change that did not ship with steps 11 and 12 (a later step takes its place,
-    as a log at 12 never runs 10 again)."""
+    """Nothing: the number went to a change that did not ship with steps 11 and 12 (step 13 took its place, as a log
+    at 12 never runs 10 again)."""
 
 
 def _v11_instances(conn: Any) -> None:
@@ -939,16 +941,16 @@ _POSTGRES_BIGINT_IDS = (("audit_refs", "audit_id"), ("commands", "config_id"), (
 
 
 def _v12_postgres_index(conn: Any) -> None:
-    """PostgreSQL (SQLite: nothing, its types are already these and its index stays a batch job): every id
+    """PostgreSQL (SQLite: nothing, its types are already these and its index is a file of its own, step 13): every id
     column BIGINT, ``audit_refs``' strings TEXT, and the search index as intake now writes it
     (``index_messages``): the text index made, and the keys and words of every message logged put in, a batch of
     ids at a time, whatever ``search_indexed_to`` said (a message committed late under a lower id was missed by
     it); that mark goes."""
     if conn.dialect.name != "postgresql":
         return
-    for table, column in _POSTGRES_BIGINT_IDS:
-        conn.exec_driver_sql(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE BIGINT")
-        sequence = conn.execute(select(func.pg_get_serial_sequence(table, column))).scalar()
+    for table, name in _POSTGRES_BIGINT_IDS:
+        conn.exec_driver_sql(f"ALTER TABLE {table} ALTER COLUMN {name} TYPE BIGINT")
+        sequence = conn.execute(select(func.pg_get_serial_sequence(table, name))).scalar()
         if sequence:
             conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} AS BIGINT")
     conn.exec_driver_sql("ALTER TABLE audit_refs ALTER COLUMN target TYPE TEXT, ALTER COLUMN ref TYPE TEXT")
@@ -956,6 +958,24 @@ def _v12_postgres_index(conn: Any) -> None:
     for rows in _batches(conn, messages.c.id, messages.c.search_terms, messages.c.search_text):
         index_messages(conn, [r.id for r in rows], [r._mapping for r in rows])
     conn.execute(meta.delete().where(meta.c.key == INDEXED_KEY))
+
+
+def _v13_index_file(conn: Any) -> None:
+    """A SQLite log's search index leaves it for a file of its own (``search_index``): its tables and triggers are
+    dropped here, and the service builds the file from the log's ``search_terms`` and ``search_text`` (which stay)
+    at its next start, in the background. The log gets its ``log_id``, and ``ack_changes`` for the minute counts.
+    PostgreSQL gets the log id only: its index stays in the log (written at intake since step 12)."""
+    if get_meta(conn, LOG_ID_KEY) is None:
+        conn.execute(meta.insert().values(key=LOG_ID_KEY, value=uuid.uuid4().hex))
+    if conn.dialect.name != "sqlite":
+        return
+    for trigger in ("messages_search_purge", "messages_minutes_ack"):
+        conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
+    for table in ("messages_text", *INDEX_FILE_TABLES):
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+    conn.execute(meta.delete().where(meta.c.key == INDEXED_KEY))
+    for ddl in ACK_CHANGES_DDL:
+        conn.exec_driver_sql(ddl)
 
 
 #: In-place upgrades: version -> the step that brings a database from version-1 to it.
@@ -971,6 +991,7 @@ MIGRATIONS: dict[int, Callable[[Any], None]] = {
     10: _v10_reserved,
     11: _v11_instances,
     12: _v12_postgres_index,
+    13: _v13_index_file,
 }
 
 

@@ -1,8 +1,8 @@
 """The search index's queries: messages by key (``search_keys``) and words (the ``messages_text`` FTS5 index),
 newest or oldest first, in keyset pages or batches (``workflow.search`` holds the rules and the results).
 
-On SQLite the service fills the index in batches (``schema.index_step``, about a second behind intake), up to
-the meta ``search_indexed_to``. Messages past it are searched here from their own ``search_terms`` and
+On SQLite the service fills the index in batches about a second behind intake, in a file of its own
+(``search_index``), up to its high-water mark. Messages past it are searched here from their own ``search_terms`` and
 ``search_text`` while they are few (``TAIL_MAX``), so results are complete; past that they are counted
 (``Found.unindexed``), never silently left out. On PostgreSQL each message is indexed in the transaction that
 writes it (``schema.index_messages``: keys in ``search_keys``, words in ``message_words``): no tail, nothing
@@ -24,7 +24,8 @@ from sqlalchemy.sql import Select
 from hl7bridge.core.status import MessageStatus
 
 from .queries import LIST_COLUMNS, with_status
-from .schema import INDEXED_KEY, TOKEN, get_meta, message_words, messages, search_keys, text_tokens
+from .schema import TOKEN, message_words, messages, search_keys, text_tokens
+from .search_index import attach
 
 #: The FTS5 index of the summary's words (a contentless table: it returns rowids, which are message ids).
 messages_text = table("messages_text", column("rowid"))
@@ -135,8 +136,9 @@ def newest_id(conn: Connection) -> int:
 
 
 def unindexed(conn: Connection) -> tuple[int, int]:
-    """The newest message id the index holds, and how many messages came after it (SQLite; a primary-key range)."""
-    indexed_to = int(get_meta(conn, INDEXED_KEY) or 0)
+    """SQLite: the newest message id the index holds, and how many messages came after it (a primary-key range).
+    The index is the log's own file, attached here (``search_index.attach``)."""
+    indexed_to = attach(conn)
     behind = conn.execute(select(func.count()).where(messages.c.id > indexed_to)).scalar()
     return indexed_to, int(behind or 0)
 
@@ -162,6 +164,8 @@ def query(
     if (wanted or filters.text) and conn.dialect.name not in ("sqlite", "postgresql"):
         raise SearchError(f"--appointment, --patient, --control-id, --sender and --text need the search index, "
                           f"which a {conn.dialect.name} log does not have")  # fmt: skip
+    if conn.dialect.name == "sqlite" and (wanted or filters.text):
+        attach(conn)
     narrow = [k for k in wanted if not k.startswith("s:")]
     rare_status = filters.status is not None and filters.status != MessageStatus.ACCEPTED
     stmt = select(*columns)

@@ -211,9 +211,21 @@ class Writer:
             if self._sqlite_file():
                 results = self._write_sqlite(group)
             else:
-                with self.engine.begin() as conn:
-                    results = write_generic(conn, group)
-                    committing = True
+                for retry in (True, False):
+                    try:
+                        with self.engine.begin() as conn:
+                            results = write_generic(conn, group)
+                            committing = True
+                        break
+                    except DBAPIError as exc:
+                        if committing or not retry or not exc.connection_invalidated:
+                            raise
+                        # Nothing was committed: the connection died before the COMMIT was sent (a restarted
+                        # server; the pool pings only a connection idle for a while), and the pool now replaces
+                        # every connection it held. The group is written again once, on a new connection.
+                        log.warning("the database connection was lost before the COMMIT of %d message(s), nothing "
+                                    "committed; writing them again on a new connection (%s)", len(group),
+                                    _first_line(exc))  # fmt: skip
             self.commits += 1
             self.rows += len(group)
             self.last_error = None

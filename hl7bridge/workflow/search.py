@@ -1,7 +1,8 @@
 """Find messages by appointment, patient, control id, sender or words, newest first, a page at a time.
 
-Every filter is answered from the search index (``search_keys`` and the ``messages_text`` FTS5 index, which
-the service fills in batches about a second behind intake; ``store.search`` holds the queries), never by
+Every filter is answered from the search index (``search_keys`` and the words: a SQLite log's in a file of its
+own, filled in batches about a second behind intake; PostgreSQL's written with each message; ``store.search``
+holds the queries), never by
 reading raw messages, so a search costs the same on a log of a million messages as on a small one. Messages
 the index has not reached yet are searched directly while they are few; past that the page says how many
 were not searched (``unindexed``), so an incomplete result is never silent. Pages are keyset pages:
@@ -55,7 +56,8 @@ def unindexed_note(unindexed: int) -> str | None:
     if not unindexed:
         return None
     return (f"note: the {unindexed} newest message(s) are not in the search index yet and were not searched; "
-            "the running service indexes them (check 'hl7bridge status' and its log if this persists)")  # fmt: skip
+            "the running service indexes them, or is rebuilding the index from the log ('hl7bridge status' says "
+            "which, and its log if this persists)")  # fmt: skip
 
 
 def explain(engine: Engine, filters: Filters, before: int | None = None) -> list[str]:

@@ -7,7 +7,8 @@ tested on its own. What decides:
   the token (dispatching paused), the log cannot be written or read, or a listener is not bound.
 - **degraded** (it works, but needs attention soon): the API does not answer (dispatching holds), dead
   letters wait for an operator, an instance on the log has no heartbeat for 3 leases (down), the outbox's oldest command waits longer than ``health.outbox_stuck_after``,
-  descriptors run short, or the API token expires within ``TOKEN_WARNING_DAYS`` (``api.token_expires``).
+  descriptors run short, the search index is being rebuilt or cannot be written, or the API token expires
+  within ``TOKEN_WARNING_DAYS`` (``api.token_expires``).
 - **ok** otherwise.
 
 Reasons are sentences without patient data: they go to monitoring and terminals.
@@ -76,7 +77,8 @@ class LogFacts:
         """The leader's lease: renewed this long ago, against a lease the standbys wait out before taking over."""
         return {"seconds": self.lease, "renewed_age_s": _round(self.renewed_age)}
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, this: str | None = None) -> dict[str, Any]:
+        """``this``: the answering service's instance id, marked ``"this"`` (behind a balancer, which one answered)."""
         return {
             "outbox": {"depth": self.outbox_depth, "oldest_age_s": _round(self.outbox_oldest_age)},
             "dead_letters": {"open": self.dead_letters_open, "oldest_since": iso(self.dead_letters_since)},
@@ -84,7 +86,7 @@ class LogFacts:
                 {"id": i.id, "name": i.name, "host": i.host, "pid": i.pid, "version": i.version, "role": self.role(i),
                  "heartbeat_age_s": _round(i.age), "started_at": iso(i.started_at),
                  "last_message_at": iso(i.last_message_at),
-                 "in_flight": self.in_flight if i.id == self.leader else None,
+                 "in_flight": self.in_flight if i.id == self.leader else None, "this": i.id == this,
                  "lease": self._lease() if i.id == self.leader else None}
                 for i in self.instances
             ],
@@ -111,6 +113,8 @@ class Facts:
     token_expires: datetime | None = None
     #: This service's ``instances.id``.
     instance: str | None = None
+    #: Why searches are incomplete (the search index rebuilt from the log, or failing); None: they are not.
+    search_index_problem: str | None = None
 
     @property
     def role(self) -> str | None:
@@ -148,12 +152,13 @@ class Status:
                 "paused_until": iso(dispatch.paused_until),
                 "paused_reason": dispatch.paused_reason,
             },
-            **facts.log.to_json(),
+            **facts.log.to_json(facts.instance),
             "listeners": [
                 {"name": lst.name, "connections": lst.connections, "last_message_at": iso(lst.last_message_at)}
                 for lst in facts.listeners
             ],
             "database": {"ok": facts.database_problem is None, "problem": facts.database_problem},
+            "search_index": {"ok": facts.search_index_problem is None, "problem": facts.search_index_problem},
             "api_token": {
                 "expires": token.isoformat() if token else None,
                 "days_left": None if token is None else _round((token.timestamp() - facts.now) / 86400),
@@ -190,6 +195,8 @@ def assess(facts: Facts) -> Status:
                         f"{instance.age:.0f} s.")  # fmt: skip
     if facts.descriptors_problem:
         degraded.append(f"File descriptors: {facts.descriptors_problem}.")
+    if facts.search_index_problem:
+        degraded.append(f"The search index: {facts.search_index_problem}.")
     token = token_reason(facts.token_expires, facts.now)
     if token:
         degraded.append(token)
