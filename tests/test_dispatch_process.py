@@ -43,10 +43,14 @@ def alive(pid: int) -> bool:
 
 
 def start(
-    workdir: Path, sandbox: RunningSandbox, dispatch_extra: str = "", log_url: str | None = None
+    workdir: Path,
+    sandbox: RunningSandbox,
+    dispatch_extra: str = "",
+    log_url: str | None = None,
+    listener_extra: str = "",
 ) -> tuple[RunningService, int]:
     health = free_port()
-    config = service_toml(sandbox.url, dispatch_extra=dispatch_extra)
+    config = service_toml(sandbox.url, dispatch_extra=dispatch_extra, listener_extra=listener_extra)
     config += f'\n[health]\nlisten = "tcp:{health}:interface=127.0.0.1"\n'
     return start_service(workdir, config, env=TOKEN, log_url=log_url), health
 
@@ -154,6 +158,49 @@ def test_run_in_thread_keeps_the_dispatcher_in_the_service(tmp_path: Path, sandb
     finally:
         service.stop()
     assert service.process.returncode == 0
+
+
+def test_run_in_thread_leads_the_log_and_a_second_service_on_it_stands_by(
+    tmp_path: Path, sandbox: RunningSandbox
+) -> None:
+    """The service's own dispatcher thread is elected as the process is (the SQLite file's lock): status names it
+    the leader; a second thread-mode service on the same file stands by and sends nothing (each trigger reaches
+    the API once, whichever service took the message in) while it answers its senders' dispatched verdicts from the
+    log (AA, not the timeout's AE), and leads once the first stops."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    thread = 'run_in = "thread"'
+    first, health_first = start(tmp_path / "a", sandbox, dispatch_extra=thread)
+    second: RunningService | None = None
+
+    def status(port: int) -> dict:
+        return requests.get(f"http://127.0.0.1:{port}/status", timeout=5).json()
+
+    def triggered(appointment: str) -> int:
+        return sum(appointment in str(c["body"]) for c in sandbox.calls("bulk"))
+
+    try:
+        wait_until(lambda: status(health_first)["dispatch"]["role"] == "leader", message="the thread to lead")
+        second, health_second = start(tmp_path / "b", sandbox, dispatch_extra=thread, log_url=first.url,
+                                      listener_extra='ack_mode = "dispatched"\ndispatch_timeout = 8')  # fmt: skip
+        wait_until(lambda: status(health_second)["dispatch"]["role"] == "standby", message="the second to stand by")
+        roles = {i["pid"]: i["role"] for i in status(health_second)["instances"]}
+        assert roles == {first.process.pid: "leader", second.process.pid: "standby"}
+        appointments = [f"DTA-{n}" for n in range(4)]
+        for n, appointment in enumerate(appointments):
+            assert ack(second if n % 2 else first, siu("S12", f"DT-{n}", appointment, future()))[1] == "AA"
+        for n in range(len(appointments)):
+            assert [c["status"] for c in settled(first, f"DT-{n}")] == ["done"]
+        time.sleep(1.0)  # a doubling standby's calls would come within its poll
+        assert {a: triggered(a) for a in appointments} == {a: 1 for a in appointments}
+
+        first.stop()
+        wait_until(lambda: status(health_second)["dispatch"]["role"] == "leader", message="the standby to lead")
+        booked(second, sandbox, "DT-9", "DTA-9")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
 
 
 def sample_writes() -> list[OutboxWrite]:

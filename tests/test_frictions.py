@@ -340,7 +340,8 @@ def test_dispatch_now_sends_what_waits_at_once_and_is_audited(tmp_path: Path) ->
         time.sleep(1.0)
         assert not sandbox.instances(), "retried before 'dispatch now'"
         done = service.cli("dispatch", "now", "--database", service.url, "--config", str(service.config), "--by", "ana")
-        assert f"4 waiting command(s) made due; the service (pid {service.process.pid})" in done.stdout
+        leader = f"{socket.gethostname()}:{service.port}"
+        assert f"4 waiting command(s) made due; the dispatcher of instance {leader} dispatches now" in done.stdout
         for control in controls:
             assert settled(service, control)[0]["status"] == "done"
         for i in range(len(controls)):

@@ -41,7 +41,7 @@ from hl7bridge.workflow.dashboard import dashboard
 from hl7bridge.workflow.status import LogFacts
 
 from .conftest import RunningSandbox, RunningService, free_port, segments, start_sandbox, start_service, wait_until
-from .dispatch_support import SANDBOX_TOML, TOKEN, future, query, service_toml, settled, siu
+from .dispatch_support import SANDBOX_TOML, TOKEN, ack, future, query, service_toml, settled, siu
 from .test_dispatch_process import alive, children
 
 #: The shortest lease the configuration takes: takeovers in the tests come within seconds.
@@ -393,3 +393,101 @@ def test_an_instance_is_a_standby_only_while_another_leads() -> None:
     assert LogFacts(instances=(row,)).role(row) == "no leader yet"
     assert LogFacts(instances=(row,), leader="i-2").role(row) == "standby"
     assert LogFacts(instances=(row,), leader="i-1").role(row) == "leader"
+
+
+def test_dispatch_now_on_a_standby_reaches_the_leader_and_status_shows_its_lease(
+    tmp_path: Path, database_url: str, sandbox: RunningSandbox
+) -> None:
+    """The leader holds after an API outage (its probe minutes away); 'dispatch now' run on the standby's machine
+    reaches it through the log (a marker it reads at its next poll, woken by NOTIFY on PostgreSQL): it probes at
+    once, and the line names it. Status shows the leader's lease and how long ago it was renewed (PostgreSQL; on
+    SQLite nothing is renewed: nobody else can take the file's lock)."""
+    slow = "retry_initial = 300\nretry_max = 600\nauth_probe_interval = 300"
+    pair = Pair(tmp_path, database_url, sandbox, dispatch_extra=slow)
+    postgres = database_url.startswith("postgresql")
+    appointments = [f"A-NOWX-{postgres}-{n}" for n in range(3)]  # the sandbox serves the module's tests
+    try:
+        sandbox.faults(outage={"mode": "503", "seconds": 600})
+        for n, appointment in enumerate(appointments):  # one failed call each: the third makes the leader hold
+            assert ack(pair.b, siu("S12", f"NOWX-{n}", appointment, future()))[1] == "AA"
+            wait_until(lambda n=n: query(pair.b, "SELECT a.id FROM attempts a JOIN commands c ON c.id = a.command_id "
+                                         "JOIN messages m ON m.id = c.message_id WHERE m.control_id = ?", f"NOWX-{n}"),
+                       timeout=30, message="the booking to meet the outage")  # fmt: skip
+        wait_until(lambda: pair.status("a")["dispatch"]["held"], timeout=30, message="the leader to hold")
+        sandbox.faults(outage={"mode": "503", "seconds": 0})
+        time.sleep(1.0)
+        assert not any(sandbox.instances(appointmentId=a) for a in appointments), "sent before 'dispatch now'"
+
+        done = pair.b.cli("dispatch", "now", "--database", pair.url, "--config", str(pair.b.config), "--by", "ana")
+        assert "3 waiting command(s) made due; the dispatcher of instance node-a dispatches now" in done.stdout
+        for n in range(len(appointments)):
+            assert settled(pair.a, f"NOWX-{n}", timeout=10)[0]["status"] == "done"
+        journeys_once(sandbox, appointments)
+
+        status = pair.status("b")
+        leases = {i["name"]: i["lease"] for i in status["instances"]}
+        assert leases["node-b"] is None and leases["node-a"]["seconds"] == LEASE
+        renewed = leases["node-a"]["renewed_age_s"]
+        assert 0 <= renewed < LEASE if postgres else renewed is None
+        shown = pair.b.cli("status", "--config", str(pair.b.config), check=False).stdout
+        lease = rf"\(lease {LEASE} s, renewed \d+\.\d s ago\)" if postgres else rf"\(lease {LEASE} s\)"
+        assert re.search(rf"instance node-a \(.*\): leader {lease}, heartbeat", shown), shown
+        board = dashboard(open_engine(pair.b.url, create=False)).to_json()
+        html = page(None, "dashboard.html", board=board, service=status, chart=chart([])).body.decode()
+        assert re.search(r'<td class="num">2 s(, renewed \d+ s ago)?</td>', html), html
+    finally:
+        sandbox.faults(outage={"mode": "503", "seconds": 0})
+        pair.stop()
+
+
+def _no_routes(workdir: Path) -> str:
+    """A service without routes (so without a dispatcher) that purges daily."""
+    workdir.mkdir()
+    return (f'[service]\nretention_days = 1\ninstance_name = "node-{workdir.name}"\n'
+            f'pid_file = "{workdir / "hl7bridge.pid"}"\n\n[listeners.main]\ntime_zone = "America/Chicago"\n')  # fmt: skip
+
+
+def test_without_routes_one_instance_runs_the_retention_pass(tmp_path: Path, database_url: str) -> None:
+    """No routes, so no dispatcher elects a leader: the retention pass is elected alone (the housekeeping lock, and
+    the pass recorded in the log), so of two instances only one purges that day."""
+    services = []
+    try:
+        for name in ("a", "b"):
+            services.append(start_service(tmp_path / name, _no_routes(tmp_path / name), log_url=database_url))
+            wait_until(lambda: query(services[0], "SELECT value FROM meta WHERE key = 'retention_passed_at'"),
+                       message="the first pass")  # fmt: skip
+        time.sleep(2.0)  # the second instance's first look is behind it
+    finally:
+        outputs = [service.stop() for service in services]
+    assert sorted("retention: cleared" in output for output in outputs) == [False, True], outputs
+
+
+def test_without_routes_no_pass_starts_while_another_holds_the_housekeeping_lock(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The housekeeping lock held elsewhere (another instance's pass under way): this instance skips its pass."""
+    import fcntl
+
+    import psycopg
+    from sqlalchemy import make_url
+
+    from hl7bridge.store.cluster import HOUSEKEEPING_LOCK_KEY
+
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        Path(url.database).parent.mkdir(parents=True)
+        Path(url.database).touch()
+        holder = open(url.database, "rb")
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    else:
+        holder = psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database)
+        assert holder.execute("SELECT pg_try_advisory_lock(%s)", (HOUSEKEEPING_LOCK_KEY,)).fetchone() == (True,)
+        holder.commit()
+    service = None
+    try:
+        service = start_service(tmp_path / "a", _no_routes(tmp_path / "a"), log_url=database_url)
+        time.sleep(2.0)  # its first look at start is behind it
+    finally:
+        output = service.stop() if service is not None else ""
+        holder.close()
+    assert "listening" in output and "retention: cleared" not in output, output

@@ -727,8 +727,9 @@ def cmd_dispatch_now(args: argparse.Namespace) -> int:
     _path, pid = _service_pid(cfg)
     done = dispatch_now(_engine(args), actor(args), "cli")
     _signal(pid, control.DISPATCH_NOW)
-    print(f"{done.commands_due} waiting command(s) made due; the service (pid {pid}) dispatches now "
-          "(follow with 'hl7bridge stats')")  # fmt: skip
+    leads = (f"the dispatcher of instance {escape(done.leader)} dispatches now" if done.leader else
+             "no dispatcher leads yet: they are sent once one does")  # fmt: skip
+    print(f"{done.commands_due} waiting command(s) made due; {leads} (follow with 'hl7bridge stats')")
     return 0
 
 

@@ -133,9 +133,18 @@ def instance_lines(instances: list[dict[str, Any]], local: Callable[[str | None]
         flight = f", {i['in_flight']} command(s) in flight" if i["in_flight"] is not None else ""
         last = local(i["last_message_at"]) if i["last_message_at"] else "none yet"
         this = "; this instance" if i.get("this") else ""
-        lines.append(f"instance {escape(str(i['name']))} ({escape(str(i['host']))}, pid {i['pid']}{this}): {role}, "
-                     f"heartbeat {i['heartbeat_age_s']:.0f} s ago{flight}, last message {last}")  # fmt: skip
+        lines.append(f"instance {escape(str(i['name']))} ({escape(str(i['host']))}, pid {i['pid']}{this}): {role}"
+                     f"{lease_text(i.get('lease'))}, heartbeat {i['heartbeat_age_s']:.0f} s ago{flight}, "
+                     f"last message {last}")  # fmt: skip
     return lines
+
+
+def lease_text(lease: dict[str, Any] | None) -> str:
+    """The leader's lease, and how long ago it was renewed: near the lease, a standby is about to take over."""
+    if not lease:
+        return ""
+    renewed = lease.get("renewed_age_s")
+    return f" (lease {lease['seconds']:g} s" + (f", renewed {renewed:.1f} s ago)" if renewed is not None else ")")
 
 
 def print_status(body: dict[str, Any], url: str) -> None:

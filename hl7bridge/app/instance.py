@@ -1,6 +1,5 @@
 """This service process as one instance of several on a log: its row in ``instances``, heartbeated every
-``BEAT_EVERY`` s through the writer (off the reactor), and whether it is the one that leads (housekeeping runs
-there only)."""
+``BEAT_EVERY`` s through the writer (off the reactor), and whether it runs the next housekeeping pass."""
 
 from __future__ import annotations
 
@@ -9,14 +8,24 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, task, threads
 
 from hl7bridge import __version__
+from hl7bridge.dispatch.leader import try_flock
 from hl7bridge.mllp.tls import endpoint_fields, endpoint_port
 from hl7bridge.store import Job, Writer
-from hl7bridge.store.cluster import beat, current_leader, forget_instance, register_instance
+from hl7bridge.store.cluster import (
+    beat,
+    current_leader,
+    forget_instance,
+    register_instance,
+    release_housekeeping_lock,
+    retention_passed_at,
+    try_housekeeping_lock,
+)
 
 log = logging.getLogger("hl7bridge.service")
 
@@ -91,12 +100,61 @@ class Instance:
             else:
                 log.info("this instance's heartbeat is recorded again")
 
-    def leads(self) -> defer.Deferred[bool]:
-        """Whether this instance's dispatcher leads (or none does: a log without routes has no leader)."""
+    def housekeeping_turn(self, dispatching: bool, every: float) -> defer.Deferred[Callable[[], None] | None]:
+        """Whether this instance runs the next housekeeping pass: then a ``release`` to call (off the reactor) once
+        the pass is over, else None. Where this instance runs a dispatcher, the leader's instance passes; where it
+        runs none (no routes: nothing elects a leader), the pass is elected alone, by the housekeeping lock held for
+        the pass (a PostgreSQL session lock; a SQLite file's ``flock``), skipped while another holds it. Either way
+        only if no instance started one within ``every`` s (``meta``): a takeover brings no second pass that day."""
 
-        def read() -> bool:
-            with self.engine.connect() as conn:
-                leader = current_leader(conn)
-            return leader is None or leader.instance == self.id
+        def take() -> Callable[[], None] | None:
+            if dispatching:
+                with self.engine.connect() as conn:
+                    leader = current_leader(conn)
+                if leader is not None and leader.instance != self.id:
+                    return None
+                release: Callable[[], None] | None = _nothing
+            else:
+                release = self._housekeeping_lock()
+            if release is None:
+                return None
+            try:
+                with self.engine.connect() as conn:
+                    last = retention_passed_at(conn)
+            except BaseException:
+                release()
+                raise
+            if last is not None and time.time() - last < every:
+                release()
+                return None
+            return release
 
-        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), read)
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), take)
+
+    def _housekeeping_lock(self) -> Callable[[], None] | None:
+        """The housekeeping lock if it is free (its release), else None."""
+        if self.engine.dialect.name == "postgresql":
+            conn = self.engine.connect()
+            if not try_housekeeping_lock(conn):
+                conn.close()
+                return None
+
+            def unlock() -> None:
+                try:
+                    release_housekeeping_lock(conn)
+                finally:
+                    conn.close()
+
+            return unlock
+        path = self.engine.url.database
+        if not path or path == ":memory:":
+            return _nothing
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if not try_flock(fd):
+            os.close(fd)
+            return None
+        return lambda: os.close(fd)
+
+
+def _nothing() -> None:
+    """A release with nothing to release."""

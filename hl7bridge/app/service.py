@@ -28,6 +28,7 @@ from hl7bridge.core.status import Role
 from hl7bridge.dispatch.child import ChildSpec, FixedToken
 from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import JourneysClient, TokenSource, plain_http_outside_loopback
+from hl7bridge.dispatch.leader import Leadership
 from hl7bridge.dispatch.process import DispatcherProcess
 from hl7bridge.hl7 import tables
 from hl7bridge.hl7.ack import AckBuilder
@@ -51,6 +52,7 @@ from hl7bridge.store import (
     open_engine,
     purge_step,
 )
+from hl7bridge.store.cluster import record_retention_pass
 from hl7bridge.store.configs import register_config, set_reload_refused, set_running_config
 from hl7bridge.store.search import newest_id
 from hl7bridge.store.search_index import Indexer, index_path
@@ -70,8 +72,9 @@ CONFIG_LOCK_RETRY = 0.25
 #: The ``--sandbox`` demo's console account, and the file beside the control token holding its password.
 DEMO_USER = "demo"
 DEMO_PASSWORD_FILE = "console-demo.password"
-#: Seconds between an instance's looks at whether it leads and a retention pass is due.
+#: Seconds between an instance's looks at whether it leads and a retention pass is due, and between passes.
 RETENTION_LOOK = 60.0
+RETENTION_EVERY = 86400.0
 #: Descriptors short for this long is a leak, not a burst: the watchdog then lets systemd restart.
 FD_RESTART_AFTER = 120.0
 
@@ -371,8 +374,9 @@ class Service:
             self.indexer.start()
 
     def _start_retention(self) -> None:
-        """A daily pass, on the leading instance only: every instance looks every ``RETENTION_LOOK`` s, so that
-        after a takeover the new leader's instance takes the passes over."""
+        """A daily pass on one instance of the log (``Instance.housekeeping_turn``: the leading one, or where no
+        dispatcher runs, the one holding the housekeeping lock): every instance looks every ``RETENTION_LOOK`` s, so
+        that after a takeover or a death another takes the passes over."""
         if not self.config.service.retention_days:
             return
         loop = task.LoopingCall(self._retention_due)
@@ -382,16 +386,21 @@ class Service:
 
     @defer.inlineCallbacks
     def _retention_due(self):
-        if self.instance is None or time.time() - self._purged_at < 86400.0:
+        if self.instance is None or self.writer is None or time.time() - self._purged_at < RETENTION_EVERY:
             return
         try:
-            leads = yield self.instance.leads()
+            release = yield self.instance.housekeeping_turn(self.dispatcher is not None, RETENTION_EVERY)
         except Exception as exc:  # noqa: BLE001 - tried again at the next look
-            log.warning("retention: cannot read which instance leads: %s", exc.__class__.__name__)
+            log.warning("retention: cannot tell which instance passes: %s", exc.__class__.__name__)
             return
-        if leads and time.time() - self._purged_at >= 86400.0:
-            self._purged_at = time.time()
+        if release is None:
+            return
+        self._purged_at = at = time.time()
+        try:
+            self.writer.submit_job(Job(lambda conn: record_retention_pass(conn, at), _retention_recorded))
             yield self.purge_now(self.config.service.retention_days * 86400.0)
+        finally:
+            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), release)
 
     def _last_message(self) -> float | None:
         return max(self.metrics.last_message_at.values(), default=None)
@@ -596,6 +605,7 @@ class Service:
         if postgres and dispatch.run_in == "thread":
             log.warning('dispatch.run_in = "thread" is not for a shared PostgreSQL log: only the elected dispatcher '
                         "process may send; it runs in a process")  # fmt: skip
+        instance = self.instance.id if self.instance is not None else ""
         if (dispatch.run_in == "process" or postgres) and _shareable(service.database):
             spec = ChildSpec(
                 database=service.database,
@@ -605,13 +615,16 @@ class Service:
                 log_format=service.log_format,
                 log_phi=service.log_phi,
                 token=tokens.token if isinstance(tokens, FixedToken) else "",
-                instance=self.instance.id if self.instance is not None else "",
+                instance=instance,
                 lease=service.dispatch_lease,
             )
             self.dispatcher = DispatcherProcess(self.reactor, spec, self.metrics, self.writer)
         else:
             client = JourneysClient(api, tokens)
-            self.dispatcher = Dispatcher(self.engine, self.writer, client, dispatch, observer=self.metrics)
+            # Elected as the process is (the file's lock): a second service on this log stands by, never doubles.
+            leadership = Leadership(service.database, instance, service.dispatch_lease)
+            self.dispatcher = Dispatcher(self.engine, self.writer, client, dispatch, observer=self.metrics,
+                                         leadership=leadership)  # fmt: skip
         self.writer.on_commands = self.dispatcher.wake
         self.dispatcher.start()
         started = time.time()
@@ -659,6 +672,12 @@ def why_not_bound(exc: BaseException, setting: str) -> str:
 def _reload_recorded(_result: object, error: BaseException | None) -> None:
     if error is not None:
         log.error("cannot record the refused reload in the log: %s", error)
+
+
+def _retention_recorded(_result: object, error: BaseException | None) -> None:
+    if error is not None:
+        log.error("retention: cannot record the pass in the log (another instance may pass today too): %s",
+                  error.__class__.__name__)  # fmt: skip
 
 
 def _target_recorded(_result: object, error: BaseException | None) -> None:

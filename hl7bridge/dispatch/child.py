@@ -36,23 +36,20 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core import logs
 from hl7bridge.core.observer import NullObserver
-from hl7bridge.core.status import FINAL_STATUSES
 from hl7bridge.dispatch import pipe
-from hl7bridge.dispatch.dispatcher import Dispatcher
+from hl7bridge.dispatch.dispatcher import STANDBY_LOOK, Dispatcher
 from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
 from hl7bridge.dispatch.leader import Leadership
 from hl7bridge.dispatch.pipe import LineBuffer
 from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine
 from hl7bridge.store.cluster import StaleEpoch
-from hl7bridge.store.outbox import command_status
+from hl7bridge.store.outbox import final_updates
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
 #: How often the dispatch state (held, paused) is compared with what the parent was last told.
 STATE_POLL = 0.2
-#: Seconds between a standby's looks at the commands the service waits for.
-STANDBY_LOOK = 0.5
 #: Below the service: its answers wait for CPU less while this process catches up after an outage.
 NICE_INCREMENT = 10
 
@@ -131,10 +128,8 @@ class ServiceWrites:
     """The dispatcher's ``JobSink`` here: each write goes to the service as a numbered ``write`` event, and
     its job is done when the service answers ``d N`` (committed) or ``e N TEXT`` (failed)."""
 
-    def __init__(self, events: EventPipe, epoch: int | None = None) -> None:
+    def __init__(self, events: EventPipe) -> None:
         self.events = events
-        #: The leadership epoch every write carries (fencing: the service's writer refuses a stale one).
-        self.epoch = epoch
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self._pending: dict[int, Job] = {}
@@ -145,7 +140,7 @@ class ServiceWrites:
         number = next(self._numbers)
         with self._lock:
             self._pending[number] = job
-        self.events.send({pipe.WRITE: number, **job.work.to_json(), "epoch": self.epoch})
+        self.events.send({pipe.WRITE: number, **job.work.to_json()})
 
     def answered(self, order: pipe.Order) -> None:
         """The service committed write N (``COMMITTED``), or could not (``FAILED``, with its reason)."""
@@ -167,18 +162,17 @@ class Child:
         self.events = events
         self.leadership = leadership
         self.engine = open_engine(spec.database, read_only=True)
-        self.writes = ServiceWrites(events, leadership.epoch)
+        self.writes = ServiceWrites(events)
         tokens = FixedToken(spec.token) if spec.token else spec.api.tokens()
         client = JourneysClient(spec.api, tokens)
         self.dispatcher = Dispatcher(self.engine, self.writes, client, DispatchSettings(**spec.settings),
-                                     observer=events, may_send=leadership.fresh)  # fmt: skip
+                                     observer=events, leadership=leadership)  # fmt: skip
         self._told: pipe.DispatchState | None = None
 
     def run(self, stdin: int, waiting: Standby | None = None) -> int:
         """Read the parent's lines until a stop has finished. The stop runs in a thread of its own: the calls
         it waits for need this loop to read their writes' answers. ``waiting``: what was read while a standby."""
         self.dispatcher.start()
-        self.leadership.keep(self.dispatcher.wake)
         self.events.send({pipe.READY: True})
         lines = waiting.lines if waiting is not None else LineBuffer(pipe.MAX_LINE)
         for order in waiting.kept if waiting is not None else ():
@@ -222,10 +216,10 @@ class Child:
         """Answer when the command is final, including when it became final before the parent asked."""
         self.dispatcher.wait_for(command_id, self._final)
         with self.engine.connect() as conn:
-            found = command_status(conn, command_id)
-        if found is not None and found[0] in FINAL_STATUSES:
+            final = final_updates(conn, [command_id])
+        for update in final:
             self.dispatcher.forget(command_id)
-            self._final(CommandUpdate(command_id, *found))
+            self._final(update)
 
     def _final(self, update: CommandUpdate) -> None:
         self.events.send(_final_event(update))
@@ -284,16 +278,14 @@ class Standby:
             if self._engine is None:
                 self._engine = open_engine(self.database, read_only=True)
             with self._engine.connect() as conn:
-                found = {int(o.number): command_status(conn, int(o.number)) for o in self.kept}
+                final = final_updates(conn, [int(o.number) for o in self.kept])
         except Exception as exc:  # noqa: BLE001 - the log may be back at the next look
             log.warning("a standby cannot read the commands the service waits for: %s", exc.__class__.__name__)
             return
-        for command_id, status in found.items():
-            if status is not None and status[0] in FINAL_STATUSES:
-                self.events.send(_final_event(CommandUpdate(command_id, *status)))
-        self.kept = [
-            o for o in self.kept if (status := found[int(o.number)]) is None or status[0] not in FINAL_STATUSES
-        ]
+        for update in final:
+            self.events.send(_final_event(update))
+        answered = {u.command_id for u in final}
+        self.kept = [o for o in self.kept if int(o.number) not in answered]
 
 
 def _parent_gone() -> None:

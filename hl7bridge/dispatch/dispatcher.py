@@ -12,15 +12,29 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from hl7bridge.dispatch.leader import Leadership
 from hl7bridge.dispatch.pipe import DispatchState
 from hl7bridge.dispatch.rules import DispatchRules, LogUnwritable
 from hl7bridge.store import CommandUpdate
+from hl7bridge.store.outbox import final_updates
 
 log = logging.getLogger("hl7bridge.dispatcher")
+
+#: Seconds between a standby's looks at the commands its service waits for.
+STANDBY_LOOK = 0.5
 
 
 class Dispatcher(DispatchRules):
     """``DispatchRules`` run by threads: a loop that ticks and a small pool for the API calls."""
+
+    def __init__(self, *args: Any, leadership: Leadership | None = None, **kwargs: Any) -> None:
+        """``leadership``: the log's election (``dispatch.leader``). The loop first waits to lead (a standby
+        meanwhile, sending nothing), then starts calls only while the lease is fresh, and every write carries its
+        epoch; the process (``dispatch.child``) and the service's own thread (``run_in = "thread"``) alike."""
+        self.leadership = leadership
+        if leadership is not None:
+            kwargs["may_send"] = leadership.fresh
+        super().__init__(*args, **kwargs)
 
     def _prepare(self) -> None:
         self._wake = threading.Event()
@@ -29,6 +43,8 @@ class Dispatcher(DispatchRules):
         self._running: set[Future] = set()
         #: ``time.monotonic()`` before which no tick starts: the log refused a write (see ``LogUnwritable``).
         self._log_wait_until = 0.0
+        #: ``time.monotonic()`` of a standby's last look at the commands its service waits for.
+        self._looked = 0.0
         self._thread = threading.Thread(target=self._loop, name="hl7bridge-dispatcher", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -50,6 +66,8 @@ class Dispatcher(DispatchRules):
         self._wake.set()
         self._thread.join(deadline)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.leadership is not None:
+            self.leadership.release()
 
     @property
     def alive(self) -> bool:
@@ -75,7 +93,42 @@ class Dispatcher(DispatchRules):
             self._waiters.pop(command_id, None)
 
     # -- the loop --------------------------------------------------------------------------------
+    def _lead(self) -> bool:
+        """Wait until this dispatcher leads the log (False: stopped first); then renew the lease meanwhile."""
+        if self.leadership is None:
+            return True
+        if not self.leadership.acquire(self._standing_by):
+            return False
+        self.epoch = self.leadership.epoch
+        self.leadership.keep(self.wake)
+        return True
+
+    def _standing_by(self) -> bool:
+        """Whether to stop waiting to lead (the dispatcher stops). Meanwhile the verdicts its service waits for
+        (``ack_mode = "dispatched"``: the leader elsewhere sends the command) are answered from the log once final,
+        every ``STANDBY_LOOK`` s."""
+        if self._stopping.is_set():
+            return True
+        if self._waiters and time.monotonic() - self._looked >= STANDBY_LOOK:
+            self._looked = time.monotonic()
+            with self._lock:
+                waiting = list(self._waiters)
+            try:
+                with self.engine.connect() as conn:
+                    final = final_updates(conn, waiting)
+            except Exception as exc:  # noqa: BLE001 - the log may be back at the next look
+                log.warning("a standby cannot read the commands the service waits for: %s", exc.__class__.__name__)
+                return False
+            for update in final:
+                with self._lock:
+                    waiter = self._waiters.pop(update.command_id, None)
+                if waiter is not None:
+                    waiter(update)
+        return False
+
     def _loop(self) -> None:
+        if not self._lead():
+            return
         last = -self.settings.tick_gap
         while not self._stopping.is_set():
             # Wakes come with every committed command and every finished call; ticking on each one made

@@ -34,6 +34,16 @@ TRY_EVERY = 0.1
 LOOK_EVERY = 0.5
 
 
+def try_flock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on an open file if it is free: a SQLite log's elections (the file's lock is
+    held until that descriptor closes, so with its process at the latest)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 class Leadership:
     """Wait to lead (``acquire``), then keep leading (``keep``) until deposed: then the process exits, and the
     service starts a new one, which waits as a standby."""
@@ -54,7 +64,9 @@ class Leadership:
 
     def acquire(self, should_stop: Callable[[], bool]) -> bool:
         """Block until this process leads (True), or until ``should_stop`` says so (False: the service stops or is
-        gone). True at once for an in-memory log (nothing to share, nothing to fence)."""
+        gone). True at once for an in-memory log (nothing to share, nothing to fence), and once this one leads."""
+        if self.epoch is not None:
+            return True
         url = make_url(self.database)
         if self._postgres:
             self._conn = open_engine(self.database, create=False).connect()
@@ -77,13 +89,17 @@ class Leadership:
         self._claim()
         return True
 
+    def release(self) -> None:
+        """Free a SQLite file's lock as the dispatcher stops, for a dispatcher started next in this process (the
+        service's own thread, ``run_in = "thread"``). A PostgreSQL lock goes with its process, whose lease thread
+        still uses the session until it exits."""
+        if self._fd is not None:
+            fd, self._fd, self.epoch = self._fd, None, None
+            os.close(fd)
+
     def _flock(self) -> bool:
         assert self._fd is not None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
+        return try_flock(self._fd)
 
     def _end_stuck_leader(self) -> None:
         """A leader that has not renewed for its whole lease (stopped, hung, cut off) still holds the lock through

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
@@ -30,6 +30,7 @@ from hl7bridge.core.status import FINAL_STATUSES, CommandStatus
 from hl7bridge.dispatch.journeys import ACTIVE_STATUSES, LATE, ApiResult, Verdict, holds
 from hl7bridge.mapping.routing import BOOK, CANCEL, MODIFY, RESCHEDULE, SUBFLOW
 from hl7bridge.store import CommandRow, CommandUpdate, Job
+from hl7bridge.store.cluster import dispatch_now_asked
 
 log = logging.getLogger("hl7bridge.dispatcher")
 
@@ -163,6 +164,8 @@ class DispatchRules:
         self.engine = engine
         #: Whether an API call may start now (the elected dispatcher's lease is fresh).
         self.may_send = may_send
+        #: The leadership epoch (``dispatch.leader``) every write carries, so a deposed dispatcher's are refused.
+        self.epoch: int | None = None
         self.writer = writer
         self.client = client
         self.settings = settings
@@ -178,6 +181,8 @@ class DispatchRules:
         self.paused_since: float | None = None
         self._failed_calls = 0
         self._probe_at = 0.0
+        #: The last ``dispatch now`` seen in the log (None: not read yet).
+        self._now_seen: float | None = None
         self._lock = threading.Lock()
         self._busy: set[str] = set()
         self._buckets: dict[tuple[str, str | None, str], Bucket] = {}
@@ -205,6 +210,14 @@ class DispatchRules:
         """Run ``fn(arg)`` (an API call) away from the tick: the dispatcher's pool."""
         raise NotImplementedError
 
+    def _asked_now(self) -> bool:
+        """Whether ``hl7bridge dispatch now`` was asked since this dispatcher last looked, on any instance of the
+        log (its signal reaches only the service on the operator's machine, which may be a standby)."""
+        with self.engine.connect() as conn:
+            asked = dispatch_now_asked(conn)
+        seen, self._now_seen = self._now_seen, asked
+        return seen is not None and asked > seen
+
     # -- what to send ------------------------------------------------------------------------------
     def _tick(self) -> float:
         if not self.may_send():
@@ -213,7 +226,10 @@ class DispatchRules:
         # A sender waiting for a verdict (ack_mode = "dispatched") lifts the hold: its message is tried now.
         holding = self.holding and not self._waiters
         if holding and now < self._probe_at:
-            return self._probe_at - now
+            if not self._asked_now():
+                return min(self._probe_at - now, self.settings.poll_interval)
+            log.info("dispatch now: the held queue's probe goes at once")
+            self._probe_at = 0.0
         with self._lock:
             busy = set(self._busy)
         limit = 1 if holding else self.settings.batch_size * 4
@@ -573,7 +589,7 @@ class DispatchRules:
             done.release()
 
         for write in writes:
-            self.writer.submit_job(Job(write, finished))
+            self.writer.submit_job(Job(replace(write, epoch=self.epoch), finished))
         for _ in writes:
             done.acquire()
         if failure:

@@ -14,10 +14,25 @@ from sqlalchemy.dialects.postgresql import OID
 from sqlalchemy.exc import OperationalError
 
 from hl7bridge.core.status import CommandStatus
-from hl7bridge.store.schema import DISPATCH_LOCK_KEY, StoreError, commands, dispatch_leader, instances
+from hl7bridge.store.schema import (
+    DISPATCH_LOCK_KEY,
+    StoreError,
+    commands,
+    dispatch_leader,
+    get_meta,
+    instances,
+    set_meta,
+)
 
 #: The channel the writer notifies when a group created commands (PostgreSQL): the leader LISTENs on it.
 OUTBOX_CHANNEL = "hl7bridge_outbox"
+#: ``meta`` key: when ``hl7bridge dispatch now`` was last asked (epoch seconds), on any instance: a holding or
+#: paused leader, wherever it runs, reads it at its next poll and probes at once.
+DISPATCH_NOW_KEY = "dispatch_now_at"
+#: The session lock a housekeeping pass holds on PostgreSQL where no dispatcher elects one (a log without routes).
+HOUSEKEEPING_LOCK_KEY = DISPATCH_LOCK_KEY + 1
+#: ``meta`` key: when the last retention pass on the log started (epoch seconds), whichever instance ran it.
+RETENTION_PASSED_KEY = "retention_passed_at"
 #: The leader's row is the only one (``id`` 1).
 _ROW = 1
 #: Instances whose heartbeat is older than this many seconds are removed.
@@ -174,6 +189,26 @@ def notify_outbox(conn: Any) -> None:
         conn.execute(select(func.pg_notify(OUTBOX_CHANNEL, "")))
 
 
+def ask_dispatch_now(conn: Any, at: float) -> None:
+    """Ask the leader, wherever it runs, to dispatch now: the marker it reads, and a wake (PostgreSQL's NOTIFY,
+    delivered on commit; on SQLite its next poll)."""
+    set_meta(conn, DISPATCH_NOW_KEY, repr(at))
+    notify_outbox(conn)
+
+
+def dispatch_now_asked(conn: Any) -> float:
+    """When ``dispatch now`` was last asked (0: never)."""
+    value = get_meta(conn, DISPATCH_NOW_KEY)
+    return float(value) if value else 0.0
+
+
+def leader_name(conn: Any) -> str | None:
+    """The leading instance's name (None: no dispatcher leads yet, or its instance's row is gone)."""
+    return conn.execute(
+        select(instances.c.name).join(dispatch_leader, dispatch_leader.c.instance == instances.c.id)
+    ).scalar()
+
+
 def listen_outbox(conn: Any) -> None:
     conn.exec_driver_sql(f"LISTEN {OUTBOX_CHANNEL}")
     conn.commit()
@@ -214,3 +249,24 @@ def in_flight(conn: Any) -> int:
 
 def forget_instance(conn: Any, instance_id: str) -> None:
     conn.execute(instances.delete().where(instances.c.id == instance_id))
+
+
+def try_housekeeping_lock(conn: Any) -> bool:
+    """Take the housekeeping session lock on a PostgreSQL log if it is free (then commit, as the dispatcher's)."""
+    taken = bool(conn.execute(select(func.pg_try_advisory_lock(HOUSEKEEPING_LOCK_KEY))).scalar())
+    conn.commit()
+    return taken
+
+
+def release_housekeeping_lock(conn: Any) -> None:
+    conn.execute(select(func.pg_advisory_unlock(HOUSEKEEPING_LOCK_KEY)))
+    conn.commit()
+
+
+def retention_passed_at(conn: Any) -> float | None:
+    value = get_meta(conn, RETENTION_PASSED_KEY)
+    return float(value) if value else None
+
+
+def record_retention_pass(conn: Any, at: float) -> None:
+    set_meta(conn, RETENTION_PASSED_KEY, repr(at))

@@ -148,6 +148,13 @@ def command_status(conn: Any, command_id: int) -> tuple[str, str] | None:
     return (row.status, row.outcome or "") if row is not None else None
 
 
+def final_updates(conn: Any, command_ids: list[int]) -> list[CommandUpdate]:
+    """Those of the commands that are final, as the updates their verdicts' waiters are answered with: a standby
+    answers so for the leader elsewhere that settled them."""
+    found = [(command_id, command_status(conn, command_id)) for command_id in command_ids]
+    return [CommandUpdate(i, *status) for i, status in found if status is not None and status[0] in FINAL_STATUSES]
+
+
 def due_now(conn: Any, now: float) -> int:
     """End every open command's backoff: each is due at ``now`` (per-appointment order still holds). Returns how
     many were waiting. For when the cause of the failures is known to be gone: the API answers again after

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Engine
 
 from hl7bridge.store import AuditEntry, audit, due_now
+from hl7bridge.store.cluster import ask_dispatch_now, leader_name
 
 
 @dataclass(frozen=True)
@@ -18,17 +19,22 @@ class DispatchNow:
     #: Open commands whose backoff was ended (they are due at once).
     commands_due: int
     at: float
+    #: The name of the instance whose dispatcher leads (and sends them); None: none leads yet.
+    leader: str | None = None
 
 
 def dispatch_now(engine: Engine, actor: str, channel: str, now: float | None = None) -> DispatchNow:
     """End every open command's backoff so the dispatcher sends what waits on its next pass (per-appointment
-    order and the appointment memory still apply, so nothing doubles)."""
+    order and the appointment memory still apply, so nothing doubles), and ask the leader, on whichever instance
+    it runs, to end its hold and pause at once (``cluster.ask_dispatch_now``)."""
     at = time.time() if now is None else now
     with engine.begin() as conn:
         due = due_now(conn, at)
         audit.record(conn, AuditEntry(actor, channel, action="dispatch-now", target="command",
                                       details={"commands_due": due}), now=at)  # fmt: skip
-    return DispatchNow(due, at)
+        ask_dispatch_now(conn, at)
+        leader = leader_name(conn)
+    return DispatchNow(due, at, leader)
 
 
 def record_reload(engine: Engine, actor: str, channel: str, pid: int, config: str) -> None:

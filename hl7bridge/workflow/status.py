@@ -57,6 +57,10 @@ class LogFacts:
     leader: str | None = None
     #: Commands in flight (the leader's).
     in_flight: int = 0
+    #: The leader's lease (s), and seconds since it renewed it by the database's clock (None: SQLite, where
+    #: nothing is renewed: nobody else can take the file's lock).
+    lease: float | None = None
+    renewed_age: float | None = None
 
     def down(self) -> list[InstanceRow]:
         """Instances whose heartbeat is older than ``DOWN_AFTER_LEASES`` of their leases."""
@@ -69,6 +73,10 @@ class LogFacts:
             return "no leader yet"  # a dispatcher starting, or none configured: nobody stands by for anyone
         return "leader" if instance.id == self.leader else "standby"
 
+    def _lease(self) -> dict[str, Any]:
+        """The leader's lease: renewed this long ago, against a lease the standbys wait out before taking over."""
+        return {"seconds": self.lease, "renewed_age_s": _round(self.renewed_age)}
+
     def to_json(self, this: str | None = None) -> dict[str, Any]:
         """``this``: the answering service's instance id, marked ``"this"`` (behind a balancer, which one answered)."""
         return {
@@ -78,7 +86,8 @@ class LogFacts:
                 {"id": i.id, "name": i.name, "host": i.host, "pid": i.pid, "version": i.version, "role": self.role(i),
                  "heartbeat_age_s": _round(i.age), "started_at": iso(i.started_at),
                  "last_message_at": iso(i.last_message_at),
-                 "in_flight": self.in_flight if i.id == self.leader else None, "this": i.id == this}
+                 "in_flight": self.in_flight if i.id == self.leader else None, "this": i.id == this,
+                 "lease": self._lease() if i.id == self.leader else None}
                 for i in self.instances
             ],
         }  # fmt: skip
@@ -217,8 +226,9 @@ def log_facts(engine: Engine, now: float | None = None) -> LogFacts:
         depth, oldest = store.outbox_depth(conn, at)
         dead, since = store.open_dead_letters(conn)
         leader = current_leader(conn)
+        renews = leader is not None and leader.backend_pid is not None
         return LogFacts(depth, oldest, dead, since, tuple(instance_rows(conn)), leader and leader.instance,
-                        in_flight(conn))  # fmt: skip
+                        in_flight(conn), leader and leader.lease, leader.age if renews else None)  # fmt: skip
 
 
 def iso(ts: float | None) -> str | None:
