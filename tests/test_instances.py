@@ -476,8 +476,7 @@ def test_without_routes_no_pass_starts_while_another_holds_the_housekeeping_lock
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         Path(url.database).parent.mkdir(parents=True)
-        Path(url.database).touch()
-        holder = open(url.database, "rb")
+        holder = open(f"{url.database}.lock", "wb")  # the log's lock file, never the log (dispatch.leader)
         fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
     else:
         holder = psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database)
@@ -491,3 +490,38 @@ def test_without_routes_no_pass_starts_while_another_holds_the_housekeeping_lock
         output = service.stop() if service is not None else ""
         holder.close()
     assert "listening" in output and "retention: cleared" not in output, output
+
+
+def test_the_sqlite_elections_never_close_a_descriptor_of_the_log(tmp_path: Path) -> None:
+    """SQLite's locks are POSIX locks, which a process loses on a file when any descriptor of that file closes
+    (https://www.sqlite.org/howtocorrupt.html, 2.2): a dispatcher thread or a housekeeping pass that opened and
+    closed the log itself dropped the service's own shared lock on it, and the next process to close the log took
+    itself for the last one and checkpointed and deleted the WAL under the service's open connections. They lock
+    ``<log>.lock``: the service's lock holds through both, and the WAL stays."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from hl7bridge.app.instance import Instance
+    from hl7bridge.dispatch.leader import Leadership
+
+    log = tmp_path / "log.db"
+    engine = open_engine(f"sqlite:///{log}")
+    service = sqlite3.connect(log, isolation_level=None)
+    service.execute("INSERT INTO meta (key, value) VALUES ('held', 'by the service')")
+    try:
+        leadership = Leadership(f"sqlite:///{log}", "here", 4.0)
+        assert leadership.acquire(lambda: False)
+        leadership.release()
+        release = Instance(None, None, engine, "here", 4.0, lambda: None)._housekeeping_lock()
+        assert release is not None
+        release()
+        engine.dispose()
+        other = subprocess.run([sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                                "c.execute('SELECT count(*) FROM meta').fetchall(); c.close()", str(log)],
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert other.returncode == 0, other.stderr
+        assert (tmp_path / "log.db-wal").exists(), "another process deleted the WAL under the service's connection"
+    finally:
+        service.close()
+    assert (tmp_path / "log.db.lock").stat().st_mode & 0o777 == 0o600

@@ -411,6 +411,33 @@ def test_a_message_committed_after_a_newer_one_is_findable_when_committed(postgr
     assert found(text="rowan", since=0.0) == ["LATE-1", "LATE-1"]
 
 
+def test_a_group_holding_a_resend_is_planned_again_with_its_original(postgres_url: str) -> None:
+    """A group goes in as though none of its keys were logged, its lookup in the same round trip as its rows. A
+    resend found logged (here of a message accepted only as a replay, which the unique key does not hold, so its
+    row would have gone in) takes the group's rows and index out, and the group is planned again: the resend a
+    duplicate of the replay, its neighbours accepted, each message once in the log and in the index."""
+    engine = open_engine(postgres_url)
+    refused = dict(_searchable("RS-1", "MRN-R", "REDWOOD"), status="rejected", ack_code="AR")
+    with engine.begin() as conn:
+        (first,) = write_generic(conn, [WriteRequest(refused, None, print)])
+    replay = record_replay(engine, {"id": first.message_id}, _searchable("RS-1", "MRN-R", "REDWOOD"), [])
+    group = [
+        WriteRequest(_searchable(c, "MRN-R", "REDWOOD"), ("EPIC", "MAIN", c), print) for c in ("RS-0", "RS-1", "RS-2")
+    ]
+    with engine.begin() as conn:
+        results = write_generic(conn, group)
+    assert [r.duplicate_of for r in results] == [None, replay, None]
+    assert results[1].original_ack == b"ACK RS-1"
+    with engine.connect() as conn:
+        rows = conn.execute(select(messages.c.control_id, messages.c.status).order_by(messages.c.id)).all()
+        keys = conn.exec_driver_sql("SELECT key, count(*) FROM search_keys WHERE starts_with(key, 'c:RS-') GROUP BY key "
+                                    "ORDER BY key").all()  # fmt: skip
+        words = conn.exec_driver_sql("SELECT count(*) FROM message_words").scalar()
+    assert sorted(map(tuple, rows)) == [("RS-0", "accepted"), ("RS-1", "accepted"), ("RS-1", "duplicate"),
+                                        ("RS-1", "rejected"), ("RS-2", "accepted")]  # fmt: skip
+    assert [tuple(k) for k in keys] == [("c:RS-0", 1), ("c:RS-1", 3), ("c:RS-2", 1)] and words == 5
+
+
 def _column_types(conn) -> dict[tuple[str, str], str]:
     rows = conn.exec_driver_sql("SELECT table_name, column_name, data_type FROM information_schema.columns "
                                 "WHERE table_schema = 'public'")  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet import defer, task, threads
 
 from hl7bridge import __version__
-from hl7bridge.dispatch.leader import try_flock
+from hl7bridge.dispatch.leader import open_lock_file, try_flock
 from hl7bridge.mllp.tls import endpoint_fields, endpoint_port
 from hl7bridge.store import Job, Writer
 from hl7bridge.store.cluster import (
@@ -104,7 +104,7 @@ class Instance:
         """Whether this instance runs the next housekeeping pass: then a ``release`` to call (off the reactor) once
         the pass is over, else None. Where this instance runs a dispatcher, the leader's instance passes; where it
         runs none (no routes: nothing elects a leader), the pass is elected alone, by the housekeeping lock held for
-        the pass (a PostgreSQL session lock; a SQLite file's ``flock``), skipped while another holds it. Either way
+        the pass (a PostgreSQL session lock; the ``flock`` of a SQLite log's lock file), skipped while another holds it. Either way
         only if no instance started one within ``every`` s (``meta``): a takeover brings no second pass that day."""
 
         def take() -> Callable[[], None] | None:
@@ -149,7 +149,7 @@ class Instance:
         path = self.engine.url.database
         if not path or path == ":memory:":
             return _nothing
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_lock_file(path)
         if not try_flock(fd):
             os.close(fd)
             return None

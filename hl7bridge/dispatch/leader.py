@@ -34,6 +34,14 @@ TRY_EVERY = 0.1
 LOOK_EVERY = 0.5
 
 
+def open_lock_file(database: str) -> int:
+    """A descriptor of the SQLite log's lock file, ``<log>.lock`` (made 0600), whose ``flock`` elects its
+    dispatcher and its housekeeping. Never the log itself: closing any descriptor of the log in a process drops
+    every POSIX lock SQLite holds on it there (https://www.sqlite.org/howtocorrupt.html, 2.2), and the service's
+    own dispatcher thread and housekeeping open and close theirs while its writer writes."""
+    return os.open(f"{database}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
 def try_flock(fd: int) -> bool:
     """Take an exclusive ``flock`` on an open file if it is free: a SQLite log's elections (the file's lock is
     held until that descriptor closes, so with its process at the latest)."""
@@ -74,7 +82,7 @@ class Leadership:
         elif url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
             return True
         else:
-            self._fd = os.open(url.database, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = open_lock_file(url.database)
             take = self._flock
         waited = 0
         while not take():
@@ -119,7 +127,7 @@ class Leadership:
             listen_outbox(self._conn)
         else:
             # SQLite: one short write, before this process dispatches (it never writes the log afterwards).
-            engine = open_engine(self.database, create=False)
+            engine = open_engine(self.database, create=False, in_use=True)
             with engine.connect() as conn:
                 self.epoch = claim_leadership(conn, self.instance, self.lease)
             engine.dispose()

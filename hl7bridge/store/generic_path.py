@@ -5,10 +5,12 @@ On PostgreSQL the accepted messages are held unique by (MSH-3, MSH-4, MSH-10) (`
 a group goes in with ``INSERT … ON CONFLICT DO NOTHING``: should another writer accept the same key between this
 group's lookup and its insert, the insert waits for that transaction and skips the row, and the group is planned
 again with the now committed original, so the resend is answered with the original's ACK and starts nothing.
-The messages' search keys and words go in with the rows, in the same pipeline (``schema.index_messages``)."""
+The duplicate lookup and the messages' search keys and words go in with the rows, in the same pipeline: one round
+trip and the COMMIT a group (``_write_postgres``)."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -65,23 +67,38 @@ def _finish(conn: Any, plan: DuplicatePlan, ids: list[int], postgres: bool = Fal
 
 
 def _write_postgres(conn: Any, group: list[WriteRequest]) -> list[WriteResult]:
-    """The group with ids drawn from the sequence first, so that the rows ``ON CONFLICT DO NOTHING`` skipped are
-    known by id, and their search index goes in with them. A skipped row is a key accepted meanwhile by another
-    writer: the group's rows and index are taken out again and it is planned anew with that original. Each pass
-    finds at least one more original, so it ends."""
+    """The group in one round trip before its COMMIT, planned as though none of its keys were logged (nearly always
+    so): the duplicate lookup, the search index and the rows, with ids taken from the connection's drawn ids
+    (``_take_ids``), so that the rows ``ON CONFLICT DO NOTHING`` skipped are known by id. A key found logged (a
+    resend) or accepted meanwhile by another writer (a skipped row): the group's rows and index are taken out again
+    and it is planned anew with those originals, the rows' round trip again. Each pass finds at least one more
+    original, so it ends."""
     keys = list(dict.fromkeys(r.dedupe_key for r in group if r.dedupe_key))
-    originals, ids = _pg_originals(conn, keys, len(group))
-    for _ in range(len(keys) + 1):
+    ids = _take_ids(conn, len(group))
+    originals: dict[tuple[str, str, str], Any] = {}
+    driver = conn.connection.driver_connection
+    for attempt in range(len(keys) + 2):
         plan = DuplicatePlan(group, originals)
         rows = [dict(row, id=i) for row, i in zip(plan.rows, ids, strict=True)]
-        inserted = set(_pg_insert(conn, "messages", _MESSAGE_COLUMNS, rows, " ON CONFLICT DO NOTHING",
-                                  first=lambda rows=rows: index_messages(conn, ids, rows)))  # fmt: skip
-        if len(inserted) == len(rows):
+        looked = attempt == 0 and bool(keys)
+        with driver.cursor() as lookup:
+
+            def first(rows: list[dict] = rows, lookup: Any = lookup, looked: bool = looked) -> None:
+                if looked:
+                    _queue_lookup(lookup, keys)
+                index_messages(conn, ids, rows)
+
+            inserted = set(_pg_insert(conn, "messages", _MESSAGE_COLUMNS, rows, " ON CONFLICT DO NOTHING", first))
+            found = _originals_found(lookup) if looked else {}
+        if not found and len(inserted) == len(rows):
             return _finish(conn, plan, ids, postgres=True)
         conn.execute(messages.delete().where(messages.c.id.in_(sorted(inserted))))
         unindex_messages(conn, ids, rows)
         skipped = [r.dedupe_key for r, i in zip(group, ids, strict=True) if i not in inserted and r.dedupe_key]
-        found, _ = _pg_originals(conn, skipped)
+        if skipped:
+            with driver.cursor() as lookup:
+                _queue_lookup(lookup, skipped)
+                found.update(_originals_found(lookup))
         if not found:
             break
         originals.update(found)
@@ -139,39 +156,42 @@ def _originals(conn: Any, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[st
     return found
 
 
-#: The first accepted message of each key, and ``n`` ids drawn from the messages' sequence, in one statement whose
-#: text never changes (the keys go in as three arrays), where a row-value ``IN`` of as many tuples as the group has
-#: keys was a new statement for SQLAlchemy to build, cache-key and compile each time (0.55 ms of the writer's CPU a
-#: group, half of all it spent on a lone message). It is never prepared (``prepare=False``): a plan cached while
-#: the table was small (a new log, its statistics not yet gathered) scanned the whole table for ever after, 2.5 ms
-#: a group and growing (``bench/cluster.py``, ``pg_stat_statements``); planned each time, it probes the unique key
-#: (0.1 ms).
+#: The first accepted message of each key (a replay too, as on SQLite), in a statement whose text never changes (the
+#: keys go in as three arrays), where a row-value ``IN`` of as many tuples as the group has keys was a new statement
+#: for SQLAlchemy to build, cache-key and compile each time (0.55 ms of the writer's CPU a group, half of all it
+#: spent on a lone message). It is never prepared (``prepare=False``): a plan cached while the table was small (a
+#: new log, its statistics not yet gathered) scanned the whole table for ever after, 2.5 ms a group and growing
+#: (``bench/cluster.py``, ``pg_stat_statements``); planned each time, it probes the unique key (0.1 ms).
 _PG_ORIGINALS_SQL = f"""
-SELECT k.app, k.fac, k.ctrl, m.id, m.ack_raw, m.ack_code, NULL::bigint
+SELECT k.app, k.fac, k.ctrl, m.id, m.ack_raw, m.ack_code
 FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(app, fac, ctrl)
 JOIN messages AS m ON m.sending_application = k.app AND m.sending_facility = k.fac AND m.control_id = k.ctrl
 WHERE m.status = '{MessageStatus.ACCEPTED}'
-UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, nextval(pg_get_serial_sequence('messages', 'id'))
-FROM generate_series(1, %s)
 """
+_PG_DRAW_IDS_SQL = "SELECT nextval(pg_get_serial_sequence('messages', 'id')) FROM generate_series(1, %s)"
+#: Message ids a writer's connection draws from the sequence at a time, kept for its next groups: a draw is one
+#: more round trip, and the group's own trip cannot wait for it (its index and rows need the ids). Ids drawn and
+#: not used (a connection closed, a group that failed) are gaps, as any sequence leaves.
+IDS_PER_DRAW = 256
+_DRAWN = "hl7bridge_message_ids"
 
 
-def _pg_originals(
-    conn: Any, keys: Sequence[tuple[str, str, str]], new_ids: int = 0
-) -> tuple[dict[tuple[str, str, str], Any], list[int]]:
-    """The first accepted message of each key (a replay too, as on SQLite), and ``new_ids`` ids drawn from the
-    messages' sequence, in order: both in one round trip, as every round trip to the server is one more wait of
-    the whole group on a busy machine."""
+def _take_ids(conn: Any, count: int) -> list[int]:
+    """``count`` message ids from those this connection drew, drawing more when short."""
+    drawn: deque[int] = conn.connection.info.setdefault(_DRAWN, deque())
+    if len(drawn) < count:
+        with conn.connection.driver_connection.cursor() as cur:
+            drawn.extend(sorted(r[0] for r in cur.execute(_PG_DRAW_IDS_SQL, (max(count, IDS_PER_DRAW),))))
+    return [drawn.popleft() for _ in range(count)]
+
+
+def _queue_lookup(cur: Any, keys: Sequence[tuple[str, str, str]]) -> None:
+    cur.execute(_PG_ORIGINALS_SQL, ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]), prepare=False)
+
+
+def _originals_found(cur: Any) -> dict[tuple[str, str, str], Any]:
     found: dict[tuple[str, str, str], Any] = {}
-    ids: list[int] = []
-    columns = ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], new_ids)
-    with conn.connection.driver_connection.cursor() as cur:
-        for app, fac, ctrl, message_id, ack_raw, ack_code, new_id in cur.execute(
-            _PG_ORIGINALS_SQL, columns, prepare=False
-        ):
-            if new_id is not None:
-                ids.append(new_id)
-            elif (app, fac, ctrl) not in found or message_id < found[(app, fac, ctrl)][0]:
-                found[(app, fac, ctrl)] = (message_id, ack_raw, ack_code)
-    return found, sorted(ids)
+    for app, fac, ctrl, message_id, ack_raw, ack_code in cur.fetchall():
+        if (app, fac, ctrl) not in found or message_id < found[(app, fac, ctrl)][0]:
+            found[(app, fac, ctrl)] = (message_id, ack_raw, ack_code)
+    return found

@@ -523,7 +523,9 @@ class StoreError(RuntimeError):
     """The database cannot be opened or used; the message says what to fix."""
 
 
-def open_engine(url: str, synchronous: str = "FULL", read_only: bool = False, create: bool = True) -> Engine:
+def open_engine(
+    url: str, synchronous: str = "FULL", read_only: bool = False, create: bool = True, in_use: bool = False
+) -> Engine:
     """An engine for the log; SQLite files are created 0600 and run in WAL mode.
 
     An existing file that is not a SQLite database is refused untouched. ``create=False`` (the CLI's
@@ -532,8 +534,11 @@ def open_engine(url: str, synchronous: str = "FULL", read_only: bool = False, cr
     log, and an upgrade under it would hold the write lock through the backfill. Upgrading is the job of
     ``serve`` (``create=True``) and of ``hl7bridge upgrade`` (``upgrade_log``). ``read_only`` (a SQLite file
     that the service has opened): for the dispatcher's process, which reads the outbox and hands its writes to
-    the service, so that SQLite itself refuses any write from it."""
-    return _open(url, synchronous, read_only, create, upgrade=create)[0]
+    the service, so that SQLite itself refuses any write from it. ``in_use``: a SQLite log this process already
+    has connections to (an elected dispatcher's claim): the file is not opened outside SQLite to be checked, as
+    closing any descriptor of it would drop the locks SQLite holds on it in this process
+    (https://www.sqlite.org/howtocorrupt.html, 2.2); SQLite refuses a file that is not a database itself."""
+    return _open(url, synchronous, read_only, create, upgrade=create, in_use=in_use)[0]
 
 
 def upgrade_log(url: str, synchronous: str = "FULL") -> tuple[int, int]:
@@ -543,7 +548,9 @@ def upgrade_log(url: str, synchronous: str = "FULL") -> tuple[int, int]:
     return (found or SCHEMA_VERSION), SCHEMA_VERSION
 
 
-def _open(url: str, synchronous: str, read_only: bool, create: bool, upgrade: bool) -> tuple[Engine, int | None]:
+def _open(
+    url: str, synchronous: str, read_only: bool, create: bool, upgrade: bool, in_use: bool = False
+) -> tuple[Engine, int | None]:
     """``open_engine``, also telling the schema version the log was at (None: a new log)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "postgresql":
@@ -564,7 +571,7 @@ def _open(url: str, synchronous: str, read_only: bool, create: bool, upgrade: bo
         if found != SCHEMA_VERSION:
             raise StoreError(f"the database {_safe(url)} has schema {found}, this release {SCHEMA_VERSION}")
         return engine, found
-    if is_sqlite and parsed.database and parsed.database != ":memory:":
+    if is_sqlite and parsed.database and parsed.database != ":memory:" and not in_use:
         _prepare_sqlite_file(FsPath(parsed.database), create)
     engine = create_engine(url, future=True)
     if is_sqlite:

@@ -36,7 +36,6 @@ from .schema import (
     BUSY_TIMEOUT_MS,
     LOG_ID_KEY,
     MINUTES_UPSERT,
-    SQLITE_MAGIC,
     URI_ATTACH,
     StoreError,
     _first_line,
@@ -223,12 +222,11 @@ def indexed_to(log_path: Path) -> int | None:
 def problem(path: Path, log_id: str | None, newest: int, check: bool = True) -> str | None:
     """Why the index file cannot serve this log (None: it can): missing, not SQLite, damaged (``quick_check``,
     unless ``check`` is off), another format, another log's, or past the log's newest message id ``newest`` (the
-    log restored from a backup: ids would be reused)."""
+    log restored from a backup: ids would be reused). The file is read through SQLite alone: this process's readers
+    may have it attached, and closing a descriptor of it opened outside SQLite would drop their locks on it
+    (https://www.sqlite.org/howtocorrupt.html, 2.2)."""
     if not path.exists():
         return "it is missing"
-    with open(path, "rb") as f:
-        if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-            return "it is not a SQLite file"
     try:
         with contextlib.closing(sqlite3.connect(_ro_uri(path), uri=True)) as conn:
             checked = conn.execute("PRAGMA quick_check(1)").fetchone()[0] if check else "ok"
@@ -236,6 +234,8 @@ def problem(path: Path, log_id: str | None, newest: int, check: bool = True) -> 
                 return f"it is damaged (quick_check: {' '.join(str(checked).split())[:200]})"
             found = _read_meta(conn)
     except sqlite3.Error as exc:
+        if "file is not a database" in str(exc):
+            return "it is not a SQLite file"
         return f"it cannot be read ({exc.__class__.__name__}: {_first_line(exc)})"
     if found.get("format") != INDEX_FORMAT:
         return f"it has another format ({found.get('format')!r}, this release writes {INDEX_FORMAT!r})"
