@@ -271,7 +271,7 @@ class Service:
         self._probes.start()
         if not cfg.listen:
             return
-        site = server.Site(HealthResource(self.health, self.metrics), timeout=HEALTH_IDLE_TIMEOUT)
+        site = server.Site(HealthResource(self.health, self.metrics, self._probes), timeout=HEALTH_IDLE_TIMEOUT)
         site.noisy = False
         capped = CappedFactory(site, cfg.max_connections, "health", RefusalLog(log, self.reactor))
         try:

@@ -219,6 +219,10 @@ def indexed_to(log_path: Path) -> int | None:
     return None if found is None else int(found)
 
 
+#: ``problem``'s answer for an index file that does not exist (a new log's is made without a word).
+MISSING = "it is missing"
+
+
 def problem(path: Path, log_id: str | None, newest: int, check: bool = True) -> str | None:
     """Why the index file cannot serve this log (None: it can): missing, not SQLite, damaged (``quick_check``,
     unless ``check`` is off), another format, another log's, or past the log's newest message id ``newest`` (the
@@ -226,7 +230,7 @@ def problem(path: Path, log_id: str | None, newest: int, check: bool = True) -> 
     may have it attached, and closing a descriptor of it opened outside SQLite would drop their locks on it
     (https://www.sqlite.org/howtocorrupt.html, 2.2)."""
     if not path.exists():
-        return "it is missing"
+        return MISSING
     try:
         with contextlib.closing(sqlite3.connect(_ro_uri(path), uri=True)) as conn:
             checked = conn.execute("PRAGMA quick_check(1)").fetchone()[0] if check else "ok"
@@ -248,7 +252,8 @@ def problem(path: Path, log_id: str | None, newest: int, check: bool = True) -> 
 
 def open_for_indexing(log_path: Path, check: bool = True) -> tuple[sqlite3.Connection, str | None]:
     """The index's writing connection with the log attached read-only as ``log``, and why the index had to be
-    rebuilt (None: the existing one is sound; ``check``: with ``quick_check``, as ``integrity_check`` says)."""
+    rebuilt (None: the existing one is sound, or a new log's was made; ``check``: with ``quick_check``, as
+    ``integrity_check`` says)."""
     log_id, newest = _log_identity(log_path)
     if log_id is None:
         raise StoreError(f"the log {log_path} has no log id: upgrade it (hl7bridge upgrade)")
@@ -258,7 +263,7 @@ def open_for_indexing(log_path: Path, check: bool = True) -> tuple[sqlite3.Conne
     conn.execute("ATTACH DATABASE ? AS log", (_ro_uri(log_path),))
     conn.execute("CREATE TEMP TABLE batch (id INTEGER PRIMARY KEY, received_at FLOAT, listener TEXT, ack_code TEXT, "
                  "search_terms TEXT, search_text TEXT)")  # fmt: skip
-    return conn, why
+    return conn, None if why == MISSING and newest == 0 else why
 
 
 @contextlib.contextmanager
@@ -484,7 +489,7 @@ class Indexer:
                         if why is not None:
                             log.warning("search index %s%s: rebuilding it from the log in the background (searches "
                                         "meanwhile read the messages it holds so far, and at most the 5,000 newest "
-                                        "directly)", self.log_path, SUFFIX if why == "it is missing" else f" ({why})")  # fmt: skip
+                                        "directly)", self.log_path, SUFFIX if why == MISSING else f" ({why})")  # fmt: skip
                             self._state = IndexState(rebuilding=why)
                     done = index_batch(conn, self.batch)
                     indexed_to = int(conn.execute("SELECT value FROM meta WHERE key = 'indexed_to'").fetchone()[0])
