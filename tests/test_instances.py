@@ -141,6 +141,10 @@ def test_killed_leader_is_taken_over_its_in_flight_trigger_searched_and_status_s
         assert segments(pair.a.request(siu("S12", f"KILL-{n}", appointment, future(days=10 + n))))["MSA"][1] == "AA"
     flying = wait_until(lambda: query(pair.a, "SELECT id FROM commands WHERE status = 'in_flight'"),
                         message="a call in flight")  # fmt: skip
+    # Marked in flight before the call: killed before the API saw it, the search rightly finds nothing and the
+    # trigger is sent ("triggered", a flake of this test); killed once the API has it (answered 3 s late), the
+    # search must find it.
+    wait_until(lambda: sandbox.calls("bulk"), message="the trigger at the API")
     pair.a.process.kill()
     pair.a.process.wait()
     sandbox.faults(latency_ms=0)
