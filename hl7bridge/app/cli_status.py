@@ -114,24 +114,24 @@ def run(args: argparse.Namespace, cfg: Config, read_log: LogReader) -> int:
         print(f"From the log alone ({where}):")
         print(outbox_line(facts.outbox_depth, facts.outbox_oldest_age))
         print(_dead_line(facts.dead_letters_open, when(facts.dead_letters_since) if facts.dead_letters_since else "-"))
-        for line in instance_lines(facts.to_json()["instances"], _local):
+        for line in instance_lines(facts.to_json()["instances"]):
             print(line)
     return EXIT_NOT_RUNNING
 
 
-def _local(text: str | None) -> str:
+def local_time(text: str | None) -> str:
     """An ISO time from ``/status`` in the terminal's zone."""
     return when(datetime.fromisoformat(text).timestamp()) if text else "-"
 
 
-def instance_lines(instances: list[dict[str, Any]], local: Callable[[str | None], str]) -> list[str]:
+def instance_lines(instances: list[dict[str, Any]]) -> list[str]:
     """One line per instance on the log: its role (leader, standby, DOWN), heartbeat age, the leader's in-flight
     commands, its last message; the one that answered marked "this instance" (its dispatch and listener lines)."""
     lines = []
     for i in instances:
         role = "DOWN" if i["role"] == "down" else i["role"]
         flight = f", {i['in_flight']} command(s) in flight" if i["in_flight"] is not None else ""
-        last = local(i["last_message_at"]) if i["last_message_at"] else "none yet"
+        last = local_time(i["last_message_at"]) if i["last_message_at"] else "none yet"
         this = "; this instance" if i.get("this") else ""
         lines.append(f"instance {escape(str(i['name']))} ({escape(str(i['host']))}, pid {i['pid']}{this}): {role}"
                      f"{lease_text(i.get('lease'))}, heartbeat {i['heartbeat_age_s']:.0f} s ago{flight}, "
@@ -148,8 +148,7 @@ def lease_text(lease: dict[str, Any] | None) -> str:
 
 
 def print_status(body: dict[str, Any], url: str) -> None:
-    local = _local
-    print(f"hl7bridge is {body['state'].upper()} (from {url} at {local(body.get('at'))})")
+    print(f"hl7bridge is {body['state'].upper()} (from {url} at {local_time(body.get('at'))})")
     for reason in body.get("reasons", []):
         print(f"  - {escape(str(reason))}")
     dispatch = body.get("dispatch")
@@ -158,25 +157,25 @@ def print_status(body: dict[str, Any], url: str) -> None:
     elif not dispatch["running"]:
         print(f"dispatch: NOT RUNNING ({escape(str(dispatch['down_reason']))})")
     elif dispatch["auth_paused"]:
-        print(f"dispatch: PAUSED since {local(dispatch['paused_since'])}, the API refused the token; next try "
-              f"{local(dispatch['paused_until'])}")  # fmt: skip
+        print(f"dispatch: PAUSED since {local_time(dispatch['paused_since'])}, the API refused the token; next try "
+              f"{local_time(dispatch['paused_until'])}")  # fmt: skip
     elif dispatch["held"]:
-        print(f"dispatch: HELD since {local(dispatch['held_since'])}, the Journeys API does not answer")
+        print(f"dispatch: HELD since {local_time(dispatch['held_since'])}, the Journeys API does not answer")
     elif dispatch.get("role") == "standby":
         print("dispatch: standby (another instance's dispatcher leads)")
     else:
         print("dispatch: flowing")
     outbox, dead = body["outbox"], body["dead_letters"]
     print(outbox_line(outbox["depth"], outbox["oldest_age_s"]))
-    print(_dead_line(dead["open"], local(dead["oldest_since"])))
+    print(_dead_line(dead["open"], local_time(dead["oldest_since"])))
     for lst in body.get("listeners", []):
-        last = local(lst["last_message_at"]) if lst["last_message_at"] else "none yet"
+        last = local_time(lst["last_message_at"]) if lst["last_message_at"] else "none yet"
         print(f"listener {escape(str(lst['name']))}: {lst['connections']} connection(s), last message {last}")
-    for line in instance_lines(body.get("instances", []), local):
+    for line in instance_lines(body.get("instances", [])):
         print(line)
     token = body.get("api_token") or {}
     if token.get("expires"):
-        print(f"API token: expires {local(token['expires'])} (in {token['days_left']:.0f} day(s))")
+        print(f"API token: expires {local_time(token['expires'])} (in {token['days_left']:.0f} day(s))")
     else:
         print("API token: no expiry set (api.token_expires)")
 

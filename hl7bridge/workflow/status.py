@@ -34,6 +34,10 @@ TOKEN_WARNING_DAYS = 14
 DOWN_AFTER_LEASES = 3
 
 
+def _is_down(instance: InstanceRow) -> bool:
+    return instance.age > DOWN_AFTER_LEASES * instance.lease
+
+
 @dataclass(frozen=True)
 class ListenerFacts:
     name: str
@@ -64,10 +68,10 @@ class LogFacts:
 
     def down(self) -> list[InstanceRow]:
         """Instances whose heartbeat is older than ``DOWN_AFTER_LEASES`` of their leases."""
-        return [i for i in self.instances if i.age > DOWN_AFTER_LEASES * i.lease]
+        return [i for i in self.instances if _is_down(i)]
 
     def role(self, instance: InstanceRow) -> str:
-        if instance in self.down():
+        if _is_down(instance):
             return "down"
         if self.leader is None:
             return "no leader yet"  # a dispatcher starting, or none configured: nobody stands by for anyone
