@@ -22,6 +22,7 @@ from hl7bridge.store.schema import (
     get_meta,
     instances,
     set_meta,
+    try_session_lock,
 )
 
 #: The channel the writer notifies when a group created commands (PostgreSQL): the leader LISTENs on it.
@@ -252,10 +253,8 @@ def forget_instance(conn: Any, instance_id: str) -> None:
 
 
 def try_housekeeping_lock(conn: Any) -> bool:
-    """Take the housekeeping session lock on a PostgreSQL log if it is free (then commit, as the dispatcher's)."""
-    taken = bool(conn.execute(select(func.pg_try_advisory_lock(HOUSEKEEPING_LOCK_KEY))).scalar())
-    conn.commit()
-    return taken
+    """The housekeeping session lock on a PostgreSQL log, if it is free."""
+    return try_session_lock(conn, HOUSEKEEPING_LOCK_KEY)
 
 
 def release_housekeeping_lock(conn: Any) -> None:

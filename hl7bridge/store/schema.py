@@ -419,7 +419,7 @@ def _folded_char(char: str) -> str:
     return low
 
 
-#: ``meta`` key of a log before schema 10 (SQLite) or 12 (PostgreSQL): the newest message id its in-log search index
+#: ``meta`` key of a log before schema 13 (SQLite) or 12 (PostgreSQL): the newest message id its in-log search index
 #: held. Those steps remove it: a SQLite log's index file keeps its own mark, PostgreSQL needs none.
 INDEXED_KEY = "search_indexed_to"
 #: Counts the messages of an id range into ``message_minutes`` (SQLite's upsert; the WHERE keeps it unambiguous).
@@ -428,7 +428,7 @@ MINUTES_UPSERT = """INSERT INTO message_minutes (minute, ack_code, listener, cou
     FROM messages WHERE id > :low AND id <= :high GROUP BY 1, 2, 3
     ON CONFLICT (minute, ack_code, listener) DO UPDATE
     SET count = count + excluded.count, last_at = max(last_at, excluded.last_at)"""
-#: ``meta`` key: a random id given to a SQLite log when created (or upgraded to schema 10); its search index file
+#: ``meta`` key: a random id given to a SQLite log when created (or upgraded to schema 13); its search index file
 #: records it, so that another log's index (a copied file, a restored backup of the wrong one) is never read as its.
 LOG_ID_KEY = "log_id"
 #: SQLite: every ACK decided after its message was logged (``ack_mode = "dispatched"``), for the minute counts of the
@@ -665,12 +665,17 @@ SCHEMA_LOCK_KEY = 0x686C3762
 DISPATCH_LOCK_KEY = 0x686C3764
 
 
-def try_dispatch_lock(conn: Any) -> bool:
-    """Take the dispatcher's session lock on a PostgreSQL log if it is free (then commit: the lock outlives the
+def try_session_lock(conn: Any, key: int) -> bool:
+    """Take a session advisory lock on a PostgreSQL log if it is free (then commit: the lock outlives the
     transaction, and an open one would hold back vacuum)."""
-    taken = bool(conn.execute(select(func.pg_try_advisory_lock(DISPATCH_LOCK_KEY))).scalar())
+    taken = bool(conn.execute(select(func.pg_try_advisory_lock(key))).scalar())
     conn.commit()
     return taken
+
+
+def try_dispatch_lock(conn: Any) -> bool:
+    """The dispatcher's session lock (``dispatch.leader``)."""
+    return try_session_lock(conn, DISPATCH_LOCK_KEY)
 
 
 #: A writer's transaction never waits for its client between statements: one that does belongs to a stopped or hung
@@ -864,7 +869,7 @@ def _v6_search(conn: Any) -> None:
     conn.exec_driver_sql(
         f"CREATE INDEX IF NOT EXISTS ix_messages_not_accepted_id ON messages (status) WHERE {NOT_ACCEPTED}"
     )
-    if conn.dialect.name != "sqlite":  # a SQLite log's index is a file of its own (schema 10)
+    if conn.dialect.name != "sqlite":  # a SQLite log's index is a file of its own (schema 13)
         search_keys.create(conn, checkfirst=True)
     # As bytes: a summary that is not UTF-8 would make the driver fail the whole batch as text.
     for rows in _batches(conn, messages.c.id, messages.c.control_id, messages.c.sending_application,
@@ -901,14 +906,14 @@ def _v7_accounts(conn: Any) -> None:
 def _v8_timeline(conn: Any) -> None:
     """The timeline's and the dashboard's lookups: the replays of a message (a partial index), the audit entries
     naming an id (``audit_refs``, backfilled from the entries already written, a batch at a time), and the
-    messages per minute (``message_minutes``; a SQLite log's are in its index file since schema 10)."""
+    messages per minute (``message_minutes``; a SQLite log's are in its index file since schema 13)."""
     conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_messages_replay_of ON messages (replay_of) WHERE {REPLAYED}")
     audit_refs.create(conn, checkfirst=True)
     for rows in _batches(conn, audit_log.c.id, audit_log.c.target, audit_log.c.ids):
         refs = [ref for row in rows for ref in audit_ref_rows(row.id, row.target, _readable_ids(row.ids))]
         if refs:
             conn.execute(audit_refs.insert().prefix_with("OR IGNORE", dialect="sqlite"), refs)
-    if conn.dialect.name != "sqlite":  # a SQLite log counts its minutes in its index file (schema 10)
+    if conn.dialect.name != "sqlite":  # a SQLite log counts its minutes in its index file (schema 13)
         message_minutes.create(conn, checkfirst=True)
 
 

@@ -56,6 +56,8 @@ SUFFIX = ".search"
 BATCH = 5000
 #: The indexer's pause between batches once it has caught up.
 INTERVAL = 1.0
+#: Seconds between two ``quick_check``s of the index file by a reopening indexer.
+CHECK_EVERY = 60.0
 
 INDEX_DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR(64) PRIMARY KEY, value VARCHAR(256) NOT NULL)",
@@ -208,8 +210,8 @@ def _log_identity(log_path: Path) -> tuple[str | None, int]:
 
 def indexed_to(log_path: Path) -> int | None:
     """How far the index file of the log at ``log_path`` reaches (None: there is none yet); for tests and benches."""
-    path = Path(f"{os.path.abspath(log_path)}{SUFFIX}")
-    if not path.exists():
+    path = index_path(log_path)
+    if path is None or not path.exists():
         return None
     try:
         with contextlib.closing(sqlite3.connect(_ro_uri(path), uri=True)) as conn:
@@ -257,7 +259,8 @@ def open_for_indexing(log_path: Path, check: bool = True) -> tuple[sqlite3.Conne
     log_id, newest = _log_identity(log_path)
     if log_id is None:
         raise StoreError(f"the log {log_path} has no log id: upgrade it (hl7bridge upgrade)")
-    path = Path(f"{os.path.abspath(log_path)}{SUFFIX}")
+    path = index_path(log_path)
+    assert path is not None
     why = problem(path, log_id, newest, check)
     conn = create_index(path, log_id) if why is not None else _connect(path)
     conn.execute("ATTACH DATABASE ? AS log", (_ro_uri(log_path),))
@@ -465,6 +468,8 @@ class Indexer:
         self._state = IndexState()
         self._last_warning = 0.0
         self._repeats = 0
+        #: ``time.monotonic()`` of the last ``quick_check`` of the file (None: not yet).
+        self._checked_at: float | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -485,7 +490,7 @@ class Indexer:
                 pause = self.interval
                 try:
                     if conn is None:
-                        conn, why = open_for_indexing(self.log_path, self.check)
+                        conn, why = open_for_indexing(self.log_path, self._check_now())
                         if why is not None:
                             log.warning("search index %s%s: rebuilding it from the log in the background (searches "
                                         "meanwhile read the messages it holds so far, and at most the 5,000 newest "
@@ -509,6 +514,15 @@ class Indexer:
         finally:
             if conn is not None:
                 conn.close()
+
+    def _check_now(self) -> bool:
+        """Whether this opening checks the whole file (``quick_check``): the first, and after a failing batch at
+        most once a minute, as a batch failing every second reopens the file every second."""
+        now = time.monotonic()
+        if not self.check or (self._checked_at is not None and now - self._checked_at < CHECK_EVERY):
+            return False
+        self._checked_at = now
+        return True
 
     def _warn(self, error: str) -> None:
         """Once a minute, with the count of repeats: a failing batch repeats every second."""
