@@ -142,17 +142,18 @@ def next_due(conn: Any) -> float | None:
     return conn.execute(_NEXT_DUE).scalar()
 
 
-def command_status(conn: Any, command_id: int) -> tuple[str, str] | None:
-    """A command's status and outcome (None: no such command)."""
-    row = conn.execute(select(commands.c.status, commands.c.outcome).where(commands.c.id == command_id)).first()
-    return (row.status, row.outcome or "") if row is not None else None
-
-
 def final_updates(conn: Any, command_ids: list[int]) -> list[CommandUpdate]:
     """Those of the commands that are final, as the updates their verdicts' waiters are answered with: a standby
-    answers so for the leader elsewhere that settled them."""
-    found = [(command_id, command_status(conn, command_id)) for command_id in command_ids]
-    return [CommandUpdate(i, *status) for i, status in found if status is not None and status[0] in FINAL_STATUSES]
+    answers so for the leader elsewhere that settled them. One read for all of them, in the order asked."""
+    if not command_ids:
+        return []
+    rows = conn.execute(
+        select(commands.c.id, commands.c.status, commands.c.outcome)
+        .where(commands.c.id.in_(command_ids))
+        .where(commands.c.status.in_(sorted(FINAL_STATUSES)))
+    ).all()
+    final = {row.id: CommandUpdate(row.id, row.status, row.outcome or "") for row in rows}
+    return [final[i] for i in command_ids if i in final]
 
 
 def due_now(conn: Any, now: float) -> int:
