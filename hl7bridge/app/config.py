@@ -26,6 +26,7 @@ from hl7bridge.core.checks import string as _str
 from hl7bridge.core.checks import table as _section
 from hl7bridge.core.checks import zone as _zone
 from hl7bridge.dispatch.journeys import ApiSettings
+from hl7bridge.dispatch.leader import DEFAULT_LEASE
 from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.hl7 import charsets, tables
 from hl7bridge.hl7.er7 import DEFAULT_LIMITS, Limits, Path
@@ -110,7 +111,7 @@ class ServiceConfig:
     #: Where ``serve`` keeps its pid for ``reload`` and ``dispatch now``; "" beside the SQLite log.
     pid_file: str = ""
     #: Seconds an elected dispatcher's lease lasts without renewal before a standby may take over.
-    dispatch_lease: float = 4.0
+    dispatch_lease: float = DEFAULT_LEASE
     #: This instance's name in ``status``; "": host:port of the first listener (``app.instance.default_name``).
     instance_name: str = ""
 

@@ -39,7 +39,7 @@ from hl7bridge.core.observer import NullObserver
 from hl7bridge.dispatch import pipe
 from hl7bridge.dispatch.dispatcher import STANDBY_LOOK, Dispatcher
 from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
-from hl7bridge.dispatch.leader import Leadership
+from hl7bridge.dispatch.leader import DEFAULT_LEASE, Leadership
 from hl7bridge.dispatch.pipe import LineBuffer
 from hl7bridge.dispatch.rules import DispatchSettings
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, StoreError, open_engine
@@ -69,7 +69,7 @@ class ChildSpec:
     token: str = ""
     #: The service's ``instances.id``, recorded as the leader's; and ``[service] dispatch_lease`` in seconds.
     instance: str = ""
-    lease: float = 10.0
+    lease: float = DEFAULT_LEASE
 
     def to_line(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"
