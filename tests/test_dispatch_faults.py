@@ -308,9 +308,10 @@ def test_an_outage_holds_dispatch_to_the_oldest_command_on_its_backoff(
     head = min(ids)
     head_times = [a["at"] for a in failed if a["command_id"] == head]
     gaps = [b - a for a, b in pairwise(head_times)]
-    # The oldest, on its growing backoff: each wait at least the jittered floor of its step (0.5 x 0.4 s, 0.8 s,
-    # then retry_max 1 s). Lower bounds only: a loaded machine lengthens waits, never shortens them.
-    floors = [0.5 * min(1.0, 0.2 * 2 ** (k + 1)) for k in range(len(gaps))]
+    # The oldest, on its growing backoff: each wait at least the jittered floor of its step (half of 0.2 s, 0.4 s,
+    # 0.8 s, then retry_max 1 s; the hold's cap, probe_interval 0.5 s, never cuts below it). Lower bounds only: a
+    # loaded machine lengthens waits, never shortens them.
+    floors = [0.5 * min(1.0, 0.2 * 2**k) for k in range(len(gaps))]
     assert len(head_times) >= 7 and all(g >= f * 0.99 for g, f in zip(gaps, floors, strict=True)), (gaps, floors)
     probes = [a for a in failed if a["call_id"] in calls[4:]]
     assert {a["command_id"] for a in probes} == {head}, probes
