@@ -10,17 +10,21 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from hl7bridge.api.console.pages import chart, page
+from hl7bridge.app.instance import BEAT_EVERY
 from hl7bridge.dispatch.child import FixedToken
 from hl7bridge.dispatch.dispatcher import Dispatcher
 from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient
@@ -29,6 +33,7 @@ from hl7bridge.mapping.routing import Command
 from hl7bridge.store import CommandUpdate, Job, OutboxWrite, Writer, command_values, commands, open_engine
 from hl7bridge.store.cluster import (
     FORGET_AFTER,
+    STALLED_AFTER_S,
     InstanceRow,
     StaleEpoch,
     check_epoch,
@@ -36,7 +41,7 @@ from hl7bridge.store.cluster import (
     instance_rows,
     register_instance,
 )
-from hl7bridge.store.schema import instances
+from hl7bridge.store.schema import APPLICATION_NAME, instances
 from hl7bridge.workflow.dashboard import dashboard
 from hl7bridge.workflow.status import LogFacts
 
@@ -389,6 +394,60 @@ def test_a_writers_transaction_left_idle_is_ended_by_the_server(postgres_url: st
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "0"
     writer.stop()
+
+
+#: A process that opens a transaction on the log, sends a write in a pipeline without its Sync, and stops itself
+#: there (SIGSTOP): an instance stopped in the middle of a writer group, as a paused VM or a debugger leaves it.
+STALLED_WRITER = """
+import os, signal, sys
+import psycopg
+conn = psycopg.connect(sys.argv[1], application_name=sys.argv[3])
+cur = conn.cursor()
+with conn.pipeline():
+    cur.execute("UPDATE instances SET lease = lease WHERE name = %s", (sys.argv[2],))
+    conn.pgconn.flush()
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_stopped_process_holding_locks_mid_pipeline_is_ended_and_the_writer_goes_on(
+    tmp_path: Path, postgres_url: str, sandbox: RunningSandbox
+) -> None:
+    """A transaction stopped between the statements of a pipeline and its Sync counts as active, not idle: the
+    server's idle-in-transaction timeout never ends it, and its row locks held the other instances' writers until
+    the SIGCONT (the cluster's SIGSTOP scenario: no takeover in 40 s). An instance ends such a session after
+    ``STALLED_AFTER_S`` of waiting on its client, and its writer goes on; a reader's transaction, which holds no
+    row locks (an export pausing between batches), is left alone."""
+    url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    config = '[service]\ninstance_name = "node-stall"\n' + service_toml(sandbox.url)
+    service = start_service(tmp_path, config, env=TOKEN, log_url=postgres_url)
+    stalled: subprocess.Popen | None = None
+    try:
+        assert ack(service, siu("S12", "STALL-1", "A-STALL-1", future()))[1] == "AA"
+        wait_until(lambda: query(service, "SELECT id FROM instances WHERE name = ?", "node-stall"),
+                   message="the instance's row")  # fmt: skip
+        reader = psycopg.connect(url, application_name=APPLICATION_NAME)
+        reader.execute("SELECT count(*) FROM messages").fetchone()  # its transaction stays open, idle
+        stalled = subprocess.Popen([sys.executable, "-c", STALLED_WRITER, url, "node-stall", APPLICATION_NAME],
+                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert stalled.stdout is not None and stalled.stdout.readline().strip() == "locked"
+        wait_until(lambda: Path(f"/proc/{stalled.pid}/stat").read_text().split(") ")[1][0] == "T",
+                   message="the stalled writer to stop itself")  # fmt: skip
+        # The instance's next heartbeat waits on the stopped transaction's row lock, and the messages behind it.
+        time.sleep(BEAT_EVERY * 1.5)
+        with service.client(timeout=STALLED_AFTER_S + BEAT_EVERY * 5) as client:
+            assert segments(client.request(siu("S12", "STALL-2", "A-STALL-2", future())))["MSA"][1] == "AA"
+        sessions = query(service, "SELECT pid FROM pg_stat_activity WHERE application_name = ?", APPLICATION_NAME)
+        assert reader.info.backend_pid in {r["pid"] for r in sessions}
+        assert reader.execute("SELECT 1").fetchone() == (1,)
+        reader.close()
+    finally:
+        if stalled is not None:
+            stalled.kill()
+            stalled.wait(10)
+        log = service.stop()
+    assert "ended a database session" in log, log[-3000:]
 
 
 def test_an_instance_is_a_standby_only_while_another_leads() -> None:

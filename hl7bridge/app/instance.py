@@ -1,5 +1,6 @@
 """This service process as one instance of several on a log: its row in ``instances``, heartbeated every
-``BEAT_EVERY`` s through the writer (off the reactor), and whether it runs the next housekeeping pass."""
+``BEAT_EVERY`` s through the writer (off the reactor), the sessions of stopped instances that hold up the others'
+writers ended at each beat (PostgreSQL), and whether it runs the next housekeeping pass."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from hl7bridge.store import Job, Writer
 from hl7bridge.store.cluster import (
     beat,
     current_leader,
+    end_stalled_sessions,
     forget_instance,
     register_instance,
     release_housekeeping_lock,
@@ -57,6 +59,7 @@ class Instance:
         self._loop: task.LoopingCall | None = None
         self._busy = False
         self._failed = False
+        self._sweeping = False
         self._row: dict[str, Any] = {}
 
     def start(self) -> None:
@@ -84,11 +87,39 @@ class Instance:
         return left
 
     def _beat(self) -> None:
+        self._end_stalled()
         if self._busy:
             return
         self._busy = True
         row = dict(self._row, last_message_at=self._last_message())
         self.writer.submit_job(Job(lambda conn: beat(conn, row), self._done, durable=False))
+
+    def _end_stalled(self) -> None:
+        """End the PostgreSQL sessions of stopped or hung processes whose transactions hold locks
+        (``end_stalled_sessions``). Every instance looks, so a stopped one holds up the others' writers (and the new
+        leader's writes) for ``STALLED_AFTER_S`` and a beat at most; in a thread of the reactor's pool, never through
+        the writer, which may be the one waiting."""
+        if self._sweeping or self.engine.dialect.name != "postgresql":
+            return
+        self._sweeping = True
+
+        def sweep() -> None:
+            with self.engine.connect() as conn:
+                ended = end_stalled_sessions(conn)
+            for session in ended:
+                log.warning("ended a database session (client %s) whose transaction held its locks while its process "
+                            "kept it waiting for %.1f s (stopped or hung): nothing of it is committed, and its "
+                            "senders' resends are deduplicated", session.client, session.stalled_s)  # fmt: skip
+
+        def failed(failure: Any) -> None:
+            # The heartbeat's write says when the database cannot be reached; this says nothing more.
+            log.debug("cannot look for stalled database sessions: %s", failure.value.__class__.__name__)
+
+        def over(_result: Any) -> None:
+            self._sweeping = False
+
+        swept = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), sweep)
+        swept.addErrback(failed).addBoth(over)
 
     def _done(self, _result: Any, error: BaseException | None) -> None:
         """In the writer thread."""

@@ -15,7 +15,9 @@ from sqlalchemy.exc import OperationalError
 
 from hl7bridge.core.status import CommandStatus
 from hl7bridge.store.schema import (
+    APPLICATION_NAME,
     DISPATCH_LOCK_KEY,
+    WRITER_IDLE_IN_TRANSACTION_MS,
     StoreError,
     commands,
     dispatch_leader,
@@ -43,6 +45,9 @@ FORGET_AFTER = 86400.0
 CLAIM_LOCK_WAIT = "2s"
 #: Claims tried before the caller gives up (its process exits and the service starts another).
 CLAIM_TRIES = 5
+#: Seconds a transaction holding locks may wait on its client before another instance ends its session: as long as
+#: the server lets a writer's transaction sit idle (``WRITER_IDLE_IN_TRANSACTION_MS``).
+STALLED_AFTER_S = WRITER_IDLE_IN_TRANSACTION_MS / 1000
 #: PostgreSQL's ``lock_not_available``: ``lock_timeout`` ran out.
 _LOCK_NOT_AVAILABLE = "55P03"
 
@@ -144,6 +149,40 @@ def renew_leadership(conn: Any, epoch: int) -> bool:
             .values(renewed_at=db_clock(conn))
         )
         return done.rowcount == 1
+
+
+@dataclass(frozen=True)
+class StalledSession:
+    """A session ``end_stalled_sessions`` ended: where its client was, and how long it had kept the server waiting."""
+
+    pid: int
+    client: str
+    stalled_s: float
+
+
+#: hl7bridge's sessions on this database in a transaction that holds locks (a transaction id: it wrote or locked
+#: rows; a reader's, an export pausing between batches, has none), waiting on their client.
+_STALLED_SQL = f"""
+SELECT pid, coalesce(host(client_addr) || ':' || client_port, 'local') AS client,
+       extract(epoch FROM clock_timestamp() - state_change)::float AS stalled_s, pg_terminate_backend(pid) AS ended
+FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = '{APPLICATION_NAME}' AND pid <> pg_backend_pid()
+  AND backend_xid IS NOT NULL AND wait_event_type = 'Client' AND wait_event = 'ClientRead'
+  AND state_change < clock_timestamp() - make_interval(secs => %(after)s)
+"""
+
+
+def end_stalled_sessions(conn: Any, after: float = STALLED_AFTER_S) -> list[StalledSession]:
+    """End hl7bridge's sessions on this PostgreSQL log whose transaction holds locks and has waited on its client
+    for ``after`` seconds: a stopped or hung process (SIGSTOP, a paused VM) whose row and key locks hold up every
+    other instance's writer, and so the new leader's. The server's ``idle_in_transaction_session_timeout`` ends
+    such a transaction only when it is idle after a Sync; one stopped in the middle of a pipeline (statements sent,
+    the Sync not yet) counts as active, and nothing else ends it until the process runs again. Its COMMIT then
+    fails: no ACK, and the resend is deduplicated. Needs the same role as those sessions', or
+    ``pg_signal_backend``. Commits; the sessions ended."""
+    rows = conn.exec_driver_sql(_STALLED_SQL, {"after": after}).all()
+    conn.commit()
+    return [StalledSession(pid, client, round(stalled, 1)) for pid, client, stalled, ended in rows if ended]
 
 
 def current_leader(conn: Any) -> Leader | None:

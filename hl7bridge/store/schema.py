@@ -683,6 +683,8 @@ def try_dispatch_lock(conn: Any) -> bool:
 #: its unanswered message waits on its uncommitted key). The server ends such a transaction after this long; its
 #: COMMIT then fails (no ACK), and the resend is deduplicated.
 WRITER_IDLE_IN_TRANSACTION_MS = 5000
+#: The ``application_name`` of hl7bridge's PostgreSQL sessions (what ``cluster.end_stalled_sessions`` may end).
+APPLICATION_NAME = "hl7bridge"
 
 
 #: A writer's connection is checked with a round trip before use only after sitting idle this long (seconds).
@@ -740,7 +742,7 @@ def _postgres_engine(url: str, read_only: bool, idle_in_transaction_ms: int = 0,
             pool_size=POSTGRES_POOL_SIZE,
             max_overflow=POSTGRES_MAX_OVERFLOW,
             isolation_level="READ COMMITTED",
-            connect_args={"options": options, "application_name": "hl7bridge"},
+            connect_args={"options": options, "application_name": APPLICATION_NAME},
         )
     except ModuleNotFoundError as exc:
         raise StoreError(
