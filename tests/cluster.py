@@ -44,6 +44,8 @@ from tests.reliability.support import (
 TEMPLATE = ROOT / "config" / "haproxy.example.cfg"
 #: Command statuses of work not finished yet.
 OPEN_STATUSES = ("pending", "in_flight")
+#: What a takeover's figures say of a command that settled last, or not at all.
+COMMAND_FACTS = "id, kind, appointment_key, status, attempts, uncertain, outcome, updated_at, next_attempt_at"
 
 
 def restart_port() -> int:
@@ -214,22 +216,25 @@ class Cluster:
         fail()
         if after is not None:
             after()
-        resumed: list[float] = []
+        settled_at: dict[int, float] = {}
 
         def settled() -> bool:
             left = before & self.open_commands()
-            if len(left) < len(before) and not resumed:
-                resumed.append(round(time.monotonic() - killed_at, 2))
+            now = round(time.monotonic() - killed_at, 2)
+            settled_at.update((c, now) for c in before - left if c not in settled_at)
             return not left
 
         try:
             wait_for(settled, timeout, "the commands open at the failure", 0.05)
         except AssertionError as exc:
-            left = self.query("SELECT id, status, attempts, outcome, next_attempt_at FROM commands WHERE id = ANY(?)",
+            left = self.query(f"SELECT {COMMAND_FACTS} FROM commands WHERE id = ANY(?) ORDER BY id",
                               sorted(before & self.open_commands()))  # fmt: skip
-            raise AssertionError(f"{exc}; still open: {left[:10]}, now {time.time():.1f}") from None
+            raise AssertionError(f"{exc}; still open (of {len(before)}): {left[:10]}, now {time.time():.1f}") from None
         took = round(time.monotonic() - killed_at, 2)
-        return {"open_at_death": len(before), "resumed_s": resumed[0] if resumed else took, "takeover_s": took}
+        last = sorted(settled_at, key=settled_at.__getitem__)[-3:]
+        slowest = self.query(f"SELECT {COMMAND_FACTS} FROM commands WHERE id = ANY(?) ORDER BY id", last)
+        return {"open_at_death": len(before), "resumed_s": min(settled_at.values(), default=took), "takeover_s": took,
+                "last_settled": [[settled_at[row[0]], *row] for row in slowest]}  # fmt: skip
 
     def checks(self, ledger: Ledger) -> dict[str, Any]:
         """The log and the sandbox against what the senders were told AA (``support.journey_check``), and each
