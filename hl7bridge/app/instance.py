@@ -60,6 +60,7 @@ class Instance:
         self._busy = False
         self._failed = False
         self._sweeping = False
+        self._sweep_failed = False
         self._row: dict[str, Any] = {}
 
     def start(self) -> None:
@@ -112,14 +113,23 @@ class Instance:
                             "senders' resends are deduplicated", session.client, session.stalled_s)  # fmt: skip
 
         def failed(failure: Any) -> None:
-            # The heartbeat's write says when the database cannot be reached; this says nothing more.
-            log.debug("cannot look for stalled database sessions: %s", failure.value.__class__.__name__)
+            # Said once a spell: a database out of reach is the heartbeat's to report; a role that may not end
+            # another's session (no pg_signal_backend) is the operator's to fix.
+            if not self._sweep_failed:
+                log.warning("cannot look for stalled database sessions: %s: %s", failure.value.__class__.__name__,
+                            " ".join(str(failure.value).split())[:200])  # fmt: skip
+            self._sweep_failed = True
 
-        def over(_result: Any) -> None:
+        def succeeded(_result: None) -> None:
+            if self._sweep_failed:
+                log.info("looking for stalled database sessions works again")
+            self._sweep_failed = False
+
+        def over(_result: None) -> None:
             self._sweeping = False
 
         swept = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), sweep)
-        swept.addErrback(failed).addBoth(over)
+        swept.addCallbacks(succeeded, failed).addBoth(over)
 
     def _done(self, _result: Any, error: BaseException | None) -> None:
         """In the writer thread."""
