@@ -10,8 +10,8 @@ import sys
 import pytest
 from twisted.internet.task import Clock
 
+from hl7bridge.core.logs import RefusalLog
 from hl7bridge.dispatch.journeys import ApiSettings, JourneysClient, TokenSource
-from hl7bridge.mllp.connections import RefusalLog
 from tests.conftest import RunningService, fixture_bytes, segments, unique_control
 from tests.hostile_api import Answer, HostileApi
 

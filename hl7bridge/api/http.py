@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from twisted.python.threadpool import ThreadPool
 
 from hl7bridge.core.checks import parse_duration
-from hl7bridge.mllp.connections import RefusalLog
+from hl7bridge.core.logs import RefusalLog
 from hl7bridge.workflow.accounts import LoginLimiter, Principal, Session
 from hl7bridge.workflow.config_diff import DiffReport
 from hl7bridge.workflow.replay import Replayer

@@ -24,6 +24,7 @@ from hl7bridge.app.config_digest import ConfigIdentity, identity
 from hl7bridge.app.dispatch_config import router
 from hl7bridge.app.instance import Instance, default_name
 from hl7bridge.app.wiring import intake_for, replayer_for
+from hl7bridge.core.logs import RefusalLog
 from hl7bridge.core.status import Role
 from hl7bridge.dispatch.child import ChildSpec, FixedToken
 from hl7bridge.dispatch.dispatcher import Dispatcher
@@ -34,7 +35,7 @@ from hl7bridge.hl7 import tables
 from hl7bridge.hl7.ack import AckBuilder
 from hl7bridge.ingest.intake import Intake
 from hl7bridge.ingest.pipeline import Pipeline
-from hl7bridge.mllp.connections import CappedFactory, FdWatch, RefusalLog, raise_descriptor_limit
+from hl7bridge.mllp.connections import CappedFactory, FdWatch, raise_descriptor_limit
 from hl7bridge.mllp.listener import MLLPFactory, listen, listen_on
 from hl7bridge.ops import systemd as sd
 from hl7bridge.ops.health import HealthResource, HealthState, Probes

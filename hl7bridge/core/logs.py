@@ -18,9 +18,10 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 CONTEXT_FIELDS = ("message_id", "control_id", "command_id", "listener", "peer")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
@@ -185,3 +186,50 @@ def configure(level: str = "info", fmt: str = "text", log_phi: bool = False) -> 
 def local_time(ts: float) -> str:
     """Epoch seconds in this machine's zone, to the second: how every operator-facing text shows a time."""
     return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+class Clock(Protocol):
+    """What ``RefusalLog`` reads the time from: a reactor (``IReactorTime``), or ``MonotonicClock`` in a thread."""
+
+    def seconds(self) -> float: ...
+
+
+class MonotonicClock:
+    """``seconds()`` for code off the reactor (a thread of its own)."""
+
+    def seconds(self) -> float:
+        return time.monotonic()
+
+
+#: The key that the warnings beyond ``RefusalLog.max_keys`` share (one more entry than ``max_keys``).
+_MANY_PEERS = ("(many peers)",)
+
+
+class RefusalLog:
+    """One warning per key per ``interval``; repeats are counted and reported with the next one.
+
+    A peer opening thousands of connections, or a failure repeating every second, must not write thousands of
+    lines. The table of keys is bounded: past ``max_keys`` live keys, new ones share a single "many peers" key."""
+
+    def __init__(self, logger: logging.Logger, clock: Clock, interval: float = 60.0, max_keys: int = 1024):
+        self.logger = logger
+        self.clock = clock
+        self.interval = interval
+        self.max_keys = max_keys
+        self._seen: dict[tuple[str, ...], list[float]] = {}
+
+    def warn(self, key: tuple[str, ...], message: str, *args: object) -> None:
+        now = self.clock.seconds()
+        if key not in self._seen and len(self._seen) >= self.max_keys:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
+            if len(self._seen) >= self.max_keys:
+                key, message, args = _MANY_PEERS, "refusing connections from more than %d peers", (self.max_keys,)
+        entry = self._seen.get(key)
+        if entry is not None and now - entry[0] < self.interval:
+            entry[1] += 1
+            return
+        repeats = int(entry[1]) if entry is not None else 0
+        self._seen[key] = [now, 0]
+        if repeats:
+            message += f" ({repeats} more like it in the last {self.interval:.0f} s)"
+        self.logger.warning(message, *args)

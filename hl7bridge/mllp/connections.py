@@ -1,5 +1,5 @@
-"""Connection hygiene shared by the MLLP and health listeners: refusal, rate-limited refusal logs, TCP
-keep-alive, a connection cap for the health port, and file-descriptor headroom."""
+"""Connection hygiene shared by the MLLP and health listeners: refusal, TCP keep-alive, a connection cap for the
+health port, and file-descriptor headroom (the refusals' rate-limited log is ``core.logs.RefusalLog``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from twisted.internet import protocol, task
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import globalLogPublisher
 from twisted.protocols import policies
+
+from hl7bridge.core.logs import RefusalLog
 
 log = logging.getLogger("hl7bridge.connections")
 
@@ -34,40 +36,6 @@ class Refused(protocol.Protocol):
 
     def connectionMade(self) -> None:
         self.transport.loseConnection()
-
-
-#: The key that the refusals beyond ``RefusalLog.max_keys`` share (one more entry than ``max_keys``).
-_MANY_PEERS = ("(many peers)",)
-
-
-class RefusalLog:
-    """One warning per key per ``interval``; repeats are counted and reported with the next one.
-
-    A peer opening thousands of connections must not write thousands of lines. The table of keys is
-    bounded: past ``max_keys`` live keys, new ones share a single "many peers" key."""
-
-    def __init__(self, logger: logging.Logger, clock: IReactorTime, interval: float = 60.0, max_keys: int = 1024):
-        self.logger = logger
-        self.clock = clock
-        self.interval = interval
-        self.max_keys = max_keys
-        self._seen: dict[tuple[str, ...], list[float]] = {}
-
-    def warn(self, key: tuple[str, ...], message: str, *args: object) -> None:
-        now = self.clock.seconds()
-        if key not in self._seen and len(self._seen) >= self.max_keys:
-            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
-            if len(self._seen) >= self.max_keys:
-                key, message, args = _MANY_PEERS, "refusing connections from more than %d peers", (self.max_keys,)
-        entry = self._seen.get(key)
-        if entry is not None and now - entry[0] < self.interval:
-            entry[1] += 1
-            return
-        repeats = int(entry[1]) if entry is not None else 0
-        self._seen[key] = [now, 0]
-        if repeats:
-            message += f" ({repeats} more like it in the last {self.interval:.0f} s)"
-        self.logger.warning(message, *args)
 
 
 def enable_keepalive(transport: Any) -> None:

@@ -16,9 +16,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hl7bridge.core.answers import Answer, Close
+from hl7bridge.core.logs import RefusalLog
 from hl7bridge.core.observer import NullObserver, Observer
 from hl7bridge.mllp import tls
-from hl7bridge.mllp.connections import FdWatch, RefusalLog, Refused, enable_keepalive
+from hl7bridge.mllp.connections import FdWatch, Refused, enable_keepalive
 from hl7bridge.mllp.framing import MLLPReceiver, frame
 from hl7bridge.mllp.tls import TlsSettings
 

@@ -32,6 +32,8 @@ from urllib.parse import quote
 import orjson
 from sqlalchemy.engine import Connection, Engine
 
+from hl7bridge.core.logs import MonotonicClock, RefusalLog
+
 from .schema import (
     BUSY_TIMEOUT_MS,
     LOG_ID_KEY,
@@ -466,8 +468,8 @@ class Indexer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hl7bridge-index", daemon=True)
         self._state = IndexState()
-        self._last_warning = 0.0
-        self._repeats = 0
+        #: A failing batch repeats every second: one line a minute, with the count of repeats.
+        self._failures = RefusalLog(log, MonotonicClock())
         #: ``time.monotonic()`` of the last ``quick_check`` of the file (None: not yet).
         self._checked_at: float | None = None
 
@@ -507,7 +509,8 @@ class Indexer:
                     error = f"{exc.__class__.__name__}: {_first_line(exc)}"
                     self._state = IndexState(rebuilding=self._state.rebuilding, error=error,
                                              indexed_to=self._state.indexed_to)  # fmt: skip
-                    self._warn(error)
+                    self._failures.warn(("search-index",), "search index: new messages cannot be indexed (searches "
+                                        "by key or words read them directly while few, then miss them): %s", error)  # fmt: skip
                     if conn is not None:
                         conn.close()
                         conn = None
@@ -523,12 +526,3 @@ class Indexer:
             return False
         self._checked_at = now
         return True
-
-    def _warn(self, error: str) -> None:
-        """Once a minute, with the count of repeats: a failing batch repeats every second."""
-        now = time.monotonic()
-        self._repeats += 1
-        if now - self._last_warning >= 60.0:
-            log.warning("search index: new messages cannot be indexed (searches by key or words read them directly "
-                        "while few, then miss them): %s (%d time(s) since the last line)", error, self._repeats)  # fmt: skip
-            self._last_warning, self._repeats = now, 0
