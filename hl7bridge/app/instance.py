@@ -149,23 +149,18 @@ class Instance:
         only if no instance started one within ``every`` s (``meta``): a takeover brings no second pass that day."""
 
         def take() -> Callable[[], None] | None:
-            if dispatching:
-                with self.engine.connect() as conn:
-                    leader = current_leader(conn)
-                if leader is not None and leader.instance != self.id:
-                    return None
-                release: Callable[[], None] | None = _nothing
-            else:
-                release = self._housekeeping_lock()
+            release = _nothing if dispatching else self._housekeeping_lock()
             if release is None:
                 return None
             try:
                 with self.engine.connect() as conn:
+                    leader = current_leader(conn) if dispatching else None
                     last = retention_passed_at(conn)
             except BaseException:
                 release()
                 raise
-            if last is not None and time.time() - last < every:
+            elsewhere = leader is not None and leader.instance != self.id
+            if elsewhere or (last is not None and time.time() - last < every):
                 release()
                 return None
             return release

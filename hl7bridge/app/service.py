@@ -73,8 +73,9 @@ CONFIG_LOCK_RETRY = 0.25
 #: The ``--sandbox`` demo's console account, and the file beside the control token holding its password.
 DEMO_USER = "demo"
 DEMO_PASSWORD_FILE = "console-demo.password"
-#: Seconds between an instance's looks at whether it leads and a retention pass is due, and between passes.
+#: Seconds between an instance's looks at whether it leads and a retention pass is due.
 RETENTION_LOOK = 60.0
+#: Seconds between two retention passes on the log, whichever instances run them.
 RETENTION_EVERY = 86400.0
 #: Descriptors short for this long is a leak, not a burst: the watchdog then lets systemd restart.
 FD_RESTART_AFTER = 120.0

@@ -135,7 +135,7 @@ class Probes:
     def probe(self) -> None:
         now = time.time()
         self.writer.submit_job(store.Job(lambda conn: store.heartbeat(conn, now), self._written))
-        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._read_outbox)
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.read_now)
         d.addCallbacks(self.record, self._outbox_failed)
 
     def _written(self, _result: Any, error: BaseException | None) -> None:
@@ -148,14 +148,12 @@ class Probes:
                 f"{error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             )
 
-    def _read_outbox(self) -> LogFacts:
-        return log_facts(self.engine)
-
     def read_now(self) -> LogFacts:
-        """The log's facts read in the calling thread (never the reactor's), for a status asked for by a person:
-        the timer's last read is up to ``heartbeat_interval`` old, and a console page showed "ok" beside its own
-        fresh count of open dead letters. ``record`` then makes them the state's, on the reactor."""
-        return self._read_outbox()
+        """The log's facts read in the calling thread (never the reactor's): the timer's, and a status asked for
+        by a person, for whom the timer's last read is up to ``heartbeat_interval`` old (a console page showed
+        "ok" beside its own fresh count of open dead letters). ``record`` then makes them the state's, on the
+        reactor."""
+        return log_facts(self.engine)
 
     def record(self, result: LogFacts) -> None:
         """The facts of a read (the timer's or ``read_now``'s) become the state's and the gauges'."""

@@ -413,7 +413,7 @@ def compact_index(engine: Engine) -> None:
     segment that held it until a merge) and the WAL is copied in and truncated, so the purged words leave the
     file's bytes. Once per scrub: the merge rewrites the whole text index."""
     path = index_path(engine)
-    if path is None or problem_free(path) is False:
+    if path is None or not problem_free(path):
         return
     with contextlib.closing(_connect(path)) as conn:
         newest = conn.execute("SELECT max(message_id) FROM scrubbed").fetchone()[0]
