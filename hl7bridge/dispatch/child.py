@@ -35,6 +35,7 @@ import orjson
 from sqlalchemy.exc import SQLAlchemyError
 
 from hl7bridge.core import logs
+from hl7bridge.core.logs import MonotonicClock, RefusalLog
 from hl7bridge.core.observer import NullObserver
 from hl7bridge.dispatch import pipe
 from hl7bridge.dispatch.dispatcher import STANDBY_LOOK, Dispatcher
@@ -254,6 +255,8 @@ class Standby:
         self.kept: list[pipe.Order] = []
         self._engine: Any = None
         self._looked = 0.0
+        #: A log out of reach fails every look (twice a second): a line a minute.
+        self._failures = RefusalLog(log, MonotonicClock())
 
     def should_stop(self) -> bool:
         if os.getppid() != self.parent:
@@ -280,7 +283,8 @@ class Standby:
             with self._engine.connect() as conn:
                 final = final_updates(conn, [int(o.number) for o in self.kept])
         except Exception as exc:  # noqa: BLE001 - the log may be back at the next look
-            log.warning("a standby cannot read the commands the service waits for: %s", exc.__class__.__name__)
+            self._failures.warn(("standby",), "a standby cannot read the commands the service waits for: %s",
+                                exc.__class__.__name__)  # fmt: skip
             return
         for update in final:
             self.events.send(_final_event(update))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from hl7bridge.core.logs import MonotonicClock, RefusalLog
 from hl7bridge.dispatch.leader import Leadership
 from hl7bridge.dispatch.pipe import DispatchState
 from hl7bridge.dispatch.rules import DispatchRules, LogUnwritable
@@ -45,6 +46,8 @@ class Dispatcher(DispatchRules):
         self._log_wait_until = 0.0
         #: ``time.monotonic()`` of a standby's last look at the commands its service waits for.
         self._looked = 0.0
+        #: A log out of reach fails every look (twice a second): a line a minute.
+        self._standby_failures = RefusalLog(log, MonotonicClock())
         self._thread = threading.Thread(target=self._loop, name="hl7bridge-dispatcher", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -117,7 +120,8 @@ class Dispatcher(DispatchRules):
                 with self.engine.connect() as conn:
                     final = final_updates(conn, waiting)
             except Exception as exc:  # noqa: BLE001 - the log may be back at the next look
-                log.warning("a standby cannot read the commands the service waits for: %s", exc.__class__.__name__)
+                self._standby_failures.warn(("standby",), "a standby cannot read the commands the service waits "
+                                            "for: %s", exc.__class__.__name__)  # fmt: skip
                 return False
             for update in final:
                 with self._lock:
