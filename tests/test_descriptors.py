@@ -4,6 +4,8 @@ the log (once, not per connection) and passes when the descriptors come back."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import resource
 import socket
 import time
@@ -11,8 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
+from twisted.logger import Logger
 
+from hl7bridge.core.logs import twisted_observer
 from hl7bridge.testing.client import BlockingClient
 from tests.conftest import RunningService, fixture_bytes, free_port, segments, start_service, unique_control
 
@@ -114,3 +119,27 @@ def test_descriptor_exhaustion_fails_healthz_and_is_logged_once_then_recovers(tm
     assert stderr.count("out of file descriptors:") == 1, stderr
     assert stderr.count("file descriptors available again") == 1, stderr
     assert stderr.count("refused connection from 127.0.0.1 on main: out of file descriptors") == 1, stderr
+
+
+def test_twisted_out_of_descriptors_failure_is_one_warning_line_without_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Twisted's accept, out of descriptors, logs a failure when it cannot re-reserve its spare descriptor (CI saw
+    its traceback once in the exhaustion test above): the service's bridge makes it one warning line naming the
+    error; any other failure keeps its traceback."""
+    twisted = Logger(namespace="twisted.internet.tcp", observer=twisted_observer())
+    with caplog.at_level(logging.INFO, logger="twisted"):
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        except OSError:
+            twisted.failure("Could not re-reserve EMFILE recovery file descriptor.")
+        try:
+            raise ValueError("a bug")
+        except ValueError:
+            twisted.failure("Unhandled error")
+    out_of, bug = caplog.records
+    assert out_of.levelno == logging.WARNING and out_of.exc_info is None
+    assert (
+        out_of.getMessage() == "Could not re-reserve EMFILE recovery file descriptor. ([Errno 24] Too many open files)"
+    )
+    assert bug.exc_info is not None and bug.levelno == logging.CRITICAL

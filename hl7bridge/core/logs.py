@@ -13,6 +13,7 @@ cannot forge a line, a journald priority or a terminal sequence).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -175,12 +176,35 @@ def configure(level: str = "info", fmt: str = "text", log_phi: bool = False) -> 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
-    from twisted.logger import STDLibLogObserver, globalLogBeginner
+    from twisted.logger import globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([twisted_observer()], redirectStandardIO=False)
     # Third-party chatter stays at warnings unless we debug.
     for noisy in ("urllib3", "twisted"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+#: The process out of descriptors: reported by the listeners' ``FdWatch`` (``/healthz``, one line), not a bug.
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+def twisted_observer() -> Any:
+    """Twisted's log events into ``logging`` (logger ``twisted``), except that a failure which is the process out of
+    descriptors becomes one warning line with its error: Twisted's accept logs a traceback when it cannot re-reserve
+    its spare descriptor, and a traceback in the service's log for a condition the service handles reads as a
+    crash."""
+    from twisted.logger import LogLevel, STDLibLogObserver
+
+    bridge = STDLibLogObserver(name="twisted")
+
+    def observe(event: dict[str, Any]) -> None:
+        failure = event.get("log_failure")
+        if failure is not None and getattr(failure.value, "errno", None) in _OUT_OF_DESCRIPTORS:
+            event = {**event, "log_failure": None, "log_level": LogLevel.warn, "hl7bridge_error": str(failure.value),
+                     "log_format": f"{event.get('log_format') or ''} ({{hl7bridge_error}})"}  # fmt: skip
+        bridge(event)
+
+    return observe
 
 
 def local_time(ts: float) -> str:
